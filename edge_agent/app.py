@@ -1,0 +1,63 @@
+"""Wiring: builds the parts from the settings. The only place besides the CLI that knows them all."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+
+from .errors import ConfigError
+from .lake.base import Catalogue
+from .lake.local import LocalLake
+from .ledger import Ledger
+from .runner import Runner
+from .settings import Settings
+from .status.server import StatusServer
+
+
+def build_lake(settings: Settings) -> Catalogue:
+    if settings.lake.kind == "local":
+        return LocalLake(settings.lake_catalog_path, settings.destinations, settings.lake.name_pattern)
+    raise ValueError(f"unknown lake kind {settings.lake.kind!r}")
+
+
+class Agent:
+    """A runner with its ledger, lake and status server, started and stopped together."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = _exclusive(settings.state_dir / "agent.lock")
+        self.ledger = Ledger(settings.ledger_path)
+        self.lake = build_lake(settings)
+        self.runner = Runner(settings, self.ledger, self.lake)
+        self.status: StatusServer | None = None
+        if settings.status.enabled:
+            self.status = StatusServer(self.runner, settings.status.host, settings.status.port)
+
+    def run(self) -> None:
+        if self.status:
+            self.status.start()
+        try:
+            self.runner.run_forever()
+        finally:
+            if self.status:
+                self.status.stop()
+            self.lake.close()
+            self.ledger.close()
+            os.close(self._lock_fd)
+
+    def stop(self) -> None:
+        self.runner.stop()
+
+
+def _exclusive(path: "os.PathLike[str]") -> int:
+    """One agent per state directory: a second one would work the same ledger twice."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(f"another edge-agent already runs with state_dir {os.path.dirname(path)}") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd

@@ -1,0 +1,269 @@
+"""edge-agent's command line: parses, loads settings, wires the parts, nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import signal
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import __version__, logs
+from .core.lifecycle import Event, State
+from .errors import ConfigError
+from .ledger import Ledger, StaleTransition
+from .settings import Settings, load_settings, masked_dump
+
+DEFAULT_CONFIG = "/etc/edge-agent/edge-agent.toml"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
+    p.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    p.add_argument("-c", "--config", default=os.environ.get("EDGE_AGENT_CONFIG"),
+                   help=f"the observatory's TOML config (env EDGE_AGENT_CONFIG; default {DEFAULT_CONFIG})")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("run", help="run the agent until SIGTERM/SIGINT")
+    cc = sub.add_parser("check-config", help="validate a config and print it, secrets masked")
+    cc.add_argument("file", nargs="?", help="the config file (default: --config)")
+    st = sub.add_parser("status", help="what the running agent reports (falls back to the ledger)")
+    st.add_argument("--json", action="store_true", help="print the raw /status document")
+    sc = sub.add_parser("scan", help="what would be picked up in the watched trees, and why not")
+    sc.add_argument("--dry-run", action="store_true", default=True, help="(always: scan never changes anything)")
+    fl = sub.add_parser("files", help="list files in the ledger, or show one file's history")
+    fl.add_argument("file", nargs="?", help="a ledger id, or part of a path or DID name")
+    fl.add_argument("--state", choices=[s.value for s in State], help="only files in this state")
+    fl.add_argument("--limit", type=int, default=50)
+    fl.add_argument("--json", action="store_true")
+    rt = sub.add_parser("retry", help="send quarantined files back to the step that failed")
+    rt.add_argument("ids", nargs="*", type=int, help="ledger ids (see `edge-agent files --state quarantined`)")
+    rt.add_argument("--all", action="store_true", help="every quarantined file")
+    dm = sub.add_parser("demo", help="run the agent on a synthetic night in a scratch directory")
+    dm.add_argument("--dir", default=None, help="scratch directory (default: a new one under /tmp)")
+    dm.add_argument("--files", type=int, default=12)
+    dm.add_argument("--port", type=int, default=8787)
+
+    args = p.parse_args(argv)
+    try:
+        if args.command == "demo":
+            from .demo import run_demo
+            return run_demo(args.dir, args.files, args.port)
+        if args.command == "check-config":
+            return check_config(args.file or args.config or DEFAULT_CONFIG)
+        settings = load_settings(args.config or DEFAULT_CONFIG)
+        logs.setup(settings.log.level, settings.log.format)
+        if args.command == "run":
+            return run(settings)
+        if args.command == "status":
+            return status(settings, args.json)
+        if args.command == "scan":
+            return scan(settings)
+        if args.command == "files":
+            return files(settings, args.file, args.state, args.limit, args.json)
+        if args.command == "retry":
+            return retry(settings, args.ids, args.all)
+    except ConfigError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 1
+
+
+def check_config(path: str) -> int:
+    try:
+        settings = load_settings(path)
+    except ConfigError as exc:
+        print(f"edge-agent: invalid configuration\n{exc}", file=sys.stderr)
+        return 2
+    print(f"# {path}: valid; effective settings (environment applied, secrets masked)")
+    print(json.dumps(masked_dump(settings), indent=2))
+    return 0
+
+
+def run(settings: Settings) -> int:
+    from .app import Agent
+    agent = Agent(settings)
+
+    def on_signal(signum: int, _: Any) -> None:
+        agent.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    agent.run()
+    return 0
+
+
+def _open_ledger(settings: Settings) -> Ledger:
+    if not settings.ledger_path.exists():
+        raise ConfigError(f"no ledger at {settings.ledger_path}: the agent has not run with this state_dir")
+    return Ledger(settings.ledger_path)
+
+
+def status(settings: Settings, as_json: bool) -> int:
+    from .status import report
+    host = settings.status.host if settings.status.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    url = f"http://{host}:{settings.status.port}/status"
+    source = url
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            doc = json.load(resp)
+    except (urllib.error.URLError, OSError, ValueError):
+        ledger = _open_ledger(settings)
+        doc = report.from_ledger(settings, ledger)
+        source = f"{settings.ledger_path} (the agent does not answer at {url})"
+    if as_json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(render_status(doc, source))
+    return 0 if doc.get("ready", True) else 1
+
+
+def _bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _age(s: float) -> str:
+    return str(dt.timedelta(seconds=int(s)))
+
+
+def render_status(doc: dict[str, Any], source: str) -> str:
+    from .status.report import STATE_ORDER
+    out = [f"edge-agent {doc.get('version')}  from {source}"]
+    if "ready" in doc:
+        out.append("READY" if doc["ready"] else "NOT READY: " + "; ".join(doc["not_ready_because"]))
+    if doc.get("dry_run"):
+        out.append("DRY RUN: nothing is deleted")
+    cols = ["rule"] + STATE_ORDER
+    rows = [cols]
+    for name, r in doc["rules"].items():
+        rows.append([name] + [f"{r['states'][s]['files']} ({_bytes(r['states'][s]['bytes'])})"
+                              if r["states"][s]["files"] else "0" for s in STATE_ORDER])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
+    out.append("")
+    for row in rows:
+        out.append("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    for name, r in doc["rules"].items():
+        t, d = r.get("throughput"), r.get("disk")
+        if t:
+            out.append(f"{name}: sent {_bytes(t['sent_bytes_per_s_1m'])}/s (1 min), "
+                       f"{_bytes(t['sent_bytes_per_s_5m'])}/s (5 min)")
+        if d:
+            eta = f", full in {d['hours_to_full']} h" if d["hours_to_full"] is not None else ""
+            out.append(f"{name}: buffer {d['path']} {d['used_percent']}% used ({d['level']}; warn "
+                       f"{d['warn_percent']}%, critical {d['critical_percent']}%){eta}")
+    o = doc.get("oldest_unconfirmed")
+    if o:
+        out.append(f"oldest unconfirmed: #{o['file_id']} {o['path']} ({o['state']}, {_age(o['age_s'])} old)"
+                   + (f": {o['reason']}" if o.get("reason") else ""))
+    if doc.get("recent_errors"):
+        out.append("recent errors:")
+        for e in doc["recent_errors"][:10]:
+            when = dt.datetime.fromtimestamp(e["at"], dt.timezone.utc).strftime("%H:%M:%S")
+            out.append(f"  {when} #{e['file_id']} {e['path']}: {e['state']}: {e['reason']}")
+    if doc.get("notices"):
+        out.append("not handled (see `edge-agent scan`):")
+        for n in doc["notices"][:10]:
+            out.append(f"  {n['relpath']}: {n['detail']}")
+    return "\n".join(out)
+
+
+def scan(settings: Settings) -> int:
+    """Walk every rule's tree and say, per entry, what the agent would do and why."""
+    from .watch.filters import RuleFilter
+    from .watch.scanner import walk
+    ledger = Ledger(settings.ledger_path) if settings.ledger_path.exists() else None
+    for name, rule in settings.rules.items():
+        print(f"[{name}] {rule.directory}")
+        if not rule.directory.is_dir():
+            print("  (directory does not exist)")
+            continue
+        filt = RuleFilter(rule)
+        for e in sorted(walk(os.fsencode(rule.directory), rule.recursive), key=lambda e: e.path):
+            if e.problem:
+                verdict = f"REPORTED: {e.problem}"
+            elif (skip := filt(e.relpath)) is not None:
+                verdict = f"skipped: {skip.reason}"
+            else:
+                rec = ledger.live(name, e.path) if ledger else None
+                verdict = f"in ledger #{rec.id}: {rec.state.value}" if rec else "would be picked up"
+                if rec and rec.reason:
+                    verdict += f" ({rec.reason})"
+            print(f"  {e.relpath}: {verdict}")
+    return 0
+
+
+def files(settings: Settings, needle: str | None, state: str | None, limit: int, as_json: bool) -> int:
+    ledger = _open_ledger(settings)
+    if needle:
+        recs = ledger.find(needle, limit)
+        if not recs:
+            print(f"no file matches {needle!r}", file=sys.stderr)
+            return 1
+        if len(recs) == 1 or needle.isdigit():
+            rec = recs[0]
+            doc = {**rec.to_json(), "history": ledger.history(rec.id), "replicas": ledger.replicas(rec.id)}
+            if as_json:
+                print(json.dumps(doc, indent=2, default=str))
+                return 0
+            for k in ("id", "rule", "path", "version", "state", "reason", "size", "blake3", "adler32", "md5",
+                      "scope", "name", "dataset", "metadata"):
+                print(f"{k:>9}: {doc[k]}")
+            print("  history:")
+            for h in doc["history"]:
+                when = dt.datetime.fromtimestamp(h["at"], dt.timezone.utc).isoformat(timespec="seconds")
+                print(f"    {when}  {h['event']:<17} -> {h['to_state']:<12} {json.dumps(h['detail']) if h['detail'] else ''}")
+            if doc["replicas"]:
+                print("  copies written by the agent:")
+                for r in doc["replicas"]:
+                    print(f"    {r['location']}: {r['url']} {r['size']} bytes adler32 {r['adler32']} ({r['state']})")
+            return 0
+    else:
+        recs = ledger.recent(limit, State(state) if state else None)
+    if as_json:
+        print(json.dumps([r.to_json() for r in recs], indent=2, default=str))
+        return 0
+    for r in recs:
+        print(f"#{r.id:<6} {r.rule:<12} {r.state.value:<12} {_bytes(r.size):>9}  {r.relpath}"
+              + (f"  [{r.reason}]" if r.reason else ""))
+    return 0
+
+
+def retry(settings: Settings, ids: list[int], all_: bool) -> int:
+    ledger = _open_ledger(settings)
+    if all_:
+        ids = [r.id for r in ledger.in_states([State.QUARANTINED])]
+    if not ids:
+        print("nothing to retry (give ledger ids, or --all)", file=sys.stderr)
+        return 1
+    rc = 0
+    for fid in ids:
+        try:
+            rec = ledger.get(fid)
+            new = ledger.transition(fid, State.QUARANTINED, Event.OPERATOR_RETRY,
+                                    {"by": os.environ.get("USER", "operator")})
+            print(f"#{fid} {rec.relpath}: quarantined -> {new.state.value}")
+        except KeyError:
+            print(f"#{fid}: no such file", file=sys.stderr)
+            rc = 1
+        except StaleTransition:
+            print(f"#{fid}: not quarantined (state {ledger.get(fid).state.value})", file=sys.stderr)
+            rc = 1
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

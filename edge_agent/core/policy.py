@@ -1,0 +1,300 @@
+"""Policies as plain functions: naming, retry backoff, confirmation, deletion, bandwidth windows.
+
+Everything here takes its inputs (times, random numbers, observations) as arguments,
+so a test states the situation and checks the decision.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import re
+import string
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Iterable, Mapping, Sequence
+
+# ---------------------------------------------------------------- naming
+
+TEMPLATE_FIELDS = {
+    "relpath": "path relative to the rule's directory, e.g. run42/f1.fits",
+    "reldir": "directory part of relpath ('' at the top)",
+    "filename": "file name with extension, e.g. f1.fits",
+    "stem": "file name without its last extension, e.g. f1",
+    "ext": "last extension without the dot, e.g. fits",
+    "night": "observing night YYYYMMDD: the date of (file mtime - night_rollover_hour)",
+    "date": "file mtime date YYYYMMDD",
+    "year": "file mtime year", "month": "file mtime month", "day": "file mtime day",
+    "hour": "file mtime hour", "time": "file mtime HHMMSS",
+    "rule": "the rule's name",
+}
+_FORMATTER = string.Formatter()
+
+# Names a path-like lake accepts (the local lake; Rucio with a path-friendly schema).
+PATH_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._\-/+=:]{0,249}$"
+# Rucio's generic schema: no '/' in names, 250 characters at most.
+RUCIO_GENERIC_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9.\-_]{1,250}$"
+SCOPE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,25}$")
+
+
+def template_fields(template: str) -> list[str]:
+    return [f for _, f, _, _ in _FORMATTER.parse(template) if f]
+
+
+def check_template(template: str) -> None:
+    """Raise ValueError naming any placeholder that does not exist."""
+    try:
+        fields = template_fields(template)
+    except ValueError as exc:
+        raise ValueError(f"malformed template: {exc}") from None
+    unknown = [f for f in fields if f not in TEMPLATE_FIELDS]
+    if unknown:
+        raise ValueError(f"unknown placeholder(s) {unknown}; known: {sorted(TEMPLATE_FIELDS)}")
+
+
+def night_of(mtime: float, rollover_hour: int, tz: dt.tzinfo) -> str:
+    """The observing night a file belongs to: a night runs from rollover_hour to rollover_hour."""
+    local = dt.datetime.fromtimestamp(mtime, tz) - dt.timedelta(hours=rollover_hour)
+    return local.strftime("%Y%m%d")
+
+
+def naming_fields(relpath: str, mtime: float, rule: str, rollover_hour: int,
+                  tz: dt.tzinfo) -> dict[str, str]:
+    p = PurePosixPath(relpath)
+    t = dt.datetime.fromtimestamp(mtime, tz)
+    reldir = str(p.parent) if str(p.parent) != "." else ""
+    return {
+        "relpath": relpath, "reldir": reldir, "filename": p.name, "stem": p.stem,
+        "ext": p.suffix[1:], "night": night_of(mtime, rollover_hour, tz),
+        "date": t.strftime("%Y%m%d"), "year": t.strftime("%Y"), "month": t.strftime("%m"),
+        "day": t.strftime("%d"), "hour": t.strftime("%H"), "time": t.strftime("%H%M%S"),
+        "rule": rule,
+    }
+
+
+def render(template: str, fields: Mapping[str, str]) -> str:
+    out = template.format(**fields)
+    return re.sub(r"/{2,}", "/", out).strip("/")
+
+
+def name_problem(name: str, pattern: str = PATH_NAME_RE) -> str | None:
+    """Why `name` cannot be a DID name in a lake accepting `pattern`, or None if it can."""
+    if not name:
+        return "the name is empty"
+    if any(seg in ("", ".", "..") for seg in name.split("/")):
+        return f"the name {name!r} has an empty, '.' or '..' path segment"
+    if not re.fullmatch(pattern, name):
+        return f"the name {name!r} does not match the lake's name pattern {pattern!r}"
+    return None
+
+
+def versioned_name(name: str, version: int) -> str:
+    """Name of a later version of a file whose earlier version already holds `name` in the lake."""
+    return name if version <= 1 else f"{name}.v{version}"
+
+
+# ---------------------------------------------------------------- retries
+
+def backoff_seconds(attempt: int, base: float, cap: float, jitter: float, rand: float) -> float:
+    """Exponential backoff with jitter: base * 2**(attempt-1), capped, spread by +-jitter.
+
+    `rand` is a number in [0, 1) supplied by the caller (a RNG at the edge, a constant in tests).
+    """
+    raw = min(cap, base * (2 ** max(0, attempt - 1)))
+    return max(0.0, raw * (1.0 + jitter * (2.0 * rand - 1.0)))
+
+
+# ---------------------------------------------------------------- confirmation and deletion
+
+@dataclass(frozen=True)
+class Replica:
+    """What the lake says (and, where the transport could, what was verified) about one copy."""
+    location: str            # destination or RSE name
+    size: int | None
+    adler32: str | None
+    available: bool = True   # the lake lists it as usable (Rucio: AVAILABLE)
+    url: str = ""
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    good: tuple[Replica, ...]
+    bad: tuple[tuple[Replica, str], ...]   # copies that do not count, with why
+
+    @property
+    def count(self) -> int:
+        return len(self.good)
+
+
+def normalise_adler32(value: str | None) -> str | None:
+    if value is None:
+        return None
+    v = value.strip().lower()
+    if v.startswith("0x"):
+        v = v[2:]
+    return v.zfill(8) if re.fullmatch(r"[0-9a-f]{1,8}", v) else None
+
+
+def judge_replicas(replicas: Iterable[Replica], size: int, adler32: str,
+                   exclude_locations: Sequence[str] = ()) -> Confirmation:
+    """Sort the lake's replicas into those that count (available, size and adler32 equal) and not.
+
+    A replica with no checksum does not count: a storage that cannot say what it holds
+    is not evidence. Replicas on `exclude_locations` (the buffer itself) never count.
+    """
+    want = normalise_adler32(adler32)
+    good: list[Replica] = []
+    bad: list[tuple[Replica, str]] = []
+    seen: set[str] = set()
+    for r in replicas:
+        if r.location in exclude_locations:
+            continue
+        if r.location in seen:
+            bad.append((r, "duplicate location"))
+            continue
+        if not r.available:
+            bad.append((r, "not available yet"))
+        elif r.size != size:
+            bad.append((r, f"size {r.size} != local {size}"))
+        elif normalise_adler32(r.adler32) is None:
+            bad.append((r, "no adler32 known for this copy"))
+        elif normalise_adler32(r.adler32) != want:
+            bad.append((r, f"adler32 {r.adler32} != local {want}"))
+        else:
+            good.append(r)
+            seen.add(r.location)
+    return Confirmation(tuple(good), tuple(bad))
+
+
+@dataclass(frozen=True)
+class LocalStat:
+    inode: int
+    size: int
+    mtime_ns: int
+
+
+def deletion_verdict(policy: str, keep_hours: float, confirmed_at: float, now: float,
+                     confirmation: Confirmation, copies: int, recorded: LocalStat,
+                     current: LocalStat | None, dry_run: bool) -> tuple[str, str]:
+    """Decide what to do with a confirmed file's local copy.
+
+    Returns (verdict, why) where verdict is one of:
+      "delete" - invariant 1 holds and the policy says now;
+      "wait"   - not yet (keep period, or not enough replicas right now);
+      "keep"   - the policy never deletes, or dry-run;
+      "gone"   - the local file is already gone;
+      "changed"- the local file is not the one that was hashed: never delete it.
+    """
+    if current is None:
+        return "gone", "the local file no longer exists"
+    if current != recorded:
+        return "changed", (f"local file changed since hashing: recorded {recorded}, now {current}")
+    if confirmation.count < copies:
+        return "wait", f"{confirmation.count} of {copies} replicas confirmed"
+    if policy == "never":
+        return "keep", "deletion policy is 'never'"
+    if policy == "keep" and now < confirmed_at + keep_hours * 3600:
+        return "wait", f"kept until {keep_hours} h after confirmation"
+    if dry_run:
+        return "keep", "dry-run: would delete"
+    return "delete", f"{confirmation.count} of {copies} replicas confirmed"
+
+
+# ---------------------------------------------------------------- bandwidth windows
+
+@dataclass(frozen=True)
+class Window:
+    start: dt.time
+    end: dt.time            # may be before start: the window crosses midnight
+    bandwidth_mbps: float   # 0 means paused
+
+
+def in_window(t: dt.time, w: Window) -> bool:
+    if w.start <= w.end:
+        return w.start <= t < w.end
+    return t >= w.start or t < w.end
+
+
+def bandwidth_cap(now_local: dt.time, default_mbps: float, windows: Sequence[Window]) -> float:
+    """Bytes per second allowed now (math.inf = unlimited). The first matching window wins."""
+    for w in windows:
+        if in_window(now_local, w):
+            return w.bandwidth_mbps * 1e6
+    return math.inf if default_mbps <= 0 else default_mbps * 1e6
+
+
+# ---------------------------------------------------------------- disk forecast
+
+def fill_rate(samples: Sequence[tuple[float, int]]) -> float | None:
+    """Least-squares slope of used bytes over time (bytes/s); None with fewer than 2 samples."""
+    if len(samples) < 2:
+        return None
+    n = len(samples)
+    mt = sum(t for t, _ in samples) / n
+    mu = sum(u for _, u in samples) / n
+    var = sum((t - mt) ** 2 for t, _ in samples)
+    if var == 0:
+        return None
+    return sum((t - mt) * (u - mu) for t, u in samples) / var
+
+
+def seconds_to_full(free_bytes: int, rate: float | None) -> float | None:
+    """Time until the disk is full at the current net fill rate; None when it is draining or flat."""
+    if rate is None or rate <= 0:
+        return None
+    return free_bytes / rate
+
+
+def disk_level(used_fraction: float, warn: float, critical: float,
+               eta_s: float | None, warn_eta_s: float) -> str:
+    """ok / warning / critical from the watermarks and the time-to-full forecast."""
+    if used_fraction >= critical:
+        return "critical"
+    if used_fraction >= warn or (eta_s is not None and eta_s < warn_eta_s):
+        return "warning"
+    return "ok"
+
+
+# ---------------------------------------------------------------- completion
+
+@dataclass(frozen=True)
+class Observation:
+    """What the edge saw of a candidate file, for the completion policies to judge."""
+    now: float
+    changed_at: float               # last time size/mtime/inode were seen to change
+    mtime: float
+    closed_event_at: float | None   # last close-after-write event (inotify), if any
+    writers: int | None             # processes holding it open for writing; None = cannot tell
+    marker: bool
+    sidecar: bool | None            # None: no sidecar; False: present but not valid JSON yet
+
+
+def completion_verdict(policies: Sequence[str], obs: Observation, stable_seconds: float,
+                       closed_fallback_seconds: float) -> tuple[bool, str]:
+    """(complete?, what it is still waiting for). All policies must agree."""
+    waiting: list[str] = []
+    quiet = obs.now - max(obs.changed_at, obs.mtime)
+    for p in policies:
+        if p == "closed":
+            closed_after_change = obs.closed_event_at is not None and obs.closed_event_at >= obs.changed_at
+            if obs.writers:
+                waiting.append(f"{obs.writers} writer(s) still have it open")
+            elif not closed_after_change and obs.writers is None and quiet < closed_fallback_seconds:
+                # cannot see other users' open files: wait for the close event, or a long quiet spell
+                waiting.append("no close-after-write seen yet")
+        elif p == "stable":
+            if quiet < stable_seconds:
+                waiting.append(f"unchanged for {quiet:.1f}s of {stable_seconds:g}s")
+        elif p == "marker":
+            if not obs.marker:
+                waiting.append("no marker file yet")
+        elif p == "sidecar":
+            if obs.sidecar is None:
+                waiting.append("no sidecar file yet")
+            elif obs.sidecar is False:
+                waiting.append("sidecar is not a complete JSON object yet")
+        elif p == "renamed":
+            pass  # names with temporary suffixes never become candidates
+        else:
+            raise ValueError(f"unknown completion policy {p!r}")
+    return (not waiting, "; ".join(waiting))

@@ -1,0 +1,42 @@
+"""The error taxonomy every adapter translates its library's exceptions into.
+
+The runner only needs to know three things about a failure: try again later
+(RetryableError), stop and ask a human (PermanentError), or the effect was
+already there (AlreadyDone, which callers treat as success).
+"""
+
+
+class EdgeAgentError(Exception):
+    """Base of all errors the agent raises on purpose."""
+
+
+class RetryableError(EdgeAgentError):
+    """A passing fault: network, timeout, 5xx, a lake that is down. Retried with backoff."""
+
+
+class PermanentError(EdgeAgentError):
+    """A fault that retrying cannot mend; the file is quarantined with this message."""
+
+
+class AlreadyDone(EdgeAgentError):
+    """The effect already exists (a DID, a replica, a rule): success for an idempotent step."""
+
+
+class FileChanged(EdgeAgentError):
+    """The local file no longer matches what was recorded (size, mtime, inode or content)."""
+
+
+class FileVanished(EdgeAgentError):
+    """The local file is gone or was replaced by something that is not a regular file."""
+
+
+class ChecksumMismatch(EdgeAgentError):
+    """A copy's size or checksum differs from the local file's: never counted as a replica."""
+
+
+class ConfigError(EdgeAgentError):
+    """The configuration is invalid; the message names the key, the value and why."""
+
+
+class ShuttingDown(EdgeAgentError):
+    """Raised inside a step to abandon it at shutdown; the ledger still says where it stood."""

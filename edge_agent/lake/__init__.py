@@ -1,0 +1,1 @@
+"""The catalogue side: where the lake records DIDs, replicas and requested copies."""

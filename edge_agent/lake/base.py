@@ -1,0 +1,82 @@
+"""The catalogue seam. The local-directory lake implements it now; Rucio later, unchanged callers.
+
+Every method is idempotent: doing it again after a crash is success, and an effect that
+already exists (a DID, an attachment, a replica, a rule) is not an error.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..core.policy import Replica
+from ..transfer.base import Transport
+
+
+@dataclass(frozen=True)
+class LakeFile:
+    """One version of one file as the lake sees it."""
+    rule: str
+    scope: str
+    name: str
+    dataset: str | None
+    size: int
+    adler32: str
+    md5: str | None
+    blake3: str
+    copies: int
+    destinations: tuple[str, ...]
+    local_path: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def did(self) -> str:
+        return f"{self.scope}:{self.name}"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A place the agent itself writes a copy to, and the transport that writes it."""
+    location: str
+    url: str
+    transport: Transport
+
+
+class Catalogue(abc.ABC):
+    """What the lake knows about files, and what it is asked to do with them."""
+
+    name_pattern: str
+
+    @abc.abstractmethod
+    def register(self, f: LakeFile) -> None:
+        """Create the file DID (and its dataset, attachment and metadata) if missing.
+
+        Raises PermanentError if the DID exists with other bytes or checksum.
+        """
+
+    @abc.abstractmethod
+    def targets(self, f: LakeFile) -> list[Target]:
+        """Where the agent must write copies itself (may be empty: the lake replicates)."""
+
+    @abc.abstractmethod
+    def add_replica(self, f: LakeFile, location: str, url: str) -> None:
+        """Record a copy the agent wrote at `location`."""
+
+    @abc.abstractmethod
+    def request_copies(self, f: LakeFile) -> None:
+        """Ask the lake to hold `f.copies` copies (a replication rule); no-op where the agent copies."""
+
+    @abc.abstractmethod
+    def replicas(self, f: LakeFile) -> list[Replica]:
+        """The copies the lake holds now, with their size and adler32 as verified."""
+
+    def release(self, f: LakeFile) -> None:
+        """After the local file is gone: drop what the lake keeps about the buffer copy."""
+
+    @abc.abstractmethod
+    def health(self) -> str | None:
+        """None when the lake is usable now, else why not (for /readyz)."""
+
+    def close(self) -> None:
+        pass

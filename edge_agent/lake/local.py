@@ -1,0 +1,126 @@
+"""The embedded default lake: destinations are directories, the catalogue a small SQLite file.
+
+The catalogue records DIDs, dataset membership and replicas the way Rucio would, so a
+data manager can audit a night with one query. It is never trusted for confirmation:
+each copy is read back (or its recorded checksum checked) when the file is confirmed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from ..core.policy import Replica
+from ..errors import PermanentError, RetryableError
+from ..settings import DestinationSettings
+from ..transfer.base import Transport
+from ..transfer.posix import PosixTransport
+from .base import Catalogue, LakeFile, Target
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS dids (
+    scope TEXT NOT NULL, name TEXT NOT NULL, type TEXT NOT NULL,
+    bytes INTEGER, adler32 TEXT, md5 TEXT, meta TEXT, created_at REAL NOT NULL,
+    PRIMARY KEY (scope, name));
+CREATE TABLE IF NOT EXISTS contents (
+    scope TEXT NOT NULL, name TEXT NOT NULL, child_scope TEXT NOT NULL, child_name TEXT NOT NULL,
+    PRIMARY KEY (scope, name, child_scope, child_name));
+CREATE TABLE IF NOT EXISTS replicas (
+    scope TEXT NOT NULL, name TEXT NOT NULL, location TEXT NOT NULL, url TEXT NOT NULL,
+    bytes INTEGER, adler32 TEXT, created_at REAL NOT NULL,
+    PRIMARY KEY (scope, name, location));
+"""
+
+
+class LocalLake(Catalogue):
+    def __init__(self, catalog_path: Path, destinations: dict[str, DestinationSettings],
+                 name_pattern: str, transports: dict[str, Transport] | None = None) -> None:
+        self.name_pattern = name_pattern
+        self._dest = destinations
+        self._transports = transports or {n: PosixTransport(fsync=d.fsync) for n, d in destinations.items()}
+        catalog_path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(catalog_path), check_same_thread=False, isolation_level=None,
+                                   timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def url(self, location: str, f: LakeFile) -> str:
+        return os.path.join(str(self._dest[location].path), f.scope, f.name)
+
+    def register(self, f: LakeFile) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute("SELECT type, bytes, adler32 FROM dids WHERE scope=? AND name=?",
+                                       (f.scope, f.name)).fetchone()
+                if row is None:
+                    self._db.execute("INSERT INTO dids VALUES (?,?,?,?,?,?,?,?)",
+                                     (f.scope, f.name, "FILE", f.size, f.adler32, f.md5,
+                                      json.dumps(f.metadata), time.time()))
+                elif row != ("FILE", f.size, f.adler32):
+                    raise PermanentError(f"DID {f.did} already exists in the lake with other content "
+                                         f"({row[0]}, {row[1]} bytes, adler32 {row[2]}); local file has "
+                                         f"{f.size} bytes, adler32 {f.adler32}")
+                if f.dataset:
+                    self._db.execute("INSERT OR IGNORE INTO dids VALUES (?,?,?,?,?,?,?,?)",
+                                     (f.scope, f.dataset, "DATASET", None, None, None, None, time.time()))
+                    self._db.execute("INSERT OR IGNORE INTO contents VALUES (?,?,?,?)",
+                                     (f.scope, f.dataset, f.scope, f.name))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def targets(self, f: LakeFile) -> list[Target]:
+        for loc in f.destinations:
+            problem = self._problem(loc)
+            if problem:
+                raise RetryableError(problem)
+        return [Target(loc, self.url(loc, f), self._transports[loc]) for loc in f.destinations]
+
+    def add_replica(self, f: LakeFile, location: str, url: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO replicas VALUES (?,?,?,?,?,?,?)",
+                             (f.scope, f.name, location, url, f.size, f.adler32, time.time()))
+
+    def request_copies(self, f: LakeFile) -> None:
+        """The agent writes every copy itself: nothing to ask."""
+
+    def replicas(self, f: LakeFile) -> list[Replica]:
+        out = []
+        for loc in f.destinations:
+            url = self.url(loc, f)
+            st = self._transports[loc].stat(url, verify=self._dest[loc].verify)
+            if st is not None:
+                out.append(Replica(loc, st.size, st.adler32, True, url))
+        return out
+
+    def health(self) -> str | None:
+        for name in self._dest:
+            problem = self._problem(name)
+            if problem:
+                return problem
+        return None
+
+    def _problem(self, name: str) -> str | None:
+        # The destination root is never created by the agent: an unmounted mount point
+        # must not quietly fill the DAQ host's own disk.
+        d = self._dest[name]
+        if not d.path.is_dir():
+            return f"destination {name}: {d.path} is not a directory (not mounted?)"
+        if d.require_file and not (d.path / d.require_file).exists():
+            return f"destination {name}: {d.path / d.require_file} is missing (not mounted?)"
+        if not os.access(d.path, os.W_OK | os.X_OK):
+            return f"destination {name}: {d.path} is not writable by this user"
+        return None
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+

@@ -1,0 +1,386 @@
+"""The ledger: durable state in SQLite (WAL). The only place that remembers.
+
+One row per *version* of a file: a file rewritten under the same name after it was
+hashed is a new row, so the old version's evidence is never confused with the new
+one's. Every transition is a compare-and-set on the current state, committed (with
+synchronous=FULL) before the caller goes on to acknowledge anything, and written to
+the `events` table so each file's history can be replayed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+from .core.lifecycle import FINAL, State, Event, next_state
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS files (
+    id           INTEGER PRIMARY KEY,
+    rule         TEXT NOT NULL,
+    path         BLOB NOT NULL,      -- os.fsencode(absolute path): any byte sequence survives
+    relpath      TEXT NOT NULL,      -- for people: undecodable bytes shown as \\x escapes
+    version      INTEGER NOT NULL,
+    dev          INTEGER, inode INTEGER, size INTEGER, mtime_ns INTEGER,
+    blake3       TEXT, adler32 TEXT, md5 TEXT,
+    scope        TEXT, name TEXT, dataset TEXT, metadata TEXT,
+    state        TEXT NOT NULL,
+    resume_state TEXT,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    next_at      REAL NOT NULL DEFAULT 0,
+    reason       TEXT,
+    priority     INTEGER NOT NULL DEFAULT 0,
+    first_seen   REAL NOT NULL,
+    changed_at   REAL NOT NULL,      -- last time size/mtime/inode were seen to change
+    updated_at   REAL NOT NULL,
+    confirmed_at REAL,
+    deleted_at   REAL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS files_live_path ON files(rule, path)
+    WHERE state NOT IN ('deleted', 'superseded');
+CREATE INDEX IF NOT EXISTS files_due ON files(state, next_at);
+CREATE INDEX IF NOT EXISTS files_name ON files(scope, name);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY, file_id INTEGER NOT NULL, at REAL NOT NULL,
+    from_state TEXT, to_state TEXT NOT NULL, event TEXT NOT NULL, detail TEXT
+);
+CREATE INDEX IF NOT EXISTS events_file ON events(file_id);
+CREATE TABLE IF NOT EXISTS replicas (
+    file_id INTEGER NOT NULL, location TEXT NOT NULL, url TEXT NOT NULL,
+    size INTEGER, adler32 TEXT, state TEXT NOT NULL, at REAL NOT NULL,
+    PRIMARY KEY (file_id, location)
+);
+CREATE TABLE IF NOT EXISTS notices (
+    path BLOB PRIMARY KEY, rule TEXT NOT NULL, relpath TEXT NOT NULL, kind TEXT NOT NULL,
+    detail TEXT NOT NULL, first_seen REAL NOT NULL, last_seen REAL NOT NULL, count INTEGER NOT NULL
+);
+"""
+
+
+class StaleTransition(Exception):
+    """The row was not in the expected state: someone else moved it (or it was superseded)."""
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    id: int
+    rule: str
+    path: bytes
+    relpath: str
+    version: int
+    dev: int | None
+    inode: int | None
+    size: int | None
+    mtime_ns: int | None
+    blake3: str | None
+    adler32: str | None
+    md5: str | None
+    scope: str | None
+    name: str | None
+    dataset: str | None
+    metadata: str | None
+    state: State
+    resume_state: State | None
+    attempts: int
+    next_at: float
+    reason: str | None
+    priority: int
+    first_seen: float
+    changed_at: float
+    updated_at: float
+    confirmed_at: float | None
+    deleted_at: float | None
+
+    @property
+    def fspath(self) -> str:
+        return os.fsdecode(self.path)
+
+    @property
+    def did(self) -> str:
+        return f"{self.scope}:{self.name}"
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return json.loads(self.metadata) if self.metadata else {}
+
+    def to_json(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["path"] = self.fspath.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        d["state"] = self.state.value
+        d["resume_state"] = self.resume_state.value if self.resume_state else None
+        d["metadata"] = self.meta
+        return d
+
+
+_COLS = [f.name for f in fields(FileRecord)]
+
+
+def _row(r: sqlite3.Row) -> FileRecord:
+    d = dict(r)
+    d["state"] = State(d["state"])
+    d["resume_state"] = State(d["resume_state"]) if d["resume_state"] else None
+    return FileRecord(**{k: d[k] for k in _COLS})
+
+
+def display_path(path: bytes | str) -> str:
+    raw = path if isinstance(path, bytes) else os.fsencode(path)
+    return raw.decode("utf-8", "backslashreplace")
+
+
+class Ledger:
+    def __init__(self, path: str | os.PathLike[str], clock: Any = time.time) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None,
+                                   timeout=30)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a committed transition survives power loss, not only kill -9.
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+        self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # ------------------------------------------------------------ plumbing
+    class _Tx:
+        def __init__(self, ledger: "Ledger") -> None:
+            self.l = ledger
+
+        def __enter__(self) -> sqlite3.Connection:
+            self.l._lock.acquire()
+            self.l._db.execute("BEGIN IMMEDIATE")
+            return self.l._db
+
+        def __exit__(self, et: Any, ev: Any, tb: Any) -> None:
+            try:
+                self.l._db.execute("COMMIT" if et is None else "ROLLBACK")
+            finally:
+                self.l._lock.release()
+
+    def _tx(self) -> "Ledger._Tx":
+        return Ledger._Tx(self)
+
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # ------------------------------------------------------------ reading
+    def get(self, file_id: int) -> FileRecord:
+        rows = self._query("SELECT * FROM files WHERE id = ?", (file_id,))
+        if not rows:
+            raise KeyError(file_id)
+        return _row(rows[0])
+
+    def live(self, rule: str, path: bytes) -> FileRecord | None:
+        rows = self._query("SELECT * FROM files WHERE rule = ? AND path = ? AND state NOT IN "
+                           "('deleted', 'superseded')", (rule, path))
+        return _row(rows[0]) if rows else None
+
+    def live_paths(self, rule: str) -> dict[bytes, FileRecord]:
+        rows = self._query("SELECT * FROM files WHERE rule = ? AND state NOT IN ('deleted', 'superseded')",
+                           (rule,))
+        return {r["path"]: _row(r) for r in rows}
+
+    def due(self, states: Iterable[State], now: float, limit: int,
+            exclude: Iterable[int] = ()) -> list[FileRecord]:
+        """Rows whose next step may run now, highest priority first, oldest first."""
+        st = [s.value for s in states]
+        ex = list(exclude)
+        sql = (f"SELECT * FROM files WHERE state IN ({','.join('?' * len(st))}) AND next_at <= ?"
+               + (f" AND id NOT IN ({','.join('?' * len(ex))})" if ex else "")
+               + " ORDER BY priority DESC, next_at, id LIMIT ?")
+        return [_row(r) for r in self._query(sql, [*st, now, *ex, limit])]
+
+    def in_states(self, states: Iterable[State], rule: str | None = None) -> list[FileRecord]:
+        st = [s.value for s in states]
+        sql = f"SELECT * FROM files WHERE state IN ({','.join('?' * len(st))})"
+        args: list[Any] = list(st)
+        if rule:
+            sql += " AND rule = ?"
+            args.append(rule)
+        return [_row(r) for r in self._query(sql + " ORDER BY id", args)]
+
+    def find(self, needle: str, limit: int = 50) -> list[FileRecord]:
+        """Rows by id, DID name or a piece of the relative path."""
+        if needle.isdigit():
+            rows = self._query("SELECT * FROM files WHERE id = ?", (int(needle),))
+        else:
+            like = f"%{needle}%"
+            rows = self._query("SELECT * FROM files WHERE relpath LIKE ? OR name LIKE ? ORDER BY id DESC "
+                               "LIMIT ?", (like, like, limit))
+        return [_row(r) for r in rows]
+
+    def recent(self, limit: int = 50, state: State | None = None) -> list[FileRecord]:
+        if state:
+            rows = self._query("SELECT * FROM files WHERE state = ? ORDER BY updated_at DESC LIMIT ?",
+                               (state.value, limit))
+        else:
+            rows = self._query("SELECT * FROM files ORDER BY updated_at DESC LIMIT ?", (limit,))
+        return [_row(r) for r in rows]
+
+    def history(self, file_id: int) -> list[dict[str, Any]]:
+        rows = self._query("SELECT at, from_state, to_state, event, detail FROM events WHERE file_id = ? "
+                           "ORDER BY id", (file_id,))
+        return [{**dict(r), "detail": json.loads(r["detail"]) if r["detail"] else None} for r in rows]
+
+    def counts(self) -> list[tuple[str, str, int, int]]:
+        """(rule, state, files, bytes) for every non-empty combination."""
+        rows = self._query("SELECT rule, state, COUNT(*), COALESCE(SUM(size), 0) FROM files GROUP BY rule, state")
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+    def oldest_unconfirmed(self) -> FileRecord | None:
+        rows = self._query("SELECT * FROM files WHERE state NOT IN ('confirmed', 'deleted', 'superseded') "
+                           "ORDER BY first_seen LIMIT 1")
+        return _row(rows[0]) if rows else None
+
+    def name_taken(self, scope: str, name: str, blake3: str, exclude_id: int) -> bool:
+        """Does another version with other content already hold scope:name in the lake?"""
+        rows = self._query("SELECT 1 FROM files WHERE scope = ? AND name = ? AND id != ? AND blake3 != ? "
+                           "AND state NOT IN ('discovered', 'complete', 'hashed') LIMIT 1",
+                           (scope, name, exclude_id, blake3))
+        return bool(rows)
+
+    def replicas(self, file_id: int) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._query("SELECT * FROM replicas WHERE file_id = ? ORDER BY location",
+                                             (file_id,))]
+
+    def notices(self, limit: int = 100) -> list[dict[str, Any]]:
+        rows = self._query("SELECT * FROM notices ORDER BY last_seen DESC LIMIT ?", (limit,))
+        return [{**{k: r[k] for k in r.keys() if k != "path"}} for r in rows]
+
+    def recent_errors(self, limit: int = 20) -> list[dict[str, Any]]:
+        rows = self._query(
+            "SELECT e.at, e.event, e.to_state, e.detail, f.id, f.rule, f.relpath FROM events e "
+            "JOIN files f ON f.id = e.file_id WHERE e.event IN ('failed_retryable', 'failed_permanent', "
+            "'superseded') ORDER BY e.id DESC LIMIT ?", (limit,))
+        out = []
+        for r in rows:
+            d = json.loads(r["detail"]) if r["detail"] else {}
+            out.append({"at": r["at"], "file_id": r["id"], "rule": r["rule"], "path": r["relpath"],
+                        "event": r["event"], "state": r["to_state"], "reason": d.get("reason")})
+        return out
+
+    def deleted_bytes_since(self, since: float) -> list[tuple[float, int]]:
+        rows = self._query("SELECT deleted_at, size FROM files WHERE state = 'deleted' AND deleted_at >= ?",
+                           (since,))
+        return [(r[0], r[1]) for r in rows]
+
+    # ------------------------------------------------------------ writing
+    def discover(self, rule: str, path: bytes, relpath: str, dev: int, inode: int, size: int,
+                 mtime_ns: int, priority: int) -> FileRecord:
+        """A new version of the file at `path` (the caller checked there is no live row)."""
+        now = self._clock()
+        with self._tx() as db:
+            prev = db.execute("SELECT MAX(version) FROM files WHERE rule = ? AND path = ?",
+                              (rule, path)).fetchone()[0] or 0
+            cur = db.execute(
+                "INSERT INTO files (rule, path, relpath, version, dev, inode, size, mtime_ns, state, "
+                "priority, first_seen, changed_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (rule, path, relpath, prev + 1, dev, inode, size, mtime_ns, State.DISCOVERED.value,
+                 priority, now, now, now))
+            fid = cur.lastrowid
+            assert fid is not None
+            self._event(db, fid, None, State.DISCOVERED, "discovered",
+                        {"size": size, "inode": inode, "mtime_ns": mtime_ns, "version": prev + 1})
+        return self.get(fid)
+
+    def restat(self, file_id: int, dev: int, inode: int, size: int, mtime_ns: int) -> FileRecord:
+        """The file is still being written: remember its new stat and when it changed (not an event)."""
+        now = self._clock()
+        with self._tx() as db:
+            db.execute("UPDATE files SET dev=?, inode=?, size=?, mtime_ns=?, changed_at=?, updated_at=? "
+                       "WHERE id=?", (dev, inode, size, mtime_ns, now, now, file_id))
+        return self.get(file_id)
+
+    def transition(self, file_id: int, expect: State, event: Event, detail: dict[str, Any] | None = None,
+                   **updates: Any) -> FileRecord:
+        """Move one file along the lifecycle, atomically, with its event. Raises StaleTransition."""
+        now = self._clock()
+        with self._tx() as db:
+            row = db.execute("SELECT state, resume_state FROM files WHERE id = ?", (file_id,)).fetchone()
+            if row is None or row["state"] != expect.value:
+                raise StaleTransition(f"file {file_id}: expected {expect}, found {row and row['state']}")
+            resume = State(row["resume_state"]) if row["resume_state"] else None
+            new = next_state(expect, event, resume)
+            updates.setdefault("updated_at", now)
+            updates["state"] = new.value
+            if new in (State.RETRY_WAIT, State.QUARANTINED):
+                updates.setdefault("resume_state", (resume if expect in (State.RETRY_WAIT, State.QUARANTINED)
+                                                    else expect).value)
+            elif event in (Event.RETRY_DUE, Event.OPERATOR_RETRY, Event.CHANGED) or new in FINAL:
+                updates.setdefault("resume_state", None)
+            if event is Event.OPERATOR_RETRY:
+                updates.setdefault("attempts", 0)
+                updates.setdefault("next_at", 0)
+            if new is State.CONFIRMED:
+                updates.setdefault("confirmed_at", now)
+            if new is State.DELETED:
+                updates.setdefault("deleted_at", now)
+            if not (new in (State.RETRY_WAIT, State.QUARANTINED) or new is State.SUPERSEDED):
+                updates.setdefault("reason", None)
+            for k, v in updates.items():
+                if k not in _COLS:
+                    raise KeyError(k)
+                if isinstance(v, State):
+                    updates[k] = v.value
+            sets = ", ".join(f"{k} = ?" for k in updates)
+            db.execute(f"UPDATE files SET {sets} WHERE id = ?", [*updates.values(), file_id])
+            self._event(db, file_id, expect, new, event.value, detail)
+        return self.get(file_id)
+
+    def set_next_at(self, file_id: int, next_at: float) -> None:
+        """Reschedule a step that is waiting on the lake (not a failure: no event)."""
+        with self._tx() as db:
+            db.execute("UPDATE files SET next_at = ? WHERE id = ?", (next_at, file_id))
+
+    def note(self, file_id: int, state: State, what: str, detail: dict[str, Any] | None = None) -> None:
+        """An event in a file's history that does not change its state (e.g. 'copy written')."""
+        with self._tx() as db:
+            self._event(db, file_id, state, state, what, detail)
+
+    def record_replica(self, file_id: int, location: str, url: str, size: int | None,
+                       adler32: str | None, state: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO replicas VALUES (?,?,?,?,?,?,?) ON CONFLICT (file_id, location) DO UPDATE "
+                       "SET url=excluded.url, size=excluded.size, adler32=excluded.adler32, "
+                       "state=excluded.state, at=excluded.at",
+                       (file_id, location, url, size, adler32, state, self._clock()))
+
+    def notice(self, rule: str, path: bytes, kind: str, detail: str) -> bool:
+        """Report something in a watched tree that will not be handled. True if it is new."""
+        now = self._clock()
+        with self._tx() as db:
+            row = db.execute("SELECT kind, detail FROM notices WHERE path = ?", (path,)).fetchone()
+            db.execute("INSERT INTO notices VALUES (?,?,?,?,?,?,?,1) ON CONFLICT (path) DO UPDATE SET "
+                       "kind=excluded.kind, detail=excluded.detail, last_seen=excluded.last_seen, "
+                       "count=count+1", (path, rule, display_path(path), kind, detail, now, now))
+        return row is None or (row["kind"], row["detail"]) != (kind, detail)
+
+    def clear_notice(self, path: bytes) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM notices WHERE path = ?", (path,))
+
+    def _event(self, db: sqlite3.Connection, file_id: int, frm: State | None, to: State, event: str,
+               detail: dict[str, Any] | None) -> None:
+        db.execute("INSERT INTO events (file_id, at, from_state, to_state, event, detail) VALUES (?,?,?,?,?,?)",
+                   (file_id, self._clock(), frm.value if frm else None, to.value, event,
+                    json.dumps(detail, default=str) if detail else None))
+
+    def iter_all(self) -> Iterator[FileRecord]:
+        for r in self._query("SELECT * FROM files ORDER BY id"):
+            yield _row(r)

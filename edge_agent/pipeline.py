@@ -1,0 +1,312 @@
+"""The steps of a file's life, each one effect followed by one committed transition.
+
+    complete    --hash-->      hashed       (one read: blake3, adler32, md5)
+    hashed      --register-->  registered   (DID, dataset, metadata in the lake catalogue)
+    registered  --transfer-->  transferred  (copies written and verified in-pass, replicas
+                                             recorded, copies requested)
+    transferred --confirm-->   confirmed    (>= N replicas whose size and adler32 match)
+    confirmed   --delete-->    deleted      (guarded unlink of the unchanged local file)
+
+A crash between an effect and its transition repeats only that effect, and every
+effect is idempotent. Failures are sorted by the error taxonomy: retryable ones wait
+out a backoff, permanent ones quarantine the file with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import structlog
+
+from .core import policy
+from .core.lifecycle import Event, State
+from .errors import FileChanged, FileVanished, PermanentError, RetryableError, ShuttingDown
+from .hashing import hash_file
+from .lake.base import Catalogue, LakeFile
+from .ledger import FileRecord, Ledger, StaleTransition
+from .localfs import guarded_unlink, stat_regular
+from .settings import Completion, DeletePolicy, Settings
+from .transfer.base import Expected, Pacer
+
+log = structlog.get_logger("edge_agent.pipeline")
+
+# Unexpected exceptions (bugs, surprises) are retried a few times, then quarantined.
+MAX_UNEXPECTED = 5
+# A destination that keeps handing back a wrong checksum is not tried forever.
+MAX_BAD_COPIES = 3
+
+
+@dataclass
+class Hooks:
+    """What the pipeline tells the outside world (metrics, throughput); all optional."""
+    bytes_hashed: Callable[[str, int], None] = lambda rule, n: None
+    bytes_sent: Callable[[str, str, int], None] = lambda rule, loc, n: None
+    transition: Callable[[FileRecord], None] = lambda rec: None
+
+
+class Pipeline:
+    def __init__(self, settings: Settings, ledger: Ledger, lake: Catalogue, pace: Pacer,
+                 hooks: Hooks | None = None, clock: Callable[[], float] = time.time,
+                 rand: Callable[[], float] = random.random) -> None:
+        self.s = settings
+        self.ledger = ledger
+        self.lake = lake
+        self.pace = pace
+        self.hooks = hooks or Hooks()
+        self.clock = clock
+        self.rand = rand
+
+    # ------------------------------------------------------------ dispatch
+    def run_step(self, rec: FileRecord) -> None:
+        """Run the step that leads out of rec.state, translating failures into transitions."""
+        step = {State.COMPLETE: self.hash, State.HASHED: self.register, State.REGISTERED: self.transfer,
+                State.TRANSFERRED: self.confirm, State.CONFIRMED: self.delete}[rec.state]
+        bound = log.bind(file_id=rec.id, rule=rec.rule, path=rec.relpath, did=rec.name and rec.did)
+        try:
+            step(rec)
+        except ShuttingDown:
+            raise
+        except StaleTransition as exc:
+            bound.info("step outdated", detail=str(exc))
+        except FileChanged as exc:
+            self._changed(rec, str(exc))
+        except FileVanished as exc:
+            self._vanished(rec, str(exc))
+        except PermanentError as exc:
+            self._fail(rec, Event.FAILED_PERMANENT, str(exc))
+        except RetryableError as exc:
+            self._fail(rec, Event.FAILED_RETRYABLE, str(exc))
+        except Exception as exc:  # noqa: BLE001 - the daemon must outlive its own bugs
+            bound.error("unexpected error", exc_info=True)
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            reason = f"unexpected {type(exc).__name__}: {exc} (at {where.filename}:{where.lineno})"
+            event = Event.FAILED_PERMANENT if rec.attempts + 1 >= MAX_UNEXPECTED else Event.FAILED_RETRYABLE
+            self._fail(rec, event, reason)
+
+    def _move(self, rec: FileRecord, event: Event, detail: dict[str, Any] | None = None,
+              **updates: Any) -> FileRecord:
+        new = self.ledger.transition(rec.id, rec.state, event, detail, **updates)
+        log.info(str(event), file_id=rec.id, rule=rec.rule, path=rec.relpath, state=str(new.state),
+                 did=new.name and new.did, **(detail or {}))
+        self.hooks.transition(new)
+        return new
+
+    def _fail(self, rec: FileRecord, event: Event, reason: str, **updates: Any) -> None:
+        attempts = rec.attempts + 1
+        if event is Event.FAILED_RETRYABLE:
+            r = self.s.retry
+            delay = policy.backoff_seconds(attempts, r.base_seconds, r.max_seconds, r.jitter, self.rand())
+            updates.setdefault("next_at", self.clock() + delay)
+            detail = {"reason": reason, "attempt": attempts, "retry_in_s": round(delay, 1)}
+        else:
+            detail = {"reason": reason, "attempt": attempts}
+        try:
+            self._move(rec, event, detail, attempts=attempts, reason=reason, **updates)
+        except StaleTransition:
+            pass
+
+    def _changed(self, rec: FileRecord, reason: str) -> None:
+        if rec.blake3 is None:
+            self._move(rec, Event.CHANGED, {"reason": reason})
+        else:
+            # this version's evidence no longer describes the file: end it; the watcher
+            # discovers the new content as a new version
+            self._move(rec, Event.SUPERSEDED, {"reason": reason}, reason=reason)
+
+    def _vanished(self, rec: FileRecord, reason: str) -> None:
+        if rec.state in (State.COMPLETE,):
+            self._move(rec, Event.SUPERSEDED, {"reason": f"vanished before hashing: {reason}"},
+                       reason=f"vanished before hashing: {reason}")
+        else:
+            self._fail(rec, Event.FAILED_PERMANENT, f"local file vanished before its copies were "
+                       f"confirmed: {reason}")
+
+    # ------------------------------------------------------------ helpers
+    def lake_file(self, rec: FileRecord) -> LakeFile:
+        rule = self.s.rules[rec.rule]
+        assert rec.scope and rec.name and rec.adler32 and rec.blake3 and rec.size is not None
+        return LakeFile(rule=rec.rule, scope=rec.scope, name=rec.name, dataset=rec.dataset, size=rec.size,
+                        adler32=rec.adler32, md5=rec.md5, blake3=rec.blake3, copies=rule.copies,
+                        destinations=tuple(rule.destinations), local_path=rec.fspath, metadata=rec.meta)
+
+    def _recorded_stat(self, rec: FileRecord) -> policy.LocalStat:
+        assert rec.inode is not None and rec.size is not None and rec.mtime_ns is not None
+        return policy.LocalStat(rec.inode, rec.size, rec.mtime_ns)
+
+    # ------------------------------------------------------------ steps
+    def hash(self, rec: FileRecord) -> None:
+        rule = self.s.rules[rec.rule]
+        path = rec.fspath
+        before = stat_regular(path)
+        if before is None:
+            raise FileVanished(f"{rec.relpath} is gone or no longer a regular file")
+        if before != self._recorded_stat(rec):
+            raise FileChanged(f"{rec.relpath} changed after it was judged complete")
+        try:
+            d = hash_file(path, md5=rule.md5, chunk_size=self.s.chunk_mb << 20,
+                          on_chunk=lambda n: self.hooks.bytes_hashed(rec.rule, n))
+        except FileNotFoundError:
+            raise FileVanished(f"{rec.relpath} is gone") from None
+        except PermissionError as exc:
+            raise PermanentError(f"cannot read {rec.relpath}: {exc.strerror} (fix the permissions, "
+                                 f"then `edge-agent retry {rec.id}`)") from None
+        except OSError as exc:
+            raise RetryableError(f"reading {rec.relpath} failed: {exc.strerror}") from None
+        after = stat_regular(path)
+        if after != before or d.size != before.size:
+            raise FileChanged(f"{rec.relpath} changed while it was being hashed")
+        if d.size == 0 and not rule.allow_empty:
+            raise PermanentError("zero-byte file: a failed write? (set allow_empty = true for this rule "
+                                 f"to upload empty files, then `edge-agent retry {rec.id}`)")
+        fields = policy.naming_fields(rec.relpath, before.mtime_ns / 1e9, rec.rule,
+                                      rule.night_rollover_hour, rule.tz)
+        name = policy.render(rule.name_template, fields)
+        problem = policy.name_problem(name, self.lake.name_pattern)
+        if problem:
+            raise PermanentError(f"{problem} (from name_template {rule.name_template!r}); rename the "
+                                 "file or change the template")
+        if self.ledger.name_taken(rule.scope, name, d.blake3, rec.id):
+            name = policy.versioned_name(name, rec.version)
+        dataset = policy.render(rule.dataset_template, fields) if rule.dataset_template else None
+        if dataset:
+            problem = policy.name_problem(dataset, self.lake.name_pattern)
+            if problem:
+                raise PermanentError(f"dataset {problem} (from dataset_template {rule.dataset_template!r})")
+        meta = {**rule.metadata, **self._sidecar(rec)}
+        self._move(rec, Event.HASHED, {"blake3": d.blake3, "adler32": d.adler32, "size": d.size},
+                   blake3=d.blake3, adler32=d.adler32, md5=d.md5, size=d.size, scope=rule.scope,
+                   name=name, dataset=dataset, metadata=json.dumps(meta), attempts=0)
+
+    def _sidecar(self, rec: FileRecord) -> dict[str, Any]:
+        rule = self.s.rules[rec.rule]
+        if Completion.SIDECAR not in rule.completion:
+            return {}
+        try:
+            with open(rec.fspath + rule.sidecar_suffix, "rb") as fh:
+                data = json.load(fh)
+        except FileNotFoundError:
+            raise FileChanged("the sidecar file vanished") from None
+        except (OSError, ValueError) as exc:
+            raise RetryableError(f"sidecar unreadable: {exc}") from None
+        if not isinstance(data, dict):
+            raise PermanentError("the sidecar is JSON but not an object")
+        return {str(k): v for k, v in data.items()}
+
+    def register(self, rec: FileRecord) -> None:
+        self.lake.register(self.lake_file(rec))
+        self._move(rec, Event.REGISTERED, attempts=0)
+
+    def transfer(self, rec: FileRecord) -> None:
+        f = self.lake_file(rec)
+        expected = Expected(f.size, f.blake3, f.adler32, f.md5)
+        done = {r["location"] for r in self.ledger.replicas(rec.id) if r["state"] == "written"}
+        for t in self.lake.targets(f):
+            if t.location in done:
+                continue
+            started = self.clock()
+            got = t.transport.put(f.local_path, t.url, expected,
+                                  self._pacer(rec.rule, t.location))
+            self.lake.add_replica(f, t.location, t.url)
+            self.ledger.record_replica(rec.id, t.location, t.url, got.size, got.adler32, "written")
+            took = max(self.clock() - started, 1e-6)
+            self.ledger.note(rec.id, rec.state, "copy_written",
+                             {"location": t.location, "url": t.url, "seconds": round(took, 3),
+                              "mb_per_s": round(got.size / took / 1e6, 1)})
+        self.lake.request_copies(f)
+        self._move(rec, Event.TRANSFERRED, attempts=0, next_at=0)
+
+    def _pacer(self, rule: str, location: str) -> Pacer:
+        def pace(n: int) -> None:
+            self.pace(n)
+            self.hooks.bytes_sent(rule, location, n)
+        return pace
+
+    def confirm(self, rec: FileRecord) -> None:
+        f = self.lake_file(rec)
+        c = policy.judge_replicas(self.lake.replicas(f), f.size, f.adler32)
+        evidence = {"replicas": [{"location": r.location, "size": r.size, "adler32": r.adler32}
+                                 for r in c.good],
+                    "not_counted": [{"location": r.location, "why": why} for r, why in c.bad]}
+        for r, why in c.bad:
+            if r.available and r.size is not None:
+                self.ledger.record_replica(rec.id, r.location, r.url, r.size, r.adler32, "bad")
+        if c.count >= f.copies:
+            rec = self._move(rec, Event.CONFIRMED, evidence, attempts=0)
+            self._maybe_delete(rec, c)
+            return
+        bad_copies = [(r, why) for r, why in c.bad if r.available and r.size is not None]
+        if bad_copies and self.lake.targets(f):
+            # a copy the agent wrote does not match: write it again, a bounded number of times
+            why = "; ".join(f"{r.location}: {w}" for r, w in bad_copies)
+            if rec.attempts + 1 >= MAX_BAD_COPIES:
+                raise PermanentError(f"copies keep failing verification: {why}")
+            for r, _ in bad_copies:
+                self.ledger.record_replica(rec.id, r.location, r.url, r.size, r.adler32, "bad")
+            self._fail(rec, Event.FAILED_RETRYABLE, f"copy failed verification, rewriting: {why}",
+                       resume_state=State.REGISTERED)
+            return
+        self.ledger.set_next_at(rec.id, self.clock() + self.s.confirm_interval_seconds)
+        log.info("waiting for replicas", file_id=rec.id, did=rec.did, confirmed=c.count, copies=f.copies,
+                 not_counted=evidence["not_counted"])
+
+    def delete(self, rec: FileRecord) -> None:
+        f = self.lake_file(rec)
+        c = policy.judge_replicas(self.lake.replicas(f), f.size, f.adler32)
+        self._maybe_delete(rec, c)
+
+    def _maybe_delete(self, rec: FileRecord, c: policy.Confirmation) -> None:
+        rule = self.s.rules[rec.rule]
+        current = stat_regular(rec.fspath)
+        verdict, why = policy.deletion_verdict(
+            rule.delete.value, rule.keep_hours, rec.confirmed_at or self.clock(), self.clock(), c,
+            rule.copies, self._recorded_stat(rec), current, self.s.dry_run)
+        evidence = {"replicas": [{"location": r.location, "size": r.size, "adler32": r.adler32, "url": r.url}
+                                 for r in c.good], "local_adler32": rec.adler32, "local_size": rec.size}
+        if verdict == "delete":
+            outcome = guarded_unlink(rec.path, self._recorded_stat(rec))
+            if outcome == "changed":
+                raise FileChanged("the local file changed just before deletion; kept")
+            self._move(rec, Event.DELETED, {**evidence, "outcome": outcome, "why": why})
+            self._cleanup_companions(rec)
+            self.lake.release(self.lake_file(rec))
+        elif verdict == "gone":
+            self._move(rec, Event.DELETED, {**evidence, "outcome": "gone", "why": why})
+            self._cleanup_companions(rec)
+        elif verdict == "changed":
+            self._changed(rec, why)
+        elif verdict == "keep":
+            # never delete: the file stays confirmed; look again rarely (policy may change on restart)
+            self.ledger.set_next_at(rec.id, self.clock() + (3600 if rule.delete is DeletePolicy.NEVER
+                                                             else self.s.confirm_interval_seconds))
+            log.info("kept", file_id=rec.id, did=rec.did, why=why)
+        else:  # wait
+            wait_until = self.clock() + self.s.confirm_interval_seconds
+            if rule.delete is DeletePolicy.KEEP and rec.confirmed_at:
+                wait_until = max(wait_until, rec.confirmed_at + rule.keep_hours * 3600)
+            self.ledger.set_next_at(rec.id, wait_until)
+
+    def _cleanup_companions(self, rec: FileRecord) -> None:
+        rule = self.s.rules[rec.rule]
+        if not rule.delete_markers:
+            return
+        for p, suffix in ((Completion.MARKER, rule.marker_suffix), (Completion.SIDECAR, rule.sidecar_suffix)):
+            if p in rule.completion:
+                try:
+                    os.unlink(rec.fspath + suffix)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    log.warning("could not remove companion file", path=rec.relpath + suffix,
+                                error=exc.strerror)
+
+
+def vanished_reason(rec: FileRecord) -> str:
+    return f"{rec.relpath} vanished before it was hashed (renamed or removed by someone else)"
+
+

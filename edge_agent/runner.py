@@ -1,0 +1,371 @@
+"""The imperative shell: watches, schedules, dispatches steps to bounded pools, shuts down cleanly.
+
+The ledger is the queue. Work is pulled from it only as fast as workers free up
+(priority first), so memory does not grow with the backlog, and a restart simply
+continues from what the ledger says: recovery is the normal start path.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import structlog
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from .core import policy
+from .core.lifecycle import ACTIVE, Event, State
+from .errors import ShuttingDown
+from .lake.base import Catalogue
+from .ledger import FileRecord, Ledger, StaleTransition
+from .localfs import stat_regular
+from .pipeline import Hooks, Pipeline
+from .settings import Completion, Settings
+from .status.gauges import DiskWatch, Rate
+from .transfer.pacing import Throttle
+from .watch.events import DirtyPaths, Watcher
+from .watch.filters import RuleFilter
+from .watch.scanner import Entry, classify, walk
+from .watch.writers import WriterTable
+
+log = structlog.get_logger("edge_agent.runner")
+
+POOL_OF = {State.COMPLETE: "hash", State.HASHED: "lake", State.REGISTERED: "transfer",
+           State.TRANSFERRED: "lake", State.CONFIRMED: "lake"}
+CLOSED_FALLBACK_S = 300.0      # `closed` without a visible close event: this much quiet is enough
+STALE_TEMP_S = 3600.0          # a temporary name unchanged this long is reported (a dead writer?)
+
+
+@dataclass
+class Counters:
+    hashed: dict[str, Rate] = field(default_factory=dict)
+    sent: dict[str, Rate] = field(default_factory=dict)
+    sent_by_location: dict[tuple[str, str], int] = field(default_factory=dict)
+    transitions: dict[tuple[str, str], int] = field(default_factory=dict)
+
+
+class Runner:
+    def __init__(self, settings: Settings, ledger: Ledger, lake: Catalogue,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.s = settings
+        self.ledger = ledger
+        self.lake = lake
+        self.clock = clock
+        self.stopping = threading.Event()
+        self.wake = threading.Event()
+        self.started_at = clock()
+        self.last_tick = 0.0
+        self.counters = Counters({r: Rate() for r in settings.rules}, {r: Rate() for r in settings.rules})
+        self._lock = threading.Lock()
+        self.throttle = Throttle(settings.bandwidth_mbps, settings.windows_policy())
+        self.pipeline = Pipeline(settings, ledger, lake, self._pace, Hooks(
+            bytes_hashed=self._on_hashed, bytes_sent=self._on_sent, transition=self._on_transition),
+            clock=clock)
+        self.filters = {name: RuleFilter(rule) for name, rule in settings.rules.items()}
+        self.dirty = DirtyPaths()
+        self.watcher = Watcher(self.dirty, self.request_rescan)
+        self.writers = WriterTable()
+        self.pools = {"hash": cf.ThreadPoolExecutor(settings.hash_workers, "hash"),
+                      "transfer": cf.ThreadPoolExecutor(settings.transfer_workers, "transfer"),
+                      "lake": cf.ThreadPoolExecutor(2, "lake")}
+        self.capacity = {"hash": settings.hash_workers, "transfer": settings.transfer_workers, "lake": 2}
+        self.in_flight: dict[int, str] = {}
+        self._rescan_rules: set[str] = set(settings.rules)   # the first tick scans everything
+        self._next_check: dict[int, float] = {}
+        self.disks = {name: DiskWatch(str(r.directory), r.watermark_warn_percent / 100,
+                                      r.watermark_critical_percent / 100, r.forecast_warn_hours * 3600)
+                      for name, r in settings.rules.items()}
+        self._disk_levels: dict[str, str] = {}
+        self.lake_problem: str | None = None
+        self.watch_problems: dict[str, str] = {}
+        self.scheduler = BackgroundScheduler(daemon=True)
+
+    # ------------------------------------------------------------ hooks
+    def _pace(self, n: int) -> None:
+        if self.stopping.is_set():
+            raise ShuttingDown("shutting down")
+        self.throttle(n)
+
+    def _on_hashed(self, rule: str, n: int) -> None:
+        if self.stopping.is_set():
+            raise ShuttingDown("shutting down")
+        self.counters.hashed[rule].add(n)
+
+    def _on_sent(self, rule: str, location: str, n: int) -> None:
+        self.counters.sent[rule].add(n)
+        with self._lock:
+            key = (rule, location)
+            self.counters.sent_by_location[key] = self.counters.sent_by_location.get(key, 0) + n
+
+    def _on_transition(self, rec: FileRecord) -> None:
+        with self._lock:
+            key = (rec.rule, rec.state.value)
+            self.counters.transitions[key] = self.counters.transitions.get(key, 0) + 1
+        self.wake.set()
+
+    def request_rescan(self, rule: str | None = None) -> None:
+        with self._lock:
+            self._rescan_rules.update([rule] if rule else self.s.rules)
+        self.wake.set()
+
+    # ------------------------------------------------------------ life
+    def start(self) -> None:
+        for name, rule in self.s.rules.items():
+            if not rule.directory.is_dir():
+                self.watch_problems[name] = f"{rule.directory} does not exist (yet): rescans will look again"
+                log.warning("watched directory missing", rule=name, directory=str(rule.directory))
+                continue
+            problem = self.watcher.watch(name, str(rule.directory), rule.recursive)
+            if problem:
+                self.watch_problems[name] = problem + " (rescans still cover it)"
+                log.warning("events unavailable", rule=name, problem=problem)
+        self.watcher.start()
+        self.scheduler.add_job(self.request_rescan, "interval", seconds=self.s.rescan_seconds, id="rescan",
+                               max_instances=1, coalesce=True)
+        self.scheduler.add_job(self.sample_disks, "interval", seconds=30, id="disks", max_instances=1,
+                               coalesce=True)
+        self.scheduler.add_job(self.check_lake, "interval", seconds=30, id="lake", max_instances=1,
+                               coalesce=True)
+        self.scheduler.start()
+        self.sample_disks()
+        self.check_lake()
+        log.info("started", rules=list(self.s.rules), dry_run=self.s.dry_run)
+
+    def run_forever(self) -> None:
+        self.start()
+        try:
+            while not self.stopping.is_set():
+                self.tick()
+                self.wake.wait(self.s.tick_seconds)
+                self.wake.clear()
+        finally:
+            self.shutdown()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.wake.set()
+
+    def shutdown(self, grace_s: float = 30.0) -> None:
+        self.stopping.set()
+        try:
+            self.scheduler.shutdown(wait=False)
+        except Exception:  # noqa: BLE001 - not started
+            pass
+        self.watcher.stop()
+        deadline = time.monotonic() + grace_s
+        for pool in self.pools.values():
+            pool.shutdown(wait=False, cancel_futures=True)
+        while self.in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        log.info("stopped", abandoned_steps=len(self.in_flight))
+
+    # ------------------------------------------------------------ the loop
+    def tick(self) -> None:
+        now = self.clock()
+        self.last_tick = now
+        self.process_events()
+        with self._lock:
+            rules, self._rescan_rules = self._rescan_rules, set()
+        for rule in rules:
+            self.rescan(rule)
+        self.check_completion(now)
+        self.resume_due(now)
+        self.dispatch(now)
+
+    def process_events(self) -> None:
+        paths, overflowed = self.dirty.take()
+        if overflowed:
+            log.warning("event backlog overflowed; rescanning")
+            self.request_rescan()
+        for path, rule in paths.items():
+            root = os.fsencode(self.s.rules[rule].directory)
+            self.evaluate(rule, path, classify(root, path))
+
+    def rescan(self, rule: str) -> None:
+        r = self.s.rules[rule]
+        root = os.fsencode(r.directory)
+        live = self.ledger.live_paths(rule)
+        seen: set[bytes] = set()
+        n = 0
+        if r.directory.is_dir() and rule in self.watch_problems and rule not in self.watcher.watching:
+            problem = self.watcher.watch(rule, str(r.directory), r.recursive)
+            if problem is None:
+                self.watch_problems.pop(rule, None)
+        for entry in walk(root, r.recursive):
+            seen.add(entry.path)
+            self.evaluate(rule, entry.path, entry, live.get(entry.path))
+            n += 1
+        for path, rec in live.items():
+            if path not in seen:
+                self.evaluate(rule, path, None, rec)
+        log.debug("rescanned", rule=rule, entries=n)
+
+    def evaluate(self, rule: str, path: bytes, entry: Entry | None,
+                 live: FileRecord | None | bool = False) -> None:
+        """Bring the ledger up to date with what is at `path` now."""
+        rec = self.ledger.live(rule, path) if live is False else live
+        assert rec is not True
+        if entry is None or entry.problem:
+            if entry is not None and entry.problem:
+                if self.ledger.notice(rule, path, "unusable", entry.problem):
+                    log.warning("not handled", rule=rule, path=entry.relpath, why=entry.problem)
+            if rec is not None and rec.blake3 is None and rec.id not in self.in_flight \
+                    and rec.state in (State.DISCOVERED, State.COMPLETE, State.RETRY_WAIT, State.QUARANTINED):
+                self._supersede(rec, f"{rec.relpath} vanished before it was hashed "
+                                     "(renamed or removed by someone else)")
+            return
+        skip = self.filters[rule](entry.relpath)
+        if skip is not None:
+            assert entry.st is not None
+            if "temporary" in skip.reason or "hidden" in skip.reason:
+                if self.clock() - entry.st.st_mtime > STALE_TEMP_S:
+                    if self.ledger.notice(rule, path, "stale-temporary",
+                                          f"{skip.reason}, but unchanged for over {STALE_TEMP_S:.0f}s: "
+                                          "did the writer die?"):
+                        log.warning("stale temporary file", rule=rule, path=entry.relpath)
+            return
+        st = entry.st
+        assert st is not None
+        if rec is None:
+            self.ledger.discover(rule, path, entry.relpath, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+                                 self.s.rules[rule].priority)
+            self.ledger.clear_notice(path)
+            return
+        if (rec.inode, rec.size, rec.mtime_ns) == (st.st_ino, st.st_size, st.st_mtime_ns):
+            return
+        if rec.id in self.in_flight:
+            return   # the step in flight notices the change itself
+        if rec.state is State.DISCOVERED:
+            self.ledger.restat(rec.id, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            self._next_check.pop(rec.id, None)
+        elif rec.blake3 is None:
+            try:
+                self.ledger.transition(rec.id, rec.state, Event.CHANGED, {"reason": "file changed"},
+                                       dev=st.st_dev, inode=st.st_ino, size=st.st_size,
+                                       mtime_ns=st.st_mtime_ns, changed_at=self.clock(), next_at=0)
+            except StaleTransition:
+                pass
+        else:
+            self._supersede(rec, f"{rec.relpath} changed after it was hashed (size {rec.size} -> "
+                                 f"{st.st_size}); the new content is a new version")
+            self.ledger.discover(rule, path, entry.relpath, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+                                 self.s.rules[rule].priority)
+
+    def _supersede(self, rec: FileRecord, reason: str) -> None:
+        try:
+            self.ledger.transition(rec.id, rec.state, Event.SUPERSEDED, {"reason": reason}, reason=reason)
+            log.warning("superseded", file_id=rec.id, rule=rec.rule, path=rec.relpath, reason=reason)
+        except StaleTransition:
+            pass
+
+    def check_completion(self, now: float) -> None:
+        for rec in self.ledger.in_states([State.DISCOVERED]):
+            if self._next_check.get(rec.id, 0) > now or rec.id in self.in_flight:
+                continue
+            rule = self.s.rules.get(rec.rule)
+            if rule is None:
+                continue
+            st = stat_regular(rec.path)
+            if st is None:
+                self.evaluate(rec.rule, rec.path, classify(os.fsencode(rule.directory), rec.path), rec)
+                continue
+            if (st.inode, st.size, st.mtime_ns) != (rec.inode, rec.size, rec.mtime_ns):
+                self.ledger.restat(rec.id, rec.dev or 0, st.inode, st.size, st.mtime_ns)
+                self._next_check[rec.id] = now + min(1.0, rule.stable_seconds or 1.0)
+                continue
+            obs = self.observe(rec, rule, now)
+            done, why = policy.completion_verdict([c.value for c in rule.completion], obs,
+                                                  rule.stable_seconds, CLOSED_FALLBACK_S)
+            if done:
+                try:
+                    self.ledger.transition(rec.id, State.DISCOVERED, Event.COMPLETED, None, next_at=0)
+                except StaleTransition:
+                    pass
+                self._next_check.pop(rec.id, None)
+                self.dirty.forget_closed(rec.path)
+            else:
+                self._next_check[rec.id] = now + min(1.0, max(0.2, rule.stable_seconds / 5))
+
+    def observe(self, rec: FileRecord, rule: Any, now: float) -> policy.Observation:
+        writers = None
+        if Completion.CLOSED in rule.completion:
+            writers = self.writers.writers(rec.dev or 0, rec.inode or 0)
+        sidecar: bool | None = None
+        if Completion.SIDECAR in rule.completion:
+            sidecar = _sidecar_state(rec.fspath + rule.sidecar_suffix)
+        marker = Completion.MARKER in rule.completion and os.path.exists(rec.fspath + rule.marker_suffix)
+        return policy.Observation(now=now, changed_at=rec.changed_at, mtime=(rec.mtime_ns or 0) / 1e9,
+                                  closed_event_at=self.dirty.closed_at.get(rec.path), writers=writers,
+                                  marker=marker, sidecar=sidecar)
+
+    def resume_due(self, now: float) -> None:
+        for rec in self.ledger.due([State.RETRY_WAIT], now, 200):
+            try:
+                self.ledger.transition(rec.id, State.RETRY_WAIT, Event.RETRY_DUE, None, next_at=0)
+            except StaleTransition:
+                pass
+
+    def dispatch(self, now: float) -> None:
+        if self.stopping.is_set():
+            return
+        for pool, states in (("hash", [State.COMPLETE]), ("transfer", [State.REGISTERED]),
+                             ("lake", [State.HASHED, State.TRANSFERRED, State.CONFIRMED])):
+            with self._lock:
+                busy = sum(1 for p in self.in_flight.values() if p == pool)
+                exclude = list(self.in_flight)
+            free = self.capacity[pool] - busy
+            if free <= 0:
+                continue
+            for rec in self.ledger.due(states, now, free, exclude):
+                if rec.rule not in self.s.rules:
+                    continue  # a rule removed from the config: its files wait for it to come back
+                with self._lock:
+                    self.in_flight[rec.id] = pool
+                self.pools[pool].submit(self._run, rec)
+
+    def _run(self, rec: FileRecord) -> None:
+        try:
+            self.pipeline.run_step(rec)
+        except ShuttingDown:
+            pass
+        finally:
+            with self._lock:
+                self.in_flight.pop(rec.id, None)
+            self.wake.set()
+
+    # ------------------------------------------------------------ periodic checks
+    def sample_disks(self) -> None:
+        for name, d in self.disks.items():
+            rep = d.sample()
+            if rep is None:
+                continue
+            prev = self._disk_levels.get(name, "ok")
+            if rep.level != prev:
+                logf = log.warning if rep.level != "ok" else log.info
+                logf("buffer disk level", rule=name, level=rep.level, used_percent=round(100 * rep.used_fraction, 1),
+                     hours_to_full=rep.seconds_to_full and round(rep.seconds_to_full / 3600, 1))
+                self._disk_levels[name] = rep.level
+
+    def check_lake(self) -> None:
+        try:
+            problem = self.lake.health()
+        except Exception as exc:  # noqa: BLE001 - a health probe reports, it never raises
+            problem = f"{type(exc).__name__}: {exc}"
+        if problem != self.lake_problem:
+            (log.warning if problem else log.info)("lake health", problem=problem)
+        self.lake_problem = problem
+
+
+def _sidecar_state(path: str) -> bool | None:
+    import json
+    try:
+        with open(path, "rb") as fh:
+            return isinstance(json.load(fh), dict)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return False

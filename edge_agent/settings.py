@@ -1,0 +1,345 @@
+"""The one typed settings object: a TOML file per observatory, every key overridable by env.
+
+    EDGE_AGENT_STATE_DIR=/srv/edge            -> state_dir
+    EDGE_AGENT_STATUS__PORT=9000              -> status.port
+    EDGE_AGENT_RULES__MAGIC__COPIES=3         -> rules.magic.copies
+
+Invalid settings raise ConfigError whose message names each key, its value and why.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import os
+import re
+import tomllib
+import zoneinfo
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError,
+                      field_validator, model_validator)
+from pydantic_settings import (BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict,
+                               TomlConfigSettingsSource)
+
+from .core import policy
+from .errors import ConfigError
+
+ENV_PREFIX = "EDGE_AGENT_"
+_KEY_RE = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,62}$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Completion(str, enum.Enum):
+    """How the agent knows a DAQ file is finished. A rule's policies must all agree (AND)."""
+    CLOSED = "closed"      # the writer closed it (inotify close-after-write; no writer holds it open)
+    RENAMED = "renamed"    # it has its final name: names with temp_suffixes are never candidates
+    STABLE = "stable"      # size and mtime unchanged for stable_seconds
+    MARKER = "marker"      # FILE<marker_suffix> exists (e.g. run42.fits.done)
+    SIDECAR = "sidecar"    # FILE<sidecar_suffix> exists and is a JSON object: it becomes metadata
+
+
+class DeletePolicy(str, enum.Enum):
+    AFTER_CONFIRM = "after_confirm"
+    KEEP = "keep"          # keep keep_hours after confirmation, then delete
+    NEVER = "never"
+
+
+class WindowSettings(_Section):
+    """A daily period with its own bandwidth cap (e.g. lower while the telescope observes)."""
+    start: dt.time
+    end: dt.time
+    bandwidth_mbps: float = Field(ge=0, description="MB/s during the window; 0 pauses transfers")
+
+
+class RetrySettings(_Section):
+    base_seconds: float = Field(10.0, gt=0)
+    max_seconds: float = Field(1800.0, gt=0)
+    jitter: float = Field(0.2, ge=0, le=1)
+
+
+class StatusSettings(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8787, ge=0, le=65535)
+
+
+class LogSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class LakeSettings(_Section):
+    kind: Literal["local"] = "local"
+    catalog: Path | None = Field(None, description="local lake catalogue (SQLite); default STATE_DIR/lake-catalog.sqlite")
+    name_pattern: str = policy.PATH_NAME_RE
+
+    @field_validator("name_pattern")
+    @classmethod
+    def _regex(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from None
+        return v
+
+
+class DestinationSettings(_Section):
+    """Where copies go. `posix`: a directory (a local disk or a mounted lake filesystem)."""
+    kind: Literal["posix"] = "posix"
+    path: Path
+    verify: Literal["reread", "recorded"] = Field(
+        "reread", description="reread: confirmation reads the copy again; recorded: trusts the "
+        "adler32 stored with the copy while its size and mtime are unchanged")
+    fsync: bool = True
+    require_file: str | None = Field(None, description="a file that must exist under path before "
+                                     "anything is written there, e.g. '.lake-mounted': guards against "
+                                     "filling an unmounted mount point")
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        if not v.is_absolute():
+            raise ValueError("must be an absolute path")
+        return v
+
+
+class RuleSettings(_Section):
+    """One watched DAQ directory and what becomes of its files."""
+    directory: Path
+    include: list[str] = ["*"]
+    exclude: list[str] = []
+    recursive: bool = True
+    completion: list[Completion] = [Completion.CLOSED, Completion.STABLE]
+    stable_seconds: float = Field(5.0, ge=0)
+    temp_suffixes: list[str] = [".tmp", ".part", ".writing", ".partial", ".filepart"]
+    marker_suffix: str = ".done"
+    sidecar_suffix: str = ".json"
+    delete_markers: bool = Field(True, description="remove the marker/sidecar once the data file is deleted")
+    scope: str
+    name_template: str = "{relpath}"
+    dataset_template: str | None = "{rule}.{night}"
+    night_rollover_hour: int = Field(12, ge=0, le=23)
+    timezone: str = "UTC"
+    metadata: dict[str, str] = {}
+    copies: int = Field(2, ge=1, le=16)
+    destinations: list[str] = Field(min_length=1)
+    delete: DeletePolicy = DeletePolicy.AFTER_CONFIRM
+    keep_hours: float = Field(0.0, ge=0)
+    priority: int = Field(0, description="higher goes first when work competes")
+    allow_empty: bool = Field(False, description="zero-byte files are quarantined unless true")
+    md5: bool = False
+    watermark_warn_percent: float = Field(80.0, gt=0, le=100)
+    watermark_critical_percent: float = Field(90.0, gt=0, le=100)
+    forecast_warn_hours: float = Field(6.0, ge=0, description="warn when the buffer is forecast full sooner")
+
+    @field_validator("directory")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        if not v.is_absolute():
+            raise ValueError("must be an absolute path")
+        return v
+
+    @field_validator("name_template", "dataset_template")
+    @classmethod
+    def _template(cls, v: str | None) -> str | None:
+        if v is not None:
+            policy.check_template(v)
+        return v
+
+    @field_validator("scope")
+    @classmethod
+    def _scope(cls, v: str) -> str:
+        if not policy.SCOPE_RE.match(v):
+            raise ValueError("a scope is 1-25 characters of letters, digits, '_', '-', '.'")
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(v)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError("unknown time zone (use an IANA name such as UTC or Atlantic/Canary)") from None
+        return v
+
+    @field_validator("completion")
+    @classmethod
+    def _completion(cls, v: list[Completion]) -> list[Completion]:
+        if not v:
+            raise ValueError("at least one completion policy is needed")
+        return list(dict.fromkeys(v))
+
+    @model_validator(mode="after")
+    def _watermarks(self) -> "RuleSettings":
+        if self.watermark_warn_percent > self.watermark_critical_percent:
+            raise ValueError("watermark_warn_percent must not exceed watermark_critical_percent")
+        return self
+
+    @property
+    def tz(self) -> dt.tzinfo:
+        return zoneinfo.ZoneInfo(self.timezone)
+
+
+class Settings(BaseSettings):
+    """Everything the agent can be told. See conf/edge-agent.example.toml."""
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__",
+                                      extra="forbid", case_sensitive=False)
+
+    toml_path: ClassVar[Path | None] = None
+
+    state_dir: Path = Path("/var/lib/edge-agent")
+    dry_run: bool = Field(False, description="do everything but delete local files")
+    rescan_seconds: float = Field(60.0, gt=0, description="full rescan period; catches missed events")
+    tick_seconds: float = Field(0.5, gt=0, description="how often due work is looked for")
+    hash_workers: int = Field(2, ge=1, le=64)
+    transfer_workers: int = Field(4, ge=1, le=64)
+    chunk_mb: int = Field(8, ge=1, le=256)
+    bandwidth_mbps: float = Field(0.0, ge=0, description="transfer cap in MB/s; 0 = none")
+    windows: list[WindowSettings] = []
+    confirm_interval_seconds: float = Field(30.0, gt=0, description="re-check of unconfirmed copies")
+    retry: RetrySettings = RetrySettings()
+    status: StatusSettings = StatusSettings()
+    log: LogSettings = LogSettings()
+    lake: LakeSettings = LakeSettings()
+    destinations: dict[str, DestinationSettings] = {}
+    rules: dict[str, RuleSettings] = {}
+
+    @field_validator("state_dir")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        return v.absolute()
+
+    @field_validator("destinations", "rules")
+    @classmethod
+    def _keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for k in v:
+            if not _KEY_RE.match(k):
+                raise ValueError(f"name {k!r}: use lower-case letters, digits, '_' and '-' "
+                                 "(names are matched case-insensitively in environment variables)")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Settings":
+        if not self.rules:
+            raise ValueError("no [rules.NAME] table: nothing to watch")
+        problems: list[str] = []
+        for name, rule in self.rules.items():
+            for d in rule.destinations:
+                if d not in self.destinations:
+                    problems.append(f"rules.{name}.destinations: {d!r} is not a [destinations.*] table "
+                                    f"(known: {sorted(self.destinations)})")
+            if self.lake.kind == "local" and rule.copies > len(set(rule.destinations)):
+                problems.append(f"rules.{name}.copies = {rule.copies}: the local lake makes one copy per "
+                                f"destination and the rule has {len(set(rule.destinations))}")
+            for dname, dest in self.destinations.items():
+                if _overlaps(rule.directory, dest.path):
+                    problems.append(f"destinations.{dname}.path = {dest.path}: overlaps rules.{name}.directory "
+                                    f"{rule.directory}; the agent would upload its own copies")
+            if _overlaps(rule.directory, self.state_dir):
+                problems.append(f"state_dir = {self.state_dir}: overlaps rules.{name}.directory")
+        names = list(self.rules.items())
+        for i, (a, ra) in enumerate(names):
+            for b, rb in names[i + 1:]:
+                if _overlaps(ra.directory, rb.directory):
+                    problems.append(f"rules.{b}.directory = {rb.directory}: overlaps rules.{a}.directory "
+                                    f"{ra.directory}; a file must belong to one rule")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings],
+                                   init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = getattr(settings_cls, "toml_path", None)
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+    # -- derived paths
+    @property
+    def ledger_path(self) -> Path:
+        return self.state_dir / "ledger.sqlite"
+
+    @property
+    def lake_catalog_path(self) -> Path:
+        return self.lake.catalog or self.state_dir / "lake-catalog.sqlite"
+
+    def windows_policy(self) -> list[policy.Window]:
+        return [policy.Window(w.start, w.end, w.bandwidth_mbps) for w in self.windows]
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    a, b = Path(os.path.normpath(a)), Path(os.path.normpath(b))
+    return a == b or a in b.parents or b in a.parents
+
+
+def load_settings(path: str | os.PathLike[str] | None, **overrides: Any) -> Settings:
+    """Read the TOML file (if any), apply EDGE_AGENT_* variables, validate. Raises ConfigError."""
+    toml_file: Path | None = None
+    if path is not None:
+        toml_file = Path(path)
+        if not toml_file.is_file():
+            raise ConfigError(f"config file {toml_file}: not found or not a regular file")
+        try:
+            with toml_file.open("rb") as fh:
+                tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {toml_file}: not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {toml_file}: cannot be read: {exc.strerror}") from None
+    cls = type("FileSettings", (Settings,), {"toml_path": toml_file})
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, toml_file)) from None
+
+
+def format_validation_error(exc: ValidationError, source: Path | None) -> str:
+    where = f"config file {source}" if source else "settings"
+    lines = [f"{where}: {exc.error_count()} problem(s):"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (a typo?)")
+        elif err["type"] == "missing":
+            lines.append(f"  {key}: required but missing")
+        elif key == "(top level)":
+            lines.append(f"  {msg}")
+        else:
+            lines.append(f"  {key} = {_show(err.get('input'))}: {msg}")
+    return "\n".join(lines)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def masked_dump(settings: Settings) -> dict[str, Any]:
+    """The effective settings as plain data, secrets replaced by '***'."""
+    def walk(v: Any) -> Any:
+        if isinstance(v, SecretStr):
+            return "***" if v.get_secret_value() else ""
+        if isinstance(v, BaseModel):
+            return {k: walk(getattr(v, k)) for k in type(v).model_fields}
+        if isinstance(v, dict):
+            return {k: walk(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [walk(x) for x in v]
+        if isinstance(v, enum.Enum):
+            return v.value
+        if isinstance(v, (Path, dt.time)):
+            return str(v)
+        return v
+    return walk(settings)

@@ -1,0 +1,1 @@
+"""Telling operators what is going on: health, JSON status, Prometheus metrics."""

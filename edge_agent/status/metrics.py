@@ -1,0 +1,81 @@
+"""Prometheus metrics, collected at scrape time from the ledger and the runner's gauges."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from .. import __version__
+from .report import STATE_ORDER
+
+if TYPE_CHECKING:
+    from ..runner import Runner
+
+
+class _Collector:
+    def __init__(self, runner: "Runner") -> None:
+        self.r = runner
+
+    def collect(self) -> Iterator[Metric]:
+        r = self.r
+        now = time.time()
+        files = GaugeMetricFamily("edge_agent_files", "Files per rule and lifecycle state", labels=["rule", "state"])
+        nbytes = GaugeMetricFamily("edge_agent_file_bytes", "Bytes of files per rule and state",
+                                   labels=["rule", "state"])
+        seen: dict[tuple[str, str], tuple[int, int]] = {(rule, s): (0, 0) for rule in r.s.rules for s in STATE_ORDER}
+        for rule, state, n, b in r.ledger.counts():
+            seen[(rule, state)] = (n, b)
+        for (rule, state), (n, b) in sorted(seen.items()):
+            files.add_metric([rule, state], n)
+            nbytes.add_metric([rule, state], b)
+        yield files
+        yield nbytes
+        sent = CounterMetricFamily("edge_agent_sent_bytes", "Bytes streamed to destinations",
+                                   labels=["rule", "destination"])
+        for (rule, loc), n in sorted(r.counters.sent_by_location.items()):
+            sent.add_metric([rule, loc], n)
+        yield sent
+        hashed = CounterMetricFamily("edge_agent_hashed_bytes", "Bytes read for hashing", labels=["rule"])
+        for rule, rate in r.counters.hashed.items():
+            hashed.add_metric([rule], rate.total)
+        yield hashed
+        trans = CounterMetricFamily("edge_agent_transitions", "Lifecycle transitions since start",
+                                    labels=["rule", "to_state"])
+        for (rule, state), n in sorted(r.counters.transitions.items()):
+            trans.add_metric([rule, state], n)
+        yield trans
+        oldest = r.ledger.oldest_unconfirmed()
+        yield GaugeMetricFamily("edge_agent_oldest_unconfirmed_age_seconds",
+                                "Age of the oldest file not yet confirmed in the lake",
+                                value=0 if oldest is None else now - oldest.first_seen)
+        yield GaugeMetricFamily("edge_agent_lake_up", "1 if the lake answered its last health check",
+                                value=0 if r.lake_problem else 1)
+        used = GaugeMetricFamily("edge_agent_buffer_used_ratio", "Used fraction of the buffer filesystem",
+                                 labels=["rule"])
+        ttf = GaugeMetricFamily("edge_agent_buffer_seconds_to_full",
+                                "Forecast seconds until the buffer is full (-1: not filling)", labels=["rule"])
+        for rule, d in r.disks.items():
+            if d.last:
+                used.add_metric([rule], d.last.used_fraction)
+                ttf.add_metric([rule], -1 if d.last.seconds_to_full is None else d.last.seconds_to_full)
+        yield used
+        yield ttf
+        yield GaugeMetricFamily("edge_agent_notices", "Entries in watched trees the agent will not handle",
+                                value=len(r.ledger.notices(10_000)))
+        yield GaugeMetricFamily("edge_agent_steps_in_flight", "Steps running now", value=len(r.in_flight))
+        info = GaugeMetricFamily("edge_agent_info", "Build information", labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+
+
+def registry_for(runner: "Runner") -> CollectorRegistry:
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(_Collector(runner))  # type: ignore[arg-type]
+    return reg
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)

@@ -1,0 +1,96 @@
+"""The status document: what /status serves and `edge-agent status` prints.
+
+Built from the ledger (which survives restarts) plus the runner's in-memory gauges.
+`from_ledger` builds the part that needs no running daemon, so `edge-agent status`
+can still answer at 3 a.m. when the daemon is down.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from .. import __version__
+from ..core.lifecycle import State
+from ..ledger import Ledger
+from ..settings import Settings
+
+if TYPE_CHECKING:
+    from ..runner import Runner
+
+STATE_ORDER = [s.value for s in (State.DISCOVERED, State.COMPLETE, State.HASHED, State.REGISTERED,
+                                 State.TRANSFERRED, State.CONFIRMED, State.DELETED, State.RETRY_WAIT,
+                                 State.QUARANTINED, State.SUPERSEDED)]
+HEALTH_STALL_S = 60.0
+
+
+def from_ledger(settings: Settings, ledger: Ledger, now: float | None = None) -> dict[str, Any]:
+    now = time.time() if now is None else now
+    rules: dict[str, Any] = {}
+    for name, rule in settings.rules.items():
+        rules[name] = {"directory": str(rule.directory), "copies": rule.copies,
+                       "destinations": rule.destinations, "delete": rule.delete.value,
+                       "states": {s: {"files": 0, "bytes": 0} for s in STATE_ORDER}}
+    for rule, state, files, nbytes in ledger.counts():
+        if rule in rules:
+            rules[rule]["states"][state] = {"files": files, "bytes": nbytes}
+    oldest = ledger.oldest_unconfirmed()
+    return {
+        "version": __version__,
+        "generated_at": now,
+        "dry_run": settings.dry_run,
+        "rules": rules,
+        "oldest_unconfirmed": None if oldest is None else {
+            "file_id": oldest.id, "rule": oldest.rule, "path": oldest.relpath, "state": oldest.state.value,
+            "age_s": round(now - oldest.first_seen, 1), "reason": oldest.reason},
+        "recent_errors": ledger.recent_errors(20),
+        "notices": ledger.notices(50),
+    }
+
+
+def readiness(runner: "Runner", now: float) -> list[str]:
+    """Why the agent cannot make progress right now (empty: ready)."""
+    why = []
+    if runner.lake_problem:
+        why.append(f"lake: {runner.lake_problem}")
+    if runner.last_tick and now - runner.last_tick > HEALTH_STALL_S:
+        why.append(f"main loop stalled for {now - runner.last_tick:.0f}s")
+    for rule, problem in runner.watch_problems.items():
+        why.append(f"rules.{rule}: {problem}")
+    for rule, d in runner.disks.items():
+        if d.last and d.last.level == "critical":
+            why.append(f"rules.{rule}: buffer disk {100 * d.last.used_fraction:.1f}% full (critical)")
+    return why
+
+
+def full(runner: "Runner") -> dict[str, Any]:
+    now = time.time()
+    doc = from_ledger(runner.s, runner.ledger, now)
+    rate = runner.throttle.rate()
+    doc["agent"] = {"pid": os.getpid(), "started_at": runner.started_at,
+                    "uptime_s": round(now - runner.started_at, 1),
+                    "last_tick_age_s": round(now - runner.last_tick, 2) if runner.last_tick else None,
+                    "in_flight": len(runner.in_flight),
+                    "bandwidth_cap_bytes_per_s": None if math.isinf(rate) else rate}
+    why = readiness(runner, now)
+    doc["ready"] = not why
+    doc["not_ready_because"] = why
+    doc["lake"] = {"kind": runner.s.lake.kind, "problem": runner.lake_problem}
+    for name, r in doc["rules"].items():
+        r["throughput"] = {
+            "sent_bytes_per_s_1m": round(runner.counters.sent[name].per_second(60)),
+            "sent_bytes_per_s_5m": round(runner.counters.sent[name].per_second(300)),
+            "hashed_bytes_per_s_1m": round(runner.counters.hashed[name].per_second(60)),
+        }
+        d = runner.disks[name].last
+        r["disk"] = None if d is None else {
+            "path": d.path, "total_bytes": d.total, "used_bytes": d.used, "free_bytes": d.free,
+            "used_percent": round(100 * d.used_fraction, 2), "level": d.level,
+            "warn_percent": runner.s.rules[name].watermark_warn_percent,
+            "critical_percent": runner.s.rules[name].watermark_critical_percent,
+            "fill_rate_bytes_per_s": None if d.fill_rate_bps is None else round(d.fill_rate_bps),
+            "hours_to_full": None if d.seconds_to_full is None else round(d.seconds_to_full / 3600, 2)}
+        r["watch_problem"] = runner.watch_problems.get(name)
+    return doc

@@ -1,0 +1,105 @@
+"""The status HTTP server: read-only, loopback by default.
+
+    /healthz  200 while the main loop ticks (the process is alive and not wedged)
+    /readyz   200 when the lake is reachable and nothing blocks progress; 503 with why
+    /status   JSON: files and bytes per state per rule, oldest unconfirmed, throughput,
+              recent errors, buffer disk against watermarks
+    /metrics  Prometheus text
+Only GET and HEAD are answered; everything else is 405.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from . import metrics, report
+
+if TYPE_CHECKING:
+    from ..runner import Runner
+
+log = structlog.get_logger("edge_agent.status")
+
+
+class StatusServer:
+    def __init__(self, runner: "Runner", host: str, port: int) -> None:
+        self.runner = runner
+        self.registry = metrics.registry_for(runner)
+        handler = _make_handler(self)
+        self.httpd = ThreadingHTTPServer((host, port), handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="status", daemon=True)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.httpd.server_address[:2]
+        return str(host), int(port)
+
+    def start(self) -> None:
+        self.thread.start()
+        log.info("status server listening", url=f"http://{self.address[0]}:{self.address[1]}/status")
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _make_handler(server: StatusServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "edge-agent"
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+            pass  # requests are not worth a log line each
+
+        def _send(self, code: int, body: bytes, ctype: str) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def _json(self, code: int, doc: Any) -> None:
+            self._send(code, json.dumps(doc, indent=2, default=str).encode() + b"\n", "application/json")
+
+        def do_GET(self) -> None:  # noqa: N802 - stdlib name
+            path = self.path.split("?", 1)[0].rstrip("/") or "/"
+            r = server.runner
+            try:
+                if path == "/healthz":
+                    age = time.time() - r.last_tick if r.last_tick else 0.0
+                    ok = age < report.HEALTH_STALL_S
+                    self._json(200 if ok else 503, {"ok": ok, "last_tick_age_s": round(age, 2)})
+                elif path == "/readyz":
+                    why = report.readiness(r, time.time())
+                    self._json(503 if why else 200, {"ready": not why, "not_ready_because": why})
+                elif path == "/status":
+                    self._json(200, report.full(r))
+                elif path == "/metrics":
+                    self._send(200, metrics.render(server.registry), CONTENT_TYPE_LATEST)
+                elif path == "/":
+                    self._json(200, {"endpoints": ["/healthz", "/readyz", "/status", "/metrics"]})
+                else:
+                    self._json(404, {"error": "not found"})
+            except Exception as exc:  # noqa: BLE001 - a status page must not take the agent down
+                log.error("status request failed", path=path, exc_info=True)
+                self._json(500, {"error": f"{type(exc).__name__}: {exc}"})
+
+        do_HEAD = do_GET  # noqa: N815
+
+        def _refuse(self) -> None:
+            self.send_response(405)
+            self.send_header("Allow", "GET, HEAD")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_POST = do_PUT = do_DELETE = do_PATCH = _refuse  # noqa: N815
+
+    return Handler

@@ -1,0 +1,1 @@
+"""The storage side: moving bytes to a destination URL, behind one small interface."""

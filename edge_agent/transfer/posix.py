@@ -1,0 +1,142 @@
+"""Copies to a directory: a local disk or a mounted lake filesystem.
+
+A copy is streamed (hashed in the same pass) into an agent-temporary name beside its
+final name, fsync'd, checked against the recorded hashes, renamed into place and the
+directory fsync'd. A crash leaves at most the temporary file, which the next attempt
+overwrites; a reader never sees a partial copy under the final name.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from urllib.parse import unquote, urlparse
+
+from ..errors import FileChanged, FileVanished, PermanentError, RetryableError
+from ..hashing import CHUNK, Digests, MultiHash, adler32_of, read_chunks
+from ..localfs import AGENT_MARK, fsync_dir
+from .base import Expected, Pacer, RemoteStat, Transport
+
+XATTR = "user.edge_agent.adler32"
+# Disk full, quota, I/O trouble, a stale NFS handle: the storage may recover.
+_RETRYABLE = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ESTALE, errno.EAGAIN, errno.ETIMEDOUT,
+              errno.EBUSY, errno.ENOTCONN, errno.EHOSTDOWN}
+
+
+def url_to_path(url: str) -> str:
+    if url.startswith("file://"):
+        return unquote(urlparse(url).path)
+    return url
+
+
+def temp_name(final: str) -> str:
+    d, base = os.path.split(final)
+    return os.path.join(d, "." + base + AGENT_MARK.decode() + "part")
+
+
+def _storage_error(exc: OSError, what: str) -> Exception:
+    msg = f"{what}: {exc.strerror or exc}"
+    if exc.errno in _RETRYABLE:
+        return RetryableError(msg)
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return PermanentError(msg)
+    return RetryableError(msg)
+
+
+class PosixTransport(Transport):
+    scheme = "file"
+
+    def __init__(self, fsync: bool = True, chunk_size: int = CHUNK) -> None:
+        self.fsync = fsync
+        self.chunk_size = chunk_size
+
+    def put(self, source: str, url: str, expected: Expected, pace: Pacer) -> Digests:
+        final = url_to_path(url)
+        # read back whatever is there: a recorded checksum could hide a copy that rotted
+        have = self.stat(url, verify="reread")
+        if have is not None and have.size == expected.size and have.adler32 == expected.adler32:
+            return Digests(expected.size, expected.blake3, expected.adler32, expected.md5)
+        tmp = temp_name(final)
+        try:
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+        except OSError as exc:
+            raise _storage_error(exc, f"cannot create {os.path.dirname(final)}") from None
+        try:
+            src = open(source, "rb", buffering=0)
+        except FileNotFoundError:
+            raise FileVanished(f"{source} is gone") from None
+        except PermissionError as exc:
+            raise PermanentError(f"cannot read {source}: {exc.strerror}") from None
+        h = MultiHash(md5=expected.md5 is not None)
+        try:
+            with src, open(tmp, "wb") as dst:
+                for chunk in read_chunks(src, self.chunk_size):
+                    pace(len(chunk))
+                    h.update(chunk)
+                    dst.write(chunk)
+                dst.flush()
+                if self.fsync:
+                    os.fsync(dst.fileno())
+            got = h.digests()
+            if (got.size, got.blake3) != (expected.size, expected.blake3):
+                raise FileChanged(f"{source} changed since it was hashed: size {got.size} "
+                                  f"(recorded {expected.size}), blake3 {got.blake3[:16]}…")
+            self._record(tmp, got)
+            os.replace(tmp, final)
+            if self.fsync:
+                fsync_dir(os.path.dirname(final))
+            return got
+        except OSError as exc:
+            raise _storage_error(exc, f"copy to {final} failed") from None
+        finally:
+            if os.path.lexists(tmp):
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+
+    def stat(self, url: str, verify: str = "reread") -> RemoteStat | None:
+        path = url_to_path(url)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _storage_error(exc, f"cannot stat {path}") from None
+        if verify == "recorded":
+            rec = self._recorded(path, st)
+            if rec is not None:
+                return RemoteStat(st.st_size, rec)
+        try:
+            size, adler = adler32_of(path, self.chunk_size)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _storage_error(exc, f"cannot read back {path}") from None
+        return RemoteStat(size, adler)
+
+    def delete(self, url: str) -> None:
+        path = url_to_path(url)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise _storage_error(exc, f"cannot delete {path}") from None
+
+    # The checksum recorded with a copy is only trusted while size and mtime are unchanged.
+    def _record(self, path: str, d: Digests) -> None:
+        try:
+            st = os.stat(path)
+            os.setxattr(path, XATTR, f"{d.adler32}:{d.size}:{st.st_mtime_ns}".encode())
+        except OSError:
+            pass  # no xattrs here: confirmation re-reads instead
+
+    def _recorded(self, path: str, st: os.stat_result) -> str | None:
+        try:
+            adler, size, mtime = os.getxattr(path, XATTR).decode().split(":")
+        except (OSError, ValueError):
+            return None
+        if int(size) == st.st_size and int(mtime) == st.st_mtime_ns:
+            return adler
+        return None

@@ -1,0 +1,1 @@
+"""Finding complete files: watchdog events, periodic rescans, completion policies."""

@@ -1,0 +1,101 @@
+"""watchdog (inotify on Linux) feeding a bounded set of paths to look at.
+
+Events are hints, never the truth: each dirty path is looked at again (lstat) before
+anything is decided, and when the set overflows it is dropped and a full rescan is
+asked for instead, so memory stays bounded whatever the DAQ does.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Callable
+
+from watchdog.events import (DirMovedEvent, FileClosedEvent, FileSystemEvent,
+                             FileSystemEventHandler, FileSystemMovedEvent)
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+
+
+class DirtyPaths:
+    def __init__(self, limit: int = 100_000) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._paths: dict[bytes, str] = {}     # path -> rule
+        self.overflowed = False
+        self.closed_at: dict[bytes, float] = {}  # last close-after-write, bounded like the set
+
+    def add(self, path: bytes, rule: str) -> None:
+        with self._lock:
+            if len(self._paths) >= self.limit:
+                self._paths.clear()
+                self.overflowed = True
+            self._paths[path] = rule
+
+    def closed(self, path: bytes, rule: str) -> None:
+        with self._lock:
+            if len(self.closed_at) >= self.limit:
+                self.closed_at.clear()
+            self.closed_at[path] = time.time()
+        self.add(path, rule)
+
+    def take(self) -> tuple[dict[bytes, str], bool]:
+        with self._lock:
+            paths, over = self._paths, self.overflowed
+            self._paths, self.overflowed = {}, False
+            return paths, over
+
+    def forget_closed(self, path: bytes) -> None:
+        with self._lock:
+            self.closed_at.pop(path, None)
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, rule: str, dirty: DirtyPaths, on_dir: Callable[[str], None]) -> None:
+        self.rule, self.dirty, self.on_dir = rule, dirty, on_dir
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type in ("opened", "closed_no_write"):
+            return
+        if isinstance(event, DirMovedEvent) or (event.is_directory and event.event_type in ("created", "moved")):
+            # a whole directory arrived or moved: its files produce no events of their own
+            self.on_dir(self.rule)
+            return
+        if event.is_directory:
+            return
+        src = os.fsencode(event.src_path)
+        if isinstance(event, FileClosedEvent):
+            self.dirty.closed(src, self.rule)
+            return
+        self.dirty.add(src, self.rule)
+        if isinstance(event, FileSystemMovedEvent) and event.dest_path:
+            self.dirty.add(os.fsencode(event.dest_path), self.rule)
+
+
+class Watcher:
+    """One observer for all rules; `rescan_wanted(rule)` is called when events cannot be trusted."""
+
+    def __init__(self, dirty: DirtyPaths, rescan_wanted: Callable[[str], None]) -> None:
+        self.dirty = dirty
+        self.rescan_wanted = rescan_wanted
+        self.observer: BaseObserver = Observer()
+        self.watching: dict[str, str] = {}
+
+    def watch(self, rule: str, directory: str, recursive: bool) -> str | None:
+        """Start watching; returns why not (the rescan still covers the directory)."""
+        try:
+            self.observer.schedule(_Handler(rule, self.dirty, self.rescan_wanted), directory,
+                                   recursive=recursive)
+        except OSError as exc:
+            return f"cannot watch {directory}: {exc}"
+        self.watching[rule] = directory
+        return None
+
+    def start(self) -> None:
+        self.observer.daemon = True
+        self.observer.start()
+
+    def stop(self) -> None:
+        self.observer.stop()
+        self.observer.join(timeout=5)

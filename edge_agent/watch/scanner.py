@@ -1,0 +1,82 @@
+"""A full walk of a rule's directory: what events may have missed (restart, overflow, NFS).
+
+Symlinks are never followed (neither to files nor into directories): they are reported.
+Paths are bytes throughout, so a name that is not valid UTF-8 is still handled.
+"""
+
+from __future__ import annotations
+
+import os
+import stat as stat_mod
+from dataclasses import dataclass
+from typing import Iterator
+
+
+@dataclass(frozen=True)
+class Entry:
+    path: bytes
+    relpath: str                 # for people and templates; undecodable bytes shown as \x escapes
+    st: os.stat_result | None    # lstat of a regular file; None when `problem` is set
+    problem: str | None = None   # why this entry is not a regular file we can take
+
+
+def relpath_of(root: bytes, path: bytes) -> str:
+    return os.path.relpath(path, root).decode("utf-8", "backslashreplace")
+
+
+def undecodable(relpath_bytes: bytes) -> bool:
+    try:
+        relpath_bytes.decode("utf-8")
+        return False
+    except UnicodeDecodeError:
+        return True
+
+
+def classify(root: bytes, path: bytes) -> Entry | None:
+    """lstat one path. None if it does not exist (or is a directory)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return Entry(path, relpath_of(root, path), None, f"cannot stat: {exc.strerror}")
+    rel = relpath_of(root, path)
+    if stat_mod.S_ISDIR(st.st_mode):
+        return None
+    if stat_mod.S_ISLNK(st.st_mode):
+        try:
+            target = os.readlink(path).decode("utf-8", "backslashreplace")
+        except OSError:
+            target = "?"
+        return Entry(path, rel, None, f"symlink to {target}: symlinks are never followed")
+    if not stat_mod.S_ISREG(st.st_mode):
+        return Entry(path, rel, None, "not a regular file (fifo, socket or device)")
+    return Entry(path, rel, st)
+
+
+def walk(root: bytes, recursive: bool) -> Iterator[Entry]:
+    """Every non-directory entry under root, depth first; unreadable directories are reported."""
+    stack = [root]
+    while stack:
+        d = stack.pop()
+        try:
+            it = os.scandir(d)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            yield Entry(d, relpath_of(root, d), None, f"directory cannot be listed: {exc.strerror}")
+            continue
+        with it:
+            for de in it:
+                p = de.path
+                try:
+                    is_dir = de.is_dir(follow_symlinks=False)
+                except OSError:
+                    is_dir = False
+                if is_dir:
+                    if recursive:
+                        stack.append(p)
+                    continue
+                e = classify(root, p)
+                if e is not None:
+                    yield e

@@ -1,0 +1,103 @@
+# Shared settings and helpers for the lake scripts (sourced, not run).
+# Everything here is about where things live and how to tell whether a
+# daemon that start.sh launched is still running.
+
+log() { printf '[lake %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+die() { printf '[lake] ERROR: %s\n' "$*" >&2; exit 1; }
+
+# Print the end of a log file to stderr (used before die, so CI shows why).
+show_log() {
+    local f="$1"
+    if [[ -s "$f" ]]; then
+        printf -- '----- last lines of %s -----\n' "$f" >&2
+        tail -n "${2:-30}" "$f" >&2
+        printf -- '----- end of %s -----\n' "$f" >&2
+    else
+        printf '(log %s is empty or missing)\n' "$f" >&2
+    fi
+}
+
+# set_state_dir DIR: resolve the state directory and every path derived from it.
+set_state_dir() {
+    STATE_DIR="$(realpath -m -- "${1:-$PWD/.lake}")"
+    # The path ends up in an SQLite URL, an XRootD config and lake.env: keep it plain.
+    [[ "$STATE_DIR" =~ ^[A-Za-z0-9_./+-]+$ ]] ||
+        die "state directory '$STATE_DIR' must contain only letters, digits and _ . / + -"
+    [[ "$STATE_DIR" != / ]] || die "refusing to use / as the state directory"
+    RUN_DIR="$STATE_DIR/run"        # pid files
+    LOG_DIR="$STATE_DIR/log"
+    DATA_DIR="$STATE_DIR/xrootd"    # oss.localroot: files are under $DATA_DIR/data/...
+    XROOTD_ADMIN="$STATE_DIR/xrootd-admin"
+    RUCIO_DIR="$STATE_DIR/rucio"
+    RUCIO_CFG="$RUCIO_DIR/rucio.cfg"
+    MARKER="$STATE_DIR/.edge-lake"  # proves to stop.sh --purge that this is ours
+    LAKE_ENV="$STATE_DIR/lake.env"
+    load_settings
+    VENV="${EDGE_LAKE_VENV:-$STATE_DIR/venv}"
+}
+
+# load_settings: EDGE_LAKE_* from the environment, else from the lake.env of an
+# earlier start (so rucio-up.sh / stop.sh find a lake started with other ports),
+# else the defaults. Ports are all on 127.0.0.1.
+load_settings() {
+    local line key value
+    if [[ -f "$STATE_DIR/lake.env" ]]; then
+        while IFS= read -r line; do
+            [[ "$line" =~ ^(EDGE_LAKE_[A-Z0-9_]+)=\"([^\"]*)\"$ ]] || continue
+            key="${BASH_REMATCH[1]}" value="${BASH_REMATCH[2]}"
+            [[ -n "${!key+set}" ]] || export "$key=$value"
+        done <"$STATE_DIR/lake.env"
+    fi
+    RUCIO_PORT="${EDGE_LAKE_RUCIO_PORT:-18000}"
+    XROOTD_PORT="${EDGE_LAKE_XROOTD_PORT:-11094}"
+    XROOTD_HTTP_PORT="${EDGE_LAKE_XROOTD_HTTP_PORT:-18080}"
+    # Not 11211: a system-wide memcached may sit there, and Rucio servers must never
+    # share one (cache keys are not namespaced per database).
+    MEMCACHED_PORT="${EDGE_LAKE_MEMCACHED_PORT:-21211}"
+    RUCIO_ACCOUNT=root
+    RUCIO_USERNAME="${EDGE_LAKE_RUCIO_USERNAME:-ddmlab}"
+    RUCIO_PASSWORD="${EDGE_LAKE_RUCIO_PASSWORD:-secret}"
+    SCOPE="${EDGE_LAKE_SCOPE:-test}"
+    BUF_RSE=EDGE_BUF
+    LAKE_RSES="EDGE_LAKE1 EDGE_LAKE2"
+    RUCIO_VERSION=41.5.1
+    GUNICORN_VERSION=27.0.1
+}
+
+# pid_alive PIDFILE WORD: true if the pid file names a live (not zombie) process
+# whose command line contains WORD (guards against a recycled pid).
+pid_alive() {
+    local pidfile="$1" word="$2" pid state
+    [[ -s "$pidfile" ]] || return 1
+    pid="$(tr -dc 0-9 <"$pidfile")"
+    [[ -n "$pid" && -r "/proc/$pid/stat" ]] || return 1
+    state="$(sed -E 's/^.*\) ([A-Za-z]).*$/\1/' "/proc/$pid/stat" 2>/dev/null)" || return 1
+    [[ "$state" != Z && "$state" != X ]] || return 1
+    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$word"
+}
+
+# port_open PORT: something accepts TCP connections on 127.0.0.1:PORT.
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# stop_pid NAME PIDFILE WORD: SIGTERM, wait up to 15 s, then SIGKILL.
+stop_pid() {
+    local name="$1" pidfile="$2" word="$3" pid i
+    if ! pid_alive "$pidfile" "$word"; then
+        log "$name: not running"
+        rm -f -- "$pidfile"
+        return 0
+    fi
+    pid="$(tr -dc 0-9 <"$pidfile")"
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < 150; i++)); do
+        pid_alive "$pidfile" "$word" || break
+        sleep 0.1
+    done
+    if pid_alive "$pidfile" "$word"; then
+        log "$name: still alive after 15 s, sending SIGKILL"
+        kill -KILL "$pid" 2>/dev/null || true
+        sleep 0.5
+    fi
+    rm -f -- "$pidfile"
+    log "$name: stopped (pid $pid)"
+}

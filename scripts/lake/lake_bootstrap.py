@@ -1,0 +1,180 @@
+"""Bootstrap helpers for scripts/lake/start.sh (run with the lake venv's python).
+
+  lake_bootstrap.py db DB_FILE   create the Rucio schema and the root account
+                                 (needs RUCIO_CONFIG); no-op if already done
+  lake_bootstrap.py catalogue    create scope, RSEs, protocols, attributes and
+                                 limits through the REST API; settings come
+                                 from the EDGE_LAKE_* environment variables
+
+Both are idempotent: running them on an existing lake changes nothing.
+"""
+
+import json
+import os
+import sqlite3
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+
+
+def bootstrap_db(db_file):
+    """Build the schema unless the database already holds the root account.
+
+    A database without it is a half-finished earlier attempt: start again.
+    """
+    if os.path.exists(db_file):
+        try:
+            with sqlite3.connect(db_file) as con:
+                if con.execute("SELECT 1 FROM accounts WHERE account = 'root'").fetchone():
+                    print("database: already bootstrapped")
+                    return
+        except sqlite3.DatabaseError:
+            pass
+        print("database: incomplete, rebuilding")
+        os.remove(db_file)
+
+    from rucio.db.sqla.util import build_database, create_base_vo, create_root_account
+
+    build_database()
+    create_base_vo()
+    create_root_account()
+    print("database: schema and root account created")
+
+
+class Api:
+    """Minimal Rucio REST client: token auth, JSON bodies, 409 counted as done."""
+
+    def __init__(self, url, account, username, password):
+        self.url = url.rstrip("/")
+        req = urllib.request.Request(
+            self.url + "/auth/userpass",
+            headers={
+                "X-Rucio-Account": account,
+                "X-Rucio-Username": username,
+                "X-Rucio-Password": password,
+            },
+        )
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            self.token = resp.headers["X-Rucio-Auth-Token"]
+
+    def call(self, method, path, body=None, ok_codes=(409,)):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(
+            self.url + path,
+            data=data,
+            method=method,
+            headers={"X-Rucio-Auth-Token": self.token, "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=120) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as err:
+            text = err.read().decode(errors="replace")
+            if err.code in ok_codes:  # e.g. 409 Duplicate: it is already there
+                return err.code, text
+            raise SystemExit(f"{method} {path} -> HTTP {err.code}: {text}") from None
+
+
+def protocol(scheme, port, prefix, impl, priority):
+    """One RSE protocol: lan + wan read/write/delete, wan third-party copy.
+
+    root:// gets priority 1 so that Rucio's own tools (reaper deletions,
+    `rucio upload`) use it; http is 2 and is chosen explicitly by clients
+    (lfns2pfns ?scheme=http).
+    """
+    p = priority
+    return {
+        "scheme": scheme,
+        "hostname": "127.0.0.1",
+        "port": port,
+        "prefix": prefix,
+        "impl": impl,
+        "domains": {
+            "lan": {"read": p, "write": p, "delete": p},
+            "wan": {
+                "read": p,
+                "write": p,
+                "delete": p,
+                "third_party_copy_read": p,
+                "third_party_copy_write": p,
+            },
+        },
+    }
+
+
+def same_protocol(have, want):
+    keys = ("hostname", "port", "prefix", "impl")
+    if any(str(have.get(k)) != str(want[k]) for k in keys):
+        return False
+    for domain, ops in want["domains"].items():
+        for op, prio in ops.items():
+            if (have.get("domains") or {}).get(domain, {}).get(op) != prio:
+                return False
+    return True
+
+
+def bootstrap_catalogue():
+    env = os.environ
+    api = Api(
+        env["EDGE_LAKE_RUCIO_URL"],
+        env["EDGE_LAKE_RUCIO_ACCOUNT"],
+        env["EDGE_LAKE_RUCIO_USERNAME"],
+        env["EDGE_LAKE_RUCIO_PASSWORD"],
+    )
+    account = env["EDGE_LAKE_RUCIO_ACCOUNT"]
+    scope = env["EDGE_LAKE_SCOPE"]
+    buf = env["EDGE_LAKE_BUF_RSE"]
+    lakes = env["EDGE_LAKE_LAKE_RSES"].split()
+    root_port = int(env["EDGE_LAKE_XROOTD_PORT"])
+    http_port = int(env["EDGE_LAKE_XROOTD_HTTP_PORT"])
+    q = urllib.parse.quote
+
+    api.call("POST", f"/scopes/{q(account)}/{q(scope)}")
+
+    for rse in [buf] + lakes:
+        # BUF is non-deterministic: the agent registers files where the telescope
+        # wrote them (register in place). The lakes use Rucio's hash lfn2pfn.
+        body = {"deterministic": False} if rse == buf else None
+        api.call("POST", f"/rses/{q(rse)}", body)
+
+        # Directory under /data: EDGE_BUF -> buf, EDGE_LAKE1 -> lake1.
+        sub = rse.split("_", 1)[-1].lower()
+        wanted = [
+            # root:// prefixes need the leading '//': XRootD 5.5.3 rejects the
+            # relative path that Rucio builds from '/data/...'.
+            protocol("root", root_port, f"//data/{sub}/", "rucio.rse.protocols.xrootd.Default", 1),
+            protocol("http", http_port, f"/data/{sub}/", "rucio.rse.protocols.webdav.Default", 2),
+        ]
+        # A new RSE answers 404 RSEProtocolNotSupported: no protocols yet.
+        status, text = api.call("GET", f"/rses/{q(rse)}/protocols", ok_codes=(404,))
+        found = json.loads(text) if status == 200 else []  # a list of protocols
+        have = {p["scheme"]: p for p in found}
+        for want in wanted:
+            old = have.get(want["scheme"])
+            if old is not None and same_protocol(old, want):
+                continue
+            if old is not None:  # ports or prefix changed since the last start
+                print(f"catalogue: {rse} {want['scheme']} protocol changed, re-registering")
+                api.call("DELETE", f"/rses/{q(rse)}/protocols/{want['scheme']}")
+            api.call("POST", f"/rses/{q(rse)}/protocols/{want['scheme']}", want)
+
+        attr = "buffer" if rse == buf else "lake"
+        api.call("POST", f"/rses/{q(rse)}/attr/{attr}", {"value": True})
+        # Without a limit every rule is refused (InsufficientAccountLimit), root too.
+        api.call("POST", f"/accounts/{q(account)}/limits/local/{q(rse)}", {"bytes": -1})
+
+    print(f"catalogue: scope {scope}, RSEs {buf} {' '.join(lakes)} ready")
+
+
+def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "db":
+        bootstrap_db(sys.argv[2])
+    elif len(sys.argv) == 2 and sys.argv[1] == "catalogue":
+        bootstrap_catalogue()
+    else:
+        raise SystemExit(__doc__)
+
+
+if __name__ == "__main__":
+    main()

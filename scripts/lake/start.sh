@@ -1,0 +1,375 @@
+#!/usr/bin/env bash
+# Start a real data lake on 127.0.0.1: XRootD storage (root:// + HTTP), a
+# memcached and a Rucio server (SQLite, gunicorn), then bootstrap the catalogue.
+#
+# Usage: start.sh [--only-rucio] [STATE_DIR]      (STATE_DIR defaults to $PWD/.lake)
+#   --only-rucio   (re)start only memcached + the Rucio server on an existing
+#                  state (the "lake outage" test's way back; see rucio-up.sh)
+#
+# Idempotent: what already runs is left alone, what is already installed or
+# registered is kept. Settings: see README.md (EDGE_LAKE_* variables).
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=scripts/lake/common.sh
+. "$HERE/common.sh"
+
+ONLY_RUCIO=0
+POSITIONAL=()
+for arg in "$@"; do
+    case "$arg" in
+        --only-rucio) ONLY_RUCIO=1 ;;
+        -h | --help) sed -n '2,10p' "$0"; exit 0 ;;
+        -*) die "unknown option $arg (see --help)" ;;
+        *) POSITIONAL+=("$arg") ;;
+    esac
+done
+((${#POSITIONAL[@]} <= 1)) || die "at most one STATE_DIR argument"
+set_state_dir "${POSITIONAL[0]:-}"
+
+T0=$EPOCHREALTIME
+elapsed() { awk -v a="$T0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }'; }
+PY="${EDGE_LAKE_PYTHON:-/usr/bin/python3}"
+AS_ROOT=0
+[[ $EUID -eq 0 ]] && AS_ROOT=1
+
+# wait_for SECONDS WHAT CMD...: poll CMD every 0.2 s until it succeeds.
+wait_for() {
+    local secs="$1" what="$2" i
+    shift 2
+    for ((i = 0; i < secs * 5; i++)); do
+        "$@" && return 0
+        sleep 0.2
+    done
+    return 1
+}
+
+# A daemon's config is copied to RUN_DIR when it starts; a running daemon whose
+# copy differs from the current config (other ports) gets restarted.
+config_differs() { ! cmp -s -- "$1" "$RUN_DIR/$(basename "$1").started"; }
+remember_config() { cp -f -- "$1" "$RUN_DIR/$(basename "$1").started"; }
+
+# ---------------------------------------------------------------- packages ---
+install_packages() {
+    local need=() p
+    for p in xrootd-server xrootd-client xrootd-server-plugins xrootd-plugins memcached curl; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || need+=("$p")
+    done
+    # Python with venv support is needed only to create the venv.
+    if [[ ! -x "$VENV/bin/python" ]] && ! "$PY" -c 'import ensurepip, venv' 2>/dev/null; then
+        [[ "$PY" == /usr/bin/python3 ]] || die "$PY cannot create a venv (EDGE_LAKE_PYTHON)"
+        need+=(python3 python3-venv)
+    fi
+    ((${#need[@]})) || return 0
+
+    ((AS_ROOT)) || die "missing Debian packages: ${need[*]} (run as root, or install them)"
+    log "apt: installing ${need[*]}"
+    # Keep the packages' postinst from starting a system-wide memcached on
+    # 11211: this lake runs its own, on its own port.
+    local made_policy=0 rc=0
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod 755 /usr/sbin/policy-rc.d
+        made_policy=1
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
+    {
+        DEBIAN_FRONTEND=noninteractive apt-get update -q &&
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}"
+    } </dev/null >"$LOG_DIR/apt.log" 2>&1 || rc=$?
+    if ((made_policy)); then
+        rm -f /usr/sbin/policy-rc.d
+        trap - EXIT
+    fi
+    ((rc == 0)) || { show_log "$LOG_DIR/apt.log"; die "apt-get install failed (rc $rc)"; }
+}
+
+venv_ready() {
+    [[ -x "$VENV/bin/python" ]] && "$VENV/bin/python" - <<EOF 2>/dev/null
+from importlib.metadata import version
+assert version("rucio") == "$RUCIO_VERSION" and version("gunicorn") == "$GUNICORN_VERSION"
+EOF
+}
+
+install_venv() {
+    if venv_ready; then
+        return 0
+    fi
+    if [[ ! -x "$VENV/bin/python" ]]; then
+        log "venv: creating $VENV"
+        "$PY" -m venv "$VENV" </dev/null >"$LOG_DIR/pip.log" 2>&1 ||
+            { show_log "$LOG_DIR/pip.log"; die "could not create the venv $VENV"; }
+    fi
+    # Rucio (server) does not pull gunicorn in; ~45 s from nothing.
+    log "venv: pip install rucio==$RUCIO_VERSION gunicorn==$GUNICORN_VERSION (about 45 s the first time)"
+    "$VENV/bin/python" -m pip install --disable-pip-version-check \
+        "rucio==$RUCIO_VERSION" "gunicorn==$GUNICORN_VERSION" </dev/null >>"$LOG_DIR/pip.log" 2>&1 ||
+        { show_log "$LOG_DIR/pip.log"; die "pip install into $VENV failed"; }
+    venv_ready || die "rucio/gunicorn still missing from $VENV after pip (see $LOG_DIR/pip.log)"
+}
+
+# -------------------------------------------------------------- directories ---
+prepare_dirs() {
+    mkdir -p "$RUN_DIR" "$LOG_DIR" "$RUCIO_DIR" "$XROOTD_ADMIN" \
+        "$DATA_DIR/data/buf" "$DATA_DIR/data/lake1" "$DATA_DIR/data/lake2"
+    touch "$MARKER"
+    if ((AS_ROOT)); then
+        # XRootD refuses to run as root: it runs as user xrootd, which must write
+        # the data, its admin dir, its log (it keeps a .lock there) and its pid file.
+        chown xrootd:xrootd "$RUN_DIR" "$LOG_DIR" "$XROOTD_ADMIN" "$DATA_DIR" "$DATA_DIR/data" \
+            "$DATA_DIR/data/buf" "$DATA_DIR/data/lake1" "$DATA_DIR/data/lake2"
+        runuser -u xrootd -- test -w "$DATA_DIR/data/lake1" -a -w "$XROOTD_ADMIN" ||
+            die "user xrootd cannot reach $STATE_DIR (a parent directory such as /root is not
+       world-searchable). Use a state directory elsewhere, e.g. start.sh /var/tmp/edge-lake"
+    fi
+}
+
+# ------------------------------------------------------------------- xrootd ---
+xrootd_ready() {
+    # HEAD first (cheap); xrdfs proves the root:// side. xrdfs sometimes lingers
+    # ~5 s on exit, hence the timeout.
+    curl -sf -o /dev/null -I "http://127.0.0.1:$XROOTD_HTTP_PORT/data/lake1/" &&
+        timeout 10 xrdfs "root://127.0.0.1:$XROOTD_PORT" ls /data >/dev/null 2>&1
+}
+
+start_xrootd() {
+    local cfg="$STATE_DIR/xrootd.cfg" pidfile="$RUN_DIR/xrootd.pid" logf="$LOG_DIR/xrootd.log"
+    cat >"$cfg" <<EOF
+# Written by scripts/lake/start.sh: loopback test storage for the edge-agent lake.
+all.export /data
+oss.localroot $DATA_DIR
+all.adminpath $XROOTD_ADMIN
+all.pidpath $XROOTD_ADMIN
+xrd.port $XROOTD_PORT
+xrd.protocol XrdHttp:$XROOTD_HTTP_PORT libXrdHttp.so
+http.listingdeny no
+xrootd.chksum max 4 adler32 md5 crc32c
+# XRootD cannot bind to one address (it listens on every interface), so it
+# refuses every connection that does not come from this host.
+xrd.allow host localhost
+xrd.network nodnr
+# No 'all.role server': that makes it wait for a cluster manager.
+EOF
+    chmod 644 "$cfg"
+    # Started earlier with other ports: restart it (0.1 s) rather than fail later.
+    if pid_alive "$pidfile" "$cfg" && config_differs "$cfg"; then
+        log "xrootd: configuration changed, restarting"
+        stop_pid xrootd "$pidfile" "$cfg"
+    fi
+    if pid_alive "$pidfile" "$cfg"; then
+        log "xrootd: already running (pid $(cat "$pidfile"))"
+    else
+        port_open "$XROOTD_PORT" && die "port $XROOTD_PORT is taken by another process (EDGE_LAKE_XROOTD_PORT)"
+        port_open "$XROOTD_HTTP_PORT" && die "port $XROOTD_HTTP_PORT is taken by another process (EDGE_LAKE_XROOTD_HTTP_PORT)"
+        local as=()
+        ((AS_ROOT)) && as=(-R xrootd)
+        # -b daemonizes; the parent exits only once the server is configured.
+        xrootd -b "${as[@]}" -l "$logf" -s "$pidfile" -c "$cfg" </dev/null >>"$LOG_DIR/xrootd.stdout" 2>&1 ||
+            { show_log "$logf"; show_log "$LOG_DIR/xrootd.stdout"; die "xrootd did not start"; }
+        remember_config "$cfg"
+        log "xrootd: started (pid $(cat "$pidfile" 2>/dev/null || echo ?))"
+    fi
+    wait_for 20 xrootd xrootd_ready ||
+        { show_log "$logf"; die "xrootd does not answer on root://127.0.0.1:$XROOTD_PORT and http://127.0.0.1:$XROOTD_HTTP_PORT"; }
+}
+
+# ---------------------------------------------------------------- memcached ---
+start_memcached() {
+    local pidfile="$RUN_DIR/memcached.pid"
+    if pid_alive "$pidfile" memcached && ! pid_alive "$pidfile" "-p $MEMCACHED_PORT "; then
+        log "memcached: port changed, restarting"
+        stop_pid memcached "$pidfile" memcached
+    fi
+    if pid_alive "$pidfile" memcached; then
+        log "memcached: already running (pid $(cat "$pidfile"))"
+    else
+        port_open "$MEMCACHED_PORT" && die "port $MEMCACHED_PORT is taken by another process (EDGE_LAKE_MEMCACHED_PORT)"
+        local as=()
+        ((AS_ROOT)) && as=(-u memcache)
+        # Foreground process in its own session: its pid is known exactly
+        # (memcached -d -P would need a pid directory writable by user memcache).
+        setsid memcached "${as[@]}" -l 127.0.0.1 -p "$MEMCACHED_PORT" -U 0 -m 256 \
+            </dev/null >>"$LOG_DIR/memcached.log" 2>&1 &
+        echo $! >"$pidfile"
+        log "memcached: started (pid $!)"
+    fi
+    wait_for 10 memcached port_open "$MEMCACHED_PORT" ||
+        { show_log "$LOG_DIR/memcached.log"; die "memcached does not answer on 127.0.0.1:$MEMCACHED_PORT"; }
+    pid_alive "$pidfile" memcached || die "memcached pid $(cat "$pidfile") is not the process on port $MEMCACHED_PORT"
+}
+
+# -------------------------------------------------------------------- rucio ---
+write_rucio_config() {
+    local site
+    site="$("$VENV/bin/python" -c 'import os, rucio; print(os.path.dirname(rucio.__file__))')"
+    cat >"$RUCIO_DIR/alembic.ini" <<EOF
+[alembic]
+script_location = $site/db/sqla/migrate_repo
+sqlalchemy.url = sqlite:///$RUCIO_DIR/rucio.db
+
+# Rucio's migrate_repo/env.py loads logging from this file: the sections must exist.
+[loggers]
+keys = root
+
+[handlers]
+keys = console
+
+[formatters]
+keys = generic
+
+[logger_root]
+level = WARN
+handlers = console
+
+[handler_console]
+class = StreamHandler
+args = (sys.stderr,)
+formatter = generic
+
+[formatter_generic]
+format = %(levelname)s [%(name)s] %(message)s
+EOF
+    cat >"$RUCIO_CFG" <<EOF
+# Written by scripts/lake/start.sh. No [policy] package: Rucio's generic
+# permissions and schema; lfn2pfn of deterministic RSEs is 'hash'.
+[common]
+logdir = $LOG_DIR
+loglevel = INFO
+
+[database]
+default = sqlite:///$RUCIO_DIR/rucio.db
+
+[alembic]
+cfg = $RUCIO_DIR/alembic.ini
+
+[bootstrap]
+# The plain password (used only when the database is created).
+userpass_identity = $RUCIO_USERNAME
+userpass_pwd = $RUCIO_PASSWORD
+userpass_email = root@localhost
+
+[cache]
+# Without a reachable memcached Rucio silently runs uncached (list_replicas ~10x slower).
+url = 127.0.0.1:$MEMCACHED_PORT
+EOF
+}
+
+bootstrap_db() {
+    : >"$LOG_DIR/bootstrap.log"  # this run's messages only
+    RUCIO_CONFIG="$RUCIO_CFG" "$VENV/bin/python" "$HERE/lake_bootstrap.py" db "$RUCIO_DIR/rucio.db" \
+        </dev/null >>"$LOG_DIR/bootstrap.log" 2>&1 ||
+        { show_log "$LOG_DIR/bootstrap.log"; die "Rucio database bootstrap failed"; }
+    tail -n 1 "$LOG_DIR/bootstrap.log" | sed 's/^/[lake] /'
+}
+
+rucio_ping() { curl -sf -m 5 -o /dev/null "http://127.0.0.1:$RUCIO_PORT/ping"; }
+
+start_rucio() {
+    local pidfile="$RUN_DIR/rucio.pid" logf="$LOG_DIR/rucio.log" i
+    if pid_alive "$pidfile" "$pidfile" &&
+        { config_differs "$RUCIO_CFG" || ! pid_alive "$pidfile" "127.0.0.1:$RUCIO_PORT "; }; then
+        log "rucio: configuration or port changed, restarting"
+        stop_pid rucio "$pidfile" "$pidfile"
+    fi
+    if pid_alive "$pidfile" "$pidfile"; then
+        log "rucio: already running (pid $(cat "$pidfile"))"
+    else
+        port_open "$RUCIO_PORT" && die "port $RUCIO_PORT is taken by another process (EDGE_LAKE_RUCIO_PORT)"
+        rm -f -- "$pidfile"
+        # One sync worker: SQLite gives 'database is locked' 500s with more.
+        # --timeout 300: uncached list_replicas can exceed the default 30 s.
+        # --no-control-socket: gunicorn 27 would share ~/.gunicorn/gunicorn.ctl.
+        RUCIO_CONFIG="$RUCIO_CFG" "$VENV/bin/gunicorn" -D -b "127.0.0.1:$RUCIO_PORT" -w 1 \
+            --timeout 300 --no-control-socket --pid "$pidfile" --chdir "$RUCIO_DIR" \
+            --error-logfile "$logf" --access-logfile "$LOG_DIR/rucio-access.log" \
+            rucio.web.rest.flaskapi.v1.main:application </dev/null >>"$logf" 2>&1 ||
+            { show_log "$logf"; die "gunicorn did not start"; }
+        remember_config "$RUCIO_CFG"
+    fi
+    # Fail fast if the master dies (bad config, import error) instead of waiting out the timeout.
+    for ((i = 0; i < 300; i++)); do
+        rucio_ping && break
+        if ((i > 15)) && ! pid_alive "$pidfile" "$pidfile"; then
+            show_log "$logf"
+            die "the Rucio server (gunicorn) exited"
+        fi
+        sleep 0.2
+    done
+    rucio_ping || { show_log "$logf"; die "Rucio does not answer http://127.0.0.1:$RUCIO_PORT/ping after 60 s"; }
+    log "rucio: answering on http://127.0.0.1:$RUCIO_PORT (pid $(cat "$pidfile"))"
+}
+
+bootstrap_catalogue() {
+    EDGE_LAKE_RUCIO_URL="http://127.0.0.1:$RUCIO_PORT" EDGE_LAKE_RUCIO_ACCOUNT="$RUCIO_ACCOUNT" \
+        EDGE_LAKE_RUCIO_USERNAME="$RUCIO_USERNAME" EDGE_LAKE_RUCIO_PASSWORD="$RUCIO_PASSWORD" \
+        EDGE_LAKE_SCOPE="$SCOPE" EDGE_LAKE_BUF_RSE="$BUF_RSE" EDGE_LAKE_LAKE_RSES="$LAKE_RSES" \
+        EDGE_LAKE_XROOTD_PORT="$XROOTD_PORT" EDGE_LAKE_XROOTD_HTTP_PORT="$XROOTD_HTTP_PORT" \
+        "$VENV/bin/python" "$HERE/lake_bootstrap.py" catalogue </dev/null >>"$LOG_DIR/bootstrap.log" 2>&1 ||
+        { show_log "$LOG_DIR/bootstrap.log" 10; die "catalogue bootstrap through the REST API failed"; }
+    tail -n 1 "$LOG_DIR/bootstrap.log" | sed 's/^/[lake] /'
+}
+
+# ------------------------------------------------------------------ lake.env ---
+write_lake_env() {
+    local tmp="$LAKE_ENV.tmp"
+    cat >"$tmp" <<EOF
+# Written by scripts/lake/start.sh: what a client needs to use this lake.
+# Shell: set -a; . $LAKE_ENV; set +a
+EDGE_LAKE_RUCIO_URL="http://127.0.0.1:$RUCIO_PORT"
+EDGE_LAKE_RUCIO_ACCOUNT="$RUCIO_ACCOUNT"
+EDGE_LAKE_RUCIO_USERNAME="$RUCIO_USERNAME"
+EDGE_LAKE_RUCIO_PASSWORD="$RUCIO_PASSWORD"
+EDGE_LAKE_SCOPE="$SCOPE"
+EDGE_LAKE_RSES="$BUF_RSE $LAKE_RSES"
+EDGE_LAKE_BUF_RSE="$BUF_RSE"
+EDGE_LAKE_LAKE_RSES="$LAKE_RSES"
+EDGE_LAKE_LAKE_RSE_EXPRESSION="lake=true"
+EDGE_LAKE_XROOTD_ROOT_URL="root://127.0.0.1:$XROOTD_PORT"
+EDGE_LAKE_XROOTD_HTTP_URL="http://127.0.0.1:$XROOTD_HTTP_PORT"
+EDGE_LAKE_DATA_DIR="$DATA_DIR"
+EDGE_LAKE_STATE_DIR="$STATE_DIR"
+EDGE_LAKE_VENV="$VENV"
+EDGE_LAKE_RUCIO_CONFIG="$RUCIO_CFG"
+EDGE_LAKE_RUCIO_PORT="$RUCIO_PORT"
+EDGE_LAKE_XROOTD_PORT="$XROOTD_PORT"
+EDGE_LAKE_XROOTD_HTTP_PORT="$XROOTD_HTTP_PORT"
+EDGE_LAKE_MEMCACHED_PORT="$MEMCACHED_PORT"
+EOF
+    mv -f "$tmp" "$LAKE_ENV"
+}
+
+# --------------------------------------------------------------------- main ---
+if ((ONLY_RUCIO)); then
+    [[ -f "$RUCIO_CFG" && -f "$RUCIO_DIR/rucio.db" ]] && venv_ready ||
+        die "no lake state in $STATE_DIR: run start.sh (without --only-rucio) first"
+    start_memcached
+    start_rucio
+    log "Rucio is back on http://127.0.0.1:$RUCIO_PORT ($(elapsed) s)"
+    exit 0
+fi
+
+mkdir -p "$LOG_DIR"
+log "state directory $STATE_DIR"
+install_packages
+prepare_dirs    # before pip: fail in seconds if user xrootd cannot reach STATE_DIR
+install_venv
+start_xrootd
+start_memcached
+write_rucio_config
+bootstrap_db
+start_rucio
+bootstrap_catalogue
+write_lake_env
+
+cat <<EOF
+[lake] ready in $(elapsed) s
+  Rucio      http://127.0.0.1:$RUCIO_PORT  account $RUCIO_ACCOUNT, userpass $RUCIO_USERNAME/$RUCIO_PASSWORD, scope $SCOPE
+             (SQLite $RUCIO_DIR/rucio.db, log $LOG_DIR/rucio.log)
+  XRootD     root://127.0.0.1:$XROOTD_PORT  http://127.0.0.1:$XROOTD_HTTP_PORT  exports /data = $DATA_DIR/data
+             (log $LOG_DIR/xrootd.log)
+  memcached  127.0.0.1:$MEMCACHED_PORT
+  RSEs       $BUF_RSE (buffer=true, non-deterministic, /data/buf)
+             ${LAKE_RSES// /, } (lake=true, deterministic, /data/lake1, /data/lake2)
+  client env $LAKE_ENV   (set -a; . $LAKE_ENV; set +a)
+  stop       $HERE/stop.sh $STATE_DIR [--purge]
+EOF
