@@ -1,4 +1,5 @@
-"""edge-agent's command line: parses, loads settings, wires the parts, nothing else."""
+"""edge-agent: moves complete DAQ files into the data lake and frees the buffer once the lake
+holds N verified copies. This is its command line: it parses, loads settings, wires the parts."""
 
 from __future__ import annotations
 
@@ -74,6 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:   # `edge-agent files | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 1
 
 

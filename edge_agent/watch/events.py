@@ -10,12 +10,17 @@ from __future__ import annotations
 import os
 import threading
 import time
+import warnings
 from typing import Callable
 
 from watchdog.events import (DirMovedEvent, FileClosedEvent, FileSystemEvent,
                              FileSystemEventHandler, FileSystemMovedEvent)
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
+
+# watchdog warns when a directory is re-added under a recursive watch (a new run directory
+# arriving); harmless for us, and it would otherwise land on stderr beside the JSON logs.
+warnings.filterwarnings("ignore", message="Callback with id", category=RuntimeWarning)
 
 
 class DirtyPaths:

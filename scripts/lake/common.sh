@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034  # the variables are used by the sourcing scripts
 # Shared settings and helpers for the lake scripts (sourced, not run).
 # Everything here is about where things live and how to tell whether a
 # daemon that start.sh launched is still running.
@@ -64,6 +65,14 @@ load_settings() {
     GUNICORN_VERSION=27.0.1
 }
 
+# lock_state: one start/stop at a time per state directory (e.g. parallel test
+# workers). The lock is fd 9; daemons are started with 9>&- so they don't keep it.
+lock_state() {
+    mkdir -p "$STATE_DIR"
+    exec 9>"$STATE_DIR/.lock"
+    flock -w 300 9 || die "another start.sh/stop.sh holds $STATE_DIR/.lock"
+}
+
 # pid_alive PIDFILE WORD: true if the pid file names a live (not zombie) process
 # whose command line contains WORD (guards against a recycled pid).
 pid_alive() {
@@ -78,6 +87,17 @@ pid_alive() {
 
 # port_open PORT: something accepts TCP connections on 127.0.0.1:PORT.
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# port_taken PORT: still in use after 5 s (a killed gunicorn master's worker
+# notices within a second or so and leaves; give it that time).
+port_taken() {
+    local i
+    for ((i = 0; i < 25; i++)); do
+        port_open "$1" || return 1
+        sleep 0.2
+    done
+    return 0
+}
 
 # stop_pid NAME PIDFILE WORD: SIGTERM, wait up to 15 s, then SIGKILL.
 stop_pid() {

@@ -11,7 +11,7 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-# shellcheck source=scripts/lake/common.sh
+# shellcheck source-path=SCRIPTDIR source=common.sh
 . "$HERE/common.sh"
 
 ONLY_RUCIO=0
@@ -28,15 +28,16 @@ done
 set_state_dir "${POSITIONAL[0]:-}"
 
 T0=$EPOCHREALTIME
+lock_state
 elapsed() { awk -v a="$T0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }'; }
 PY="${EDGE_LAKE_PYTHON:-/usr/bin/python3}"
 AS_ROOT=0
 [[ $EUID -eq 0 ]] && AS_ROOT=1
 
-# wait_for SECONDS WHAT CMD...: poll CMD every 0.2 s until it succeeds.
+# wait_for SECONDS CMD...: poll CMD every 0.2 s until it succeeds.
 wait_for() {
-    local secs="$1" what="$2" i
-    shift 2
+    local secs="$1" i
+    shift
     for ((i = 0; i < secs * 5; i++)); do
         "$@" && return 0
         sleep 0.2
@@ -159,17 +160,17 @@ EOF
     if pid_alive "$pidfile" "$cfg"; then
         log "xrootd: already running (pid $(cat "$pidfile"))"
     else
-        port_open "$XROOTD_PORT" && die "port $XROOTD_PORT is taken by another process (EDGE_LAKE_XROOTD_PORT)"
-        port_open "$XROOTD_HTTP_PORT" && die "port $XROOTD_HTTP_PORT is taken by another process (EDGE_LAKE_XROOTD_HTTP_PORT)"
+        port_taken "$XROOTD_PORT" && die "port $XROOTD_PORT is taken by another process (EDGE_LAKE_XROOTD_PORT)"
+        port_taken "$XROOTD_HTTP_PORT" && die "port $XROOTD_HTTP_PORT is taken by another process (EDGE_LAKE_XROOTD_HTTP_PORT)"
         local as=()
         ((AS_ROOT)) && as=(-R xrootd)
         # -b daemonizes; the parent exits only once the server is configured.
-        xrootd -b "${as[@]}" -l "$logf" -s "$pidfile" -c "$cfg" </dev/null >>"$LOG_DIR/xrootd.stdout" 2>&1 ||
+        xrootd -b "${as[@]}" -l "$logf" -s "$pidfile" -c "$cfg" </dev/null >>"$LOG_DIR/xrootd.stdout" 2>&1 9>&- ||
             { show_log "$logf"; show_log "$LOG_DIR/xrootd.stdout"; die "xrootd did not start"; }
         remember_config "$cfg"
         log "xrootd: started (pid $(cat "$pidfile" 2>/dev/null || echo ?))"
     fi
-    wait_for 20 xrootd xrootd_ready ||
+    wait_for 20 xrootd_ready ||
         { show_log "$logf"; die "xrootd does not answer on root://127.0.0.1:$XROOTD_PORT and http://127.0.0.1:$XROOTD_HTTP_PORT"; }
 }
 
@@ -183,17 +184,17 @@ start_memcached() {
     if pid_alive "$pidfile" memcached; then
         log "memcached: already running (pid $(cat "$pidfile"))"
     else
-        port_open "$MEMCACHED_PORT" && die "port $MEMCACHED_PORT is taken by another process (EDGE_LAKE_MEMCACHED_PORT)"
+        port_taken "$MEMCACHED_PORT" && die "port $MEMCACHED_PORT is taken by another process (EDGE_LAKE_MEMCACHED_PORT)"
         local as=()
         ((AS_ROOT)) && as=(-u memcache)
         # Foreground process in its own session: its pid is known exactly
         # (memcached -d -P would need a pid directory writable by user memcache).
         setsid memcached "${as[@]}" -l 127.0.0.1 -p "$MEMCACHED_PORT" -U 0 -m 256 \
-            </dev/null >>"$LOG_DIR/memcached.log" 2>&1 &
+            </dev/null >>"$LOG_DIR/memcached.log" 2>&1 9>&- &
         echo $! >"$pidfile"
         log "memcached: started (pid $!)"
     fi
-    wait_for 10 memcached port_open "$MEMCACHED_PORT" ||
+    wait_for 10 port_open "$MEMCACHED_PORT" ||
         { show_log "$LOG_DIR/memcached.log"; die "memcached does not answer on 127.0.0.1:$MEMCACHED_PORT"; }
     pid_alive "$pidfile" memcached || die "memcached pid $(cat "$pidfile") is not the process on port $MEMCACHED_PORT"
 }
@@ -274,7 +275,7 @@ start_rucio() {
     if pid_alive "$pidfile" "$pidfile"; then
         log "rucio: already running (pid $(cat "$pidfile"))"
     else
-        port_open "$RUCIO_PORT" && die "port $RUCIO_PORT is taken by another process (EDGE_LAKE_RUCIO_PORT)"
+        port_taken "$RUCIO_PORT" && die "port $RUCIO_PORT is taken by another process (EDGE_LAKE_RUCIO_PORT)"
         rm -f -- "$pidfile"
         # One sync worker: SQLite gives 'database is locked' 500s with more.
         # --timeout 300: uncached list_replicas can exceed the default 30 s.
@@ -282,8 +283,8 @@ start_rucio() {
         RUCIO_CONFIG="$RUCIO_CFG" "$VENV/bin/gunicorn" -D -b "127.0.0.1:$RUCIO_PORT" -w 1 \
             --timeout 300 --no-control-socket --pid "$pidfile" --chdir "$RUCIO_DIR" \
             --error-logfile "$logf" --access-logfile "$LOG_DIR/rucio-access.log" \
-            rucio.web.rest.flaskapi.v1.main:application </dev/null >>"$logf" 2>&1 ||
-            { show_log "$logf"; die "gunicorn did not start"; }
+            rucio.web.rest.flaskapi.v1.main:application </dev/null >>"$LOG_DIR/rucio.stdout" 2>&1 9>&- ||
+            { show_log "$LOG_DIR/rucio.stdout"; die "gunicorn did not start"; }
         remember_config "$RUCIO_CFG"
     fi
     # Fail fast if the master dies (bad config, import error) instead of waiting out the timeout.
@@ -340,8 +341,9 @@ EOF
 
 # --------------------------------------------------------------------- main ---
 if ((ONLY_RUCIO)); then
-    [[ -f "$RUCIO_CFG" && -f "$RUCIO_DIR/rucio.db" ]] && venv_ready ||
+    if [[ ! -f "$RUCIO_CFG" || ! -f "$RUCIO_DIR/rucio.db" ]] || ! venv_ready; then
         die "no lake state in $STATE_DIR: run start.sh (without --only-rucio) first"
+    fi
     start_memcached
     start_rucio
     log "Rucio is back on http://127.0.0.1:$RUCIO_PORT ($(elapsed) s)"

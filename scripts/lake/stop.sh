@@ -10,7 +10,7 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-# shellcheck source=scripts/lake/common.sh
+# shellcheck source-path=SCRIPTDIR source=common.sh
 . "$HERE/common.sh"
 
 ONLY_RUCIO=0
@@ -33,6 +33,7 @@ if [[ ! -d "$STATE_DIR" ]]; then
     log "no lake state in $STATE_DIR: nothing to stop"
     exit 0
 fi
+lock_state
 
 # The Rucio server first: it is the client of the other two.
 stop_pid rucio "$RUN_DIR/rucio.pid" "$RUN_DIR/rucio.pid"
