@@ -53,7 +53,8 @@ class Hooks:
 class Pipeline:
     def __init__(self, settings: Settings, ledger: Ledger, lake: Catalogue, pace: Pacer,
                  hooks: Hooks | None = None, clock: Callable[[], float] = time.time,
-                 rand: Callable[[], float] = random.random) -> None:
+                 rand: Callable[[], float] = random.random,
+                 open_writers: Callable[[int, int], int | None] = lambda dev, ino: None) -> None:
         self.s = settings
         self.ledger = ledger
         self.lake = lake
@@ -61,6 +62,7 @@ class Pipeline:
         self.hooks = hooks or Hooks()
         self.clock = clock
         self.rand = rand
+        self.open_writers = open_writers
 
     # ------------------------------------------------------------ dispatch
     def run_step(self, rec: FileRecord) -> None:
@@ -268,6 +270,11 @@ class Pipeline:
             rule.copies, self._recorded_stat(rec), current, self.s.dry_run)
         evidence = {"replicas": [{"location": r.location, "size": r.size, "adler32": r.adler32, "url": r.url}
                                  for r in c.good], "local_adler32": rec.adler32, "local_size": rec.size}
+        if verdict == "delete" and rec.dev is not None and rec.inode is not None \
+                and self.open_writers(rec.dev, rec.inode):
+            # a writer that paused longer than the whole upload would write into a deleted file
+            verdict, why = "wait", "a process still holds the file open for writing"
+            log.warning("not deleting: file still open for writing", file_id=rec.id, path=rec.relpath)
         if verdict == "delete":
             outcome = guarded_unlink(rec.path, self._recorded_stat(rec))
             if outcome == "changed":

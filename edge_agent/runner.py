@@ -62,13 +62,13 @@ class Runner:
         self.counters = Counters({r: Rate() for r in settings.rules}, {r: Rate() for r in settings.rules})
         self._lock = threading.Lock()
         self.throttle = Throttle(settings.bandwidth_mbps, settings.windows_policy())
+        self.writers = WriterTable()
         self.pipeline = Pipeline(settings, ledger, lake, self._pace, Hooks(
             bytes_hashed=self._on_hashed, bytes_sent=self._on_sent, transition=self._on_transition),
-            clock=clock)
+            clock=clock, open_writers=self.writers.writers)
         self.filters = {name: RuleFilter(rule) for name, rule in settings.rules.items()}
         self.dirty = DirtyPaths()
         self.watcher = Watcher(self.dirty, self.request_rescan)
-        self.writers = WriterTable()
         self.pools = {"hash": cf.ThreadPoolExecutor(settings.hash_workers, "hash"),
                       "transfer": cf.ThreadPoolExecutor(settings.transfer_workers, "transfer"),
                       "lake": cf.ThreadPoolExecutor(2, "lake")}

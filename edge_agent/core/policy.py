@@ -276,7 +276,8 @@ def completion_verdict(policies: Sequence[str], obs: Observation, stable_seconds
     quiet = obs.now - max(obs.changed_at, obs.mtime)
     for p in policies:
         if p == "closed":
-            closed_after_change = obs.closed_event_at is not None and obs.closed_event_at >= obs.changed_at
+            # the last write set mtime; a close seen at or after it ended that write
+            closed_after_change = obs.closed_event_at is not None and obs.closed_event_at >= obs.mtime
             if obs.writers:
                 waiting.append(f"{obs.writers} writer(s) still have it open")
             elif not closed_after_change and obs.writers is None and quiet < closed_fallback_seconds:

@@ -8,6 +8,7 @@ when some could not be, the answer for a file not seen open is "cannot tell" (No
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 _ACCMODE = 0o3
@@ -24,10 +25,12 @@ class WriterTable:
         self._writers: dict[tuple[int, int], int] = {}
         self._complete = False
         self._me = os.getpid()
+        self._lock = threading.Lock()   # the main loop and deleting workers both ask
 
     def writers(self, dev: int, inode: int) -> int | None:
-        if time.monotonic() - self._at > self.max_age:
-            self._refresh()
+        with self._lock:
+            if time.monotonic() - self._at > self.max_age:
+                self._refresh()
         n = self._writers.get((dev, inode), 0)
         if n:
             return n
