@@ -28,6 +28,9 @@ done
 set_state_dir "${POSITIONAL[0]:-}"
 
 T0=$EPOCHREALTIME
+if ((ONLY_RUCIO)) && [[ ! -f "$MARKER" ]]; then
+    die "no lake state in $STATE_DIR: run start.sh (without --only-rucio) first"
+fi
 lock_state
 elapsed() { awk -v a="$T0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }'; }
 PY="${EDGE_LAKE_PYTHON:-/usr/bin/python3}"
@@ -101,8 +104,8 @@ install_venv() {
         "$PY" -m venv "$VENV" </dev/null >"$LOG_DIR/pip.log" 2>&1 ||
             { show_log "$LOG_DIR/pip.log"; die "could not create the venv $VENV"; }
     fi
-    # Rucio (server) does not pull gunicorn in; ~45 s from nothing.
-    log "venv: pip install rucio==$RUCIO_VERSION gunicorn==$GUNICORN_VERSION (about 45 s the first time)"
+    # Rucio (server) does not pull gunicorn in.
+    log "venv: pip install rucio==$RUCIO_VERSION gunicorn==$GUNICORN_VERSION (30-45 s the first time)"
     "$VENV/bin/python" -m pip install --disable-pip-version-check \
         "rucio==$RUCIO_VERSION" "gunicorn==$GUNICORN_VERSION" </dev/null >>"$LOG_DIR/pip.log" 2>&1 ||
         { show_log "$LOG_DIR/pip.log"; die "pip install into $VENV failed"; }
