@@ -16,7 +16,7 @@ from .status.server import StatusServer
 
 def build_lake(settings: Settings) -> Catalogue:
     if settings.lake.kind == "local":
-        return LocalLake(settings.lake_catalog_path, settings.destinations, settings.lake.name_pattern)
+        return LocalLake(settings.lake_catalog_path, settings.destinations, settings.lake.effective_name_pattern)
     raise ValueError(f"unknown lake kind {settings.lake.kind!r}")
 
 

@@ -33,6 +33,7 @@ CREATE TABLE IF NOT EXISTS files (
     dev          INTEGER, inode INTEGER, size INTEGER, mtime_ns INTEGER,
     blake3       TEXT, adler32 TEXT, md5 TEXT,
     scope        TEXT, name TEXT, dataset TEXT, metadata TEXT,
+    lake_ref     TEXT,               -- what the lake calls our request for copies (a rule id)
     state        TEXT NOT NULL,
     resume_state TEXT,
     attempts     INTEGER NOT NULL DEFAULT 0,
@@ -88,6 +89,7 @@ class FileRecord:
     name: str | None
     dataset: str | None
     metadata: str | None
+    lake_ref: str | None
     state: State
     resume_state: State | None
     attempts: int
@@ -347,6 +349,19 @@ class Ledger:
         """Reschedule a step that is waiting on the lake (not a failure: no event)."""
         with self._tx() as db:
             db.execute("UPDATE files SET next_at = ? WHERE id = ?", (next_at, file_id))
+
+    def wake(self, states: Iterable[State]) -> int:
+        """Make every file in `states` due now (at start: settings such as the deletion policy
+        may have changed while the agent was down)."""
+        st = [s.value for s in states]
+        with self._tx() as db:
+            cur = db.execute(f"UPDATE files SET next_at = 0 WHERE state IN ({','.join('?' * len(st))})", st)
+            return cur.rowcount
+
+    def flag(self, file_id: int, reason: str | None) -> None:
+        """Set or clear a warning on a file without moving it (e.g. its rule is stuck)."""
+        with self._tx() as db:
+            db.execute("UPDATE files SET reason = ? WHERE id = ?", (reason, file_id))
 
     def note(self, file_id: int, state: State, what: str, detail: dict[str, Any] | None = None) -> None:
         """An event in a file's history that does not change its state (e.g. 'copy written')."""

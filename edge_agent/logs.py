@@ -17,12 +17,23 @@ _SECRET_IN_TEXT = re.compile(
 _USERINFO = re.compile(r"(://[^/\s:@]+:)([^@/\s]+)(@)")
 
 
+def _mask(key: str, v: Any) -> Any:
+    if _SECRET_KEYS.search(key) and v not in (None, "", False):
+        return "***"
+    if isinstance(v, str):
+        return _USERINFO.sub(r"\1***\3", _SECRET_IN_TEXT.sub(r"\1***", v)) if ("=" in v or ":" in v) else v
+    if isinstance(v, dict):
+        return {k: _mask(str(k), x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_mask("", x) for x in v]
+    return v
+
+
 def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """A structlog processor: nothing that looks like a credential reaches a log line."""
     for k, v in list(event.items()):
-        if k != "event" and _SECRET_KEYS.search(k) and v not in (None, "", False):
-            event[k] = "***"
-        elif isinstance(v, str) and ("=" in v or ":" in v):
-            event[k] = _USERINFO.sub(r"\1***\3", _SECRET_IN_TEXT.sub(r"\1***", v))
+        # the message itself is masked by its text, never wholesale by its key
+        event[k] = _mask("", v) if k == "event" else _mask(k, v)
     return event
 
 
@@ -35,8 +46,9 @@ def setup(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            redact,
+            # tracebacks become text first, so that redact sees them too
             structlog.processors.format_exc_info if not console else structlog.dev.set_exc_info,
+            redact,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),

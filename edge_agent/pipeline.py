@@ -26,11 +26,12 @@ import structlog
 
 from .core import policy
 from .core.lifecycle import Event, State
-from .errors import FileChanged, FileVanished, PermanentError, RetryableError, ShuttingDown
+from .errors import (ChecksumMismatch, FileChanged, FileVanished, PermanentError, RetryableError,
+                     ShuttingDown)
 from .hashing import hash_file
 from .lake.base import Catalogue, LakeFile
 from .ledger import FileRecord, Ledger, StaleTransition
-from .localfs import guarded_unlink, stat_regular
+from .localfs import deleting_name, guarded_unlink, stat_regular
 from .settings import Completion, DeletePolicy, Settings
 from .transfer.base import Expected, Pacer
 
@@ -80,6 +81,11 @@ class Pipeline:
             self._changed(rec, str(exc))
         except FileVanished as exc:
             self._vanished(rec, str(exc))
+        except ChecksumMismatch as exc:
+            # a storage that hands back other bytes or another checksum than were sent: retried a
+            # bounded number of times (the copy is removed first), then a person is asked
+            event = Event.FAILED_PERMANENT if rec.attempts + 1 >= MAX_BAD_COPIES else Event.FAILED_RETRYABLE
+            self._fail(rec, event, f"storage checksum mismatch: {exc}")
         except PermanentError as exc:
             self._fail(rec, Event.FAILED_PERMANENT, str(exc))
         except RetryableError as exc:
@@ -220,8 +226,9 @@ class Pipeline:
             self.ledger.note(rec.id, rec.state, "copy_written",
                              {"location": t.location, "url": t.url, "seconds": round(took, 3),
                               "mb_per_s": round(got.size / took / 1e6, 1)})
-        self.lake.request_copies(f)
-        self._move(rec, Event.TRANSFERRED, attempts=0, next_at=0)
+        ref = self.lake.request_copies(f)
+        self._move(rec, Event.TRANSFERRED, {"lake_ref": ref} if ref else None, attempts=0, next_at=0,
+                   lake_ref=ref)
 
     def _pacer(self, rule: str, location: str) -> Pacer:
         def pace(n: int) -> None:
@@ -231,40 +238,70 @@ class Pipeline:
 
     def confirm(self, rec: FileRecord) -> None:
         f = self.lake_file(rec)
+        state = self.lake.copies_state(f, rec.lake_ref)
         c = policy.judge_replicas(self.lake.replicas(f), f.size, f.adler32)
         evidence = {"replicas": [{"location": r.location, "size": r.size, "adler32": r.adler32}
                                  for r in c.good],
                     "not_counted": [{"location": r.location, "why": why} for r, why in c.bad]}
+        if rec.lake_ref:
+            evidence["rule"] = {"id": rec.lake_ref, "state": state}
+        if state not in (None, "OK"):
+            self._not_yet(rec, f, c, state, evidence)
+            return
         for r, why in c.bad:
             if r.available and r.size is not None:
                 self.ledger.record_replica(rec.id, r.location, r.url, r.size, r.adler32, "bad")
         if c.count >= f.copies:
-            rec = self._move(rec, Event.CONFIRMED, evidence, attempts=0)
+            rec = self._move(rec, Event.CONFIRMED, evidence, attempts=0, reason=None)
             self._maybe_delete(rec, c)
             return
         bad_copies = [(r, why) for r, why in c.bad if r.available and r.size is not None]
         if bad_copies and self.lake.targets(f):
             # a copy the agent wrote does not match: write it again, a bounded number of times
             why = "; ".join(f"{r.location}: {w}" for r, w in bad_copies)
-            if rec.attempts + 1 >= MAX_BAD_COPIES:
+            # attempts restart at each successful transfer, so earlier rounds are counted from the history
+            rounds = sum(1 for h in self.ledger.history(rec.id) if h["event"] == Event.FAILED_RETRYABLE.value
+                         and "failed verification" in ((h["detail"] or {}).get("reason") or ""))
+            if rounds + 1 >= MAX_BAD_COPIES:
                 raise PermanentError(f"copies keep failing verification: {why}")
             for r, _ in bad_copies:
                 self.ledger.record_replica(rec.id, r.location, r.url, r.size, r.adler32, "bad")
             self._fail(rec, Event.FAILED_RETRYABLE, f"copy failed verification, rewriting: {why}",
                        resume_state=State.REGISTERED)
             return
-        self.ledger.set_next_at(rec.id, self.clock() + self.s.confirm_interval_seconds)
-        log.info("waiting for replicas", file_id=rec.id, did=rec.did, confirmed=c.count, copies=f.copies,
-                 not_counted=evidence["not_counted"])
+        self._not_yet(rec, f, c, state, evidence)
+
+    def _not_yet(self, rec: FileRecord, f: LakeFile, c: policy.Confirmation, state: str | None,
+                 evidence: dict[str, Any]) -> None:
+        """Not confirmed yet: look again later, and say so loudly once it is overdue or stuck."""
+        now = self.clock()
+        self.ledger.set_next_at(rec.id, now + self.s.confirm_interval_seconds)
+        deadline = (self.s.lake.rucio.stuck_after_hours * 3600 if self.s.lake.rucio else None)
+        overdue = deadline is not None and now - rec.updated_at > deadline
+        if state in ("STUCK", "SUSPENDED") or overdue:
+            why = (f"rule {rec.lake_ref} is {state}" if state in ("STUCK", "SUSPENDED") else
+                   f"rule {rec.lake_ref} still {state or 'not OK'} after {(now - rec.updated_at) / 3600:.1f} h")
+            why += f"; {c.count} of {f.copies} replicas confirmed"
+            if rec.reason != why:
+                self.ledger.flag(rec.id, why)
+                self.ledger.note(rec.id, rec.state, "stuck", {"reason": why, **evidence})
+                log.warning("replication stuck", file_id=rec.id, did=rec.did, reason=why)
+        else:
+            log.info("waiting for replicas", file_id=rec.id, did=rec.did, confirmed=c.count, copies=f.copies,
+                     rule_state=state, not_counted=evidence["not_counted"])
 
     def delete(self, rec: FileRecord) -> None:
         f = self.lake_file(rec)
         c = policy.judge_replicas(self.lake.replicas(f), f.size, f.adler32)
+        state = self.lake.copies_state(f, rec.lake_ref)
+        if state not in (None, "OK"):
+            c = policy.Confirmation((), tuple((r, f"rule is {state}") for r in c.good))
         self._maybe_delete(rec, c)
 
     def _maybe_delete(self, rec: FileRecord, c: policy.Confirmation) -> None:
         rule = self.s.rules[rec.rule]
-        current = stat_regular(rec.fspath)
+        # a crash inside guarded_unlink leaves the file under its "deleting" name: still ours to finish
+        current = stat_regular(rec.path) or stat_regular(deleting_name(rec.path))
         verdict, why = policy.deletion_verdict(
             rule.delete.value, rule.keep_hours, rec.confirmed_at or self.clock(), self.clock(), c,
             rule.copies, self._recorded_stat(rec), current, self.s.dry_run)
@@ -276,13 +313,16 @@ class Pipeline:
             verdict, why = "wait", "a process still holds the file open for writing"
             log.warning("not deleting: file still open for writing", file_id=rec.id, path=rec.relpath)
         if verdict == "delete":
+            # the lake forgets the buffer copy first: a crash in between leaves a registration
+            # to drop again, never a registration pointing at a deleted file
+            self.lake.release(self.lake_file(rec))
             outcome = guarded_unlink(rec.path, self._recorded_stat(rec))
             if outcome == "changed":
                 raise FileChanged("the local file changed just before deletion; kept")
             self._move(rec, Event.DELETED, {**evidence, "outcome": outcome, "why": why})
             self._cleanup_companions(rec)
-            self.lake.release(self.lake_file(rec))
         elif verdict == "gone":
+            self.lake.release(self.lake_file(rec))
             self._move(rec, Event.DELETED, {**evidence, "outcome": "gone", "why": why})
             self._cleanup_companions(rec)
         elif verdict == "changed":

@@ -114,6 +114,9 @@ class Runner:
 
     # ------------------------------------------------------------ life
     def start(self) -> None:
+        woken = self.ledger.wake([State.TRANSFERRED, State.CONFIRMED])
+        if woken:
+            log.info("resuming", files_waiting_on_the_lake=woken)
         for name, rule in self.s.rules.items():
             if not rule.directory.is_dir():
                 self.watch_problems[name] = f"{rule.directory} does not exist (yet): rescans will look again"

@@ -73,39 +73,125 @@ class LogSettings(_Section):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+class RucioAuthSettings(_Section):
+    """How the agent proves who it is to Rucio. Secrets are never logged or printed."""
+    type: Literal["userpass", "x509", "oidc"] = "userpass"
+    username: str | None = None
+    password: SecretStr | None = None
+    cert: Path | None = Field(None, description="x509: client certificate, or an RFC 3820 proxy holding the key too")
+    key: Path | None = Field(None, description="x509: private key (omit when cert is a proxy)")
+    token_file: Path | None = Field(None, description="oidc: a file holding a bearer token that an external "
+                                    "tool (oidc-agent, htgettoken) keeps fresh; re-read before it expires")
+    token_url: str | None = Field(None, description="oidc: the issuer's token endpoint, for client credentials")
+    client_id: str | None = None
+    client_secret: SecretStr | None = None
+    scope: str = "openid profile"
+    audience: str = "rucio"
+
+    @model_validator(mode="after")
+    def _complete(self) -> "RucioAuthSettings":
+        if self.type == "userpass" and not (self.username and self.password):
+            raise ValueError("userpass needs username and password")
+        if self.type == "x509" and not self.cert:
+            raise ValueError("x509 needs cert (a certificate with key, or a proxy)")
+        if self.type == "oidc" and not (self.token_file or (self.token_url and self.client_id
+                                                            and self.client_secret)):
+            raise ValueError("oidc needs token_file, or token_url + client_id + client_secret")
+        return self
+
+
+class RucioSettings(_Section):
+    url: str = Field(description="Rucio server, e.g. https://rucio.example.org")
+    auth_url: str | None = Field(None, description="authentication server if not url")
+    account: str
+    vo: str | None = None
+    auth: RucioAuthSettings
+    ca_cert: Path | None = Field(None, description="CA bundle or directory for TLS; default: the system's")
+    tls_verify: bool = Field(True, description="verify TLS certificates (never turn off in production)")
+    timeout_seconds: float = Field(60.0, gt=0)
+    schemes: list[str] = Field(["davs", "https", "root", "http"],
+                               description="protocols the agent may upload with, in order of preference")
+    verify_upload: Literal["adler32", "size"] = Field(
+        "adler32", description="what the storage must confirm after an upload: adler32 (Want-Digest or "
+        "checksum query; a storage that cannot answer fails the upload) or size only")
+    verify_replicas: bool = Field(True, description="at confirmation, also ask each replica's storage for "
+                                  "its adler32, not only the catalogue")
+    stuck_after_hours: float = Field(24.0, gt=0, description="a rule still not OK this long after the "
+                                     "upload is reported as stuck")
+    batch_size: int = Field(200, ge=1, le=480)
+
+    @field_validator("url", "auth_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError("must be an http:// or https:// URL")
+        return v.rstrip("/") if v else v
+
+
 class LakeSettings(_Section):
-    kind: Literal["local"] = "local"
+    kind: Literal["local", "rucio"] = "local"
     catalog: Path | None = Field(None, description="local lake catalogue (SQLite); default STATE_DIR/lake-catalog.sqlite")
-    name_pattern: str = policy.PATH_NAME_RE
+    name_pattern: str | None = Field(None, description="regular expression DID names must match; default: "
+                                     "path-like names for the local lake, Rucio's generic schema for rucio")
+    rucio: RucioSettings | None = None
 
     @field_validator("name_pattern")
     @classmethod
-    def _regex(cls, v: str) -> str:
+    def _regex(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
         try:
             re.compile(v)
         except re.error as exc:
             raise ValueError(f"not a regular expression: {exc}") from None
         return v
 
+    @model_validator(mode="after")
+    def _kind(self) -> "LakeSettings":
+        if self.kind == "rucio" and self.rucio is None:
+            raise ValueError("kind = 'rucio' needs a [lake.rucio] table")
+        return self
+
+    @property
+    def effective_name_pattern(self) -> str:
+        if self.name_pattern:
+            return self.name_pattern
+        return policy.RUCIO_GENERIC_NAME_RE if self.kind == "rucio" else policy.PATH_NAME_RE
+
 
 class DestinationSettings(_Section):
-    """Where copies go. `posix`: a directory (a local disk or a mounted lake filesystem)."""
-    kind: Literal["posix"] = "posix"
-    path: Path
+    """Where the agent writes copies itself.
+
+    posix: a directory (a local disk or a mounted lake filesystem), local lake only.
+    rse:   a Rucio storage element; the upload URL comes from Rucio (lfns2pfns) for the first
+           of lake.rucio.schemes the RSE offers, unless `scheme` names one.
+    """
+    kind: Literal["posix", "rse"] = "posix"
+    path: Path | None = None
+    rse: str | None = None
+    scheme: str | None = None
     verify: Literal["reread", "recorded"] = Field(
-        "reread", description="reread: confirmation reads the copy again; recorded: trusts the "
+        "reread", description="posix: reread makes confirmation read the copy again; recorded trusts the "
         "adler32 stored with the copy while its size and mtime are unchanged")
     fsync: bool = True
-    require_file: str | None = Field(None, description="a file that must exist under path before "
+    require_file: str | None = Field(None, description="posix: a file that must exist under path before "
                                      "anything is written there, e.g. '.lake-mounted': guards against "
                                      "filling an unmounted mount point")
 
     @field_validator("path")
     @classmethod
-    def _absolute(cls, v: Path) -> Path:
-        if not v.is_absolute():
+    def _absolute(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_absolute():
             raise ValueError("must be an absolute path")
         return v
+
+    @model_validator(mode="after")
+    def _kind(self) -> "DestinationSettings":
+        if self.kind == "posix" and self.path is None:
+            raise ValueError("a posix destination needs path")
+        if self.kind == "rse" and not self.rse:
+            raise ValueError("an rse destination needs rse (the RSE name)")
+        return self
 
 
 class RuleSettings(_Section):
@@ -127,7 +213,21 @@ class RuleSettings(_Section):
     timezone: str = "UTC"
     metadata: dict[str, str] = {}
     copies: int = Field(2, ge=1, le=16)
-    destinations: list[str] = Field(min_length=1)
+    destinations: list[str] = Field([], description="where the agent writes copies itself (rucio push: "
+                                    "the first RSE, or several where the lake does not replicate)")
+    # -- rucio only
+    inject: Literal["push", "register"] = Field(
+        "push", description="push: upload to destinations, then a rule for copies; register: the buffer "
+        "is itself an RSE (buffer_rse), the replica is registered where it lies")
+    rse_expression: str | None = Field(None, description="the replication rule's RSE expression; "
+                                       "default: the destinations' RSEs joined by '|'")
+    rule_lifetime_seconds: int | None = Field(None, gt=0)
+    activity: str | None = None
+    grouping: Literal["DATASET", "ALL", "NONE"] = "DATASET"
+    container_template: str | None = Field(None, description="a container the dataset is attached to")
+    buffer_rse: str | None = Field(None, description="register: the RSE serving the buffer")
+    buffer_url: str | None = Field(None, description="register: the URL of `directory` on buffer_rse, "
+                                   "e.g. root://daq.example.org:1094//data/buffer/")
     delete: DeletePolicy = DeletePolicy.AFTER_CONFIRM
     keep_hours: float = Field(0.0, ge=0)
     priority: int = Field(0, description="higher goes first when work competes")
@@ -144,7 +244,7 @@ class RuleSettings(_Section):
             raise ValueError("must be an absolute path")
         return v
 
-    @field_validator("name_template", "dataset_template")
+    @field_validator("name_template", "dataset_template", "container_template")
     @classmethod
     def _template(cls, v: str | None) -> str | None:
         if v is not None:
@@ -178,6 +278,10 @@ class RuleSettings(_Section):
     def _watermarks(self) -> "RuleSettings":
         if self.watermark_warn_percent > self.watermark_critical_percent:
             raise ValueError("watermark_warn_percent must not exceed watermark_critical_percent")
+        if self.inject == "register" and not (self.buffer_rse and self.buffer_url):
+            raise ValueError("inject = 'register' needs buffer_rse and buffer_url")
+        if self.container_template and not self.dataset_template:
+            raise ValueError("container_template needs dataset_template (a container holds datasets)")
         return self
 
     @property
@@ -233,11 +337,27 @@ class Settings(BaseSettings):
                 if d not in self.destinations:
                     problems.append(f"rules.{name}.destinations: {d!r} is not a [destinations.*] table "
                                     f"(known: {sorted(self.destinations)})")
-            if self.lake.kind == "local" and rule.copies > len(set(rule.destinations)):
-                problems.append(f"rules.{name}.copies = {rule.copies}: the local lake makes one copy per "
-                                f"destination and the rule has {len(set(rule.destinations))}")
+                elif self.destinations[d].kind != ("posix" if self.lake.kind == "local" else "rse"):
+                    problems.append(f"rules.{name}.destinations: {d!r} is a {self.destinations[d].kind} "
+                                    f"destination, which a {self.lake.kind} lake cannot use")
+            if self.lake.kind == "local":
+                if not rule.destinations:
+                    problems.append(f"rules.{name}.destinations: the local lake needs at least one")
+                elif rule.copies > len(set(rule.destinations)):
+                    problems.append(f"rules.{name}.copies = {rule.copies}: the local lake makes one copy per "
+                                    f"destination and the rule has {len(set(rule.destinations))}")
+                if rule.inject != "push":
+                    problems.append(f"rules.{name}.inject = {rule.inject!r}: only a rucio lake can register in place")
+            elif rule.inject == "push" and not rule.destinations:
+                problems.append(f"rules.{name}.destinations: push needs at least one RSE to upload to")
+            elif rule.inject == "push" and not rule.rse_expression and rule.copies > len(set(rule.destinations)):
+                problems.append(f"rules.{name}.copies = {rule.copies}: more than the destinations the agent "
+                                "uploads to; set rse_expression to let the lake replicate")
+            elif rule.inject == "register" and not rule.rse_expression:
+                problems.append(f"rules.{name}.rse_expression: register needs the RSE expression of the "
+                                "replication rule (e.g. 'lake=true')")
             for dname, dest in self.destinations.items():
-                if _overlaps(rule.directory, dest.path):
+                if dest.path is not None and _overlaps(rule.directory, dest.path):
                     problems.append(f"destinations.{dname}.path = {dest.path}: overlaps rules.{name}.directory "
                                     f"{rule.directory}; the agent would upload its own copies")
             if _overlaps(rule.directory, self.state_dir):

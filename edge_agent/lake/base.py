@@ -64,15 +64,25 @@ class Catalogue(abc.ABC):
         """Record a copy the agent wrote at `location`."""
 
     @abc.abstractmethod
-    def request_copies(self, f: LakeFile) -> None:
-        """Ask the lake to hold `f.copies` copies (a replication rule); no-op where the agent copies."""
+    def request_copies(self, f: LakeFile) -> str | None:
+        """Ask the lake to hold `f.copies` copies (a replication rule).
+
+        Returns a reference kept in the ledger (the rule id), or None where the agent makes
+        every copy itself. A rule that already exists is success: its id is returned.
+        """
+
+    def copies_state(self, f: LakeFile, ref: str | None) -> str | None:
+        """The state of what request_copies asked for: "OK", "REPLICATING", "STUCK", "SUSPENDED"...;
+        None where there is no such thing (the agent made every copy)."""
+        return None
 
     @abc.abstractmethod
     def replicas(self, f: LakeFile) -> list[Replica]:
-        """The copies the lake holds now, with their size and adler32 as verified."""
+        """The copies the lake holds now (never the buffer's own), with size and adler32 as verified."""
 
     def release(self, f: LakeFile) -> None:
-        """After the local file is gone: drop what the lake keeps about the buffer copy."""
+        """Just before the local file is deleted: drop the lake's record of the buffer copy
+        (register-in-place). Idempotent; a record already gone is success."""
 
     @abc.abstractmethod
     def health(self) -> str | None:

@@ -50,8 +50,13 @@ class LocalLake(Catalogue):
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
 
+    def _root(self, location: str) -> Path:
+        path = self._dest[location].path
+        assert path is not None, "settings validation guarantees a path for posix destinations"
+        return path
+
     def url(self, location: str, f: LakeFile) -> str:
-        return os.path.join(str(self._dest[location].path), f.scope, f.name)
+        return os.path.join(str(self._root(location)), f.scope, f.name)
 
     def register(self, f: LakeFile) -> None:
         with self._lock:
@@ -89,8 +94,9 @@ class LocalLake(Catalogue):
             self._db.execute("INSERT OR REPLACE INTO replicas VALUES (?,?,?,?,?,?,?)",
                              (f.scope, f.name, location, url, f.size, f.adler32, time.time()))
 
-    def request_copies(self, f: LakeFile) -> None:
+    def request_copies(self, f: LakeFile) -> str | None:
         """The agent writes every copy itself: nothing to ask."""
+        return None
 
     def replicas(self, f: LakeFile) -> list[Replica]:
         out = []
@@ -111,13 +117,13 @@ class LocalLake(Catalogue):
     def _problem(self, name: str) -> str | None:
         # The destination root is never created by the agent: an unmounted mount point
         # must not quietly fill the DAQ host's own disk.
-        d = self._dest[name]
-        if not d.path.is_dir():
-            return f"destination {name}: {d.path} is not a directory (not mounted?)"
-        if d.require_file and not (d.path / d.require_file).exists():
-            return f"destination {name}: {d.path / d.require_file} is missing (not mounted?)"
-        if not os.access(d.path, os.W_OK | os.X_OK):
-            return f"destination {name}: {d.path} is not writable by this user"
+        d, root = self._dest[name], self._root(name)
+        if not root.is_dir():
+            return f"destination {name}: {root} is not a directory (not mounted?)"
+        if d.require_file and not (root / d.require_file).exists():
+            return f"destination {name}: {root / d.require_file} is missing (not mounted?)"
+        if not os.access(root, os.W_OK | os.X_OK):
+            return f"destination {name}: {root} is not writable by this user"
         return None
 
     def close(self) -> None:

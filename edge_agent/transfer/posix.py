@@ -13,7 +13,7 @@ import os
 from urllib.parse import unquote, urlparse
 
 from ..errors import FileChanged, FileVanished, PermanentError, RetryableError
-from ..hashing import CHUNK, Digests, MultiHash, adler32_of, read_chunks
+from ..hashing import CHUNK, Digests, MultiHash, adler32_of, hash_file, read_chunks
 from ..localfs import AGENT_MARK, fsync_dir
 from .base import Expected, Pacer, RemoteStat, Transport
 
@@ -52,9 +52,7 @@ class PosixTransport(Transport):
 
     def put(self, source: str, url: str, expected: Expected, pace: Pacer) -> Digests:
         final = url_to_path(url)
-        # read back whatever is there: a recorded checksum could hide a copy that rotted
-        have = self.stat(url, verify="reread")
-        if have is not None and have.size == expected.size and have.adler32 == expected.adler32:
+        if self._identical(final, expected):
             return Digests(expected.size, expected.blake3, expected.adler32, expected.md5)
         tmp = temp_name(final)
         try:
@@ -94,6 +92,17 @@ class PosixTransport(Transport):
                     os.unlink(tmp)
                 except OSError:
                     pass
+
+    def _identical(self, path: str, expected: Expected) -> bool:
+        """Is exactly this content already there? Read back with blake3: adler32 alone is weak."""
+        try:
+            if os.stat(path).st_size != expected.size:
+                return False
+            return hash_file(path, chunk_size=self.chunk_size).blake3 == expected.blake3
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise _storage_error(exc, f"cannot read back {path}") from None
 
     def stat(self, url: str, verify: str = "reread") -> RemoteStat | None:
         path = url_to_path(url)

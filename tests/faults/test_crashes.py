@@ -61,3 +61,22 @@ def test_kill9_right_after_deletion_started_is_finished_on_restart(agent) -> Non
     d.start()
     d.wait_for(lambda: d.counts().get("deleted") == 10, 30, "all deleted after restart")
     assert list(d.rule_dir().iterdir()) == []
+
+
+def test_a_crash_inside_the_guarded_unlink_is_finished_on_restart(agent) -> None:
+    """The file was moved to its 'deleting' name when the agent died: the restart deletes it."""
+    from edge_agent.localfs import deleting_name
+    d: Daemon = agent(rules={"daq": {"completion": ["renamed"], "delete": "never"}})
+    d.start()
+    p = d.rule_dir() / "h.fits"
+    p.write_bytes(os.urandom(10_000))
+    d.wait_for(lambda: d.counts().get("confirmed") == 1, 30, "confirmation")
+    d.kill9()
+    # what a kill between the rename and the unlink leaves behind
+    os.rename(p, deleting_name(bytes(p)))
+    d.doc["rules"]["daq"]["delete"] = "after_confirm"
+    from support import write_toml
+    write_toml(d.config, d.doc)
+    d.start()
+    d.wait_for(lambda: d.counts().get("deleted") == 1, 30, "the deletion finished")
+    assert list(d.rule_dir().iterdir()) == []

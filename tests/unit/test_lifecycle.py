@@ -6,8 +6,17 @@ import itertools
 
 import pytest
 
-from edge_agent.core.lifecycle import (ACTIVE, FINAL, RESUMABLE, TRANSITIONS, Event, IllegalTransition,
-                                       State, may_delete_local, next_state)
+from edge_agent.core.lifecycle import (
+    ACTIVE,
+    FINAL,
+    RESUMABLE,
+    TRANSITIONS,
+    Event,
+    IllegalTransition,
+    State,
+    may_delete_local,
+    next_state,
+)
 
 S, E = State, Event
 

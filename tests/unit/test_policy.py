@@ -9,10 +9,17 @@ import zoneinfo
 import pytest
 
 from edge_agent.core import policy
-from edge_agent.core.policy import (PATH_NAME_RE, RUCIO_GENERIC_NAME_RE, Confirmation, LocalStat, Observation,
-                                    Replica, Window)
+from edge_agent.core.policy import (
+    PATH_NAME_RE,
+    RUCIO_GENERIC_NAME_RE,
+    Confirmation,
+    LocalStat,
+    Observation,
+    Replica,
+    Window,
+)
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 
 def ts(*args: int, tz: dt.tzinfo = UTC) -> float:
@@ -363,8 +370,8 @@ class TestDisk:
 # ================================================================ completion
 
 def obs(**kw: object) -> Observation:
-    base: dict[str, object] = dict(now=1000.0, changed_at=900.0, mtime=900.0, closed_event_at=None, writers=None,
-                                   marker=False, sidecar=None)
+    base: dict[str, object] = {"now": 1000.0, "changed_at": 900.0, "mtime": 900.0, "closed_event_at": None,
+                               "writers": None, "marker": False, "sidecar": None}
     base.update(kw)
     return Observation(**base)  # type: ignore[arg-type]
 
@@ -390,6 +397,11 @@ class TestCompletion:
     def test_close_event_before_the_last_change_does_not_count(self) -> None:
         ok, why = policy.completion_verdict(["closed"], obs(closed_event_at=899.0, now=901.0), 5, 300)
         assert not ok and "close-after-write" in why
+
+    def test_close_event_is_compared_with_the_last_write(self) -> None:
+        # the agent may notice a change (changed_at) well after the write (mtime) and the close
+        assert done(["closed"], obs(mtime=900.0, changed_at=905.0, closed_event_at=902.0, now=906.0))
+        assert not done(["closed"], obs(mtime=903.0, changed_at=905.0, closed_event_at=902.0, now=906.0))
 
     def test_closed_fallback_after_a_quiet_period(self) -> None:
         assert not done(["closed"], obs(now=900.0 + 299.0))

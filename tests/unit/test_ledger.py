@@ -1,0 +1,319 @@
+"""The ledger on a real SQLite file, with a clock that only moves when the test says so."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edge_agent.core.lifecycle import Event, IllegalTransition, State
+from edge_agent.ledger import Ledger, StaleTransition, display_path
+
+S, E = State, Event
+P = b"/daq/run42/f1.fits"
+
+
+@pytest.fixture
+def ledger(tmp_path: Path, clock: Any) -> Any:
+    led = Ledger(tmp_path / "state" / "ledger.sqlite", clock=clock)
+    yield led
+    led.close()
+
+
+def discover(led: Ledger, path: bytes = P, rule: str = "r", size: int = 10, inode: int = 5,
+             priority: int = 0) -> Any:
+    return led.discover(rule, path, display_path(path), dev=1, inode=inode, size=size, mtime_ns=123,
+                        priority=priority)
+
+
+def walk(led: Ledger, fid: int, *events: Event) -> Any:
+    rec = led.get(fid)
+    for e in events:
+        rec = led.transition(fid, rec.state, e)
+    return rec
+
+
+HAPPY = (E.COMPLETED, E.HASHED, E.REGISTERED, E.TRANSFERRED, E.CONFIRMED, E.DELETED)
+
+
+def test_creates_its_directory_and_schema(tmp_path: Path, clock: Any) -> None:
+    led = Ledger(tmp_path / "a" / "b" / "ledger.sqlite", clock=clock)
+    led.close()
+    db = sqlite3.connect(tmp_path / "a" / "b" / "ledger.sqlite")
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"meta", "files", "events", "replicas", "notices"} <= tables
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("1",)
+    assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+def test_discover(ledger: Ledger, clock: Any) -> None:
+    rec = discover(ledger, size=10, priority=3)
+    assert rec.state is S.DISCOVERED
+    assert (rec.rule, rec.path, rec.relpath, rec.version) == ("r", P, P.decode(), 1)
+    assert (rec.dev, rec.inode, rec.size, rec.mtime_ns, rec.priority) == (1, 5, 10, 123, 3)
+    assert rec.first_seen == rec.changed_at == rec.updated_at == clock.now
+    assert rec.attempts == 0 and rec.next_at == 0 and rec.resume_state is None
+    assert ledger.live("r", P) == rec
+    assert ledger.live("other-rule", P) is None
+
+
+def test_happy_path_with_compare_and_set(ledger: Ledger, clock: Any) -> None:
+    rec = discover(ledger)
+    for e, want in zip(HAPPY, (S.COMPLETE, S.HASHED, S.REGISTERED, S.TRANSFERRED, S.CONFIRMED, S.DELETED)):
+        clock.advance(10)
+        rec = ledger.transition(rec.id, rec.state, e)
+        assert rec.state is want
+        assert rec.updated_at == clock.now
+    assert rec.confirmed_at == clock.now - 10
+    assert rec.deleted_at == clock.now
+    assert ledger.live("r", P) is None   # a deleted row is not live
+
+
+def test_transition_sets_columns(ledger: Ledger) -> None:
+    rec = walk(ledger, discover(ledger).id, E.COMPLETED)
+    rec = ledger.transition(rec.id, S.COMPLETE, E.HASHED, {"why": "test"}, blake3="b3", adler32="0000abcd",
+                            scope="s", name="n", metadata='{"k": 1}')
+    assert (rec.blake3, rec.adler32, rec.did, rec.meta) == ("b3", "0000abcd", "s:n", {"k": 1})
+
+
+def test_unknown_column_is_refused_and_nothing_changes(ledger: Ledger) -> None:
+    rec = discover(ledger)
+    with pytest.raises(KeyError):
+        ledger.transition(rec.id, S.DISCOVERED, E.COMPLETED, bogus=1)
+    assert ledger.get(rec.id).state is S.DISCOVERED
+    assert len(ledger.history(rec.id)) == 1
+
+
+def test_stale_transition(ledger: Ledger) -> None:
+    rec = walk(ledger, discover(ledger).id, E.COMPLETED)
+    with pytest.raises(StaleTransition, match="expected discovered, found complete"):
+        ledger.transition(rec.id, S.DISCOVERED, E.COMPLETED)
+    assert ledger.get(rec.id).state is S.COMPLETE
+    assert [h["event"] for h in ledger.history(rec.id)] == ["discovered", "completed"]
+
+
+def test_stale_transition_for_a_missing_row(ledger: Ledger) -> None:
+    with pytest.raises(StaleTransition):
+        ledger.transition(999, S.DISCOVERED, E.COMPLETED)
+
+
+def test_illegal_transition_changes_nothing(ledger: Ledger) -> None:
+    rec = discover(ledger)
+    with pytest.raises(IllegalTransition):
+        ledger.transition(rec.id, S.DISCOVERED, E.CONFIRMED)
+    assert ledger.get(rec.id) == rec
+    # the transaction was rolled back: the ledger still works
+    assert ledger.transition(rec.id, S.DISCOVERED, E.COMPLETED).state is S.COMPLETE
+
+
+def test_events_history(ledger: Ledger, clock: Any) -> None:
+    rec = discover(ledger, size=10)
+    clock.advance(1)
+    ledger.transition(rec.id, S.DISCOVERED, E.COMPLETED)
+    clock.advance(1)
+    ledger.transition(rec.id, S.COMPLETE, E.FAILED_RETRYABLE, {"reason": "disk busy", "attempt": 1})
+    ledger.note(rec.id, S.RETRY_WAIT, "copy_written", {"location": "a"})
+    h = ledger.history(rec.id)
+    assert [(x["from_state"], x["to_state"], x["event"]) for x in h] == [
+        (None, "discovered", "discovered"),
+        ("discovered", "complete", "completed"),
+        ("complete", "retry_wait", "failed_retryable"),
+        ("retry_wait", "retry_wait", "copy_written"),
+    ]
+    assert h[0]["detail"] == {"size": 10, "inode": 5, "mtime_ns": 123, "version": 1}
+    assert h[1]["detail"] is None
+    assert h[2]["detail"] == {"reason": "disk busy", "attempt": 1}
+    assert [x["at"] for x in h] == [clock.now - 2, clock.now - 1, clock.now, clock.now]
+    errors = ledger.recent_errors()
+    assert len(errors) == 1
+    assert errors[0]["reason"] == "disk busy" and errors[0]["event"] == "failed_retryable"
+
+
+def test_retry_wait_resumes_where_it_left(ledger: Ledger) -> None:
+    rec = walk(ledger, discover(ledger).id, E.COMPLETED, E.HASHED)
+    rec = ledger.transition(rec.id, S.HASHED, E.FAILED_RETRYABLE, attempts=1, next_at=50.0, reason="503")
+    assert (rec.state, rec.resume_state, rec.attempts, rec.next_at, rec.reason) == (
+        S.RETRY_WAIT, S.HASHED, 1, 50.0, "503")
+    rec = ledger.transition(rec.id, S.RETRY_WAIT, E.RETRY_DUE)
+    assert (rec.state, rec.resume_state, rec.reason) == (S.HASHED, None, None)
+    assert rec.attempts == 1   # the count goes on until a step succeeds
+
+
+def test_quarantine_from_retry_wait_keeps_the_resume_state(ledger: Ledger) -> None:
+    rec = walk(ledger, discover(ledger).id, E.COMPLETED, E.HASHED, E.REGISTERED)
+    ledger.transition(rec.id, S.REGISTERED, E.FAILED_RETRYABLE, attempts=4, next_at=99.0)
+    rec = ledger.transition(rec.id, S.RETRY_WAIT, E.FAILED_PERMANENT, reason="gave up")
+    assert (rec.state, rec.resume_state, rec.reason) == (S.QUARANTINED, S.REGISTERED, "gave up")
+    rec = ledger.transition(rec.id, S.QUARANTINED, E.OPERATOR_RETRY)
+    assert (rec.state, rec.resume_state, rec.attempts, rec.next_at, rec.reason) == (
+        S.REGISTERED, None, 0, 0, None)
+
+
+def test_explicit_resume_state(ledger: Ledger) -> None:
+    rec = walk(ledger, discover(ledger).id, E.COMPLETED, E.HASHED, E.REGISTERED, E.TRANSFERRED)
+    rec = ledger.transition(rec.id, S.TRANSFERRED, E.FAILED_RETRYABLE, resume_state=S.REGISTERED)
+    assert rec.resume_state is S.REGISTERED
+    assert ledger.transition(rec.id, S.RETRY_WAIT, E.RETRY_DUE).state is S.REGISTERED
+
+
+def test_changed_before_hashing_goes_back_to_discovered(ledger: Ledger) -> None:
+    rec = walk(ledger, discover(ledger).id, E.COMPLETED, E.FAILED_RETRYABLE)
+    rec = ledger.transition(rec.id, S.RETRY_WAIT, E.CHANGED)
+    assert (rec.state, rec.resume_state) == (S.DISCOVERED, None)
+
+
+def test_superseded_keeps_its_reason_and_frees_the_path(ledger: Ledger) -> None:
+    rec = walk(ledger, discover(ledger).id, E.COMPLETED, E.HASHED)
+    rec = ledger.transition(rec.id, S.HASHED, E.SUPERSEDED, reason="rewritten")
+    assert (rec.state, rec.reason) == (S.SUPERSEDED, "rewritten")
+    assert ledger.live("r", P) is None
+
+
+def test_versions_increment_per_path(ledger: Ledger) -> None:
+    first = discover(ledger)
+    other = discover(ledger, path=b"/daq/other")
+    walk(ledger, first.id, E.COMPLETED, E.HASHED, E.SUPERSEDED)
+    second = discover(ledger)
+    walk(ledger, second.id, *HAPPY)
+    third = discover(ledger)
+    assert (first.version, second.version, third.version, other.version) == (1, 2, 3, 1)
+    assert discover(ledger, rule="r2").version == 1   # versions are per (rule, path)
+    assert ledger.live("r", P) == ledger.get(third.id)
+
+
+def test_one_live_row_per_rule_and_path(ledger: Ledger) -> None:
+    rec = discover(ledger)
+    with pytest.raises(sqlite3.IntegrityError):
+        discover(ledger)
+    walk(ledger, rec.id, E.COMPLETED, E.FAILED_PERMANENT)   # quarantined is still live
+    with pytest.raises(sqlite3.IntegrityError):
+        discover(ledger)
+    assert len(list(ledger.iter_all())) == 1   # the failed insert left nothing behind
+    # the ledger is usable after the failed insert (its transaction was rolled back)
+    assert discover(ledger, path=b"/daq/other").state is S.DISCOVERED
+
+
+def test_reopening_keeps_everything(tmp_path: Path, clock: Any) -> None:
+    path = tmp_path / "ledger.sqlite"
+    led = Ledger(path, clock=clock)
+    rec = walk(led, discover(led).id, E.COMPLETED)
+    rec = led.transition(rec.id, S.COMPLETE, E.HASHED, blake3="b3", adler32="00000001", scope="s", name="n")
+    led.record_replica(rec.id, "a", "file:///a/n", 10, "00000001", "written")
+    led.notice("r", b"/daq/link", "symlink", "symlinks are never followed")
+    led.close()
+
+    again = Ledger(path, clock=clock)
+    try:
+        assert again.get(rec.id) == rec
+        assert [h["event"] for h in again.history(rec.id)] == ["discovered", "completed", "hashed"]
+        assert again.replicas(rec.id)[0]["url"] == "file:///a/n"
+        assert again.notices()[0]["relpath"] == "/daq/link"
+        assert discover(again, path=b"/daq/next").id == rec.id + 1
+    finally:
+        again.close()
+
+
+def test_restat(ledger: Ledger, clock: Any) -> None:
+    rec = discover(ledger, size=10)
+    clock.advance(7)
+    rec2 = ledger.restat(rec.id, dev=1, inode=5, size=20, mtime_ns=456)
+    assert (rec2.size, rec2.mtime_ns, rec2.changed_at, rec2.state) == (20, 456, clock.now, S.DISCOVERED)
+    assert len(ledger.history(rec.id)) == 1   # not an event
+
+
+def _hashed(led: Ledger, path: bytes, blake3: str, name: str = "n", scope: str = "s") -> Any:
+    rec = walk(led, discover(led, path=path).id, E.COMPLETED)
+    return led.transition(rec.id, S.COMPLETE, E.HASHED, blake3=blake3, scope=scope, name=name)
+
+
+def test_name_taken(ledger: Ledger) -> None:
+    old = _hashed(ledger, b"/daq/f", "AAAA")
+    new = _hashed(ledger, b"/daq/g", "BBBB")
+    # the older version is only hashed: it holds nothing in the lake yet
+    assert not ledger.name_taken("s", "n", "BBBB", new.id)
+    walk(ledger, old.id, E.REGISTERED)
+    assert ledger.name_taken("s", "n", "BBBB", new.id)
+    assert not ledger.name_taken("s", "n", "AAAA", new.id)     # the same content is not a clash
+    assert not ledger.name_taken("s", "n", "BBBB", old.id)     # a row never clashes with itself
+    assert not ledger.name_taken("other", "n", "BBBB", new.id)
+    assert not ledger.name_taken("s", "m", "BBBB", new.id)
+    walk(ledger, old.id, E.TRANSFERRED, E.CONFIRMED, E.DELETED)
+    assert ledger.name_taken("s", "n", "BBBB", new.id)         # a deleted local copy still holds the DID
+
+
+def test_replicas_upsert(ledger: Ledger, clock: Any) -> None:
+    rec = discover(ledger)
+    ledger.record_replica(rec.id, "b", "file:///b/x", 10, "0000000a", "written")
+    ledger.record_replica(rec.id, "a", "file:///a/x", 10, "0000000a", "written")
+    clock.advance(5)
+    ledger.record_replica(rec.id, "a", "file:///a/x", 9, "ffffffff", "bad")
+    reps = ledger.replicas(rec.id)
+    assert [(r["location"], r["state"], r["size"], r["adler32"]) for r in reps] == [
+        ("a", "bad", 9, "ffffffff"), ("b", "written", 10, "0000000a")]
+    assert reps[0]["at"] == clock.now
+    assert ledger.replicas(rec.id + 1) == []
+
+
+def test_notices(ledger: Ledger, clock: Any) -> None:
+    assert ledger.notice("r", b"/daq/l", "symlink", "to /etc") is True
+    clock.advance(1)
+    assert ledger.notice("r", b"/daq/l", "symlink", "to /etc") is False   # the same again: not news
+    clock.advance(1)
+    assert ledger.notice("r", b"/daq/l", "symlink", "to /tmp") is True    # changed detail: news
+    clock.advance(1)
+    assert ledger.notice("r", b"/daq/\xff", "fifo", "not a regular file") is True
+    ns = ledger.notices()
+    assert [n["relpath"] for n in ns] == ["/daq/\\xff", "/daq/l"]
+    first = ns[1]
+    assert (first["count"], first["detail"], first["last_seen"] - first["first_seen"]) == (3, "to /tmp", 2)
+    ledger.clear_notice(b"/daq/l")
+    assert [n["relpath"] for n in ledger.notices()] == ["/daq/\\xff"]
+
+
+def test_non_utf8_path_round_trips(ledger: Ledger) -> None:
+    raw = b"/daq/run\xff\xfe/f\x80.fits"
+    rec = discover(ledger, path=raw)
+    assert rec.relpath == "/daq/run\\xff\\xfe/f\\x80.fits"
+    got = ledger.get(rec.id)
+    assert got.path == raw and isinstance(got.path, bytes)
+    assert got.fspath.encode("utf-8", "surrogateescape") == raw
+    assert ledger.live("r", raw) == got
+    assert raw in ledger.live_paths("r")
+    assert got.to_json()["path"] == "/daq/run\\xff\\xfe/f\\x80.fits"
+
+
+def test_due_orders_by_priority_then_time(ledger: Ledger) -> None:
+    a = walk(ledger, discover(ledger, path=b"/a", priority=0).id, E.COMPLETED)
+    b = walk(ledger, discover(ledger, path=b"/b", priority=5).id, E.COMPLETED)
+    c = walk(ledger, discover(ledger, path=b"/c", priority=0).id, E.COMPLETED)
+    ledger.set_next_at(a.id, 20.0)
+    ledger.set_next_at(c.id, 10.0)
+    d = walk(ledger, discover(ledger, path=b"/d", priority=9).id, E.COMPLETED)
+    ledger.set_next_at(d.id, 100.0)   # not due yet
+    assert [r.id for r in ledger.due([S.COMPLETE], now=50.0, limit=10)] == [b.id, c.id, a.id]
+    assert [r.id for r in ledger.due([S.COMPLETE], now=50.0, limit=10, exclude=[c.id])] == [b.id, a.id]
+    assert [r.id for r in ledger.due([S.COMPLETE], now=50.0, limit=1)] == [b.id]
+    assert ledger.due([S.HASHED], now=1e12, limit=10) == []
+
+
+def test_counts_and_queries(ledger: Ledger) -> None:
+    a = discover(ledger, path=b"/daq/a.fits", size=10)
+    b = discover(ledger, path=b"/daq/b.fits", size=32)
+    walk(ledger, b.id, E.COMPLETED)
+    assert sorted(ledger.counts()) == [("r", "complete", 1, 32), ("r", "discovered", 1, 10)]
+    assert [r.id for r in ledger.find("b.fits")] == [b.id]
+    assert [r.id for r in ledger.find(str(a.id))] == [a.id]
+    assert [r.id for r in ledger.in_states([S.COMPLETE, S.DISCOVERED])] == [a.id, b.id]
+    assert ledger.in_states([S.COMPLETE], rule="other") == []
+    assert ledger.oldest_unconfirmed() == ledger.get(a.id)
+    with pytest.raises(KeyError):
+        ledger.get(12345)
+
+
+def test_deleted_bytes_since(ledger: Ledger, clock: Any) -> None:
+    rec = discover(ledger, size=42)
+    walk(ledger, rec.id, *HAPPY)
+    assert ledger.deleted_bytes_since(clock.now) == [(clock.now, 42)]
+    assert ledger.deleted_bytes_since(clock.now + 1) == []

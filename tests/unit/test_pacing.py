@@ -1,0 +1,113 @@
+"""The bandwidth Throttle with an injected clock, local time and sleep: no real time passes."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from typing import Any
+
+import pytest
+
+from edge_agent.core.policy import Window
+from edge_agent.transfer.pacing import Throttle
+
+MB = 1_000_000
+
+
+class World:
+    """One fake clock drives monotonic time, wall-clock local time and sleep."""
+
+    def __init__(self, clock: Any, local_start: dt.datetime) -> None:
+        self.clock = clock
+        self.t0 = clock.now
+        self.local_start = local_start
+
+    def local_time(self) -> dt.time:
+        return (self.local_start + dt.timedelta(seconds=self.clock.now - self.t0)).time()
+
+    def throttle(self, mbps: float, windows: list[Window] | None = None) -> Throttle:
+        return Throttle(mbps, windows or [], clock=self.clock, local_time=self.local_time, sleep=self.clock.sleep)
+
+
+@pytest.fixture
+def world(clock: Any) -> World:
+    return World(clock, dt.datetime(2024, 3, 10, 12, 0, 0))
+
+
+def test_unlimited_returns_at_once(world: World, clock: Any) -> None:
+    th = world.throttle(0)
+    assert th.rate() == math.inf
+    for _ in range(100):
+        th(64 * MB)
+    assert clock.slept == []
+
+
+@pytest.mark.parametrize(("mbps", "chunk", "chunks"), [(1, 100_000, 50), (10, 1 * MB, 30), (2.5, 8192, 400)])
+def test_cap_makes_total_sleep_match_bytes_over_rate(world: World, clock: Any, mbps: float, chunk: int,
+                                                     chunks: int) -> None:
+    th = world.throttle(mbps)
+    assert th.rate() == mbps * MB
+    for _ in range(chunks):
+        th(chunk)
+    assert sum(clock.slept) == pytest.approx(chunk * chunks / (mbps * MB), rel=1e-6, abs=0.002)
+
+
+def test_chunks_bigger_than_the_rate_are_paced_too(world: World, clock: Any) -> None:
+    th = world.throttle(1)
+    for _ in range(4):
+        th(3 * MB)
+    total = 12 * MB / MB
+    # the last chunk goes out on credit: its time is paid by whoever sends next
+    assert total - 3 - 0.01 <= sum(clock.slept) <= total + 0.01
+    th(1)
+    assert sum(clock.slept) == pytest.approx(total, abs=0.01)
+
+
+def test_idle_time_allows_at_most_one_second_of_burst(world: World, clock: Any) -> None:
+    th = world.throttle(1)
+    clock.advance(3600)                 # idle for an hour
+    for _ in range(10):
+        th(MB // 2)                     # 5 MB: 1 MB may go at once, the rest at 1 MB/s
+    assert sum(clock.slept) == pytest.approx(4.0, abs=0.01)
+
+
+def test_a_paused_window_sleeps_until_it_ends(clock: Any) -> None:
+    w = World(clock, dt.datetime(2024, 3, 10, 5, 59, 55, 500_000))
+    night = Window(dt.time(20, 0), dt.time(6, 0), 0.0)   # crosses midnight, 0 = paused
+    th = w.throttle(0, [night])
+    assert th.rate() == 0
+    th(MB)
+    assert w.local_time() >= dt.time(6, 0)               # it did not return before the window ended
+    assert sum(clock.slept) == pytest.approx(4.5, abs=1.01)
+    assert max(clock.slept) <= 1.0                       # wakes up regularly to look at the window again
+    assert len(clock.slept) <= 6                         # ... but does not spin while paused
+    assert th.rate() == math.inf
+
+
+def test_a_paused_window_then_the_default_cap(clock: Any) -> None:
+    w = World(clock, dt.datetime(2024, 3, 10, 5, 59, 58))
+    th = w.throttle(1, [Window(dt.time(20, 0), dt.time(6, 0), 0.0)])
+    th(MB // 2)
+    th(MB // 2)
+    # ~2 s paused, then 1 MB at 1 MB/s
+    assert sum(clock.slept) == pytest.approx(3.0, abs=1.01)
+    assert w.local_time() >= dt.time(6, 0)
+
+
+def test_window_cap_applies_inside_the_window(clock: Any) -> None:
+    w = World(clock, dt.datetime(2024, 3, 10, 23, 0, 0))
+    th = w.throttle(0, [Window(dt.time(22, 0), dt.time(2, 0), 2.0)])
+    assert th.rate() == 2 * MB
+    for _ in range(10):
+        th(MB)
+    assert sum(clock.slept) == pytest.approx(5.0, abs=0.01)
+
+
+def test_rate_follows_local_time(clock: Any) -> None:
+    w = World(clock, dt.datetime(2024, 3, 10, 8, 59, 59))
+    th = w.throttle(0, [Window(dt.time(9, 0), dt.time(17, 0), 5.0)])
+    assert th.rate() == math.inf
+    clock.advance(1)
+    assert th.rate() == 5 * MB
+    clock.advance(8 * 3600)
+    assert th.rate() == math.inf

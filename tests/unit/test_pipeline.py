@@ -1,0 +1,519 @@
+"""The pipeline's steps with a real ledger, real files and real posix copies, behind a FAKE catalogue.
+
+The fake catalogue keeps its state in dicts, writes through PosixTransport into tmp_path,
+and can be told to fail or to lie about the replicas it holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edge_agent.core.lifecycle import Event, State
+from edge_agent.core.policy import PATH_NAME_RE, Replica
+from edge_agent.errors import PermanentError, RetryableError
+from edge_agent.lake.base import Catalogue, LakeFile, Target
+from edge_agent.ledger import FileRecord, Ledger
+from edge_agent.pipeline import MAX_BAD_COPIES, MAX_UNEXPECTED, Hooks, Pipeline
+from edge_agent.settings import Settings
+from edge_agent.transfer.posix import PosixTransport
+
+S, E = State, Event
+WORKING = (S.COMPLETE, S.HASHED, S.REGISTERED, S.TRANSFERRED, S.CONFIRMED)
+DATA = b"SIMPLE  =                    T / a FITS file, more or less\n" * 500
+
+
+def adler(data: bytes) -> str:
+    return f"{zlib.adler32(data) & 0xFFFFFFFF:08x}"
+
+
+class FakeLake(Catalogue):
+    """A catalogue in memory; the agent writes the copies (into tmp dirs) like the local lake."""
+
+    name_pattern = PATH_NAME_RE
+
+    def __init__(self, roots: dict[str, Path], writes_copies: bool = True) -> None:
+        self.roots = roots
+        self.writes_copies = writes_copies
+        self.transport = PosixTransport(fsync=False)
+        self.dids: dict[str, LakeFile] = {}
+        self.replica_urls: dict[tuple[str, str], str] = {}
+        self.released: list[str] = []
+        self.requested: list[str] = []
+        self.register_error: Exception | None = None
+        self.lie: Callable[[Replica], Replica] | None = None
+        self.calls: list[str] = []
+        self.rule_state: str | None = None   # None: no replication rule (the agent writes every copy)
+
+    def register(self, f: LakeFile) -> None:
+        self.calls.append("register")
+        if self.register_error is not None:
+            raise self.register_error
+        old = self.dids.get(f.did)
+        if old is not None and (old.size, old.adler32) != (f.size, f.adler32):
+            raise PermanentError(f"DID {f.did} already exists with other content")
+        self.dids[f.did] = f
+
+    def url(self, location: str, f: LakeFile) -> str:
+        return str(self.roots[location] / f.scope / f.name)
+
+    def targets(self, f: LakeFile) -> list[Target]:
+        if not self.writes_copies:
+            return []
+        return [Target(loc, self.url(loc, f), self.transport) for loc in f.destinations]
+
+    def add_replica(self, f: LakeFile, location: str, url: str) -> None:
+        self.calls.append(f"add_replica {location}")
+        self.replica_urls[(f.did, location)] = url
+
+    def request_copies(self, f: LakeFile) -> str | None:
+        self.requested.append(f.did)
+        return None if self.rule_state is None else f"rule-{len(self.requested)}"
+
+    def copies_state(self, f: LakeFile, ref: str | None) -> str | None:
+        return self.rule_state
+
+    def replicas(self, f: LakeFile) -> list[Replica]:
+        out = []
+        for loc in f.destinations:
+            url = self.replica_urls.get((f.did, loc))
+            st = self.transport.stat(url) if url else None
+            if st is None:
+                continue
+            r = Replica(loc, st.size, st.adler32, True, url or "")
+            out.append(self.lie(r) if self.lie else r)
+        return out
+
+    def release(self, f: LakeFile) -> None:
+        self.released.append(f.did)
+
+    def health(self) -> str | None:
+        return None
+
+
+class Env:
+    def __init__(self, tmp: Path, clock: Any, settings: Settings) -> None:
+        self.tmp, self.clock, self.s = tmp, clock, settings
+        self.daq = tmp / "daq"
+        self.daq.mkdir(exist_ok=True)
+        self.roots = {"a": tmp / "lake-a", "b": tmp / "lake-b"}
+        for r in self.roots.values():
+            r.mkdir(exist_ok=True)
+        self.ledger = Ledger(settings.ledger_path, clock=clock)
+        self.lake = FakeLake(self.roots)
+        self.hashed: list[int] = []
+        self.sent: dict[str, int] = {}
+        hooks = Hooks(bytes_hashed=lambda rule, n: self.hashed.append(n),
+                      bytes_sent=lambda rule, loc, n: self.sent.__setitem__(loc, self.sent.get(loc, 0) + n))
+        self.pipeline = Pipeline(settings, self.ledger, self.lake, pace=lambda n: None, hooks=hooks,
+                                 clock=clock, rand=lambda: 0.5)
+
+    def add(self, rel: str = "run42/f1.fits", data: bytes = DATA) -> FileRecord:
+        """A file the watcher found and judged complete."""
+        p = self.daq / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+        st = os.stat(p)
+        rec = self.ledger.discover("r", os.fsencode(p), rel, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, 0)
+        return self.ledger.transition(rec.id, S.DISCOVERED, E.COMPLETED)
+
+    def step(self, fid: int) -> FileRecord:
+        self.pipeline.run_step(self.ledger.get(fid))
+        return self.ledger.get(fid)
+
+    def drive(self, fid: int, max_steps: int = 12) -> FileRecord:
+        """Run steps until the file leaves the working states or a step does not move it."""
+        rec = self.ledger.get(fid)
+        for _ in range(max_steps):
+            if rec.state not in WORKING:
+                return rec
+            new = self.step(fid)
+            if new.state is rec.state:
+                return new
+            rec = new
+        return rec
+
+    def retry_due(self, fid: int) -> FileRecord:
+        """What the runner does when a backoff is over."""
+        rec = self.ledger.get(fid)
+        assert rec.state is S.RETRY_WAIT
+        self.clock.now = max(self.clock.now, rec.next_at)
+        return self.ledger.transition(fid, S.RETRY_WAIT, E.RETRY_DUE)
+
+    def copy(self, loc: str, rec: FileRecord) -> Path:
+        return self.roots[loc] / str(rec.scope) / str(rec.name)
+
+    def events(self, fid: int) -> list[str]:
+        return [h["event"] for h in self.ledger.history(fid)]
+
+
+@pytest.fixture
+def make_env(tmp_path: Path, clock: Any, settings_data: Callable[..., dict[str, Any]]
+             ) -> Any:
+    envs: list[Env] = []
+
+    def make(rule: dict[str, Any] | None = None, **top: Any) -> Env:
+        env = Env(tmp_path, clock, Settings(**settings_data(tmp_path, rule=rule, **top)))
+        envs.append(env)
+        return env
+    yield make
+    for e in envs:
+        e.ledger.close()
+
+
+@pytest.fixture
+def env(make_env: Any) -> Env:
+    return make_env()
+
+
+# ---------------------------------------------------------------- the happy path
+
+def test_happy_path_complete_to_deleted(env: Env, clock: Any) -> None:
+    rec = env.add()
+    local = Path(rec.fspath)
+    end = env.drive(rec.id)
+    assert end.state is S.DELETED
+    assert not local.exists()
+    assert (end.size, end.adler32, end.did, end.version) == (len(DATA), adler(DATA), "test:run42/f1.fits", 1)
+    assert end.deleted_at == clock.now and end.confirmed_at == clock.now
+    for loc in ("a", "b"):
+        assert env.copy(loc, end).read_bytes() == DATA
+    assert env.events(rec.id) == ["discovered", "completed", "hashed", "registered", "copy_written",
+                                  "copy_written", "transferred", "confirmed", "deleted"]
+    assert [(r["location"], r["state"]) for r in env.ledger.replicas(rec.id)] == [("a", "written"),
+                                                                                 ("b", "written")]
+    assert set(env.lake.dids) == {"test:run42/f1.fits"}
+    assert env.lake.dids["test:run42/f1.fits"].dataset and env.lake.dids["test:run42/f1.fits"].dataset.startswith("r.")
+    assert env.lake.released == ["test:run42/f1.fits"] and env.lake.requested == ["test:run42/f1.fits"]
+    assert sum(env.hashed) == len(DATA) and env.sent == {"a": len(DATA), "b": len(DATA)}
+    # the deletion is recorded with its evidence
+    deleted = env.ledger.history(rec.id)[-1]["detail"]
+    assert deleted["outcome"] == "deleted" and len(deleted["replicas"]) == 2
+    assert {r["adler32"] for r in deleted["replicas"]} == {adler(DATA)}
+
+
+def test_each_step_is_one_transition(env: Env) -> None:
+    rec = env.add()
+    states = [env.step(rec.id).state for _ in range(4)]
+    assert states == [S.HASHED, S.REGISTERED, S.TRANSFERRED, S.DELETED]  # confirm deletes at once
+
+
+def test_a_crash_after_a_copy_repeats_only_what_is_missing(env: Env) -> None:
+    rec = env.drive(env.add().id, max_steps=2)
+    assert rec.state is S.REGISTERED
+    # as if the agent died after writing copy a and recording it
+    f = env.pipeline.lake_file(rec)
+    env.roots["a"].joinpath("test/run42").mkdir(parents=True)
+    env.copy("a", rec).write_bytes(DATA)
+    env.lake.add_replica(f, "a", str(env.copy("a", rec)))
+    env.ledger.record_replica(rec.id, "a", str(env.copy("a", rec)), len(DATA), adler(DATA), "written")
+    env.sent.clear()
+    assert env.drive(rec.id).state is S.DELETED
+    assert env.sent == {"b": len(DATA)}
+
+
+def test_metadata_and_sidecar(make_env: Any) -> None:
+    env = make_env(rule={"completion": ["sidecar"], "metadata": {"telescope": "LST-1"}})
+    rec = env.add("f1.fits")
+    sidecar = Path(rec.fspath + ".json")
+    sidecar.write_text(json.dumps({"run": 42, "telescope": "LST-2"}))
+    rec = env.step(rec.id)
+    assert rec.meta == {"telescope": "LST-2", "run": 42}     # the sidecar wins over the rule
+    assert env.drive(rec.id).state is S.DELETED
+    assert not sidecar.exists()                              # companions go with the data file
+
+
+def test_a_rewritten_file_gets_a_versioned_name(env: Env) -> None:
+    first = env.drive(env.add("f1.fits", b"first night").id)
+    assert first.state is S.DELETED and first.name == "f1.fits"
+    second = env.drive(env.add("f1.fits", b"second, different night").id)
+    assert second.state is S.DELETED
+    assert (second.version, second.name) == (2, "f1.fits.v2")
+    assert env.copy("a", first).read_bytes() == b"first night"   # the first version's copy is intact
+
+
+# ---------------------------------------------------------------- evidence that does not hold
+
+def test_a_lying_storage_is_never_trusted(env: Env) -> None:
+    env.lake.lie = lambda r: dataclasses.replace(r, adler32="deadbeef")
+    rec = env.add()
+    local = Path(rec.fspath)
+    for _ in range(10):
+        rec = env.drive(rec.id)
+        assert rec.state is not S.DELETED
+        assert local.read_bytes() == DATA
+        if rec.state is not S.RETRY_WAIT:
+            break
+        env.retry_due(rec.id)
+    assert rec.state in (S.RETRY_WAIT, S.QUARANTINED, S.TRANSFERRED)
+    bad = [r for r in env.ledger.replicas(rec.id) if r["state"] == "bad"]
+    assert {r["location"] for r in bad} == {"a", "b"}
+    assert "confirmed" not in env.events(rec.id)
+
+
+def test_a_lying_storage_is_rewritten_a_bounded_number_of_times(env: Env) -> None:
+    # pipeline.py: "A destination that keeps handing back a wrong checksum is not tried forever"
+    env.lake.lie = lambda r: dataclasses.replace(r, adler32="deadbeef")
+    rec = env.add()
+    for _ in range(MAX_BAD_COPIES + 3):
+        rec = env.drive(rec.id)
+        if rec.state is not S.RETRY_WAIT:
+            break
+        env.retry_due(rec.id)
+    assert rec.state is S.QUARANTINED
+    assert rec.reason and "keep failing verification" in rec.reason
+    assert Path(rec.fspath).read_bytes() == DATA
+
+
+def test_a_lying_lake_that_replicates_itself_makes_the_file_wait(env: Env, clock: Any) -> None:
+    env.lake.lie = lambda r: dataclasses.replace(r, size=(r.size or 0) + 1)
+    rec = env.drive(env.add().id, max_steps=3)
+    assert rec.state is S.TRANSFERRED
+    env.lake.writes_copies = False            # e.g. Rucio: the lake makes the copies, nothing to rewrite
+    rec = env.step(rec.id)
+    assert rec.state is S.TRANSFERRED
+    assert rec.next_at == clock.now + env.s.confirm_interval_seconds
+    assert Path(rec.fspath).exists()
+
+
+def test_replicas_are_checked_again_before_deleting(make_env: Any, clock: Any) -> None:
+    env = make_env(rule={"delete": "keep", "keep_hours": 1})
+    rec = env.drive(env.add().id)
+    assert rec.state is S.CONFIRMED
+    env.copy("b", rec).write_bytes(b"rotted" + DATA[6:])     # a copy goes bad during the keep period
+    clock.advance(3600)
+    rec = env.step(rec.id)
+    assert rec.state is S.CONFIRMED and Path(rec.fspath).exists()
+    assert rec.next_at > clock.now
+
+
+def test_a_file_modified_after_hashing_is_superseded(env: Env) -> None:
+    rec = env.step(env.add().id)
+    assert rec.state is S.HASHED
+    local = Path(rec.fspath)
+    local.write_bytes(DATA.replace(b"T /", b"F /"))          # same size, other bytes
+    rec = env.drive(rec.id)
+    assert rec.state is S.SUPERSEDED
+    assert rec.reason and "changed since it was hashed" in rec.reason
+    assert local.read_bytes() == DATA.replace(b"T /", b"F /")  # never deleted
+    # no copy of the wrong bytes was left in the lake under the final name
+    assert not env.copy("a", rec).exists() and not env.copy("b", rec).exists()
+    assert env.ledger.live("r", rec.path) is None             # the watcher will discover a new version
+
+
+def test_a_file_modified_after_confirmation_is_superseded_not_deleted(make_env: Any, clock: Any) -> None:
+    env = make_env(rule={"delete": "keep", "keep_hours": 1})
+    rec = env.drive(env.add().id)
+    assert rec.state is S.CONFIRMED
+    local = Path(rec.fspath)
+    with open(local, "ab") as fh:
+        fh.write(b"appended after the copies were made")
+    clock.advance(3600)
+    rec = env.step(rec.id)
+    assert rec.state is S.SUPERSEDED
+    assert local.exists() and local.read_bytes().endswith(b"appended after the copies were made")
+
+
+def test_a_file_changed_before_hashing_goes_back_to_discovered(env: Env) -> None:
+    rec = env.add()
+    with open(rec.fspath, "ab") as fh:
+        fh.write(b"still writing")
+    rec = env.step(rec.id)
+    assert rec.state is S.DISCOVERED and rec.blake3 is None
+
+
+def test_a_file_gone_before_hashing_is_superseded(env: Env) -> None:
+    rec = env.add()
+    os.unlink(rec.fspath)
+    rec = env.step(rec.id)
+    assert rec.state is S.SUPERSEDED and rec.reason and "vanished" in rec.reason
+
+
+def test_a_file_gone_before_its_copies_is_quarantined(env: Env) -> None:
+    rec = env.drive(env.add().id, max_steps=2)
+    assert rec.state is S.REGISTERED
+    os.unlink(rec.fspath)
+    rec = env.step(rec.id)
+    assert rec.state is S.QUARANTINED and rec.resume_state is S.REGISTERED
+    assert rec.reason and "vanished" in rec.reason
+
+
+# ---------------------------------------------------------------- failures
+
+def test_retryable_register_error_waits_with_backoff(env: Env, clock: Any) -> None:
+    env.lake.register_error = RetryableError("lake answered 503")
+    rec = env.drive(env.add().id)
+    assert rec.state is S.RETRY_WAIT
+    assert (rec.resume_state, rec.attempts, rec.reason) == (S.HASHED, 1, "lake answered 503")
+    assert rec.next_at > clock.now
+    assert rec.next_at == clock.now + env.s.retry.base_seconds    # rand = 0.5: no jitter
+    assert env.ledger.history(rec.id)[-1]["detail"]["retry_in_s"] == env.s.retry.base_seconds
+    # the second failure waits twice as long
+    env.retry_due(rec.id)
+    rec = env.step(rec.id)
+    assert rec.attempts == 2 and rec.next_at == clock.now + 2 * env.s.retry.base_seconds
+    # the lake is back
+    env.lake.register_error = None
+    env.retry_due(rec.id)
+    rec = env.drive(rec.id)
+    assert rec.state is S.DELETED and rec.attempts == 0 and rec.reason is None
+
+
+def test_permanent_register_error_quarantines_with_the_reason(env: Env) -> None:
+    env.lake.register_error = PermanentError("DID test:run42/f1.fits exists with other content")
+    rec = env.drive(env.add().id)
+    assert rec.state is S.QUARANTINED
+    assert rec.reason == "DID test:run42/f1.fits exists with other content"
+    assert rec.resume_state is S.HASHED
+    assert Path(rec.fspath).read_bytes() == DATA
+    # the operator fixes it and retries
+    env.lake.register_error = None
+    env.ledger.transition(rec.id, S.QUARANTINED, E.OPERATOR_RETRY)
+    assert env.drive(rec.id).state is S.DELETED
+
+
+def test_unexpected_errors_are_retried_then_quarantined(env: Env) -> None:
+    env.lake.register_error = ZeroDivisionError("a bug")
+    rec = env.add()
+    for _ in range(MAX_UNEXPECTED + 2):
+        rec = env.drive(rec.id)
+        if rec.state is not S.RETRY_WAIT:
+            break
+        env.retry_due(rec.id)
+    assert rec.state is S.QUARANTINED
+    assert rec.reason and "unexpected ZeroDivisionError: a bug" in rec.reason
+    assert env.lake.calls.count("register") == MAX_UNEXPECTED
+
+
+def test_zero_byte_file_is_quarantined(env: Env) -> None:
+    rec = env.drive(env.add("empty.fits", b"").id)
+    assert rec.state is S.QUARANTINED and rec.resume_state is S.COMPLETE
+    assert rec.reason and "zero-byte" in rec.reason
+    assert Path(rec.fspath).exists()
+    assert env.lake.calls == []
+
+
+def test_zero_byte_file_allowed(make_env: Any) -> None:
+    env = make_env(rule={"allow_empty": True})
+    rec = env.drive(env.add("empty.fits", b"").id)
+    assert rec.state is S.DELETED and rec.adler32 == "00000001"
+
+
+def test_a_bad_name_is_quarantined(make_env: Any) -> None:
+    env = make_env(rule={"name_template": "{filename}"})
+    rec = env.drive(env.add("run42/bad name.fits").id)
+    assert rec.state is S.QUARANTINED and rec.reason and "name pattern" in rec.reason
+
+
+# ---------------------------------------------------------------- deletion policies
+
+def test_dry_run_never_deletes(make_env: Any, clock: Any) -> None:
+    env = make_env(dry_run=True)
+    rec = env.drive(env.add().id)
+    assert rec.state is S.CONFIRMED
+    assert Path(rec.fspath).read_bytes() == DATA
+    assert env.copy("a", rec).exists() and env.copy("b", rec).exists()
+    assert rec.next_at == clock.now + env.s.confirm_interval_seconds
+    for _ in range(3):
+        clock.advance(10 * 86400)
+        assert env.step(rec.id).state is S.CONFIRMED
+    assert Path(rec.fspath).exists() and "deleted" not in env.events(rec.id)
+
+
+def test_delete_never_keeps_the_file(make_env: Any, clock: Any) -> None:
+    env = make_env(rule={"delete": "never"})
+    rec = env.drive(env.add().id)
+    assert rec.state is S.CONFIRMED and rec.next_at == clock.now + 3600
+    clock.advance(365 * 86400)
+    assert env.step(rec.id).state is S.CONFIRMED
+    assert Path(rec.fspath).read_bytes() == DATA
+
+
+def test_keep_hours_waits_then_deletes(make_env: Any, clock: Any) -> None:
+    env = make_env(rule={"delete": "keep", "keep_hours": 2})
+    rec = env.drive(env.add().id)
+    assert rec.state is S.CONFIRMED
+    assert rec.confirmed_at is not None
+    assert rec.next_at == rec.confirmed_at + 2 * 3600
+    clock.advance(2 * 3600 - 1)
+    assert env.step(rec.id).state is S.CONFIRMED
+    assert Path(rec.fspath).exists()
+    clock.advance(1)
+    assert env.step(rec.id).state is S.DELETED
+    assert not Path(rec.fspath).exists()
+
+
+def test_a_file_still_open_for_writing_is_not_deleted(env: Env, clock: Any) -> None:
+    writers: dict[tuple[int, int], int] = {}
+    env.pipeline = Pipeline(env.s, env.ledger, env.lake, pace=lambda n: None, clock=clock, rand=lambda: 0.5,
+                            open_writers=lambda dev, ino: writers.get((dev, ino), 0))
+    rec = env.add()
+    st = os.stat(rec.fspath)
+    writers[(st.st_dev, st.st_ino)] = 1
+    rec = env.drive(rec.id)
+    assert rec.state is S.CONFIRMED and Path(rec.fspath).exists()
+    assert rec.next_at > clock.now
+    writers.clear()
+    clock.advance(env.s.confirm_interval_seconds)
+    assert env.step(rec.id).state is S.DELETED
+
+
+def test_a_local_file_removed_by_someone_else_after_confirmation(make_env: Any, clock: Any) -> None:
+    env = make_env(rule={"delete": "keep", "keep_hours": 1})
+    rec = env.drive(env.add().id)
+    os.unlink(rec.fspath)
+    clock.advance(3600)
+    rec = env.step(rec.id)
+    assert rec.state is S.DELETED
+    assert env.ledger.history(rec.id)[-1]["detail"]["outcome"] == "gone"
+
+
+def test_one_copy_rule(make_env: Any) -> None:
+    env = make_env(rule={"copies": 1, "destinations": ["b"]})
+    rec = env.drive(env.add().id)
+    assert rec.state is S.DELETED
+    assert env.copy("b", rec).exists() and not env.copy("a", rec).exists()
+
+
+# ---------------------------------------------------------------- a lake that replicates by rule
+
+def test_replicas_do_not_confirm_while_the_rule_is_not_ok(env: Env, clock: Any) -> None:
+    env.lake.rule_state = "REPLICATING"
+    rec = env.drive(env.add().id)
+    assert rec.state is S.TRANSFERRED and rec.lake_ref == "rule-1"
+    assert rec.next_at == clock.now + env.s.confirm_interval_seconds
+    assert Path(rec.fspath).exists()
+    env.lake.rule_state = "OK"
+    clock.advance(env.s.confirm_interval_seconds)
+    rec = env.drive(rec.id)
+    assert rec.state is S.DELETED
+    assert env.ledger.history(rec.id)[-2]["detail"]["rule"] == {"id": "rule-1", "state": "OK"}
+
+
+def test_a_stuck_rule_is_flagged_once_and_nothing_is_deleted(env: Env, clock: Any) -> None:
+    env.lake.rule_state = "STUCK"
+    rec = env.drive(env.add().id)
+    assert rec.state is S.TRANSFERRED
+    assert rec.reason and "rule-1 is STUCK" in rec.reason
+    clock.advance(env.s.confirm_interval_seconds)
+    env.step(rec.id)
+    assert env.events(rec.id).count("stuck") == 1
+    assert Path(rec.fspath).exists()
+
+
+def test_no_deletion_when_the_rule_falls_back_from_ok(make_env: Any, clock: Any) -> None:
+    env = make_env(rule={"delete": "keep", "keep_hours": 1})
+    env.lake.rule_state = "OK"
+    rec = env.drive(env.add().id)
+    assert rec.state is S.CONFIRMED
+    env.lake.rule_state = "SUSPENDED"
+    clock.advance(3600)
+    rec = env.step(rec.id)
+    assert rec.state is S.CONFIRMED and Path(rec.fspath).exists()
