@@ -2,3 +2,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def lake():  # type: ignore[no-untyped-def]
+    """The real Rucio + XRootD lake on loopback (started once per session)."""
+    from lake import start_lake
+    yield from start_lake()

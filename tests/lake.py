@@ -1,0 +1,156 @@
+"""The real lake for tests: Rucio + XRootD on loopback, started once per session by scripts/lake.
+
+Set EDGE_LAKE_ENV=/path/to/lake.env to use a lake that is already running. Otherwise the
+session starts one in /var/tmp (the xrootd user must reach its state directory) and stops it
+at the end. This is the one place that starts these services.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts" / "lake"
+
+
+def read_env(path: Path) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            k, v = line.split("=", 1)
+            env[k.strip()] = v.strip().strip('"')
+    return env
+
+
+class Lake:
+    """A handle on the running lake: its settings, a small Rucio REST client, and the test's
+    stand-ins for the lake's own machinery (FTS replication, the reaper)."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.url = env["EDGE_LAKE_RUCIO_URL"]
+        self.account = env["EDGE_LAKE_RUCIO_ACCOUNT"]
+        self.scope = env["EDGE_LAKE_SCOPE"]
+        self.buf_rse = env["EDGE_LAKE_BUF_RSE"]
+        self.lake_rses = env["EDGE_LAKE_LAKE_RSES"].split()
+        self.http_url = env["EDGE_LAKE_XROOTD_HTTP_URL"]
+        self.root_url = env["EDGE_LAKE_XROOTD_ROOT_URL"]
+        self.data_dir = Path(env["EDGE_LAKE_DATA_DIR"])
+        self.state_dir = Path(env["EDGE_LAKE_STATE_DIR"])
+        self._token: str | None = None
+
+    # ------------------------------------------------------------ Rucio REST
+    def token(self) -> str:
+        if self._token is None:
+            r = httpx.get(self.url + "/auth/userpass", timeout=60, headers={
+                "X-Rucio-Account": self.account, "X-Rucio-Username": self.env["EDGE_LAKE_RUCIO_USERNAME"],
+                "X-Rucio-Password": self.env["EDGE_LAKE_RUCIO_PASSWORD"]})
+            r.raise_for_status()
+            self._token = r.headers["X-Rucio-Auth-Token"]
+        return self._token
+
+    def call(self, method: str, path: str, json: Any = None, ok: tuple[int, ...] = (200, 201)) -> httpx.Response:
+        for _ in range(2):
+            r = httpx.request(method, self.url + path, json=json, timeout=120,
+                              headers={"X-Rucio-Auth-Token": self.token()})
+            if r.status_code == 401:
+                self._token = None
+                continue
+            break
+        if r.status_code not in ok:
+            raise AssertionError(f"{method} {path} -> {r.status_code} {r.headers.get('ExceptionClass')}: "
+                                 f"{r.text[:300]}")
+        return r
+
+    def lines(self, r: httpx.Response) -> list[dict[str, Any]]:
+        import json as _json
+        return [_json.loads(x) for x in r.text.splitlines() if x.strip()]
+
+    def replicas(self, scope: str, name: str) -> dict[str, Any]:
+        """{'bytes', 'adler32', 'states': {RSE: state}, 'pfns'} of one file, all states."""
+        r = self.call("POST", "/replicas/list", {"dids": [{"scope": scope, "name": name}], "all_states": True,
+                                                 "schemes": ["http"]})
+        rows = self.lines(r)
+        return rows[0] if rows else {}
+
+    def rule(self, rule_id: str) -> dict[str, Any]:
+        return self.call("GET", f"/rules/{rule_id}").json()
+
+    def pfn(self, rse: str, scope: str, name: str, scheme: str = "http") -> str:
+        r = self.call("GET", f"/rses/{rse}/lfns2pfns?lfn={scope}:{name}&scheme={scheme}&operation=write")
+        return r.json()[f"{scope}:{name}"]
+
+    def local_path(self, url: str) -> Path:
+        """Where XRootD keeps the bytes of an http:// or root:// URL of this lake."""
+        path = url.split("//", 2)[-1]
+        path = "/" + path.split("/", 1)[1] if not url.startswith("root:") else path
+        return self.data_dir / path.lstrip("/")
+
+    # ------------------------------------------------------------ the lake's own machinery
+    def play_fts(self, scope: str, name: str, dest_rse: str) -> None:
+        """Do what FTS would: copy the file to dest_rse from an AVAILABLE replica, verify its
+        adler32 on the storage, and mark the destination replica AVAILABLE."""
+        info = self.replicas(scope, name)
+        src = next(p for p, meta in info["pfns"].items()
+                   if info["states"].get(meta["rse"]) == "AVAILABLE" and p.startswith("http"))
+        data = httpx.get(src, timeout=120).content
+        assert f"{zlib.adler32(data) & 0xFFFFFFFF:08x}" == info["adler32"], "source replica corrupt"
+        dst = self.pfn(dest_rse, scope, name)
+        r = httpx.put(dst, content=data, timeout=120, headers={"Content-Length": str(len(data))})
+        assert r.status_code in (200, 201, 204), r.text
+        with httpx.Client(timeout=60) as c:   # a fresh connection: see XRootD defect 4 in the notes
+            h = c.head(dst, headers={"Want-Digest": "adler32"})
+        assert h.headers.get("Digest", "").lower() == f"adler32={info['adler32']}", h.headers
+        self.call("PUT", "/replicas", {"rse": dest_rse, "files": [{"scope": scope, "name": name, "state": "A"}]})
+
+    def fail_transfer(self, scope: str, name: str, dest_rse: str) -> None:
+        """What FTS reports for a failed copy: the lock and the rule go STUCK."""
+        self.call("PUT", "/replicas", {"rse": dest_rse, "files": [{"scope": scope, "name": name, "state": "U"}]})
+
+    def daemon(self, name: str, *args: str) -> None:
+        venv = Path(self.env["EDGE_LAKE_VENV"])
+        subprocess.run([str(venv / "bin" / name), "--run-once", *args], check=True, timeout=300,
+                       env={**os.environ, "RUCIO_CONFIG": self.env["EDGE_LAKE_RUCIO_CONFIG"]},
+                       capture_output=True)
+
+    def rucio_down(self) -> None:
+        subprocess.run([str(SCRIPTS / "rucio-down.sh"), str(self.state_dir)], check=True, timeout=120,
+                       capture_output=True)
+
+    def rucio_up(self) -> None:
+        subprocess.run([str(SCRIPTS / "rucio-up.sh"), str(self.state_dir)], check=True, timeout=300,
+                       capture_output=True)
+        self._token = None
+
+    def agent_lake_config(self, **rucio: Any) -> dict[str, Any]:
+        """The [lake] table of an agent config pointing at this lake."""
+        return {"kind": "rucio", "rucio": {
+            "url": self.url, "account": self.account,
+            "auth": {"type": "userpass", "username": self.env["EDGE_LAKE_RUCIO_USERNAME"],
+                     "password": self.env["EDGE_LAKE_RUCIO_PASSWORD"]}, **rucio}}
+
+
+def start_lake() -> Iterator[Lake]:
+    given = os.environ.get("EDGE_LAKE_ENV")
+    if given:
+        yield Lake(read_env(Path(given)))
+        return
+    state = Path(os.environ.get("EDGE_LAKE_TEST_STATE", "/var/tmp/edge-lake-tests"))
+    env = {**os.environ, "EDGE_LAKE_VENV": os.environ.get("EDGE_LAKE_VENV", "/var/tmp/edge-lake-venv")}
+    t0 = time.monotonic()
+    r = subprocess.run([str(SCRIPTS / "start.sh"), str(state)], env=env, capture_output=True, text=True,
+                       timeout=900)
+    if r.returncode != 0:
+        raise RuntimeError(f"scripts/lake/start.sh failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    print(f"\n[lake started in {time.monotonic() - t0:.1f}s in {state}]")
+    try:
+        yield Lake(read_env(state / "lake.env"))
+    finally:
+        subprocess.run([str(SCRIPTS / "stop.sh"), str(state)], env=env, capture_output=True, timeout=120)
