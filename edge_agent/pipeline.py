@@ -139,9 +139,14 @@ class Pipeline:
     def lake_file(self, rec: FileRecord) -> LakeFile:
         rule = self.s.rules[rec.rule]
         assert rec.scope and rec.name and rec.adler32 and rec.blake3 and rec.size is not None
+        container = None
+        if rule.container_template and rec.mtime_ns is not None:
+            container = policy.render(rule.container_template, policy.naming_fields(
+                rec.relpath, rec.mtime_ns / 1e9, rec.rule, rule.night_rollover_hour, rule.tz))
         return LakeFile(rule=rec.rule, scope=rec.scope, name=rec.name, dataset=rec.dataset, size=rec.size,
                         adler32=rec.adler32, md5=rec.md5, blake3=rec.blake3, copies=rule.copies,
-                        destinations=tuple(rule.destinations), local_path=rec.fspath, metadata=rec.meta)
+                        destinations=tuple(rule.destinations), local_path=rec.fspath, metadata=rec.meta,
+                        container=container)
 
     def _recorded_stat(self, rec: FileRecord) -> policy.LocalStat:
         assert rec.inode is not None and rec.size is not None and rec.mtime_ns is not None

@@ -29,6 +29,7 @@ class LakeFile:
     destinations: tuple[str, ...]
     local_path: str
     metadata: dict[str, Any] = field(default_factory=dict)
+    container: str | None = None   # the dataset's container, when the rule names one
 
     @property
     def did(self) -> str:
