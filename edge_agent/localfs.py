@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import stat as stat_mod
 
@@ -39,9 +40,16 @@ def fsync_dir(path: str | bytes) -> None:
         os.close(fd)
 
 
-def deleting_name(path: bytes) -> bytes:
+def sibling_temp(path: bytes, what: bytes) -> bytes:
+    """A hidden agent-temporary name beside `path`, within the 255-byte limit of a file name."""
     d, base = os.path.split(path)
-    return os.path.join(d, b"." + base + AGENT_MARK + b"deleting")
+    if len(base) > 200:
+        base = base[:100] + b"." + hashlib.blake2b(base, digest_size=8).hexdigest().encode()
+    return os.path.join(d, b"." + base + AGENT_MARK + what)
+
+
+def deleting_name(path: bytes) -> bytes:
+    return sibling_temp(path, b"deleting")
 
 
 def guarded_unlink(path: bytes, expected: LocalStat) -> str:

@@ -128,12 +128,12 @@ class Pipeline:
             self._move(rec, Event.SUPERSEDED, {"reason": reason}, reason=reason)
 
     def _vanished(self, rec: FileRecord, reason: str) -> None:
-        if rec.state in (State.COMPLETE,):
-            self._move(rec, Event.SUPERSEDED, {"reason": f"vanished before hashing: {reason}"},
-                       reason=f"vanished before hashing: {reason}")
-        else:
-            self._fail(rec, Event.FAILED_PERMANENT, f"local file vanished before its copies were "
-                       f"confirmed: {reason}")
+        # Renamed (the new name is discovered as a file of its own) or removed by someone else:
+        # either way this version cannot be sent, and retrying cannot bring it back. Said loudly.
+        stage = "hashing" if rec.state is State.COMPLETE else "its copies were written"
+        why = f"vanished before {stage} (renamed or removed by someone else): {reason}"
+        log.warning("file vanished", file_id=rec.id, rule=rec.rule, path=rec.relpath, reason=why)
+        self._move(rec, Event.SUPERSEDED, {"reason": why}, reason=why)
 
     # ------------------------------------------------------------ helpers
     def lake_file(self, rec: FileRecord) -> LakeFile:

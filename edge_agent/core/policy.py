@@ -31,7 +31,9 @@ TEMPLATE_FIELDS = {
 _FORMATTER = string.Formatter()
 
 # Names a path-like lake accepts (the local lake; Rucio with a path-friendly schema).
-PATH_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._\-/+=:]{0,249}$"
+# Letters of any script, digits, space and a few safe marks; no control characters, no
+# backslash (undecodable bytes are shown as \x escapes and so never pass), at most 250.
+PATH_NAME_RE = r"^[\w\-+=:@,~][\w.\-/+=:@,~ ]{0,249}$"
 # Rucio's generic schema: no '/' in names, 250 characters at most.
 RUCIO_GENERIC_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9.\-_]{1,250}$"
 SCOPE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,25}$")

@@ -14,7 +14,7 @@ from urllib.parse import unquote, urlparse
 
 from ..errors import FileChanged, FileVanished, PermanentError, RetryableError
 from ..hashing import CHUNK, Digests, MultiHash, adler32_of, hash_file, read_chunks
-from ..localfs import AGENT_MARK, fsync_dir
+from ..localfs import fsync_dir, sibling_temp
 from .base import Expected, Pacer, RemoteStat, Transport
 
 XATTR = "user.edge_agent.adler32"
@@ -30,15 +30,14 @@ def url_to_path(url: str) -> str:
 
 
 def temp_name(final: str) -> str:
-    d, base = os.path.split(final)
-    return os.path.join(d, "." + base + AGENT_MARK.decode() + "part")
+    return os.fsdecode(sibling_temp(os.fsencode(final), b"part"))
 
 
 def _storage_error(exc: OSError, what: str) -> Exception:
     msg = f"{what}: {exc.strerror or exc}"
     if exc.errno in _RETRYABLE:
         return RetryableError(msg)
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENAMETOOLONG):
         return PermanentError(msg)
     return RetryableError(msg)
 

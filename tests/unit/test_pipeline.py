@@ -336,13 +336,15 @@ def test_a_file_gone_before_hashing_is_superseded(env: Env) -> None:
     assert rec.state is S.SUPERSEDED and rec.reason and "vanished" in rec.reason
 
 
-def test_a_file_gone_before_its_copies_is_quarantined(env: Env) -> None:
+def test_a_file_gone_before_its_copies_is_superseded_and_reported(env: Env) -> None:
+    # renamed (its new name is a file of its own) or removed: retrying cannot bring it back
     rec = env.drive(env.add().id, max_steps=2)
     assert rec.state is S.REGISTERED
     os.unlink(rec.fspath)
     rec = env.step(rec.id)
-    assert rec.state is S.QUARANTINED and rec.resume_state is S.REGISTERED
+    assert rec.state is S.SUPERSEDED
     assert rec.reason and "vanished" in rec.reason
+    assert any(e["reason"] and "vanished" in e["reason"] for e in env.ledger.recent_errors())
 
 
 # ---------------------------------------------------------------- failures
@@ -408,7 +410,7 @@ def test_zero_byte_file_allowed(make_env: Any) -> None:
 
 def test_a_bad_name_is_quarantined(make_env: Any) -> None:
     env = make_env(rule={"name_template": "{filename}"})
-    rec = env.drive(env.add("run42/bad name.fits").id)
+    rec = env.drive(env.add("run42/bad?name.fits").id)
     assert rec.state is S.QUARANTINED and rec.reason and "name pattern" in rec.reason
 
 

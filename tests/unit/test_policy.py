@@ -106,7 +106,8 @@ class TestNightOf:
 
 
 class TestNameProblem:
-    @pytest.mark.parametrize("name", ["run42/f1.fits", "a", "A0/b_c-d.e+f=g:h", "x" * 250])
+    @pytest.mark.parametrize("name", ["run42/f1.fits", "a", "A0/b_c-d.e+f=g:h", "x" * 250, "a b",
+                                      "é.fits", "_leading", "-leading", "日本/観測.fits"])
     def test_good_path_names(self, name: str) -> None:
         assert policy.name_problem(name) is None
 
@@ -118,8 +119,8 @@ class TestNameProblem:
         p = policy.name_problem(name)
         assert p is not None and "segment" in p
 
-    @pytest.mark.parametrize("name", ["a b", "f1.fits\n", "é.fits", "a*b", "_leading", "-leading", "x" * 251,
-                                      "a\\b"])
+    @pytest.mark.parametrize("name", ["f1.fits\n", "a*b", "x" * 251, "a\\b", "bad\\xff.fits", " lead",
+                                      "a\tb", "q?.fits"])
     def test_bad_characters_or_length(self, name: str) -> None:
         p = policy.name_problem(name)
         assert p is not None and "pattern" in p

@@ -228,3 +228,16 @@ def test_delete(dest: Path) -> None:
 
 def test_temp_name_is_hidden_and_marked() -> None:
     assert temp_name("/lake/s/run/f1.fits") == "/lake/s/run/.f1.fits.edge-agent-part"
+
+
+def test_a_name_near_the_255_byte_limit_still_gets_a_temporary_name(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from edge_agent.hashing import hash_file
+    from edge_agent.transfer.base import Expected
+    from edge_agent.transfer.posix import PosixTransport, temp_name
+    src = tmp_path / ("y" * 250)
+    src.write_bytes(b"long")
+    dst = tmp_path / "lake" / ("y" * 250)
+    assert len(os.path.basename(temp_name(str(dst)))) <= 255
+    d = hash_file(src)
+    PosixTransport(fsync=False).put(str(src), str(dst), Expected(d.size, d.blake3, d.adler32), lambda n: None)
+    assert dst.read_bytes() == b"long"

@@ -1,0 +1,468 @@
+"""Copies to HTTP/WebDAV storage: XRootD, dCache, EOS, StoRM (http://, https://, davs://).
+
+One upload, in order:
+  1. HEAD: an identical copy (same size, and an adler32 Digest equal to the recorded one) is
+     success without sending anything. Anything else under the name is DELETEd first: XRootD
+     caches a checksum per whole-second mtime, so an overwrite within the same second would
+     later report the OLD checksum.
+  2. PUT with Content-Length (never chunked: XRootD 5.5 fails or leaves 0-byte files), the body
+     read from the local file once, each chunk paced, hashed and sent in the same pass. A parent
+     collection the server will not create (404/409) is made with MKCOL and the PUT tried once more.
+  3. HEAD + `Want-Digest: adler32` (RFC 3230) on a fresh connection, one at a time per server
+     and never while an upload to that server is in flight (XRootD 5.5 answered keep-alive HEADs
+     with the previous file's digest and crashed when they overlapped with PUTs). Only a Digest
+     named adler32 counts; one that differs is a mismatch and the copy is deleted.
+A failed or abandoned upload is followed by a best-effort DELETE: XRootD keeps a partial file
+that HEAD answers 200 for, so a replica is never counted by its existence.
+
+Tokens and Authorization headers are never logged nor put into error messages, and URLs in
+messages lose their query string (pre-signed URLs carry credentials there).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import os
+import ssl
+import threading
+from typing import Callable, Iterator, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import structlog
+
+from ..errors import ChecksumMismatch, FileChanged, FileVanished, PermanentError, RetryableError
+from ..hashing import CHUNK, Digests, MultiHash
+from .base import Expected, Pacer, RemoteStat, Transport
+
+log = structlog.get_logger("edge_agent.transfer.http")
+
+SCHEMES = ("http", "https", "davs")
+VerifyUpload = Literal["adler32", "size"]
+TokenProvider = Callable[[], "str | None"]
+_OK = (200, 201, 204)
+
+
+# ------------------------------------------------------------------ pure helpers
+def wire_url(url: str) -> str:
+    """davs:// is https:// on the wire (WebDAV over TLS, as Rucio and gfal name it)."""
+    if url.startswith("davs://"):
+        return "https://" + url[len("davs://"):]
+    return url
+
+
+def shown_url(url: str) -> str:
+    """A URL fit for a message: no user:password@, no query string, no fragment."""
+    p = urlsplit(url)
+    netloc = p.hostname or ""
+    if ":" in netloc:
+        netloc = f"[{netloc}]"
+    if p.port:
+        netloc += f":{p.port}"
+    return urlunsplit((p.scheme, netloc, p.path, "", ""))
+
+
+def parse_digests(header: str | None) -> dict[str, str]:
+    """`Digest: adler32=0a1b2c3d, md5=HUXZ...==` -> {"adler32": "0a1b2c3d", "md5": "HUXZ...=="}.
+
+    Names are lower-cased (RFC 3230 says they are case-insensitive); values are kept as sent.
+    """
+    out: dict[str, str] = {}
+    for part in (header or "").split(","):
+        name, sep, value = part.strip().partition("=")
+        if sep and name.strip() and value.strip():
+            out.setdefault(name.strip().lower(), value.strip())
+    return out
+
+
+def adler32_of_digest(header: str | None) -> str | None:
+    """The adler32 named in a Digest header, as 8 lower-case hex digits; None if none is named.
+
+    The NAME matters: XRootD answers adler32 for an algorithm it was not configured for, and a
+    server may answer another algorithm than the one asked for. A value that is not hex is
+    returned as is, so that it compares unequal rather than being mistaken for "no answer".
+    """
+    value = parse_digests(header).get("adler32")
+    if value is None:
+        return None
+    v = value.lower()
+    try:
+        int(v, 16)
+    except ValueError:
+        return v
+    return v.rjust(8, "0") if len(v) <= 8 else v
+
+
+def md5_of_digest(header: str | None) -> str | None:
+    """The md5 named in a Digest header as hex (RFC 3230 sends it base64; some servers hex)."""
+    value = parse_digests(header).get("md5")
+    if value is None:
+        return None
+    if len(value) == 32 and all(c in "0123456789abcdefABCDEF" for c in value):
+        return value.lower()
+    try:
+        return base64.b64decode(value, validate=True).hex()
+    except (binascii.Error, ValueError):
+        return value
+
+
+def status_error(status: int, what: str, reason: str = "") -> Exception:
+    """The taxonomy for an HTTP status that is not success."""
+    detail = f"{what}: HTTP {status}" + (f" {reason}" if reason else "")
+    if status in (401, 403):
+        return PermanentError(f"storage refused {detail} (check the credentials and the storage's "
+                              "authorisation for this path)")
+    if status in (408, 429, 507) or status >= 500:
+        return RetryableError(detail)
+    return PermanentError(detail)
+
+
+def ssl_context(verify: bool | str | ssl.SSLContext = True, cert: str | None = None,
+                key: str | None = None) -> ssl.SSLContext:
+    """A client TLS context: `verify` is on/off, a CA file or directory (e.g. /etc/grid-security/
+    certificates), or a ready context; `cert` (+ `key`, or a proxy that holds both) is presented
+    to the storage."""
+    if isinstance(verify, ssl.SSLContext):
+        ctx = verify
+    elif verify is True:
+        ctx = ssl.create_default_context()
+    elif verify is False:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    elif os.path.isdir(verify):
+        ctx = ssl.create_default_context(capath=verify)
+    else:
+        ctx = ssl.create_default_context(cafile=verify)
+    if cert:
+        ctx.load_cert_chain(cert, key or None)
+    return ctx
+
+
+class HostGates:
+    """Per server (host:port): many uploads at once, or one verification alone.
+
+    A verification waits for the uploads in flight to that server to end, and uploads that
+    arrive meanwhile wait for it (so a steady stream of uploads cannot starve verification).
+    """
+
+    class _Gate:
+        def __init__(self) -> None:
+            self.cond = threading.Condition()
+            self.uploads = 0
+            self.verifying = False
+            self.waiting = 0
+
+    def __init__(self, isolate: bool = True) -> None:
+        self.isolate = isolate
+        self._lock = threading.Lock()
+        self._gates: dict[str, HostGates._Gate] = {}
+
+    def _gate(self, host: str) -> _Gate:
+        with self._lock:
+            return self._gates.setdefault(host, HostGates._Gate())
+
+    @contextlib.contextmanager
+    def upload(self, host: str) -> Iterator[None]:
+        g = self._gate(host)
+        with g.cond:
+            while self.isolate and (g.verifying or g.waiting):
+                g.cond.wait()
+            g.uploads += 1
+        try:
+            yield
+        finally:
+            with g.cond:
+                g.uploads -= 1
+                g.cond.notify_all()
+
+    @contextlib.contextmanager
+    def verify(self, host: str) -> Iterator[None]:
+        g = self._gate(host)
+        with g.cond:
+            g.waiting += 1
+            try:
+                while g.verifying or (self.isolate and g.uploads):
+                    g.cond.wait()
+            finally:
+                g.waiting -= 1
+            g.verifying = True
+        try:
+            yield
+        finally:
+            with g.cond:
+                g.verifying = False
+                g.cond.notify_all()
+
+
+def _source_chunks(fh: object, chunk_size: int) -> Iterator[bytes]:
+    # A fresh bytes object per chunk (read, not readinto a shared buffer): a consumer that keeps
+    # a chunk a little longer (h11 does, MockTransport joins them all) never sees it overwritten.
+    read = fh.read  # type: ignore[attr-defined]
+    while True:
+        chunk = read(chunk_size)
+        if not chunk:
+            return
+        yield chunk
+
+
+# ------------------------------------------------------------------ the transport
+class HttpTransport(Transport):
+    """Uploads over HTTP(S)/WebDAV with one shared, thread-safe connection pool.
+
+    verify:   TLS verification: True, False, a CA file or directory, or an ssl.SSLContext.
+    cert/key: client certificate and key, or an X.509 proxy file holding both (key=None).
+    token:    called before each request; a non-empty answer is sent as `Authorization: Bearer`.
+    timeout:  seconds for connect, each read and each write; digest_timeout is the read timeout
+              of a HEAD that asks for a checksum (the server may read the whole file first).
+    verify_upload: "adler32" (the storage must answer Want-Digest) or "size" (size is enough
+              when the storage has no checksum to give).
+    transport: an httpx transport (httpx.MockTransport in tests); then used for every request.
+    """
+
+    scheme = "https"
+    schemes = SCHEMES
+
+    def __init__(self, *, verify: bool | str | ssl.SSLContext = True, cert: str | None = None,
+                 key: str | None = None, token: TokenProvider | None = None, timeout: float = 60.0,
+                 digest_timeout: float = 600.0, verify_upload: VerifyUpload = "adler32",
+                 chunk_size: int = CHUNK, max_connections: int = 8, isolate_verification: bool = True,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        if verify_upload not in ("adler32", "size"):
+            raise ValueError(f"verify_upload must be 'adler32' or 'size', not {verify_upload!r}")
+        self.verify_upload = verify_upload
+        self.chunk_size = chunk_size
+        self.timeout = timeout
+        self.digest_timeout = digest_timeout
+        self._token = token
+        self._gates = HostGates(isolate_verification)
+        tls = ssl_context(verify, cert, key)
+        common = {"timeout": httpx.Timeout(timeout), "follow_redirects": False, "trust_env": False}
+        # Uploads, deletes and plain HEADs share a pool; verification HEADs go out on a client
+        # that keeps no connection alive, so each one is a fresh connection (XRootD defect 4).
+        self._pool = httpx.Client(verify=tls, transport=transport,
+                                  limits=httpx.Limits(max_connections=max_connections,
+                                                      max_keepalive_connections=max_connections),
+                                  **common)  # type: ignore[arg-type]
+        self._fresh = httpx.Client(verify=tls, transport=transport,
+                                   limits=httpx.Limits(max_connections=max_connections,
+                                                       max_keepalive_connections=0),
+                                   **common)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        self._pool.close()
+        self._fresh.close()
+
+    def __enter__(self) -> "HttpTransport":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ the interface
+    def put(self, source: str, url: str, expected: Expected, pace: Pacer) -> Digests:
+        wire, shown = wire_url(url), shown_url(url)
+        host = urlsplit(wire).netloc
+        if self._already_there(wire, shown, host, expected):
+            return Digests(expected.size, expected.blake3, expected.adler32, expected.md5)
+        with self._gates.upload(host):
+            got = self._upload(source, wire, shown, expected, pace)
+        self._check_copy(wire, shown, host, got)
+        return got
+
+    def stat(self, url: str, verify: str = "reread") -> RemoteStat | None:
+        # The storage computes (or has cached) the checksum; "reread" and "recorded" are the same here.
+        wire = wire_url(url)
+        return self._digest_head(wire, shown_url(url), urlsplit(wire).netloc)
+
+    def delete(self, url: str) -> None:
+        self._delete(wire_url(url), shown_url(url))
+
+    # ------------------------------------------------------------ steps
+    def _already_there(self, wire: str, shown: str, host: str, expected: Expected) -> bool:
+        """True if an identical copy is there; anything else under the name is deleted."""
+        r = self._request("HEAD", wire, shown, "HEAD", client=self._pool)
+        if r.status_code == 404:
+            return False
+        if r.status_code not in _OK:
+            raise status_error(r.status_code, f"HEAD {shown}", r.reason_phrase)
+        if _content_length(r) == expected.size:
+            # the size matches: ask for the checksum, on a fresh connection
+            remote = self._digest_head(wire, shown, host)
+            if remote is None:
+                return False
+            if remote.size == expected.size and remote.adler32 == expected.adler32:
+                log.debug("identical copy already there", url=shown)
+                return True
+        log.info("replacing what is there before uploading", url=shown, size=_content_length(r))
+        self._delete(wire, shown)
+        return False
+
+    def _upload(self, source: str, wire: str, shown: str, expected: Expected, pace: Pacer) -> Digests:
+        made_parents = False
+        while True:
+            try:
+                r, h = self._put_once(source, wire, shown, expected, pace)
+            except BaseException:
+                self._discard(wire, shown)
+                raise
+            if r.status_code in (404, 409) and not made_parents:
+                # a WebDAV server that does not create parents (XRootD does; nginx, some dCache don't)
+                made_parents = True
+                if self._make_parents(wire, shown):
+                    continue
+            if r.status_code not in _OK:
+                self._discard(wire, shown)
+                raise status_error(r.status_code, f"PUT {shown}", r.reason_phrase)
+            break
+        got = h.digests()
+        if (got.size, got.blake3) != (expected.size, expected.blake3):
+            self._discard(wire, shown)
+            raise FileChanged(f"{source} changed since it was hashed: blake3 {got.blake3[:16]}… "
+                              f"(recorded {expected.blake3[:16]}…)")
+        return got
+
+    def _put_once(self, source: str, wire: str, shown: str, expected: Expected,
+                  pace: Pacer) -> tuple[httpx.Response, MultiHash]:
+        try:
+            fh = open(source, "rb", buffering=0)
+        except FileNotFoundError:
+            raise FileVanished(f"{source} is gone") from None
+        except PermissionError as exc:
+            raise PermanentError(f"cannot read {source}: {exc.strerror}") from None
+        except IsADirectoryError:
+            raise FileVanished(f"{source} is no longer a regular file") from None
+        h = MultiHash(md5=expected.md5 is not None)
+
+        def body() -> Iterator[bytes]:
+            for chunk in _source_chunks(fh, self.chunk_size):
+                if h.size + len(chunk) > expected.size:
+                    raise FileChanged(f"{source} changed since it was hashed: it grew past "
+                                      f"{expected.size} bytes")
+                pace(len(chunk))
+                h.update(chunk)
+                yield chunk
+            if h.size != expected.size:
+                raise FileChanged(f"{source} changed since it was hashed: {h.size} bytes "
+                                  f"(recorded {expected.size})")
+
+        with fh:
+            if hasattr(os, "posix_fadvise"):
+                with contextlib.suppress(OSError):
+                    os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            # Content-Length set explicitly: httpx then never falls back to chunked encoding
+            r = self._request("PUT", wire, shown, "PUT", client=self._pool, content=body(),
+                              headers={"Content-Length": str(expected.size)})
+        return r, h
+
+    def _check_copy(self, wire: str, shown: str, host: str, got: Digests) -> None:
+        """Ask the storage what it now holds; anything but the bytes sent is never success."""
+        try:
+            remote = self._digest_head(wire, shown, host)
+        except BaseException:
+            # an unverified copy must not stay behind to be mistaken for a good one
+            self._discard(wire, shown)
+            raise
+        if remote is None:
+            raise RetryableError(f"{shown} is not there right after a successful PUT")
+        if remote.size != got.size:
+            self._discard(wire, shown)
+            raise ChecksumMismatch(f"{shown} holds {remote.size} bytes, {got.size} were sent")
+        if remote.adler32 is None:
+            if self.verify_upload == "adler32":
+                self._discard(wire, shown)
+                raise PermanentError(
+                    f"{shown}: the storage does not answer Want-Digest: adler32 (no adler32 Digest on "
+                    "HEAD), so the upload cannot be verified; verify_upload = \"size\" accepts the "
+                    "size alone for such a storage")
+            return
+        if remote.adler32 != got.adler32:
+            self._discard(wire, shown)
+            raise ChecksumMismatch(f"{shown}: storage reports adler32 {remote.adler32}, "
+                                   f"{got.adler32} was sent")
+
+    def _digest_head(self, wire: str, shown: str, host: str) -> RemoteStat | None:
+        with self._gates.verify(host):
+            r = self._request("HEAD", wire, shown, "HEAD", client=self._fresh,
+                              headers={"Want-Digest": "adler32", "Connection": "close"},
+                              timeout=httpx.Timeout(self.timeout, read=self.digest_timeout))
+        if r.status_code == 404:
+            return None
+        if r.status_code not in _OK:
+            raise status_error(r.status_code, f"HEAD {shown}", r.reason_phrase)
+        size = _content_length(r)
+        if size is None:
+            raise RetryableError(f"HEAD {shown} answered without Content-Length")
+        return RemoteStat(size, adler32_of_digest(r.headers.get("Digest")))
+
+    def _make_parents(self, wire: str, shown: str) -> bool:
+        """MKCOL the parent collections of wire, the missing ones only; True if they exist now."""
+        p = urlsplit(wire)
+        parts = [x for x in p.path.split("/") if x][:-1]
+        # walk up until a MKCOL succeeds or finds the collection there, then come back down
+        depth = len(parts)
+        while depth > 0:
+            status = self._mkcol(p.scheme, p.netloc, parts[:depth], shown)
+            if status in (200, 201, 204, 405):   # 405: it exists already
+                break
+            if status not in (404, 409):         # anything else: give up, let the PUT's answer stand
+                return False
+            depth -= 1
+        if depth == 0:
+            return False
+        for d in range(depth + 1, len(parts) + 1):
+            status = self._mkcol(p.scheme, p.netloc, parts[:d], shown)
+            if status not in (200, 201, 204, 405):
+                return False
+        log.info("created parent collections", url=shown)
+        return True
+
+    def _mkcol(self, scheme: str, netloc: str, parts: list[str], shown: str) -> int:
+        url = urlunsplit((scheme, netloc, "/" + "/".join(parts) + "/", "", ""))
+        r = self._request("MKCOL", url, shown, "MKCOL", client=self._pool)
+        if r.status_code in (401, 403):
+            raise status_error(r.status_code, f"MKCOL {shown_url(url)}", r.reason_phrase)
+        return r.status_code
+
+    def _delete(self, wire: str, shown: str) -> None:
+        r = self._request("DELETE", wire, shown, "DELETE", client=self._pool)
+        if r.status_code in _OK or r.status_code in (202, 404):
+            return
+        raise status_error(r.status_code, f"DELETE {shown}", r.reason_phrase)
+
+    def _discard(self, wire: str, shown: str) -> None:
+        """Best-effort removal of a partial or unverified copy; the caller's error is what matters."""
+        try:
+            self._delete(wire, shown)
+        except Exception as exc:  # noqa: BLE001 - best effort: the next attempt deletes it first anyway
+            log.warning("could not remove a partial or bad copy", url=shown, error=str(exc))
+
+    def _request(self, method: str, url: str, shown: str, what: str, client: httpx.Client,
+                 headers: dict[str, str] | None = None, **kw: object) -> httpx.Response:
+        hdrs = dict(headers or {})
+        if self._token is not None:
+            try:
+                tok = self._token()
+            except OSError as exc:
+                raise RetryableError(f"cannot read the bearer token: {exc.strerror or exc}") from None
+            if tok:
+                hdrs["Authorization"] = f"Bearer {tok}"
+        try:
+            r = client.request(method, url, headers=hdrs, **kw)  # type: ignore[arg-type]
+            r.close()
+            return r
+        except httpx.TimeoutException as exc:
+            raise RetryableError(f"{what} {shown}: timed out ({type(exc).__name__})") from None
+        except httpx.TransportError as exc:
+            raise RetryableError(f"{what} {shown}: {type(exc).__name__}: {exc}") from None
+        except ssl.SSLError as exc:
+            raise RetryableError(f"{what} {shown}: TLS: {exc}") from None
+
+
+def _content_length(r: httpx.Response) -> int | None:
+    try:
+        return int(r.headers["Content-Length"])
+    except (KeyError, ValueError):
+        return None

@@ -1,0 +1,472 @@
+"""Copies to XRootD over root:// (EOS, dCache's xrootd door, XRootD itself).
+
+The same rules as over HTTP (see http.py): an identical copy (size and the storage's adler32
+equal to the recorded ones) is success; anything else under the name is removed first (XRootD
+caches a checksum per whole-second mtime, so an overwrite within the same second reports the
+OLD checksum); the bytes are read once, paced, hashed and written in the same pass; the copy
+is then checked with a checksum query, one at a time per server and not while an upload to it
+is in flight; a failed or abandoned upload is removed (XRootD keeps partial files).
+
+Two ways to talk root://, chosen once: the XRootD Python bindings (`from XRootD import client`)
+when importable, else the `xrdcp` / `xrdfs` commands (Debian xrootd-client). With the commands,
+the file is streamed into `xrdcp -f --posc - URL` through a pipe, so it is still read once, here.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+from typing import Any, BinaryIO, Literal
+from urllib.parse import urlsplit
+
+import structlog
+
+from ..errors import ChecksumMismatch, FileChanged, FileVanished, PermanentError, RetryableError
+from ..hashing import CHUNK, Digests, MultiHash
+from .base import Expected, Pacer, RemoteStat, Transport
+from .http import HostGates, VerifyUpload
+
+log = structlog.get_logger("edge_agent.transfer.xroot")
+
+SCHEMES = ("root", "roots", "xroot", "xroots")
+Backend = Literal["auto", "python", "cli"]
+
+# XRootD server error numbers (XProtocol.hh, kXR_*)
+NOT_FOUND = 3011
+_REFUSED = {3010: "not authorised", 3025: "read-only file system", 3028: "TLS required",
+            3030: "authentication failed"}
+_PERMANENT = {3000, 3001, 3002, 3006, 3013, 3015, 3016, 3022, 3023, 3026, 3031}
+_UNSUPPORTED = 3013
+_ERRNO_RE = re.compile(r"\[(3\d{3})\]")
+_SIZE_RE = re.compile(r"^\s*Size:\s*(\d+)\s*$", re.M)
+
+
+# ------------------------------------------------------------------ pure helpers
+def split_url(url: str) -> tuple[str, str]:
+    """root://host:port//data/x?authz=... -> ("root://host:port", "/data/x?authz=...")."""
+    p = urlsplit(url)
+    if p.scheme not in SCHEMES or not p.netloc:
+        raise PermanentError(f"not a root:// URL: {shown_url(url)}")
+    path = "/" + p.path.lstrip("/")
+    return f"{p.scheme}://{p.netloc}", path + (f"?{p.query}" if p.query else "")
+
+
+def shown_url(url: str) -> str:
+    """A URL fit for a message: no query string (tokens travel there as ?authz=)."""
+    return url.split("?", 1)[0]
+
+
+def parse_checksum(text: str) -> tuple[str, str] | None:
+    """`adler32 312101e7` (as xrdfs prints it, or as the bindings return it) -> ("adler32", "312101e7")."""
+    words = text.replace("\x00", " ").split()
+    if len(words) < 2:
+        return None
+    return words[0].lower(), words[1].lower()
+
+
+def parse_stat_size(text: str) -> int | None:
+    m = _SIZE_RE.search(text)
+    return int(m.group(1)) if m else None
+
+
+def parse_errno(text: str) -> int | None:
+    """The server's error number in an XRootD client message: `[ERROR] Server responded with an
+    error: [3011] Unable to locate ...` -> 3011; None for client-side faults (connection etc.)."""
+    m = _ERRNO_RE.search(text)
+    return int(m.group(1)) if m else None
+
+
+def error_for(code: int | None, message: str, what: str) -> Exception:
+    """The taxonomy for an XRootD failure: server error number (None: the client's own fault)."""
+    detail = f"{what}: {' '.join(message.split())[:400]}"
+    if code in _REFUSED:
+        return PermanentError(f"storage refused {detail} ({_REFUSED[code]})")
+    if code in _PERMANENT:
+        return PermanentError(detail)
+    if code is None and ("Invalid address" in message or "Invalid URL" in message):
+        return PermanentError(detail)
+    # not found (a parent vanished?), no space, I/O, overload, timeouts, connection faults
+    return RetryableError(detail)
+
+
+# ------------------------------------------------------------------ the two ways of talking root://
+class _Writer(abc.ABC):
+    @abc.abstractmethod
+    def write(self, chunk: bytes) -> None: ...
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Finish the upload; raises the taxonomy's errors if the storage did not take it."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Stop without finishing (the caller then removes whatever is left)."""
+
+
+class _Client(abc.ABC):
+    """What the transport needs from root://; server is root://host:port, path is /data/x."""
+
+    @abc.abstractmethod
+    def size(self, server: str, path: str) -> int | None:
+        """None if nothing is there."""
+
+    @abc.abstractmethod
+    def checksum(self, server: str, path: str) -> tuple[str, str] | None:
+        """(algorithm, hex) the server answers; None if it has no checksum to give.
+        Raises FileNotFoundError if nothing is there."""
+
+    @abc.abstractmethod
+    def rm(self, server: str, path: str) -> None:
+        """Remove; nothing there is success."""
+
+    @abc.abstractmethod
+    def writer(self, url: str) -> _Writer: ...
+
+
+class CliClient(_Client):
+    """xrdcp / xrdfs, one process per operation. They sometimes take ~5 s extra to exit, hence
+    the generous process time limits on top of the XRootD client's own timeouts."""
+
+    def __init__(self, timeout: float, digest_timeout: float, xrdcp: str = "xrdcp",
+                 xrdfs: str = "xrdfs") -> None:
+        self.timeout, self.digest_timeout = timeout, digest_timeout
+        self.xrdcp, self.xrdfs = xrdcp, xrdfs
+        t = str(max(1, int(timeout)))
+        # without these a dead server costs the client's default 5 x 120 s of reconnecting
+        self.env = {**os.environ, "XRD_CONNECTIONWINDOW": t, "XRD_CONNECTIONRETRY": "1",
+                    "XRD_REQUESTTIMEOUT": t, "XRD_STREAMTIMEOUT": t}
+
+    def _fs(self, server: str, *args: str, limit: float | None = None) -> tuple[int, str, str]:
+        env = self.env
+        if limit is not None:
+            env = {**env, "XRD_REQUESTTIMEOUT": str(max(1, int(limit)))}
+        wait = (limit or self.timeout) + 30
+        try:
+            r = subprocess.run([self.xrdfs, server, *args], capture_output=True, text=True, env=env,
+                               timeout=wait, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise RetryableError(f"xrdfs {args[0]} {shown_url(args[-1])}: no answer in {wait:.0f} s") from None
+        except FileNotFoundError:
+            raise PermanentError(f"{self.xrdfs} not found: install the XRootD client (Debian: "
+                                 "xrootd-client) or the XRootD Python bindings") from None
+        return r.returncode, r.stdout, r.stderr
+
+    def size(self, server: str, path: str) -> int | None:
+        rc, out, err = self._fs(server, "stat", path)
+        if rc != 0:
+            code = parse_errno(err)
+            if code == NOT_FOUND:
+                return None
+            raise error_for(code, err or out, f"stat {server}/{shown_url(path)}")
+        size = parse_stat_size(out)
+        if size is None:
+            raise RetryableError(f"stat {server}/{shown_url(path)}: no size in the answer: {out[:200]!r}")
+        return size
+
+    def checksum(self, server: str, path: str) -> tuple[str, str] | None:
+        rc, out, err = self._fs(server, "query", "checksum", path, limit=self.digest_timeout)
+        if rc != 0:
+            code = parse_errno(err)
+            if code == NOT_FOUND:
+                raise FileNotFoundError(path)
+            if code == _UNSUPPORTED:
+                return None
+            raise error_for(code, err or out, f"checksum query {server}/{shown_url(path)}")
+        return parse_checksum(out)
+
+    def rm(self, server: str, path: str) -> None:
+        rc, out, err = self._fs(server, "rm", path)
+        if rc != 0:
+            code = parse_errno(err)
+            if code != NOT_FOUND:
+                raise error_for(code, err or out, f"rm {server}/{shown_url(path)}")
+
+    def writer(self, url: str) -> _Writer:
+        return _CliWriter(self, url)
+
+
+class _CliWriter(_Writer):
+    def __init__(self, cli: CliClient, url: str) -> None:
+        self.cli, self.url = cli, url
+        # stderr to a file, not a pipe: a chatty xrdcp must never block on a full pipe while we write
+        self.err = tempfile.TemporaryFile()
+        try:
+            # --posc: the server drops the file if xrdcp goes away without a clean close
+            self.proc = subprocess.Popen([cli.xrdcp, "--nopbar", "--silent", "--force", "--posc", "-", url],
+                                         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self.err,
+                                         env=cli.env)
+        except FileNotFoundError:
+            self.err.close()
+            raise PermanentError(f"{cli.xrdcp} not found: install the XRootD client (Debian: "
+                                 "xrootd-client) or the XRootD Python bindings") from None
+
+    def _stdin(self) -> BinaryIO:
+        assert self.proc.stdin is not None
+        return self.proc.stdin
+
+    def write(self, chunk: bytes) -> None:
+        try:
+            self._stdin().write(chunk)
+        except (BrokenPipeError, ValueError):
+            self.close()  # raises what xrdcp said
+            raise RetryableError(f"xrdcp to {shown_url(self.url)} stopped reading") from None
+
+    def close(self) -> None:
+        with contextlib.suppress(BrokenPipeError, ValueError):
+            self._stdin().close()
+        try:
+            rc = self.proc.wait(self.cli.timeout + 30)
+        except subprocess.TimeoutExpired:
+            self.abort()
+            raise RetryableError(f"xrdcp to {shown_url(self.url)} did not finish") from None
+        self.err.seek(0)
+        msg = self.err.read().decode(errors="replace")
+        self.err.close()
+        if rc != 0:
+            raise error_for(parse_errno(msg), msg or f"xrdcp exit status {rc}", f"xrdcp to {shown_url(self.url)}")
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self.proc.kill()
+        with contextlib.suppress(BrokenPipeError, ValueError, OSError):
+            self._stdin().close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(30)
+        self.err.close()
+
+
+class PythonClient(_Client):
+    """The XRootD Python bindings (pyxrootd): no process per operation."""
+
+    def __init__(self, timeout: float, digest_timeout: float) -> None:
+        from XRootD import client
+        from XRootD.client.flags import OpenFlags, QueryCode
+        self._client, self._open, self._query = client, OpenFlags, QueryCode
+        self.timeout, self.digest_timeout = int(timeout), int(digest_timeout)
+        self._lock = threading.Lock()
+        self._fs: dict[str, Any] = {}
+
+    def _filesystem(self, server: str) -> Any:
+        with self._lock:
+            if server not in self._fs:
+                self._fs[server] = self._client.FileSystem(server)
+            return self._fs[server]
+
+    def size(self, server: str, path: str) -> int | None:
+        st, info = self._filesystem(server).stat(path, timeout=self.timeout)
+        if not st.ok:
+            if st.errno == NOT_FOUND:
+                return None
+            raise _status_error(st, f"stat {server}/{shown_url(path)}")
+        return int(info.size)
+
+    def checksum(self, server: str, path: str) -> tuple[str, str] | None:
+        st, answer = self._filesystem(server).query(self._query.CHECKSUM, path, timeout=self.digest_timeout)
+        if not st.ok:
+            if st.errno == NOT_FOUND:
+                raise FileNotFoundError(path)
+            if st.errno == _UNSUPPORTED:
+                return None
+            raise _status_error(st, f"checksum query {server}/{shown_url(path)}")
+        text = answer.decode(errors="replace") if isinstance(answer, bytes) else str(answer)
+        return parse_checksum(text)
+
+    def rm(self, server: str, path: str) -> None:
+        st, _ = self._filesystem(server).rm(path, timeout=self.timeout)
+        if not st.ok and st.errno != NOT_FOUND:
+            raise _status_error(st, f"rm {server}/{shown_url(path)}")
+
+    def writer(self, url: str) -> _Writer:
+        f = self._client.File()
+        flags = self._open.DELETE | self._open.MAKEPATH | self._open.POSC
+        st, _ = f.open(url, flags, timeout=self.timeout)
+        if not st.ok:
+            raise _status_error(st, f"open {shown_url(url)} for writing")
+        return _PythonWriter(f, url, self.timeout)
+
+
+class _PythonWriter(_Writer):
+    def __init__(self, f: Any, url: str, timeout: int) -> None:
+        self.f, self.url, self.timeout, self.offset = f, url, timeout, 0
+
+    def write(self, chunk: bytes) -> None:
+        st, _ = self.f.write(chunk, self.offset, len(chunk), timeout=self.timeout)
+        if not st.ok:
+            raise _status_error(st, f"write to {shown_url(self.url)}")
+        self.offset += len(chunk)
+
+    def close(self) -> None:
+        st, _ = self.f.close(timeout=self.timeout)
+        if not st.ok:
+            raise _status_error(st, f"close {shown_url(self.url)}")
+
+    def abort(self) -> None:
+        # closing would persist the partial file; the caller removes it
+        with contextlib.suppress(Exception):
+            self.f.close(timeout=5)
+
+
+def _status_error(st: Any, what: str) -> Exception:
+    return error_for(st.errno if st.errno else None, str(st.message), what)
+
+
+def bindings_available() -> bool:
+    try:
+        import XRootD.client  # noqa: F401
+    except Exception:  # noqa: BLE001 - a broken install is as good as none
+        return False
+    return True
+
+
+# ------------------------------------------------------------------ the transport
+class XRootTransport(Transport):
+    """Uploads over root://.
+
+    backend: "python" (the XRootD bindings), "cli" (xrdcp/xrdfs) or "auto" (bindings if importable).
+    timeout: seconds for each request; digest_timeout for a checksum query (the server may read
+             the whole file to answer it).
+    verify_upload: "adler32" (the server must answer a checksum query) or "size".
+    """
+
+    scheme = "root"
+    schemes = SCHEMES
+
+    def __init__(self, *, timeout: float = 60.0, digest_timeout: float = 600.0,
+                 verify_upload: VerifyUpload = "adler32", chunk_size: int = CHUNK,
+                 backend: Backend = "auto", xrdcp: str = "xrdcp", xrdfs: str = "xrdfs",
+                 isolate_verification: bool = True) -> None:
+        if verify_upload not in ("adler32", "size"):
+            raise ValueError(f"verify_upload must be 'adler32' or 'size', not {verify_upload!r}")
+        self.verify_upload = verify_upload
+        self.chunk_size = chunk_size
+        if backend == "auto":
+            backend = "python" if bindings_available() else "cli"
+        if backend == "cli" and (shutil.which(xrdcp) is None or shutil.which(xrdfs) is None):
+            log.warning("xrdcp/xrdfs not found on PATH: root:// uploads will fail", xrdcp=xrdcp, xrdfs=xrdfs)
+        self.backend = backend
+        self._client: _Client = (PythonClient(timeout, digest_timeout) if backend == "python"
+                                 else CliClient(timeout, digest_timeout, xrdcp, xrdfs))
+        self._gates = HostGates(isolate_verification)
+
+    # ------------------------------------------------------------ the interface
+    def put(self, source: str, url: str, expected: Expected, pace: Pacer) -> Digests:
+        server, path = split_url(url)
+        if self._already_there(server, path, expected):
+            return Digests(expected.size, expected.blake3, expected.adler32, expected.md5)
+        with self._gates.upload(server):
+            got = self._upload(source, url, server, path, expected, pace)
+        self._check_copy(server, path, got)
+        return got
+
+    def stat(self, url: str, verify: str = "reread") -> RemoteStat | None:
+        server, path = split_url(url)
+        return self._remote(server, path)
+
+    def delete(self, url: str) -> None:
+        server, path = split_url(url)
+        self._client.rm(server, path)
+
+    # ------------------------------------------------------------ steps
+    def _remote(self, server: str, path: str) -> RemoteStat | None:
+        size = self._client.size(server, path)
+        if size is None:
+            return None
+        with self._gates.verify(server):
+            try:
+                cks = self._client.checksum(server, path)
+            except FileNotFoundError:
+                return None
+        adler = cks[1].rjust(8, "0") if cks is not None and cks[0] == "adler32" else None
+        return RemoteStat(size, adler)
+
+    def _already_there(self, server: str, path: str, expected: Expected) -> bool:
+        size = self._client.size(server, path)
+        if size is None:
+            return False
+        if size == expected.size:
+            remote = self._remote(server, path)
+            if remote is None:
+                return False
+            if remote.size == expected.size and remote.adler32 == expected.adler32:
+                log.debug("identical copy already there", url=f"{server}/{shown_url(path)}")
+                return True
+        log.info("replacing what is there before uploading", url=f"{server}/{shown_url(path)}", size=size)
+        self._client.rm(server, path)
+        return False
+
+    def _upload(self, source: str, url: str, server: str, path: str, expected: Expected,
+                pace: Pacer) -> Digests:
+        try:
+            fh = open(source, "rb", buffering=0)
+        except FileNotFoundError:
+            raise FileVanished(f"{source} is gone") from None
+        except PermissionError as exc:
+            raise PermanentError(f"cannot read {source}: {exc.strerror}") from None
+        except IsADirectoryError:
+            raise FileVanished(f"{source} is no longer a regular file") from None
+        h = MultiHash(md5=expected.md5 is not None)
+        writer: _Writer | None = None
+        try:
+            with fh:
+                if hasattr(os, "posix_fadvise"):
+                    with contextlib.suppress(OSError):
+                        os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                writer = self._client.writer(url)
+                while True:
+                    chunk = fh.read(self.chunk_size)
+                    if not chunk:
+                        break
+                    if h.size + len(chunk) > expected.size:
+                        raise FileChanged(f"{source} changed since it was hashed: it grew past "
+                                          f"{expected.size} bytes")
+                    pace(len(chunk))
+                    h.update(chunk)
+                    writer.write(chunk)
+                got = h.digests()
+                if (got.size, got.blake3) != (expected.size, expected.blake3):
+                    raise FileChanged(f"{source} changed since it was hashed: {got.size} bytes, blake3 "
+                                      f"{got.blake3[:16]}… (recorded {expected.size}, {expected.blake3[:16]}…)")
+                w, writer = writer, None
+                w.close()
+            return got
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            self._discard(server, path)
+            raise
+
+    def _check_copy(self, server: str, path: str, got: Digests) -> None:
+        shown = f"{server}/{shown_url(path)}"
+        try:
+            remote = self._remote(server, path)
+        except BaseException:
+            self._discard(server, path)
+            raise
+        if remote is None:
+            raise RetryableError(f"{shown} is not there right after a successful upload")
+        if remote.size != got.size:
+            self._discard(server, path)
+            raise ChecksumMismatch(f"{shown} holds {remote.size} bytes, {got.size} were sent")
+        if remote.adler32 is None:
+            if self.verify_upload == "adler32":
+                self._discard(server, path)
+                raise PermanentError(f"{shown}: the storage does not answer an adler32 checksum query, "
+                                     "so the upload cannot be verified; verify_upload = \"size\" accepts "
+                                     "the size alone for such a storage")
+            return
+        if remote.adler32 != got.adler32:
+            self._discard(server, path)
+            raise ChecksumMismatch(f"{shown}: storage reports adler32 {remote.adler32}, {got.adler32} was sent")
+
+    def _discard(self, server: str, path: str) -> None:
+        try:
+            self._client.rm(server, path)
+        except Exception as exc:  # noqa: BLE001 - best effort: the next attempt removes it first anyway
+            log.warning("could not remove a partial or bad copy", url=f"{server}/{shown_url(path)}",
+                        error=str(exc))

@@ -1,0 +1,63 @@
+"""Odd names, renames and files that vanish: each goes through, or is reported; none is lost."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from support import Daemon
+
+pytestmark = pytest.mark.integration
+
+
+def test_hostile_names_go_through_or_are_quarantined_with_the_reason(agent) -> None:
+    d: Daemon = agent(rules={"daq": {"completion": ["stable"], "stable_seconds": 0.5}})
+    d.start()
+    root = bytes(d.rule_dir())
+    good = {b"with space.fits": b"1", "\u00fcn\u00efc\u00f8de.fits".encode(): b"22", b"-dash.fits": b"333",
+            "\u65e5\u672c.fits".encode(): b"4444", b"x" * 240 + b".fits": b"55555"}
+    bad = {b"new\nline.fits": b"6", b"bad\xff.fits": b"77", b"tab\tname.fits": b"888"}
+    for name, data in {**good, **bad}.items():
+        with open(os.path.join(root, name), "wb") as fh:
+            fh.write(data)
+    d.wait_for(lambda: d.counts().get("deleted") == len(good) and d.counts().get("quarantined") == len(bad),
+               40, "good names delivered, bad names quarantined")
+    lake1 = d.lake_files()["lake1"]
+    for name, data in good.items():
+        assert lake1[f"test/{name.decode()}"] == data
+    left = sorted(os.listdir(root))
+    assert left == sorted(bad)                     # never deleted
+    for rec in d.files():
+        if rec["state"] == "quarantined":
+            assert "name pattern" in rec["reason"]
+    out = d.cli("files", "--state", "quarantined").stdout
+    assert "bad\\xff.fits" in out and "new\\nline.fits" in out or "new" in out
+
+
+def test_a_file_renamed_before_completion_goes_through_under_its_new_name(agent) -> None:
+    d: Daemon = agent(rules={"daq": {"completion": ["stable"], "stable_seconds": 2}})
+    d.start()
+    (d.rule_dir() / "first.fits").write_bytes(b"a" * 1000)
+    d.wait_for(lambda: d.counts().get("discovered") == 1, 10, "discovery")
+    os.rename(d.rule_dir() / "first.fits", d.rule_dir() / "second.fits")
+    d.wait_for(lambda: d.counts().get("deleted") == 1, 30, "the renamed file delivered")
+    recs = {r["relpath"]: r for r in d.files()}
+    assert recs["first.fits"]["state"] == "superseded" and "vanished" in recs["first.fits"]["reason"]
+    assert recs["second.fits"]["state"] == "deleted"
+    assert d.lake_files()["lake2"] == {"test/second.fits": b"a" * 1000}
+
+
+def test_a_growing_file_is_not_taken_until_it_stops(agent) -> None:
+    d: Daemon = agent(rules={"daq": {"completion": ["stable"], "stable_seconds": 1.5}})
+    d.start()
+    p = d.rule_dir() / "grow.fits"
+    with open(p, "wb") as fh:
+        for _ in range(8):          # 8 x 0.5 s: always changing within the stable window
+            fh.write(os.urandom(10_000))
+            fh.flush()
+            time.sleep(0.5)
+            assert d.counts().get("hashed", 0) == 0 and d.counts().get("deleted", 0) == 0
+    d.wait_for(lambda: d.counts().get("deleted") == 1, 30, "delivery once stable")
+    assert len(d.lake_files()["lake1"]["test/grow.fits"]) == 80_000
