@@ -27,7 +27,7 @@ class Agent:
         self.settings = settings
         settings.state_dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _exclusive(settings.state_dir / "agent.lock")
-        self.ledger = Ledger(settings.ledger_path)
+        self.ledger = Ledger(settings.ledger_path, synchronous=settings.ledger_synchronous)
         self.lake = build_lake(settings)
         self.runner = Runner(settings, self.ledger, self.lake)
         self.status: StatusServer | None = None

@@ -139,7 +139,7 @@ def display_path(path: bytes | str) -> str:
 
 
 class Ledger:
-    def __init__(self, path: str | os.PathLike[str], clock: Any = time.time) -> None:
+    def __init__(self, path: str | os.PathLike[str], clock: Any = time.time, synchronous: str = "full") -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._clock = clock
@@ -148,8 +148,12 @@ class Ledger:
                                    timeout=30)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: a committed transition survives power loss, not only kill -9.
-        self._db.execute("PRAGMA synchronous=FULL")
+        # FULL: a committed transition survives power loss, not only kill -9. NORMAL (WAL) survives
+        # kill -9 but may lose the last transitions on power loss; every step is idempotent and
+        # re-checked, so that repeats work but loses nothing. See settings.ledger_synchronous.
+        if synchronous not in ("full", "normal"):
+            raise ValueError(synchronous)
+        self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
         self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
@@ -369,8 +373,12 @@ class Ledger:
             self._event(db, file_id, state, state, what, detail)
 
     def record_replica(self, file_id: int, location: str, url: str, size: int | None,
-                       adler32: str | None, state: str) -> None:
+                       adler32: str | None, state: str, note: tuple[State, str, dict[str, Any]] | None = None
+                       ) -> None:
+        """Remember a copy the agent wrote (or found bad); `note` adds its history event in the same commit."""
         with self._tx() as db:
+            if note is not None:
+                self._event(db, file_id, note[0], note[0], note[1], note[2])
             db.execute("INSERT INTO replicas VALUES (?,?,?,?,?,?,?) ON CONFLICT (file_id, location) DO UPDATE "
                        "SET url=excluded.url, size=excluded.size, adler32=excluded.adler32, "
                        "state=excluded.state, at=excluded.at",

@@ -226,11 +226,10 @@ class Pipeline:
             got = t.transport.put(f.local_path, t.url, expected,
                                   self._pacer(rec.rule, t.location))
             self.lake.add_replica(f, t.location, t.url)
-            self.ledger.record_replica(rec.id, t.location, t.url, got.size, got.adler32, "written")
             took = max(self.clock() - started, 1e-6)
-            self.ledger.note(rec.id, rec.state, "copy_written",
-                             {"location": t.location, "url": t.url, "seconds": round(took, 3),
-                              "mb_per_s": round(got.size / took / 1e6, 1)})
+            self.ledger.record_replica(rec.id, t.location, t.url, got.size, got.adler32, "written", note=(
+                rec.state, "copy_written", {"location": t.location, "url": t.url, "seconds": round(took, 3),
+                                            "mb_per_s": round(got.size / took / 1e6, 1)}))
         ref = self.lake.request_copies(f)
         self._move(rec, Event.TRANSFERRED, {"lake_ref": ref} if ref else None, attempts=0, next_at=0,
                    lake_ref=ref)

@@ -299,6 +299,9 @@ class Settings(BaseSettings):
     state_dir: Path = Path("/var/lib/edge-agent")
     dry_run: bool = Field(False, description="do everything but delete local files")
     rescan_seconds: float = Field(60.0, gt=0, description="full rescan period; catches missed events")
+    ledger_synchronous: Literal["full", "normal"] = Field(
+        "full", description="full: every ledger commit is fsync'd (survives power loss); normal: survives "
+        "kill -9, may repeat the last idempotent steps after a power loss; faster for many small files")
     tick_seconds: float = Field(0.5, gt=0, description="how often due work is looked for")
     hash_workers: int = Field(2, ge=1, le=64)
     transfer_workers: int = Field(4, ge=1, le=64)

@@ -301,10 +301,11 @@ class HttpTransport(Transport):
         return False
 
     def _upload(self, source: str, wire: str, shown: str, expected: Expected, pace: Pacer) -> Digests:
-        made_parents = False
+        made_parents = redirected = False
+        target = wire
         while True:
             try:
-                r, h = self._put_once(source, wire, shown, expected, pace)
+                r, h = self._put_once(source, target, shown, expected, pace)
             except BaseException:
                 self._discard(wire, shown)
                 raise
@@ -313,6 +314,13 @@ class HttpTransport(Transport):
                 made_parents = True
                 if self._make_parents(wire, shown):
                     continue
+            if r.status_code in (301, 302, 303, 307, 308) and "Location" in r.headers and not redirected:
+                # dCache and EOS doors send the PUT on to a data server. Without Expect: 100-continue
+                # (httpx has none) the body went to the door already: it is read and sent once more.
+                redirected = True
+                target = str(r.url.join(r.headers["Location"]))
+                log.debug("PUT redirected", url=shown, to=shown_url(target))
+                continue
             if r.status_code not in _OK:
                 self._discard(wire, shown)
                 raise status_error(r.status_code, f"PUT {shown}", r.reason_phrase)

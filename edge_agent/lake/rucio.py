@@ -1,0 +1,348 @@
+"""The Rucio lake: files become DIDs with replicas, datasets and rules in a Rucio catalogue.
+
+Two ways in, per rule:
+  push      the agent uploads to its destination RSEs (URL from lfns2pfns), marks each replica
+            AVAILABLE, then asks for `copies` with a rule; the lake's FTS makes the rest.
+  register  the buffer is itself an RSE (non-deterministic): the file is registered where it lies
+            (buffer_url + its path), and a rule makes the lake copy it away. Just before the local
+            file is deleted, the buffer replica is tombstoned (the reaper removes the row).
+
+The catalogue is never taken on trust for the delete decision: with verify_replicas each
+AVAILABLE replica's storage is asked for its size and adler32 through a transport.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+from urllib.parse import urlsplit
+
+import structlog
+
+from ..core.policy import Replica, normalise_adler32
+from ..errors import EdgeAgentError, PermanentError, RetryableError
+from ..settings import RuleSettings, Settings
+from ..transfer.base import Transport
+from .base import Catalogue, LakeFile, Target
+from .rucio_client import NotFound, RucioClient, RucioPermanent
+
+log = structlog.get_logger("edge_agent.lake.rucio")
+
+# Metadata keys that are columns of Rucio's DID table with a meaning of their own: setting them
+# through /meta would rewrite the file's size or checksum, its lifetime or its visibility.
+PROTECTED_META_KEYS = frozenset({
+    "scope", "name", "type", "did_type", "account", "bytes", "adler32", "md5", "length", "guid",
+    "lifetime", "eol_at", "expired_at", "purge_replicas", "hidden", "obsolete", "suppressed", "is_open",
+    "monotonic", "complete", "availability", "transient", "is_archive", "constituent", "is_new",
+    "created_at", "updated_at", "deleted_at", "closed_at", "accessed_at", "access_cnt",
+    "created_before", "created_after"})
+# Rucio's answers that are about a metadata key or value, not about the file.
+META_REFUSALS = frozenset({"InvalidMetadata", "KeyNotFound", "InvalidValueForKey", "UnsupportedValueType",
+                           "UnsupportedKeyType", "UnsupportedOperation", "MetadataSchemaMismatchError",
+                           "UnsupportedMetadataPlugin", "InvalidObject"})
+# Characters a register-in-place path cannot carry: Rucio stores the PFN's path as given and
+# builds every scheme's PFN from it, so it must be the literal path, and a URL must be able to hold it.
+_UNSAFE_IN_PFN = set("?#%\\") | {chr(c) for c in range(32)} | {chr(127)}
+
+
+class RucioLake(Catalogue):
+    """Catalogue on a Rucio server; `transports` maps URL schemes (http, https, davs, root) to the
+    transports that write and stat those URLs."""
+
+    def __init__(self, settings: Settings, transports: dict[str, Transport],
+                 client: RucioClient | None = None) -> None:
+        if settings.lake.rucio is None:
+            raise ValueError("RucioLake needs settings.lake.rucio")
+        self.s = settings
+        self.r = settings.lake.rucio
+        self.client = client or RucioClient(self.r)
+        self.name_pattern = settings.lake.effective_name_pattern
+        self._transports = dict(transports)
+        self._lock = threading.Lock()
+        self._known: set[tuple[str, str]] = set()        # datasets/containers seen to exist
+        self._unmanaged_keys: set[str] = set()           # metadata keys this server refused
+
+    # ------------------------------------------------------------ helpers
+    def _rule(self, f: LakeFile) -> RuleSettings:
+        return self.s.rules[f.rule]
+
+    def _dest_rses(self, f: LakeFile) -> list[tuple[str, str | None]]:
+        """(RSE, scheme or None) of each destination of the file's rule, in order, once each."""
+        out: dict[str, str | None] = {}
+        for d in f.destinations:
+            dest = self.s.destinations[d]
+            if dest.rse and dest.rse not in out:
+                out[dest.rse] = dest.scheme
+        return list(out.items())
+
+    def buffer_pfn(self, f: LakeFile) -> str:
+        """Where the buffer RSE serves the local file: buffer_url + the path below the rule's directory.
+
+        The path goes in literally (no %-quoting): Rucio keeps it as given and derives the root://
+        and http:// PFNs from it, so a quoted path would name another file on XRootD.
+        """
+        rule = self._rule(f)
+        assert rule.buffer_url is not None
+        top = os.path.normpath(rule.directory)
+        path = os.path.normpath(f.local_path)
+        rel = os.path.relpath(path, top)
+        if rel == "." or rel.startswith("../") or rel == ".." or os.path.isabs(rel):
+            raise PermanentError(f"cannot register {f.local_path} in place: it is not below the rule's "
+                                 f"directory {rule.directory}")
+        rel = rel.replace(os.sep, "/")
+        bad = sorted({c for c in rel if c in _UNSAFE_IN_PFN or "\udc80" <= c <= "\udcff"})
+        if bad:
+            raise PermanentError(f"cannot register {rel!r} in place: its path holds {bad!r}, which a "
+                                 "storage URL cannot carry unambiguously; rename the file, or push it")
+        base = rule.buffer_url if rule.buffer_url.endswith("/") else rule.buffer_url + "/"
+        return base + rel
+
+    def _file_entry(self, f: LakeFile, state: str, pfn: str | None = None) -> dict[str, Any]:
+        e: dict[str, Any] = {"scope": f.scope, "name": f.name, "bytes": f.size, "adler32": f.adler32,
+                             "state": state}
+        if f.md5:
+            e["md5"] = f.md5
+        if pfn:
+            e["pfn"] = pfn
+        return e
+
+    def _same_content(self, f: LakeFile, must_exist: bool) -> None:
+        """Raise PermanentError if the lake holds scope:name as something other than this file."""
+        try:
+            did = self.client.get_did(f.scope, f.name)
+        except NotFound:
+            if must_exist:
+                raise RetryableError(f"Rucio did not keep {f.did} after registering it; will try again") from None
+            return
+        kind = str(did.get("type", "FILE")).upper()
+        size, adler, md5 = did.get("bytes"), did.get("adler32"), did.get("md5")
+        if kind != "FILE":
+            raise PermanentError(f"{f.did} already exists in the lake as a {kind}; change name_template "
+                                 "(or the dataset/container templates) so that names do not collide")
+        if size != f.size or normalise_adler32(adler) != normalise_adler32(f.adler32) \
+                or (md5 and f.md5 and str(md5).lower() != f.md5.lower()):
+            raise PermanentError(f"the lake already holds {f.did} with other content ({size} bytes, adler32 "
+                                 f"{adler}); the local file has {f.size} bytes, adler32 {f.adler32}. The local "
+                                 "file is kept: rename it or change name_template")
+
+    # ------------------------------------------------------------ Catalogue
+    def register(self, f: LakeFile) -> None:
+        rule = self._rule(f)
+        # look first: a conflicting DID must not get a replica row pointing at our bytes
+        self._same_content(f, must_exist=False)
+        if rule.inject == "register":
+            assert rule.buffer_rse is not None
+            self.client.add_replicas(rule.buffer_rse, [self._file_entry(f, "A", self.buffer_pfn(f))])
+        else:
+            rses = self._dest_rses(f)
+            if not rses:
+                raise PermanentError(f"rule {f.rule} pushes but names no RSE destination")
+            # COPYING until the upload is verified, as `rucio upload` does
+            self.client.add_replicas(rses[0][0], [self._file_entry(f, "C")])
+        # Rucio accepts a replica of an existing DID silently whatever its bytes: look again
+        self._same_content(f, must_exist=True)
+        self._collections(f)
+        if f.metadata:
+            self._metadata(f)
+
+    def _ensure(self, scope: str, name: str, did_type: str) -> None:
+        with self._lock:
+            if (scope, name) in self._known:
+                return
+        self.client.add_did(scope, name, did_type)
+        with self._lock:
+            self._known.add((scope, name))
+
+    def _collections(self, f: LakeFile) -> None:
+        if not f.dataset:
+            return
+        attachments: list[tuple[str, str, list[tuple[str, str]]]] = []
+        for attempt in (1, 2):
+            self._ensure(f.scope, f.dataset, "DATASET")
+            attachments = [(f.scope, f.dataset, [(f.scope, f.name)])]
+            if f.container:
+                self._ensure(f.scope, f.container, "CONTAINER")
+                attachments.insert(0, (f.scope, f.container, [(f.scope, f.dataset)]))
+            try:
+                self.client.attach(attachments)
+                return
+            except NotFound:
+                # a dataset remembered as existing was removed meanwhile: create it again, once
+                if attempt == 2:
+                    raise
+                with self._lock:
+                    self._known.discard((f.scope, f.dataset))
+                    if f.container:
+                        self._known.discard((f.scope, f.container))
+
+    def _metadata(self, f: LakeFile) -> None:
+        """Set the file's metadata; a key the server refuses is a warning, never a lost file.
+
+        Rucio's generic JSON metadata plugin is off on SQLite (and some deployments): only the
+        DID-table columns (project, datatype, run_number, ...) are accepted there. The data must
+        reach the lake regardless; refused keys are logged once and skipped afterwards.
+        """
+        with self._lock:
+            skip = set(self._unmanaged_keys)
+        protected = sorted(k for k in f.metadata if k in PROTECTED_META_KEYS)
+        if protected:
+            log.warning("metadata keys not sent: they are Rucio DID columns with a meaning of their own",
+                        did=f.did, keys=protected)
+        meta = {k: v for k, v in f.metadata.items() if k not in PROTECTED_META_KEYS and k not in skip}
+        if not meta:
+            return
+        try:
+            self.client.set_metadata(f.scope, f.name, meta)
+            return
+        except RucioPermanent as exc:
+            if exc.rucio_class not in META_REFUSALS:
+                raise
+            if len(meta) == 1:
+                self._refused(f, next(iter(meta)), exc)
+                return
+        for key, value in meta.items():   # find which keys the server does not take
+            try:
+                self.client.set_metadata_key(f.scope, f.name, key, value)
+            except RucioPermanent as exc:
+                if exc.rucio_class not in META_REFUSALS:
+                    raise
+                self._refused(f, key, exc)
+
+    def _refused(self, f: LakeFile, key: str, exc: RucioPermanent) -> None:
+        if exc.rucio_class == "InvalidMetadata" and "No plugin manages" in str(exc):
+            with self._lock:
+                self._unmanaged_keys.add(key)
+            log.warning("metadata key not managed by this Rucio server: skipped from now on", did=f.did,
+                        key=key, reason=str(exc))
+        else:
+            log.warning("metadata value refused by Rucio: skipped", did=f.did, key=key, reason=str(exc))
+
+    def targets(self, f: LakeFile) -> list[Target]:
+        if self._rule(f).inject == "register":
+            return []
+        out = []
+        for rse, want in self._dest_rses(f):
+            scheme = self._scheme_for(rse, want)
+            url = self.client.lfns2pfns(rse, [f.did], scheme, "write").get(f.did)
+            if not url:
+                raise RetryableError(f"Rucio gave no {scheme} URL for {f.did} on {rse}")
+            out.append(Target(rse, url, self._transports[scheme]))
+        return out
+
+    def _scheme_for(self, rse: str, wanted: str | None) -> str:
+        offered = []
+        for p in self.client.rse_protocols(rse):
+            domains = p.get("domains") or {}
+            writable = not domains or any((ops or {}).get("write") for ops in domains.values())
+            if writable and p.get("scheme") and p["scheme"] not in offered:
+                offered.append(p["scheme"])
+        prefs = [wanted] if wanted else list(self.r.schemes)
+        for scheme in prefs:
+            if scheme in offered and scheme in self._transports:
+                return scheme
+        raise PermanentError(f"no way to upload to RSE {rse}: it offers {offered or 'no writable protocol'}, the "
+                             f"agent may use {prefs} ({'the destination scheme' if wanted else 'lake.rucio.schemes'})"
+                             f" and has transports for {sorted(self._transports)}")
+
+    def add_replica(self, f: LakeFile, location: str, url: str) -> None:
+        try:
+            self.client.update_replica_states(location, [{"scope": f.scope, "name": f.name, "state": "A"}])
+        except NotFound:
+            # a destination other than the one registered with the DID: its replica is new
+            self.client.add_replicas(location, [self._file_entry(f, "A", url)])
+
+    def request_copies(self, f: LakeFile) -> str | None:
+        rule = self._rule(f)
+        expression = rule.rse_expression or "|".join(rse for rse, _ in self._dest_rses(f))
+        if not expression:
+            raise PermanentError(f"rule {f.rule}: no rse_expression and no RSE destinations to ask copies on")
+        return self.client.add_rule(f.scope, f.name, f.copies, expression, lifetime=rule.rule_lifetime_seconds,
+                                    activity=rule.activity, grouping=rule.grouping)
+
+    def copies_state(self, f: LakeFile, ref: str | None) -> str | None:
+        if not ref:
+            return None
+        try:
+            return str(self.client.get_rule(ref).get("state") or "UNKNOWN")
+        except NotFound:
+            return "MISSING"
+
+    def _schemes(self) -> list[str]:
+        ordered = [s for s in self.r.schemes if s in self._transports]
+        return ordered + [s for s in self._transports if s not in ordered]
+
+    def replicas(self, f: LakeFile) -> list[Replica]:
+        rule = self._rule(f)
+        schemes = self._schemes()
+        rows = self.client.list_replicas([(f.scope, f.name)], schemes=schemes or None)
+        row = next((x for x in rows if x.get("scope") == f.scope and x.get("name") == f.name), None)
+        if row is None:
+            return []
+        out = []
+        for rse, state in sorted((row.get("states") or {}).items()):
+            if rse == rule.buffer_rse:
+                continue
+            url = self._pick_pfn((row.get("rses") or {}).get(rse) or [], schemes)
+            size, adler = row.get("bytes"), row.get("adler32")
+            available = state == "AVAILABLE"
+            if self.r.verify_replicas and available:
+                size, adler = self._verified(f, rse, url, adler)
+            out.append(Replica(rse, size, adler, available, url))
+        return out
+
+    @staticmethod
+    def _pick_pfn(pfns: list[str], schemes: list[str]) -> str:
+        # never compared as strings (the same file's PFNs differ by scheme and by '//'): only chosen
+        for scheme in schemes:
+            for p in pfns:
+                if urlsplit(p).scheme == scheme:
+                    return p
+        return pfns[0] if pfns else ""
+
+    def _verified(self, f: LakeFile, rse: str, url: str, catalogue_adler: str | None
+                  ) -> tuple[int | None, str | None]:
+        """(size, adler32) as the storage says them; (None, None) when it cannot be asked now,
+        which counts neither as a good copy nor as a bad one to rewrite."""
+        transport = self._transports.get(urlsplit(url).scheme) if url else None
+        if transport is None:
+            log.warning("cannot verify replica: no transport for its URL", did=f.did, rse=rse, url=url,
+                        transports=sorted(self._transports))
+            return None, None
+        try:
+            st = transport.stat(url)
+        except (RetryableError, PermanentError) as exc:
+            log.warning("cannot verify replica now", did=f.did, rse=rse, url=url, error=str(exc))
+            return None, None
+        if st is None:
+            log.warning("replica listed AVAILABLE but its storage holds nothing", did=f.did, rse=rse, url=url)
+            return None, None
+        if st.adler32 is None and self.r.verify_upload == "size":
+            return st.size, catalogue_adler
+        return st.size, st.adler32
+
+    def release(self, f: LakeFile) -> None:
+        rule = self._rule(f)
+        if rule.inject != "register":
+            return
+        assert rule.buffer_rse is not None
+        try:
+            self.client.tombstone(rule.buffer_rse, f.scope, f.name)
+        except RucioPermanent as exc:
+            if exc.rucio_class == "ReplicaIsLocked":
+                raise PermanentError(
+                    f"cannot release the buffer copy of {f.did} on {rule.buffer_rse}: a replication rule locks "
+                    f"it (does rules.{f.rule}.rse_expression {rule.rse_expression!r} match the buffer RSE?). "
+                    "The local file is kept.") from None
+            raise
+
+    def health(self) -> str | None:
+        try:
+            self.client.ping()
+            self.client.token()
+        except EdgeAgentError as exc:
+            return str(exc)
+        return None
+
+    def close(self) -> None:
+        self.client.close()
