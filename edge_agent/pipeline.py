@@ -28,6 +28,7 @@ from .core import policy
 from .core.lifecycle import Event, State
 from .errors import (ChecksumMismatch, FileChanged, FileVanished, PermanentError, RetryableError,
                      ShuttingDown)
+from .failpoints import hit
 from .hashing import hash_file
 from .lake.base import Catalogue, LakeFile
 from .ledger import FileRecord, Ledger, StaleTransition
@@ -213,6 +214,7 @@ class Pipeline:
 
     def register(self, rec: FileRecord) -> None:
         self.lake.register(self.lake_file(rec))
+        hit("after_register")
         self._move(rec, Event.REGISTERED, attempts=0)
 
     def transfer(self, rec: FileRecord) -> None:
@@ -225,12 +227,15 @@ class Pipeline:
             started = self.clock()
             got = t.transport.put(f.local_path, t.url, expected,
                                   self._pacer(rec.rule, t.location))
+            hit("after_put")
             self.lake.add_replica(f, t.location, t.url)
+            hit("after_add_replica")
             took = max(self.clock() - started, 1e-6)
             self.ledger.record_replica(rec.id, t.location, t.url, got.size, got.adler32, "written", note=(
                 rec.state, "copy_written", {"location": t.location, "url": t.url, "seconds": round(took, 3),
                                             "mb_per_s": round(got.size / took / 1e6, 1)}))
         ref = self.lake.request_copies(f)
+        hit("after_rule")
         self._move(rec, Event.TRANSFERRED, {"lake_ref": ref} if ref else None, attempts=0, next_at=0,
                    lake_ref=ref)
 
@@ -320,7 +325,9 @@ class Pipeline:
             # the lake forgets the buffer copy first: a crash in between leaves a registration
             # to drop again, never a registration pointing at a deleted file
             self.lake.release(self.lake_file(rec))
+            hit("after_release")
             outcome = guarded_unlink(rec.path, self._recorded_stat(rec))
+            hit("after_unlink")
             if outcome == "changed":
                 raise FileChanged("the local file changed just before deletion; kept")
             self._move(rec, Event.DELETED, {**evidence, "outcome": outcome, "why": why})

@@ -80,3 +80,25 @@ def test_a_crash_inside_the_guarded_unlink_is_finished_on_restart(agent) -> None
     d.start()
     d.wait_for(lambda: d.counts().get("deleted") == 1, 30, "the deletion finished")
     assert list(d.rule_dir().iterdir()) == []
+
+
+@pytest.mark.parametrize("point", ["after_register", "after_put", "after_add_replica", "after_rule",
+                                   "after_release", "after_unlink"])
+def test_a_crash_at_each_step_boundary_is_finished_without_errors(agent, point: str) -> None:
+    d: Daemon = agent(rules={"daq": {"completion": ["renamed"]}})
+    data = os.urandom(200_000)
+    (d.rule_dir() / "c.fits").write_bytes(data)
+    d.proc = None
+    import subprocess
+    import sys
+    from support import ROOT
+    env = {**os.environ, "EDGE_AGENT_FAILPOINTS": point}
+    with open(d.log, "ab") as fh:
+        p = subprocess.Popen([sys.executable, "-m", "edge_agent", "-c", str(d.config), "run"], env=env,
+                             stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
+    assert p.wait(30) == 137, "the failpoint was not reached"
+    d.start()
+    d.wait_for(lambda: d.counts().get("deleted") == 1, 30, f"delivery after a crash {point}")
+    assert not [e for e in d.events() if e.get("event", "").startswith("failed")], "a duplicate was an error"
+    for lake in d.lake_files().values():
+        assert lake == {"test/c.fits": data}
