@@ -173,10 +173,10 @@ def render_status(doc: dict[str, Any], source: str) -> str:
     if o:
         out.append(f"oldest unconfirmed: #{o['file_id']} {o['path']} ({o['state']}, {_age(o['age_s'])} old)"
                    + (f": {o['reason']}" if o.get("reason") else ""))
-    if doc.get("stuck"):
-        out.append("replication stuck or overdue:")
-        for st in doc["stuck"][:10]:
-            out.append(f"  #{st['file_id']} {st['did']}: {st['reason']}")
+    if doc.get("attention"):
+        out.append("held back, needs attention:")
+        for st in doc["attention"][:10]:
+            out.append(f"  #{st['file_id']} {st['did']} ({st['state']}): {st['reason']}")
     if doc.get("recent_errors"):
         out.append("recent errors:")
         for e in doc["recent_errors"][:10]:

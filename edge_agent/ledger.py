@@ -272,7 +272,7 @@ class Ledger:
     def recent_errors(self, limit: int = 20) -> list[dict[str, Any]]:
         rows = self._query(
             "SELECT e.at, e.event, e.to_state, e.detail, f.id, f.rule, f.relpath FROM events e "
-            "JOIN files f ON f.id = e.file_id WHERE e.event IN ('failed_retryable', 'failed_permanent', "
+            "JOIN files f ON f.id = e.file_id WHERE e.event IN ('failed_retryable', 'failed_permanent', 'stuck', 'replica_lost', "
             "'superseded') ORDER BY e.id DESC LIMIT ?", (limit,))
         out = []
         for r in rows:

@@ -300,11 +300,22 @@ class Pipeline:
                      rule_state=state, not_counted=evidence["not_counted"])
 
     def delete(self, rec: FileRecord) -> None:
+        """A confirmed file whose deletion was deferred: the lake is asked again right before."""
         f = self.lake_file(rec)
         c = policy.judge_replicas(self.lake.replicas(f), f.size, f.adler32)
         state = self.lake.copies_state(f, rec.lake_ref)
         if state not in (None, "OK"):
             c = policy.Confirmation((), tuple((r, f"rule is {state}") for r in c.good))
+        if c.count < f.copies:
+            why = (f"held: {c.count} of {f.copies} replicas confirmed now, after confirmation earlier; "
+                   + "; ".join(f"{r.location}: {w}" for r, w in c.bad))
+            if rec.reason != why:
+                self.ledger.flag(rec.id, why)
+                self.ledger.note(rec.id, rec.state, "replica_lost", {"reason": why})
+                log.warning("replica no longer verifies; local file kept", file_id=rec.id, did=rec.did,
+                            reason=why)
+        elif rec.reason:
+            self.ledger.flag(rec.id, None)
         self._maybe_delete(rec, c)
 
     def _maybe_delete(self, rec: FileRecord, c: policy.Confirmation) -> None:

@@ -53,7 +53,7 @@ def write_toml(path: Path, doc: dict[str, Any]) -> Path:
     tables: list[tuple[str, dict[str, Any]]] = []
     for k, v in doc.items():
         if isinstance(v, dict) and k in ("status", "log", "retry", "lake"):
-            tables.append((k, v))
+            tables.extend(_flatten(k, v))
         elif isinstance(v, dict):
             for name, sub in v.items():
                 tables.append((f"{k}.{name}", sub))
@@ -66,15 +66,30 @@ def write_toml(path: Path, doc: dict[str, Any]) -> Path:
     return path
 
 
+def _flatten(prefix: str, table: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """[lake] with a nested [lake.rucio] and [lake.rucio.auth], as TOML tables."""
+    own = {k: v for k, v in table.items() if not isinstance(v, dict) or k == "metadata"}
+    out = [(prefix, own)]
+    for k, v in table.items():
+        if isinstance(v, dict) and k != "metadata":
+            out.extend(_flatten(f"{prefix}.{k}", v))
+    return out
+
+
 class Daemon:
     """`edge-agent run` as a real process, and what a test needs to watch it."""
 
     def __init__(self, base: Path, rules: dict[str, dict[str, Any]] | None = None,
-                 destinations: tuple[str, ...] = ("lake1", "lake2"), unprivileged: bool = False,
-                 **top: Any) -> None:
+                 destinations: tuple[str, ...] | dict[str, dict[str, Any]] = ("lake1", "lake2"),
+                 unprivileged: bool = False, lake: dict[str, Any] | None = None,
+                 env: dict[str, str] | None = None, **top: Any) -> None:
         self.base = base
         self.buffer = base / "buffer"
-        self.lakes = {d: base / "lake" / d for d in destinations}
+        self.env = env or {}
+        # a tuple names local-lake directories; a dict is the [destinations] table as it is (RSEs)
+        self.lakes = {d: base / "lake" / d for d in destinations} if isinstance(destinations, tuple) else {}
+        dest_table = ({d: {"path": str(p)} for d, p in self.lakes.items()} if isinstance(destinations, tuple)
+                      else destinations)
         self.state = base / "state"
         self.port = free_port()
         # as root, the daemon can be run without the capabilities that let root read any file,
@@ -87,8 +102,8 @@ class Daemon:
         rules = rules or {"daq": {}}
         cfg_rules = {}
         for name, r in rules.items():
-            d = {"directory": str(self.buffer / name), "scope": "test", "destinations": list(destinations),
-                 "copies": len(destinations), "completion": ["closed", "stable"], "stable_seconds": 1}
+            d = {"directory": str(self.buffer / name), "scope": "test", "destinations": list(dest_table),
+                 "copies": len(dest_table), "completion": ["closed", "stable"], "stable_seconds": 1}
             d.update(r)
             cfg_rules[name] = d
             Path(d["directory"]).mkdir(parents=True, exist_ok=True)
@@ -99,9 +114,11 @@ class Daemon:
             "status": {"port": self.port},
             "log": {"level": "info", "format": "json"},
             "retry": {"base_seconds": 0.5, "max_seconds": 3, "jitter": 0.1},
-            "destinations": {d: {"path": str(p)} for d, p in self.lakes.items()},
+            "destinations": dest_table,
             "rules": cfg_rules,
         }
+        if lake is not None:
+            self.doc["lake"] = lake
         self.config = base / "edge-agent.toml"
         write_toml(self.config, self.doc)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -119,7 +136,8 @@ class Daemon:
         assert self.proc is None or self.proc.poll() is not None
         fh = open(self.log, "ab")
         self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", "edge_agent", "-c", str(self.config),
-                                      "run"], stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
+                                      "run"], stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
+                                     env={**os.environ, **self.env})
         fh.close()
         self.starts += 1
         if wait:

@@ -52,9 +52,10 @@ class _Collector:
         yield GaugeMetricFamily("edge_agent_oldest_unconfirmed_age_seconds",
                                 "Age of the oldest file not yet confirmed in the lake",
                                 value=0 if oldest is None else now - oldest.first_seen)
-        stuck = sum(1 for rec in r.ledger.in_states([State.TRANSFERRED]) if rec.reason)
-        yield GaugeMetricFamily("edge_agent_stuck_files",
-                                "Files whose replication is stuck or overdue (see /status 'stuck')", value=stuck)
+        attention = sum(1 for rec in r.ledger.in_states([State.TRANSFERRED, State.CONFIRMED]) if rec.reason)
+        yield GaugeMetricFamily("edge_agent_attention_files", "Files held back with a warning: replication "
+                                "stuck or overdue, or a replica that failed verification (see /status "
+                                "'attention')", value=attention)
         yield GaugeMetricFamily("edge_agent_lake_up", "1 if the lake answered its last health check",
                                 value=0 if r.lake_problem else 1)
         used = GaugeMetricFamily("edge_agent_buffer_used_ratio", "Used fraction of the buffer filesystem",

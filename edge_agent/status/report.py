@@ -45,9 +45,10 @@ def from_ledger(settings: Settings, ledger: Ledger, now: float | None = None) ->
         "oldest_unconfirmed": None if oldest is None else {
             "file_id": oldest.id, "rule": oldest.rule, "path": oldest.relpath, "state": oldest.state.value,
             "age_s": round(now - oldest.first_seen, 1), "reason": oldest.reason},
-        "stuck": [{"file_id": r.id, "rule": r.rule, "path": r.relpath, "did": r.did, "lake_ref": r.lake_ref,
-                   "reason": r.reason, "since_s": round(now - r.updated_at, 1)}
-                  for r in ledger.in_states([State.TRANSFERRED]) if r.reason][:50],
+        # waiting on the lake with a warning: a stuck or overdue rule, a replica that went bad
+        "attention": [{"file_id": r.id, "rule": r.rule, "path": r.relpath, "did": r.did, "state": r.state.value,
+                       "lake_ref": r.lake_ref, "reason": r.reason, "since_s": round(now - r.updated_at, 1)}
+                      for r in ledger.in_states([State.TRANSFERRED, State.CONFIRMED]) if r.reason][:50],
         "recent_errors": ledger.recent_errors(20),
         "notices": ledger.notices(50),
     }

@@ -27,7 +27,8 @@ import contextlib
 import os
 import ssl
 import threading
-from typing import Callable, Iterator, Literal
+from collections.abc import Callable, Iterator
+from typing import Literal, Self
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -255,7 +256,7 @@ class HttpTransport(Transport):
         self._pool.close()
         self._fresh.close()
 
-    def __enter__(self) -> "HttpTransport":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -335,7 +336,7 @@ class HttpTransport(Transport):
     def _put_once(self, source: str, wire: str, shown: str, expected: Expected,
                   pace: Pacer) -> tuple[httpx.Response, MultiHash]:
         try:
-            fh = open(source, "rb", buffering=0)
+            fh = open(source, "rb", buffering=0)  # noqa: SIM115 - closed by the with below
         except FileNotFoundError:
             raise FileVanished(f"{source} is gone") from None
         except PermissionError as exc:

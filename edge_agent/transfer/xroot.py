@@ -22,7 +22,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from typing import Any, BinaryIO, Literal
+from typing import IO, Any, Literal
 from urllib.parse import urlsplit
 
 import structlog
@@ -44,7 +44,7 @@ _REFUSED = {3010: "not authorised", 3025: "read-only file system", 3028: "TLS re
 _PERMANENT = {3000, 3001, 3002, 3006, 3013, 3015, 3016, 3022, 3023, 3026, 3031}
 _UNSUPPORTED = 3013
 _ERRNO_RE = re.compile(r"\[(3\d{3})\]")
-_SIZE_RE = re.compile(r"^\s*Size:\s*(\d+)\s*$", re.M)
+_SIZE_RE = re.compile(r"^\s*Size:\s*(\d+)\s*$", re.MULTILINE)
 
 
 # ------------------------------------------------------------------ pure helpers
@@ -148,7 +148,7 @@ class CliClient(_Client):
             env = {**env, "XRD_REQUESTTIMEOUT": str(max(1, int(limit)))}
         wait = (limit or self.timeout) + 30
         try:
-            r = subprocess.run([self.xrdfs, server, *args], capture_output=True, text=True, env=env,
+            r = subprocess.run([self.xrdfs, server, *args], check=False, capture_output=True, text=True, env=env,
                                timeout=wait, stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
             raise RetryableError(f"xrdfs {args[0]} {shown_url(args[-1])}: no answer in {wait:.0f} s") from None
@@ -195,7 +195,7 @@ class _CliWriter(_Writer):
     def __init__(self, cli: CliClient, url: str) -> None:
         self.cli, self.url = cli, url
         # stderr to a file, not a pipe: a chatty xrdcp must never block on a full pipe while we write
-        self.err = tempfile.TemporaryFile()
+        self.err = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close() / abort()
         try:
             # --posc: the server drops the file if xrdcp goes away without a clean close
             self.proc = subprocess.Popen([cli.xrdcp, "--nopbar", "--silent", "--force", "--posc", "-", url],
@@ -206,7 +206,7 @@ class _CliWriter(_Writer):
             raise PermanentError(f"{cli.xrdcp} not found: install the XRootD client (Debian: "
                                  "xrootd-client) or the XRootD Python bindings") from None
 
-    def _stdin(self) -> BinaryIO:
+    def _stdin(self) -> IO[bytes]:
         assert self.proc.stdin is not None
         return self.proc.stdin
 
@@ -403,7 +403,7 @@ class XRootTransport(Transport):
     def _upload(self, source: str, url: str, server: str, path: str, expected: Expected,
                 pace: Pacer) -> Digests:
         try:
-            fh = open(source, "rb", buffering=0)
+            fh = open(source, "rb", buffering=0)  # noqa: SIM115 - closed by the with below
         except FileNotFoundError:
             raise FileVanished(f"{source} is gone") from None
         except PermissionError as exc:

@@ -1,0 +1,238 @@
+"""The agent against the real lake: Rucio 41.5.1 + XRootD 5.5.3 on loopback (scripts/lake).
+
+FTS, which replicates in production, is played by the test (lake.play_fts), never by the agent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+import zlib
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from support import Daemon, adler32_hex, write_toml
+
+pytestmark = [pytest.mark.integration, pytest.mark.lake]
+
+
+def uid() -> str:
+    return "t" + uuid.uuid4().hex[:10]
+
+
+def rucio_agent(agent, lake, rules: dict[str, dict[str, Any]], destinations: dict[str, Any] | None = None,
+                **kw: Any) -> Daemon:
+    dests = destinations if destinations is not None else {
+        "lake1": {"kind": "rse", "rse": lake.lake_rses[0], "scheme": "http"}}
+    full_rules = {}
+    for name, r in rules.items():
+        full_rules[name] = {"scope": lake.scope, "completion": ["renamed"], "destinations": list(dests),
+                            **r}
+    return agent(rules=full_rules, destinations=dests, lake=lake.agent_lake_config(**kw.pop("rucio", {})),
+                 **kw)
+
+
+def write_files(d: Daemon, n: int, rule: str = "daq", size: int = 150_000) -> dict[str, bytes]:
+    out = {}
+    for i in range(n):
+        data = os.urandom(size + i)
+        tmp = d.rule_dir(rule) / f"f{i:03d}.fits.part"
+        tmp.write_bytes(data)
+        os.rename(tmp, d.rule_dir(rule) / f"f{i:03d}.fits")
+        out[f"f{i:03d}.fits"] = data
+    return out
+
+
+def check_in_lake(lake, names: dict[str, bytes], rses: list[str]) -> None:
+    """Rucio lists every file AVAILABLE on each RSE with the right bytes and adler32."""
+    for name, data in names.items():
+        info = lake.replicas(lake.scope, name)
+        assert info, f"{name} not in Rucio"
+        assert info["bytes"] == len(data) and info["adler32"] == adler32_hex(data), name
+        for rse in rses:
+            assert info["states"].get(rse) == "AVAILABLE", (name, info["states"])
+
+
+class FtsPlayer(threading.Thread):
+    """Replicates what the rules ask for, as FTS would, once `go` is set."""
+
+    def __init__(self, lake, names: list[str], dest_rses: list[str]) -> None:
+        super().__init__(daemon=True)
+        self.lake, self.names, self.dest = lake, names, dest_rses
+        self.go = threading.Event()
+        self.stop = threading.Event()
+        self.done: set[tuple[str, str]] = set()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                if self.go.is_set():
+                    for n in self.names:
+                        info = self.lake.replicas(self.lake.scope, n)
+                        for rse in self.dest:
+                            if (n, rse) in self.done or not info:
+                                continue
+                            if info["states"].get(rse) in ("COPYING", None) and "AVAILABLE" in info["states"].values():
+                                if info["states"].get(rse) == "COPYING":
+                                    self.lake.play_fts(self.lake.scope, n, rse)
+                                    self.done.add((n, rse))
+                            elif info["states"].get(rse) == "AVAILABLE":
+                                self.done.add((n, rse))
+                time.sleep(0.5)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            self.error = exc
+
+
+def test_push_night_copies_two_and_deletes_only_after_both_are_confirmed(agent, lake) -> None:
+    u = uid()
+    d = rucio_agent(agent, lake, {"daq": {"copies": 2, "rse_expression": "lake=true",
+                                          "name_template": f"{u}.{{filename}}", "dataset_template": f"{u}.night",
+                                          "metadata": {"instrument": "cam"}}})
+    d.start()
+    files = write_files(d, 8)
+    names = {f"{u}.{k}": v for k, v in files.items()}
+    fts = FtsPlayer(lake, list(names), lake.lake_rses)
+    fts.start()
+    # the agent uploads to the first RSE and asks for 2 copies; the second does not exist yet
+    d.wait_for(lambda: d.counts().get("transferred") == 8, 60, "8 uploads with their rules")
+    time.sleep(3)
+    assert d.counts().get("deleted") is None
+    assert sorted(p.name for p in d.rule_dir().iterdir()) == sorted(files)
+    for n in names:
+        assert lake.replicas(lake.scope, n)["states"].get(lake.lake_rses[0]) == "AVAILABLE"
+    fts.go.set()                                        # the lake replicates
+    d.wait_for(lambda: d.counts().get("deleted") == 8, 90, "all deleted once both copies are confirmed")
+    fts.stop.set()
+    assert fts.error is None, fts.error
+    assert list(d.rule_dir().iterdir()) == []
+    check_in_lake(lake, names, lake.lake_rses)
+    # every deletion named its evidence: the rule OK and two replicas with the local adler32
+    for e in (e for e in d.events() if e.get("event") == "deleted"):
+        assert len(e["replicas"]) >= 2 and all(r["adler32"] == e["local_adler32"] for r in e["replicas"])
+    ds = lake.call("GET", f"/dids/{lake.scope}/{u}.night/dids")
+    assert sorted(x["name"] for x in lake.lines(ds)) == sorted(names)
+    assert d.stop() == 0
+
+
+def test_register_in_place_the_magic_setup(agent, lake) -> None:
+    u = uid()
+    bufdir = lake.data_dir / "data" / "buf" / u
+    bufdir.mkdir(parents=True)
+    os.chmod(bufdir, 0o755)
+    d = rucio_agent(agent, lake, {"daq": {
+        "directory": str(bufdir), "inject": "register", "buffer_rse": lake.buf_rse,
+        "buffer_url": f"{lake.root_url}//data/buf/{u}/", "copies": 2, "rse_expression": "lake=true",
+        "name_template": f"{u}.{{filename}}", "dataset_template": f"{u}.night"}}, destinations={})
+    d.start()
+    files = write_files(d, 5)
+    names = {f"{u}.{k}": v for k, v in files.items()}
+    d.wait_for(lambda: d.counts().get("transferred") == 5, 60, "5 registered in place with rules")
+    for n in names:
+        assert lake.replicas(lake.scope, n)["states"] == {lake.buf_rse: "AVAILABLE",
+                                                          **{r: "COPYING" for r in lake.lake_rses}}
+    assert d.counts().get("deleted") is None
+    fts = FtsPlayer(lake, list(names), lake.lake_rses)
+    fts.go.set()
+    fts.start()
+    d.wait_for(lambda: d.counts().get("deleted") == 5, 90, "buffer files deleted after both copies")
+    fts.stop.set()
+    assert fts.error is None, fts.error
+    assert list(bufdir.iterdir()) == []
+    check_in_lake(lake, names, lake.lake_rses)
+    lake.daemon("rucio-reaper", "--rses", lake.buf_rse, "--greedy")
+    for n in names:            # the buffer's registration is gone with the file
+        assert lake.buf_rse not in lake.replicas(lake.scope, n)["states"]
+
+
+def test_lake_outage_holds_everything_back_and_recovers(agent, lake) -> None:
+    u = uid()
+    d = rucio_agent(agent, lake, {"daq": {"copies": 1, "name_template": f"{u}.{{filename}}",
+                                          "dataset_template": None}},
+                    rucio={"timeout_seconds": 5})
+    d.start()
+    before = write_files(d, 2)
+    d.wait_for(lambda: d.counts().get("deleted") == 2, 40, "delivery before the outage")
+    lake.rucio_down()
+    try:
+        for i in range(4):
+            (d.rule_dir() / f"out{i}.fits").write_bytes(os.urandom(20_000))
+        d.wait_for(lambda: d.get("/readyz")[0] == 503, 60, "/readyz to report the lake down")
+        why = json.loads(d.get("/readyz")[1])["not_ready_because"]
+        assert any("lake" in w for w in why), why
+        time.sleep(3)
+        assert d.counts().get("deleted") == 2
+        assert len(list(d.rule_dir().iterdir())) == 4
+        assert d.counts().get("quarantined") is None
+    finally:
+        lake.rucio_up()
+    d.wait_for(lambda: d.counts().get("deleted") == 6, 120, "everything delivered after the outage")
+    d.wait_for(lambda: d.get("/readyz")[0] == 200, 60, "/readyz green again")
+    check_in_lake(lake, {f"{u}.{k}": v for k, v in before.items()}, [lake.lake_rses[0]])
+
+
+def test_wrong_password_is_a_clear_error_and_the_data_is_kept(agent, lake) -> None:
+    u = uid()
+    d = rucio_agent(agent, lake, {"daq": {"copies": 1, "name_template": f"{u}.{{filename}}"}})
+    d.doc["lake"]["rucio"]["auth"]["password"] = "not-the-password"
+    write_toml(d.config, d.doc)
+    d.start()
+    files = write_files(d, 2)
+    d.wait_for(lambda: d.get("/readyz")[0] == 503, 40, "/readyz to report the credentials")
+    why = " ".join(json.loads(d.get("/readyz")[1])["not_ready_because"])
+    assert "credentials" in why and "not-the-password" not in why
+    time.sleep(2)
+    assert sorted(p.name for p in d.rule_dir().iterdir()) == sorted(files)
+    assert d.counts().get("quarantined") is None
+    assert "not-the-password" not in d.log.read_text()
+    d.stop()
+    d.doc["lake"]["rucio"]["auth"]["password"] = lake.env["EDGE_LAKE_RUCIO_PASSWORD"]
+    write_toml(d.config, d.doc)
+    d.start()
+    d.wait_for(lambda: d.counts().get("deleted") == 2, 60, "delivery once the password is right")
+
+
+@pytest.mark.parametrize("point", ["after_put", "after_add_replica", "after_rule"])
+def test_crash_between_upload_registration_and_rule_is_finished_without_duplicate_errors(
+        agent, lake, point: str) -> None:
+    u = uid()
+    d = rucio_agent(agent, lake, {"daq": {"copies": 1, "name_template": f"{u}.{{filename}}",
+                                          "dataset_template": f"{u}.ds"}})
+    d.env = {"EDGE_AGENT_FAILPOINTS": point}
+    d.start(wait=False)
+    files = write_files(d, 1)
+    assert d.proc is not None and d.proc.wait(60) == 137, "the failpoint was not reached"
+    d.env = {}
+    d.start()
+    d.wait_for(lambda: d.counts().get("deleted") == 1, 60, f"delivery after a crash {point}")
+    assert not [e for e in d.events() if e.get("event", "").startswith("failed")]
+    check_in_lake(lake, {f"{u}.{k}": v for k, v in files.items()}, [lake.lake_rses[0]])
+    rules = lake.lines(lake.call("GET", f"/dids/{lake.scope}/{u}.f000.fits/rules"))
+    assert len(rules) == 1                                  # one rule, not two
+
+
+def test_a_storage_that_lies_about_a_checksum_keeps_the_file(agent, lake) -> None:
+    u = uid()
+    d = rucio_agent(agent, lake, {"daq": {"copies": 1, "name_template": f"{u}.{{filename}}",
+                                          "delete": "keep", "keep_hours": 0.003}})
+    d.start()
+    files = write_files(d, 1)
+    name = f"{u}.f000.fits"
+    d.wait_for(lambda: d.counts().get("confirmed") == 1, 60, "confirmation")
+    # the storage now holds other bytes of the same size: its checksum no longer matches
+    stored = lake.local_path(lake.pfn(lake.lake_rses[0], lake.scope, name))
+    data = bytearray(stored.read_bytes())
+    data[100] ^= 0xFF
+    stored.write_bytes(bytes(data))
+    time.sleep(15)                                         # past keep_hours: it would be deleted now
+    assert (d.rule_dir() / "f000.fits").read_bytes() == files["f000.fits"]
+    assert d.counts().get("deleted") is None
+    doc = d.status()
+    assert any(name in (a.get("did") or "") for a in doc["attention"]), doc["attention"]
