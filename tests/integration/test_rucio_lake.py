@@ -21,6 +21,7 @@ import pytest
 from support import Daemon, adler32_hex, write_toml
 
 pytestmark = [pytest.mark.integration, pytest.mark.lake]
+pytest.importorskip("edge_agent.lake.rucio", reason="the Rucio lake is not wired in yet")
 
 
 def uid() -> str:
