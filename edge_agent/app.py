@@ -17,7 +17,70 @@ from .status.server import StatusServer
 def build_lake(settings: Settings) -> Catalogue:
     if settings.lake.kind == "local":
         return LocalLake(settings.lake_catalog_path, settings.destinations, settings.lake.effective_name_pattern)
-    raise ValueError(f"unknown lake kind {settings.lake.kind!r}")
+    return build_rucio_lake(settings)
+
+
+def build_rucio_lake(settings: Settings) -> Catalogue:
+    from .lake.rucio import RucioLake
+    from .lake.rucio_client import RucioClient
+    from .transfer.http import HttpTransport
+    from .transfer.xroot import XRootTransport
+    r = settings.lake.rucio
+    assert r is not None, "settings validation guarantees [lake.rucio] for kind = 'rucio'"
+    client = RucioClient(r)
+    verify: bool | str = str(r.ca_cert) if r.ca_cert else r.tls_verify
+    # Storage is reached with the identity Rucio knows: the X.509 certificate or proxy, or the
+    # OIDC bearer token (WLCG token-based storage); userpass has no storage credential.
+    cert = str(r.auth.cert) if r.auth.type == "x509" and r.auth.cert else None
+    key = str(r.auth.key) if r.auth.type == "x509" and r.auth.key else None
+    token = client.token if r.auth.type == "oidc" else None
+    http = HttpTransport(verify=verify, cert=cert, key=key, token=token, timeout=r.timeout_seconds,
+                         verify_upload=r.verify_upload, chunk_size=settings.chunk_mb << 20,
+                         max_connections=max(2, settings.transfer_workers))
+    root = XRootTransport(timeout=r.timeout_seconds, verify_upload=r.verify_upload,
+                          chunk_size=settings.chunk_mb << 20)
+    transports = {"http": http, "https": http, "davs": http, "root": root}
+    return _Closing(RucioLake(settings, transports, client=client), [http, root])
+
+
+class _Closing(Catalogue):
+    """A catalogue that also closes the transports it was built with."""
+
+    def __init__(self, inner: Catalogue, closeables: list[object]) -> None:
+        self._inner, self._closeables = inner, closeables
+        self.name_pattern = inner.name_pattern
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+    def register(self, f):  # type: ignore[no-untyped-def]
+        return self._inner.register(f)
+
+    def targets(self, f):  # type: ignore[no-untyped-def]
+        return self._inner.targets(f)
+
+    def add_replica(self, f, location, url):  # type: ignore[no-untyped-def]
+        return self._inner.add_replica(f, location, url)
+
+    def request_copies(self, f):  # type: ignore[no-untyped-def]
+        return self._inner.request_copies(f)
+
+    def copies_state(self, f, ref):  # type: ignore[no-untyped-def]
+        return self._inner.copies_state(f, ref)
+
+    def replicas(self, f):  # type: ignore[no-untyped-def]
+        return self._inner.replicas(f)
+
+    def release(self, f):  # type: ignore[no-untyped-def]
+        return self._inner.release(f)
+
+    def health(self):  # type: ignore[no-untyped-def]
+        return self._inner.health()
+
+    def close(self) -> None:
+        self._inner.close()
+        for c in self._closeables:
+            getattr(c, "close", lambda: None)()
 
 
 class Agent:

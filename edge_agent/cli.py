@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import os
 import signal
+import sqlite3
 import sys
 import time
 import urllib.error
@@ -105,10 +106,13 @@ def run(settings: Settings) -> int:
     return 0
 
 
-def _open_ledger(settings: Settings) -> Ledger:
+def _open_ledger(settings: Settings, readonly: bool = True) -> Ledger:
     if not settings.ledger_path.exists():
         raise ConfigError(f"no ledger at {settings.ledger_path}: the agent has not run with this state_dir")
-    return Ledger(settings.ledger_path)
+    try:
+        return Ledger(settings.ledger_path, readonly=readonly)
+    except sqlite3.Error as exc:
+        raise ConfigError(f"cannot open the ledger {settings.ledger_path}: {exc}") from None
 
 
 def status(settings: Settings, as_json: bool) -> int:
@@ -193,7 +197,7 @@ def scan(settings: Settings) -> int:
     """Walk every rule's tree and say, per entry, what the agent would do and why."""
     from .watch.filters import RuleFilter
     from .watch.scanner import walk
-    ledger = Ledger(settings.ledger_path) if settings.ledger_path.exists() else None
+    ledger = _open_ledger(settings) if settings.ledger_path.exists() else None
     for name, rule in settings.rules.items():
         print(f"[{name}] {rule.directory}")
         if not rule.directory.is_dir():
@@ -251,7 +255,7 @@ def files(settings: Settings, needle: str | None, state: str | None, limit: int,
 
 
 def retry(settings: Settings, ids: list[int], all_: bool) -> int:
-    ledger = _open_ledger(settings)
+    ledger = _open_ledger(settings, readonly=False)
     if all_:
         ids = [r.id for r in ledger.in_states([State.QUARANTINED])]
     if not ids:

@@ -10,7 +10,7 @@ import hashlib
 import os
 import zlib
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, Iterator, Protocol, Sequence
 
 import blake3
 
@@ -59,13 +59,20 @@ def read_chunks(fh: BinaryIO, chunk_size: int = CHUNK,
         yield view[:n]
 
 
+class Consumer(Protocol):
+    def update(self, chunk: bytes | memoryview) -> None: ...
+
+
 def hash_file(path: str | os.PathLike[str], md5: bool = False, chunk_size: int = CHUNK,
-              on_chunk: Callable[[int], None] | None = None) -> Digests:
+              on_chunk: Callable[[int], None] | None = None, also: Sequence[Consumer] = ()) -> Digests:
+    """Hash a file in one read; `also` are further consumers fed the same chunks (e.g. a FITS scan)."""
     h = MultiHash(md5)
     with open(path, "rb", buffering=0) as fh:
         _advise_sequential(fh)
         for chunk in read_chunks(fh, chunk_size, on_chunk):
             h.update(chunk)
+            for c in also:
+                c.update(chunk)
     return h.digests()
 
 

@@ -46,15 +46,10 @@ CREATE TABLE IF NOT EXISTS files (
     confirmed_at REAL,
     deleted_at   REAL
 );
-CREATE UNIQUE INDEX IF NOT EXISTS files_live_path ON files(rule, path)
-    WHERE state NOT IN ('deleted', 'superseded');
-CREATE INDEX IF NOT EXISTS files_due ON files(state, next_at);
-CREATE INDEX IF NOT EXISTS files_name ON files(scope, name);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY, file_id INTEGER NOT NULL, at REAL NOT NULL,
     from_state TEXT, to_state TEXT NOT NULL, event TEXT NOT NULL, detail TEXT
 );
-CREATE INDEX IF NOT EXISTS events_file ON events(file_id);
 CREATE TABLE IF NOT EXISTS replicas (
     file_id INTEGER NOT NULL, location TEXT NOT NULL, url TEXT NOT NULL,
     size INTEGER, adler32 TEXT, state TEXT NOT NULL, at REAL NOT NULL,
@@ -64,6 +59,15 @@ CREATE TABLE IF NOT EXISTS notices (
     path BLOB PRIMARY KEY, rule TEXT NOT NULL, relpath TEXT NOT NULL, kind TEXT NOT NULL,
     detail TEXT NOT NULL, first_seen REAL NOT NULL, last_seen REAL NOT NULL, count INTEGER NOT NULL
 );
+"""
+
+# indexes come after the migration, which may first have to add the columns they use
+_INDEXES = """
+CREATE UNIQUE INDEX IF NOT EXISTS files_live_path ON files(rule, path)
+    WHERE state NOT IN ('deleted', 'superseded');
+CREATE INDEX IF NOT EXISTS files_due ON files(state, next_at);
+CREATE INDEX IF NOT EXISTS files_name ON files(scope, name);
+CREATE INDEX IF NOT EXISTS events_file ON events(file_id);
 """
 
 
@@ -130,7 +134,8 @@ def _row(r: sqlite3.Row) -> FileRecord:
     d = dict(r)
     d["state"] = State(d["state"])
     d["resume_state"] = State(d["resume_state"]) if d["resume_state"] else None
-    return FileRecord(**{k: d[k] for k in _COLS})
+    # .get: a read-only look at an older agent's ledger may lack columns added since
+    return FileRecord(**{k: d.get(k) for k in _COLS})
 
 
 def display_path(path: bytes | str) -> str:
@@ -139,11 +144,26 @@ def display_path(path: bytes | str) -> str:
 
 
 class Ledger:
-    def __init__(self, path: str | os.PathLike[str], clock: Any = time.time, synchronous: str = "full") -> None:
+    def __init__(self, path: str | os.PathLike[str], clock: Any = time.time, synchronous: str = "full",
+                 readonly: bool = False) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._clock = clock
         self._lock = threading.RLock()
+        if readonly:
+            # for `status` and `files` run by an operator who may only read the state directory
+            self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False,
+                                       isolation_level=None, timeout=30)
+            try:
+                self._db.execute("SELECT COUNT(*) FROM meta").fetchone()
+            except sqlite3.OperationalError:
+                # WAL readers need write access to the -shm file; without it the database file is
+                # read as it is (commits not yet checkpointed by the agent are not seen)
+                self._db.close()
+                self._db = sqlite3.connect(f"file:{self.path}?immutable=1", uri=True, check_same_thread=False,
+                                           isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None,
                                    timeout=30)
         self._db.row_factory = sqlite3.Row
@@ -156,7 +176,16 @@ class Ledger:
         self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
+        self._migrate()
+        self._db.executescript(_INDEXES)
         self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+    def _migrate(self) -> None:
+        """A ledger written by an older agent gains the columns added since (all nullable)."""
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(files)")}
+        for col in _COLS:
+            if col not in have:
+                self._db.execute(f"ALTER TABLE files ADD COLUMN {col}")
 
     def close(self) -> None:
         with self._lock:
@@ -361,6 +390,10 @@ class Ledger:
         with self._tx() as db:
             cur = db.execute(f"UPDATE files SET next_at = 0 WHERE state IN ({','.join('?' * len(st))})", st)
             return cur.rowcount
+
+    def set_lake_ref(self, file_id: int, ref: str | None) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE files SET lake_ref = ? WHERE id = ?", (ref, file_id))
 
     def flag(self, file_id: int, reason: str | None) -> None:
         """Set or clear a warning on a file without moving it (e.g. its rule is stuck)."""

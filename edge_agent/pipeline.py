@@ -29,6 +29,7 @@ from .core.lifecycle import Event, State
 from .errors import (ChecksumMismatch, FileChanged, FileVanished, PermanentError, RetryableError,
                      ShuttingDown)
 from .failpoints import hit
+from .fits import FitsScan
 from .hashing import hash_file
 from .lake.base import Catalogue, LakeFile
 from .ledger import FileRecord, Ledger, StaleTransition
@@ -38,6 +39,7 @@ from .transfer.base import Expected, Pacer
 
 log = structlog.get_logger("edge_agent.pipeline")
 
+FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.fz")
 # Unexpected exceptions (bugs, surprises) are retried a few times, then quarantined.
 MAX_UNEXPECTED = 5
 # A destination that keeps handing back a wrong checksum is not tried forever.
@@ -162,9 +164,11 @@ class Pipeline:
             raise FileVanished(f"{rec.relpath} is gone or no longer a regular file")
         if before != self._recorded_stat(rec):
             raise FileChanged(f"{rec.relpath} changed after it was judged complete")
+        scan = FitsScan() if rule.fits == "auto" and rec.relpath.lower().endswith(FITS_SUFFIXES) else None
         try:
             d = hash_file(path, md5=rule.md5, chunk_size=self.s.chunk_mb << 20,
-                          on_chunk=lambda n: self.hooks.bytes_hashed(rec.rule, n))
+                          on_chunk=lambda n: self.hooks.bytes_hashed(rec.rule, n),
+                          also=[scan] if scan else [])
         except FileNotFoundError:
             raise FileVanished(f"{rec.relpath} is gone") from None
         except PermissionError as exc:
@@ -192,10 +196,28 @@ class Pipeline:
             problem = policy.name_problem(dataset, self.lake.name_pattern)
             if problem:
                 raise PermanentError(f"dataset {problem} (from dataset_template {rule.dataset_template!r})")
-        meta = {**rule.metadata, **self._sidecar(rec)}
+        meta = {**rule.metadata, **self._fits_metadata(rec, scan), **self._sidecar(rec)}
         self._move(rec, Event.HASHED, {"blake3": d.blake3, "adler32": d.adler32, "size": d.size},
                    blake3=d.blake3, adler32=d.adler32, md5=d.md5, size=d.size, scope=rule.scope,
                    name=name, dataset=dataset, metadata=json.dumps(meta), attempts=0)
+
+    def _fits_metadata(self, rec: FileRecord, scan: FitsScan | None) -> dict[str, Any]:
+        """Header keywords as metadata; a FITS file whose own checksums fail is corrupt at the source."""
+        if scan is None:
+            return {}
+        res = scan.result()
+        if not res.is_fits:
+            return {}
+        rule = self.s.rules[rec.rule]
+        corrupt = [p for p in res.problems() if "after HDU" not in p]   # trailing records are tolerated
+        if corrupt and rule.fits_verify:
+            raise PermanentError("FITS file fails its own verification (corrupt at the source, not sent): "
+                                 + "; ".join(corrupt[:3]) + f" (`edge-agent retry {rec.id}` after fixing it, "
+                                 "or fits_verify = false)")
+        if corrupt:
+            log.warning("FITS verification failed; sent anyway (fits_verify = false)", file_id=rec.id,
+                        path=rec.relpath, problems=corrupt[:3])
+        return {k.lower(): v for k, v in res.metadata(rule.fits_keywords).items()}
 
     def _sidecar(self, rec: FileRecord) -> dict[str, Any]:
         rule = self.s.rules[rec.rule]
@@ -248,6 +270,15 @@ class Pipeline:
     def confirm(self, rec: FileRecord) -> None:
         f = self.lake_file(rec)
         state = self.lake.copies_state(f, rec.lake_ref)
+        if state == "MISSING":
+            # the rule expired or was deleted before the copies were confirmed: ask again
+            ref = self.lake.request_copies(f)
+            self.ledger.set_lake_ref(rec.id, ref)
+            self.ledger.note(rec.id, rec.state, "rule_recreated", {"old": rec.lake_ref, "new": ref})
+            log.warning("replication rule gone; asked again", file_id=rec.id, did=rec.did, old=rec.lake_ref,
+                        new=ref)
+            rec = self.ledger.get(rec.id)
+            state = self.lake.copies_state(f, ref)
         c = policy.judge_replicas(self.lake.replicas(f), f.size, f.adler32)
         evidence = {"replicas": [{"location": r.location, "size": r.size, "adler32": r.adler32}
                                  for r in c.good],

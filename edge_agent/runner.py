@@ -265,13 +265,16 @@ class Runner:
         except StaleTransition:
             pass
 
-    def check_completion(self, now: float) -> None:
+    def check_completion(self, now: float, budget: int = 5000) -> None:
         for rec in self.ledger.in_states([State.DISCOVERED]):
+            if budget <= 0:
+                break   # a huge backlog is looked at over several ticks, not in one long stall
             if self._next_check.get(rec.id, 0) > now or rec.id in self.in_flight:
                 continue
             rule = self.s.rules.get(rec.rule)
             if rule is None:
                 continue
+            budget -= 1
             st = stat_regular(rec.path)
             if st is None:
                 self.evaluate(rec.rule, rec.path, classify(os.fsencode(rule.directory), rec.path), rec)

@@ -208,7 +208,8 @@ class RuleSettings(_Section):
     delete_markers: bool = Field(True, description="remove the marker/sidecar once the data file is deleted")
     scope: str
     name_template: str = "{relpath}"
-    dataset_template: str | None = "{rule}.{night}"
+    dataset_template: str | None = Field("{rule}.{night}", description="one dataset per night by default; "
+                                         "\"\" for none")
     night_rollover_hour: int = Field(12, ge=0, le=23)
     timezone: str = "UTC"
     metadata: dict[str, str] = {}
@@ -233,6 +234,13 @@ class RuleSettings(_Section):
     priority: int = Field(0, description="higher goes first when work competes")
     allow_empty: bool = Field(False, description="zero-byte files are quarantined unless true")
     md5: bool = False
+    fits: Literal["auto", "off"] = Field("auto", description="auto: files named *.fits, *.fit, *.fts, *.fits.fz "
+                                         "have their headers read and CHECKSUM/DATASUM verified in the hashing pass")
+    fits_keywords: list[str] = Field(["OBJECT", "DATE-OBS", "MJD-OBS", "EXPTIME", "TELESCOP", "INSTRUME",
+                                      "FILTER", "OBSERVER", "RA", "DEC"],
+                                     description="primary-header keywords that become the file's metadata")
+    fits_verify: bool = Field(True, description="quarantine a FITS file whose CHECKSUM/DATASUM do not verify "
+                              "or that is truncated (corrupt at the source: never sent)")
     watermark_warn_percent: float = Field(80.0, gt=0, le=100)
     watermark_critical_percent: float = Field(90.0, gt=0, le=100)
     forecast_warn_hours: float = Field(6.0, ge=0, description="warn when the buffer is forecast full sooner")
@@ -243,6 +251,11 @@ class RuleSettings(_Section):
         if not v.is_absolute():
             raise ValueError("must be an absolute path")
         return v
+
+    @field_validator("dataset_template", "container_template", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: object) -> object:
+        return None if v == "" else v   # TOML has no null: "" says "no dataset"
 
     @field_validator("name_template", "dataset_template", "container_template")
     @classmethod

@@ -129,11 +129,12 @@ class RucioLake(Catalogue):
     # ------------------------------------------------------------ Catalogue
     def register(self, f: LakeFile) -> None:
         rule = self._rule(f)
+        pfn = self.buffer_pfn(f) if rule.inject == "register" else None
         # look first: a conflicting DID must not get a replica row pointing at our bytes
         self._same_content(f, must_exist=False)
         if rule.inject == "register":
             assert rule.buffer_rse is not None
-            self.client.add_replicas(rule.buffer_rse, [self._file_entry(f, "A", self.buffer_pfn(f))])
+            self.client.add_replicas(rule.buffer_rse, [self._file_entry(f, "A", pfn)])
         else:
             rses = self._dest_rses(f)
             if not rses:

@@ -378,7 +378,7 @@ class RucioClient:
         a = self.s.auth
         assert a.token_url and a.client_id and a.client_secret
         call = f"POST {a.token_url} (client credentials of {a.client_id})"
-        r = self._raw("POST", a.token_url, call, data={
+        r = self._raw("POST", a.token_url, call, service="token issuer", data={
             "grant_type": "client_credentials", "client_id": a.client_id,
             "client_secret": a.client_secret.get_secret_value(), "scope": a.scope, "audience": a.audience})
         try:
@@ -414,14 +414,14 @@ class RucioClient:
         return text
 
     def _raw(self, method: str, url: str, call: str, *, http: httpx.Client | None = None,
-             **kw: Any) -> httpx.Response:
+             service: str = "Rucio", **kw: Any) -> httpx.Response:
         started = time.monotonic()
         try:
             r = (http or self._http).request(method, url, **kw)
         except httpx.TransportError as exc:
             base = url.split("/", 3)
             where = "/".join(base[:3]) if len(base) >= 3 else url
-            raise RucioRetryable(self.scrub(f"Rucio at {where}: {_reason(exc)} ({call})")) from None
+            raise RucioRetryable(self.scrub(f"{service} at {where}: {_reason(exc)} ({call})")) from None
         log.debug("rucio call", call=call, status=r.status_code, ms=round((time.monotonic() - started) * 1000, 1))
         return r
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import fcntl
 import os
 import re
 import shutil
@@ -205,6 +206,10 @@ class _CliWriter(_Writer):
             self.err.close()
             raise PermanentError(f"{cli.xrdcp} not found: install the XRootD client (Debian: "
                                  "xrootd-client) or the XRootD Python bindings") from None
+        if hasattr(fcntl, "F_SETPIPE_SZ"):
+            # a 1 MiB pipe instead of 64 KiB: fewer switches between us and xrdcp on a busy host
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(self._stdin().fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
 
     def _stdin(self) -> IO[bytes]:
         assert self.proc.stdin is not None

@@ -38,7 +38,9 @@ class WriterTable:
 
     def _refresh(self) -> None:
         writers: dict[tuple[int, int], int] = {}
-        complete = os.path.isdir(self.proc)
+        # with hidepid / ProtectProc=invisible other users' processes are simply absent: PID 1
+        # always exists, so not seeing it means the view is partial
+        complete = os.path.isdir(self.proc) and os.path.exists(f"{self.proc}/1")
         try:
             pids = [p for p in os.listdir(self.proc) if p.isdigit()]
         except OSError:

@@ -342,6 +342,74 @@ EOF
     mv -f "$tmp" "$LAKE_ENV"
 }
 
+# ------------------------------------------------------- agent config ---
+# An edge-agent config for this lake: a push rule (the agent uploads to the first lake RSE over
+# HTTP and asks Rucio for 2 copies on lake=true) and a register-in-place rule (the buffer is the
+# EDGE_BUF RSE that XRootD serves; the agent registers what the DAQ writes there).
+write_agent_config() {
+    local lake1="${LAKE_RSES%% *}" cfg="$STATE_DIR/edge-agent.toml" tmp
+    mkdir -p "$STATE_DIR/daq/push" "$DATA_DIR/data/buf/daq"
+    chmod 0755 "$STATE_DIR/daq" "$STATE_DIR/daq/push" "$DATA_DIR/data/buf/daq"
+    if ((AS_ROOT)); then chown xrootd: "$DATA_DIR/data/buf/daq" 2>/dev/null || true; fi
+    tmp=$(mktemp "$cfg.XXXXXX")
+    cat >"$tmp" <<EOF
+# edge-agent against the loopback lake started by scripts/lake/start.sh (written by it).
+#   edge-agent -c $cfg run
+state_dir = "$STATE_DIR/agent-state"
+rescan_seconds = 30
+
+[status]
+port = 8787
+
+[lake]
+kind = "rucio"
+
+[lake.rucio]
+url = "http://127.0.0.1:$RUCIO_PORT"
+account = "$RUCIO_ACCOUNT"
+schemes = ["http", "root"]
+
+[lake.rucio.auth]
+type = "userpass"
+username = "$RUCIO_USERNAME"
+password = "$RUCIO_PASSWORD"
+
+[destinations.lake1]
+kind = "rse"
+rse = "$lake1"
+scheme = "http"
+
+# DAQ files written to $STATE_DIR/daq/push are uploaded to $lake1; Rucio is asked for 2 copies on
+# lake=true (the second is made by the lake: FTS in production, nobody here unless you play it).
+[rules.push]
+directory = "$STATE_DIR/daq/push"
+completion = ["closed", "stable"]
+stable_seconds = 2
+scope = "$SCOPE"
+name_template = "{night}.{filename}"
+dataset_template = "push.{night}"
+destinations = ["lake1"]
+copies = 2
+rse_expression = "lake=true"
+
+# Files written to $DATA_DIR/data/buf/daq are already on the $BUF_RSE RSE: registered in place.
+[rules.magic]
+directory = "$DATA_DIR/data/buf/daq"
+inject = "register"
+buffer_rse = "$BUF_RSE"
+buffer_url = "root://127.0.0.1:$XROOTD_PORT//data/buf/daq/"
+completion = ["closed", "stable"]
+stable_seconds = 2
+scope = "$SCOPE"
+name_template = "magic.{night}.{filename}"
+dataset_template = "magic.{night}"
+copies = 2
+rse_expression = "lake=true"
+EOF
+    mv -f "$tmp" "$cfg"
+    AGENT_CFG="$cfg"
+}
+
 # --------------------------------------------------------------------- main ---
 if ((ONLY_RUCIO)); then
     if [[ ! -f "$RUCIO_CFG" || ! -f "$RUCIO_DIR/rucio.db" ]] || ! venv_ready; then
@@ -365,6 +433,7 @@ bootstrap_db
 start_rucio
 bootstrap_catalogue
 write_lake_env
+write_agent_config
 
 cat <<EOF
 [lake] ready in $(elapsed) s
@@ -376,5 +445,6 @@ cat <<EOF
   RSEs       $BUF_RSE (buffer=true, non-deterministic, /data/buf)
              ${LAKE_RSES// /, } (lake=true, deterministic, /data/lake1, /data/lake2)
   client env $LAKE_ENV   (set -a; . $LAKE_ENV; set +a)
+  agent      edge-agent -c $AGENT_CFG run   (edge-agent check-config $AGENT_CFG first)
   stop       $HERE/stop.sh $STATE_DIR [--purge]
 EOF

@@ -156,7 +156,7 @@ def test_register_in_place_the_magic_setup(agent, lake) -> None:
 def test_lake_outage_holds_everything_back_and_recovers(agent, lake) -> None:
     u = uid()
     d = rucio_agent(agent, lake, {"daq": {"copies": 1, "name_template": f"{u}.{{filename}}",
-                                          "dataset_template": None}},
+                                          "dataset_template": ""}},
                     rucio={"timeout_seconds": 5})
     d.start()
     before = write_files(d, 2)
@@ -229,6 +229,10 @@ def test_a_storage_that_lies_about_a_checksum_keeps_the_file(agent, lake) -> Non
     d.wait_for(lambda: d.counts().get("confirmed") == 1, 60, "confirmation")
     # the storage now holds other bytes of the same size: its checksum no longer matches
     stored = lake.local_path(lake.pfn(lake.lake_rses[0], lake.scope, name))
+    # XRootD caches a checksum per whole-second mtime (notes, defect 3): a change within the
+    # upload's second would be reported with the OLD checksum, i.e. a lie nobody could see
+    while int(time.time()) <= int(stored.stat().st_mtime):
+        time.sleep(0.1)
     data = bytearray(stored.read_bytes())
     data[100] ^= 0xFF
     stored.write_bytes(bytes(data))

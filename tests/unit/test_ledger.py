@@ -317,3 +317,21 @@ def test_deleted_bytes_since(ledger: Ledger, clock: Any) -> None:
     walk(ledger, rec.id, *HAPPY)
     assert ledger.deleted_bytes_since(clock.now) == [(clock.now, 42)]
     assert ledger.deleted_bytes_since(clock.now + 1) == []
+
+
+def test_a_ledger_from_an_older_agent_gains_new_columns(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import sqlite3 as _sq
+    from edge_agent.ledger import Ledger as _L
+    path = tmp_path / "old.sqlite"
+    db = _sq.connect(path)
+    db.executescript("CREATE TABLE files (id INTEGER PRIMARY KEY, rule TEXT NOT NULL, path BLOB NOT NULL, "
+                     "relpath TEXT NOT NULL, version INTEGER NOT NULL, state TEXT NOT NULL, "
+                     "attempts INTEGER NOT NULL DEFAULT 0, next_at REAL NOT NULL DEFAULT 0, "
+                     "priority INTEGER NOT NULL DEFAULT 0, first_seen REAL NOT NULL, changed_at REAL NOT NULL, "
+                     "updated_at REAL NOT NULL);"
+                     "INSERT INTO files (rule, path, relpath, version, state, first_seen, changed_at, updated_at) "
+                     "VALUES ('r', X'61', 'a', 1, 'discovered', 1, 1, 1);")
+    db.commit()
+    db.close()
+    rec = _L(path).get(1)
+    assert rec.relpath == "a" and rec.lake_ref is None and rec.blake3 is None

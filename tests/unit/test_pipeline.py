@@ -27,7 +27,7 @@ from edge_agent.transfer.posix import PosixTransport
 
 S, E = State, Event
 WORKING = (S.COMPLETE, S.HASHED, S.REGISTERED, S.TRANSFERRED, S.CONFIRMED)
-DATA = b"SIMPLE  =                    T / a FITS file, more or less\n" * 500
+DATA = b"DAQ frame: not a real FITS file, just bytes to move\n" * 500
 
 
 def adler(data: bytes) -> str:
@@ -298,11 +298,11 @@ def test_a_file_modified_after_hashing_is_superseded(env: Env) -> None:
     rec = env.step(env.add().id)
     assert rec.state is S.HASHED
     local = Path(rec.fspath)
-    local.write_bytes(DATA.replace(b"T /", b"F /"))          # same size, other bytes
+    local.write_bytes(DATA.replace(b"DAQ", b"QAD"))          # same size, other bytes
     rec = env.drive(rec.id)
     assert rec.state is S.SUPERSEDED
     assert rec.reason and "changed since it was hashed" in rec.reason
-    assert local.read_bytes() == DATA.replace(b"T /", b"F /")  # never deleted
+    assert local.read_bytes() == DATA.replace(b"DAQ", b"QAD")  # never deleted
     # no copy of the wrong bytes was left in the lake under the final name
     assert not env.copy("a", rec).exists() and not env.copy("b", rec).exists()
     assert env.ledger.live("r", rec.path) is None             # the watcher will discover a new version
@@ -519,3 +519,47 @@ def test_no_deletion_when_the_rule_falls_back_from_ok(make_env: Any, clock: Any)
     clock.advance(3600)
     rec = env.step(rec.id)
     assert rec.state is S.CONFIRMED and Path(rec.fspath).exists()
+
+
+def test_a_rule_that_disappeared_is_requested_again(env: Env) -> None:
+    rec = env.drive(env.add().id, max_steps=3)
+    assert rec.state is S.TRANSFERRED
+    calls = []
+    orig = env.lake.request_copies
+    env.lake.copies_state = lambda f, ref: "MISSING" if ref in (None, "r-old") else "OK"  # type: ignore[method-assign]
+    env.lake.request_copies = lambda f: (calls.append(f), "r-new")[1]  # type: ignore[method-assign]
+    env.ledger.set_lake_ref(rec.id, "r-old")
+    rec = env.step(rec.id)
+    assert calls and env.ledger.get(rec.id).lake_ref == "r-new"
+    assert "rule_recreated" in env.events(rec.id)
+    env.lake.request_copies = orig  # type: ignore[method-assign]
+
+
+def _fits_bytes(flip: int | None = None) -> bytes:
+    """A minimal FITS file (primary header, 2880 bytes of int8 data) with a correct DATASUM."""
+    def card(k: str, v: str) -> bytes:
+        return f"{k:<8}= {v:>20}".ljust(80).encode()
+    data = bytes(range(256)) * 11 + bytes(64)            # 2880 bytes
+    words = [int.from_bytes(data[i:i + 4], "big") for i in range(0, len(data), 4)]
+    total = sum(words)
+    while total >> 32:
+        total = (total & 0xFFFFFFFF) + (total >> 32)
+    hdr = b"".join([card("SIMPLE", "T"), card("BITPIX", "8"), card("NAXIS", "1"), card("NAXIS1", "2880"),
+                    card("OBJECT", "'Crab'"), card("EXPTIME", "30.0"), card("DATASUM", f"'{total}'"),
+                    b"END".ljust(80)]).ljust(2880)
+    out = bytearray(hdr + data)
+    if flip is not None:
+        out[flip] ^= 0x01
+    return bytes(out)
+
+
+def test_fits_headers_become_metadata(env: Env) -> None:
+    rec = env.drive(env.add("run1/obs.fits", _fits_bytes()).id, max_steps=1)
+    assert rec.state is S.HASHED
+    assert rec.meta["object"] == "Crab" and rec.meta["exptime"] == 30.0
+
+
+def test_a_fits_file_failing_its_own_datasum_is_quarantined_never_sent(env: Env) -> None:
+    rec = env.drive(env.add("run1/bad.fits", _fits_bytes(flip=2880 + 100)).id)
+    assert rec.state is S.QUARANTINED and "DATASUM" in (rec.reason or "")
+    assert not [c for c in env.lake.calls if c.startswith(("register", "add_replica"))]

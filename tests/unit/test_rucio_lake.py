@@ -1,0 +1,699 @@
+"""RucioLake against a fake Rucio (httpx.MockTransport) that keeps the catalogue the way 41.5.1 does,
+quirks included: a duplicate replica is accepted silently, PUT of an unknown replica is a 500,
+metadata keys outside the DID columns are refused when the JSON plugin is off (SQLite)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from pathlib import Path
+from typing import Any, ClassVar
+from urllib.parse import unquote, urlsplit
+
+import httpx
+import pytest
+from structlog.testing import capture_logs
+
+from edge_agent.core.policy import Replica
+from edge_agent.errors import PermanentError, RetryableError
+from edge_agent.hashing import Digests
+from edge_agent.lake.base import LakeFile
+from edge_agent.lake.rucio import RucioLake
+from edge_agent.lake.rucio_client import RucioClient
+from edge_agent.settings import Settings
+from edge_agent.transfer.base import Expected, Pacer, RemoteStat, Transport
+
+PASSWORD = "pw-lake-secret"
+STATES = {"A": "AVAILABLE", "C": "COPYING", "U": "UNAVAILABLE", "B": "BEING_DELETED", "D": "BAD",
+          "S": "SOURCE", "T": "TEMPORARY_UNAVAILABLE"}
+COLUMN_KEYS = {"project", "datatype", "run_number", "stream_name", "campaign", "events", "guid", "bytes",
+               "adler32", "md5", "lifetime"}
+
+
+def err(status: int, cls: str, msg: str) -> httpx.Response:
+    return httpx.Response(status, headers={"ExceptionClass": cls, "ExceptionMessage": msg},
+                          json={"ExceptionClass": cls, "ExceptionMessage": msg})
+
+
+class FakeRucio:
+    """Just enough of Rucio's REST API, keeping state like the real catalogue."""
+
+    HOST: ClassVar[dict[str, str]] = {"http": "http://xrd:8080", "root": "root://xrd:1094/", "davs": "davs://xrd:8443"}
+
+    def __init__(self) -> None:
+        self.rses = {"BUF": {"deterministic": False, "schemes": ["root", "http"]},
+                     "LAKE1": {"deterministic": True, "schemes": ["http", "root"]},
+                     "LAKE2": {"deterministic": True, "schemes": ["root"]}}
+        self.dids: dict[tuple[str, str], dict[str, Any]] = {}
+        self.replicas: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.contents: set[tuple[str, str, str, str]] = set()
+        self.rules: dict[str, dict[str, Any]] = {}
+        self.locked: set[tuple[str, str, str]] = set()
+        self.tombstoned: set[tuple[str, str, str]] = set()
+        self.json_meta = False            # SQLite: only the DID columns take metadata
+        self.calls: list[tuple[str, str, Any]] = []
+        self.down = False
+        self.password = PASSWORD
+        self.before_add_replicas: Any = None
+        self.fail: dict[tuple[str, str], httpx.Response] = {}
+        self._ids = itertools.count(1)
+
+    # -- helpers
+    def pfn(self, scheme: str, rse: str, scope: str, name: str) -> str:
+        rep = self.replicas.get((scope, name, rse))
+        if not self.rses[rse]["deterministic"]:
+            path = rep["path"] if rep else None
+            if path is None:
+                return ""
+            return f"{self.HOST[scheme]}/data/{rse.lower()}/{path.lstrip('/')}"
+        return f"{self.HOST[scheme]}/data/{rse.lower()}/{scope}/{name}"
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if self.down:
+            raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+        path = unquote(request.url.raw_path.decode().split("?")[0])
+        body = json.loads(request.content) if request.content else None
+        m = request.method
+        self.calls.append((m, path, body))
+        if (m, path) in self.fail:
+            return self.fail[(m, path)]
+        if path == "/auth/userpass":
+            if request.headers.get("X-Rucio-Password") != self.password:
+                return err(401, "CannotAuthenticate", "Cannot authenticate to account root with given credentials")
+            return httpx.Response(200, headers={"X-Rucio-Auth-Token": "root-ddmlab-edge-agent-0123",
+                                                "X-Rucio-Auth-Token-Expires": "Wed, 25 Nov 2099 14:59:03 UTC"})
+        if path == "/ping":
+            return httpx.Response(200, json={"version": "41.5.1"})
+        if request.headers.get("X-Rucio-Auth-Token") != "root-ddmlab-edge-agent-0123":
+            return err(401, "CannotAuthenticate", "Cannot authenticate with given credentials")
+        for pattern, handler in self.ROUTES:
+            match = re.fullmatch(pattern, f"{m} {path}")
+            if match:
+                return handler(self, request, body, *match.groups())
+        return httpx.Response(404, text=f"no route {m} {path}")
+
+    # -- DIDs
+    def get_did(self, request: httpx.Request, body: Any, scope: str, name: str) -> httpx.Response:
+        d = self.dids.get((scope, name))
+        if d is None:
+            return err(404, "DataIdentifierNotFound", f"Data identifier '{scope}:{name}' not found")
+        return httpx.Response(200, json={"scope": scope, "name": name, "type": d["type"], "bytes": d.get("bytes"),
+                                         "adler32": d.get("adler32"), "md5": d.get("md5")})
+
+    def add_did(self, request: httpx.Request, body: Any, scope: str, name: str) -> httpx.Response:
+        if scope != "test":
+            return err(404, "ScopeNotFound", "Scope not found!")
+        if (scope, name) in self.dids:
+            return err(409, "DataIdentifierAlreadyExists", "Data Identifier already exists!")
+        self.dids[(scope, name)] = {"type": body["type"], "meta": {}}
+        return httpx.Response(201, text="Created")
+
+    def attach(self, request: httpx.Request, body: Any) -> httpx.Response:
+        for a in body["attachments"]:
+            for key in [(a["scope"], a["name"])] + [(c["scope"], c["name"]) for c in a["dids"]]:
+                if key not in self.dids:
+                    return err(404, "DataIdentifierNotFound", f"Data identifier '{key[0]}:{key[1]}' not found")
+        for a in body["attachments"]:
+            for c in a["dids"]:
+                entry = (a["scope"], a["name"], c["scope"], c["name"])
+                if entry in self.contents and not body.get("ignore_duplicate"):
+                    return err(409, "DuplicateContent", "UNIQUE constraint failed")
+                self.contents.add(entry)
+        return httpx.Response(201, text="Created")
+
+    def set_meta(self, request: httpx.Request, body: Any, scope: str, name: str,
+                 key: str | None = None) -> httpx.Response:
+        meta = {key: body["value"]} if key else body["meta"]
+        unmanaged = [k for k in meta if k not in COLUMN_KEYS and not self.json_meta]
+        if unmanaged:
+            return err(400, "InvalidMetadata", f"No plugin manages metadata keys {unmanaged} on DID {scope}:{name}")
+        d = self.dids[(scope, name)]
+        for k, v in meta.items():
+            if k in ("bytes", "adler32", "md5"):
+                d[k] = v                   # what the real server does with these column keys
+            else:
+                d["meta"][k] = v
+        return httpx.Response(201, text="Created")
+
+    def set_meta_key(self, request: httpx.Request, body: Any, scope: str, name: str, key: str) -> httpx.Response:
+        return self.set_meta(request, body, scope, name, key)
+
+    def did_rules(self, request: httpx.Request, body: Any, scope: str, name: str) -> httpx.Response:
+        rows = [r for r in self.rules.values() if (r["scope"], r["name"]) == (scope, name)]
+        return httpx.Response(200, text="".join(json.dumps(r) + "\n" for r in rows))
+
+    # -- replicas
+    def add_replicas(self, request: httpx.Request, body: Any) -> httpx.Response:
+        rse = body["rse"]
+        if rse not in self.rses:
+            return err(404, "RSENotFound", f"RSE '{rse}' cannot be found in vo 'def'")
+        if self.before_add_replicas:
+            self.before_add_replicas()
+        for f in body["files"]:
+            if not self.rses[rse]["deterministic"] and not f.get("pfn"):
+                return err(500, "UnsupportedOperation", "Non-deterministic RSE without pfn")
+            key = (f["scope"], f["name"])
+            if key not in self.dids:
+                self.dids[key] = {"type": "FILE", "bytes": f["bytes"], "adler32": f["adler32"],
+                                  "md5": f.get("md5"), "meta": {}}
+            if (*key, rse) not in self.replicas:   # an existing replica: accepted, nothing changed
+                path = None
+                if f.get("pfn") and not self.rses[rse]["deterministic"]:
+                    path = "/" + urlsplit(f["pfn"]).path.split(f"/data/{rse.lower()}/", 1)[1]
+                self.replicas[(*key, rse)] = {"state": STATES[f.get("state", "A")], "path": path,
+                                              "pfn": f.get("pfn")}
+        return httpx.Response(201, text="Created")
+
+    def update_replicas(self, request: httpx.Request, body: Any) -> httpx.Response:
+        for f in body["files"]:
+            rep = self.replicas.get((f["scope"], f["name"], body["rse"]))
+            if rep is None:
+                return err(500, "ReplicaNotFound", f"No row found for scope: {f['scope']} name: {f['name']} "
+                           f"rse: {body['rse']}")
+            if f["state"] not in STATES:
+                return err(400, "ValueError", f"'{f['state']}' is not a valid ReplicaState")
+            rep["state"] = STATES[f["state"]]
+        return httpx.Response(200, text="")
+
+    def list_replicas(self, request: httpx.Request, body: Any) -> httpx.Response:
+        out = []
+        schemes = body.get("schemes")
+        for did in body["dids"]:
+            key = (did["scope"], did["name"])
+            if key not in self.dids:
+                continue
+            d = self.dids[key]
+            reps = {rse: r for (s, n, rse), r in self.replicas.items() if (s, n) == key}
+            if not body.get("all_states"):
+                reps = {k: v for k, v in reps.items() if v["state"] == "AVAILABLE"}
+            rses: dict[str, list[str]] = {}
+            for rse in reps:
+                for scheme in self.rses[rse]["schemes"]:
+                    if schemes is None or scheme in schemes:
+                        rses.setdefault(rse, []).append(self.pfn(scheme, rse, *key))
+                        if schemes is None:
+                            break
+            out.append({"scope": key[0], "name": key[1], "bytes": d["bytes"], "adler32": d["adler32"],
+                        "md5": d.get("md5"), "rses": rses,
+                        "pfns": {p: {"rse": rse} for rse, ps in rses.items() for p in ps},
+                        "states": {rse: r["state"] for rse, r in reps.items()}})
+        return httpx.Response(200, text="".join(json.dumps(x) + "\n" for x in out))
+
+    def tombstone(self, request: httpx.Request, body: Any) -> httpx.Response:
+        for r in body["replicas"]:
+            key = (r["scope"], r["name"], r["rse"])
+            if key not in self.replicas:
+                return err(404, "ReplicaNotFound", f"Replica {r['scope']}:{r['name']} on RSE {r['rse']} could not "
+                           "be found.")
+            if key in self.locked:
+                return err(423, "ReplicaIsLocked", f"Replica {r['scope']}:{r['name']} on RSE {r['rse']} is locked.")
+            self.tombstoned.add(key)
+        return httpx.Response(201, text="Created")
+
+    # -- RSEs
+    def protocols(self, request: httpx.Request, body: Any, rse: str) -> httpx.Response:
+        if rse not in self.rses:
+            return err(404, "RSENotFound", f"RSE '{rse}' cannot be found in vo 'def'")
+        return httpx.Response(200, json=[{"scheme": s, "domains": {"wan": {"read": 1, "write": 1}}}
+                                         for s in self.rses[rse]["schemes"]])
+
+    def lfns2pfns(self, request: httpx.Request, body: Any, rse: str) -> httpx.Response:
+        scheme = request.url.params["scheme"]
+        if scheme not in self.rses[rse]["schemes"]:
+            return err(500, "RSEProtocolNotSupported", "No protocol for provided settings found")
+        return httpx.Response(200, json={lfn: self.pfn(scheme, rse, *lfn.split(":", 1))
+                                         for lfn in request.url.params.get_list("lfn")})
+
+    # -- rules
+    def add_rule(self, request: httpx.Request, body: Any) -> httpx.Response:
+        did = body["dids"][0]
+        if (did["scope"], did["name"]) not in self.dids:
+            return err(404, "DataIdentifierNotFound", "Data identifier not found")
+        for r in self.rules.values():
+            if (r["scope"], r["name"], r["account"], r["rse_expression"], r["copies"]) == \
+                    (did["scope"], did["name"], body["account"], body["rse_expression"], body["copies"]):
+                return err(409, "DuplicateRule", "UNIQUE constraint failed: rules.scope, rules.name, ...")
+        rid = f"{next(self._ids):032x}"
+        self.rules[rid] = {"id": rid, "scope": did["scope"], "name": did["name"], "account": body["account"],
+                           "rse_expression": body["rse_expression"], "copies": body["copies"],
+                           "state": "REPLICATING", "body": body}
+        return httpx.Response(201, text=json.dumps([rid]))
+
+    def get_rule(self, request: httpx.Request, body: Any, rid: str) -> httpx.Response:
+        if rid not in self.rules:
+            return err(404, "RuleNotFound", f"No rule with the id {rid} found")
+        return httpx.Response(200, json=self.rules[rid])
+
+    ROUTES: ClassVar[list[tuple[str, Any]]] = [
+        (r"POST /dids/attachments", attach),
+        (r"GET /dids/([^/]+)/([^/]+)/rules", did_rules),
+        (r"POST /dids/([^/]+)/([^/]+)/meta/([^/]+)", set_meta_key),
+        (r"POST /dids/([^/]+)/([^/]+)/meta", set_meta),
+        (r"GET /dids/([^/]+)/([^/]+)", get_did),
+        (r"POST /dids/([^/]+)/([^/]+)", add_did),
+        (r"POST /replicas/list", list_replicas),
+        (r"POST /replicas/tombstone", tombstone),
+        (r"POST /replicas", add_replicas),
+        (r"PUT /replicas", update_replicas),
+        (r"GET /rses/([^/]+)/protocols", protocols),
+        (r"GET /rses/([^/]+)/lfns2pfns", lfns2pfns),
+        (r"POST /rules/", add_rule),
+        (r"GET /rules/([^/]+)", get_rule),
+    ]
+
+    def count(self, method: str, path: str) -> int:
+        return sum(1 for m, p, _ in self.calls if (m, p) == (method, path))
+
+
+class FakeTransport(Transport):
+    """Storage by URL: what each URL holds (size, adler32 or None), or an error to raise."""
+
+    def __init__(self, scheme: str) -> None:
+        self.scheme = scheme
+        self.objects: dict[str, RemoteStat] = {}
+        self.error: Exception | None = None
+        self.stats: list[str] = []
+
+    def put(self, source: str, url: str, expected: Expected, pace: Pacer) -> Digests:
+        raise NotImplementedError
+
+    def stat(self, url: str, verify: str = "reread") -> RemoteStat | None:
+        self.stats.append(url)
+        if self.error:
+            raise self.error
+        return self.objects.get(url)
+
+    def delete(self, url: str) -> None:
+        self.objects.pop(url, None)
+
+
+def make_settings(tmp: Path, **rucio: Any) -> Settings:
+    return Settings(
+        state_dir=str(tmp / "state"),
+        lake={"kind": "rucio", "rucio": {"url": "http://rucio.test", "account": "root",
+                                         "auth": {"type": "userpass", "username": "ddmlab", "password": PASSWORD},
+                                         "schemes": ["davs", "https", "root", "http"], **rucio}},
+        destinations={"lake1": {"kind": "rse", "rse": "LAKE1"},
+                      "lake2": {"kind": "rse", "rse": "LAKE2", "scheme": "root"}},
+        rules={
+            "push": {"directory": str(tmp / "daq"), "scope": "test", "destinations": ["lake1"], "copies": 2,
+                     "rse_expression": "lake=true", "rule_lifetime_seconds": 86400, "activity": "Raw Data",
+                     "grouping": "NONE"},
+            "both": {"directory": str(tmp / "daq2"), "scope": "test", "destinations": ["lake1", "lake2"],
+                     "copies": 2},
+            "reg": {"directory": str(tmp / "buf"), "scope": "test", "inject": "register", "buffer_rse": "BUF",
+                    "buffer_url": "root://daq.example:1094//data/buf/", "rse_expression": "lake=true",
+                    "copies": 2, "container_template": "cont.{night}"},
+        })
+
+
+def lake_file(tmp: Path, rule: str = "push", name: str = "f1", size: int = 10, adler32: str = "0000000a",
+              rel: str = "run42/f1.fits", **kw: Any) -> LakeFile:
+    directory = {"push": "daq", "both": "daq2", "reg": "buf"}[rule]
+    dests = {"push": ("lake1",), "both": ("lake1", "lake2"), "reg": ()}[rule]
+    base: dict[str, Any] = {
+        "rule": rule, "scope": "test", "name": name, "dataset": "ds.20261125", "size": size, "adler32": adler32,
+        "md5": "0123456789abcdef0123456789abcdef", "blake3": "b" * 64, "copies": 2, "destinations": dests,
+        "local_path": str(tmp / directory / rel), "metadata": {}}
+    return LakeFile(**{**base, **kw})
+
+
+@pytest.fixture
+def rucio() -> FakeRucio:
+    return FakeRucio()
+
+
+@pytest.fixture
+def transports() -> dict[str, FakeTransport]:
+    return {"http": FakeTransport("http"), "root": FakeTransport("root")}
+
+
+@pytest.fixture
+def make_lake(tmp_path: Path, rucio: FakeRucio, transports: dict[str, FakeTransport]) -> Any:
+    def make(**rucio_settings: Any) -> RucioLake:
+        s = make_settings(tmp_path, **rucio_settings)
+        assert s.lake.rucio is not None
+        client = RucioClient(s.lake.rucio, transport=httpx.MockTransport(rucio), sleep=lambda t: None)
+        return RucioLake(s, dict(transports), client)
+    return make
+
+
+@pytest.fixture
+def lake(make_lake: Any) -> RucioLake:
+    return make_lake()
+
+
+# ---------------------------------------------------------------- register
+
+def test_push_register_creates_did_replica_dataset_and_is_idempotent(lake: RucioLake, rucio: FakeRucio,
+                                                                     tmp_path: Path) -> None:
+    f = lake_file(tmp_path)
+    lake.register(f)
+    lake.register(f)                       # a crash after the effect: done again, no error
+    assert rucio.dids[("test", "f1")] == {"type": "FILE", "bytes": 10, "adler32": "0000000a",
+                                          "md5": "0123456789abcdef0123456789abcdef", "meta": {}}
+    assert rucio.replicas[("test", "f1", "LAKE1")]["state"] == "COPYING"
+    assert rucio.dids[("test", "ds.20261125")]["type"] == "DATASET"
+    assert rucio.contents == {("test", "ds.20261125", "test", "f1")}
+    assert lake.name_pattern == r"^[A-Za-z0-9][A-Za-z0-9.\-_]{1,250}$"
+
+
+def test_register_again_after_upload_keeps_the_replica_available(lake: RucioLake, rucio: FakeRucio,
+                                                                 tmp_path: Path) -> None:
+    f = lake_file(tmp_path)
+    lake.register(f)
+    lake.add_replica(f, "LAKE1", "http://xrd:8080/data/lake1/test/f1")
+    lake.register(f)
+    assert rucio.replicas[("test", "f1", "LAKE1")]["state"] == "AVAILABLE"
+
+
+def test_a_did_with_other_content_is_permanent_and_gets_no_replica(lake: RucioLake, rucio: FakeRucio,
+                                                                   tmp_path: Path) -> None:
+    rucio.dids[("test", "f1")] = {"type": "FILE", "bytes": 11, "adler32": "0000000b", "meta": {}}
+    with pytest.raises(PermanentError, match=r"already holds test:f1 with other content \(11 bytes, adler32 "
+                                             r"0000000b\); the local file has 10 bytes, adler32 0000000a"):
+        lake.register(lake_file(tmp_path))
+    assert rucio.replicas == {}
+
+
+def test_a_duplicate_replica_silently_accepted_with_other_checksum_is_caught(lake: RucioLake, rucio: FakeRucio,
+                                                                             tmp_path: Path) -> None:
+    # someone registers the same name between our look and our POST: Rucio answers 201 for ours
+    def race() -> None:
+        rucio.dids.setdefault(("test", "f1"), {"type": "FILE", "bytes": 10, "adler32": "deadbeef", "meta": {}})
+    rucio.before_add_replicas = race
+    with pytest.raises(PermanentError, match="adler32 deadbeef"):
+        lake.register(lake_file(tmp_path))
+    assert rucio.contents == set()         # not attached to our dataset
+
+
+def test_md5_mismatch_is_other_content(lake: RucioLake, rucio: FakeRucio, tmp_path: Path) -> None:
+    rucio.dids[("test", "f1")] = {"type": "FILE", "bytes": 10, "adler32": "0000000A", "md5": "f" * 32, "meta": {}}
+    with pytest.raises(PermanentError, match="other content"):
+        lake.register(lake_file(tmp_path))
+
+
+def test_same_content_registered_before_is_fine(lake: RucioLake, rucio: FakeRucio, tmp_path: Path) -> None:
+    rucio.dids[("test", "f1")] = {"type": "FILE", "bytes": 10, "adler32": "0000000A", "md5": None, "meta": {}}
+    lake.register(lake_file(tmp_path))
+    assert ("test", "f1", "LAKE1") in rucio.replicas
+
+
+def test_a_name_taken_by_a_dataset_is_permanent(lake: RucioLake, rucio: FakeRucio, tmp_path: Path) -> None:
+    rucio.dids[("test", "f1")] = {"type": "DATASET", "meta": {}}
+    with pytest.raises(PermanentError, match="as a DATASET"):
+        lake.register(lake_file(tmp_path))
+
+
+def test_unknown_scope_is_permanent(lake: RucioLake, rucio: FakeRucio, tmp_path: Path) -> None:
+    rucio.fail[("POST", "/replicas")] = err(404, "ScopeNotFound", "Scope not found!")
+    with pytest.raises(PermanentError, match="POST /replicas .*404 ScopeNotFound"):
+        lake.register(lake_file(tmp_path))
+
+
+def test_register_in_place_builds_the_pfn_and_the_container(lake: RucioLake, rucio: FakeRucio,
+                                                            tmp_path: Path) -> None:
+    f = lake_file(tmp_path, "reg", rel="night1/run 42/f1.fits", container="cont.20261125")
+    assert lake.buffer_pfn(f) == "root://daq.example:1094//data/buf/night1/run 42/f1.fits"
+    lake.register(f)
+    lake.register(f)
+    rep = rucio.replicas[("test", "f1", "BUF")]
+    assert rep["state"] == "AVAILABLE" and rep["pfn"] == "root://daq.example:1094//data/buf/night1/run 42/f1.fits"
+    assert rucio.dids[("test", "cont.20261125")]["type"] == "CONTAINER"
+    assert rucio.contents == {("test", "cont.20261125", "test", "ds.20261125"),
+                              ("test", "ds.20261125", "test", "f1")}
+    assert lake.targets(f) == []
+
+
+def test_buffer_url_without_trailing_slash(make_lake: Any, tmp_path: Path) -> None:
+    lake = make_lake()
+    lake.s.rules["reg"].buffer_url = "http://daq.example/buf"
+    assert lake.buffer_pfn(lake_file(tmp_path, "reg", rel="a/b.fits")) == "http://daq.example/buf/a/b.fits"
+
+
+@pytest.mark.parametrize("rel", ["run?1/f.fits", "f#1.fits", "50%.fits", "bad\nname"])
+def test_register_in_place_refuses_paths_a_url_cannot_carry(lake: RucioLake, rucio: FakeRucio, tmp_path: Path,
+                                                            rel: str) -> None:
+    with pytest.raises(PermanentError, match="cannot register .* in place"):
+        lake.register(lake_file(tmp_path, "reg", rel=rel))
+    assert rucio.calls == []               # refused before asking anything
+
+
+def test_register_in_place_refuses_files_outside_the_directory(lake: RucioLake, tmp_path: Path) -> None:
+    f = lake_file(tmp_path, "reg", local_path=str(tmp_path / "elsewhere" / "f1.fits"))
+    with pytest.raises(PermanentError, match="not below the rule's directory"):
+        lake.register(f)
+
+
+def test_the_dataset_is_created_once_per_lake(lake: RucioLake, rucio: FakeRucio, tmp_path: Path) -> None:
+    lake.register(lake_file(tmp_path, name="f1"))
+    lake.register(lake_file(tmp_path, name="f2", rel="run42/f2.fits"))
+    assert rucio.count("POST", "/dids/test/ds.20261125") == 1
+    assert {c[3] for c in rucio.contents} == {"f1", "f2"}
+
+
+def test_a_dataset_removed_behind_our_back_is_created_again(lake: RucioLake, rucio: FakeRucio,
+                                                            tmp_path: Path) -> None:
+    lake.register(lake_file(tmp_path, name="f1"))
+    del rucio.dids[("test", "ds.20261125")]
+    lake.register(lake_file(tmp_path, name="f2"))
+    assert rucio.dids[("test", "ds.20261125")]["type"] == "DATASET"
+    assert ("test", "ds.20261125", "test", "f2") in rucio.contents
+
+
+def test_no_dataset_no_attachment(lake: RucioLake, rucio: FakeRucio, tmp_path: Path) -> None:
+    lake.register(lake_file(tmp_path, dataset=None))
+    assert rucio.count("POST", "/dids/attachments") == 0
+
+
+# ---------------------------------------------------------------- metadata
+
+def test_metadata_the_server_accepts_is_set(lake: RucioLake, rucio: FakeRucio, tmp_path: Path) -> None:
+    rucio.json_meta = True
+    lake.register(lake_file(tmp_path, metadata={"instrument": "cam", "exptime": 3.5, "run_number": 42}))
+    assert rucio.dids[("test", "f1")]["meta"] == {"instrument": "cam", "exptime": 3.5, "run_number": 42}
+
+
+def test_refused_metadata_keys_are_a_warning_and_skipped_afterwards(lake: RucioLake, rucio: FakeRucio,
+                                                                    tmp_path: Path) -> None:
+    with capture_logs() as captured:
+        lake.register(lake_file(tmp_path, metadata={"instrument": "cam", "run_number": 42}))
+    assert rucio.dids[("test", "f1")]["meta"] == {"run_number": 42}          # the file and the managed key
+    assert ("test", "f1", "LAKE1") in rucio.replicas
+    assert any(e["log_level"] == "warning" and e.get("key") == "instrument" for e in captured)
+    before = len(rucio.calls)
+    lake.register(lake_file(tmp_path, name="f2", metadata={"instrument": "cam", "run_number": 43}))
+    meta_calls = [(m, p, b) for m, p, b in rucio.calls[before:] if "/meta" in p]
+    assert meta_calls == [("POST", "/dids/test/f2/meta", {"meta": {"run_number": 43}})]
+
+
+def test_metadata_never_rewrites_size_or_checksum(lake: RucioLake, rucio: FakeRucio, tmp_path: Path) -> None:
+    with capture_logs() as captured:
+        lake.register(lake_file(tmp_path, metadata={"adler32": "ffffffff", "bytes": 1, "project": "p"}))
+    d = rucio.dids[("test", "f1")]
+    assert (d["bytes"], d["adler32"], d["meta"]) == (10, "0000000a", {"project": "p"})
+    assert any("adler32" in e.get("keys", []) for e in captured)
+
+
+def test_metadata_trouble_that_passes_is_retried(lake: RucioLake, rucio: FakeRucio, tmp_path: Path) -> None:
+    rucio.fail[("POST", "/dids/test/f1/meta")] = err(503, "DatabaseException", "too many requests")
+    with pytest.raises(RetryableError):
+        lake.register(lake_file(tmp_path, metadata={"project": "p"}))
+
+
+# ---------------------------------------------------------------- targets and replicas written
+
+def test_targets_use_lfns2pfns_with_the_first_usable_scheme(lake: RucioLake, transports: dict[str, FakeTransport],
+                                                            tmp_path: Path) -> None:
+    # LAKE1 offers http and root; preference davs, https, root, http; transports http and root: root
+    [t] = lake.targets(lake_file(tmp_path))
+    assert (t.location, t.url, t.transport) == ("LAKE1", "root://xrd:1094//data/lake1/test/f1", transports["root"])
+
+
+def test_targets_honour_a_destination_scheme(lake: RucioLake, tmp_path: Path) -> None:
+    lake.s.destinations["lake1"].scheme = "http"
+    ts = lake.targets(lake_file(tmp_path, "both"))
+    assert [(t.location, t.url) for t in ts] == [("LAKE1", "http://xrd:8080/data/lake1/test/f1"),
+                                                  ("LAKE2", "root://xrd:1094//data/lake2/test/f1")]
+
+
+def test_no_common_scheme_is_permanent_and_says_why(make_lake: Any, tmp_path: Path) -> None:
+    lake = make_lake(schemes=["davs"])
+    with pytest.raises(PermanentError, match=r"no way to upload to RSE LAKE1: it offers \['http', 'root'\]"):
+        lake.targets(lake_file(tmp_path))
+
+
+def test_unknown_rse_is_permanent(lake: RucioLake, rucio: FakeRucio, tmp_path: Path) -> None:
+    del rucio.rses["LAKE1"]
+    with pytest.raises(PermanentError, match="RSENotFound"):
+        lake.targets(lake_file(tmp_path))
+
+
+def test_add_replica_marks_available_and_creates_a_missing_one(lake: RucioLake, rucio: FakeRucio,
+                                                               tmp_path: Path) -> None:
+    f = lake_file(tmp_path, "both")
+    lake.register(f)
+    lake.add_replica(f, "LAKE1", "root://xrd:1094//data/lake1/test/f1")
+    lake.add_replica(f, "LAKE2", "root://xrd:1094//data/lake2/test/f1")    # not registered yet: POST
+    lake.add_replica(f, "LAKE2", "root://xrd:1094//data/lake2/test/f1")    # again: PUT, fine
+    assert {k[2]: v["state"] for k, v in rucio.replicas.items()} == {"LAKE1": "AVAILABLE", "LAKE2": "AVAILABLE"}
+    post = [b for m, p, b in rucio.calls if (m, p) == ("POST", "/replicas") and b["rse"] == "LAKE2"]
+    assert post[0]["files"][0] == {"scope": "test", "name": "f1", "bytes": 10, "adler32": "0000000a",
+                                   "md5": "0123456789abcdef0123456789abcdef", "state": "A",
+                                   "pfn": "root://xrd:1094//data/lake2/test/f1"}
+
+
+# ---------------------------------------------------------------- rules
+
+def test_request_copies_makes_one_rule_and_returns_its_id_again(lake: RucioLake, rucio: FakeRucio,
+                                                                tmp_path: Path) -> None:
+    f = lake_file(tmp_path)
+    lake.register(f)
+    ref = lake.request_copies(f)
+    assert ref and lake.request_copies(f) == ref and len(rucio.rules) == 1
+    assert rucio.rules[ref]["body"] == {"dids": [{"scope": "test", "name": "f1"}], "account": "root", "copies": 2,
+                                        "rse_expression": "lake=true", "grouping": "NONE", "lifetime": 86400,
+                                        "activity": "Raw Data"}
+
+
+def test_request_copies_defaults_to_the_destinations(lake: RucioLake, rucio: FakeRucio, tmp_path: Path) -> None:
+    f = lake_file(tmp_path, "both")
+    lake.register(f)
+    ref = lake.request_copies(f)
+    assert ref is not None
+    assert rucio.rules[ref]["rse_expression"] == "LAKE1|LAKE2" and rucio.rules[ref]["body"]["grouping"] == "DATASET"
+
+
+def test_copies_state(lake: RucioLake, rucio: FakeRucio, tmp_path: Path) -> None:
+    f = lake_file(tmp_path)
+    lake.register(f)
+    ref = lake.request_copies(f)
+    assert lake.copies_state(f, ref) == "REPLICATING"
+    assert ref is not None
+    rucio.rules[ref]["state"] = "OK"
+    assert lake.copies_state(f, ref) == "OK"
+    del rucio.rules[ref]
+    assert lake.copies_state(f, ref) == "MISSING"
+    assert lake.copies_state(f, None) is None
+
+
+def test_insufficient_quota_is_permanent_with_the_rucio_message(lake: RucioLake, rucio: FakeRucio,
+                                                                tmp_path: Path) -> None:
+    rucio.fail[("POST", "/rules/")] = err(409, "InsufficientAccountLimit", "there is insufficient quota on RSE X")
+    with pytest.raises(PermanentError, match=r"Rucio refused POST /rules/ \(test:f1, 2 copies on lake=true\): 409 "
+                                             "InsufficientAccountLimit: there is insufficient quota"):
+        lake.request_copies(lake_file(tmp_path))
+
+
+# ---------------------------------------------------------------- replicas (confirmation)
+
+def registered_in_place(lake: RucioLake, rucio: FakeRucio, tmp: Path) -> LakeFile:
+    f = lake_file(tmp, "reg", rel="night1/f1.fits")
+    lake.register(f)
+    for rse, state in (("LAKE1", "AVAILABLE"), ("LAKE2", "COPYING")):
+        rucio.replicas[("test", "f1", rse)] = {"state": state, "path": None, "pfn": None}
+    return f
+
+
+def test_replicas_exclude_the_buffer_and_come_from_the_catalogue(make_lake: Any, rucio: FakeRucio,
+                                                                 tmp_path: Path) -> None:
+    lake = make_lake(verify_replicas=False)
+    f = registered_in_place(lake, rucio, tmp_path)
+    assert lake.replicas(f) == [
+        Replica("LAKE1", 10, "0000000a", True, "root://xrd:1094//data/lake1/test/f1"),
+        Replica("LAKE2", 10, "0000000a", False, "root://xrd:1094//data/lake2/test/f1")]
+    body = [b for m, p, b in rucio.calls if p == "/replicas/list"][-1]
+    assert body == {"dids": [{"scope": "test", "name": "f1"}], "all_states": True, "schemes": ["root", "http"]}
+
+
+def test_replicas_of_an_unknown_did_are_none(lake: RucioLake, tmp_path: Path) -> None:
+    assert lake.replicas(lake_file(tmp_path)) == []
+
+
+def test_replicas_are_verified_on_their_storage(lake: RucioLake, rucio: FakeRucio,
+                                                transports: dict[str, FakeTransport], tmp_path: Path) -> None:
+    f = registered_in_place(lake, rucio, tmp_path)
+    rucio.replicas[("test", "f1", "LAKE2")]["state"] = "AVAILABLE"
+    root = transports["root"]
+    root.objects["root://xrd:1094//data/lake1/test/f1"] = RemoteStat(10, "0000000a")
+    root.objects["root://xrd:1094//data/lake2/test/f1"] = RemoteStat(10, "0badbad0")   # the storage disagrees
+    assert lake.replicas(f) == [Replica("LAKE1", 10, "0000000a", True, "root://xrd:1094//data/lake1/test/f1"),
+                                Replica("LAKE2", 10, "0badbad0", True, "root://xrd:1094//data/lake2/test/f1")]
+    assert "root://xrd:1094//data/buf/night1/f1.fits" not in root.stats     # the buffer is never asked
+
+
+def test_a_storage_without_adler32_counts_only_when_size_is_enough(make_lake: Any, rucio: FakeRucio,
+                                                                   transports: dict[str, FakeTransport],
+                                                                   tmp_path: Path) -> None:
+    transports["root"].objects["root://xrd:1094//data/lake1/test/f1"] = RemoteStat(10, None)
+    strict = make_lake()
+    f = registered_in_place(strict, rucio, tmp_path)
+    assert strict.replicas(f)[0] == Replica("LAKE1", 10, None, True, "root://xrd:1094//data/lake1/test/f1")
+    lenient = make_lake(verify_upload="size")
+    assert lenient.replicas(f)[0] == Replica("LAKE1", 10, "0000000a", True, "root://xrd:1094//data/lake1/test/f1")
+
+
+def test_unverifiable_replicas_count_neither_way(lake: RucioLake, rucio: FakeRucio,
+                                                 transports: dict[str, FakeTransport], tmp_path: Path) -> None:
+    f = registered_in_place(lake, rucio, tmp_path)
+    # nothing on the storage
+    assert lake.replicas(f)[0] == Replica("LAKE1", None, None, True, "root://xrd:1094//data/lake1/test/f1")
+    # the storage cannot be asked now
+    transports["root"].error = RetryableError("xrootd: connection refused")
+    assert lake.replicas(f)[0].size is None and lake.replicas(f)[0].adler32 is None
+
+
+def test_a_replica_without_a_transport_for_its_scheme_is_unverified(make_lake: Any, rucio: FakeRucio,
+                                                                    transports: dict[str, FakeTransport],
+                                                                    tmp_path: Path) -> None:
+    del transports["root"]
+    lake = make_lake()
+    f = registered_in_place(lake, rucio, tmp_path)
+    # LAKE1 has an http PFN: verified over http; none of the others is available
+    transports["http"].objects["http://xrd:8080/data/lake1/test/f1"] = RemoteStat(10, "0000000a")
+    assert lake.replicas(f)[0] == Replica("LAKE1", 10, "0000000a", True, "http://xrd:8080/data/lake1/test/f1")
+    rucio.rses["LAKE1"]["schemes"] = ["root"]
+    with capture_logs() as captured:
+        assert lake.replicas(f)[0] == Replica("LAKE1", None, None, True, "")
+    assert any("no transport" in e["event"] for e in captured)
+
+
+# ---------------------------------------------------------------- release
+
+def test_release_tombstones_the_buffer_replica_idempotently(lake: RucioLake, rucio: FakeRucio,
+                                                            tmp_path: Path) -> None:
+    f = registered_in_place(lake, rucio, tmp_path)
+    lake.release(f)
+    assert rucio.tombstoned == {("test", "f1", "BUF")}
+    del rucio.replicas[("test", "f1", "BUF")]         # the reaper came by
+    lake.release(f)
+
+
+def test_release_of_a_locked_buffer_replica_says_why(lake: RucioLake, rucio: FakeRucio, tmp_path: Path) -> None:
+    f = registered_in_place(lake, rucio, tmp_path)
+    rucio.locked.add(("test", "f1", "BUF"))
+    with pytest.raises(PermanentError, match="a replication rule locks it .*'lake=true' match the buffer RSE"):
+        lake.release(f)
+
+
+def test_release_does_nothing_for_push(lake: RucioLake, rucio: FakeRucio, tmp_path: Path) -> None:
+    lake.release(lake_file(tmp_path))
+    assert rucio.calls == []
+
+
+# ---------------------------------------------------------------- health
+
+def test_health(make_lake: Any, rucio: FakeRucio) -> None:
+    lake = make_lake()
+    assert lake.health() is None
+    rucio.down = True
+    assert lake.health() == "Rucio at http://rucio.test: connection refused (GET /ping)"
+    rucio.down = False
+    rucio.password = "changed"
+    lake = make_lake()
+    problem = lake.health()
+    assert problem is not None and problem.startswith(
+        "Rucio rejected the credentials of account root (userpass): 401 CannotAuthenticate")
+    assert PASSWORD not in problem
+    lake.close()
