@@ -241,3 +241,20 @@ def test_a_storage_that_lies_about_a_checksum_keeps_the_file(agent, lake) -> Non
     assert d.counts().get("deleted") is None
     doc = d.status()
     assert any(name in (a.get("did") or "") for a in doc["attention"]), doc["attention"]
+
+
+def test_agent_uploads_to_several_rses_itself_over_http_and_root(agent, lake) -> None:
+    """No lake-side replication: the agent writes both copies, one over HTTP, one over root://."""
+    u = uid()
+    dests = {"lake1": {"kind": "rse", "rse": lake.lake_rses[0], "scheme": "http"},
+             "lake2": {"kind": "rse", "rse": lake.lake_rses[1], "scheme": "root"}}
+    d = rucio_agent(agent, lake, {"daq": {"copies": 2, "name_template": f"{u}.{{filename}}",
+                                          "dataset_template": f"{u}.ds"}}, destinations=dests)
+    d.start()
+    files = write_files(d, 3, size=300_000)
+    d.wait_for(lambda: d.counts().get("deleted") == 3, 120, "both copies written and confirmed")
+    names = {f"{u}.{k}": v for k, v in files.items()}
+    check_in_lake(lake, names, lake.lake_rses)
+    for n, data in names.items():           # the bytes on both storages are the originals
+        for rse in lake.lake_rses:
+            assert lake.local_path(lake.pfn(rse, lake.scope, n)).read_bytes() == data
