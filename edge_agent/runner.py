@@ -142,7 +142,11 @@ class Runner:
         self.start()
         try:
             while not self.stopping.is_set():
-                self.tick()
+                try:
+                    self.tick()
+                except Exception:  # noqa: BLE001 - a bad tick (a locked ledger, a bug) must not end the daemon
+                    log.error("main loop error; going on", exc_info=True)
+                    self.stopping.wait(min(5.0, self.s.rescan_seconds))
                 self.wake.wait(self.s.tick_seconds)
                 self.wake.clear()
         finally:
@@ -169,7 +173,6 @@ class Runner:
     # ------------------------------------------------------------ the loop
     def tick(self) -> None:
         now = self.clock()
-        self.last_tick = now
         self.process_events()
         with self._lock:
             rules, self._rescan_rules = self._rescan_rules, set()
@@ -178,6 +181,7 @@ class Runner:
         self.check_completion(now)
         self.resume_due(now)
         self.dispatch(now)
+        self.last_tick = now   # only a whole tick counts as alive for /healthz
 
     def process_events(self) -> None:
         paths, overflowed = self.dirty.take()
