@@ -194,8 +194,11 @@ def run_demo(directory: str | None, nfiles: int, port: int) -> int:
     if len(lake_files) > 8:
         print(f"  ... and {len(lake_files) - 8} more")
     print(f"buffer files left: {len(left)}")
-    print(f"\nOne file's history:  edge-agent -c {cfg} files frame0000")
-    print(f"Everything:          edge-agent -c {cfg} files")
+    exe = Path(sys.executable).parent / "edge-agent"
+    cmd = str(exe) if exe.exists() else "edge-agent"
+    print(f"\nOne file's history:  {cmd} -c {cfg} files frame0000")
+    print(f"Everything:          {cmd} -c {cfg} files")
+    print(f"The buffer's status: {cmd} -c {cfg} status")
     print(f"Agent log (JSON):    {log_path}")
     if ok and len(lake_files) == 2 * len(made) and not left:
         print("\nDEMO OK: every file hashed, copied twice, confirmed and deleted from the buffer.")
