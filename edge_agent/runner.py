@@ -131,7 +131,7 @@ class Runner:
                                max_instances=1, coalesce=True)
         self.scheduler.add_job(self.sample_disks, "interval", seconds=30, id="disks", max_instances=1,
                                coalesce=True)
-        self.scheduler.add_job(self.check_lake, "interval", seconds=30, id="lake", max_instances=1,
+        self.scheduler.add_job(self.check_lake, "interval", seconds=15, id="lake", max_instances=1,
                                coalesce=True)
         self.scheduler.start()
         self.sample_disks()
@@ -299,6 +299,10 @@ class Runner:
                 self.dirty.forget_closed(rec.path)
             else:
                 self._next_check[rec.id] = now + min(1.0, max(0.2, rule.stable_seconds / 5))
+        if budget > 0 and len(self._next_check) > 1000:
+            # forget rows that left DISCOVERED some other way (superseded, changed...)
+            live = {r.id for r in self.ledger.in_states([State.DISCOVERED])}
+            self._next_check = {k: v for k, v in self._next_check.items() if k in live}
 
     def observe(self, rec: FileRecord, rule: Any, now: float) -> policy.Observation:
         writers = None
@@ -367,6 +371,11 @@ class Runner:
             problem = f"{type(exc).__name__}: {exc}"
         if problem != self.lake_problem:
             (log.warning if problem else log.info)("lake health", problem=problem)
+        if self.lake_problem and not problem:
+            # the lake is back: what waited out a backoff because of it need not wait any longer
+            woken = self.ledger.wake([State.RETRY_WAIT])
+            log.info("lake back; retrying now", files=woken)
+            self.wake.set()
         self.lake_problem = problem
 
 

@@ -58,7 +58,7 @@ class WindowSettings(_Section):
 
 class RetrySettings(_Section):
     base_seconds: float = Field(10.0, gt=0)
-    max_seconds: float = Field(1800.0, gt=0)
+    max_seconds: float = Field(600.0, gt=0)
     jitter: float = Field(0.2, ge=0, le=1)
 
 

@@ -158,6 +158,9 @@ def test_lake_outage_holds_everything_back_and_recovers(agent, lake) -> None:
     d = rucio_agent(agent, lake, {"daq": {"copies": 1, "name_template": f"{u}.{{filename}}",
                                           "dataset_template": ""}},
                     rucio={"timeout_seconds": 5})
+    # long backoffs, as in production: recovery must not wait them out
+    d.doc["retry"] = {"base_seconds": 60, "max_seconds": 600, "jitter": 0.1}
+    write_toml(d.config, d.doc)
     d.start()
     before = write_files(d, 2)
     d.wait_for(lambda: d.counts().get("deleted") == 2, 40, "delivery before the outage")
@@ -174,7 +177,8 @@ def test_lake_outage_holds_everything_back_and_recovers(agent, lake) -> None:
         assert d.counts().get("quarantined") is None
     finally:
         lake.rucio_up()
-    d.wait_for(lambda: d.counts().get("deleted") == 6, 120, "everything delivered after the outage")
+    # well before the 60 s backoff: the health check sees the lake back and retries at once
+    d.wait_for(lambda: d.counts().get("deleted") == 6, 45, "everything delivered after the outage")
     d.wait_for(lambda: d.get("/readyz")[0] == 200, 60, "/readyz green again")
     check_in_lake(lake, {f"{u}.{k}": v for k, v in before.items()}, [lake.lake_rses[0]])
 
