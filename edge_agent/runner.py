@@ -71,8 +71,9 @@ class Runner:
         self.watcher = Watcher(self.dirty, self.request_rescan)
         self.pools = {"hash": cf.ThreadPoolExecutor(settings.hash_workers, "hash"),
                       "transfer": cf.ThreadPoolExecutor(settings.transfer_workers, "transfer"),
-                      "lake": cf.ThreadPoolExecutor(2, "lake")}
-        self.capacity = {"hash": settings.hash_workers, "transfer": settings.transfer_workers, "lake": 2}
+                      "lake": cf.ThreadPoolExecutor(settings.lake_workers, "lake")}
+        self.capacity = {"hash": settings.hash_workers, "transfer": settings.transfer_workers,
+                         "lake": settings.lake_workers}
         self.in_flight: dict[int, str] = {}
         self._rescan_rules: set[str] = set(settings.rules)   # the first tick scans everything
         self._next_check: dict[int, float] = {}

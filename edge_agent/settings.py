@@ -318,6 +318,7 @@ class Settings(BaseSettings):
     tick_seconds: float = Field(0.5, gt=0, description="how often due work is looked for")
     hash_workers: int = Field(2, ge=1, le=64)
     transfer_workers: int = Field(4, ge=1, le=64)
+    lake_workers: int = Field(3, ge=1, le=64, description="workers for catalogue calls: register, confirm, delete")
     chunk_mb: int = Field(8, ge=1, le=256)
     bandwidth_mbps: float = Field(0.0, ge=0, description="transfer cap in MB/s; 0 = none")
     windows: list[WindowSettings] = []

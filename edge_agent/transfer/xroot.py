@@ -364,7 +364,7 @@ class XRootTransport(Transport):
         server, path = split_url(url)
         if self._already_there(server, path, expected):
             return Digests(expected.size, expected.blake3, expected.adler32, expected.md5)
-        with self._gates.upload(server):
+        with self._gates.shared(server):
             got = self._upload(source, url, server, path, expected, pace)
         self._check_copy(server, path, got)
         return got
@@ -382,7 +382,7 @@ class XRootTransport(Transport):
         size = self._client.size(server, path)
         if size is None:
             return None
-        with self._gates.verify(server):
+        with self._gates.exclusive(server):
             try:
                 cks = self._client.checksum(server, path)
             except FileNotFoundError:
