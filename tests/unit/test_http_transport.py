@@ -512,14 +512,14 @@ def test_host_gate_verification_waits_for_uploads_in_flight() -> None:
     uploading, release = threading.Event(), threading.Event()
 
     def upload() -> None:
-        with gates.upload("h:1"):
+        with gates.shared("h:1"):
             order.append("upload start")
             uploading.set()
             release.wait(5)
             order.append("upload end")
 
     def verify() -> None:
-        with gates.verify("h:1"):
+        with gates.exclusive("h:1"):
             order.append("verify")
 
     t1 = threading.Thread(target=upload)
@@ -528,7 +528,7 @@ def test_host_gate_verification_waits_for_uploads_in_flight() -> None:
     t2 = threading.Thread(target=verify)
     t2.start()
     time.sleep(0.1)
-    with gates.verify("other:1"):                  # another server is not held up
+    with gates.exclusive("other:1"):                  # another server is not held up
         order.append("other server")
     release.set()
     t1.join(5)
@@ -542,17 +542,17 @@ def test_host_gate_new_uploads_wait_for_a_waiting_verification() -> None:
     in_upload, release = threading.Event(), threading.Event()
 
     def first() -> None:
-        with gates.upload("h"):
+        with gates.shared("h"):
             in_upload.set()
             release.wait(5)
             order.append("first upload done")
 
     def verify() -> None:
-        with gates.verify("h"):
+        with gates.exclusive("h"):
             order.append("verify")
 
     def second() -> None:
-        with gates.upload("h"):
+        with gates.shared("h"):
             order.append("second upload")
 
     threads = [threading.Thread(target=first)]
