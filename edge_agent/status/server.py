@@ -5,6 +5,7 @@
     /status   JSON: files and bytes per state per rule, oldest unconfirmed, throughput,
               recent errors, buffer disk against watermarks
     /metrics  Prometheus text
+    /         the same as a page for a browser
 Only GET and HEAD are answered; everything else is 405.
 """
 
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from . import metrics, report
+from . import metrics, page, report
 
 if TYPE_CHECKING:
     from ..runner import Runner
@@ -85,7 +86,7 @@ def _make_handler(server: StatusServer) -> type[BaseHTTPRequestHandler]:
                 elif path == "/metrics":
                     self._send(200, metrics.render(server.registry), CONTENT_TYPE_LATEST)
                 elif path == "/":
-                    self._json(200, {"endpoints": ["/healthz", "/readyz", "/status", "/metrics"]})
+                    self._send(200, page.render(report.full(r)).encode(), "text/html; charset=utf-8")
                 else:
                     self._json(404, {"error": "not found"})
             except Exception as exc:  # noqa: BLE001 - a status page must not take the agent down

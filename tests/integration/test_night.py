@@ -189,3 +189,14 @@ def test_unreadable_file_is_quarantined_with_its_reason_and_retry_sends_it_on(ag
     assert out.returncode == 0, out.stderr
     d.wait_for(lambda: d.counts().get("deleted") == 1, 30, "the file to go through after retry")
     assert not p.exists()
+
+
+def test_the_status_page_shows_the_rules_and_escapes_what_it_shows(agent) -> None:
+    d: Daemon = agent()
+    d.start()
+    (d.rule_dir() / "<b>x&y.fits").write_bytes(b"")            # a hostile name, quarantined (zero bytes)
+    d.wait_for(lambda: d.counts().get("quarantined") == 1, 30, "quarantine")
+    code, body = d.get("/")
+    page = body.decode()
+    assert code == 200 and "<th>daq</th>" in page and "quarantined" in page
+    assert "&lt;b&gt;x&amp;y.fits" in page and "<b>x&y.fits" not in page
