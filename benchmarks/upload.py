@@ -14,6 +14,7 @@ import datetime as dt
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -179,6 +180,8 @@ def main() -> int:
     ap.add_argument("--results", default=str(HERE / "RESULTS.md"))
     args = ap.parse_args()
 
+    # killed by `timeout` or ^C: still remove the files from the lake and /var/tmp (finally below)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     env = read_env(Path(args.env))
     tools = {t: shutil.which(t) for t in ("curl", "xrdcp", "davix-put")}
     work = Path(tempfile.mkdtemp(prefix="edge-bench-", dir="/var/tmp"))

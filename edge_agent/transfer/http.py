@@ -11,12 +11,13 @@ One upload, in order:
   3. HEAD + `Want-Digest: adler32` (RFC 3230) on a fresh connection (XRootD 5.5 answered
      keep-alive HEADs with the previous file's digest). Only a Digest named adler32 counts; one
      that differs is a mismatch and the copy is deleted.
-Per server, PUTs may run side by side, but every other request (HEAD, DELETE, MKCOL) runs alone:
-not beside a PUT, not beside another. XRootD 5.5 crashed when Want-Digest HEADs overlapped PUTs,
-and its HTTP side stopped answering at all after a few hundred files uploaded by 4 threads
-(plain HEADs and DELETEs beside PUTs, with or without keep-alive); with this rule, 20,000 files
-by 4 threads went through with no loss of speed. `isolate_requests=False` lifts the rule for
-storages without these faults.
+Per server, by default, one request at a time: XRootD 5.5.3's HTTP side segfaults (NULL
+dereference in libXrdUtils, "Dispatch on closed link" in its log) or stops answering when 4
+threads upload small files with HEADs and DELETEs in between, with or without keep-alive, and
+even when no HEAD/DELETE overlaps a PUT on the client's side; only PUTs alone, or HEADs alone,
+were safe side by side. One thread, or this gate, went through 15,000 files without a fault.
+`puts_per_server` lets PUTs run side by side (other requests still run alone) and
+`isolate_requests=False` lifts the rule, for storages without these faults.
 A failed or abandoned upload is followed by a best-effort DELETE: XRootD keeps a partial file
 that HEAD answers 200 for, so a replica is never counted by its existence.
 
@@ -151,8 +152,8 @@ class HostGates:
     """Per server (host:port): shared holders (uploads) side by side, or one exclusive holder alone.
 
     An exclusive holder waits for the shared ones in flight to end, and shared ones that arrive
-    meanwhile wait for it (so a steady stream of uploads cannot starve verification).
-    With isolate=False nothing waits.
+    meanwhile wait for it (so a steady stream of uploads cannot starve verification). At most
+    max_shared shared holders at once (0: any number). With isolate=False nothing waits.
     """
 
     class _Gate:
@@ -162,8 +163,9 @@ class HostGates:
             self.verifying = False
             self.waiting = 0
 
-    def __init__(self, isolate: bool = True) -> None:
+    def __init__(self, isolate: bool = True, max_shared: int = 0) -> None:
         self.isolate = isolate
+        self.max_shared = max_shared   # 0: no limit
         self._lock = threading.Lock()
         self._gates: dict[str, HostGates._Gate] = {}
 
@@ -178,7 +180,7 @@ class HostGates:
             return
         g = self._gate(host)
         with g.cond:
-            while g.verifying or g.waiting:
+            while g.verifying or g.waiting or (self.max_shared and g.uploads >= self.max_shared):
                 g.cond.wait()
             g.uploads += 1
         try:
@@ -232,8 +234,9 @@ class HttpTransport(Transport):
               of a HEAD that asks for a checksum (the server may read the whole file first).
     verify_upload: "adler32" (the storage must answer Want-Digest) or "size" (size is enough
               when the storage has no checksum to give).
-    isolate_requests: per server, run HEAD/DELETE/MKCOL alone, never beside a PUT or each other
-              (XRootD 5.5 needs it; see the module's docstring).
+    isolate_requests: per server, run HEAD/DELETE/MKCOL alone, never beside a PUT or each other,
+              and at most puts_per_server PUTs at once (0: any number). The defaults, one request
+              at a time per server, are what XRootD 5.5 survives; see the module's docstring.
     transport: an httpx transport (httpx.MockTransport in tests); then used for every request.
     """
 
@@ -244,6 +247,7 @@ class HttpTransport(Transport):
                  key: str | None = None, token: TokenProvider | None = None, timeout: float = 60.0,
                  digest_timeout: float = 600.0, verify_upload: VerifyUpload = "adler32",
                  chunk_size: int = CHUNK, max_connections: int = 8, isolate_requests: bool = True,
+                 puts_per_server: int = 1,
                  transport: httpx.BaseTransport | None = None) -> None:
         if verify_upload not in ("adler32", "size"):
             raise ValueError(f"verify_upload must be 'adler32' or 'size', not {verify_upload!r}")
@@ -252,14 +256,17 @@ class HttpTransport(Transport):
         self.timeout = timeout
         self.digest_timeout = digest_timeout
         self._token = token
-        self._gates = HostGates(isolate_requests)
+        self._gates = HostGates(isolate_requests, puts_per_server)
         tls = ssl_context(verify, cert, key)
         common = {"timeout": httpx.Timeout(timeout), "follow_redirects": False, "trust_env": False}
         # Uploads, deletes and plain HEADs share a pool; verification HEADs go out on a client
         # that keeps no connection alive, so each one is a fresh connection (XRootD defect 4).
+        # Idle keep-alive connections beside the one in use were enough to break XRootD 5.5.3 when
+        # requests are one at a time: keep no more alive than may be busy.
+        keep = puts_per_server if isolate_requests and puts_per_server else max_connections
         self._pool = httpx.Client(verify=tls, transport=transport,
                                   limits=httpx.Limits(max_connections=max_connections,
-                                                      max_keepalive_connections=max_connections),
+                                                      max_keepalive_connections=keep),
                                   **common)  # type: ignore[arg-type]
         self._fresh = httpx.Client(verify=tls, transport=transport,
                                    limits=httpx.Limits(max_connections=max_connections,

@@ -570,6 +570,68 @@ def test_host_gate_new_uploads_wait_for_a_waiting_verification() -> None:
     assert order == ["first upload done", "verify", "second upload"]
 
 
+class Overlap:
+    """Wraps the fake server: counts requests in flight per method while each takes a moment."""
+
+    def __init__(self, dav: FakeDav) -> None:
+        self.dav = dav
+        self.lock = threading.Lock()
+        self.now: dict[str, int] = {}
+        self.most_total = 0
+        self.most_puts = 0
+        self.mixed = False    # a HEAD/DELETE/MKCOL beside another request
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        with self.lock:
+            busy = sum(self.now.values())
+            others = busy - self.now.get("PUT", 0)
+            if busy and (request.method != "PUT" or others):
+                self.mixed = True
+            self.now[request.method] = self.now.get(request.method, 0) + 1
+            self.most_total = max(self.most_total, sum(self.now.values()))
+            self.most_puts = max(self.most_puts, self.now.get("PUT", 0))
+        time.sleep(0.005)
+        try:
+            with self.lock:   # the fake's dicts are not thread-safe
+                return self.dav(request)
+        finally:
+            with self.lock:
+                self.now[request.method] -= 1
+
+
+def _upload_many(t: HttpTransport, src: Path, n: int = 12) -> None:
+    def one(i: int) -> None:
+        t.put(str(src), URL.replace("f1.fits", f"f{i}.fits"), expected_for(DATA), Pace())
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(10)
+
+
+def test_by_default_one_request_at_a_time_per_server(dav: FakeDav, src: Path) -> None:
+    # what XRootD 5.5.3 survives: see the module's docstring
+    seam = Overlap(dav)
+    with HttpTransport(transport=httpx.MockTransport(seam), chunk_size=CHUNK) as t:
+        _upload_many(t, src)
+    assert len(dav.files) == 12 and seam.most_total == 1 and not seam.mixed
+
+
+def test_puts_may_run_side_by_side_when_allowed(dav: FakeDav, src: Path) -> None:
+    seam = Overlap(dav)
+    with HttpTransport(transport=httpx.MockTransport(seam), chunk_size=CHUNK, puts_per_server=0) as t:
+        _upload_many(t, src)
+    assert len(dav.files) == 12 and seam.most_puts > 1
+    assert not seam.mixed          # ... but a HEAD, DELETE or MKCOL still runs alone
+
+
+def test_isolation_off_lets_everything_overlap(dav: FakeDav, src: Path) -> None:
+    seam = Overlap(dav)
+    with HttpTransport(transport=httpx.MockTransport(seam), chunk_size=CHUNK, isolate_requests=False) as t:
+        _upload_many(t, src)
+    assert len(dav.files) == 12 and seam.most_total > 1 and seam.mixed
+
+
 def test_verifications_of_one_server_are_serialised(make, dav: FakeDav) -> None:
     dav.files[KEY] = DATA
     inside = 0
