@@ -10,10 +10,8 @@ import os
 import signal
 import sqlite3
 import sys
-import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Any, Sequence
 
 from . import __version__, logs

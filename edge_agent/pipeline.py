@@ -288,24 +288,24 @@ class Pipeline:
         if state not in (None, "OK"):
             self._not_yet(rec, f, c, state, evidence)
             return
-        for r, why in c.bad:
-            if r.available and r.size is not None:
-                self.ledger.record_replica(rec.id, r.location, r.url, r.size, r.adler32, "bad")
         if c.count >= f.copies:
             rec = self._move(rec, Event.CONFIRMED, evidence, attempts=0, reason=None)
             self._maybe_delete(rec, c)
             return
-        bad_copies = [(r, why) for r, why in c.bad if r.available and r.size is not None]
-        if bad_copies and self.lake.targets(f):
+        mismatched = [(r, why) for r, why in c.bad if r.available and r.size is not None]
+        own = {t.location for t in self.lake.targets(f)} if mismatched else set()
+        bad_copies = [(r, why) for r, why in mismatched if r.location in own]
+        if bad_copies:
             # a copy the agent wrote does not match: write it again, a bounded number of times
+            # (a bad copy the lake made is the lake's to mend: it is reported, never counted)
             why = "; ".join(f"{r.location}: {w}" for r, w in bad_copies)
             # attempts restart at each successful transfer, so earlier rounds are counted from the history
             rounds = sum(1 for h in self.ledger.history(rec.id) if h["event"] == Event.FAILED_RETRYABLE.value
                          and "failed verification" in ((h["detail"] or {}).get("reason") or ""))
-            if rounds + 1 >= MAX_BAD_COPIES:
-                raise PermanentError(f"copies keep failing verification: {why}")
             for r, _ in bad_copies:
                 self.ledger.record_replica(rec.id, r.location, r.url, r.size, r.adler32, "bad")
+            if rounds + 1 >= MAX_BAD_COPIES:
+                raise PermanentError(f"copies keep failing verification: {why}")
             self._fail(rec, Event.FAILED_RETRYABLE, f"copy failed verification, rewriting: {why}",
                        resume_state=State.REGISTERED)
             return
@@ -318,7 +318,14 @@ class Pipeline:
         self.ledger.set_next_at(rec.id, now + self.s.confirm_interval_seconds)
         deadline = (self.s.lake.rucio.stuck_after_hours * 3600 if self.s.lake.rucio else None)
         overdue = deadline is not None and now - rec.updated_at > deadline
-        if state in ("STUCK", "SUSPENDED") or overdue:
+        mismatched = [f"{r.location}: {w}" for r, w in c.bad if r.available and r.size is not None]
+        if mismatched:
+            why = "a replica does not match the local file: " + "; ".join(mismatched)
+            if rec.reason != why:
+                self.ledger.flag(rec.id, why)
+                self.ledger.note(rec.id, rec.state, "replica_lost", {"reason": why, **evidence})
+                log.warning("replica does not verify; local file kept", file_id=rec.id, did=rec.did, reason=why)
+        elif state in ("STUCK", "SUSPENDED") or overdue:
             why = (f"rule {rec.lake_ref} is {state}" if state in ("STUCK", "SUSPENDED") else
                    f"rule {rec.lake_ref} still {state or 'not OK'} after {(now - rec.updated_at) / 3600:.1f} h")
             why += f"; {c.count} of {f.copies} replicas confirmed"

@@ -18,7 +18,7 @@ import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from .core import policy
-from .core.lifecycle import ACTIVE, Event, State
+from .core.lifecycle import Event, State
 from .errors import ShuttingDown
 from .lake.base import Catalogue
 from .ledger import FileRecord, Ledger, StaleTransition

@@ -563,3 +563,17 @@ def test_a_fits_file_failing_its_own_datasum_is_quarantined_never_sent(env: Env)
     rec = env.drive(env.add("run1/bad.fits", _fits_bytes(flip=2880 + 100)).id)
     assert rec.state is S.QUARANTINED and "DATASUM" in (rec.reason or "")
     assert not [c for c in env.lake.calls if c.startswith(("register", "add_replica"))]
+
+
+def test_a_bad_copy_the_lake_made_is_reported_not_rewritten(env: Env, clock: Any) -> None:
+    """Only copies at places the agent writes are rewritten; a lake-made bad copy is flagged."""
+    rec = env.drive(env.add().id, max_steps=3)
+    assert rec.state is S.TRANSFERRED
+    env.lake.lie = lambda r: dataclasses.replace(r, adler32="deadbeef") if r.location == "b" else r
+    own = env.lake.targets
+    env.lake.targets = lambda f: [t for t in own(f) if t.location == "a"]  # type: ignore[method-assign]
+    rec = env.step(rec.id)
+    assert rec.state is S.TRANSFERRED                      # waits; nothing rewritten, nothing deleted
+    assert rec.reason and "b:" in rec.reason and "adler32" in rec.reason
+    assert "replica_lost" in env.events(rec.id) and "failed_retryable" not in env.events(rec.id)
+    assert Path(rec.fspath).exists()
