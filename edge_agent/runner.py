@@ -37,7 +37,6 @@ log = structlog.get_logger("edge_agent.runner")
 POOL_OF = {State.COMPLETE: "hash", State.HASHED: "lake", State.REGISTERED: "transfer",
            State.TRANSFERRED: "lake", State.CONFIRMED: "lake"}
 CLOSED_FALLBACK_S = 300.0      # `closed` without a visible close event: this much quiet is enough
-STALE_TEMP_S = 3600.0          # a temporary name unchanged this long is reported (a dead writer?)
 
 
 @dataclass
@@ -230,9 +229,9 @@ class Runner:
         if skip is not None:
             assert entry.st is not None
             if "temporary" in skip.reason or "hidden" in skip.reason:
-                if self.clock() - entry.st.st_mtime > STALE_TEMP_S:
+                if self.clock() - entry.st.st_mtime > self.s.stale_temp_seconds:
                     if self.ledger.notice(rule, path, "stale-temporary",
-                                          f"{skip.reason}, but unchanged for over {STALE_TEMP_S:.0f}s: "
+                                          f"{skip.reason}, but unchanged for over {self.s.stale_temp_seconds:.0f}s: "
                                           "did the writer die?"):
                         log.warning("stale temporary file", rule=rule, path=entry.relpath)
             return

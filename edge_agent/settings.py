@@ -322,6 +322,8 @@ class Settings(BaseSettings):
     chunk_mb: int = Field(8, ge=1, le=256)
     bandwidth_mbps: float = Field(0.0, ge=0, description="transfer cap in MB/s; 0 = none")
     windows: list[WindowSettings] = []
+    stale_temp_seconds: float = Field(600.0, gt=0, description="a temporary or hidden name unchanged this "
+                                      "long is reported in /status (a DAQ writer that died?)")
     confirm_interval_seconds: float = Field(30.0, gt=0, description="re-check of unconfirmed copies")
     retry: RetrySettings = RetrySettings()
     status: StatusSettings = StatusSettings()

@@ -61,3 +61,17 @@ def test_a_growing_file_is_not_taken_until_it_stops(agent) -> None:
             assert d.counts().get("hashed", 0) == 0 and d.counts().get("deleted", 0) == 0
     d.wait_for(lambda: d.counts().get("deleted") == 1, 30, "delivery once stable")
     assert len(d.lake_files()["lake1"]["test/grow.fits"]) == 80_000
+
+
+def test_a_hidden_or_temporary_file_left_behind_is_reported_not_taken(agent) -> None:
+    d: Daemon = agent(stale_temp_seconds=2)
+    for name in (".hidden.fits", "orphan.fits.part"):
+        p = d.rule_dir() / name
+        p.write_bytes(b"x" * 100)
+        os.utime(p, (time.time() - 60, time.time() - 60))     # written a minute ago, never renamed
+    d.start()
+    d.wait_for(lambda: len(d.status()["notices"]) == 2, 20, "both reported")
+    details = " ".join(n["detail"] for n in d.status()["notices"])
+    assert "did the writer die" in details
+    assert sorted(os.listdir(d.rule_dir())) == [".hidden.fits", "orphan.fits.part"]   # never taken
+    assert d.counts() == {}
