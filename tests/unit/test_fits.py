@@ -569,7 +569,7 @@ def test_parse_value(text: str, value: object) -> None:
 
 
 # astropy runs in a child process: tests/conftest.py puts tests/ on sys.path, where the project's
-# tests/packaging package hides the real 'packaging' that astropy imports.
+# tests/packaging package hid (now tests/package_checks) the real 'packaging' that astropy imports.
 
 _ASTROPY_VERIFY = """
 import json, sys, warnings
