@@ -31,15 +31,8 @@ from edge_agent.transfer.xroot import XRootTransport, bindings_available
 
 HERE = Path(__file__).resolve().parent
 MB = 1e6
-
-
-def read_env(path: Path) -> dict[str, str]:
-    env: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        if "=" in line and not line.startswith("#"):
-            k, v = line.split("=", 1)
-            env[k.strip()] = v.strip().strip('"')
-    return env
+sys.path.insert(0, str(HERE.parent / "tests"))
+from lake import read_env  # noqa: E402 - the tests' reader of scripts/lake's lake.env
 
 
 def machine() -> str:

@@ -40,47 +40,7 @@ def build_rucio_lake(settings: Settings) -> Catalogue:
     root = XRootTransport(timeout=r.timeout_seconds, verify_upload=r.verify_upload,
                           chunk_size=settings.chunk_mb << 20)
     transports = {"http": http, "https": http, "davs": http, "root": root}
-    return _Closing(RucioLake(settings, transports, client=client), [http, root])
-
-
-class _Closing(Catalogue):
-    """A catalogue that also closes the transports it was built with."""
-
-    def __init__(self, inner: Catalogue, closeables: list[object]) -> None:
-        self._inner, self._closeables = inner, closeables
-        self.name_pattern = inner.name_pattern
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._inner, name)
-
-    def register(self, f):  # type: ignore[no-untyped-def]
-        return self._inner.register(f)
-
-    def targets(self, f):  # type: ignore[no-untyped-def]
-        return self._inner.targets(f)
-
-    def add_replica(self, f, location, url):  # type: ignore[no-untyped-def]
-        return self._inner.add_replica(f, location, url)
-
-    def request_copies(self, f):  # type: ignore[no-untyped-def]
-        return self._inner.request_copies(f)
-
-    def copies_state(self, f, ref):  # type: ignore[no-untyped-def]
-        return self._inner.copies_state(f, ref)
-
-    def replicas(self, f):  # type: ignore[no-untyped-def]
-        return self._inner.replicas(f)
-
-    def release(self, f):  # type: ignore[no-untyped-def]
-        return self._inner.release(f)
-
-    def health(self):  # type: ignore[no-untyped-def]
-        return self._inner.health()
-
-    def close(self) -> None:
-        self._inner.close()
-        for c in self._closeables:
-            getattr(c, "close", lambda: None)()
+    return RucioLake(settings, transports, client=client)
 
 
 class Agent:

@@ -132,14 +132,6 @@ def status(settings: Settings, as_json: bool) -> int:
     return 0 if doc.get("ready", True) else 1
 
 
-def _bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
 
 
 def _age(s: float) -> str:
@@ -147,7 +139,7 @@ def _age(s: float) -> str:
 
 
 def render_status(doc: dict[str, Any], source: str) -> str:
-    from .status.report import STATE_ORDER
+    from .status.report import STATE_ORDER, human_bytes
     out = [f"edge-agent {doc.get('version')}  from {source}"]
     if "ready" in doc:
         out.append("READY" if doc["ready"] else "NOT READY: " + "; ".join(doc["not_ready_because"]))
@@ -156,7 +148,7 @@ def render_status(doc: dict[str, Any], source: str) -> str:
     cols = ["rule"] + STATE_ORDER
     rows = [cols]
     for name, r in doc["rules"].items():
-        rows.append([name] + [f"{r['states'][s]['files']} ({_bytes(r['states'][s]['bytes'])})"
+        rows.append([name] + [f"{r['states'][s]['files']} ({human_bytes(r['states'][s]['bytes'])})"
                               if r["states"][s]["files"] else "0" for s in STATE_ORDER])
     widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
     out.append("")
@@ -165,8 +157,8 @@ def render_status(doc: dict[str, Any], source: str) -> str:
     for name, r in doc["rules"].items():
         t, d = r.get("throughput"), r.get("disk")
         if t:
-            out.append(f"{name}: sent {_bytes(t['sent_bytes_per_s_1m'])}/s (1 min), "
-                       f"{_bytes(t['sent_bytes_per_s_5m'])}/s (5 min)")
+            out.append(f"{name}: sent {human_bytes(t['sent_bytes_per_s_1m'])}/s (1 min), "
+                       f"{human_bytes(t['sent_bytes_per_s_5m'])}/s (5 min)")
         if d:
             eta = f", full in {d['hours_to_full']} h" if d["hours_to_full"] is not None else ""
             out.append(f"{name}: buffer {d['path']} {d['used_percent']}% used ({d['level']}; warn "
@@ -217,6 +209,7 @@ def scan(settings: Settings) -> int:
 
 
 def files(settings: Settings, needle: str | None, state: str | None, limit: int, as_json: bool) -> int:
+    from .status.report import human_bytes
     ledger = _open_ledger(settings)
     if needle:
         recs = ledger.find(needle, limit)
@@ -247,7 +240,7 @@ def files(settings: Settings, needle: str | None, state: str | None, limit: int,
         print(json.dumps([r.to_json() for r in recs], indent=2, default=str))
         return 0
     for r in recs:
-        print(f"#{r.id:<6} {r.rule:<12} {r.state.value:<12} {_bytes(r.size):>9}  {r.relpath}"
+        print(f"#{r.id:<6} {r.rule:<12} {r.state.value:<12} {human_bytes(r.size):>9}  {r.relpath}"
               + (f"  [{r.reason}]" if r.reason else ""))
     return 0
 

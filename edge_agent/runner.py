@@ -190,7 +190,7 @@ class Runner:
             self.request_rescan()
         for path, rule in paths.items():
             root = os.fsencode(self.s.rules[rule].directory)
-            self.evaluate(rule, path, classify(root, path))
+            self.evaluate(rule, path, classify(root, path), self.ledger.live(rule, path))
 
     def rescan(self, rule: str) -> None:
         r = self.s.rules[rule]
@@ -211,11 +211,8 @@ class Runner:
                 self.evaluate(rule, path, None, rec)
         log.debug("rescanned", rule=rule, entries=n)
 
-    def evaluate(self, rule: str, path: bytes, entry: Entry | None,
-                 live: FileRecord | None | bool = False) -> None:
-        """Bring the ledger up to date with what is at `path` now."""
-        rec = self.ledger.live(rule, path) if live is False else live
-        assert rec is not True
+    def evaluate(self, rule: str, path: bytes, entry: Entry | None, rec: FileRecord | None) -> None:
+        """Bring the ledger up to date with what is at `path` now (`rec`: its live row, if any)."""
         if entry is None or entry.problem:
             if entry is not None and entry.problem:
                 if self.ledger.notice(rule, path, "unusable", entry.problem):

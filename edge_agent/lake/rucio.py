@@ -346,4 +346,7 @@ class RucioLake(Catalogue):
         return None
 
     def close(self) -> None:
+        """Close the Rucio client and the transports this lake was built with."""
         self.client.close()
+        for t in {id(t): t for t in self._transports.values()}.values():
+            getattr(t, "close", lambda: None)()

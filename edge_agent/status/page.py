@@ -9,17 +9,9 @@ import datetime as dt
 import html
 from typing import Any
 
-from .report import STATE_ORDER
+from .report import STATE_ORDER, human_bytes
 
 
-def _b(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
 
 
 def _t(ts: float) -> str:
@@ -33,12 +25,12 @@ def render(doc: dict[str, Any]) -> str:
     rows = []
     for name, r in doc["rules"].items():
         cells = "".join(
-            f"<td>{r['states'][s]['files']}<br><small>{_b(r['states'][s]['bytes'])}</small></td>"
+            f"<td>{r['states'][s]['files']}<br><small>{human_bytes(r['states'][s]['bytes'])}</small></td>"
             if r["states"][s]["files"] else "<td class=z>0</td>" for s in STATE_ORDER)
         t, d = r.get("throughput") or {}, r.get("disk")
-        disk = "-" if not d else (f"<span class={e(d['level'])}>{d['used_percent']}%</span> of {_b(d['total_bytes'])}"
+        disk = "-" if not d else (f"<span class={e(d['level'])}>{d['used_percent']}%</span> of {human_bytes(d['total_bytes'])}"
                                   + (f", full in {d['hours_to_full']} h" if d["hours_to_full"] is not None else ""))
-        rows.append(f"<tr><th>{e(name)}</th>{cells}<td>{_b(t.get('sent_bytes_per_s_1m'))}/s</td><td>{disk}</td></tr>")
+        rows.append(f"<tr><th>{e(name)}</th>{cells}<td>{human_bytes(t.get('sent_bytes_per_s_1m'))}/s</td><td>{disk}</td></tr>")
     out = [
         "<!doctype html><html><head><meta charset=utf-8><meta http-equiv=refresh content=10>",
         "<title>edge-agent</title><style>body{font:14px sans-serif;margin:1em}table{border-collapse:collapse}"

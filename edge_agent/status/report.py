@@ -26,6 +26,17 @@ STATE_ORDER = [s.value for s in (State.DISCOVERED, State.COMPLETE, State.HASHED,
 HEALTH_STALL_S = 60.0
 
 
+def human_bytes(n: float | None) -> str:
+    """1234567 -> '1.2 MB' (decimal units, as disks and transfer rates are quoted)."""
+    if n is None:
+        return "-"
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
 def from_ledger(settings: Settings, ledger: Ledger, now: float | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
     rules: dict[str, Any] = {}

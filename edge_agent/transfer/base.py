@@ -6,6 +6,7 @@ import abc
 from dataclasses import dataclass
 from typing import Callable
 
+from ..errors import ChecksumMismatch, PermanentError, RetryableError
 from ..hashing import Digests
 
 
@@ -50,3 +51,24 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def delete(self, url: str) -> None:
         """Remove `url`; a missing object is success."""
+
+
+def copy_problem(remote: RemoteStat | None, got: Digests, verify_upload: str, shown: str,
+                 how: str) -> tuple[Exception, bool] | None:
+    """What is wrong with a copy just written, as (error to raise, remove the copy first?), or None.
+
+    A copy counts only if the storage answers the size sent and, unless verify_upload is "size",
+    the adler32 sent; `how` names how the storage is asked (for the operator's message).
+    """
+    if remote is None:
+        return RetryableError(f"{shown} is not there right after a successful upload"), False
+    if remote.size != got.size:
+        return ChecksumMismatch(f"{shown} holds {remote.size} bytes, {got.size} were sent"), True
+    if remote.adler32 is None:
+        if verify_upload == "size":
+            return None
+        return PermanentError(f"{shown}: the storage does not answer {how}, so the upload cannot be "
+                              "verified; verify_upload = \"size\" accepts the size alone for such a storage"), True
+    if remote.adler32 != got.adler32:
+        return ChecksumMismatch(f"{shown}: storage reports adler32 {remote.adler32}, {got.adler32} was sent"), True
+    return None

@@ -40,9 +40,9 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import structlog
 
-from ..errors import ChecksumMismatch, FileChanged, FileVanished, PermanentError, RetryableError
+from ..errors import FileChanged, FileVanished, PermanentError, RetryableError
 from ..hashing import CHUNK, Digests, MultiHash
-from .base import Expected, Pacer, RemoteStat, Transport
+from .base import Expected, Pacer, RemoteStat, Transport, copy_problem
 
 log = structlog.get_logger("edge_agent.transfer.http")
 
@@ -392,23 +392,13 @@ class HttpTransport(Transport):
             # an unverified copy must not stay behind to be mistaken for a good one
             self._discard(wire, shown)
             raise
-        if remote is None:
-            raise RetryableError(f"{shown} is not there right after a successful PUT")
-        if remote.size != got.size:
-            self._discard(wire, shown)
-            raise ChecksumMismatch(f"{shown} holds {remote.size} bytes, {got.size} were sent")
-        if remote.adler32 is None:
-            if self.verify_upload == "adler32":
+        problem = copy_problem(remote, got, self.verify_upload, shown,
+                               "Want-Digest: adler32 (no adler32 Digest on HEAD)")
+        if problem:
+            error, discard = problem
+            if discard:
                 self._discard(wire, shown)
-                raise PermanentError(
-                    f"{shown}: the storage does not answer Want-Digest: adler32 (no adler32 Digest on "
-                    "HEAD), so the upload cannot be verified; verify_upload = \"size\" accepts the "
-                    "size alone for such a storage")
-            return
-        if remote.adler32 != got.adler32:
-            self._discard(wire, shown)
-            raise ChecksumMismatch(f"{shown}: storage reports adler32 {remote.adler32}, "
-                                   f"{got.adler32} was sent")
+            raise error
 
     def _digest_head(self, wire: str, shown: str) -> RemoteStat | None:
         r = self._request("HEAD", wire, shown, "HEAD", client=self._fresh,

@@ -28,9 +28,9 @@ from urllib.parse import urlsplit
 
 import structlog
 
-from ..errors import ChecksumMismatch, FileChanged, FileVanished, PermanentError, RetryableError
+from ..errors import FileChanged, FileVanished, PermanentError, RetryableError
 from ..hashing import CHUNK, Digests, MultiHash
-from .base import Expected, Pacer, RemoteStat, Transport
+from .base import Expected, Pacer, RemoteStat, Transport, copy_problem
 from .http import HostGates, VerifyUpload
 
 log = structlog.get_logger("edge_agent.transfer.xroot")
@@ -453,21 +453,12 @@ class XRootTransport(Transport):
         except BaseException:
             self._discard(server, path)
             raise
-        if remote is None:
-            raise RetryableError(f"{shown} is not there right after a successful upload")
-        if remote.size != got.size:
-            self._discard(server, path)
-            raise ChecksumMismatch(f"{shown} holds {remote.size} bytes, {got.size} were sent")
-        if remote.adler32 is None:
-            if self.verify_upload == "adler32":
+        problem = copy_problem(remote, got, self.verify_upload, shown, "an adler32 checksum query")
+        if problem:
+            error, discard = problem
+            if discard:
                 self._discard(server, path)
-                raise PermanentError(f"{shown}: the storage does not answer an adler32 checksum query, "
-                                     "so the upload cannot be verified; verify_upload = \"size\" accepts "
-                                     "the size alone for such a storage")
-            return
-        if remote.adler32 != got.adler32:
-            self._discard(server, path)
-            raise ChecksumMismatch(f"{shown}: storage reports adler32 {remote.adler32}, {got.adler32} was sent")
+            raise error
 
     def _discard(self, server: str, path: str) -> None:
         try:
