@@ -6,15 +6,17 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
 import threading
+import tomllib
 from collections.abc import Iterator
 
 import pytest
 
-from .pkgtools import CONTAINERFILE, ROOT
+from .pkgtools import CONFIG, CONTAINERFILE, ROOT
 
 pytestmark = pytest.mark.packaging
 
@@ -64,8 +66,14 @@ def test_runtime_user_volume_ports() -> None:
     users = [a for w, a in runtime if w == "USER"]
     assert users and users[-1].split(":")[0] not in ("0", "root"), "runs as a non-root user"
     assert "EXPOSE" not in words, "the status server binds loopback: nothing to expose by default"
-    volumes = " ".join(a for w, a in runtime if w == "VOLUME")
-    assert "/var/lib/edge-agent" in volumes
+    volumes = [v for w, a in runtime if w == "VOLUME" for v in json.loads(a)]
+    assert sorted(volumes) == sorted(["/var/lib/edge-agent", "/etc/edge-agent", "/data/daq"]), \
+        "volumes for the state, the config and the buffer"
+    with CONFIG.open("rb") as fh:
+        shipped = tomllib.load(fh)
+    # the buffer volume is where the image's own config looks, and the ledger volume its state_dir
+    assert {str(r["directory"]) for r in shipped["rules"].values()} <= set(volumes)
+    assert shipped["state_dir"] in volumes
     assert [a for w, a in runtime if w == "ENTRYPOINT"] == ['["edge-agent"]']
     assert [a for w, a in runtime if w == "CMD"] == ['["run"]']
     env = " ".join(a for w, a in runtime if w == "ENV")
@@ -122,3 +130,17 @@ def test_healthcheck_command(status_server: http.server.HTTPServer, code: int, h
     env = {**os.environ, "EDGE_AGENT_STATUS__PORT": str(status_server.server_address[1])}
     proc = subprocess.run(argv, env=env, check=False, capture_output=True, text=True, timeout=30)
     assert (proc.returncode == 0) == healthy, f"{shlex.join(argv)}: {proc.returncode} {proc.stderr[-300:]}"
+
+
+def test_readme_explains_podman_and_docker() -> None:
+    """The container's README covers both engines: run, health, the volumes, the clean stop."""
+    text = (CONTAINERFILE.parent / "README.md").read_text()
+    for needed in ("podman build", "docker build", "podman run", "docker run", "podman healthcheck run",
+                   "docker inspect --format '{{.State.Health.Status}}'", "--stop-timeout 60",
+                   "/var/lib/edge-agent", "/etc/edge-agent", "/data/daq", "EDGE_AGENT_STATUS__HOST=0.0.0.0"):
+        assert needed in text, f"packaging/container/README.md does not mention {needed!r}"
+    for engine in ("podman", "docker"):
+        run_cmd = re.search(rf"(?s){engine} run -d .*?localhost/edge-agent", text)
+        assert run_cmd, f"no `{engine} run -d ...` example"
+        for volume in ("/etc/edge-agent", "/var/lib/edge-agent", "/data/daq"):
+            assert f":{volume}" in run_cmd.group(0), f"the {engine} example does not mount {volume}"

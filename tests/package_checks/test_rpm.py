@@ -239,6 +239,14 @@ def test_config_readable_by_the_agent_user(overlay_root: Path) -> None:
     assert "valid" in proc.stdout.splitlines()[0]
 
 
+def test_installed_command_reports_its_version(overlay_root: Path, rpm_build: Build) -> None:
+    """/usr/bin/edge-agent, as installed (symlink, shebang, venv, EL9 python path), answers
+    --version with the packaged version, as the agent's user."""
+    proc = run(["chroot", overlay_root, "runuser", "-u", "edge-agent", "--", "/usr/bin/edge-agent", "--version"],
+               env=CLEAN_ENV)
+    assert proc.stdout.strip() == f"edge-agent {rpm_build.version}", proc.stdout + proc.stderr
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
