@@ -13,10 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from support import ROOT
 
 from edge_agent.core import policy
 from edge_agent.settings import DeletePolicy, Settings, load_settings
-from support import ROOT
 
 CONF = ROOT / "conf"
 # The environment of the agent under test: nothing of the CI host's EDGE_AGENT_* variables.

@@ -10,9 +10,9 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from settings_keys import default_text, env_name, settings_keys, type_text
 
 from edge_agent.settings import Settings
-from settings_keys import default_text, env_name, settings_keys, type_text
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
@@ -71,7 +71,7 @@ def test_key_facts_match_the_model(key: str) -> None:
 @pytest.mark.parametrize("key", sorted(KEYS))
 def test_key_example_is_valid_toml_that_sets_it(key: str) -> None:
     body = documented_keys()[key]
-    m = re.search(r"```(toml|sh)\n(.*?)```", body, re.S)
+    m = re.search(r"```(toml|sh)\n(.*?)```", body, re.DOTALL)
     assert m, f"{key}: no example"
     leaf = key.rsplit(".", 1)[-1]
     if m.group(1) == "sh":   # secrets: shown as their environment variable only
@@ -104,7 +104,7 @@ def test_runbook_says_what_never_to_do_to_the_buffer() -> None:
 
 
 def markdown_links(path: Path) -> list[str]:
-    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.DOTALL)
     return re.findall(r"\]\(([^)\s]+)\)", text)
 
 
