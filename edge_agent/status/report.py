@@ -13,7 +13,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
-from ..core.lifecycle import State
+from ..core.lifecycle import BACKLOG, State
 from ..ledger import Ledger
 from ..settings import Settings
 
@@ -47,6 +47,9 @@ def from_ledger(settings: Settings, ledger: Ledger, now: float | None = None) ->
     for rule, state, files, nbytes in ledger.counts():
         if rule in rules:
             rules[rule]["states"][state] = {"files": files, "bytes": nbytes}
+    for r in rules.values():
+        backlog = [r["states"][s.value] for s in BACKLOG]
+        r["backlog"] = {"files": sum(c["files"] for c in backlog), "bytes": sum(c["bytes"] for c in backlog)}
     oldest = ledger.oldest_unconfirmed()
     return {
         "version": __version__,
@@ -108,4 +111,16 @@ def full(runner: "Runner") -> dict[str, Any]:
             "fill_rate_bytes_per_s": None if d.fill_rate_bps is None else round(d.fill_rate_bps),
             "hours_to_full": None if d.seconds_to_full is None else round(d.seconds_to_full / 3600, 2)}
         r["watch_problem"] = runner.watch_problems.get(name)
+        r["history"] = history(runner, name)
     return doc
+
+
+def history(runner: "Runner", rule: str) -> dict[str, Any]:
+    """The last hour per minute, oldest first; the last bucket is the minute still running.
+    Backlog minutes without a sample are null (the agent was not running then)."""
+    c = runner.counters
+    end, sent = c.sent_history[rule].snapshot()
+    _, files = c.backlog_files_history[rule].snapshot(missing=None)
+    _, nbytes = c.backlog_bytes_history[rule].snapshot(missing=None)
+    return {"bucket_s": c.sent_history[rule].bucket_s, "last_bucket_start": end,
+            "sent_bytes": sent, "backlog_files": files, "backlog_bytes": nbytes}
