@@ -63,6 +63,10 @@ def from_ledger(settings: Settings, ledger: Ledger, now: float | None = None) ->
         "attention": [{"file_id": r.id, "rule": r.rule, "path": r.relpath, "did": r.did, "state": r.state.value,
                        "lake_ref": r.lake_ref, "reason": r.reason, "since_s": round(now - r.updated_at, 1)}
                       for r in ledger.in_states([State.TRANSFERRED, State.CONFIRMED]) if r.reason][:50],
+        # waiting for a human (`edge-agent retry`); never deleted
+        "quarantined": [{"file_id": r.id, "rule": r.rule, "path": r.relpath, "size": r.size, "reason": r.reason,
+                         "since_s": round(now - r.updated_at, 1)}
+                        for r in ledger.recent(50, State.QUARANTINED)],
         "recent_errors": ledger.recent_errors(20),
         "notices": ledger.notices(50),
     }
