@@ -35,7 +35,7 @@ def render(doc: dict[str, Any]) -> str:
         "<noscript><meta http-equiv=refresh content=30></noscript>",
         f"<title>edge-agent</title><style>{CSS}</style></head><body>",
         f"<header><h1>edge-agent <small id=version>{e(str(doc.get('version')))}</small></h1>"
-        "<small id=updated class=mute></small></header>",
+        "<small id=updated data-k=updated class=mute></small></header>",
         "<main id=app></main>",
         f"<div id=static>{_static(doc)}</div>",
         "<footer><a href=/status>/status</a> &middot; <a href=/metrics>/metrics</a> &middot; "
