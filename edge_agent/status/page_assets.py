@@ -168,7 +168,8 @@ SCRIPT = r"""
       el("p", {}, "backlog ", num("backlog-files", name, r.backlog.files), " files, ",
          num("backlog-bytes", name, bytes(r.backlog.bytes)),
          el("small", {}, " · sending " + bytes(t.sent_bytes_per_s_1m) + "/s (1 min), " +
-                         bytes(t.sent_bytes_per_s_5m) + "/s (5 min) · hashing " + bytes(t.hashed_bytes_per_s_1m) + "/s")),
+                         bytes(t.sent_bytes_per_s_5m) + "/s (5 min) · hashing " +
+                         bytes(t.hashed_bytes_per_s_1m) + "/s")),
       states);
     if (h) {
       const rate = h.sent_bytes.map(v => v / h.bucket_s);
@@ -193,15 +194,17 @@ SCRIPT = r"""
     const a = doc.agent || {};
     document.getElementById("version").textContent = doc.version;
     const parts = [banner(doc), summary(doc)];
-    if (doc.lake && doc.lake.problem) parts.push(el("p", {class: "bad", "data-k": "lake-problem"}, "lake: " + doc.lake.problem));
+    if (doc.lake && doc.lake.problem) {
+      parts.push(el("p", {class: "bad", "data-k": "lake-problem"}, "lake: " + doc.lake.problem));
+    }
     for (const [name, r] of Object.entries(doc.rules)) parts.push(rule(name, r));
     parts.push(
       list("Quarantined: needs a human (edge-agent retry ID)", "quarantined", doc.quarantined,
            q => [el("code", {}, "#" + q.file_id), " " + q.rule + ": ", el("b", {}, q.path),
                  " (" + bytes(q.size) + "): " + (q.reason || "")]),
       list("Held back, needs attention", "attention", doc.attention,
-           q => [el("code", {}, "#" + q.file_id), " " + (q.did || q.path) + " (" + q.state + ", " + dur(q.since_s) + "): ",
-                 q.reason || ""]),
+           q => [el("code", {}, "#" + q.file_id),
+                 " " + (q.did || q.path) + " (" + q.state + ", " + dur(q.since_s) + "): ", q.reason || ""]),
       list("Recent errors", "recent-errors", doc.recent_errors,
            e => [el("small", {}, utc(e.at)), " ", el("code", {}, "#" + e.file_id), " " + e.path + ": " + e.state + ": ",
                  e.reason || ""]),

@@ -19,7 +19,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
 from package_checks.pkgtools import apt_install
 from support import Daemon
 
@@ -194,6 +193,11 @@ def test_the_page_fits_a_phone_and_says_when_the_agent_stops_answering(
     replay.update(pages={"/": page.replace(b"</body>", probe), "/phone": phone}, agent=f"http://127.0.0.1:{d.port}")
     dom = Dom(dump(chromium, f"{replay['url']}phone", tmp_path, budget_ms=2000))
     assert int(dom.attrs_of["data-scroll-width"]) <= 390, "the page scrolls sideways on a phone"
+
+    # without script (Chromium's --dump-dom cannot run with script disabled: read the HTML itself)
+    # the server-drawn table is the page, and it reloads itself
+    assert b"<noscript><meta http-equiv=refresh" in page
+    assert b"<div id=static>" in page and b"<th>daq</th>" in page and b"READY" in page
 
     assert d.stop() == 0
     # the agent is gone: the page keeps its last numbers and says it gets no answer

@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-
 from support import Daemon
 
 from .pkgtools import PACKAGING, run
