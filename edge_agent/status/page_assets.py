@@ -46,7 +46,8 @@ table{border-collapse:collapse}.z{opacity:.45}td,th{border:1px solid var(--line)
 SCRIPT = r"""
 "use strict";
 (function () {
-  const EVERY_MS = 5000;
+  const EVERY_MS = 5000;      // at least; a /status that takes long to build is asked for less often
+  let nextMs = EVERY_MS;
   const STATES = ["discovered", "complete", "hashed", "registered", "transferred", "confirmed", "deleted",
                   "retry_wait", "quarantined", "superseded"];
   let lastOk = null;
@@ -218,8 +219,9 @@ SCRIPT = r"""
     const u = document.getElementById("updated");
     if (lastOk === null) return;
     const age = (Date.now() - lastOk) / 1000;
-    u.className = age > 3 * EVERY_MS / 1000 ? "stale" : "mute";
-    u.textContent = (age > 3 * EVERY_MS / 1000 ? "NO ANSWER from the agent for " + dur(age) + "; last " : "updated ") +
+    const late = age > 3 * nextMs / 1000;
+    u.className = late ? "stale" : "mute";
+    u.textContent = (late ? "NO ANSWER from the agent for " + dur(age) + "; last " : "updated ") +
                     new Date(lastOk).toISOString().slice(11, 19) + " UTC";
   }
 
@@ -227,6 +229,8 @@ SCRIPT = r"""
     render(doc);
     lastOk = Date.now();
     document.body.setAttribute("data-updated", String(doc.generated_at));
+    // keep an open tab under ~5% of one core of the agent's host, whatever the ledger's size
+    nextMs = Math.min(60000, Math.max(EVERY_MS, 20000 * (doc.build_s || 0)));
     const st = document.getElementById("static");
     if (st) st.remove();
     stamp();
@@ -240,11 +244,11 @@ SCRIPT = r"""
     } catch (e) {
       stamp();
     }
-    setTimeout(poll, EVERY_MS);
+    setTimeout(poll, nextMs);
   }
 
   show(JSON.parse(document.getElementById("initial").textContent));
-  setTimeout(poll, EVERY_MS);
+  setTimeout(poll, nextMs);
   setInterval(stamp, 1000);
 })();
 """

@@ -89,6 +89,7 @@ def readiness(runner: "Runner", now: float) -> list[str]:
 
 def full(runner: "Runner") -> dict[str, Any]:
     now = time.time()
+    t0 = time.perf_counter()
     doc = from_ledger(runner.s, runner.ledger, now)
     rate = runner.throttle.rate()
     doc["agent"] = {"pid": os.getpid(), "started_at": runner.started_at,
@@ -116,6 +117,8 @@ def full(runner: "Runner") -> dict[str, Any]:
             "hours_to_full": None if d.seconds_to_full is None else round(d.seconds_to_full / 3600, 2)}
         r["watch_problem"] = runner.watch_problems.get(name)
         r["history"] = history(runner, name)
+    # what this document cost; the page polls less often when it is dear (a very large ledger)
+    doc["build_s"] = round(time.perf_counter() - t0, 4)
     return doc
 
 

@@ -81,3 +81,26 @@ def test_history_holds_the_last_hour_of_sent_bytes_and_backlog(runner: Runner, c
 def test_from_ledger_reports_the_backlog_without_a_running_daemon(runner: Runner) -> None:
     doc = report.from_ledger(runner.s, runner.ledger)
     assert doc["rules"]["r"]["backlog"] == {"files": 2, "bytes": 30}
+
+
+def test_the_document_says_what_it_cost_so_the_page_can_poll_less_often(runner: Runner) -> None:
+    doc = report.full(runner)
+    assert 0 <= doc["build_s"] < 60
+
+
+def test_the_page_embeds_the_document_so_that_no_name_can_end_its_script(runner: Runner) -> None:
+    import json
+    import re
+
+    from edge_agent.status import page
+    doc = report.full(runner)
+    doc["quarantined"] = [{"file_id": 9, "rule": "r", "path": "</script><script>alert(1)</script>&amp;.fits",
+                           "size": 0, "reason": "zero-byte", "since_s": 1}]
+    text = page.render(doc)
+    embedded = re.search(r"<script id=initial type=application/json>(.*?)</script>", text, re.S)
+    assert embedded is not None
+    assert json.loads(embedded.group(1)) == json.loads(json.dumps(doc, default=str))    # whole and exact
+    assert "<script>alert" not in text and "</script><script>" not in embedded.group(1)
+    assert "&lt;/script&gt;&lt;script&gt;alert(1)&lt;/script&gt;&amp;amp;.fits" in text     # the no-script table
+    # self-contained: nothing fetched but /status
+    assert not re.search(r"<(link|img|iframe)\b|\bsrc=|@import|url\(", text)
