@@ -207,9 +207,10 @@ SCRIPT = r"""
            q => [el("code", {}, "#" + q.file_id),
                  " " + (q.did || q.path) + " (" + q.state + ", " + dur(q.since_s) + "): ", q.reason || ""]),
       list("Recent errors", "recent-errors", doc.recent_errors,
-           e => [el("small", {}, utc(e.at)), " ", el("code", {}, "#" + e.file_id), " " + e.path + ": " + e.state + ": ",
-                 e.reason || ""]),
-      list("Not handled (see edge-agent scan)", "notices", doc.notices, n => [n.relpath + ": " + n.detail]));
+           e => [el("small", {}, utc(e.at)), " ", el("code", {}, "#" + e.file_id),
+                 " " + e.rule + ": " + e.path + ": " + e.state + ": ", e.reason || ""]),
+      list("Not handled (see edge-agent scan)", "notices", doc.notices,
+           n => [n.rule + ": " + n.relpath + ": " + n.detail]));
     parts.push(el("p", {}, el("small", {}, "agent pid " + a.pid + " · up " + dur(a.uptime_s) + " · " + a.in_flight +
       " steps running" + (a.bandwidth_cap_bytes_per_s ? " · cap " + bytes(a.bandwidth_cap_bytes_per_s) + "/s" : ""))));
     document.getElementById("app").replaceChildren(...parts.filter(p => p));

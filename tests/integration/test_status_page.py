@@ -205,3 +205,14 @@ def test_the_page_fits_a_phone_and_says_when_the_agent_stops_answering(
     dom = Dom(dom_text)
     assert dom.get("updated").startswith("NO ANSWER from the agent for ")
     assert dom.get("ready") == "READY"
+
+
+def test_the_page_says_why_the_agent_is_not_ready(agent, chromium: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    d: Daemon = agent()
+    d.lakes["lake2"].rmdir()                  # an unmounted destination: the lake is not usable
+    d.start()
+    d.wait_for(lambda: d.get("/readyz")[0] == 503, 30, "the agent to report itself not ready")
+    dom = Dom(dump(chromium, f"http://127.0.0.1:{d.port}/", tmp_path))
+    assert dom.get("ready").startswith("NOT READY")
+    assert "lake2" in dom.get("not-ready-because") and "not mounted" in dom.get("not-ready-because")
+    assert dom.get("lake") == "DOWN" and "not mounted" in dom.get("lake-problem")
