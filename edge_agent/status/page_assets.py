@@ -157,7 +157,7 @@ SCRIPT = r"""
     const states = el("div", {class: "states"}, ...STATES.map(s => {
       const c = r.states[s] || {files: 0, bytes: 0};
       return el("div", {class: "state " + s + (c.files ? "" : " zero")}, el("small", {}, s), el("br"),
-                num("state-files", name, c.files), el("span", {class: "mute"}, " files "),
+                num("state-files", name, c.files), el("span", {class: "mute"}, c.files === 1 ? " file " : " files "),
                 el("small", {"data-k": "state-bytes", "data-rule": name, "data-state": s}, bytes(c.bytes)));
     }));
     // data-state on the count too, so a reader finds "quarantined files of rule x" directly
@@ -166,15 +166,15 @@ SCRIPT = r"""
       el("h3", {}, name, el("small", {}, " " + r.directory + " → " + r.copies + " of " +
                                         (r.destinations || []).join(", "))),
       r.watch_problem ? el("p", {class: "warning"}, r.watch_problem) : null,
-      el("p", {}, "backlog ", num("backlog-files", name, r.backlog.files), " files, ",
+      el("p", {}, "backlog ", num("backlog-files", name, r.backlog.files), r.backlog.files === 1 ? " file, " : " files, ",
          num("backlog-bytes", name, bytes(r.backlog.bytes)),
          el("small", {}, " · sending " + bytes(t.sent_bytes_per_s_1m) + "/s (1 min), " +
                          bytes(t.sent_bytes_per_s_5m) + "/s (5 min) · hashing " +
                          bytes(t.hashed_bytes_per_s_1m) + "/s")),
       states);
     if (h) {
-      const rate = h.sent_bytes.map(v => v / h.bucket_s);
-      const peak = Math.max(0, ...rate);
+      const rate = h.sent_bytes.map(v => v === null ? null : v / h.bucket_s);
+      const peak = Math.max(0, ...rate.filter(v => v !== null));
       box.append(el("p", {}, el("small", {}, "sent per minute, last hour (peak " + bytes(peak) + "/s)")),
                  spark(rate, null, "sent bytes per second, per minute, last hour"),
                  el("p", {}, el("small", {}, "backlog files, last hour")),

@@ -124,10 +124,15 @@ def full(runner: "Runner") -> dict[str, Any]:
 
 def history(runner: "Runner", rule: str) -> dict[str, Any]:
     """The last hour per minute, oldest first; the last bucket is the minute still running.
-    Backlog minutes without a sample are null (the agent was not running then)."""
+    Minutes before the agent started, and backlog minutes without a sample, are null."""
     c = runner.counters
+    step = c.sent_history[rule].bucket_s
     end, sent = c.sent_history[rule].snapshot()
     _, files = c.backlog_files_history[rule].snapshot(missing=None)
     _, nbytes = c.backlog_bytes_history[rule].snapshot(missing=None)
-    return {"bucket_s": c.sent_history[rule].bucket_s, "last_bucket_start": end,
-            "sent_bytes": sent, "backlog_files": files, "backlog_bytes": nbytes}
+    # minutes that ended before this agent started are unknown, not idle
+    started_bucket = runner.started_at // step * step
+    first = max(0, len(sent) - 1 - int((end - started_bucket) // step))
+    sent = [None if i < first else v for i, v in enumerate(sent)]
+    return {"bucket_s": step, "last_bucket_start": end, "sent_bytes": sent, "backlog_files": files,
+            "backlog_bytes": nbytes}

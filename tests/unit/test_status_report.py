@@ -73,7 +73,8 @@ def test_history_holds_the_last_hour_of_sent_bytes_and_backlog(runner: Runner, c
     h = report.full(runner)["rules"]["r"]["history"]
     assert h["bucket_s"] == 60 and h["last_bucket_start"] == 6060.0
     assert len(h["sent_bytes"]) == len(h["backlog_files"]) == len(h["backlog_bytes"]) == 60
-    assert h["sent_bytes"][-2:] == [1000, 1000]
+    # started at 6000 (a minute boundary): the minutes before are unknown, not idle
+    assert h["sent_bytes"][-2:] == [1000, 1000] and h["sent_bytes"][:-2] == [None] * 58
     # sampled once, in the first minute; the minute now running has no sample yet
     assert h["backlog_files"][-2:] == [2, None] and h["backlog_bytes"][-2:] == [30, None]
 
@@ -104,3 +105,9 @@ def test_the_page_embeds_the_document_so_that_no_name_can_end_its_script(runner:
     assert "&lt;/script&gt;&lt;script&gt;alert(1)&lt;/script&gt;&amp;amp;.fits" in text     # the no-script table
     # self-contained: nothing fetched but /status
     assert not re.search(r"<(link|img|iframe)\b|\bsrc=|@import|url\(", text)
+
+
+def test_history_is_all_known_once_the_agent_has_run_an_hour(runner: Runner, clock: Any) -> None:
+    clock.advance(3 * 3600 + 30)
+    sent = report.full(runner)["rules"]["r"]["history"]["sent_bytes"]
+    assert sent == [0] * 60
