@@ -166,7 +166,8 @@ SCRIPT = r"""
       el("h3", {}, name, el("small", {}, " " + r.directory + " → " + r.copies + " of " +
                                         (r.destinations || []).join(", "))),
       r.watch_problem ? el("p", {class: "warning"}, r.watch_problem) : null,
-      el("p", {}, "backlog ", num("backlog-files", name, r.backlog.files), r.backlog.files === 1 ? " file, " : " files, ",
+      el("p", {}, "backlog ", num("backlog-files", name, r.backlog.files),
+         r.backlog.files === 1 ? " file, " : " files, ",
          num("backlog-bytes", name, bytes(r.backlog.bytes)),
          el("small", {}, " · sending " + bytes(t.sent_bytes_per_s_1m) + "/s (1 min), " +
                          bytes(t.sent_bytes_per_s_5m) + "/s (5 min) · hashing " +
