@@ -18,14 +18,14 @@ import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from .core import policy
-from .core.lifecycle import Event, State
+from .core.lifecycle import BACKLOG, Event, State
 from .errors import ShuttingDown
 from .lake.base import Catalogue
 from .ledger import FileRecord, Ledger, StaleTransition
 from .localfs import stat_regular
 from .pipeline import Hooks, Pipeline
 from .settings import Completion, Settings
-from .status.gauges import DiskWatch, Rate
+from .status.gauges import DiskWatch, Rate, Series
 from .transfer.pacing import Throttle
 from .watch.events import DirtyPaths, Watcher
 from .watch.filters import RuleFilter
@@ -45,6 +45,10 @@ class Counters:
     sent: dict[str, Rate] = field(default_factory=dict)
     sent_by_location: dict[tuple[str, str], int] = field(default_factory=dict)
     transitions: dict[tuple[str, str], int] = field(default_factory=dict)
+    # the last hour, per minute and rule, so a freshly opened status page already shows a curve
+    sent_history: dict[str, Series] = field(default_factory=dict)
+    backlog_files_history: dict[str, Series] = field(default_factory=dict)
+    backlog_bytes_history: dict[str, Series] = field(default_factory=dict)
 
 
 class Runner:
@@ -58,7 +62,10 @@ class Runner:
         self.wake = threading.Event()
         self.started_at = clock()
         self.last_tick = 0.0
-        self.counters = Counters({r: Rate() for r in settings.rules}, {r: Rate() for r in settings.rules})
+        self.counters = Counters({r: Rate() for r in settings.rules}, {r: Rate() for r in settings.rules},
+                                 sent_history={r: Series(clock=clock) for r in settings.rules},
+                                 backlog_files_history={r: Series(clock=clock) for r in settings.rules},
+                                 backlog_bytes_history={r: Series(clock=clock) for r in settings.rules})
         self._lock = threading.Lock()
         self.throttle = Throttle(settings.bandwidth_mbps, settings.windows_policy())
         self.writers = WriterTable()
@@ -97,6 +104,7 @@ class Runner:
 
     def _on_sent(self, rule: str, location: str, n: int) -> None:
         self.counters.sent[rule].add(n)
+        self.counters.sent_history[rule].add(n)
         with self._lock:
             key = (rule, location)
             self.counters.sent_by_location[key] = self.counters.sent_by_location.get(key, 0) + n
@@ -133,8 +141,11 @@ class Runner:
                                coalesce=True)
         self.scheduler.add_job(self.check_lake, "interval", seconds=15, id="lake", max_instances=1,
                                coalesce=True)
+        self.scheduler.add_job(self.sample_backlog, "interval", seconds=30, id="backlog", max_instances=1,
+                               coalesce=True)
         self.scheduler.start()
         self.sample_disks()
+        self.sample_backlog()
         self.check_lake()
         log.info("started", rules=list(self.s.rules), dry_run=self.s.dry_run)
 
@@ -360,6 +371,17 @@ class Runner:
                 logf("buffer disk level", rule=name, level=rep.level, used_percent=round(100 * rep.used_fraction, 1),
                      hours_to_full=rep.seconds_to_full and round(rep.seconds_to_full / 3600, 1))
                 self._disk_levels[name] = rep.level
+
+    def sample_backlog(self) -> None:
+        files = {rule: 0 for rule in self.s.rules}
+        nbytes = dict(files)
+        for rule, state, n, b in self.ledger.counts():
+            if rule in files and State(state) in BACKLOG:
+                files[rule] += n
+                nbytes[rule] += b
+        for rule in files:
+            self.counters.backlog_files_history[rule].put(files[rule])
+            self.counters.backlog_bytes_history[rule].put(nbytes[rule])
 
     def check_lake(self) -> None:
         try:

@@ -50,6 +50,10 @@ class Event(str, enum.Enum):
 # The states in which the agent is still working on a file (it appears in backlogs).
 ACTIVE = frozenset({State.DISCOVERED, State.COMPLETE, State.HASHED, State.REGISTERED,
                     State.TRANSFERRED, State.CONFIRMED, State.RETRY_WAIT})
+# Not yet safely in the lake and still moving: what "backlog" means on the page and in the metrics.
+# (Quarantined files wait for a human and are counted apart; confirmed ones only wait for deletion.)
+BACKLOG = frozenset({State.DISCOVERED, State.COMPLETE, State.HASHED, State.REGISTERED,
+                     State.TRANSFERRED, State.RETRY_WAIT})
 FINAL = frozenset({State.DELETED, State.SUPERSEDED})
 # States from which a failure can be retried: the step that failed is the one leading out of them.
 WORKING = (State.COMPLETE, State.HASHED, State.REGISTERED, State.TRANSFERRED, State.CONFIRMED)

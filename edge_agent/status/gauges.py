@@ -81,3 +81,43 @@ class DiskWatch:
         level = policy.disk_level(frac, self.warn, self.critical, eta, self.warn_eta_s)
         self.last = DiskReport(self.path, total, used, free, frac, rate, eta, level)
         return self.last
+
+
+class Series:
+    """A short per-minute history (the last hour by default) for the status page's curves.
+
+    `add` sums into the current bucket (bytes sent); `put` overwrites it (a sampled level such as
+    the backlog). Buckets nobody touched read as 0 for sums and None for levels, so a gap in the
+    samples shows as a gap, not as an empty backlog."""
+
+    def __init__(self, bucket_s: int = 60, buckets: int = 60, clock: Callable[[], float] = time.time) -> None:
+        self.bucket_s, self.buckets, self.clock = bucket_s, buckets, clock
+        self._lock = threading.Lock()
+        self._values: dict[int, float] = {}
+
+    def _now_bucket(self) -> int:
+        return int(self.clock() // self.bucket_s)
+
+    def add(self, n: float) -> None:
+        b = self._now_bucket()
+        with self._lock:
+            self._values[b] = self._values.get(b, 0) + n
+            self._trim(b)
+
+    def put(self, v: float) -> None:
+        b = self._now_bucket()
+        with self._lock:
+            self._values[b] = v
+            self._trim(b)
+
+    def snapshot(self, missing: float | None = 0) -> tuple[float, list[float | None]]:
+        """(start of the newest bucket, values oldest first); the newest bucket is still filling."""
+        b = self._now_bucket()
+        with self._lock:
+            self._trim(b)
+            vals = [self._values.get(i, missing) for i in range(b - self.buckets + 1, b + 1)]
+        return float(b * self.bucket_s), vals
+
+    def _trim(self, newest: int) -> None:
+        for k in [k for k in self._values if k <= newest - self.buckets]:
+            del self._values[k]

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from .. import __version__
-from ..core.lifecycle import State
+from ..core.lifecycle import BACKLOG, State
 from .report import STATE_ORDER
 
 if TYPE_CHECKING:
@@ -34,6 +34,18 @@ class _Collector:
             nbytes.add_metric([rule, state], b)
         yield files
         yield nbytes
+        # the alert rules' "backlog" (packaging/monitoring): not yet confirmed and still moving
+        bl_files = GaugeMetricFamily("edge_agent_backlog_files", "Files not yet confirmed in the lake and still "
+                                     "being worked on (quarantined ones excluded)", labels=["rule"])
+        bl_bytes = GaugeMetricFamily("edge_agent_backlog_bytes", "Bytes of edge_agent_backlog_files",
+                                     labels=["rule"])
+        backlog = {s.value for s in BACKLOG}
+        for rule in r.s.rules:
+            rows = [v for (ru, st), v in seen.items() if ru == rule and st in backlog]
+            bl_files.add_metric([rule], sum(n for n, _ in rows))
+            bl_bytes.add_metric([rule], sum(b for _, b in rows))
+        yield bl_files
+        yield bl_bytes
         sent = CounterMetricFamily("edge_agent_sent_bytes", "Bytes streamed to destinations",
                                    labels=["rule", "destination"])
         for (rule, loc), n in sorted(r.counters.sent_by_location.items()):
@@ -68,6 +80,13 @@ class _Collector:
                 ttf.add_metric([rule], -1 if d.last.seconds_to_full is None else d.last.seconds_to_full)
         yield used
         yield ttf
+        # exported so that an alert compares against the agent's own configuration, not a copy of it
+        marks = GaugeMetricFamily("edge_agent_buffer_watermark_ratio", "Configured buffer watermarks "
+                                  "(fraction of the filesystem)", labels=["rule", "level"])
+        for rule, cfg in r.s.rules.items():
+            marks.add_metric([rule, "warning"], cfg.watermark_warn_percent / 100)
+            marks.add_metric([rule, "critical"], cfg.watermark_critical_percent / 100)
+        yield marks
         yield GaugeMetricFamily("edge_agent_notices", "Entries in watched trees the agent will not handle",
                                 value=len(r.ledger.notices(10_000)))
         yield GaugeMetricFamily("edge_agent_steps_in_flight", "Steps running now", value=len(r.in_flight))

@@ -1,17 +1,26 @@
 """The status page: the /status document as one HTML page for a browser in the control room.
 
-Server-rendered, no script, refreshes itself; everything shown is escaped.
+One self-contained document. Its script (page_assets) draws the view from the /status document
+embedded in the page, then polls /status and redraws in place. Without script, a
+server-rendered table shows the same numbers and the page reloads itself every 30 s.
+Everything shown is escaped.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import html
+import json
 from typing import Any
 
+from .page_assets import CSS, SCRIPT
 from .report import STATE_ORDER, human_bytes
 
 
+def _json_for_script(doc: dict[str, Any]) -> str:
+    """JSON that cannot end its <script> element early (no '<', '>' or '&' in the text)."""
+    text = json.dumps(doc, default=str, separators=(",", ":"))
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def _t(ts: float) -> str:
@@ -19,6 +28,25 @@ def _t(ts: float) -> str:
 
 
 def render(doc: dict[str, Any]) -> str:
+    e = html.escape
+    return "\n".join([
+        "<!doctype html><html lang=en><head><meta charset=utf-8>",
+        "<meta name=viewport content='width=device-width,initial-scale=1'>",
+        "<noscript><meta http-equiv=refresh content=30></noscript>",
+        f"<title>edge-agent</title><style>{CSS}</style></head><body>",
+        f"<header><h1>edge-agent <small id=version>{e(str(doc.get('version')))}</small></h1>"
+        "<small id=updated data-k=updated class=mute></small></header>",
+        "<main id=app></main>",
+        f"<div id=static>{_static(doc)}</div>",
+        "<footer><a href=/status>/status</a> &middot; <a href=/metrics>/metrics</a> &middot; "
+        "<a href=/healthz>/healthz</a> &middot; <a href=/readyz>/readyz</a></footer>",
+        f"<script id=initial type=application/json>{_json_for_script(doc)}</script>",
+        f"<script>{SCRIPT}</script>",
+        "</body></html>"])
+
+
+def _static(doc: dict[str, Any]) -> str:
+    """The first paint for a browser without script: the numbers as a plain table."""
     e = html.escape
     ready = doc.get("ready", True)
     head = ("READY" if ready else "NOT READY: " + "; ".join(doc.get("not_ready_because", [])))
@@ -32,22 +60,18 @@ def render(doc: dict[str, Any]) -> str:
                                   + (f", full in {d['hours_to_full']} h" if d["hours_to_full"] is not None else ""))
         rows.append(f"<tr><th>{e(name)}</th>{cells}<td>{human_bytes(t.get('sent_bytes_per_s_1m'))}/s</td><td>{disk}</td></tr>")
     out = [
-        "<!doctype html><html><head><meta charset=utf-8><meta http-equiv=refresh content=10>",
-        "<title>edge-agent</title><style>body{font:14px sans-serif;margin:1em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}th{text-align:left}.z{color:#bbb}"
-        ".ok{color:green}.warning{color:#b60}.critical{color:#c00;font-weight:bold}h2{font-size:15px}"
-        ".bad{color:#c00}</style></head><body>",
-        f"<h1>edge-agent {e(str(doc.get('version')))}</h1>",
         f"<p class={'ok' if ready else 'bad'}><b>{e(head)}</b>" + (" &middot; DRY RUN" if doc.get("dry_run") else "")
         + f" &middot; {_t(doc['generated_at'])}</p>",
-        "<table><tr><th>rule</th>" + "".join(f"<th>{s}</th>" for s in STATE_ORDER)
-        + "<th>sent (1 min)</th><th>buffer disk</th></tr>" + "".join(rows) + "</table>",
+        "<div style=overflow-x:auto><table><tr><th>rule</th>" + "".join(f"<th>{s}</th>" for s in STATE_ORDER)
+        + "<th>sent (1 min)</th><th>buffer disk</th></tr>" + "".join(rows) + "</table></div>",
     ]
     o = doc.get("oldest_unconfirmed")
     if o:
         out.append(f"<p>Oldest unconfirmed: #{o['file_id']} {e(o['path'])} ({e(o['state'])}, "
                    f"{dt.timedelta(seconds=int(o['age_s']))} old){': ' + e(o['reason']) if o.get('reason') else ''}</p>")
     for title, key, fmt in (
+            ("Quarantined: needs a human", "quarantined",
+             lambda a: f"#{a['file_id']} {e(a['path'])}: {e(a['reason'] or '')}"),
             ("Held back, needs attention", "attention",
              lambda a: f"#{a['file_id']} {e(a['did'] or '')} ({e(a['state'])}): {e(a['reason'] or '')}"),
             ("Recent errors", "recent_errors",
@@ -57,6 +81,4 @@ def render(doc: dict[str, Any]) -> str:
         items = doc.get(key) or []
         if items:
             out.append(f"<h2>{title}</h2><ul>" + "".join(f"<li>{fmt(a)}</li>" for a in items[:20]) + "</ul>")
-    out.append("<p><small><a href=/status>/status</a> &middot; <a href=/metrics>/metrics</a> &middot; "
-               "<a href=/healthz>/healthz</a> &middot; <a href=/readyz>/readyz</a></small></p></body></html>")
     return "\n".join(out)

@@ -13,7 +13,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
-from ..core.lifecycle import State
+from ..core.lifecycle import BACKLOG, State
 from ..ledger import Ledger
 from ..settings import Settings
 
@@ -47,6 +47,9 @@ def from_ledger(settings: Settings, ledger: Ledger, now: float | None = None) ->
     for rule, state, files, nbytes in ledger.counts():
         if rule in rules:
             rules[rule]["states"][state] = {"files": files, "bytes": nbytes}
+    for r in rules.values():
+        backlog = [r["states"][s.value] for s in BACKLOG]
+        r["backlog"] = {"files": sum(c["files"] for c in backlog), "bytes": sum(c["bytes"] for c in backlog)}
     oldest = ledger.oldest_unconfirmed()
     return {
         "version": __version__,
@@ -60,6 +63,10 @@ def from_ledger(settings: Settings, ledger: Ledger, now: float | None = None) ->
         "attention": [{"file_id": r.id, "rule": r.rule, "path": r.relpath, "did": r.did, "state": r.state.value,
                        "lake_ref": r.lake_ref, "reason": r.reason, "since_s": round(now - r.updated_at, 1)}
                       for r in ledger.in_states([State.TRANSFERRED, State.CONFIRMED]) if r.reason][:50],
+        # waiting for a human (`edge-agent retry`); never deleted
+        "quarantined": [{"file_id": r.id, "rule": r.rule, "path": r.relpath, "size": r.size, "reason": r.reason,
+                         "since_s": round(now - r.updated_at, 1)}
+                        for r in ledger.recent(50, State.QUARANTINED)],
         "recent_errors": ledger.recent_errors(20),
         "notices": ledger.notices(50),
     }
@@ -82,6 +89,7 @@ def readiness(runner: "Runner", now: float) -> list[str]:
 
 def full(runner: "Runner") -> dict[str, Any]:
     now = time.time()
+    t0 = time.perf_counter()
     doc = from_ledger(runner.s, runner.ledger, now)
     rate = runner.throttle.rate()
     doc["agent"] = {"pid": os.getpid(), "started_at": runner.started_at,
@@ -108,4 +116,23 @@ def full(runner: "Runner") -> dict[str, Any]:
             "fill_rate_bytes_per_s": None if d.fill_rate_bps is None else round(d.fill_rate_bps),
             "hours_to_full": None if d.seconds_to_full is None else round(d.seconds_to_full / 3600, 2)}
         r["watch_problem"] = runner.watch_problems.get(name)
+        r["history"] = history(runner, name)
+    # what this document cost; the page polls less often when it is dear (a very large ledger)
+    doc["build_s"] = round(time.perf_counter() - t0, 4)
     return doc
+
+
+def history(runner: "Runner", rule: str) -> dict[str, Any]:
+    """The last hour per minute, oldest first; the last bucket is the minute still running.
+    Minutes before the agent started, and backlog minutes without a sample, are null."""
+    c = runner.counters
+    step = c.sent_history[rule].bucket_s
+    end, sent = c.sent_history[rule].snapshot()
+    _, files = c.backlog_files_history[rule].snapshot(missing=None)
+    _, nbytes = c.backlog_bytes_history[rule].snapshot(missing=None)
+    # minutes that ended before this agent started are unknown, not idle
+    started_bucket = runner.started_at // step * step
+    first = max(0, len(sent) - 1 - int((end - started_bucket) // step))
+    sent = [None if i < first else v for i, v in enumerate(sent)]
+    return {"bucket_s": step, "last_bucket_start": end, "sent_bytes": sent, "backlog_files": files,
+            "backlog_bytes": nbytes}

@@ -111,3 +111,35 @@ def test_disk_watch_unreadable_filesystem(clock: Any) -> None:
 def test_disk_watch_real_filesystem(tmp_path: Any) -> None:
     rep = DiskWatch(str(tmp_path), warn=0.8, critical=0.99, warn_eta_s=0).sample()
     assert rep is not None and rep.total > 0 and 0 <= rep.used_fraction <= 1
+
+
+def test_series_sums_per_minute_and_keeps_the_last_hour(clock: Any) -> None:
+    from edge_agent.status.gauges import Series
+    clock.now = 6000.0                       # a minute boundary, so the buckets are easy to name
+    s = Series(bucket_s=60, buckets=60, clock=clock)
+    s.add(100)
+    clock.advance(30)
+    s.add(50)                                # same minute: summed
+    clock.advance(60)
+    s.add(7)
+    end, vals = s.snapshot()
+    assert end == 6060.0 and len(vals) == 60
+    assert vals[-2:] == [150, 7] and vals[:-2] == [0] * 58
+    clock.advance(59 * 60)                   # the 150 minute leaves the window, the 7 is the oldest
+    end, vals = s.snapshot()
+    assert vals[0] == 7 and sum(v or 0 for v in vals) == 7
+    clock.advance(60)
+    assert sum(v or 0 for v in s.snapshot()[1]) == 0
+    assert len(s._values) == 0               # bounded memory
+
+
+def test_series_put_keeps_the_last_sample_and_marks_gaps(clock: Any) -> None:
+    from edge_agent.status.gauges import Series
+    clock.now = 6000.0
+    s = Series(bucket_s=60, buckets=5, clock=clock)
+    s.put(3)
+    clock.advance(10)
+    s.put(4)                                 # a level: the last sample of the minute wins
+    clock.advance(120)                       # one minute without a sample
+    s.put(9)
+    assert s.snapshot(missing=None)[1] == [None, None, 4, None, 9]
