@@ -21,6 +21,7 @@ pytestmark = pytest.mark.packaging
 MONITORING = PACKAGING / "monitoring"
 RULES = MONITORING / "edge-agent.rules.yml"
 RULE_TESTS = MONITORING / "edge-agent.rules.test.yml"
+MONITORING_DOC = PACKAGING.parent / "docs" / "monitoring.md"
 ALERTS = {"EdgeAgentDown", "EdgeAgentBacklogGrowing", "EdgeAgentOldestUnconfirmedTooOld",
           "EdgeAgentBufferAboveWatermark", "EdgeAgentLakeUnreachable", "EdgeAgentQuarantinedFiles",
           "EdgeAgentAttention"}
@@ -127,3 +128,9 @@ def test_the_rules_read_only_metrics_and_labels_a_running_agent_exports(tmp_path
                 assert all(label in labels for labels in exported[name]), \
                     f"{r['alert']}: prints $labels.{label}, which {name} does not have"
     assert used >= len(ALERTS) - 1          # every alert but EdgeAgentDown (`up`) reads the agent's metrics
+
+    # and the operators' page lists every family the agent exports, so docs cannot fall behind
+    documented = set(re.findall(r"^\| `(edge_agent_\w+)`", MONITORING_DOC.read_text(), re.M))
+    families = {re.sub(r"_(total|created)$", "", n) for n in exported if n.startswith("edge_agent_")}
+    assert families - documented == set(), "exported but missing from docs/monitoring.md"
+

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import Build, project_version
-from .pkgtools import CLEAN_ENV, CONFIG, ROOT, SPEC, UNIT, run
+from .pkgtools import CLEAN_ENV, CONFIG, PACKAGING, ROOT, SPEC, UNIT, run
 
 pytestmark = pytest.mark.packaging
 
@@ -145,6 +145,20 @@ def test_installed_agent_checks_its_config(files_root: Path) -> None:
     installed = (r / CONF.lstrip("/")).read_bytes()
     assert installed == CONFIG.read_bytes()
     assert (r / "usr/lib/systemd/system/edge-agent.service").read_bytes() == UNIT.read_bytes()
+
+
+def test_ships_alert_rules_and_observatory_examples_that_check(files_root: Path) -> None:
+    """/usr/share/edge-agent holds the repo's alert rules and conf/ examples, and the installed
+    agent accepts each example as it is."""
+    r, repo = files_root, ROOT
+    share = r / "usr/share/edge-agent"
+    assert (share / "monitoring/edge-agent.rules.yml").read_bytes() == \
+        (PACKAGING / "monitoring/edge-agent.rules.yml").read_bytes()
+    for name in ("local.toml", "magic.toml", "lsst.toml"):
+        shipped = share / "examples" / name
+        assert shipped.read_bytes() == (repo / "conf" / name).read_bytes(), name
+        run([r / VENV.lstrip("/") / "bin/python", r / VENV.lstrip("/") / "bin/edge-agent",
+             "check-config", shipped], env=CLEAN_ENV)
 
 
 def test_venv_points_at_el9_python(files_root: Path) -> None:
