@@ -113,7 +113,8 @@ def test_status_metrics_and_cli_report_what_happened(agent) -> None:
     assert doc["rules"]["daq"]["disk"]["level"] in ("ok", "warning", "critical")
     assert any("zero-byte" in (e["reason"] or "") for e in doc["recent_errors"])
     assert any("symlink" in n["detail"] for n in doc["notices"])
-    assert doc["oldest_unconfirmed"]["path"] == "empty.fits"
+    assert doc["oldest_unconfirmed"] is None        # the quarantined file is listed apart
+    assert [q["path"] for q in doc["quarantined"]] == ["empty.fits"]
     assert d.get("/healthz")[0] == 200 and d.get("/readyz")[0] == 200
 
     code, body = d.get("/metrics")

@@ -308,6 +308,9 @@ def test_counts_and_queries(ledger: Ledger) -> None:
     assert [r.id for r in ledger.in_states([S.COMPLETE, S.DISCOVERED])] == [a.id, b.id]
     assert ledger.in_states([S.COMPLETE], rule="other") == []
     assert ledger.oldest_unconfirmed() == ledger.get(a.id)
+    # a quarantined file waits for a person (alerted apart); the oldest still on its way is next
+    ledger.transition(a.id, S.DISCOVERED, E.FAILED_PERMANENT, reason="zero-byte")
+    assert ledger.oldest_unconfirmed() == ledger.get(b.id)
     with pytest.raises(KeyError):
         ledger.get(12345)
 
