@@ -612,6 +612,18 @@ class RucioClient:
             return False
         return True
 
+    def signed_url(self, rse: str, operation: str, url: str, lifetime: int = 600, service: str = "s3") -> str:
+        """A URL that Rucio signs with the RSE's own keys (rse-accounts.cfg) for one whole-object
+        `operation` (read, write, delete) on `url`, valid `lifetime` seconds. The answer carries a
+        credential in its query string: never log it (shown_url drops the query)."""
+        r = self.request("GET", "/credentials/signurl", f"GET /credentials/signurl ({service} {operation} on {rse})",
+                         params={"rse": rse, "svc": service, "op": operation, "url": url, "lifetime": lifetime})
+        signed = r.text.strip()
+        if not signed.startswith("https://") and not signed.startswith("http://"):
+            raise RucioRetryable(f"Rucio signed no URL for {operation} on {rse} (answer of {len(signed)} "
+                                 "characters that is not a URL)")
+        return signed
+
     def close(self) -> None:
         self._http.close()
 
