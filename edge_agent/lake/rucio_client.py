@@ -208,6 +208,7 @@ class RucioClient:
         self._token_file_sig: tuple[int, int, int] | None = None
         self._cache_lock = threading.Lock()
         self._protocols: dict[str, tuple[float, list[dict[str, Any]]]] = {}
+        self._attributes: dict[str, tuple[float, dict[str, Any]]] = {}
         # rebound, never mutated: scrub() reads it without a lock
         self._secrets: tuple[str, ...] = tuple(
             x.get_secret_value() for x in (settings.auth.password, settings.auth.client_secret)
@@ -611,6 +612,20 @@ class RucioClient:
         except NotFound:
             return False
         return True
+
+    def rse_attributes(self, rse: str) -> dict[str, Any]:
+        """The attributes of `rse` ({"sign_url": "s3", "lake": True, ...}), cached like the protocols."""
+        now = self._clock()
+        with self._cache_lock:
+            hit = self._attributes.get(rse)
+            if hit is not None and now - hit[0] < PROTOCOLS_TTL_S:
+                return hit[1]
+        r = self.request("GET", f"/rses/{_q(rse)}/attr/", f"GET /rses/{rse}/attr/")
+        data = r.json()
+        attrs: dict[str, Any] = data if isinstance(data, dict) else {}
+        with self._cache_lock:
+            self._attributes[rse] = (now, attrs)
+        return attrs
 
     def signed_url(self, rse: str, operation: str, url: str, lifetime: int = 600, service: str = "s3") -> str:
         """A URL that Rucio signs with the RSE's own keys (rse-accounts.cfg) for one whole-object

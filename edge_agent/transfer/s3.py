@@ -25,6 +25,7 @@ import re
 import ssl
 from collections.abc import Callable
 from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import structlog
@@ -67,6 +68,13 @@ def object_size(r: httpx.Response) -> int | None:
         return None
 
 
+def unsigned_url(url: str) -> str:
+    """A PFN without its query string: Rucio's list_replicas gives accounts allowed to sign a
+    signed (credential-bearing) PFN of an S3 RSE; the agent signs afresh and never keeps one."""
+    p = urlsplit(url)
+    return urlunsplit((p.scheme, p.netloc, p.path, "", "")) if p.query else url
+
+
 def _no_query(text: str) -> str:
     return re.sub(r"[?]\S*", "", text)
 
@@ -91,6 +99,7 @@ class S3Transport(HttpTransport):
 
     # ------------------------------------------------------------ the interface
     def put(self, source: str, url: str, expected: Expected, pace: Pacer) -> Digests:
+        url = unsigned_url(url)
         shown = shown_url(url)
         if expected.size > self.max_object_bytes:
             raise PermanentError(
@@ -107,9 +116,11 @@ class S3Transport(HttpTransport):
 
     def stat(self, url: str, verify: str = "reread") -> RemoteStat | None:
         """Size and ETag-MD5 of the object (adler32 None: S3 has none)."""
+        url = unsigned_url(url)
         return self._read_stat(url, shown_url(url))
 
     def delete(self, url: str) -> None:
+        url = unsigned_url(url)
         shown = shown_url(url)
         r = self._signed("delete", url, shown, "DELETE")
         if r.status_code in (200, 202, 204, 404):
