@@ -32,14 +32,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE.parent))
 
-from lake import start_lake, start_s3  # noqa: E402
-from local import machine  # noqa: E402
-from support import free_port, write_toml  # noqa: E402
+from lake import start_lake, start_s3
+from local import machine
+from support import free_port, write_toml
 
-from edge_agent.lake.rucio_client import RucioClient  # noqa: E402
-from edge_agent.settings import RucioSettings  # noqa: E402
-from edge_agent.transfer.base import Expected  # noqa: E402
-from edge_agent.transfer.s3 import S3Transport  # noqa: E402
+from edge_agent.lake.rucio_client import RucioClient
+from edge_agent.settings import RucioSettings
+from edge_agent.transfer.base import Expected
+from edge_agent.transfer.s3 import S3Transport
 
 
 def expected(path: Path) -> Expected:
@@ -151,7 +151,7 @@ def main() -> int:
                 next(g)
             except StopIteration:
                 pass
-    text = [f"\n## S3\n\nbenchmarks/s3_upload.py, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC ({machine()})",
+    text = [f"\n## S3\n\nbenchmarks/s3_upload.py, {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC ({machine()})",
             "",
             "Ceph radosgw 16.2.15 (1 mon, 1 bluestore OSD on a sparse file, beast TLS, self-signed CA verified), "
             "Rucio 41.5.1 signing every URL, agent and curl on the same 2 cores; files in page cache. "

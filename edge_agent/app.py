@@ -53,7 +53,7 @@ def build_rucio_lake(settings: Settings) -> Catalogue:
     return RucioLake(settings, transports, client=client, s3=s3)
 
 
-def _signer(client: "RucioClient", rse: str, lifetime: int) -> "Signer":
+def _signer(client: RucioClient, rse: str, lifetime: int) -> Signer:
     def sign(op: str, url: str) -> str:
         return client.signed_url(rse, op, url, lifetime)
     return sign

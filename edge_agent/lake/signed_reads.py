@@ -7,8 +7,8 @@ agent never writes to resolve too. Other RSEs' PFNs are returned unchanged.
 
 from __future__ import annotations
 
-from .rucio_client import RucioClient
 from ..transfer.s3 import unsigned_url
+from .rucio_client import RucioClient
 
 
 class SignedReadResolver:

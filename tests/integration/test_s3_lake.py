@@ -14,13 +14,14 @@ from pathlib import Path
 import blake3
 import httpx
 import pytest
+from support import adler32_hex
 
+from edge_agent.errors import RetryableError
 from edge_agent.lake.rucio_client import RucioClient
 from edge_agent.lake.signed_reads import SignedReadResolver
 from edge_agent.settings import RucioSettings
 from edge_agent.transfer.base import Expected
 from edge_agent.transfer.s3 import S3Transport
-from support import adler32_hex
 
 pytestmark = [pytest.mark.integration, pytest.mark.lake]
 
@@ -145,9 +146,9 @@ def test_a_bad_copy_is_removed_with_a_signed_delete(lake, s3_lake, tmp_path: Pat
 def test_tls_is_verified_against_the_gateways_own_ca(lake, s3_lake, tmp_path: Path) -> None:
     c = client(lake)
     pfn = s3_lake.pfn(lake.scope, uid())
-    with S3Transport(lambda op, url: c.signed_url(s3_lake.rse, op, url, 60)) as t:   # system CAs only
-        with pytest.raises(Exception, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
-            t.stat(pfn)
+    t = S3Transport(lambda op, url: c.signed_url(s3_lake.rse, op, url, 60))   # the system's CAs only
+    with t, pytest.raises(RetryableError, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+        t.stat(pfn)
     c.close()
 
 

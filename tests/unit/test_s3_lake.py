@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlsplit
 
 import blake3
@@ -32,7 +32,7 @@ S3_HOST = "https://s3.test:7443/bucket"
 class FakeRucioS3(FakeRucio):
     """FakeRucio with an S3 RSE: https only, attribute sign_url=s3, and /credentials/signurl."""
 
-    HOST = {**FakeRucio.HOST, "https": S3_HOST}
+    HOST: ClassVar[dict[str, str]] = {**FakeRucio.HOST, "https": S3_HOST}
 
     def __init__(self, store: FakeS3) -> None:
         super().__init__()
@@ -58,7 +58,7 @@ class FakeRucioS3(FakeRucio):
         return httpx.Response(200, text=self.store.sign(q["op"], q["url"]),
                               headers={"Content-Type": "application/octet-stream"})
 
-    ROUTES = [(r"GET /rses/([^/]+)/attr/", attrs), (r"GET /credentials/signurl", signurl), *FakeRucio.ROUTES]
+    ROUTES: ClassVar[list[tuple[str, Any]]] = [(r"GET /rses/([^/]+)/attr/", attrs), (r"GET /credentials/signurl", signurl), *FakeRucio.ROUTES]
 
 
 def settings(tmp: Path, md5: bool = True) -> Settings:

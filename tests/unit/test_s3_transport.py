@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import zlib
 from pathlib import Path
+from typing import ClassVar
 from urllib.parse import parse_qs, urlsplit
 
 import blake3
@@ -23,7 +24,7 @@ class FakeS3:
     """Objects by path; a URL is valid when its `sig` was issued for the request's method and
     is not in `expired`. Every request is kept for the asserts."""
 
-    METHOD = {"read": "GET", "write": "PUT", "delete": "DELETE"}
+    METHOD: ClassVar[dict[str, str]] = {"read": "GET", "write": "PUT", "delete": "DELETE"}
 
     def __init__(self) -> None:
         self.objects: dict[str, bytes] = {}
