@@ -175,3 +175,30 @@ def test_the_read_resolver_streams_an_s3_replica_with_its_adler32_verified(lake,
     # a PFN on an XRootD RSE needs no signature: unchanged
     assert SignedReadResolver(c)(lake.lake_rses[0], "http://x/y") == "http://x/y"
     c.close()
+
+
+def test_the_agents_own_s3_copy_overwritten_is_rewritten_never_counted(agent, lake, s3_lake) -> None:
+    # The agent writes S3; the second copy (XRootD) is the lake's, made here by hand once the S3 copy is bad.
+    u = uid()
+    lake1 = lake.lake_rses[0]
+    d = agent(rules={"daq": {"scope": lake.scope, "completion": ["renamed"], "destinations": ["s3"],
+                             "copies": 2, "md5": True, "rse_expression": f"{s3_lake.rse}|{lake1}",
+                             "name_template": f"{u}.{{filename}}", "dataset_template": f"{u}.night"}},
+              destinations={"s3": s3_lake.destination()}, lake=lake.agent_lake_config())
+    d.start()
+    (fname, data), = write_files(d.rule_dir(), 1, size=250_000).items()
+    name = f"{u}.{fname}"
+    d.wait_for(lambda: d.counts().get("transferred") == 1, 60, "uploaded to S3, copies asked for")
+    pfn = s3_lake.pfn(lake.scope, name)
+    s3_lake.put(pfn, data[::-1])                                     # someone overwrites the object
+    d.wait_for(lambda: any("ETag" in (f.get("reason") or "") for f in d.files()), 60, "the bad S3 copy noticed")
+    # the lake makes its copy on XRootD: the rule turns OK, but the S3 copy still does not count
+    r = httpx.put(lake.pfn(lake1, lake.scope, name), content=data, timeout=60,
+                  headers={"Content-Length": str(len(data))})
+    assert r.status_code in (200, 201, 204)
+    lake.call("PUT", "/replicas", {"rse": lake1, "files": [{"scope": lake.scope, "name": name, "state": "A"}]})
+    d.wait_for(lambda: d.counts().get("deleted") == 1, 90, "the S3 copy rewritten by the agent, then deleted")
+    assert s3_lake.get(pfn).content == data, "the agent wrote its copy again"
+    history = [e for e in d.events() if "failed verification" in str(e.get("reason", ""))]
+    assert history, "the rewrite was for a failed verification"
+    assert d.stop() == 0
