@@ -24,6 +24,7 @@ from ..core.policy import Replica, normalise_adler32
 from ..errors import EdgeAgentError, PermanentError, RetryableError
 from ..settings import RuleSettings, Settings
 from ..transfer.base import Transport
+from ..transfer.http import shown_url
 from ..transfer.s3 import S3Transport
 from ..transfer.s3 import unsigned_url as _unsigned
 from .base import Catalogue, LakeFile, Target
@@ -308,7 +309,8 @@ class RucioLake(Catalogue):
                 size, adler, problem = self._verified_s3(f, rse, url, adler)
             elif self.r.verify_replicas and available:
                 size, adler = self._verified(f, rse, url, adler)
-            out.append(Replica(rse, size, adler, available, _unsigned(url), problem))
+            # an S3 PFN may come signed (a credential): never kept
+            out.append(Replica(rse, size, adler, available, _unsigned(url) if rse in self._s3 else url, problem))
         return out
 
     def _verified_s3(self, f: LakeFile, rse: str, url: str, catalogue_adler: str | None
@@ -348,16 +350,18 @@ class RucioLake(Catalogue):
         which counts neither as a good copy nor as a bad one to rewrite."""
         transport = self._transports.get(urlsplit(url).scheme) if url else None
         if transport is None:
-            log.warning("cannot verify replica: no transport for its URL", did=f.did, rse=rse, url=url,
+            log.warning("cannot verify replica: no transport for its URL", did=f.did, rse=rse,
+                        url=shown_url(url),
                         transports=sorted(self._transports))
             return None, None
         try:
             st = transport.stat(url)
         except (RetryableError, PermanentError) as exc:
-            log.warning("cannot verify replica now", did=f.did, rse=rse, url=url, error=str(exc))
+            log.warning("cannot verify replica now", did=f.did, rse=rse, url=shown_url(url), error=str(exc))
             return None, None
         if st is None:
-            log.warning("replica listed AVAILABLE but its storage holds nothing", did=f.did, rse=rse, url=url)
+            log.warning("replica listed AVAILABLE but its storage holds nothing", did=f.did, rse=rse,
+                        url=shown_url(url))
             return None, None
         if st.adler32 is None and self.r.verify_upload == "size":
             return st.size, catalogue_adler
