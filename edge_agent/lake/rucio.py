@@ -239,11 +239,22 @@ class RucioLake(Catalogue):
             s3 = self._s3.get(rse)
             # an S3 RSE's protocol is https (Rucio signs the https PFN), whatever else it offers
             scheme = "https" if s3 else self._scheme_for(rse, want)
+            if s3 is None and scheme in ("https", "davs") and self._signs_s3(rse):
+                raise PermanentError(
+                    f"RSE {rse} is S3 storage (Rucio attribute sign_url=s3): unsigned uploads are refused there. "
+                    f"Set sign_url = \"s3\" on its destination (and md5 = true on rule {f.rule})")
             url = self.client.lfns2pfns(rse, [f.did], scheme, "write").get(f.did)
             if not url:
                 raise RetryableError(f"Rucio gave no {scheme} URL for {f.did} on {rse}")
             out.append(Target(rse, url, s3 or self._transports[scheme]))
         return out
+
+    def _signs_s3(self, rse: str) -> bool:
+        try:
+            attrs = self.client.rse_attributes(rse)
+        except RucioPermanent:
+            return False      # attributes not readable: the upload's own answer will tell
+        return str(attrs.get("sign_url", "")).lower() == "s3"
 
     def _scheme_for(self, rse: str, wanted: str | None) -> str:
         offered = []

@@ -215,3 +215,14 @@ destinations = ["x"]
 """)
     with pytest.raises(ConfigError, match="ca_cert is used only with sign_url"):
         load_settings(cfg)
+
+
+def test_an_s3_rse_not_configured_as_such_is_refused_with_the_fix(tmp_path: Path, client: RucioClient,
+                                                                  rucio: FakeRucioS3) -> None:
+    s = Settings(state_dir=str(tmp_path / "state"), lake=settings(tmp_path).lake,
+                 destinations={"s3": {"kind": "rse", "rse": "S3"}},
+                 rules={"push": {"directory": str(tmp_path / "daq"), "scope": "test", "destinations": ["s3"],
+                                 "copies": 1}})
+    lake = RucioLake(s, {"https": FakeTransport("https")}, client)
+    with pytest.raises(PermanentError, match='sign_url = "s3"'):
+        lake.targets(local_file(tmp_path, b"x"))
