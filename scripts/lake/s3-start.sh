@@ -118,6 +118,9 @@ osd memory target = 1073741824
 [client.rgw.a]
 keyring = $CEPH_DIR/rgw.keyring
 rgw data = $CEPH_DIR/rgw
+# deleted and overwritten objects' data is freed after 5 min, not 2 h: tests and benchmarks churn
+rgw gc obj min wait = 300
+rgw gc processor period = 300
 rgw frontends = beast ssl_endpoint=127.0.0.1:$S3_PORT ssl_certificate=$CEPH_DIR/tls/cert.pem ssl_private_key=$CEPH_DIR/tls/key.pem
 EOF
     mv -f "$CONF.tmp" "$CONF"
