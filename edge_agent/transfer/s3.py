@@ -10,7 +10,9 @@ One upload, in order:
      MD5), read once from the local file, each chunk paced and hashed (md5 included) in the same
      pass. S3 holds at most 5 GiB in one PUT, so a larger file is refused, never split.
      A 403 may be a URL that expired before the request (a long wait for the bandwidth window,
-     a stall): one fresh URL is asked for and the PUT is made once more.
+     a stall): one fresh URL is asked for and the PUT is made once more. (A gateway that answers
+     403 and closes while a large body is still being sent shows as a connection error instead:
+     retried by the pipeline, and every attempt signs afresh.)
   3. Signed read again: the copy counts only if its size is the size sent and its ETag is the
      MD5 computed in step 2. S3 knows no adler32; the adler32 registered in Rucio is the agent's.
 A failed, partial or unverified upload is removed with a signed DELETE (best effort), so no
@@ -83,7 +85,7 @@ class S3Transport(HttpTransport):
     """Uploads to one S3 RSE; `sign` turns (operation, PFN) into a signed URL (Rucio's signurl).
 
     verify:  TLS verification of the gateway: True (system CAs), a CA file or directory, or a
-             context. Never off unless the settings say so explicitly.
+             context (the settings offer no way to turn it off: destinations.*.ca_cert only).
     max_object_bytes: the largest file one PUT may carry (S3: 5 GiB).
     """
 
