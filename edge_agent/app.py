@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError
 from .lake.base import Catalogue
@@ -12,6 +13,10 @@ from .ledger import Ledger
 from .runner import Runner
 from .settings import Settings
 from .status.server import StatusServer
+
+if TYPE_CHECKING:
+    from .lake.rucio_client import RucioClient
+    from .transfer.s3 import Signer
 
 
 def build_lake(settings: Settings) -> Catalogue:
@@ -24,6 +29,7 @@ def build_rucio_lake(settings: Settings) -> Catalogue:
     from .lake.rucio import RucioLake
     from .lake.rucio_client import RucioClient
     from .transfer.http import HttpTransport
+    from .transfer.s3 import S3Transport
     from .transfer.xroot import XRootTransport
     r = settings.lake.rucio
     assert r is not None, "settings validation guarantees [lake.rucio] for kind = 'rucio'"
@@ -40,7 +46,17 @@ def build_rucio_lake(settings: Settings) -> Catalogue:
     root = XRootTransport(timeout=r.timeout_seconds, verify_upload=r.verify_upload,
                           chunk_size=settings.chunk_mb << 20)
     transports = {"http": http, "https": http, "davs": http, "root": root}
-    return RucioLake(settings, transports, client=client)
+    s3 = {d.rse: S3Transport(_signer(client, d.rse, d.signed_url_lifetime_seconds),
+                             verify=str(d.ca_cert) if d.ca_cert else True, timeout=r.timeout_seconds,
+                             chunk_size=settings.chunk_mb << 20, max_connections=max(2, settings.transfer_workers))
+          for d in settings.destinations.values() if d.sign_url == "s3" and d.rse}
+    return RucioLake(settings, transports, client=client, s3=s3)
+
+
+def _signer(client: RucioClient, rse: str, lifetime: int) -> Signer:
+    def sign(op: str, url: str) -> str:
+        return client.signed_url(rse, op, url, lifetime)
+    return sign
 
 
 class Agent:

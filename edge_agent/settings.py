@@ -177,6 +177,13 @@ class DestinationSettings(_Section):
     require_file: str | None = Field(None, description="posix: a file that must exist under path before "
                                      "anything is written there, e.g. '.lake-mounted': guards against "
                                      "filling an unmounted mount point")
+    sign_url: Literal["s3"] | None = Field(
+        None, description="rse: 's3' for an S3 RSE (Rucio attribute sign_url=s3): every read, write and "
+        "delete goes through a URL Rucio signs; a copy counts when its size and ETag (= MD5) match")
+    ca_cert: Path | None = Field(None, description="sign_url: CA file or directory that verifies the S3 "
+                                 "gateway's TLS certificate; default: the system's CAs (never unverified)")
+    signed_url_lifetime_seconds: int = Field(600, ge=5, le=7 * 86400, description="sign_url: how long each "
+                                             "signed URL is valid; an expired one is signed again once")
 
     @field_validator("path")
     @classmethod
@@ -191,6 +198,10 @@ class DestinationSettings(_Section):
             raise ValueError("a posix destination needs path")
         if self.kind == "rse" and not self.rse:
             raise ValueError("an rse destination needs rse (the RSE name)")
+        if self.sign_url and self.kind != "rse":
+            raise ValueError("sign_url is for rse destinations (S3 RSEs whose URLs Rucio signs)")
+        if self.ca_cert is not None and not self.sign_url:
+            raise ValueError("ca_cert is used only with sign_url = 's3' (other storage: lake.rucio.ca_cert)")
         return self
 
 
@@ -359,6 +370,10 @@ class Settings(BaseSettings):
                 elif self.destinations[d].kind != ("posix" if self.lake.kind == "local" else "rse"):
                     problems.append(f"rules.{name}.destinations: {d!r} is a {self.destinations[d].kind} "
                                     f"destination, which a {self.lake.kind} lake cannot use")
+            s3 = [d for d in rule.destinations if d in self.destinations and self.destinations[d].sign_url]
+            if s3 and not rule.md5:
+                problems.append(f"rules.{name}.md5 = false: destination {s3[0]!r} is S3, where a copy is "
+                                "verified by its ETag (the MD5 of its bytes); set md5 = true")
             if self.lake.kind == "local":
                 if not rule.destinations:
                     problems.append(f"rules.{name}.destinations: the local lake needs at least one")

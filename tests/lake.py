@@ -8,11 +8,13 @@ at the end. This is the one place that starts these services.
 from __future__ import annotations
 
 import os
+import ssl
 import subprocess
 import time
 import zlib
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import urlencode
 
 import httpx
 
@@ -135,6 +137,59 @@ class Lake:
             "url": self.url, "account": self.account,
             "auth": {"type": "userpass", "username": self.env["EDGE_LAKE_RUCIO_USERNAME"],
                      "password": self.env["EDGE_LAKE_RUCIO_PASSWORD"]}, **rucio}}
+
+
+class S3Lake:
+    """The lake's S3 RSE (scripts/lake/s3-start.sh): a one-node Ceph radosgw behind TLS, whose URLs
+    Rucio signs. Objects are reached here the way a user would: through URLs Rucio signs."""
+
+    def __init__(self, lake: Lake, env: dict[str, str]) -> None:
+        self.lake = lake
+        self.rse = env["EDGE_LAKE_S3_RSE"]
+        self.url = env["EDGE_LAKE_S3_URL"]
+        self.bucket = env["EDGE_LAKE_S3_BUCKET"]
+        self.ca = env["EDGE_LAKE_S3_CA"]
+        self.tls = ssl.create_default_context(cafile=self.ca)   # the gateway's self-signed certificate
+
+    def pfn(self, scope: str, name: str) -> str:
+        return self.lake.pfn(self.rse, scope, name, scheme="https")
+
+    def sign(self, op: str, pfn: str, lifetime: int = 600) -> str:
+        r = self.lake.call("GET", "/credentials/signurl?" + urlencode(
+            {"rse": self.rse, "svc": "s3", "op": op, "url": pfn, "lifetime": lifetime}))
+        return r.text.strip()
+
+    def get(self, pfn: str) -> httpx.Response:
+        return httpx.get(self.sign("read", pfn), verify=self.tls, timeout=120)
+
+    def put(self, pfn: str, data: bytes) -> None:
+        r = httpx.put(self.sign("write", pfn), content=data, verify=self.tls, timeout=120,
+                      headers={"Content-Length": str(len(data))})
+        assert r.status_code == 200, (r.status_code, r.text[:300])
+
+    def destination(self) -> dict[str, Any]:
+        """A [destinations.*] table for the agent."""
+        return {"kind": "rse", "rse": self.rse, "sign_url": "s3", "ca_cert": self.ca}
+
+
+def start_s3(lake: Lake) -> Iterator[S3Lake]:
+    """The S3 RSE in the session's lake: reused when lake.env names one, else started by
+    s3-start.sh in the lake's state directory (and stopped at the end)."""
+    env_file = lake.state_dir / "lake.env"
+    env = read_env(env_file)
+    if "EDGE_LAKE_S3_URL" in env:
+        yield S3Lake(lake, env)
+        return
+    t0 = time.monotonic()
+    r = subprocess.run([str(SCRIPTS / "s3-start.sh"), str(lake.state_dir)], capture_output=True, text=True,
+                       timeout=900)
+    if r.returncode != 0:
+        raise RuntimeError(f"scripts/lake/s3-start.sh failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    print(f"\n[S3 store started in {time.monotonic() - t0:.1f}s in {lake.state_dir}/ceph]")
+    try:
+        yield S3Lake(lake, read_env(env_file))
+    finally:
+        subprocess.run([str(SCRIPTS / "s3-stop.sh"), str(lake.state_dir)], capture_output=True, timeout=120)
 
 
 def start_lake() -> Iterator[Lake]:

@@ -116,6 +116,7 @@ class Replica:
     adler32: str | None
     available: bool = True   # the lake lists it as usable (Rucio: AVAILABLE)
     url: str = ""
+    problem: str | None = None  # what verifying the copy found wrong (e.g. an S3 ETag that is not the MD5)
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,8 @@ def judge_replicas(replicas: Iterable[Replica], size: int, adler32: str,
             bad.append((r, "not available yet"))
         elif r.size != size:
             bad.append((r, f"size {r.size} != local {size}"))
+        elif r.problem:
+            bad.append((r, r.problem))
         elif normalise_adler32(r.adler32) is None:
             bad.append((r, "no adler32 known for this copy"))
         elif normalise_adler32(r.adler32) != want:

@@ -24,6 +24,9 @@ from ..core.policy import Replica, normalise_adler32
 from ..errors import EdgeAgentError, PermanentError, RetryableError
 from ..settings import RuleSettings, Settings
 from ..transfer.base import Transport
+from ..transfer.http import shown_url
+from ..transfer.s3 import S3Transport
+from ..transfer.s3 import unsigned_url as _unsigned
 from .base import Catalogue, LakeFile, Target
 from .rucio_client import NotFound, RucioClient, RucioPermanent
 
@@ -51,7 +54,7 @@ class RucioLake(Catalogue):
     transports that write and stat those URLs."""
 
     def __init__(self, settings: Settings, transports: dict[str, Transport],
-                 client: RucioClient | None = None) -> None:
+                 client: RucioClient | None = None, s3: dict[str, S3Transport] | None = None) -> None:
         if settings.lake.rucio is None:
             raise ValueError("RucioLake needs settings.lake.rucio")
         self.s = settings
@@ -59,6 +62,8 @@ class RucioLake(Catalogue):
         self.client = client or RucioClient(self.r)
         self.name_pattern = settings.lake.effective_name_pattern
         self._transports = dict(transports)
+        # S3 RSEs (sign_url = "s3"): their https PFNs are reached only through URLs Rucio signs
+        self._s3 = dict(s3 or {})
         self._lock = threading.Lock()
         self._known: set[tuple[str, str]] = set()        # datasets/containers seen to exist
         self._unmanaged_keys: set[str] = set()           # metadata keys this server refused
@@ -139,6 +144,13 @@ class RucioLake(Catalogue):
             rses = self._dest_rses(f)
             if not rses:
                 raise PermanentError(f"rule {f.rule} pushes but names no RSE destination")
+            for rse, _ in rses:
+                s3 = self._s3.get(rse)
+                if s3 is not None and f.size > s3.max_object_bytes:
+                    raise PermanentError(
+                        f"{f.local_path} has {f.size} bytes, more than one signed PUT may carry to the S3 RSE "
+                        f"{rse} ({s3.max_object_bytes} bytes; Rucio signs whole-object operations only). "
+                        "Not registered: send such files through a rule without S3 destinations")
             # COPYING until the upload is verified, as `rucio upload` does
             self.client.add_replicas(rses[0][0], [self._file_entry(f, "C")])
         # Rucio accepts a replica of an existing DID silently whatever its bytes: look again
@@ -224,12 +236,25 @@ class RucioLake(Catalogue):
             return []
         out = []
         for rse, want in self._dest_rses(f):
-            scheme = self._scheme_for(rse, want)
+            s3 = self._s3.get(rse)
+            # an S3 RSE's protocol is https (Rucio signs the https PFN), whatever else it offers
+            scheme = "https" if s3 else self._scheme_for(rse, want)
+            if s3 is None and scheme in ("https", "davs") and self._signs_s3(rse):
+                raise PermanentError(
+                    f"RSE {rse} is S3 storage (Rucio attribute sign_url=s3): unsigned uploads are refused there. "
+                    f"Set sign_url = \"s3\" on its destination (and md5 = true on rule {f.rule})")
             url = self.client.lfns2pfns(rse, [f.did], scheme, "write").get(f.did)
             if not url:
                 raise RetryableError(f"Rucio gave no {scheme} URL for {f.did} on {rse}")
-            out.append(Target(rse, url, self._transports[scheme]))
+            out.append(Target(rse, url, s3 or self._transports[scheme]))
         return out
+
+    def _signs_s3(self, rse: str) -> bool:
+        try:
+            attrs = self.client.rse_attributes(rse)
+        except RucioPermanent:
+            return False      # attributes not readable: the upload's own answer will tell
+        return str(attrs.get("sign_url", "")).lower() == "s3"
 
     def _scheme_for(self, rse: str, wanted: str | None) -> str:
         offered = []
@@ -271,7 +296,10 @@ class RucioLake(Catalogue):
 
     def _schemes(self) -> list[str]:
         ordered = [s for s in self.r.schemes if s in self._transports]
-        return ordered + [s for s in self._transports if s not in ordered]
+        ordered += [s for s in self._transports if s not in ordered]
+        if self._s3 and "https" not in ordered:
+            ordered.append("https")      # the S3 RSEs' protocol
+        return ordered
 
     def replicas(self, f: LakeFile) -> list[Replica]:
         rule = self._rule(f)
@@ -287,10 +315,36 @@ class RucioLake(Catalogue):
             url = self._pick_pfn((row.get("rses") or {}).get(rse) or [], schemes)
             size, adler = row.get("bytes"), row.get("adler32")
             available = state == "AVAILABLE"
-            if self.r.verify_replicas and available:
+            problem = None
+            if self.r.verify_replicas and available and rse in self._s3:
+                size, adler, problem = self._verified_s3(f, rse, url, adler)
+            elif self.r.verify_replicas and available:
                 size, adler = self._verified(f, rse, url, adler)
-            out.append(Replica(rse, size, adler, available, url))
+            # an S3 PFN may come signed (a credential): never kept
+            out.append(Replica(rse, size, adler, available, _unsigned(url) if rse in self._s3 else url, problem))
         return out
+
+    def _verified_s3(self, f: LakeFile, rse: str, url: str, catalogue_adler: str | None
+                     ) -> tuple[int | None, str | None, str | None]:
+        """(size, adler32, problem) of an S3 copy: S3 has no adler32, so the copy counts with the
+        agent's own adler32 only when its size matches and its ETag is the file's MD5."""
+        if not url.startswith("https://"):
+            log.warning("cannot verify S3 replica: Rucio lists no https PFN for it", did=f.did, rse=rse)
+            return None, None, None
+        try:
+            st = self._s3[rse].stat(url)
+        except (RetryableError, PermanentError) as exc:
+            log.warning("cannot verify S3 replica now", did=f.did, rse=rse, url=_unsigned(url), error=str(exc))
+            return None, None, None
+        if st is None:
+            log.warning("replica listed AVAILABLE but its S3 bucket holds nothing", did=f.did, rse=rse,
+                        url=_unsigned(url))
+            return None, None, None
+        if not f.md5:
+            return st.size, None, "no MD5 recorded for this file, so its S3 ETag cannot be checked (md5 = true)"
+        if st.md5 != f.md5.lower():
+            return st.size, None, f"S3 ETag {st.md5 or '(not an MD5)'} != local md5 {f.md5}"
+        return st.size, catalogue_adler, None
 
     @staticmethod
     def _pick_pfn(pfns: list[str], schemes: list[str]) -> str:
@@ -307,16 +361,18 @@ class RucioLake(Catalogue):
         which counts neither as a good copy nor as a bad one to rewrite."""
         transport = self._transports.get(urlsplit(url).scheme) if url else None
         if transport is None:
-            log.warning("cannot verify replica: no transport for its URL", did=f.did, rse=rse, url=url,
+            log.warning("cannot verify replica: no transport for its URL", did=f.did, rse=rse,
+                        url=shown_url(url),
                         transports=sorted(self._transports))
             return None, None
         try:
             st = transport.stat(url)
         except (RetryableError, PermanentError) as exc:
-            log.warning("cannot verify replica now", did=f.did, rse=rse, url=url, error=str(exc))
+            log.warning("cannot verify replica now", did=f.did, rse=rse, url=shown_url(url), error=str(exc))
             return None, None
         if st is None:
-            log.warning("replica listed AVAILABLE but its storage holds nothing", did=f.did, rse=rse, url=url)
+            log.warning("replica listed AVAILABLE but its storage holds nothing", did=f.did, rse=rse,
+                        url=shown_url(url))
             return None, None
         if st.adler32 is None and self.r.verify_upload == "size":
             return st.size, catalogue_adler
@@ -348,5 +404,6 @@ class RucioLake(Catalogue):
     def close(self) -> None:
         """Close the Rucio client and the transports this lake was built with."""
         self.client.close()
-        for t in {id(t): t for t in self._transports.values()}.values():
+        for t in {id(t): t for t in [*self._transports.values(), *self._s3.values()]}.values():
             getattr(t, "close", lambda: None)()
+

@@ -23,6 +23,7 @@ class Expected:
 class RemoteStat:
     size: int
     adler32: str | None   # None: the storage cannot say (the copy then does not count)
+    md5: str | None = None  # what an S3 ETag says (a single-PUT object's ETag is its MD5)
 
 
 # Called with a byte count before each chunk is sent; blocks to honour the bandwidth cap.

@@ -352,7 +352,7 @@ class HttpTransport(Transport):
         return got
 
     def _put_once(self, source: str, wire: str, shown: str, expected: Expected,
-                  pace: Pacer) -> tuple[httpx.Response, MultiHash]:
+                  pace: Pacer, md5: bool | None = None) -> tuple[httpx.Response, MultiHash]:
         try:
             fh = open(source, "rb", buffering=0)  # noqa: SIM115 - closed by the with below
         except FileNotFoundError:
@@ -361,7 +361,8 @@ class HttpTransport(Transport):
             raise PermanentError(f"cannot read {source}: {exc.strerror}") from None
         except IsADirectoryError:
             raise FileVanished(f"{source} is no longer a regular file") from None
-        h = MultiHash(md5=expected.md5 is not None)
+        # md5: also hash md5 in the pass (default: when one was recorded)
+        h = MultiHash(md5=expected.md5 is not None if md5 is None else md5)
 
         def body() -> Iterator[bytes]:
             for chunk in _source_chunks(fh, self.chunk_size):

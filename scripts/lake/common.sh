@@ -121,3 +121,18 @@ stop_pid() {
     rm -f -- "$pidfile"
     log "$name: stopped (pid $pid)"
 }
+
+# load_s3_settings: where s3-start.sh keeps its one-node Ceph, and its ports (127.0.0.1).
+load_s3_settings() {
+    CEPH_DIR="$STATE_DIR/ceph"
+    CEPH_MON_PORT="${EDGE_LAKE_CEPH_MON_PORT:-13300}"       # msgr v2
+    CEPH_MON_V1_PORT="${EDGE_LAKE_CEPH_MON_V1_PORT:-16789}"
+    CEPH_OSD_PORTS="${EDGE_LAKE_CEPH_OSD_PORTS:-16800-16899}"
+    S3_PORT="${EDGE_LAKE_S3_PORT:-17443}"                   # radosgw, TLS only (Rucio signs https URLs)
+    S3_RSE=EDGE_S3
+    S3_BUCKET="${EDGE_LAKE_S3_BUCKET:-edge-lake}"
+    # test keys for a loopback gateway; Rucio holds them (rse-accounts.cfg), the agent never does
+    S3_ACCESS_KEY="${EDGE_LAKE_S3_ACCESS_KEY:-EDGELAKETESTACCESS01}"
+    S3_SECRET_KEY="${EDGE_LAKE_S3_SECRET_KEY:-edge-lake-test-secret-key-0123456789abcd}"
+    CEPH_BLOCK_BYTES=$((20 << 30))                          # sparse: takes only what is written
+}

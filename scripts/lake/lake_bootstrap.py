@@ -5,6 +5,9 @@
   lake_bootstrap.py catalogue    create scope, RSEs, protocols, attributes and
                                  limits through the REST API; settings come
                                  from the EDGE_LAKE_* environment variables
+  lake_bootstrap.py s3 CFG       register the S3 RSE (EDGE_LAKE_S3_*: https on
+                                 the gateway, sign_url=s3) and put its keys
+                                 into the server's rse-accounts.cfg CFG
 
 Both are idempotent: running them on an existing lake changes nothing.
 """
@@ -167,11 +170,61 @@ def bootstrap_catalogue():
     print(f"catalogue: scope {scope}, RSEs {buf} {' '.join(lakes)} ready")
 
 
+def bootstrap_s3(accounts_cfg):
+    """The S3 RSE as Rucio's documentation describes one: a deterministic RSE whose protocol is
+    https on the gateway with prefix /<bucket>/, impl gfal.NoRename (a rename would break signed
+    URLs), attribute sign_url=s3 with path-style URLs; its keys in rse-accounts.cfg by RSE id."""
+    env = os.environ
+    api = Api(env["EDGE_LAKE_RUCIO_URL"], env["EDGE_LAKE_RUCIO_ACCOUNT"], env["EDGE_LAKE_RUCIO_USERNAME"],
+              env["EDGE_LAKE_RUCIO_PASSWORD"])
+    account = env["EDGE_LAKE_RUCIO_ACCOUNT"]
+    rse = env["EDGE_LAKE_S3_RSE"]
+    port = int(env["EDGE_LAKE_S3_PORT"])
+    bucket = env["EDGE_LAKE_S3_BUCKET"]
+    q = urllib.parse.quote
+    api.call("POST", f"/rses/{q(rse)}")
+    want = protocol("https", port, f"/{bucket}/", "rucio.rse.protocols.gfal.NoRename", 1)
+    # FTS copies to S3 with its own keys (s3s://), never with signed URLs: no third-party copy here
+    for ops in want["domains"].values():
+        ops.pop("third_party_copy_read", None)
+        ops.pop("third_party_copy_write", None)
+    status, text = api.call("GET", f"/rses/{q(rse)}/protocols", ok_codes=(404,))
+    have = {p["scheme"]: p for p in (json.loads(text) if status == 200 else [])}
+    old = have.get("https")
+    if old is None or not same_protocol(old, want):
+        if old is not None:
+            api.call("DELETE", f"/rses/{q(rse)}/protocols/https")
+        api.call("POST", f"/rses/{q(rse)}/protocols/https", want)
+    for key, value in (("sign_url", "s3"), ("s3_url_style", "path"), ("skip_upload_stat", True),
+                       ("verify_checksum", False), ("strict_copy", True), ("s3", True)):
+        api.call("POST", f"/rses/{q(rse)}/attr/{key}", {"value": value})
+    api.call("POST", f"/accounts/{q(account)}/limits/local/{q(rse)}", {"bytes": -1})
+
+    _, text = api.call("GET", f"/rses/{q(rse)}")
+    rse_id = json.loads(text)["id"]
+    try:
+        with open(accounts_cfg) as fh:
+            accounts = json.load(fh)
+    except (FileNotFoundError, ValueError):
+        accounts = {}
+    accounts[rse_id] = {"access_key": env["EDGE_LAKE_S3_ACCESS_KEY"], "secret_key": env["EDGE_LAKE_S3_SECRET_KEY"],
+                        "signature_version": "s3v4", "region": "us-east-1"}
+    os.makedirs(os.path.dirname(accounts_cfg), exist_ok=True)
+    tmp = accounts_cfg + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)   # it holds secret keys
+    with os.fdopen(fd, "w") as fh:
+        json.dump(accounts, fh, indent=1)
+    os.replace(tmp, accounts_cfg)
+    print(f"catalogue: S3 RSE {rse} (id {rse_id}) on https://127.0.0.1:{port}/{bucket}/ ready")
+
+
 def main():
     if len(sys.argv) == 3 and sys.argv[1] == "db":
         bootstrap_db(sys.argv[2])
     elif len(sys.argv) == 2 and sys.argv[1] == "catalogue":
         bootstrap_catalogue()
+    elif len(sys.argv) == 3 and sys.argv[1] == "s3":
+        bootstrap_s3(sys.argv[2])
     else:
         raise SystemExit(__doc__)
 

@@ -283,7 +283,10 @@ start_rucio() {
         # One sync worker: SQLite gives 'database is locked' 500s with more.
         # --timeout 300: uncached list_replicas can exceed the default 30 s.
         # --no-control-socket: gunicorn 27 would share ~/.gunicorn/gunicorn.ctl.
-        RUCIO_CONFIG="$RUCIO_CFG" "$VENV/bin/gunicorn" -D -b "127.0.0.1:$RUCIO_PORT" -w 1 \
+        # RUCIO_HOME: Rucio looks for rse-accounts.cfg (S3 keys, see s3-start.sh) in
+        # $RUCIO_HOME/etc, $VIRTUAL_ENV/etc, $CONDA_PREFIX/etc: only ours must be there.
+        env -u VIRTUAL_ENV -u CONDA_PREFIX RUCIO_HOME="$RUCIO_DIR" \
+            RUCIO_CONFIG="$RUCIO_CFG" "$VENV/bin/gunicorn" -D -b "127.0.0.1:$RUCIO_PORT" -w 1 \
             --timeout 300 --no-control-socket --pid "$pidfile" --chdir "$RUCIO_DIR" \
             --error-logfile "$logf" --access-logfile "$LOG_DIR/rucio-access.log" \
             rucio.web.rest.flaskapi.v1.main:application </dev/null >>"$LOG_DIR/rucio.stdout" 2>&1 9>&- ||

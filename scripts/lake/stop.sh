@@ -40,6 +40,8 @@ stop_pid rucio "$RUN_DIR/rucio.pid" "$RUN_DIR/rucio.pid"
 if ((ONLY_RUCIO)); then
     exit 0
 fi
+# The S3 store of s3-start.sh, if there is one.
+[[ -d "$STATE_DIR/ceph" ]] && "$HERE/s3-stop.sh" "$STATE_DIR"
 stop_pid memcached "$RUN_DIR/memcached.pid" memcached
 stop_pid xrootd "$RUN_DIR/xrootd.pid" "$STATE_DIR/xrootd.cfg"
 
