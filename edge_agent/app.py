@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 
+import structlog
+
+from . import identity
 from .errors import ConfigError
 from .lake.base import Catalogue
 from .lake.local import LocalLake
@@ -43,6 +47,32 @@ def build_rucio_lake(settings: Settings) -> Catalogue:
     return RucioLake(settings, transports, client=client)
 
 
+log = structlog.get_logger("edge_agent.app")
+
+
+def claim_ledger(ledger: Ledger, here: dict[str, str], adopt: bool = False) -> list[str]:
+    """Check that the ledger was written on this host for these buffer directories, and record
+    what is new. Returns what differed (only when adopting); raises ConfigError otherwise."""
+    raw = ledger.meta("identity")
+    recorded: dict[str, str] = json.loads(raw) if raw else {}
+    diffs = identity.differences(recorded, here)
+    if diffs and not adopt:
+        raise ConfigError(
+            f"the ledger {ledger.path} belongs to another host or buffer:\n  " + "\n  ".join(diffs)
+            + "\nIts rows describe files by path and inode there, not here. If the move is deliberate "
+            "(host renamed or rebuilt, buffer re-created, state restored from a backup), stop any agent "
+            "on the old host, check `edge-agent files`, then run `edge-agent adopt-ledger` to record "
+            "this host as its owner.")
+    merged = {**recorded, **here}
+    if merged != recorded:
+        ledger.set_meta("identity", json.dumps(merged, sort_keys=True))
+        if not recorded:
+            log.info("ledger identity recorded", **{k.replace(" ", "_"): v for k, v in here.items()})
+        elif diffs:
+            log.warning("ledger adopted by this host", differences=diffs)
+    return diffs
+
+
 class Agent:
     """A runner with its ledger, lake and status server, started and stopped together."""
 
@@ -51,6 +81,12 @@ class Agent:
         settings.state_dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _exclusive(settings.state_dir / "agent.lock")
         self.ledger = Ledger(settings.ledger_path, synchronous=settings.ledger_synchronous)
+        try:
+            claim_ledger(self.ledger, identity.current(settings))
+        except BaseException:
+            self.ledger.close()
+            os.close(self._lock_fd)
+            raise
         self.lake = build_lake(settings)
         self.runner = Runner(settings, self.ledger, self.lake)
         self.status: StatusServer | None = None

@@ -191,6 +191,14 @@ class Ledger:
         with self._lock:
             self._db.close()
 
+    def meta(self, key: str) -> str | None:
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
     # ------------------------------------------------------------ plumbing
     class _Tx:
         def __init__(self, ledger: "Ledger") -> None:
@@ -203,9 +211,25 @@ class Ledger:
 
         def __exit__(self, et: Any, ev: Any, tb: Any) -> None:
             try:
-                self.l._db.execute("COMMIT" if et is None else "ROLLBACK")
+                if et is None:
+                    try:
+                        self.l._db.execute("COMMIT")
+                    except sqlite3.Error:
+                        # a COMMIT that failed (disk full, I/O error) may leave the transaction
+                        # open, and every later BEGIN would then fail even once space is freed
+                        self._rollback()
+                        raise
+                else:
+                    self._rollback()
             finally:
                 self.l._lock.release()
+
+        def _rollback(self) -> None:
+            if self.l._db.in_transaction:
+                try:
+                    self.l._db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass   # SQLite already rolled it back itself
 
     def _tx(self) -> "Ledger._Tx":
         return Ledger._Tx(self)
