@@ -67,7 +67,7 @@ class Runner:
             clock=clock, open_writers=self.writers.writers)
         self.filters = {name: RuleFilter(rule) for name, rule in settings.rules.items()}
         self.dirty = DirtyPaths()
-        self.watcher = Watcher(self.dirty, self.request_rescan)
+        self.watcher = Watcher(self.dirty, self.request_rescan, self._events_lost)
         self.pools = {"hash": cf.ThreadPoolExecutor(settings.hash_workers, "hash"),
                       "transfer": cf.ThreadPoolExecutor(settings.transfer_workers, "transfer"),
                       "lake": cf.ThreadPoolExecutor(settings.lake_workers, "lake")}
@@ -106,6 +106,11 @@ class Runner:
             key = (rec.rule, rec.state.value)
             self.counters.transitions[key] = self.counters.transitions.get(key, 0) + 1
         self.wake.set()
+
+    def _events_lost(self, overflows: int) -> None:
+        log.warning("inotify queue overflowed: events were lost; rescanning every rule now "
+                    "(raise fs.inotify.max_queued_events if this recurs)", overflows=overflows)
+        self.request_rescan()
 
     def request_rescan(self, rule: str | None = None) -> None:
         with self._lock:
