@@ -375,7 +375,12 @@ class Pipeline:
             # to drop again, never a registration pointing at a deleted file
             self.lake.release(self.lake_file(rec))
             hit("after_release")
-            outcome = guarded_unlink(rec.path, self._recorded_stat(rec))
+            try:
+                outcome = guarded_unlink(rec.path, self._recorded_stat(rec))
+            except PermissionError as exc:
+                raise PermanentError(f"cannot delete {rec.relpath}: {exc.strerror} (the agent needs write "
+                                     "permission on its directory; the copies are confirmed: fix it, then "
+                                     f"`edge-agent retry {rec.id}`)") from None
             hit("after_unlink")
             if outcome == "changed":
                 raise FileChanged("the local file changed just before deletion; kept")

@@ -122,3 +122,113 @@ def test_a_file_deleted_by_someone_else_before_hashing_is_superseded_with_the_re
     rec = next(r for r in d.files() if r["relpath"] == "gone.fits")
     assert "vanished" in rec["reason"] and "removed by someone else" in rec["reason"]
     assert invariants(d, m) == []
+
+
+def _copy_started(d: Daemon, rel: str) -> bool:
+    """A copy of `rel` is being written (its temporary name exists in a lake)."""
+    return any(".edge-agent-" in p.name and rel in p.name for lk in d.lakes.values() for p in lk.rglob("*"))
+
+
+def test_a_file_rewritten_in_place_during_its_upload_with_its_mtime_put_back_is_caught(agent) -> None:
+    # same size, same inode, the old mtime restored: only the content tells, and the copy checks it
+    d: Daemon = agent(bandwidth_mbps=1.0, rules={"daq": {"completion": ["stable"], "stable_seconds": 0.5}})
+    m = Manifest(d.rule_dir())
+    old, new = os.urandom(2_000_000), os.urandom(2_000_000)
+    p = m.write("rewritten.fits", old)
+    st = p.stat()
+    d.start()
+    d.wait_for(lambda: _copy_started(d, "rewritten.fits"), 30, "the upload under way")
+    with open(p, "r+b") as fh:
+        fh.write(new)
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    m.record("rewritten.fits", new)
+    d.wait_for(lambda: d.counts().get("deleted") == 1, 60, "the new content delivered")
+    recs = sorted(d.files(), key=lambda r: r["id"])
+    assert [r["state"] for r in recs] == ["superseded", "deleted"]
+    assert "changed since it was hashed" in recs[0]["reason"]
+    for lake in d.lake_files().values():
+        assert lake[f"test/{recs[1]['name']}"] == new          # never the old bytes under the new name
+        assert [v for v in lake.values() if v not in (old, new)] == []
+    assert invariants(d, m) == []
+
+
+def test_a_file_deleted_by_someone_else_after_hashing_before_its_upload_is_superseded(agent) -> None:
+    # one transfer worker, kept busy by a slow big file: the small one waits, registered, for its turn
+    d: Daemon = agent(bandwidth_mbps=1.0, transfer_workers=1,
+                      rules={"daq": {"completion": ["stable"], "stable_seconds": 0.5}})
+    m = Manifest(d.rule_dir())
+    m.write("big.fits", os.urandom(3_000_000))
+    d.start()
+    d.wait_for(lambda: _copy_started(d, "big.fits"), 30, "the big upload under way")
+    small = m.write("small.fits", b"s" * 5000)
+    d.wait_for(lambda: {r["relpath"]: r["state"] for r in d.files()} == {"big.fits": "registered",
+                                                                         "small.fits": "registered"}, 20,
+               "the small file registered, waiting for the transfer worker")
+    os.unlink(small)
+    m.remove("small.fits")
+    d.wait_for(lambda: d.counts().get("deleted") == 1 and d.counts().get("superseded") == 1, 60,
+               "big delivered, small superseded")
+    rec = next(r for r in d.files() if r["relpath"] == "small.fits")
+    assert "vanished before its copies were written" in rec["reason"]
+    assert all("test/small.fits" not in lake for lake in d.lake_files().values())
+    assert invariants(d, m) == []
+
+
+def test_a_slow_writer_holding_the_file_open_is_waited_for_however_long_its_pauses(agent) -> None:
+    d: Daemon = agent(rules={"daq": {"completion": ["closed", "stable"], "stable_seconds": 0.5}})
+    m = Manifest(d.rule_dir())
+    d.start()
+    data = os.urandom(60_000)
+    with open(d.rule_dir() / "slow.fits", "wb") as fh:
+        for k in range(0, len(data), 15_000):
+            fh.write(data[k:k + 15_000])
+            fh.flush()
+            time.sleep(1.5)          # longer than stable_seconds: only the open handle says "not done"
+            assert d.counts().get("discovered") == 1, d.counts()
+    m.record("slow.fits", data)
+    d.wait_for(lambda: d.counts().get("deleted") == 1, 30, "delivery after the close")
+    assert d.lake_files()["lake1"]["test/slow.fits"] == data
+    assert invariants(d, m) == []
+
+
+def test_a_writer_that_reopens_to_append_is_waited_for_while_it_keeps_changing(agent) -> None:
+    d: Daemon = agent(rules={"daq": {"completion": ["closed", "stable"], "stable_seconds": 2}})
+    m = Manifest(d.rule_dir())
+    d.start()
+    data = os.urandom(100_000)
+    for k in range(0, len(data), 10_000):
+        with open(d.rule_dir() / "appended.fits", "ab") as fh:    # closed after every piece
+            fh.write(data[k:k + 10_000])
+        time.sleep(0.4)
+        assert d.counts().get("discovered") == 1, d.counts()
+    m.record("appended.fits", data)
+    d.wait_for(lambda: d.counts().get("deleted") == 1, 30, "delivery once it stopped changing")
+    assert d.lake_files()["lake2"]["test/appended.fits"] == data
+    assert invariants(d, m) == []
+
+
+def test_unlistable_directories_and_undeletable_files_are_reported_and_finished_once_fixed(agent) -> None:
+    d: Daemon = agent(unprivileged=True, rules={"daq": {"completion": ["stable"], "stable_seconds": 0.5}})
+    m = Manifest(d.rule_dir())
+    m.write("locked/in-locked.fits", b"l" * 3000)
+    m.write("readonly/in-readonly.fits", b"r" * 3000)
+    m.write("ok.fits", b"o" * 3000)
+    os.chmod(d.rule_dir() / "locked", 0o000)       # cannot be listed
+    os.chmod(d.rule_dir() / "readonly", 0o555)     # listed and read, but nothing in it can be deleted
+    try:
+        d.start()
+        d.wait_for(lambda: any("cannot be listed" in n["detail"] for n in d.status()["notices"]), 20,
+                   "the unlistable directory reported")
+        d.wait_for(lambda: d.counts().get("deleted") == 1 and d.counts().get("quarantined") == 1, 60,
+                   "ok.fits delivered, the undeletable file quarantined with the reason")
+        held = next(r for r in d.files() if r["relpath"] == "readonly/in-readonly.fits")
+        assert held["reason"].startswith("cannot delete readonly/in-readonly.fits: Permission denied"), held
+        assert "copies are confirmed" in held["reason"]
+        assert (d.rule_dir() / "readonly" / "in-readonly.fits").exists()
+        assert invariants(d, m, settled=False) == []
+    finally:
+        os.chmod(d.rule_dir() / "locked", 0o755)
+        os.chmod(d.rule_dir() / "readonly", 0o755)
+    d.cli("retry", "--all", check=True)
+    d.wait_for(lambda: d.counts().get("deleted") == 3, 60, "everything delivered once the permissions are fixed")
+    assert invariants(d, m) == []

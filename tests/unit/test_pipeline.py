@@ -577,3 +577,20 @@ def test_a_bad_copy_the_lake_made_is_reported_not_rewritten(env: Env, clock: Any
     assert rec.reason and "b:" in rec.reason and "adler32" in rec.reason
     assert "replica_lost" in env.events(rec.id) and "failed_retryable" not in env.events(rec.id)
     assert Path(rec.fspath).exists()
+
+
+def test_a_file_that_may_not_be_deleted_is_quarantined_with_a_reason_an_operator_can_act_on(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    import edge_agent.pipeline as pipeline_mod
+
+    def refuse(path: bytes, expected: Any) -> str:
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(pipeline_mod, "guarded_unlink", refuse)
+    rec = env.drive(env.add().id)
+    assert rec.state is S.QUARANTINED and rec.resume_state is S.CONFIRMED
+    assert rec.reason == ("cannot delete run42/f1.fits: Permission denied (the agent needs write permission on "
+                          f"its directory; the copies are confirmed: fix it, then `edge-agent retry {rec.id}`)")
+    assert Path(rec.fspath).exists()
+    monkeypatch.undo()
+    assert env.drive(env.ledger.transition(rec.id, S.QUARANTINED, E.OPERATOR_RETRY).id).state is S.DELETED
