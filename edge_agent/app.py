@@ -117,6 +117,9 @@ def _exclusive(path: "os.PathLike[str]") -> int:
     except BlockingIOError:
         os.close(fd)
         raise ConfigError(f"another edge-agent already runs with state_dir {os.path.dirname(path)}") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError:
+        pass   # the pid is for people; the lock is what counts (a full state disk must not stop us here)
     return fd

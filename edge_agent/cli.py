@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from . import __version__, logs
 from .core.lifecycle import Event, State
-from .errors import ConfigError
+from .errors import ConfigError, LedgerUnwritable
 from .ledger import Ledger, StaleTransition
 from .settings import Settings, load_settings, masked_dump
 
@@ -76,6 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return 2
+    except LedgerUnwritable as exc:
+        # temporary (EX_TEMPFAIL): systemd starts it again; once there is room it resumes
+        print(f"edge-agent: {exc}; free space in the state directory", file=sys.stderr)
+        return 75
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:   # `edge-agent files | head`

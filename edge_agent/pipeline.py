@@ -26,8 +26,8 @@ import structlog
 
 from .core import policy
 from .core.lifecycle import Event, State
-from .errors import (ChecksumMismatch, FileChanged, FileVanished, PermanentError, RetryableError,
-                     ShuttingDown)
+from .errors import (ChecksumMismatch, FileChanged, FileVanished, LedgerUnwritable, PermanentError,
+                     RetryableError, ShuttingDown)
 from .failpoints import hit
 from .fits import FitsScan
 from .hashing import hash_file
@@ -76,8 +76,8 @@ class Pipeline:
         bound = log.bind(file_id=rec.id, rule=rec.rule, path=rec.relpath, did=rec.name and rec.did)
         try:
             step(rec)
-        except ShuttingDown:
-            raise
+        except (ShuttingDown, LedgerUnwritable):
+            raise   # a failure cannot be recorded in a ledger that cannot be written: the runner pauses
         except StaleTransition as exc:
             bound.info("step outdated", detail=str(exc))
         except FileChanged as exc:

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from edge_agent.core.lifecycle import Event, IllegalTransition, State
+from edge_agent.errors import LedgerUnwritable
 from edge_agent.ledger import Ledger, StaleTransition, display_path
 
 S, E = State, Event
@@ -356,7 +357,7 @@ class _FailingCommit:
 def test_a_failed_commit_is_rolled_back_so_the_ledger_works_again_afterwards(ledger: Ledger) -> None:
     fid = discover(ledger).id
     ledger._db = _FailingCommit(ledger._db)  # type: ignore[assignment]
-    with pytest.raises(sqlite3.OperationalError, match="full"):
+    with pytest.raises(LedgerUnwritable, match="cannot be written: database or disk is full"):
         ledger.transition(fid, S.DISCOVERED, E.COMPLETED)
     assert ledger.get(fid).state is S.DISCOVERED          # nothing half-recorded
     assert ledger.transition(fid, S.DISCOVERED, E.COMPLETED).state is S.COMPLETE   # and not wedged
@@ -365,7 +366,7 @@ def test_a_failed_commit_is_rolled_back_so_the_ledger_works_again_afterwards(led
 def test_a_full_database_refuses_writes_and_recovers_when_there_is_room(ledger: Ledger) -> None:
     pages = ledger._db.execute("PRAGMA page_count").fetchone()[0]
     ledger._db.execute(f"PRAGMA max_page_count = {pages}")
-    with pytest.raises(sqlite3.OperationalError, match="full"):
+    with pytest.raises(LedgerUnwritable, match="full"):
         for i in range(2000):
             discover(ledger, path=b"/daq/%d" % i)
     n = len(list(ledger.iter_all()))
