@@ -594,3 +594,19 @@ def test_a_file_that_may_not_be_deleted_is_quarantined_with_a_reason_an_operator
     assert Path(rec.fspath).exists()
     monkeypatch.undo()
     assert env.drive(env.ledger.transition(rec.id, S.QUARANTINED, E.OPERATOR_RETRY).id).state is S.DELETED
+
+
+def test_a_ledger_that_cannot_record_a_step_is_not_asked_to_record_the_failure(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edge_agent.errors import LedgerUnwritable
+    rec = env.add()
+
+    def full(*a: Any, **k: Any) -> Any:
+        raise LedgerUnwritable("the ledger cannot be written: database or disk is full")
+
+    monkeypatch.setattr(env.ledger, "transition", full)
+    with pytest.raises(LedgerUnwritable):
+        env.pipeline.run_step(rec)        # the runner pauses; not an "unexpected error" with retries
+    monkeypatch.undo()
+    assert env.ledger.get(rec.id).state is S.COMPLETE and env.ledger.get(rec.id).attempts == 0
+    assert env.drive(rec.id).state is S.DELETED       # the repeated step goes through afterwards
