@@ -73,3 +73,34 @@ def _left_buffer_only_if_recorded(d: Daemon, m: Manifest) -> list[str]:
     return [f"{rel!r} left the buffer in state {states.get(os.path.join(os.fsencode(d.rule_dir()), rel))}"
             for rel in m.files if not os.path.exists(os.path.join(os.fsencode(d.rule_dir()), rel))
             and states.get(os.path.join(os.fsencode(d.rule_dir()), rel)) not in ("confirmed", "deleted")]
+
+
+def test_a_ledger_copied_from_another_host_is_refused_until_adopted(agent) -> None:
+    old: Daemon = agent(rules={"daq": {"completion": ["stable"], "stable_seconds": 0.3}})
+    old.start()
+    (old.rule_dir() / "there.fits").write_bytes(b"t" * 1000)
+    old.wait_for(lambda: old.counts().get("deleted") == 1, 20, "delivery on the old host")
+    assert old.stop() == 0
+    # a restored backup on a new DAQ host: the same ledger, another buffer directory
+    new: Daemon = agent(rules={"daq": {"completion": ["stable"], "stable_seconds": 0.3}})
+    new.state.mkdir()
+    shutil.copy(old.state / "ledger.sqlite", new.state / "ledger.sqlite")
+    m = Manifest(new.rule_dir())
+    m.write("here.fits", b"h" * 2000)
+    before = (new.state / "ledger.sqlite").read_bytes()
+    new.start(wait=False)
+    assert new.proc is not None and new.proc.wait(30) == 2
+    err = new.log.read_text()
+    assert "belongs to another host or buffer" in err and "edge-agent adopt-ledger" in err
+    assert f"rule daq directory: ledger has '{old.rule_dir()} dev=" in err
+    assert f"here it is '{new.rule_dir()} dev=" in err
+    assert (new.state / "ledger.sqlite").read_bytes() == before           # refused means untouched
+    assert (new.rule_dir() / "here.fits").exists()
+    # the operator can look before deciding, then adopts it deliberately
+    assert "there.fits" in new.cli("files").stdout
+    out = new.cli("adopt-ledger")
+    assert out.returncode == 0 and "adopted" in out.stdout and str(old.rule_dir()) in out.stdout
+    new.start()
+    new.wait_for(lambda: new.counts().get("deleted") == 2, 20, "the new host's file delivered")
+    assert invariants(new, m) == []
+    assert new.stop() == 0
