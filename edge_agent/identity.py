@@ -30,19 +30,26 @@ def machine_id(files: tuple[str, ...] = MACHINE_ID_FILES) -> str:
 
 
 def current(settings: Settings) -> dict[str, str]:
-    """This host, and each existing rule directory as device:inode (a directory not there yet is left out)."""
+    """This host, and each existing rule directory by path and inode (one not there yet is left out)."""
     ident = {"machine_id": machine_id(), "hostname": socket.gethostname()}
     for name, rule in settings.rules.items():
         try:
             st = os.stat(rule.directory)
         except OSError:
             continue
-        ident[f"rule {name} directory"] = f"{rule.directory} dev={st.st_dev} inode={st.st_ino}"
+        ident[f"rule {name} directory"] = f"{rule.directory} inode={st.st_ino}"
+        ident[f"rule {name} device"] = str(st.st_dev)
     return ident
+
+
+def _compared(key: str) -> bool:
+    # Device numbers follow the order disks are found at boot (and a tmpfs gets a new one at each
+    # mount): recorded for people, never a reason to refuse a ledger after a reboot.
+    return not key.endswith(" device")
 
 
 def differences(recorded: dict[str, str], here: dict[str, str]) -> list[str]:
     """What differs between the recorded identity and this host. Keys only one side has do not count:
     a rule added to the config, or a directory that does not exist (yet), is no sign of another host."""
     return [f"{k}: ledger has {recorded[k]!r}, here it is {here[k]!r}"
-            for k in sorted(recorded.keys() & here.keys()) if recorded[k] != here[k]]
+            for k in sorted(recorded.keys() & here.keys()) if _compared(k) and recorded[k] != here[k]]

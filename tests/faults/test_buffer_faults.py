@@ -8,7 +8,6 @@ nothing is left half-done.
 from __future__ import annotations
 
 import os
-import threading
 import time
 from pathlib import Path
 
@@ -97,7 +96,8 @@ def test_symlinks_out_of_the_tree_and_loops_are_reported_never_followed_never_de
     m.write("real.fits", b"r" * 1000)
     d.start()
     links = {"to-file.fits", "to-dir", "loop-a.fits", "loop-b.fits", "self", "dangling.fits"}
-    d.wait_for(lambda: {os.path.basename(n["relpath"]) for n in d.status()["notices"]} >= links, 20, "every symlink reported")
+    d.wait_for(lambda: {os.path.basename(n["relpath"]) for n in d.status()["notices"]} >= links, 20,
+               "every symlink reported")
     d.wait_for(lambda: d.counts().get("deleted") == 1, 20, "the real file delivered")
     for n in d.status()["notices"]:
         assert "never followed" in n["detail"], n

@@ -15,7 +15,7 @@ import pytest
 
 from support import Daemon
 from tests.faults.local_invariants import Manifest, check
-from tests.faults.mounts import fill, needs_root, resize, tmpfs
+from tests.faults.mounts import needs_root, resize, tmpfs
 
 pytestmark = [pytest.mark.integration, needs_root]
 

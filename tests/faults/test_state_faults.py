@@ -92,8 +92,8 @@ def test_a_ledger_copied_from_another_host_is_refused_until_adopted(agent) -> No
     assert new.proc is not None and new.proc.wait(30) == 2
     err = new.log.read_text()
     assert "belongs to another host or buffer" in err and "edge-agent adopt-ledger" in err
-    assert f"rule daq directory: ledger has '{old.rule_dir()} dev=" in err
-    assert f"here it is '{new.rule_dir()} dev=" in err
+    assert f"rule daq directory: ledger has '{old.rule_dir()} inode=" in err
+    assert f"here it is '{new.rule_dir()} inode=" in err
     assert (new.state / "ledger.sqlite").read_bytes() == before           # refused means untouched
     assert (new.rule_dir() / "here.fits").exists()
     # the operator can look before deciding, then adopts it deliberately

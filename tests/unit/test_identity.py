@@ -17,7 +17,7 @@ from edge_agent.errors import ConfigError
 from edge_agent.ledger import Ledger
 from edge_agent.settings import Settings
 
-HERE = {"machine_id": "aaaa", "hostname": "daq1", "rule r directory": "/daq dev=1 inode=2"}
+HERE = {"machine_id": "aaaa", "hostname": "daq1", "rule r directory": "/daq inode=2", "rule r device": "1"}
 
 
 @pytest.fixture
@@ -42,7 +42,8 @@ def test_current_identity_names_each_existing_rule_directory(tmp_path: Path,
     data["rules"]["later"] = {**data["rules"]["r"], "directory": str(tmp_path / "not-yet")}
     ident = identity.current(Settings(**data))
     st = (tmp_path / "daq").stat()
-    assert ident["rule r directory"] == f"{tmp_path / 'daq'} dev={st.st_dev} inode={st.st_ino}"
+    assert ident["rule r directory"] == f"{tmp_path / 'daq'} inode={st.st_ino}"
+    assert ident["rule r device"] == str(st.st_dev)
     assert "rule later directory" not in ident           # compared once it exists
     assert ident["machine_id"] and ident["hostname"]
 
@@ -72,15 +73,22 @@ def test_a_ledger_from_another_host_is_refused_naming_what_differs(ledger: Ledge
 
 def test_adopting_records_the_new_identity(ledger: Ledger) -> None:
     claim_ledger(ledger, HERE)
-    moved = {**HERE, "rule r directory": "/daq dev=9 inode=2"}
-    assert claim_ledger(ledger, moved, adopt=True) == ["rule r directory: ledger has '/daq dev=1 inode=2', "
-                                                       "here it is '/daq dev=9 inode=2'"]
+    moved = {**HERE, "rule r directory": "/daq inode=7"}
+    assert claim_ledger(ledger, moved, adopt=True) == ["rule r directory: ledger has '/daq inode=2', "
+                                                       "here it is '/daq inode=7'"]
     assert claim_ledger(ledger, moved) == []
+
+
+def test_a_new_device_number_alone_is_no_reason_to_refuse(ledger: Ledger) -> None:
+    # disks found in another order at boot, or a tmpfs buffer mounted again
+    claim_ledger(ledger, HERE)
+    assert claim_ledger(ledger, {**HERE, "rule r device": "99"}) == []
+    assert json.loads(ledger.meta("identity") or "")["rule r device"] == "99"
 
 
 def test_a_rule_added_later_is_recorded_without_complaint(ledger: Ledger) -> None:
     claim_ledger(ledger, HERE)
-    more = {**HERE, "rule b directory": "/b dev=1 inode=3"}
+    more = {**HERE, "rule b directory": "/b inode=3"}
     assert claim_ledger(ledger, more) == []
     assert json.loads(ledger.meta("identity") or "") == more
 
