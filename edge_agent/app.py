@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 from typing import TYPE_CHECKING
 
+import structlog
+
+from . import identity
 from .errors import ConfigError
 from .lake.base import Catalogue
 from .lake.local import LocalLake
@@ -59,6 +63,32 @@ def _signer(client: RucioClient, rse: str, lifetime: int) -> Signer:
     return sign
 
 
+log = structlog.get_logger("edge_agent.app")
+
+
+def claim_ledger(ledger: Ledger, here: dict[str, str], adopt: bool = False) -> list[str]:
+    """Check that the ledger was written on this host for these buffer directories, and record
+    what is new. Returns what differed (only when adopting); raises ConfigError otherwise."""
+    raw = ledger.meta("identity")
+    recorded: dict[str, str] = json.loads(raw) if raw else {}
+    diffs = identity.differences(recorded, here)
+    if diffs and not adopt:
+        raise ConfigError(
+            f"the ledger {ledger.path} belongs to another host or buffer:\n  " + "\n  ".join(diffs)
+            + "\nIts rows describe files by path and inode there, not here. If the move is deliberate "
+            "(host renamed or rebuilt, buffer re-created, state restored from a backup), stop any agent "
+            "on the old host, check `edge-agent files`, then run `edge-agent adopt-ledger` to record "
+            "this host as its owner.")
+    merged = {**recorded, **here}
+    if merged != recorded:
+        ledger.set_meta("identity", json.dumps(merged, sort_keys=True))
+        if not recorded:
+            log.info("ledger identity recorded", **{k.replace(" ", "_"): v for k, v in here.items()})
+        elif diffs:
+            log.warning("ledger adopted by this host", differences=diffs)
+    return diffs
+
+
 class Agent:
     """A runner with its ledger, lake and status server, started and stopped together."""
 
@@ -67,6 +97,12 @@ class Agent:
         settings.state_dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _exclusive(settings.state_dir / "agent.lock")
         self.ledger = Ledger(settings.ledger_path, synchronous=settings.ledger_synchronous)
+        try:
+            claim_ledger(self.ledger, identity.current(settings))
+        except BaseException:
+            self.ledger.close()
+            os.close(self._lock_fd)
+            raise
         self.lake = build_lake(settings)
         self.runner = Runner(settings, self.ledger, self.lake)
         self.status: StatusServer | None = None
@@ -97,6 +133,9 @@ def _exclusive(path: "os.PathLike[str]") -> int:
     except BlockingIOError:
         os.close(fd)
         raise ConfigError(f"another edge-agent already runs with state_dir {os.path.dirname(path)}") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError:
+        pass   # the pid is for people; the lock is what counts (a full state disk must not stop us here)
     return fd

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from . import __version__, logs
 from .core.lifecycle import Event, State
-from .errors import ConfigError
+from .errors import ConfigError, LedgerUnwritable
 from .ledger import Ledger, StaleTransition
 from .settings import Settings, load_settings, masked_dump
 
@@ -45,6 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rt = sub.add_parser("retry", help="send quarantined files back to the step that failed")
     rt.add_argument("ids", nargs="*", type=int, help="ledger ids (see `edge-agent files --state quarantined`)")
     rt.add_argument("--all", action="store_true", help="every quarantined file")
+    sub.add_parser("adopt-ledger", help="make this host the owner of a ledger written on another host or "
+                   "for another buffer (after checking it; the agent must be stopped)")
     dm = sub.add_parser("demo", help="run the agent on a synthetic night in a scratch directory")
     dm.add_argument("--dir", default=None, help="scratch directory (default: a new one under /tmp)")
     dm.add_argument("--files", type=int, default=12)
@@ -69,9 +71,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return files(settings, args.file, args.state, args.limit, args.json)
         if args.command == "retry":
             return retry(settings, args.ids, args.all)
+        if args.command == "adopt-ledger":
+            return adopt_ledger(settings)
     except ConfigError as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return 2
+    except LedgerUnwritable as exc:
+        # temporary (EX_TEMPFAIL): systemd starts it again; once there is room it resumes
+        print(f"edge-agent: {exc}; free space in the state directory", file=sys.stderr)
+        return 75
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:   # `edge-agent files | head`
@@ -101,6 +109,27 @@ def run(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     agent.run()
+    return 0
+
+
+def adopt_ledger(settings: Settings) -> int:
+    from . import identity
+    from .app import _exclusive, claim_ledger
+    if not settings.ledger_path.exists():
+        raise ConfigError(f"no ledger at {settings.ledger_path}: nothing to adopt")
+    lock = _exclusive(settings.state_dir / "agent.lock")   # refuses while an agent runs on it
+    try:
+        ledger = _open_ledger(settings, readonly=False)
+        try:
+            diffs = claim_ledger(ledger, identity.current(settings), adopt=True)
+        finally:
+            ledger.close()
+    finally:
+        os.close(lock)
+    if diffs:
+        print(f"adopted {settings.ledger_path}; it was written for:\n  " + "\n  ".join(diffs))
+    else:
+        print(f"{settings.ledger_path} already belongs to this host; nothing to do")
     return 0
 
 

@@ -34,6 +34,10 @@ class ChecksumMismatch(EdgeAgentError):
     """A copy's size or checksum differs from the local file's: never counted as a replica."""
 
 
+class LedgerUnwritable(EdgeAgentError):
+    """The ledger cannot record a step (disk full, I/O error): nothing may go on until it can."""
+
+
 class ConfigError(EdgeAgentError):
     """The configuration is invalid; the message names the key, the value and why."""
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from .core.lifecycle import FINAL, State, Event, next_state
+from .errors import LedgerUnwritable
 
 SCHEMA_VERSION = 1
 # events shown as "recent errors"; a partial index covers exactly these
@@ -147,6 +148,16 @@ def display_path(path: bytes | str) -> str:
     return raw.decode("utf-8", "backslashreplace")
 
 
+def _is_storage_error(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    # SQLITE_FULL, SQLITE_IOERR (and its extended codes), SQLITE_READONLY, SQLITE_CANTOPEN
+    return code is not None and code & 0xFF in (13, 10, 8, 14)
+
+
+def _unwritable(path: Path, exc: sqlite3.Error) -> LedgerUnwritable:
+    return LedgerUnwritable(f"the ledger {path} cannot be written: {exc}")
+
+
 class Ledger:
     def __init__(self, path: str | os.PathLike[str], clock: Any = time.time, synchronous: str = "full",
                  readonly: bool = False) -> None:
@@ -168,6 +179,14 @@ class Ledger:
             self._db.row_factory = sqlite3.Row
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._open(synchronous)
+        except sqlite3.OperationalError as exc:
+            if _is_storage_error(exc):
+                raise _unwritable(self.path, exc) from exc
+            raise
+
+    def _open(self, synchronous: str) -> None:
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None,
                                    timeout=30)
         self._db.row_factory = sqlite3.Row
@@ -195,6 +214,14 @@ class Ledger:
         with self._lock:
             self._db.close()
 
+    def meta(self, key: str) -> str | None:
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
     # ------------------------------------------------------------ plumbing
     class _Tx:
         def __init__(self, ledger: "Ledger") -> None:
@@ -202,14 +229,38 @@ class Ledger:
 
         def __enter__(self) -> sqlite3.Connection:
             self.l._lock.acquire()
-            self.l._db.execute("BEGIN IMMEDIATE")
+            try:
+                self.l._db.execute("BEGIN IMMEDIATE")
+            except BaseException as exc:
+                self.l._lock.release()
+                if isinstance(exc, sqlite3.OperationalError) and _is_storage_error(exc):
+                    raise _unwritable(self.l.path, exc) from exc
+                raise
             return self.l._db
 
         def __exit__(self, et: Any, ev: Any, tb: Any) -> None:
             try:
-                self.l._db.execute("COMMIT" if et is None else "ROLLBACK")
+                if et is None:
+                    try:
+                        self.l._db.execute("COMMIT")
+                    except sqlite3.Error as exc:
+                        # a COMMIT that failed (disk full, I/O error) may leave the transaction
+                        # open, and every later BEGIN would then fail even once space is freed
+                        self._rollback()
+                        raise _unwritable(self.l.path, exc) from exc
+                else:
+                    self._rollback()
+                    if isinstance(ev, sqlite3.OperationalError) and _is_storage_error(ev):
+                        raise _unwritable(self.l.path, ev) from ev
             finally:
                 self.l._lock.release()
+
+        def _rollback(self) -> None:
+            if self.l._db.in_transaction:
+                try:
+                    self.l._db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass   # SQLite already rolled it back itself
 
     def _tx(self) -> "Ledger._Tx":
         return Ledger._Tx(self)

@@ -26,8 +26,8 @@ import structlog
 
 from .core import policy
 from .core.lifecycle import Event, State
-from .errors import (ChecksumMismatch, FileChanged, FileVanished, PermanentError, RetryableError,
-                     ShuttingDown)
+from .errors import (ChecksumMismatch, FileChanged, FileVanished, LedgerUnwritable, PermanentError,
+                     RetryableError, ShuttingDown)
 from .failpoints import hit
 from .fits import FitsScan
 from .hashing import hash_file
@@ -76,8 +76,8 @@ class Pipeline:
         bound = log.bind(file_id=rec.id, rule=rec.rule, path=rec.relpath, did=rec.name and rec.did)
         try:
             step(rec)
-        except ShuttingDown:
-            raise
+        except (ShuttingDown, LedgerUnwritable):
+            raise   # a failure cannot be recorded in a ledger that cannot be written: the runner pauses
         except StaleTransition as exc:
             bound.info("step outdated", detail=str(exc))
         except FileChanged as exc:
@@ -375,7 +375,12 @@ class Pipeline:
             # to drop again, never a registration pointing at a deleted file
             self.lake.release(self.lake_file(rec))
             hit("after_release")
-            outcome = guarded_unlink(rec.path, self._recorded_stat(rec))
+            try:
+                outcome = guarded_unlink(rec.path, self._recorded_stat(rec))
+            except PermissionError as exc:
+                raise PermanentError(f"cannot delete {rec.relpath}: {exc.strerror} (the agent needs write "
+                                     "permission on its directory; the copies are confirmed: fix it, then "
+                                     f"`edge-agent retry {rec.id}`)") from None
             hit("after_unlink")
             if outcome == "changed":
                 raise FileChanged("the local file changed just before deletion; kept")

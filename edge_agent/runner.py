@@ -19,7 +19,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from .core import policy
 from .core.lifecycle import BACKLOG, Event, State
-from .errors import ShuttingDown
+from .errors import LedgerUnwritable, ShuttingDown
 from .lake.base import Catalogue
 from .ledger import FileRecord, Ledger, StaleTransition
 from .localfs import stat_regular
@@ -74,7 +74,7 @@ class Runner:
             clock=clock, open_writers=self.writers.writers)
         self.filters = {name: RuleFilter(rule) for name, rule in settings.rules.items()}
         self.dirty = DirtyPaths()
-        self.watcher = Watcher(self.dirty, self.request_rescan)
+        self.watcher = Watcher(self.dirty, self.request_rescan, self._events_lost)
         self.pools = {"hash": cf.ThreadPoolExecutor(settings.hash_workers, "hash"),
                       "transfer": cf.ThreadPoolExecutor(settings.transfer_workers, "transfer"),
                       "lake": cf.ThreadPoolExecutor(settings.lake_workers, "lake")}
@@ -88,6 +88,8 @@ class Runner:
                       for name, r in settings.rules.items()}
         self._disk_levels: dict[str, str] = {}
         self.lake_problem: str | None = None
+        self.ledger_problem: str | None = None   # set while the ledger cannot be written: no new work
+        self._ledger_probe_at = 0.0
         self.watch_problems: dict[str, str] = {}
         self.scheduler = BackgroundScheduler(daemon=True)
 
@@ -114,6 +116,11 @@ class Runner:
             key = (rec.rule, rec.state.value)
             self.counters.transitions[key] = self.counters.transitions.get(key, 0) + 1
         self.wake.set()
+
+    def _events_lost(self, overflows: int) -> None:
+        log.warning("inotify queue overflowed: events were lost; rescanning every rule now "
+                    "(raise fs.inotify.max_queued_events if this recurs)", overflows=overflows)
+        self.request_rescan()
 
     def request_rescan(self, rule: str | None = None) -> None:
         with self._lock:
@@ -155,6 +162,8 @@ class Runner:
             while not self.stopping.is_set():
                 try:
                     self.tick()
+                except LedgerUnwritable as exc:
+                    self._ledger_down(str(exc))
                 except Exception:  # noqa: BLE001 - a bad tick (a locked ledger, a bug) must not end the daemon
                     log.error("main loop error; going on", exc_info=True)
                     self.stopping.wait(min(5.0, self.s.rescan_seconds))
@@ -184,6 +193,9 @@ class Runner:
     # ------------------------------------------------------------ the loop
     def tick(self) -> None:
         now = self.clock()
+        if self.ledger_problem and not self._ledger_back(now):
+            self.last_tick = now   # alive, but not ready: /readyz says why
+            return
         self.process_events()
         with self._lock:
             rules, self._rescan_rules = self._rescan_rules, set()
@@ -354,10 +366,35 @@ class Runner:
             self.pipeline.run_step(rec)
         except ShuttingDown:
             pass
+        except LedgerUnwritable as exc:
+            self._ledger_down(str(exc))   # the step's effect is repeated once the ledger can record it
         finally:
             with self._lock:
                 self.in_flight.pop(rec.id, None)
             self.wake.set()
+
+    # ------------------------------------------------------------ a ledger that cannot be written
+    def _ledger_down(self, why: str) -> None:
+        """Nothing may be acknowledged that the ledger could not record: stop taking work. Steps
+        already running fail at their next transition; their effects are idempotent and repeated."""
+        with self._lock:
+            first, self.ledger_problem = self.ledger_problem is None, why
+        if first:
+            log.error("ledger cannot be written: no new work until it can (free space in state_dir)",
+                      problem=why)
+
+    def _ledger_back(self, now: float) -> bool:
+        if now < self._ledger_probe_at:
+            return False
+        self._ledger_probe_at = now + 2.0
+        try:
+            self.ledger.set_meta("last_write_probe", repr(now))
+        except LedgerUnwritable:
+            return False
+        log.info("ledger writable again; resuming", was=self.ledger_problem)
+        self.ledger_problem = None
+        self.request_rescan()
+        return True
 
     # ------------------------------------------------------------ periodic checks
     def sample_disks(self) -> None:

@@ -7,12 +7,14 @@ each copy is read back (or its recorded checksum checked) when the file is confi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 from ..core.policy import Replica
 from ..errors import PermanentError, RetryableError
@@ -34,6 +36,15 @@ CREATE TABLE IF NOT EXISTS replicas (
     bytes INTEGER, adler32 TEXT, created_at REAL NOT NULL,
     PRIMARY KEY (scope, name, location));
 """
+
+
+@contextlib.contextmanager
+def _catalogue_errors() -> Iterator[None]:
+    """The catalogue's disk full or failing: the lake is unavailable for now, as a server would be."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        raise RetryableError(f"local lake catalogue: {exc}") from None
 
 
 class LocalLake(Catalogue):
@@ -60,7 +71,7 @@ class LocalLake(Catalogue):
         return os.path.join(str(self._root(location)), f.scope, f.name)
 
     def register(self, f: LakeFile) -> None:
-        with self._lock:
+        with self._lock, _catalogue_errors():
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 row = self._db.execute("SELECT type, bytes, adler32 FROM dids WHERE scope=? AND name=?",
@@ -80,7 +91,8 @@ class LocalLake(Catalogue):
                                      (f.scope, f.dataset, f.scope, f.name))
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:     # SQLite may have rolled back itself (disk full)
+                    self._db.execute("ROLLBACK")
                 raise
 
     def targets(self, f: LakeFile) -> list[Target]:
@@ -91,7 +103,7 @@ class LocalLake(Catalogue):
         return [Target(loc, self.url(loc, f), self._transports[loc]) for loc in f.destinations]
 
     def add_replica(self, f: LakeFile, location: str, url: str) -> None:
-        with self._lock:
+        with self._lock, _catalogue_errors():
             self._db.execute("INSERT OR REPLACE INTO replicas VALUES (?,?,?,?,?,?,?)",
                              (f.scope, f.name, location, url, f.size, f.adler32, time.time()))
 

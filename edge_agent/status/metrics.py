@@ -89,6 +89,8 @@ class _Collector:
         yield marks
         yield GaugeMetricFamily("edge_agent_notices", "Entries in watched trees the agent will not handle",
                                 value=len(r.ledger.notices(10_000)))
+        yield CounterMetricFamily("edge_agent_event_overflows", "inotify queue overflows: events were lost "
+                                  "and every rule was rescanned", value=r.watcher.overflows)
         yield GaugeMetricFamily("edge_agent_steps_in_flight", "Steps running now", value=len(r.in_flight))
         info = GaugeMetricFamily("edge_agent_info", "Build information", labels=["version"])
         info.add_metric([__version__], 1)

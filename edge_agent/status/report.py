@@ -75,6 +75,8 @@ def from_ledger(settings: Settings, ledger: Ledger, now: float | None = None) ->
 def readiness(runner: "Runner", now: float) -> list[str]:
     """Why the agent cannot make progress right now (empty: ready)."""
     why = []
+    if runner.ledger_problem:
+        why.append(f"ledger: {runner.ledger_problem}")
     if runner.lake_problem:
         why.append(f"lake: {runner.lake_problem}")
     if runner.last_tick and now - runner.last_tick > HEALTH_STALL_S:

@@ -7,6 +7,7 @@ asked for instead, so memory stays bounded whatever the DAQ does.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -78,14 +79,46 @@ class _Handler(FileSystemEventHandler):
             self.dirty.add(os.fsencode(event.dest_path), self.rule)
 
 
-class Watcher:
-    """One observer for all rules; `rescan_wanted(rule)` is called when events cannot be trusted."""
+class OverflowAlarm(logging.Handler):
+    """The kernel's inotify queue overflowed (IN_Q_OVERFLOW): events were lost.
 
-    def __init__(self, dirty: DirtyPaths, rescan_wanted: Callable[[str], None]) -> None:
+    watchdog rebuilds its watches after an overflow but tells its event handlers nothing; its
+    log warning is the only signal, so that is what is listened to. Should the wording ever
+    change, the periodic rescan still finds what was lost, only later.
+    """
+
+    def __init__(self, on_overflow: Callable[[], None], quiet_s: float = 0.5) -> None:
+        super().__init__(logging.WARNING)
+        self.on_overflow = on_overflow
+        self.quiet_s = quiet_s      # one overflow is logged once per watch: count it once
+        self._last = -1e9
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "overflow" not in record.getMessage().lower():
+            return
+        now = time.monotonic()
+        if now - self._last >= self.quiet_s:
+            self._last = now
+            self.on_overflow()
+
+
+class Watcher:
+    """One observer for all rules; `rescan_wanted(rule)` is called when events cannot be trusted,
+    `events_lost(overflows so far)` when the kernel dropped events (every rule needs a rescan)."""
+
+    def __init__(self, dirty: DirtyPaths, rescan_wanted: Callable[[str], None],
+                 events_lost: Callable[[int], None] = lambda n: None) -> None:
         self.dirty = dirty
         self.rescan_wanted = rescan_wanted
+        self.events_lost = events_lost
         self.observer: BaseObserver = Observer()
         self.watching: dict[str, str] = {}
+        self.overflows = 0
+        self.alarm = OverflowAlarm(self._overflowed)
+
+    def _overflowed(self) -> None:
+        self.overflows += 1
+        self.events_lost(self.overflows)
 
     def watch(self, rule: str, directory: str, recursive: bool) -> str | None:
         """Start watching; returns why not (the rescan still covers the directory)."""
@@ -98,9 +131,11 @@ class Watcher:
         return None
 
     def start(self) -> None:
+        logging.getLogger("watchdog").addHandler(self.alarm)
         self.observer.daemon = True
         self.observer.start()
 
     def stop(self) -> None:
         self.observer.stop()
         self.observer.join(timeout=5)
+        logging.getLogger("watchdog").removeHandler(self.alarm)

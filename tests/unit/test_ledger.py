@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from edge_agent.core.lifecycle import Event, IllegalTransition, State
+from edge_agent.errors import LedgerUnwritable
 from edge_agent.ledger import Ledger, StaleTransition, display_path
 
 S, E = State, Event
@@ -338,3 +339,40 @@ def test_a_ledger_from_an_older_agent_gains_new_columns(tmp_path) -> None:  # ty
     db.close()
     rec = _L(path).get(1)
     assert rec.relpath == "a" and rec.lake_ref is None and rec.blake3 is None
+
+
+class _FailingCommit:
+    """A connection whose next COMMIT fails the way a full disk makes it fail, leaving the transaction open."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db, self.fail = db, True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.db, name)
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if sql == "COMMIT" and self.fail:
+            self.fail = False
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.db.execute(sql, *args)
+
+
+def test_a_failed_commit_is_rolled_back_so_the_ledger_works_again_afterwards(ledger: Ledger) -> None:
+    fid = discover(ledger).id
+    ledger._db = _FailingCommit(ledger._db)  # type: ignore[assignment]
+    with pytest.raises(LedgerUnwritable, match="cannot be written: database or disk is full"):
+        ledger.transition(fid, S.DISCOVERED, E.COMPLETED)
+    assert ledger.get(fid).state is S.DISCOVERED          # nothing half-recorded
+    assert ledger.transition(fid, S.DISCOVERED, E.COMPLETED).state is S.COMPLETE   # and not wedged
+
+
+def test_a_full_database_refuses_writes_and_recovers_when_there_is_room(ledger: Ledger) -> None:
+    pages = ledger._db.execute("PRAGMA page_count").fetchone()[0]
+    ledger._db.execute(f"PRAGMA max_page_count = {pages}")
+    with pytest.raises(LedgerUnwritable, match="full"):
+        for i in range(2000):
+            discover(ledger, path=b"/daq/%d" % i)
+    n = len(list(ledger.iter_all()))
+    ledger._db.execute("PRAGMA max_page_count = 1000000")
+    fid = discover(ledger, path=b"/daq/after").id
+    assert ledger.get(fid).state is S.DISCOVERED and len(list(ledger.iter_all())) == n + 1

@@ -577,3 +577,36 @@ def test_a_bad_copy_the_lake_made_is_reported_not_rewritten(env: Env, clock: Any
     assert rec.reason and "b:" in rec.reason and "adler32" in rec.reason
     assert "replica_lost" in env.events(rec.id) and "failed_retryable" not in env.events(rec.id)
     assert Path(rec.fspath).exists()
+
+
+def test_a_file_that_may_not_be_deleted_is_quarantined_with_a_reason_an_operator_can_act_on(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    import edge_agent.pipeline as pipeline_mod
+
+    def refuse(path: bytes, expected: Any) -> str:
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(pipeline_mod, "guarded_unlink", refuse)
+    rec = env.drive(env.add().id)
+    assert rec.state is S.QUARANTINED and rec.resume_state is S.CONFIRMED
+    assert rec.reason == ("cannot delete run42/f1.fits: Permission denied (the agent needs write permission on "
+                          f"its directory; the copies are confirmed: fix it, then `edge-agent retry {rec.id}`)")
+    assert Path(rec.fspath).exists()
+    monkeypatch.undo()
+    assert env.drive(env.ledger.transition(rec.id, S.QUARANTINED, E.OPERATOR_RETRY).id).state is S.DELETED
+
+
+def test_a_ledger_that_cannot_record_a_step_is_not_asked_to_record_the_failure(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edge_agent.errors import LedgerUnwritable
+    rec = env.add()
+
+    def full(*a: Any, **k: Any) -> Any:
+        raise LedgerUnwritable("the ledger cannot be written: database or disk is full")
+
+    monkeypatch.setattr(env.ledger, "transition", full)
+    with pytest.raises(LedgerUnwritable):
+        env.pipeline.run_step(rec)        # the runner pauses; not an "unexpected error" with retries
+    monkeypatch.undo()
+    assert env.ledger.get(rec.id).state is S.COMPLETE and env.ledger.get(rec.id).attempts == 0
+    assert env.drive(rec.id).state is S.DELETED       # the repeated step goes through afterwards

@@ -1,0 +1,55 @@
+"""Whose ledger is this? The host and the buffer directories a ledger was written for.
+
+A ledger describes files by path, device and inode on one host. Copied to another host
+(a restored backup, a cloned VM, a state_dir on shared storage) its rows would describe
+other files, so the agent refuses to start on it until an operator adopts it deliberately
+(`edge-agent adopt-ledger`). The identity is recorded at creation, or on the first start of
+an agent that knows about identities.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from .settings import Settings
+
+MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")
+
+
+def machine_id(files: tuple[str, ...] = MACHINE_ID_FILES) -> str:
+    for f in files:
+        try:
+            with open(f) as fh:
+                value = fh.read().strip()
+        except OSError:
+            continue
+        if value:
+            return value
+    return "unknown"
+
+
+def current(settings: Settings) -> dict[str, str]:
+    """This host, and each existing rule directory by path and inode (one not there yet is left out)."""
+    ident = {"machine_id": machine_id(), "hostname": socket.gethostname()}
+    for name, rule in settings.rules.items():
+        try:
+            st = os.stat(rule.directory)
+        except OSError:
+            continue
+        ident[f"rule {name} directory"] = f"{rule.directory} inode={st.st_ino}"
+        ident[f"rule {name} device"] = str(st.st_dev)
+    return ident
+
+
+def _compared(key: str) -> bool:
+    # Device numbers follow the order disks are found at boot (and a tmpfs gets a new one at each
+    # mount): recorded for people, never a reason to refuse a ledger after a reboot.
+    return not key.endswith(" device")
+
+
+def differences(recorded: dict[str, str], here: dict[str, str]) -> list[str]:
+    """What differs between the recorded identity and this host. Keys only one side has do not count:
+    a rule added to the config, or a directory that does not exist (yet), is no sign of another host."""
+    return [f"{k}: ledger has {recorded[k]!r}, here it is {here[k]!r}"
+            for k in sorted(recorded.keys() & here.keys()) if _compared(k) and recorded[k] != here[k]]

@@ -1,0 +1,55 @@
+"""A ledger that cannot be written stops new work; a probe write that succeeds resumes it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from edge_agent.app import build_lake
+from edge_agent.core.lifecycle import State
+from edge_agent.errors import LedgerUnwritable
+from edge_agent.ledger import Ledger
+from edge_agent.runner import Runner
+from edge_agent.settings import Settings
+from edge_agent.status.report import readiness
+
+
+@pytest.fixture
+def runner(tmp_path: Path, clock: Any, settings_data: Callable[..., Any]) -> Any:
+    for d in ("daq", "lake-a", "lake-b"):
+        (tmp_path / d).mkdir()
+    s = Settings(**settings_data(tmp_path))
+    ledger = Ledger(s.ledger_path, clock=clock)
+    r = Runner(s, ledger, build_lake(s), clock=clock)
+    yield r
+    for pool in r.pools.values():
+        pool.shutdown()
+    ledger.close()
+
+
+def test_the_runner_pauses_while_the_ledger_cannot_be_written_and_resumes_after(
+        runner: Runner, clock: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "daq" / "f.fits").write_bytes(b"x")
+    real_discover, real_set_meta = runner.ledger.discover, runner.ledger.set_meta
+
+    def full(*a: Any, **k: Any) -> Any:
+        raise LedgerUnwritable("the ledger l.sqlite cannot be written: database or disk is full")
+
+    monkeypatch.setattr(runner.ledger, "discover", full)
+    monkeypatch.setattr(runner.ledger, "set_meta", full)
+    with pytest.raises(LedgerUnwritable):
+        runner.tick()                     # run_forever hands this to _ledger_down
+    runner._ledger_down("the ledger l.sqlite cannot be written: database or disk is full")
+    assert readiness(runner, clock()) == ["ledger: the ledger l.sqlite cannot be written: database or disk is full"]
+    runner.tick()                         # paused: the failed probe means no scan, no discovery
+    assert runner.last_tick == clock() and runner.ledger.in_states([State.DISCOVERED]) == []
+    monkeypatch.setattr(runner.ledger, "discover", real_discover)
+    monkeypatch.setattr(runner.ledger, "set_meta", real_set_meta)
+    runner.tick()                         # the next probe is not due yet
+    assert runner.ledger_problem is not None
+    clock.advance(2)
+    runner.tick()
+    assert runner.ledger_problem is None and readiness(runner, clock()) == []
+    assert [r.relpath for r in runner.ledger.in_states([State.DISCOVERED])] == ["f.fits"]

@@ -1,0 +1,37 @@
+"""An inotify queue overflow, which watchdog only logs, reaches the runner as 'events were lost'."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from edge_agent.watch.events import DirtyPaths, OverflowAlarm, Watcher
+
+
+def test_the_alarm_rings_once_per_overflow_and_ignores_other_warnings() -> None:
+    rang: list[int] = []
+    alarm = OverflowAlarm(lambda: rang.append(1), quiet_s=60)
+    log = logging.getLogger("watchdog.observers.inotify_c")
+    log.addHandler(alarm)
+    try:
+        log.warning("Unable to rebuild watches")
+        assert rang == []
+        log.warning("Inotify queue overflowed; filesystem events were lost")
+        log.warning("Inotify queue overflowed; reconciling recursive watches below %r", b"/daq")
+        assert rang == [1]                  # one overflow, logged twice, counted once
+    finally:
+        log.removeHandler(alarm)
+
+
+def test_a_started_watcher_reports_lost_events_and_stops_listening_when_stopped(tmp_path: Path) -> None:
+    lost: list[int] = []
+    w = Watcher(DirtyPaths(), lambda rule: None, lost.append)
+    assert w.watch("r", str(tmp_path), recursive=True) is None
+    w.start()
+    try:
+        logging.getLogger("watchdog.observers.inotify_c").warning("Inotify queue overflowed; events were lost")
+        assert lost == [1] and w.overflows == 1
+    finally:
+        w.stop()
+    logging.getLogger("watchdog.observers.inotify_c").warning("Inotify queue overflowed; events were lost")
+    assert lost == [1]
