@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError
 from .lake.base import Catalogue
@@ -11,7 +12,11 @@ from .lake.local import LocalLake
 from .ledger import Ledger
 from .runner import Runner
 from .settings import Settings
+from .transfer.base import Transport
 from .status.server import StatusServer
+
+if TYPE_CHECKING:
+    from .lake.rucio_client import RucioClient
 
 
 def build_lake(settings: Settings) -> Catalogue:
@@ -22,6 +27,12 @@ def build_lake(settings: Settings) -> Catalogue:
 
 def build_rucio_lake(settings: Settings) -> Catalogue:
     from .lake.rucio import RucioLake
+    client, transports = build_rucio_parts(settings)
+    return RucioLake(settings, transports, client=client)
+
+
+def build_rucio_parts(settings: Settings) -> tuple["RucioClient", dict[str, Transport]]:
+    """The Rucio client and the storage transports by URL scheme (the agent's, and the audit's)."""
     from .lake.rucio_client import RucioClient
     from .transfer.http import HttpTransport
     from .transfer.xroot import XRootTransport
@@ -39,8 +50,8 @@ def build_rucio_lake(settings: Settings) -> Catalogue:
                          max_connections=max(2, settings.transfer_workers))
     root = XRootTransport(timeout=r.timeout_seconds, verify_upload=r.verify_upload,
                           chunk_size=settings.chunk_mb << 20)
-    transports = {"http": http, "https": http, "davs": http, "root": root}
-    return RucioLake(settings, transports, client=client)
+    transports: dict[str, Transport] = {"http": http, "https": http, "davs": http, "root": root}
+    return client, transports
 
 
 class Agent:
