@@ -415,11 +415,13 @@ class Lake:
             cm = self.reader.chunks(url)
             try:
                 it = cm.__enter__()
-                first = next(it, b"")   # the request is made and answered here: unreachable -> next one
-            except RetryableError as exc:
+            except (RetryableError, PermanentError) as exc:
                 tried.append(f"{rep.rse} {shown_url(url)}: {exc}")
                 continue
-            except PermanentError as exc:
+            try:
+                first = next(it, b"")   # the first bytes, or the reason there are none: then the next replica
+            except (RetryableError, PermanentError) as exc:
+                cm.__exit__(None, None, None)
                 tried.append(f"{rep.rse} {shown_url(url)}: {exc}")
                 continue
 

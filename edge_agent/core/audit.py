@@ -166,7 +166,7 @@ def judge_file(did: str, ledger: LedgerView | None, cat: CatalogueView | None,
             pass                  # the unverifiable copies already say why
         elif settled:
             findings.append(Finding(Verdict.MISSING_REPLICA,
-                                    f"{len(good)} good copies, {wanted} wanted"
+                                    f"{len(good)} of {wanted} wanted copies are good"
                                     + (f" (the ledger says {ledger.state.value})" if ledger else "")))
         else:
             assert ledger is not None
@@ -185,9 +185,15 @@ def judge_unknown(path: str, age_s: float, grace_s: float) -> FileAudit:
     if age_s < grace_s:
         f = Finding(Verdict.IN_FLIGHT, f"arrived {age_s:.0f} s ago; the agent has not picked it up yet")
     else:
-        f = Finding(Verdict.UNKNOWN_IN_BUFFER, f"{age_s:.0f} s old and not in the ledger (missed, or the agent "
+        f = Finding(Verdict.UNKNOWN_IN_BUFFER, f"{_age(age_s)} old and not in the ledger (missed, or the agent "
                     "does not run with this state_dir)")
     return FileAudit(path, f.verdict, (f,), path=path)
+
+
+def _age(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 86400}d {s % 86400 // 3600:02d}h{s % 3600 // 60:02d}m" if s >= 86400 else \
+        f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s"
 
 
 @dataclass

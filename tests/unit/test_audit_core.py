@@ -61,7 +61,7 @@ def test_a_listed_copy_whose_storage_holds_nothing_is_missing() -> None:
 
 def test_too_few_copies_for_a_confirmed_file_is_missing() -> None:
     a = judge_file("s:f", led(State.CONFIRMED), cat(copy("L1")))
-    assert a.verdict is Verdict.MISSING_REPLICA and "1 good copies, 2 wanted" in a.findings[-1].detail
+    assert a.verdict is Verdict.MISSING_REPLICA and "1 of 2 wanted copies are good" in a.findings[-1].detail
 
 
 def test_a_settled_file_the_lake_does_not_know_is_missing() -> None:
@@ -125,8 +125,9 @@ def test_the_worst_finding_wins() -> None:
 
 def test_unknown_file_in_buffer_after_the_grace_period() -> None:
     assert judge_unknown("/buf/x.fits", 5, 10).verdict is Verdict.IN_FLIGHT
-    a = judge_unknown("/buf/x.fits", 500, 10)
+    a = judge_unknown("/buf/x.fits", 3725, 10)
     assert a.verdict is Verdict.UNKNOWN_IN_BUFFER and a.problem and a.path == "/buf/x.fits"
+    assert a.findings[0].detail.startswith("1h02m05s old")
 
 
 def test_report_json_is_stable_and_exit_status_follows_problems() -> None:
