@@ -37,7 +37,7 @@ import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Generator, Iterator, Self, Sequence
 from urllib.parse import unquote, urlsplit
 
 import httpx
@@ -45,8 +45,8 @@ import httpx
 from .errors import ChecksumMismatch, EdgeAgentError, PermanentError, RetryableError
 from .transfer.http import shown_url, ssl_context, status_error, wire_url
 
-__all__ = ["Lake", "FileInfo", "ReplicaInfo", "ChecksumMismatch", "NoReachableReplica", "ObjectMissing", "Resolver",
-           "direct_url", "VerifiedStream"]
+__all__ = ["ChecksumMismatch", "FileInfo", "Lake", "NoReachableReplica", "ObjectMissing", "ReplicaInfo", "Resolver",
+           "VerifiedStream", "direct_url"]
 
 CHUNK = 1 << 20
 # What a URL may be read with, in the order replicas are tried when nothing else is asked.
@@ -121,7 +121,7 @@ class Reader:
         elif scheme == "file":
             path = unquote(urlsplit(url).path)
             try:
-                fh = open(path, "rb")
+                fh = open(path, "rb")  # noqa: SIM115 - closed by the `with` below, once it is known to exist
             except FileNotFoundError:
                 raise ObjectMissing(f"{path}: not found") from None
             except OSError as exc:
@@ -244,7 +244,7 @@ class _Bearer(httpx.Auth):
     def __init__(self, token: Callable[[], str]) -> None:
         self._token = token
 
-    def auth_flow(self, request: httpx.Request) -> Iterator[httpx.Request]:
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         request.headers["Authorization"] = f"Bearer {self._token()}"
         yield request
 
@@ -342,7 +342,7 @@ class Lake:
 
     # -------------------------------------------------------------- construction
     @classmethod
-    def from_config(cls, path: str | os.PathLike[str], *, resolver: Resolver = direct_url) -> "Lake":
+    def from_config(cls, path: str | os.PathLike[str], *, resolver: Resolver = direct_url) -> Lake:
         """The lake an edge-agent config names (its [lake] table; the same credentials)."""
         from .settings import load_settings
         s = load_settings(path)
@@ -354,17 +354,18 @@ class Lake:
     @classmethod
     def connect(cls, url: str, account: str, *, username: str | None = None, password: str | None = None,
                 cert: str | None = None, key: str | None = None, token_file: str | None = None,
-                ca_cert: str | None = None, tls_verify: bool = True, resolver: Resolver = direct_url) -> "Lake":
+                ca_cert: str | None = None, tls_verify: bool = True, resolver: Resolver = direct_url) -> Lake:
         """A Rucio server: userpass (username/password), x509 (cert[/key]) or a bearer token file."""
-        from .settings import RucioAuthSettings, RucioSettings
+        from .settings import RucioSettings
         kind = "userpass" if username else "x509" if cert else "oidc"
-        auth = RucioAuthSettings(type=kind, username=username, password=password, cert=cert, key=key,
-                                 token_file=token_file)
-        return cls._rucio(RucioSettings(url=url, account=account, auth=auth, ca_cert=ca_cert,
-                                        tls_verify=tls_verify), resolver)
+        auth = {"type": kind, "username": username, "password": password, "cert": cert, "key": key,
+                "token_file": token_file}
+        r = RucioSettings.model_validate({"url": url, "account": account, "ca_cert": ca_cert, "tls_verify": tls_verify,
+                                          "auth": {k: v for k, v in auth.items() if v is not None}})
+        return cls._rucio(r, resolver)
 
     @classmethod
-    def _rucio(cls, r: Any, resolver: Resolver) -> "Lake":
+    def _rucio(cls, r: Any, resolver: Resolver) -> Lake:
         from .lake.rucio_client import RucioClient
         client = RucioClient(r)
         return cls(_RucioCatalogue(client, r.schemes), storage_client(r, client), resolver=resolver,
@@ -374,7 +375,7 @@ class Lake:
         self._cat.close()
         self._http.close()
 
-    def __enter__(self) -> "Lake":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -429,8 +430,10 @@ class Lake:
                 if first:
                     yield first
                 yield from it
+            def release(cm: Any = cm) -> None:
+                cm.__exit__(None, None, None)
             return VerifiedStream(chained(), info.bytes, info.adler32, f"{did} from {rep.rse} ({shown_url(url)})",
-                                  on_close=lambda cm=cm: cm.__exit__(None, None, None), source=rep.rse)
+                                  on_close=release, source=rep.rse)
         raise NoReachableReplica(f"{did}: no readable replica" + (f" on {rse}" if rse else "")
                                  + (": " + "; ".join(tried) if tried else " (none AVAILABLE with a readable URL)"))
 

@@ -12,8 +12,8 @@ from .lake.local import LocalLake
 from .ledger import Ledger
 from .runner import Runner
 from .settings import Settings
-from .transfer.base import Transport
 from .status.server import StatusServer
+from .transfer.base import Transport
 
 if TYPE_CHECKING:
     from .lake.rucio_client import RucioClient
@@ -31,7 +31,7 @@ def build_rucio_lake(settings: Settings) -> Catalogue:
     return RucioLake(settings, transports, client=client)
 
 
-def build_rucio_parts(settings: Settings) -> tuple["RucioClient", dict[str, Transport]]:
+def build_rucio_parts(settings: Settings) -> tuple[RucioClient, dict[str, Transport]]:
     """The Rucio client and the storage transports by URL scheme (the agent's, and the audit's)."""
     from .lake.rucio_client import RucioClient
     from .transfer.http import HttpTransport

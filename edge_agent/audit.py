@@ -57,9 +57,7 @@ class Selection:
                 return False
             if policy.night_of(mtime, rule.night_rollover_hour, rule.tz) != self.night:
                 return False
-        if self.dataset and dataset != self.dataset:
-            return False
-        return True
+        return not self.dataset or dataset == self.dataset
 
 
 @dataclass(frozen=True)
@@ -107,9 +105,14 @@ def run_audit(settings: Settings, ledger: Ledger, cat: CatalogueReader, probe: P
         report.add([core.judge_file(f"{scope}:{name}", _ledger_view(settings, rec),
                                     _catalogue_view(listed.get((scope, name)), probe, deep, buffer_rses),
                                     rec.relpath)])
+    left = _superseded_by_did(ledger)
     for scope, name in sorted(set(extra)):
+        old = left.get((scope, name))
+        history = (f"the ledger's #{old.id} ({old.relpath}) registered it and was then superseded: "
+                   f"{old.reason or 'no reason recorded'}") if old else None
         report.add([core.judge_file(f"{scope}:{name}", None,
-                                    _catalogue_view(listed.get((scope, name)), probe, deep, buffer_rses))])
+                                    _catalogue_view(listed.get((scope, name)), probe, deep, buffer_rses),
+                                    history=history)])
     for rec in rows:   # not hashed yet: no DID, judged by the ledger alone
         if not (rec.scope and rec.name):
             report.add([core.judge_file(f"(#{rec.id} {rec.relpath})", _ledger_view(settings, rec), None,
@@ -132,6 +135,10 @@ def _selected_rows(settings: Settings, ledger: Ledger, sel: Selection) -> list[F
         if key not in newest or rec.id > newest[key].id:
             newest[key] = rec
     return sorted(newest.values(), key=lambda r: r.id)
+
+
+def _superseded_by_did(ledger: Ledger) -> dict[tuple[str, str], FileRecord]:
+    return {(r.scope, r.name): r for r in ledger.in_states([State.SUPERSEDED]) if r.scope and r.name}
 
 
 def _ledger_view(settings: Settings, rec: FileRecord) -> core.LedgerView:

@@ -101,8 +101,12 @@ def _worst(findings: Sequence[Finding]) -> Verdict:
 
 
 def judge_file(did: str, ledger: LedgerView | None, cat: CatalogueView | None,
-               path: str | None = None) -> FileAudit:
-    """The verdict on one file DID known to the ledger, the catalogue, or both."""
+               path: str | None = None, history: str | None = None) -> FileAudit:
+    """The verdict on one file DID known to the ledger, the catalogue, or both.
+
+    `history`: what the ledger remembers of a DID it no longer works on (a superseded version
+    that had registered it), added to the findings so the operator sees where it came from.
+    """
     findings: list[Finding] = []
     size = ledger.size if ledger and ledger.size is not None else (cat.size if cat else None)
     adler = normalise_adler32(ledger.adler32 if ledger and ledger.adler32 else (cat.adler32 if cat else None))
@@ -173,6 +177,8 @@ def judge_file(did: str, ledger: LedgerView | None, cat: CatalogueView | None,
             findings.append(Finding(Verdict.QUARANTINED if ledger.state is State.QUARANTINED else Verdict.IN_FLIGHT,
                                     f"{ledger.state.value}" + (f": {ledger.reason}" if ledger.reason else "")
                                     + f"; {len(good)} of {wanted} copies so far"))
+    if history:
+        findings.append(Finding(_worst(findings), history))
     if ledger is not None and ledger.state is State.QUARANTINED and not any(
             f.verdict is Verdict.QUARANTINED for f in findings):
         findings.append(Finding(Verdict.QUARANTINED, f"quarantined: {ledger.reason or 'no reason recorded'}"))
@@ -218,6 +224,7 @@ class Report:
     def to_json(self) -> dict[str, object]:
         groups = self.by_verdict()
         return {
+            "format": "edge-agent-audit/1",   # bumped only when a key changes meaning or goes away
             "selection": self.selection,
             "ok": self.ok,
             "counts": {v.value: len(fs) for v, fs in groups.items()},

@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+from support import Daemon
 
 from edge_agent.access import ChecksumMismatch, Lake
 from edge_agent.core.policy import night_of
-from support import Daemon
 
 pytestmark = pytest.mark.integration
 

@@ -12,9 +12,9 @@ import os
 import time
 
 import pytest
+from integration.test_rucio_lake import FtsPlayer, rucio_agent, uid, write_files
 
 from edge_agent.access import ChecksumMismatch, Lake
-from integration.test_rucio_lake import FtsPlayer, rucio_agent, uid, write_files
 
 pytestmark = [pytest.mark.integration, pytest.mark.lake]
 
@@ -102,3 +102,6 @@ def test_audit_a_clean_night_then_every_kind_of_damage(agent, lake) -> None:
             lk.read_bytes(f"{lake.scope}:{flipped}", rse=lake.lake_rses[1])
         assert lk.read_bytes(f"{lake.scope}:{lost}") == files[lost.split(".", 1)[1]]
         assert lk.verify(f"{lake.scope}:{fine}") in lake.lake_rses
+    with Lake.connect(lake.url, lake.account, username=lake.env["EDGE_LAKE_RUCIO_USERNAME"],
+                      password=lake.env["EDGE_LAKE_RUCIO_PASSWORD"]) as lk:
+        assert lk.read_bytes(f"{lake.scope}:{fine}") == files[fine.split(".", 1)[1]]

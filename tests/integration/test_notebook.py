@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from integration.test_audit_rucio import corrupt_on_storage
 from integration.test_rucio_lake import FtsPlayer, rucio_agent, uid
 from support import ROOT

@@ -9,8 +9,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from edge_agent.access import (ChecksumMismatch, FileInfo, Lake, NoReachableReplica, ReplicaInfo, _Catalogue,
-                               direct_url, storage_client)
+from edge_agent.access import (
+    ChecksumMismatch,
+    FileInfo,
+    Lake,
+    NoReachableReplica,
+    ReplicaInfo,
+    _Catalogue,
+    direct_url,
+    storage_client,
+)
 from edge_agent.settings import RucioAuthSettings, RucioSettings
 
 DATA = bytes(range(256)) * 4000   # ~1 MB: more than one chunk

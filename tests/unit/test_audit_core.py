@@ -6,8 +6,16 @@ import json
 
 import pytest
 
-from edge_agent.core.audit import (CatalogueView, CopyCheck, LedgerView, Report, Verdict, judge_file,
-                                   judge_unknown, render)
+from edge_agent.core.audit import (
+    CatalogueView,
+    CopyCheck,
+    LedgerView,
+    Report,
+    Verdict,
+    judge_file,
+    judge_unknown,
+    render,
+)
 from edge_agent.core.lifecycle import State
 
 A = "0a1b2c3d"
@@ -97,6 +105,13 @@ def test_a_lake_only_did_without_any_replica_is_registered_without_file() -> Non
     assert judge_file("s:f", None, cat()).verdict is Verdict.REGISTERED_WITHOUT_FILE
 
 
+def test_a_dangling_registration_says_which_superseded_version_left_it() -> None:
+    a = judge_file("s:f", None, cat(copy("L1", None, None, "COPYING", checked=False)),
+                   history="the ledger's #3 registered it and was then superseded: changed")
+    assert a.verdict is Verdict.REGISTERED_WITHOUT_FILE
+    assert a.findings[-1].detail.endswith("superseded: changed")
+
+
 def test_a_lake_only_did_with_a_good_copy_is_ok() -> None:
     assert judge_file("s:f", None, cat(copy("L1"))).verdict is Verdict.OK
 
@@ -136,7 +151,7 @@ def test_report_json_is_stable_and_exit_status_follows_problems() -> None:
            judge_file("s:a", led(State.TRANSFERRED), cat(copy("L1")))])
     assert r.ok
     doc = r.to_json()
-    assert list(doc) == ["selection", "ok", "counts", "files"]
+    assert list(doc) == ["format", "selection", "ok", "counts", "files"] and doc["format"] == "edge-agent-audit/1"
     assert list(doc["counts"]) == [v.value for v in Verdict]          # every heading, always, in one order
     assert doc["counts"]["ok"] == 1 and doc["counts"]["in_flight"] == 1
     assert doc["files"]["ok"][0]["did"] == "s:b" and doc["files"]["ok"][0]["ledger"]["id"] == 7
