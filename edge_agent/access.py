@@ -273,9 +273,8 @@ class _Catalogue:
 
 
 class _RucioCatalogue(_Catalogue):
-    def __init__(self, client: Any, schemes: Sequence[str]) -> None:
+    def __init__(self, client: Any) -> None:
         self.client = client
-        self.schemes = list(schemes)
 
     def files(self, scope: str, dataset: str) -> list[FileInfo]:
         out = []
@@ -342,19 +341,23 @@ class Lake:
 
     # -------------------------------------------------------------- construction
     @classmethod
-    def from_config(cls, path: str | os.PathLike[str], *, resolver: Resolver = direct_url) -> Lake:
-        """The lake an edge-agent config names (its [lake] table; the same credentials)."""
+    def from_config(cls, path: str | os.PathLike[str], *, resolver: Resolver = direct_url,
+                    schemes: Sequence[str] = DEFAULT_SCHEMES) -> Lake:
+        """The lake an edge-agent config names (its [lake] table; the same credentials).
+        `schemes`: the order in which a file's replicas' URLs are tried."""
         from .settings import load_settings
         s = load_settings(path)
         if s.lake.kind == "local":
-            return cls(_LocalCatalogue(s.lake_catalog_path), httpx.Client(timeout=60), resolver=resolver)
+            return cls(_LocalCatalogue(s.lake_catalog_path), httpx.Client(timeout=60), resolver=resolver,
+                       schemes=schemes)
         assert s.lake.rucio is not None
-        return cls._rucio(s.lake.rucio, resolver)
+        return cls._rucio(s.lake.rucio, resolver, schemes)
 
     @classmethod
     def connect(cls, url: str, account: str, *, username: str | None = None, password: str | None = None,
                 cert: str | None = None, key: str | None = None, token_file: str | None = None,
-                ca_cert: str | None = None, tls_verify: bool = True, resolver: Resolver = direct_url) -> Lake:
+                ca_cert: str | None = None, tls_verify: bool = True, resolver: Resolver = direct_url,
+                schemes: Sequence[str] = DEFAULT_SCHEMES) -> Lake:
         """A Rucio server: userpass (username/password), x509 (cert[/key]) or a bearer token file."""
         from .settings import RucioSettings
         kind = "userpass" if username else "x509" if cert else "oidc"
@@ -362,13 +365,13 @@ class Lake:
                 "token_file": token_file}
         r = RucioSettings.model_validate({"url": url, "account": account, "ca_cert": ca_cert, "tls_verify": tls_verify,
                                           "auth": {k: v for k, v in auth.items() if v is not None}})
-        return cls._rucio(r, resolver)
+        return cls._rucio(r, resolver, schemes)
 
     @classmethod
-    def _rucio(cls, r: Any, resolver: Resolver) -> Lake:
+    def _rucio(cls, r: Any, resolver: Resolver, schemes: Sequence[str]) -> Lake:
         from .lake.rucio_client import RucioClient
         client = RucioClient(r)
-        return cls(_RucioCatalogue(client, r.schemes), storage_client(r, client), resolver=resolver,
+        return cls(_RucioCatalogue(client), storage_client(r, client), resolver=resolver, schemes=schemes,
                    timeout=r.timeout_seconds)
 
     def close(self) -> None:

