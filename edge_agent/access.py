@@ -139,7 +139,13 @@ class Reader:
                     raise ObjectMissing(f"GET {shown_url(url)}: HTTP 404 (nothing there)")
                 if r.status_code != 200:
                     raise status_error(r.status_code, f"GET {shown_url(url)}", r.reason_phrase)
-                yield r.iter_bytes(CHUNK)
+
+                def body() -> Iterator[bytes]:
+                    try:   # a connection lost mid-file is the taxonomy's retryable, wherever it is read
+                        yield from r.iter_bytes(CHUNK)
+                    except httpx.HTTPError as exc:
+                        raise RetryableError(f"GET {shown_url(url)}: {type(exc).__name__}") from None
+                yield body()
         except httpx.HTTPError as exc:
             raise RetryableError(f"GET {shown_url(url)}: {type(exc).__name__}: {exc}") from None
 
@@ -150,16 +156,18 @@ class Reader:
             raise PermanentError("root:// needs xrdcp (Debian: xrootd-client)")
         t = str(max(1, int(self.timeout)))
         env = {**os.environ, "XRD_CONNECTIONWINDOW": t, "XRD_CONNECTIONRETRY": "1", "XRD_REQUESTTIMEOUT": t}
-        proc = subprocess.Popen([exe, "--nopbar", "-f", url, "-"], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env)
-        assert proc.stdout is not None and proc.stderr is not None
+        errs = tempfile.TemporaryFile()   # a file, not a pipe: a chatty stderr cannot block the copy
+        proc = subprocess.Popen([exe, "--nopbar", url, "-"], stdout=subprocess.PIPE, stderr=errs,
+                                stdin=subprocess.DEVNULL, env=env)
+        assert proc.stdout is not None
         out = proc.stdout
 
         def gen() -> Iterator[bytes]:
             yield from iter(lambda: out.read(CHUNK), b"")
             rc = proc.wait()
             if rc != 0:   # a failure after some bytes must not look like a short file
-                err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
+                errs.seek(0)
+                err = errs.read().decode(errors="replace").replace(url, shown_url(url)).strip()
                 if "[3011]" in err:
                     raise ObjectMissing(f"xrdcp {shown_url(url)}: no such file")
                 raise RetryableError(f"xrdcp {shown_url(url)}: exit {rc}: {err[-300:]}")
@@ -171,7 +179,7 @@ class Reader:
                 proc.kill()
             proc.wait()
             out.close()
-            proc.stderr.close()
+            errs.close()
 
 
 def digest_of(chunks: Iterator[bytes]) -> tuple[int, str]:

@@ -13,19 +13,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Iterable, Protocol
-
-import structlog
+from typing import TYPE_CHECKING, Callable, Iterable, Protocol
 
 from .core import audit as core
 from .core import policy
 from .core.lifecycle import State
-from .errors import ConfigError, EdgeAgentError
+from .errors import ConfigError, EdgeAgentError, PermanentError
 from .ledger import FileRecord, Ledger
 from .settings import RuleSettings, Settings
 from .transfer.base import RemoteStat
 
-log = structlog.get_logger("edge_agent.audit")
+if TYPE_CHECKING:
+    from .lake.rucio_client import RucioClient
 
 
 @dataclass(frozen=True)
@@ -200,14 +199,16 @@ def _unknown_in_buffer(settings: Settings, ledger: Ledger, sel: Selection, now: 
 
 # ------------------------------------------------------------------ the lake kinds
 class RucioReader:
-    def __init__(self, client: object, schemes: list[str]) -> None:
+    """Rucio's listings: dataset contents, and replicas with the PFN of the first scheme in `schemes`."""
+
+    def __init__(self, client: RucioClient, schemes: list[str]) -> None:
         self.client = client
         self.schemes = schemes
 
     def dataset_files(self, scope: str, name: str) -> list[tuple[str, str]]:
         from .lake.rucio_client import NotFound
         try:
-            kids = self.client.list_content(scope, name)  # type: ignore[attr-defined]
+            kids = self.client.list_content(scope, name)
         except NotFound:
             return []
         out = []
@@ -220,7 +221,7 @@ class RucioReader:
 
     def lookup(self, dids: list[tuple[str, str]]) -> dict[tuple[str, str], Listed]:
         from urllib.parse import urlsplit
-        rows = self.client.list_replicas(dids, schemes=self.schemes or None)  # type: ignore[attr-defined]
+        rows = self.client.list_replicas(dids, schemes=self.schemes or None)
         out = {}
         for row in rows:
             reps = []
@@ -233,7 +234,7 @@ class RucioReader:
         for scope, name in dids:
             if (scope, name) not in out:
                 try:
-                    did = self.client.get_did(scope, name)  # type: ignore[attr-defined]
+                    did = self.client.get_did(scope, name)
                 except EdgeAgentError:
                     continue
                 out[(scope, name)] = Listed(did.get("bytes"), did.get("adler32"), ())
@@ -290,7 +291,8 @@ def build(settings: Settings) -> tuple[CatalogueReader, Probe, Callable[[], None
     rucio = settings.lake.rucio
     assert rucio is not None
     # HTTP first: one HEAD with Want-Digest per copy, where root:// costs two xrdfs processes
-    # (stat, then query checksum); measured 2-3x faster on XRootD 5.5. Same storage, same answer.
+    # (stat, then query checksum): 80 replicas on XRootD 5.5 took 3.6 s instead of 12-28 s (loaded 2-core
+    # machine). Same storage, same checksum cache, same answer.
     known = [s for s in rucio.schemes if s in transports] + [s for s in transports if s not in rucio.schemes]
     schemes = [s for s in known if s in ("davs", "https", "http")] + [s for s in known if s not in ("davs", "https", "http")]
     http = storage_client(rucio, client)
@@ -306,7 +308,7 @@ def build(settings: Settings) -> tuple[CatalogueReader, Probe, Callable[[], None
             return RemoteStat(size, adler)
         transport = transports.get(urlsplit(url).scheme)
         if transport is None:
-            raise ConfigError(f"no transport for {url}")
+            raise PermanentError(f"no transport for {urlsplit(url).scheme}:// URLs")
         return transport.stat(url)
 
     def close() -> None:

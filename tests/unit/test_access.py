@@ -169,3 +169,17 @@ def test_storage_tls_is_verified_by_default() -> None:
     with storage_client(r, Client()) as c:
         ctx = c._transport._pool._ssl_context   # noqa: SLF001 - httpx keeps it there
         assert ctx.verify_mode is ssl.CERT_REQUIRED and ctx.check_hostname
+
+
+def test_a_connection_lost_mid_file_is_a_retryable_error_not_an_end() -> None:
+    from edge_agent.errors import RetryableError
+
+    def body():  # type: ignore[no-untyped-def]
+        yield DATA * 2   # more than one chunk arrives before the connection drops
+        raise httpx.ReadError("connection reset")
+
+    lk = Lake(FakeCatalogue([rep("A", "a")]), httpx.Client(transport=httpx.MockTransport(
+        lambda req: httpx.Response(200, content=body()))))
+    with lk.open("s:f.fits") as fh, pytest.raises(RetryableError, match="GET https://a/data/f.fits: ReadError"):
+        fh.read()
+    assert not fh.verified
