@@ -32,6 +32,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import zlib
 from contextlib import contextmanager
@@ -41,7 +42,9 @@ from typing import Any, Callable, Generator, Iterator, Self, Sequence
 from urllib.parse import unquote, urlsplit
 
 import httpx
+import structlog
 
+from . import logs
 from .errors import ChecksumMismatch, EdgeAgentError, PermanentError, RetryableError
 from .transfer.http import shown_url, ssl_context, status_error, wire_url
 
@@ -341,6 +344,10 @@ class Lake:
 
     def __init__(self, catalogue: _Catalogue, http: httpx.Client, *, resolver: Resolver = direct_url,
                  schemes: Sequence[str] = DEFAULT_SCHEMES, timeout: float = 60.0) -> None:
+        if not structlog.is_configured():
+            # analysis code did not set logging up: warnings only (TLS off, ...), redacted, on stderr;
+            # not the agent's per-call debug lines in a notebook's cells
+            logs.setup("warning", "console", sys.stderr)
         self._cat = catalogue
         self._http = http
         self.resolver = resolver

@@ -19,6 +19,14 @@ from edge_agent.core.policy import night_of
 pytestmark = pytest.mark.integration
 
 
+@pytest.fixture(autouse=True)
+def _structlog_as_it_was():  # type: ignore[no-untyped-def]
+    """Lake() sets structlog up (warnings only) when nobody did; other tests expect the defaults."""
+    yield
+    import structlog
+    structlog.reset_defaults()
+
+
 def tree_digest(*roots: Path) -> dict[str, tuple[str, float]]:
     """Every file under `roots`: content hash and mtime (to prove the audit changed nothing).
 

@@ -19,6 +19,14 @@ from edge_agent.access import ChecksumMismatch, Lake
 pytestmark = [pytest.mark.integration, pytest.mark.lake]
 
 
+@pytest.fixture(autouse=True)
+def _structlog_as_it_was():  # type: ignore[no-untyped-def]
+    """Lake() sets structlog up (warnings only) when nobody did; other tests expect the defaults."""
+    yield
+    import structlog
+    structlog.reset_defaults()
+
+
 def audit_json(d, *args: str) -> tuple[int, dict]:
     r = d.cli("audit", "--json", *args)
     assert r.returncode in (0, 1), r.stdout + r.stderr

@@ -77,6 +77,7 @@ def test_the_notebook_lists_verifies_and_shows_an_image_then_stops_on_a_corrupt_
     assert "verified 3 of 3 files" in text
     assert f"{lake.scope}:{u}.img0.fits: image shape (48, 64), OBJECT = 'field-0'" in text
     assert "image/png" in mimes                       # the image was drawn
+    assert "rucio call" not in text and "token obtained" not in text   # no agent log chatter in the cells
 
     # a copy with other bytes: the notebook stops on it, and the audit names it
     corrupt_on_storage(lake, lake.lake_rses[0], f"{u}.img1.fits")

@@ -25,6 +25,14 @@ DATA = bytes(range(256)) * 4000   # ~1 MB: more than one chunk
 ADLER = f"{zlib.adler32(DATA) & 0xFFFFFFFF:08x}"
 
 
+@pytest.fixture(autouse=True)
+def _structlog_as_it_was():  # type: ignore[no-untyped-def]
+    """Lake() sets structlog up (warnings only) when nobody did; other tests expect the defaults."""
+    yield
+    import structlog
+    structlog.reset_defaults()
+
+
 class FakeCatalogue(_Catalogue):
     def __init__(self, replicas: list[ReplicaInfo], size: int = len(DATA), adler: str = ADLER) -> None:
         self.reps = replicas
@@ -183,3 +191,13 @@ def test_a_connection_lost_mid_file_is_a_retryable_error_not_an_end() -> None:
     with lk.open("s:f.fits") as fh, pytest.raises(RetryableError, match="GET https://a/data/f.fits: ReadError"):
         fh.read()
     assert not fh.verified
+
+
+def test_analysis_code_gets_warnings_only_unless_it_set_logging_up(capsys: pytest.CaptureFixture[str]) -> None:
+    import structlog
+    lake({}, [])
+    log = structlog.get_logger("edge_agent.lake.rucio_client")
+    log.info("rucio call", call="GET /ping")
+    log.warning("TLS VERIFICATION IS OFF", password="hunter2")
+    err = capsys.readouterr().err
+    assert "rucio call" not in err and "TLS VERIFICATION IS OFF" in err and "hunter2" not in err
