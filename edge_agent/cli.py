@@ -46,7 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rt.add_argument("ids", nargs="*", type=int, help="ledger ids (see `edge-agent files --state quarantined`)")
     rt.add_argument("--all", action="store_true", help="every quarantined file")
     au = sub.add_parser("audit", help="compare the ledger, the buffer and the lake (catalogue and storage); "
-                        "exit 0 all well, 1 problems found, 2 usage or config error")
+                        "exit 0 all well, 1 problems found, 2 the audit could not run (usage, config, "
+                        "the catalogue unreachable)")
     au.add_argument("--dataset", metavar="SCOPE:NAME", help="only this dataset (what the lake holds in it too)")
     au.add_argument("--night", metavar="YYYY-MM-DD", help="only this observing night (as the rule's "
                     "night_rollover_hour and timezone name it)")
@@ -286,11 +287,18 @@ def audit(settings: Settings, args: argparse.Namespace) -> int:
     """Read-only reconciliation: exit 0 all well, 1 problems found (2: ConfigError, in main)."""
     from . import audit as audit_io
     from .core.audit import render
+    from .errors import EdgeAgentError
     sel = audit_io.Selection(dataset=args.dataset, night=args.night, rule=args.rule)
     ledger = _open_ledger(settings)
     reader, probe, close = audit_io.build(settings)
     try:
         report = audit_io.run_audit(settings, ledger, reader, probe, sel, deep=args.deep, workers=args.workers)
+    except ConfigError:
+        raise
+    except EdgeAgentError as exc:
+        # the catalogue itself could not be read: no verdict at all, which is not "all well"
+        print(f"edge-agent: the audit could not run: {exc}", file=sys.stderr)
+        return 2
     finally:
         close()
         ledger.close()

@@ -7,6 +7,8 @@ import datetime as dt
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -138,3 +140,30 @@ def test_access_api_on_the_local_lake_verifies_what_it_reads(agent, tmp_path: Pa
             lake.download("test:f0.fits", tmp_path / "dl", rse="lake1")
         assert not (tmp_path / "dl" / "f0.fits").exists() and list((tmp_path / "dl").iterdir()) == []
         assert lake.verify("test:f0.fits", rse="lake2") == "lake2"
+
+
+def test_an_unreachable_catalogue_is_no_verdict_exit_2(tmp_path: Path) -> None:
+    from edge_agent.ledger import Ledger
+    from support import free_port, write_toml
+    state = tmp_path / "state"
+    Ledger(state / "ledger.sqlite").close()
+    cfg = write_toml(tmp_path / "a.toml", {
+        "state_dir": str(state),
+        "lake": {"kind": "rucio", "rucio": {"url": f"http://127.0.0.1:{free_port()}", "account": "root",
+                                            "timeout_seconds": 5,
+                                            "auth": {"type": "userpass", "username": "u", "password": "pw"}}},
+        "destinations": {"l1": {"kind": "rse", "rse": "L1"}},
+        "rules": {"daq": {"directory": str(tmp_path / "buf"), "scope": "s", "destinations": ["l1"], "copies": 1,
+                          "dataset_template": "fixed"}}})
+    (tmp_path / "buf").mkdir()
+    # a ledger row that makes the audit ask the catalogue
+    led = Ledger(state / "ledger.sqlite")
+    from edge_agent.core.lifecycle import Event, State
+    rec = led.discover("daq", b"/x/f", "f", dev=1, inode=1, size=1, mtime_ns=1, priority=0)
+    led.transition(rec.id, State.DISCOVERED, Event.COMPLETED)
+    led.transition(rec.id, State.COMPLETE, Event.HASHED, scope="s", name="f", dataset="fixed", adler32="00000001")
+    led.close()
+    r = subprocess.run([sys.executable, "-m", "edge_agent", "-c", str(cfg), "audit"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "the audit could not run" in r.stderr and "Traceback" not in r.stderr and "pw" not in r.stderr
