@@ -118,3 +118,33 @@ def test_audit_a_clean_night_then_every_kind_of_damage(agent, lake) -> None:
     with Lake.connect(lake.url, lake.account, username=lake.env["EDGE_LAKE_RUCIO_USERNAME"],
                       password=lake.env["EDGE_LAKE_RUCIO_PASSWORD"]) as lk:
         assert lk.read_bytes(f"{lake.scope}:{fine}") == files[fine.split(".", 1)[1]]
+
+
+def test_register_in_place_the_released_buffer_copy_is_no_false_alarm(agent, lake) -> None:
+    """The buffer RSE's replica of a deleted file is tombstoned and its bytes are gone: expected."""
+    u = uid()
+    bufdir = lake.data_dir / "data" / "buf" / u
+    bufdir.mkdir(parents=True)
+    os.chmod(bufdir, 0o755)
+    d = rucio_agent(agent, lake, {"daq": {
+        "directory": str(bufdir), "inject": "register", "buffer_rse": lake.buf_rse,
+        "buffer_url": f"{lake.root_url}//data/buf/{u}/", "copies": 2, "rse_expression": "lake=true",
+        "name_template": f"{u}.{{filename}}", "dataset_template": f"{u}.night"}}, destinations={})
+    d.start()
+    files = write_files(d, 2, size=30_000)
+    names = sorted(f"{u}.{k}" for k in files)
+    d.wait_for(lambda: d.counts().get("transferred") == 2, 60, "2 registered in place with rules")
+    # while the lake has not copied yet: in flight, not a problem; the buffer copy does not count
+    rc, doc = audit_json(d)
+    assert rc == 0 and doc["counts"]["in_flight"] == 2, doc
+    fts = FtsPlayer(lake, names, lake.lake_rses)
+    fts.go.set()
+    fts.start()
+    d.wait_for(lambda: d.counts().get("deleted") == 2, 90, "buffer files deleted after both copies")
+    fts.stop.set()
+    assert fts.error is None, fts.error
+    assert list(bufdir.iterdir()) == []
+    rc, doc = audit_json(d)
+    assert rc == 0 and doc["counts"]["ok"] == 2, doc
+    assert all(sorted(f["good_copies"]) == sorted(lake.lake_rses) for f in doc["files"]["ok"])
+    assert d.stop() == 0
