@@ -45,9 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     rt = sub.add_parser("retry", help="send quarantined files back to the step that failed")
     rt.add_argument("ids", nargs="*", type=int, help="ledger ids (see `edge-agent files --state quarantined`)")
     rt.add_argument("--all", action="store_true", help="every quarantined file")
-    au = sub.add_parser("audit", help="compare the ledger, the buffer and the lake (catalogue and storage); "
-                        "exit 0 all well, 1 problems found, 2 the audit could not run (usage, config, "
-                        "the catalogue unreachable)")
+    audit_help = ("compare the ledger, the buffer and the lake (catalogue and storage), read-only; exit 0 all "
+                  "well, 1 problems found, 2 no verdict (usage, config, the catalogue unreachable)")
+    au = sub.add_parser("audit", help=audit_help, description=audit_help)
     au.add_argument("--dataset", metavar="SCOPE:NAME", help="only this dataset (what the lake holds in it too)")
     au.add_argument("--night", metavar="YYYY-MM-DD", help="only this observing night (as the rule's "
                     "night_rollover_hour and timezone name it)")
@@ -55,8 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     au.add_argument("--deep", action="store_true", help="read every copy through and compute its adler32 "
                     "(default: ask the storage for its checksum)")
     au.add_argument("--json", action="store_true", help="print the report as JSON")
-    au.add_argument("--workers", type=int, default=1, help="storages asked at once (default 1: on 2 cores, 4 workers "
-                    "of xrdfs processes were slower than 1)")
+    au.add_argument("--workers", type=int, default=1, help="storages asked at once (default 1; 4 were no faster "
+                    "on a 2-core host)")
     au.add_argument("-v", "--verbose", action="store_true", help="also list confirmed and in-flight files")
     dm = sub.add_parser("demo", help="run the agent on a synthetic night in a scratch directory")
     dm.add_argument("--dir", default=None, help="scratch directory (default: a new one under /tmp)")

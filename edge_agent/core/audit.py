@@ -139,7 +139,7 @@ def judge_file(did: str, ledger: LedgerView | None, cat: CatalogueView | None,
             unsure += not c.is_buffer
             continue
         if c.stored_size is None:
-            if not c.is_buffer or settled is False:
+            if not c.is_buffer or not settled:   # a released buffer copy is gone on purpose
                 findings.append(Finding(Verdict.MISSING_REPLICA,
                                         f"listed {c.listed_state} but the storage holds nothing at {c.url}",
                                         c.location))
