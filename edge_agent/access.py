@@ -159,7 +159,7 @@ class Reader:
             raise PermanentError("root:// needs xrdcp (Debian: xrootd-client)")
         t = str(max(1, int(self.timeout)))
         env = {**os.environ, "XRD_CONNECTIONWINDOW": t, "XRD_CONNECTIONRETRY": "1", "XRD_REQUESTTIMEOUT": t}
-        errs = tempfile.TemporaryFile()   # a file, not a pipe: a chatty stderr cannot block the copy
+        errs = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below; a file, not a pipe: a chatty stderr cannot block the copy
         proc = subprocess.Popen([exe, "--nopbar", url, "-"], stdout=subprocess.PIPE, stderr=errs,
                                 stdin=subprocess.DEVNULL, env=env)
         assert proc.stdout is not None

@@ -175,7 +175,7 @@ def test_storage_tls_is_verified_by_default() -> None:
     r = RucioSettings(url="https://rucio.example", account="a",
                       auth=RucioAuthSettings(type="userpass", username="u", password="p"))
     with storage_client(r, Client()) as c:
-        ctx = c._transport._pool._ssl_context   # noqa: SLF001 - httpx keeps it there
+        ctx = c._transport._pool._ssl_context
         assert ctx.verify_mode is ssl.CERT_REQUIRED and ctx.check_hostname
 
 
