@@ -17,10 +17,11 @@ from .ledger import Ledger
 from .runner import Runner
 from .settings import Settings
 from .status.server import StatusServer
+from .transfer.base import Transport
 
 if TYPE_CHECKING:
     from .lake.rucio_client import RucioClient
-    from .transfer.s3 import Signer
+    from .transfer.s3 import S3Transport, Signer
 
 
 def build_lake(settings: Settings) -> Catalogue:
@@ -31,9 +32,14 @@ def build_lake(settings: Settings) -> Catalogue:
 
 def build_rucio_lake(settings: Settings) -> Catalogue:
     from .lake.rucio import RucioLake
+    client, transports = build_rucio_parts(settings)
+    return RucioLake(settings, transports, client=client, s3=build_s3_transports(settings, client))
+
+
+def build_rucio_parts(settings: Settings) -> tuple[RucioClient, dict[str, Transport]]:
+    """The Rucio client and the storage transports by URL scheme (the agent's, and the audit's)."""
     from .lake.rucio_client import RucioClient
     from .transfer.http import HttpTransport
-    from .transfer.s3 import S3Transport
     from .transfer.xroot import XRootTransport
     r = settings.lake.rucio
     assert r is not None, "settings validation guarantees [lake.rucio] for kind = 'rucio'"
@@ -49,12 +55,19 @@ def build_rucio_lake(settings: Settings) -> Catalogue:
                          max_connections=max(2, settings.transfer_workers))
     root = XRootTransport(timeout=r.timeout_seconds, verify_upload=r.verify_upload,
                           chunk_size=settings.chunk_mb << 20)
-    transports = {"http": http, "https": http, "davs": http, "root": root}
-    s3 = {d.rse: S3Transport(_signer(client, d.rse, d.signed_url_lifetime_seconds),
-                             verify=str(d.ca_cert) if d.ca_cert else True, timeout=r.timeout_seconds,
-                             chunk_size=settings.chunk_mb << 20, max_connections=max(2, settings.transfer_workers))
-          for d in settings.destinations.values() if d.sign_url == "s3" and d.rse}
-    return RucioLake(settings, transports, client=client, s3=s3)
+    transports: dict[str, Transport] = {"http": http, "https": http, "davs": http, "root": root}
+    return client, transports
+
+
+def build_s3_transports(settings: Settings, client: RucioClient) -> dict[str, S3Transport]:
+    """One transport per S3 RSE destination, each signing through Rucio for its RSE."""
+    from .transfer.s3 import S3Transport
+    r = settings.lake.rucio
+    assert r is not None
+    return {d.rse: S3Transport(_signer(client, d.rse, d.signed_url_lifetime_seconds),
+                               verify=str(d.ca_cert) if d.ca_cert else True, timeout=r.timeout_seconds,
+                               chunk_size=settings.chunk_mb << 20, max_connections=max(2, settings.transfer_workers))
+            for d in settings.destinations.values() if d.sign_url == "s3" and d.rse}
 
 
 def _signer(client: RucioClient, rse: str, lifetime: int) -> Signer:

@@ -47,6 +47,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     rt.add_argument("--all", action="store_true", help="every quarantined file")
     sub.add_parser("adopt-ledger", help="make this host the owner of a ledger written on another host or "
                    "for another buffer (after checking it; the agent must be stopped)")
+    audit_help = ("compare the ledger, the buffer and the lake (catalogue and storage), read-only; exit 0 all "
+                  "well, 1 problems found, 2 no verdict (usage, config, the catalogue unreachable)")
+    au = sub.add_parser("audit", help=audit_help, description=audit_help)
+    au.add_argument("--dataset", metavar="SCOPE:NAME", help="only this dataset (what the lake holds in it too)")
+    au.add_argument("--night", metavar="YYYY-MM-DD", help="only this observing night (as the rule's "
+                    "night_rollover_hour and timezone name it)")
+    au.add_argument("--rule", metavar="NAME", help="only this rule's files")
+    au.add_argument("--deep", action="store_true", help="read every copy through and compute its adler32 "
+                    "(default: ask the storage for its checksum)")
+    au.add_argument("--json", action="store_true", help="print the report as JSON")
+    au.add_argument("--workers", type=int, default=1, help="storages asked at once (default 1; 4 were no faster "
+                    "on a 2-core host)")
+    au.add_argument("-v", "--verbose", action="store_true", help="also list confirmed and in-flight files")
     dm = sub.add_parser("demo", help="run the agent on a synthetic night in a scratch directory")
     dm.add_argument("--dir", default=None, help="scratch directory (default: a new one under /tmp)")
     dm.add_argument("--files", type=int, default=12)
@@ -73,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return retry(settings, args.ids, args.all)
         if args.command == "adopt-ledger":
             return adopt_ledger(settings)
+        if args.command == "audit":
+            return audit(settings, args)
     except ConfigError as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return 2
@@ -295,6 +310,32 @@ def retry(settings: Settings, ids: list[int], all_: bool) -> int:
             print(f"#{fid}: not quarantined (state {ledger.get(fid).state.value})", file=sys.stderr)
             rc = 1
     return rc
+
+
+def audit(settings: Settings, args: argparse.Namespace) -> int:
+    """Read-only reconciliation: exit 0 all well, 1 problems found (2: ConfigError, in main)."""
+    from . import audit as audit_io
+    from .core.audit import render
+    from .errors import EdgeAgentError
+    sel = audit_io.Selection(dataset=args.dataset, night=args.night, rule=args.rule)
+    ledger = _open_ledger(settings)
+    reader, probe, close = audit_io.build(settings)
+    try:
+        report = audit_io.run_audit(settings, ledger, reader, probe, sel, deep=args.deep, workers=args.workers)
+    except ConfigError:
+        raise
+    except EdgeAgentError as exc:
+        # the catalogue itself could not be read: no verdict at all, which is not "all well"
+        print(f"edge-agent: the audit could not run: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        close()
+        ledger.close()
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print(render(report, verbose=args.verbose))
+    return 0 if report.ok else 1
 
 
 if __name__ == "__main__":

@@ -488,6 +488,11 @@ class RucioClient:
         data: dict[str, Any] = r.json()
         return data
 
+    def list_content(self, scope: str, name: str) -> list[dict[str, Any]]:
+        """The children of a dataset or container: scope, name, type, bytes, adler32. Raises NotFound."""
+        r = self.request("GET", f"/dids/{_q(scope)}/{_q(name)}/dids", f"GET /dids/{scope}/{name}/dids")
+        return [x for x in self.lines(r) if isinstance(x, dict)]
+
     def add_did(self, scope: str, name: str, did_type: str) -> bool:
         """Create a DATASET or CONTAINER; False if it exists already."""
         try:
