@@ -49,7 +49,7 @@ from .errors import ChecksumMismatch, EdgeAgentError, PermanentError, RetryableE
 from .transfer.http import shown_url, ssl_context, status_error, wire_url
 
 __all__ = ["ChecksumMismatch", "FileInfo", "Lake", "NoReachableReplica", "ObjectMissing", "ReplicaInfo", "Resolver",
-           "VerifiedStream", "direct_url"]
+           "VerifiedStream", "direct_url", "signing_resolver"]
 
 CHUNK = 1 << 20
 # What a URL may be read with, in the order replicas are tried when nothing else is asked.
@@ -256,19 +256,37 @@ class _Bearer(httpx.Auth):
         self._token = token
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        request.headers["Authorization"] = f"Bearer {self._token()}"
+        # a signed URL (S3) carries its own credential: a second one is refused, and the token
+        # is not the gateway's business
+        if "signature=" not in str(request.url.query, "ascii", "replace").lower():
+            request.headers["Authorization"] = f"Bearer {self._token()}"
         yield request
 
 
-def storage_client(r: Any, rucio_client: Any) -> httpx.Client:
+def storage_client(r: Any, rucio_client: Any, extra_cas: Sequence[str] = ()) -> httpx.Client:
     """An httpx client that reads storage with the identity the config gives Rucio (lake.rucio):
-    its CA and tls_verify, its X.509 certificate, or its OIDC token; userpass has none."""
+    its CA and tls_verify, its X.509 certificate, or its OIDC token; userpass has none.
+    `extra_cas`: CA files also trusted (an S3 gateway's, from its destination's ca_cert)."""
     verify: bool | str = str(r.ca_cert) if r.ca_cert else r.tls_verify
     cert = str(r.auth.cert) if r.auth.type == "x509" and r.auth.cert else None
     key = str(r.auth.key) if r.auth.type == "x509" and r.auth.key else None
     auth = _Bearer(rucio_client.token) if r.auth.type == "oidc" else None
-    return httpx.Client(verify=ssl_context(verify, cert, key), timeout=httpx.Timeout(r.timeout_seconds),
+    ctx = ssl_context(verify, cert, key)
+    for ca in extra_cas:
+        if os.path.isdir(ca):
+            ctx.load_verify_locations(capath=ca)
+        else:
+            ctx.load_verify_locations(cafile=ca)
+    return httpx.Client(verify=ctx, timeout=httpx.Timeout(r.timeout_seconds),
                         follow_redirects=True, trust_env=False, auth=auth)
+
+
+def signing_resolver(sign: Callable[[str, str], str], inner: Resolver = direct_url) -> Resolver:
+    """A resolver that first lets `sign(rse, pfn)` turn an S3 RSE's PFN into a signed read URL
+    (other PFNs come back unchanged), then reads it as `inner` would."""
+    def resolve(pfn: str, rse: str) -> str | None:
+        return inner(sign(rse, pfn), rse)
+    return resolve
 
 
 # ------------------------------------------------------------------ catalogues
@@ -366,7 +384,8 @@ class Lake:
             return cls(_LocalCatalogue(s.lake_catalog_path), httpx.Client(timeout=60), resolver=resolver,
                        schemes=schemes)
         assert s.lake.rucio is not None
-        return cls._rucio(s.lake.rucio, resolver, schemes)
+        s3_cas = [str(d.ca_cert) for d in s.destinations.values() if d.sign_url and d.ca_cert]
+        return cls._rucio(s.lake.rucio, resolver, schemes, s3_cas)
 
     @classmethod
     def connect(cls, url: str, account: str, *, username: str | None = None, password: str | None = None,
@@ -383,11 +402,15 @@ class Lake:
         return cls._rucio(r, resolver, schemes)
 
     @classmethod
-    def _rucio(cls, r: Any, resolver: Resolver, schemes: Sequence[str]) -> Lake:
+    def _rucio(cls, r: Any, resolver: Resolver, schemes: Sequence[str], extra_cas: Sequence[str] = ()) -> Lake:
         from .lake.rucio_client import RucioClient
+        from .lake.signed_reads import SignedReadResolver
         client = RucioClient(r)
-        return cls(_RucioCatalogue(client), storage_client(r, client), resolver=resolver, schemes=schemes,
-                   timeout=r.timeout_seconds)
+        if resolver is direct_url:
+            # replicas on S3 RSEs (Rucio's sign_url=s3) are read through URLs Rucio signs
+            resolver = signing_resolver(SignedReadResolver(client))
+        return cls(_RucioCatalogue(client), storage_client(r, client, extra_cas), resolver=resolver,
+                   schemes=schemes, timeout=r.timeout_seconds)
 
     def close(self) -> None:
         self._cat.close()

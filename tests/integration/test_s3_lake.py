@@ -16,7 +16,8 @@ import httpx
 import pytest
 from support import adler32_hex
 
-from edge_agent.errors import RetryableError
+from edge_agent.access import Lake
+from edge_agent.errors import ChecksumMismatch, RetryableError
 from edge_agent.lake.rucio_client import RucioClient
 from edge_agent.lake.signed_reads import SignedReadResolver
 from edge_agent.settings import RucioSettings
@@ -71,6 +72,17 @@ def test_a_night_to_s3_and_xrootd_is_deleted_only_after_both_copies_verify(agent
         assert where == {s3_lake.rse, lake.lake_rses[0]}, e
         assert all(r["adler32"] == e["local_adler32"] for r in e["replicas"])
     assert d.stop() == 0
+
+    # A compute platform reads the night back from S3 with the agent's config and nothing else:
+    # the access API signs through Rucio, trusts the gateway's CA from the destination, verifies adler32.
+    first, data = next(iter(names.items()))
+    with Lake.from_config(d.config) as analysis:
+        assert {f.name for f in analysis.list_files(f"{lake.scope}:{u}.night")} == set(names)
+        assert analysis.read_bytes(f"{lake.scope}:{first}", rse=s3_lake.rse) == data
+        s3_lake.put(s3_lake.pfn(lake.scope, first), b"X" + data[1:])        # the bucket's copy rots
+        with pytest.raises(ChecksumMismatch):
+            analysis.read_bytes(f"{lake.scope}:{first}", rse=s3_lake.rse)
+        assert analysis.read_bytes(f"{lake.scope}:{first}", rse=lake.lake_rses[0]) == data
 
 
 def test_an_s3_copy_whose_etag_does_not_match_is_not_counted(agent, lake, s3_lake) -> None:

@@ -16,7 +16,9 @@ from edge_agent.access import (
     NoReachableReplica,
     ReplicaInfo,
     _Catalogue,
+    _Bearer,
     direct_url,
+    signing_resolver,
     storage_client,
 )
 from edge_agent.settings import RucioAuthSettings, RucioSettings
@@ -135,6 +137,31 @@ def test_resolution_is_pluggable_for_signed_urls() -> None:
     assert direct_url("s3://bucket/key", "S3") is None            # the default cannot read it
     lk, asked = lake({"bucket": DATA}, [ReplicaInfo("S3", "s3://bucket/f.fits", "AVAILABLE")], resolver=signer)
     assert lk.read_bytes("s:f.fits") == DATA and asked == ["https://bucket/f.fits?X-Amz-Signature=abc"]
+
+
+def test_signing_resolver_signs_through_rucio_then_reads_as_the_default() -> None:
+    signed: list[tuple[str, str]] = []
+
+    def sign(rse: str, pfn: str) -> str:          # SignedReadResolver's order: (rse, pfn)
+        signed.append((rse, pfn))
+        return pfn + "?X-Amz-Signature=abc" if rse == "S3" else pfn
+    resolve = signing_resolver(sign)
+    assert resolve("https://gw/b/k", "S3") == "https://gw/b/k?X-Amz-Signature=abc"
+    assert resolve("davs://x/f", "XRD") == "https://x/f"          # then read as direct_url would
+    assert resolve("gsiftp://x/f", "OLD") is None
+    assert signed == [("S3", "https://gw/b/k"), ("XRD", "davs://x/f"), ("OLD", "gsiftp://x/f")]
+
+
+def test_a_bearer_token_is_never_sent_with_a_signed_url() -> None:
+    seen: list[str | None] = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        seen.append(req.headers.get("Authorization"))
+        return httpx.Response(200)
+    with httpx.Client(transport=httpx.MockTransport(handler), auth=_Bearer(lambda: "tok")) as c:
+        c.get("https://storage/f")
+        c.get("https://gw/b/k?X-Amz-Credential=a&X-Amz-Signature=abc")
+    assert seen == ["Bearer tok", None]
 
 
 def test_a_file_without_registered_adler32_is_never_called_verified() -> None:
