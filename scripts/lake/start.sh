@@ -78,8 +78,8 @@ install_packages() {
         trap 'rm -f /usr/sbin/policy-rc.d' EXIT
     fi
     {
-        DEBIAN_FRONTEND=noninteractive apt-get update -q &&
-            DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}"
+        DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 update -q &&
+            DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends "${need[@]}"
     } </dev/null >"$LOG_DIR/apt.log" 2>&1 || rc=$?
     if ((made_policy)); then
         rm -f /usr/sbin/policy-rc.d

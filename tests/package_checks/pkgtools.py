@@ -44,11 +44,14 @@ def apt_install(*packages: str) -> str | None:
     if shutil.which("apt-get") is None:
         return "no apt-get"
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages]
-    if subprocess.run(cmd, capture_output=True, env=env, timeout=600, check=False).returncode == 0:
+    # wait for a dpkg lock held by another apt (unattended-upgrades on a fresh machine, the lake
+    # scripts' installs) instead of failing at once
+    apt = ["apt-get", "-o", "DPkg::Lock::Timeout=600"]
+    cmd = [*apt, "install", "-y", "-q", "--no-install-recommends", *packages]
+    if subprocess.run(cmd, capture_output=True, env=env, timeout=900, check=False).returncode == 0:
         return None
-    subprocess.run(["apt-get", "update", "-q"], check=False, capture_output=True, env=env, timeout=600)
-    p = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=600)
+    subprocess.run([*apt, "update", "-q"], check=False, capture_output=True, env=env, timeout=900)
+    p = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=900)
     return None if p.returncode == 0 else f"apt-get install {' '.join(packages)} failed: {p.stderr[-500:]}"
 
 

@@ -46,7 +46,8 @@ def promtool() -> Path:
     work.mkdir()
     get = ["apt-get", "download", "prometheus"]
     if subprocess.run(get, cwd=work, capture_output=True, timeout=300, check=False).returncode != 0:
-        subprocess.run(["apt-get", "update", "-q"], capture_output=True, timeout=300, check=False)
+        subprocess.run(["apt-get", "-o", "DPkg::Lock::Timeout=600", "update", "-q"], capture_output=True, timeout=900,
+                       check=False)
         p = subprocess.run(get, cwd=work, capture_output=True, text=True, timeout=300, check=False)
         if p.returncode != 0:
             pytest.skip(f"cannot download Debian's prometheus package for promtool: {p.stderr[-500:]}")
