@@ -155,7 +155,18 @@ def test_the_page_shows_what_the_agent_has_and_follows_it_without_reloading(
         assert "<img" not in dom_text and "&lt;img src=x onerror=alert(1)&gt;.fits" in dom_text
         assert re.fullmatch(r"\d+(\.\d+)?%", dom.get("disk-used-percent", "daq"))
         assert dom.get("disk-level", "daq") in ("ok", "warning", "critical")
-        assert "sent per minute, last hour" in dom_text and "<polyline" in dom_text
+        # the disk against the rule's own watermarks, as the agent reports them
+        disk = d.status()["rules"]["daq"]["disk"]
+        # (as JavaScript prints numbers: 80.0 is "80")
+        assert f"watermarks {disk['warn_percent']:g}% / {disk['critical_percent']:g}%" in dom_text
+        assert dom_text.count('title="warning watermark"') == 1 and 'title="critical watermark"' in dom_text
+        # throughput over time: the minute in which a.fits and b.fits went out is a point above zero
+        peak = re.search(r"sent per minute, last hour \(peak ([^)]*)\)", dom_text)
+        assert peak and peak.group(1) != "0 B/s", peak and peak.group(1)
+        assert "<polyline" in dom_text
+        # recent errors: the zero-byte file's permanent failure, with its reason, as text
+        errors = dom.get("recent-errors")
+        assert "onerror=alert(1)>.fits" in errors and "zero-byte" in errors and "quarantined" in errors
 
         # the page as it was, before anything else happened
         code, stale = d.get("/")

@@ -158,3 +158,34 @@ def test_selection_errors_are_usage_errors(env) -> None:  # type: ignore[no-unty
     with pytest.raises(ConfigError, match="scope:name"):
         Selection(dataset="daq.20261124")
     assert Selection(night="2026-11-24").night == "20261124"
+
+
+def test_rule_selects_that_rules_files_and_buffer_only(tmp_path: Path) -> None:
+    """--rule: the other rule's ledger rows are not judged, its DIDs not asked about, and a stray
+    file in its buffer is not reported."""
+    bufs = {r: tmp_path / r for r in ("cam", "spec")}
+    for b in [*bufs.values(), tmp_path / "l1"]:
+        b.mkdir()
+    s = load_settings(None, state_dir=tmp_path / "state", rescan_seconds=60,
+                      destinations={"l1": {"path": str(tmp_path / "l1")}},
+                      rules={r: {"directory": str(b), "scope": "s", "destinations": ["l1"], "copies": 1,
+                                 "dataset_template": f"{r}.{{night}}"} for r, b in bufs.items()})
+    led = Ledger(s.ledger_path)
+    for rule, name in (("cam", "c.fits"), ("spec", "p.fits")):
+        rec = led.discover(rule, os.fsencode(bufs[rule] / name), name, dev=1, inode=len(name) + len(rule),
+                           size=100, mtime_ns=int(NIGHT_24 * 1e9), priority=0)
+        led.transition(rec.id, S.DISCOVERED, E.COMPLETED)
+        led.transition(rec.id, S.COMPLETE, E.HASHED, blake3="b", adler32=A, scope="s", name=name,
+                       dataset=f"{rule}.20261124")
+    for rule, b in bufs.items():            # an old stray file in each buffer
+        (b / f"stray-{rule}.fits").write_bytes(b"x")
+        os.utime(b / f"stray-{rule}.fits", (NIGHT_23, NIGHT_23))
+    lake = FakeLake()
+    r = run_audit(s, led, lake, storage({}), Selection(rule="spec"), now=NOW)
+    assert r.selection == "rule spec"
+    assert sorted(f.did for f in r.files) == sorted(["s:p.fits", str(bufs["spec"] / "stray-spec.fits")])
+    assert lake.asked == [("s", "p.fits")]
+    r = run_audit(s, led, FakeLake(), storage({}), Selection(), now=NOW)
+    assert sorted(f.did for f in r.files) == sorted(["s:c.fits", "s:p.fits", str(bufs["cam"] / "stray-cam.fits"),
+                                                     str(bufs["spec"] / "stray-spec.fits")])
+    led.close()
