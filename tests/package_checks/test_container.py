@@ -1,5 +1,5 @@
-"""Static checks of packaging/container/Containerfile (no image is built here: that needs a base
-image from a registry), and its HEALTHCHECK command run against a stand-in status server."""
+"""Static checks of packaging/container/Containerfile, and its HEALTHCHECK command run against a
+stand-in status server. The image itself is built and run in test_container_image.py."""
 
 from __future__ import annotations
 
