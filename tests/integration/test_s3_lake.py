@@ -214,3 +214,26 @@ def test_the_agents_own_s3_copy_overwritten_is_rewritten_never_counted(agent, la
     history = [e for e in d.events() if "failed verification" in str(e.get("reason", ""))]
     assert history, "the rewrite was for a failed verification"
     assert d.stop() == 0
+
+
+def test_a_file_larger_than_one_signed_put_is_quarantined_with_the_reason(agent, lake, s3_lake) -> None:
+    """5 GiB + 1 byte (a sparse file: hashing reads zeros, ~10-30 s) to a rule with an S3 destination:
+    quarantined before anything is registered or sent, kept in the buffer, the reason says why."""
+    u = uid()
+    dests = {"s3": s3_lake.destination(), "lake1": {"kind": "rse", "rse": lake.lake_rses[0], "scheme": "http"}}
+    d = agent(rules={"daq": {"scope": lake.scope, "completion": ["renamed"], "destinations": ["s3", "lake1"],
+                             "copies": 2, "md5": True, "name_template": f"{u}.{{filename}}",
+                             "dataset_template": f"{u}.night"}},
+              destinations=dests, lake=lake.agent_lake_config())
+    d.start()
+    tmp = d.rule_dir() / "huge.fits.part"
+    with open(tmp, "wb") as fh:
+        fh.truncate((5 << 30) + 1)
+    os.rename(tmp, d.rule_dir() / "huge.fits")
+    d.wait_for(lambda: d.counts().get("quarantined") == 1, 300, "the 5 GiB + 1 file quarantined")
+    (f,) = d.files()
+    assert "more than one signed PUT" in f["reason"] and s3_lake.rse in f["reason"], f["reason"]
+    assert (d.rule_dir() / "huge.fits").stat().st_size == (5 << 30) + 1, "kept in the buffer"
+    assert lake.call("GET", f"/dids/{lake.scope}/{u}.huge.fits", ok=(404,)).status_code == 404, "not registered"
+    assert s3_lake.get(s3_lake.pfn(lake.scope, f"{u}.huge.fits")).status_code == 404, "nothing sent"
+    assert d.stop() == 0
