@@ -31,6 +31,7 @@ import io
 import os
 import shutil
 import sqlite3
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -263,20 +264,27 @@ class _Bearer(httpx.Auth):
         yield request
 
 
-def storage_client(r: Any, rucio_client: Any, extra_cas: Sequence[str] = ()) -> httpx.Client:
-    """An httpx client that reads storage with the identity the config gives Rucio (lake.rucio):
-    its CA and tls_verify, its X.509 certificate, or its OIDC token; userpass has none.
-    `extra_cas`: CA files also trusted (an S3 gateway's, from its destination's ca_cert)."""
+def storage_tls(r: Any, extra_cas: Sequence[str] = ()) -> ssl.SSLContext:
+    """The TLS context storage is read with: the config's lake.rucio CA, tls_verify and X.509
+    certificate, plus `extra_cas` (an S3 gateway's, from its destination's ca_cert)."""
     verify: bool | str = str(r.ca_cert) if r.ca_cert else r.tls_verify
     cert = str(r.auth.cert) if r.auth.type == "x509" and r.auth.cert else None
     key = str(r.auth.key) if r.auth.type == "x509" and r.auth.key else None
-    auth = _Bearer(rucio_client.token) if r.auth.type == "oidc" else None
     ctx = ssl_context(verify, cert, key)
     for ca in extra_cas:
         if os.path.isdir(ca):
             ctx.load_verify_locations(capath=ca)
         else:
             ctx.load_verify_locations(cafile=ca)
+    return ctx
+
+
+def storage_client(r: Any, rucio_client: Any, extra_cas: Sequence[str] = ()) -> httpx.Client:
+    """An httpx client that reads storage with the identity the config gives Rucio (lake.rucio):
+    its CA and tls_verify, its X.509 certificate, or its OIDC token; userpass has none.
+    `extra_cas`: CA files also trusted (an S3 gateway's, from its destination's ca_cert)."""
+    auth = _Bearer(rucio_client.token) if r.auth.type == "oidc" else None
+    ctx = storage_tls(r, extra_cas)
     return httpx.Client(verify=ctx, timeout=httpx.Timeout(r.timeout_seconds),
                         follow_redirects=True, trust_env=False, auth=auth)
 

@@ -49,6 +49,7 @@ class CopyCheck:
     listed_state: str             # the catalogue's state: AVAILABLE, COPYING, ... ("AVAILABLE" for local)
     stored_size: int | None = None
     stored_adler32: str | None = None
+    stored_md5: str | None = None  # S3: the ETag of a single-PUT object (S3 knows no adler32)
     error: str | None = None
     checked: bool = True          # False: not asked (not AVAILABLE, or the buffer's own copy)
     is_buffer: bool = False       # register-in-place: the buffer RSE's record of the local file
@@ -65,6 +66,7 @@ class LedgerView:
     adler32: str | None
     copies: int
     reason: str | None = None
+    md5: str | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ class CatalogueView:
     size: int | None
     adler32: str | None
     copies: tuple[CopyCheck, ...] = ()
+    md5: str | None = None
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,9 @@ def judge_file(did: str, ledger: LedgerView | None, cat: CatalogueView | None,
     findings: list[Finding] = []
     size = ledger.size if ledger and ledger.size is not None else (cat.size if cat else None)
     adler = normalise_adler32(ledger.adler32 if ledger and ledger.adler32 else (cat.adler32 if cat else None))
+    # S3 copies are judged by their ETag against the MD5 the agent computed (recorded in the ledger
+    # and registered in the catalogue), as the agent itself does before it counts them
+    md5 = ((ledger.md5 if ledger and ledger.md5 else None) or (cat.md5 if cat else None) or "").lower() or None
     wanted = ledger.copies if ledger else 1
     settled = ledger is None or ledger.state in SETTLED
     # a ledger file not yet registered is not expected in the catalogue at all
@@ -149,8 +155,15 @@ def judge_file(did: str, ledger: LedgerView | None, cat: CatalogueView | None,
         if c.stored_size != size:
             findings.append(Finding(Verdict.CHECKSUM_MISMATCH,
                                     f"the storage holds {c.stored_size} bytes, {size} expected", c.location))
+        elif got is None and c.stored_md5 is not None and md5 is not None:
+            if c.stored_md5.lower() != md5:
+                findings.append(Finding(Verdict.CHECKSUM_MISMATCH,
+                                        f"the storage's ETag {c.stored_md5} is not the MD5 {md5} expected", c.location))
+            elif not c.is_buffer:
+                good.append(c.location)
         elif got is None:
-            findings.append(Finding(Verdict.UNVERIFIABLE, "the storage gives no adler32 for this copy", c.location))
+            findings.append(Finding(Verdict.UNVERIFIABLE, "the storage gives no adler32 (nor an MD5 ETag to compare "
+                                    "with a recorded MD5) for this copy", c.location))
             unsure += not c.is_buffer
         elif got != adler:
             findings.append(Finding(Verdict.CHECKSUM_MISMATCH,

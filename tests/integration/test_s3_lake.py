@@ -5,6 +5,7 @@ Started by scripts/lake/s3-start.sh through the s3_lake fixture."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 import uuid
@@ -73,6 +74,15 @@ def test_a_night_to_s3_and_xrootd_is_deleted_only_after_both_copies_verify(agent
         assert all(r["adler32"] == e["local_adler32"] for r in e["replicas"])
     assert d.stop() == 0
 
+    # the audit sees the same: every S3 copy checked by size and ETag (no adler32 in S3), or read
+    # through a signed URL with --deep; the XRootD copy by its adler32
+    for args in ((), ("--deep",)):
+        r = d.cli("audit", "--json", "--dataset", f"{lake.scope}:{u}.night", *args)
+        assert r.returncode == 0, (args, r.stdout[-3000:], r.stderr[-2000:])
+        doc = json.loads(r.stdout)
+        assert doc["counts"]["ok"] == 6, (args, doc["counts"])
+        assert all(sorted(f["good_copies"]) == sorted([s3_lake.rse, lake.lake_rses[0]]) for f in doc["files"]["ok"])
+
     # A compute platform reads the night back from S3 with the agent's config and nothing else:
     # the access API signs through Rucio, trusts the gateway's CA from the destination, verifies adler32.
     first, data = next(iter(names.items()))
@@ -109,6 +119,10 @@ def test_an_s3_copy_whose_etag_does_not_match_is_not_counted(agent, lake, s3_lak
                "the S3 copy reported as not matching")
     time.sleep(3)
     assert d.counts().get("deleted") is None and (d.rule_dir() / fname).exists(), "never counted"
+    r = d.cli("audit", "--json")                       # the audit names the bad S3 copy too
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    (bad,) = json.loads(r.stdout)["files"]["checksum_mismatch"]
+    assert any(x["location"] == s3_lake.rse and "ETag" in x["detail"] for x in bad["findings"]), bad
     s3_lake.put(pfn, data)                                           # the lake mends its copy
     d.wait_for(lambda: d.counts().get("deleted") == 1, 60, "deleted once the S3 copy verifies")
     assert d.stop() == 0

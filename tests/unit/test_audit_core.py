@@ -125,6 +125,30 @@ def test_a_storage_without_checksum_is_unverifiable() -> None:
     assert judge_file("s:f", led(), cat(copy("L1"), copy("L2", adler=None))).verdict is Verdict.UNVERIFIABLE
 
 
+MD5 = "5d41402abc4b2a76b9719d911017c592"
+
+
+def test_an_s3_copy_counts_by_its_etag_against_the_recorded_md5() -> None:
+    """S3 has no adler32: a copy whose ETag is the MD5 the ledger recorded is good (the agent's
+    own rule); the catalogue's MD5 serves when the ledger has none (a lake-only DID)."""
+    s3 = copy("S3", adler=None, stored_md5=MD5.upper())
+    with_md5 = LedgerView(7, "daq", "n1/f.fits", State.DELETED, 100, A, 2, None, MD5)
+    a = judge_file("s:f", with_md5, cat(copy("L1"), s3))
+    assert a.verdict is Verdict.OK and a.good_copies == ("L1", "S3")
+    assert judge_file("s:f", led(), CatalogueView(100, A, (copy("L1"), s3), MD5)).verdict is Verdict.OK
+
+
+def test_an_s3_copy_with_another_etag_is_a_checksum_mismatch_and_without_md5_unverifiable() -> None:
+    with_md5 = LedgerView(7, "daq", "n1/f.fits", State.DELETED, 100, A, 2, None, MD5)
+    a = judge_file("s:f", with_md5, cat(copy("L1"), copy("S3", adler=None, stored_md5="0" * 32)))
+    assert a.verdict is Verdict.CHECKSUM_MISMATCH and a.good_copies == ("L1",)
+    assert any(f.location == "S3" and "ETag" in f.detail for f in a.findings)
+    # no MD5 recorded anywhere (md5 = false), or a multipart ETag (no MD5): nothing to compare
+    assert judge_file("s:f", led(), cat(copy("L1"), copy("S3", adler=None, stored_md5=MD5))).verdict \
+        is Verdict.UNVERIFIABLE
+    assert judge_file("s:f", with_md5, cat(copy("L1"), copy("S3", adler=None))).verdict is Verdict.UNVERIFIABLE
+
+
 def test_the_buffer_copy_never_counts_and_may_be_gone_after_deletion() -> None:
     buf = copy("BUF", size=None, adler=None, is_buffer=True)
     assert judge_file("s:f", led(), cat(buf, copy("L1"), copy("L2"))).verdict is Verdict.OK

@@ -38,7 +38,7 @@ class FakeLake:
 
 
 def storage(answers: dict[str, RemoteStat | None | Exception]):  # type: ignore[no-untyped-def]
-    def probe(url: str, deep: bool) -> RemoteStat | None:
+    def probe(location: str, url: str, deep: bool) -> RemoteStat | None:
         a = answers.get(url)
         if isinstance(a, Exception):
             raise a
