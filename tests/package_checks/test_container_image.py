@@ -82,7 +82,7 @@ def podman(tmp_path_factory: pytest.TempPathFactory) -> Podman:
     if not is_root():
         pytest.skip("podman here needs root (rootful storage under /var/tmp)")
     tools = all(shutil.which(t) for t in ("podman", "runc", "debootstrap"))
-    if not tools and (why := apt_install("podman", "buildah", "runc", "debootstrap")) is not None:
+    if not tools and (why := apt_install("podman", "runc", "debootstrap")) is not None:
         pytest.skip(f"podman is missing and cannot be installed: {why}")
     conf = tmp_path_factory.mktemp("podman-conf")
     (conf / "storage.conf").write_text(
