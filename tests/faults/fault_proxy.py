@@ -131,8 +131,11 @@ class FaultProxy:
                 self._faults.remove(fault)
 
     def clear(self) -> None:
+        """No faults any more, and nothing counted or logged yet (a fresh start for the next test)."""
         with self._lock:
             self._faults.clear()
+            self._hits.clear()
+            self.log.clear()
 
     def reset(self, after_bytes: int = 0, match: Match = anything, times: int | None = None) -> Fault:
         return self.add(Fault("reset", match, times, after_bytes=after_bytes))
