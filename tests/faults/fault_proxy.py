@@ -8,7 +8,8 @@ or Rucio), with faults a test switches on and off while the agent runs.
 
 Faults (each applies to requests its `match` accepts, at most `times` times, or until removed):
   reset     forward the head and `after_bytes` of the body, then reset both connections (TCP RST):
-            a connection lost mid-upload (the storage keeps what it got, as XRootD does)
+            a connection lost mid-upload (the storage keeps what it got, as XRootD does); with
+            after_bytes=0 nothing is forwarded (a server that is not there)
   answer    answer `status` (with headers/body) without forwarding; the body is read and dropped
   stall     read the request, say nothing for `seconds`, then close; forward=True sends it upstream
             first (the upload lands, the answer never comes)
@@ -267,6 +268,10 @@ class FaultProxy:
         if fault and kind == "delay":
             self._note(req, f"delay {fault.seconds}s")
             self._stop.wait(fault.seconds)
+        if fault and kind == "reset" and fault.after_bytes == 0:
+            self._note(req, "reset")             # refused at once: nothing reaches the upstream
+            self._close(client, rst=True)
+            return False
         up = self._track(socket.create_connection(self.upstream, timeout=600))
         try:
             up.sendall(head.encode())
