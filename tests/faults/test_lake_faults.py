@@ -19,7 +19,8 @@ import pytest
 
 from support import Daemon
 from tests.faults.fault_proxy import FaultProxy, on
-from tests.integration.test_rucio_lake import check_in_lake, rucio_agent, uid
+from tests.faults.test_storage_faults import delivered_intact, invariants_hold
+from tests.integration.test_rucio_lake import rucio_agent, uid
 
 pytestmark = [pytest.mark.integration, pytest.mark.lake]
 
@@ -53,51 +54,49 @@ def lake_not_ready(d: Daemon) -> str:
     return " ".join(why)
 
 
-def held(d: Daemon, files: dict[str, bytes], deleted_before: int) -> None:
+def held(d: Daemon, lake: Any, u: str, files: dict[str, bytes], during: dict[str, bytes],
+         deleted_before: int) -> None:
     """Nothing more deleted, nothing quarantined, every waiting file still there with its bytes."""
     time.sleep(2)      # a window in which a wrong deletion would show
     counts = d.counts()
     assert counts.get("deleted", 0) == deleted_before and "quarantined" not in counts, counts
-    assert {p.name: p.read_bytes() for p in d.rule_dir().iterdir()} == files
+    assert {p.name: p.read_bytes() for p in d.rule_dir().iterdir()} == during
+    invariants_hold(d, lake, lake.lake_rses[0], u, files, settled=False)
 
 
 def delivered(d: Daemon, lake: Any, u: str, files: dict[str, bytes]) -> None:
-    d.wait_for(lambda: d.counts().get("deleted") == len(files), 90, "everything delivered")
+    """Everything delivered intact (test_storage_faults.delivered_intact), in its dataset, /readyz green."""
+    delivered_intact(d, lake, lake.lake_rses[0], u, files)
     d.wait_for(lambda: d.get("/readyz")[0] == 200, 60, "/readyz green again")
-    assert list(d.rule_dir().iterdir()) == []
-    check_in_lake(lake, {f"{u}.{k}": v for k, v in files.items()}, [lake.lake_rses[0]])
     ds = lake.lines(lake.call("GET", f"/dids/{lake.scope}/{u}.ds/dids"))
     assert sorted(x["name"] for x in ds) == sorted(f"{u}.{k}" for k in files)
-    for e in (e for e in d.events() if e.get("event") == "deleted"):
-        assert e["replicas"] and all(r["adler32"] == e["local_adler32"] for r in e["replicas"]), e
-    assert "quarantined" not in d.counts()
 
 
-def outage(d: Daemon, lake: Any, u: str, proxy: FaultProxy, fault_on: Any) -> str:
+def outage(d: Daemon, lake: Any, u: str, proxy: FaultProxy, fault_on: Any) -> tuple[str, dict[str, bytes]]:
     """Deliver 2 files, switch the fault on (fault_on() returns it), write 3 more: they must wait,
-    /readyz says why; the fault off: all 5 delivered. Returns what /readyz said."""
+    /readyz says why; the fault off: all 5 delivered. Returns what /readyz said, and the files."""
     d.start()
     files = write(d, "before", 2)
     d.wait_for(lambda: d.counts().get("deleted") == 2, 60, "delivery before the fault")
     fault = fault_on()
     files.update(during := write(d, "during", 3))
     why = lake_not_ready(d)
-    held(d, during, 2)
+    held(d, lake, u, files, during, 2)
     proxy.remove(fault)
     delivered(d, lake, u, files)
-    return why
+    return why, files
 
 
 def test_rucio_unreachable(agent: Any, lake: Any, rucio_proxy: FaultProxy) -> None:
     d, u = lake_agent(agent, lake, rucio_proxy)
-    why = outage(d, lake, u, rucio_proxy, lambda: rucio_proxy.reset())
+    why, _ = outage(d, lake, u, rucio_proxy, lambda: rucio_proxy.reset())
     assert "Rucio at" in why
     assert rucio_proxy.hits("reset") > 0
 
 
 def test_rucio_slower_than_the_timeout(agent: Any, lake: Any, rucio_proxy: FaultProxy) -> None:
     d, u = lake_agent(agent, lake, rucio_proxy)
-    why = outage(d, lake, u, rucio_proxy, lambda: rucio_proxy.delay(2 * TIMEOUT_S))
+    why, _ = outage(d, lake, u, rucio_proxy, lambda: rucio_proxy.delay(2 * TIMEOUT_S))
     assert "no answer in time" in why
 
 
@@ -113,7 +112,7 @@ def test_rucio_a_little_slow_is_absorbed(agent: Any, lake: Any, rucio_proxy: Fau
 def test_rucio_answering_5xx(agent: Any, lake: Any, rucio_proxy: FaultProxy) -> None:
     d, u = lake_agent(agent, lake, rucio_proxy)
     # a gateway in front of Rucio that has lost it: 502 with no Rucio exception class
-    why = outage(d, lake, u, rucio_proxy, lambda: rucio_proxy.answer(502, body=b"<html>Bad Gateway</html>"))
+    why, files = outage(d, lake, u, rucio_proxy, lambda: rucio_proxy.answer(502, body=b"<html>Bad Gateway</html>"))
     assert "502" in why
     # then Rucio itself, briefly: its database busy on the writes
     more = write(d, "busy", 3)
@@ -123,7 +122,7 @@ def test_rucio_answering_5xx(agent: Any, lake: Any, rucio_proxy: FaultProxy) -> 
                                                 "ExceptionMessage": "database is locked"}).encode())
     d.wait_for(lambda: d.counts().get("deleted") == 8, 90, "delivery through a busy database")
     assert burst.hits == 6
-    check_in_lake(lake, {f"{u}.{k}": v for k, v in more.items()}, [lake.lake_rses[0]])
+    invariants_hold(d, lake, lake.lake_rses[0], u, {**files, **more}, settled=True)
 
 
 def test_expired_token_is_renewed(agent: Any, lake: Any, rucio_proxy: FaultProxy) -> None:

@@ -29,6 +29,8 @@ import pytest
 
 from support import Daemon
 from tests.faults.fault_proxy import FaultProxy, Request, on
+from tests.faults.lake_invariants import check
+from tests.faults.local_invariants import Manifest
 from tests.integration.test_rucio_lake import check_in_lake, rucio_agent, uid
 
 pytestmark = [pytest.mark.integration, pytest.mark.lake]
@@ -77,16 +79,27 @@ def write(d: Daemon, n: int) -> dict[str, bytes]:
     return out
 
 
-def kept(d: Daemon, files: dict[str, bytes]) -> bool:
-    """Every local file still there, with its bytes, and none counted deleted."""
+def invariants_hold(d: Daemon, lake: Any, rse: str, u: str, files: dict[str, bytes], settled: bool) -> None:
+    """tests/faults/lake_invariants.py on buffer, ledger, Rucio and storage: nothing lost, nothing
+    deleted without its copies, and once settled nothing half-done (no partial upload left behind)."""
+    m = Manifest(d.rule_dir())
+    for name, data in files.items():
+        m.record(name, data)
+    problems = check(m, d.state / "ledger.sqlite", lake, u, copies=1, settled=settled, rses=[rse])
+    assert problems == [], "\n".join(problems)
+
+
+def kept(d: Daemon, lake: Any, rse: str, u: str, files: dict[str, bytes]) -> bool:
+    """Every local file still there, with its bytes, none counted deleted, the invariants hold."""
     assert d.counts().get("deleted") is None, d.counts()
     assert {p.name: p.read_bytes() for p in d.rule_dir().iterdir()} == files
+    invariants_hold(d, lake, rse, u, files, settled=False)
     return True
 
 
 def delivered_intact(d: Daemon, lake: Any, rse: str, u: str, files: dict[str, bytes]) -> None:
     """All deleted locally, each on the storage with its original bytes, each deletion's evidence a
-    replica with the local size and adler32, nothing quarantined."""
+    replica with the local size and adler32, nothing quarantined, nothing half-done."""
     d.wait_for(lambda: d.counts().get("deleted") == len(files), 90, "every file delivered and deleted")
     assert list(d.rule_dir().iterdir()) == []
     names = {f"{u}.{k}": v for k, v in files.items()}
@@ -99,6 +112,7 @@ def delivered_intact(d: Daemon, lake: Any, rse: str, u: str, files: dict[str, by
         assert e["replicas"] and all(r["adler32"] == e["local_adler32"] and r["size"] == e["local_size"]
                                      for r in e["replicas"]), e
     assert "quarantined" not in d.counts()
+    invariants_hold(d, lake, rse, u, files, settled=True)
 
 
 def failures(d: Daemon, text: str) -> list[dict[str, Any]]:
@@ -196,13 +210,13 @@ def test_a_storage_that_keeps_lying_quarantines_and_keeps_the_files(agent: Any, 
     d.start()
     files = write(d, 2)
     d.wait_for(lambda: d.counts().get("quarantined") == 2, 90, "quarantine after 3 bad copies each")
-    assert kept(d, files)
+    assert kept(d, lake, rse, u, files)
     for name in files:                             # Rucio never lists the lied-about copy as AVAILABLE
         assert lake.replicas(lake.scope, f"{u}.{name}")["states"].get(rse) != "AVAILABLE"
     reasons = [f["reason"] for f in d.files()]
     assert all("storage checksum mismatch" in r for r in reasons), reasons
     storage_proxy.remove(liar)                     # the storage is mended; the operator retries
     time.sleep(1)
-    assert kept(d, files)
+    assert kept(d, lake, rse, u, files)
     assert d.cli("retry", "--all").returncode == 0
     delivered_intact(d, lake, rse, u, files)
