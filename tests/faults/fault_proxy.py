@@ -31,7 +31,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO, Literal
+from typing import BinaryIO, Literal, Self
 from urllib.parse import urlsplit
 
 Kind = Literal["reset", "answer", "stall", "truncate", "digest", "delay"]
@@ -74,9 +74,9 @@ class Fault:
     forward: bool = False
     keep_bytes: int = 1
     hits: int = 0
-    proxy: "FaultProxy | None" = None
+    proxy: FaultProxy | None = None
 
-    def __enter__(self) -> "Fault":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -168,7 +168,7 @@ class FaultProxy:
             return [x for x in self.log if (method is None or x[0] == method) and (path is None or path in x[1])]
 
     # ------------------------------------------------------------ life
-    def start(self) -> "FaultProxy":
+    def start(self) -> FaultProxy:
         t = threading.Thread(target=self._accept, name=f"fault-proxy-{self.port}", daemon=True)
         t.start()
         self._threads.append(t)

@@ -9,6 +9,7 @@ import os
 import threading
 import zlib
 from collections.abc import Iterator
+from typing import ClassVar
 
 import httpx
 import pytest
@@ -19,15 +20,10 @@ from tests.faults.fault_proxy import FaultProxy, lie_about_adler32, on, running
 class Store(http.server.BaseHTTPRequestHandler):
     """PUT keeps a body, HEAD answers its size and adler32 Digest, GET sends it back chunked."""
     protocol_version = "HTTP/1.1"
-    files: dict[str, bytes] = {}
-    connections: set[int] = set()
+    files: ClassVar[dict[str, bytes]] = {}
 
     def log_message(self, *args: object) -> None:
         pass
-
-    def setup(self) -> None:
-        super().setup()
-        Store.connections.add(id(self.connection))
 
     def do_PUT(self) -> None:
         n = int(self.headers["Content-Length"])
@@ -64,7 +60,7 @@ class Store(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def proxy() -> Iterator[FaultProxy]:
-    Store.files, Store.connections = {}, set()
+    Store.files.clear()
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Store)
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()
@@ -117,9 +113,8 @@ def test_answers_5xx_without_forwarding_as_often_as_told(proxy: FaultProxy) -> N
 
 
 def test_stall_outlasts_the_client_timeout(proxy: FaultProxy) -> None:
-    with proxy.stall(30, match=on("HEAD")):
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.head(proxy.url + "/c", timeout=0.5)
+    with proxy.stall(30, match=on("HEAD")), pytest.raises(httpx.ReadTimeout):
+        httpx.head(proxy.url + "/c", timeout=0.5)
     assert httpx.head(proxy.url + "/c", timeout=30).status_code == 404    # removed: forwarded again
 
 

@@ -16,8 +16,8 @@ import time
 from typing import Any
 
 import pytest
-
 from support import Daemon
+
 from tests.faults.fault_proxy import FaultProxy, on
 from tests.faults.test_storage_faults import delivered_intact, invariants_hold
 from tests.integration.test_rucio_lake import rucio_agent, uid

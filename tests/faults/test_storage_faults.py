@@ -26,8 +26,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-
 from support import Daemon
+
 from tests.faults.fault_proxy import FaultProxy, Request, on
 from tests.faults.lake_invariants import check
 from tests.faults.local_invariants import Manifest
