@@ -103,8 +103,12 @@ class Pipeline:
     def _move(self, rec: FileRecord, event: Event, detail: dict[str, Any] | None = None,
               **updates: Any) -> FileRecord:
         new = self.ledger.transition(rec.id, rec.state, event, detail, **updates)
-        log.info(str(event), file_id=rec.id, rule=rec.rule, path=rec.relpath, state=str(new.state),
-                 did=new.name and new.did, **(detail or {}))
+        fields = {"file_id": rec.id, "rule": rec.rule, "path": rec.relpath, "state": str(new.state),
+                  "did": new.name and new.did}
+        # a detail key may name something else than the line's own field (the evidence's "rule" is the
+        # lake's replication rule): it is logged as detail_<key>, since a clash would raise after the commit
+        fields.update({(f"detail_{k}" if k in fields else k): v for k, v in (detail or {}).items()})
+        log.info(str(event), **fields)
         self.hooks.transition(new)
         return new
 

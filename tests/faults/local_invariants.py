@@ -14,6 +14,7 @@ only, plain SQLite), and the lake (its destination directories and its catalogue
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sqlite3
 import zlib
@@ -31,9 +32,11 @@ def adler32_of(data: bytes) -> str:
 
 @dataclass
 class Manifest:
-    """What the test put in the buffer: relative path (bytes) -> (size, adler32) at write time."""
+    """What the test put in the buffer: relative path (bytes) -> (size, adler32) at write time,
+    and its sha256 (lake_invariants compares the storage's copies byte for byte with it)."""
     root: Path
     files: dict[bytes, tuple[int, str]] = field(default_factory=dict)
+    digests: dict[bytes, str] = field(default_factory=dict)
     removed: set[bytes] = field(default_factory=set)    # taken away by the test ("someone else")
 
     def write(self, rel: str | bytes, data: bytes) -> Path:
@@ -46,6 +49,7 @@ class Manifest:
 
     def record(self, rel: str | bytes, data: bytes) -> None:
         self.files[os.fsencode(rel)] = (len(data), adler32_of(data))
+        self.digests[os.fsencode(rel)] = hashlib.sha256(data).hexdigest()
 
     def remove(self, rel: str | bytes) -> None:
         self.removed.add(os.fsencode(rel))

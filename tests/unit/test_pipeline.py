@@ -499,6 +499,21 @@ def test_replicas_do_not_confirm_while_the_rule_is_not_ok(env: Env, clock: Any) 
     assert env.ledger.history(rec.id)[-2]["detail"]["rule"] == {"id": "rule-1", "state": "OK"}
 
 
+def test_confirming_under_an_ok_rule_is_one_clean_step(env: Env) -> None:
+    """The confirmation's evidence names the rule ({"rule": {...}}): it must not collide with the
+    log line's own `rule` field. It did: the transition was committed, then logging it raised
+    TypeError, the step was reported as an unexpected error and the deletion waited a tick."""
+    seen: list[State] = []
+    env.pipeline.hooks.transition = lambda rec: seen.append(rec.state)
+    env.lake.rule_state = "OK"
+    rec = env.drive(env.add().id, max_steps=3)
+    assert rec.state is S.TRANSFERRED and rec.lake_ref == "rule-1"
+    rec = env.step(rec.id)
+    assert rec.state is S.DELETED                           # confirm deletes at once, as without a rule
+    assert seen[-2:] == [S.CONFIRMED, S.DELETED]
+    assert env.ledger.history(rec.id)[-2]["detail"]["rule"] == {"id": "rule-1", "state": "OK"}
+
+
 def test_a_stuck_rule_is_flagged_once_and_nothing_is_deleted(env: Env, clock: Any) -> None:
     env.lake.rule_state = "STUCK"
     rec = env.drive(env.add().id)
