@@ -120,7 +120,7 @@ def test_source_grew_since_hashing(src: Path, dest: Path) -> None:
     exp = expected_for(DATA)
     with open(src, "ab") as fh:
         fh.write(b"more")
-    with pytest.raises(FileChanged, match=f"size {len(DATA) + 4}"):
+    with pytest.raises(FileChanged, match=f"{len(DATA) + 4} bytes"):
         PosixTransport(fsync=False).put(str(src), str(final), exp, Pace())
     assert listing(dest) == []
 
