@@ -325,7 +325,12 @@ class FitsScan:
     """
 
     def __init__(self, extension_keywords: Iterable[str] = ()) -> None:
-        keep = {_hierarch_key(k) for k in extension_keywords}
+        self._extension_keywords = tuple(extension_keywords)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything fed so far (the file is being read again from its start)."""
+        keep = {_hierarch_key(k) for k in self._extension_keywords}
         self._keep_all = "*" in keep
         self._keep = keep | set(_ALWAYS_KEPT)
         self._state = _HEADER

@@ -60,7 +60,11 @@ def read_chunks(fh: BinaryIO, chunk_size: int = CHUNK,
 
 
 class Consumer(Protocol):
+    """Something fed the chunks of a read (a FITS scan). `reset` starts it over when a transport
+    has to read and send the file again (an HTTP redirect), so it sees exactly one pass."""
     def update(self, chunk: bytes | memoryview) -> None: ...
+
+    def reset(self) -> None: ...
 
 
 def hash_file(path: str | os.PathLike[str], md5: bool = False, chunk_size: int = CHUNK,

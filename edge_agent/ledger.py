@@ -348,6 +348,12 @@ class Ledger:
                            (scope, name, exclude_id, blake3))
         return bool(rows)
 
+    def name_held(self, scope: str, name: str, exclude_id: int) -> bool:
+        """Has another version been given scope:name (whatever its content or state)?"""
+        rows = self._query("SELECT 1 FROM files WHERE scope = ? AND name = ? AND id != ? LIMIT 1",
+                           (scope, name, exclude_id))
+        return bool(rows)
+
     def replicas(self, file_id: int) -> list[dict[str, Any]]:
         return [dict(r) for r in self._query("SELECT * FROM replicas WHERE file_id = ? ORDER BY location",
                                              (file_id,))]

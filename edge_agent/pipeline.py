@@ -1,6 +1,7 @@
 """The steps of a file's life, each one effect followed by one committed transition.
 
-    complete    --hash-->      hashed       (one read: blake3, adler32, md5)
+    complete    --hash-->      hashed       (one read: blake3, adler32, md5; where the agent writes
+                                             the copies, the first copy is written in that pass)
     hashed      --register-->  registered   (DID, dataset, metadata in the lake catalogue)
     registered  --transfer-->  transferred  (copies written and verified in-pass, replicas
                                              recorded, copies requested)
@@ -14,24 +15,33 @@ out a backoff, permanent ones quarantine the file with the reason.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import structlog
 
 from .core import policy
 from .core.lifecycle import Event, State
-from .errors import (ChecksumMismatch, FileChanged, FileVanished, LedgerUnwritable, PermanentError,
-                     RetryableError, ShuttingDown)
+from .errors import (
+    ChecksumMismatch,
+    FileChanged,
+    FileVanished,
+    LedgerUnwritable,
+    PermanentError,
+    RetryableError,
+    ShuttingDown,
+)
 from .failpoints import hit
 from .fits import FitsScan
-from .hashing import hash_file
-from .lake.base import Catalogue, LakeFile
+from .hashing import Digests, hash_file
+from .lake.base import Catalogue, LakeFile, Target
 from .ledger import FileRecord, Ledger, StaleTransition
 from .localfs import deleting_name, guarded_unlink, stat_regular
 from .settings import Completion, DeletePolicy, Settings
@@ -67,6 +77,8 @@ class Pipeline:
         self.clock = clock
         self.rand = rand
         self.open_writers = open_writers
+        self._names: set[tuple[str, str]] = set()   # names a first copy is being written under now
+        self._names_lock = threading.Lock()
 
     # ------------------------------------------------------------ dispatch
     def run_step(self, rec: FileRecord) -> None:
@@ -133,6 +145,22 @@ class Pipeline:
             # this version's evidence no longer describes the file: end it; the watcher
             # discovers the new content as a new version
             self._move(rec, Event.SUPERSEDED, {"reason": reason}, reason=reason)
+            self.discard_unregistered(rec)
+
+    def discard_unregistered(self, rec: FileRecord) -> None:
+        """A superseded version's first copy that never reached the lake's records: removed, best
+        effort. Its name stays held by this version, so no later version writes under it."""
+        sent = {r["location"]: r["url"] for r in self.ledger.replicas(rec.id) if r["state"] == "sent"}
+        if not sent:
+            return
+        try:
+            targets = [t for t in self.lake.targets(self.lake_file(rec)) if sent.get(t.location) == t.url]
+        except Exception as exc:  # noqa: BLE001 - best effort: an unregistered copy is dark data, not loss
+            log.warning("could not look up an unregistered first copy", file_id=rec.id, error=str(exc))
+            return
+        for t in targets:
+            self._discard_first(rec, t)
+            self.ledger.record_replica(rec.id, t.location, t.url, None, None, "removed")
 
     def _vanished(self, rec: FileRecord, reason: str) -> None:
         # Renamed (the new name is discovered as a file of its own) or removed by someone else:
@@ -141,6 +169,8 @@ class Pipeline:
         why = f"vanished before {stage} (renamed or removed by someone else): {reason}"
         log.warning("file vanished", file_id=rec.id, rule=rec.rule, path=rec.relpath, reason=why)
         self._move(rec, Event.SUPERSEDED, {"reason": why}, reason=why)
+        if rec.blake3 is not None:
+            self.discard_unregistered(rec)
 
     # ------------------------------------------------------------ helpers
     def lake_file(self, rec: FileRecord) -> LakeFile:
@@ -161,6 +191,8 @@ class Pipeline:
 
     # ------------------------------------------------------------ steps
     def hash(self, rec: FileRecord) -> None:
+        """Read the file once: hash it and, where the agent writes the copies, write the first
+        copy in the same pass (a file is read once per upload, the first one included)."""
         rule = self.s.rules[rec.rule]
         path = rec.fspath
         before = stat_regular(path)
@@ -168,22 +200,7 @@ class Pipeline:
             raise FileVanished(f"{rec.relpath} is gone or no longer a regular file")
         if before != self._recorded_stat(rec):
             raise FileChanged(f"{rec.relpath} changed after it was judged complete")
-        scan = FitsScan() if rule.fits == "auto" and rec.relpath.lower().endswith(FITS_SUFFIXES) else None
-        try:
-            d = hash_file(path, md5=rule.md5, chunk_size=self.s.chunk_mb << 20,
-                          on_chunk=lambda n: self.hooks.bytes_hashed(rec.rule, n),
-                          also=[scan] if scan else [])
-        except FileNotFoundError:
-            raise FileVanished(f"{rec.relpath} is gone") from None
-        except PermissionError as exc:
-            raise PermanentError(f"cannot read {rec.relpath}: {exc.strerror} (fix the permissions, "
-                                 f"then `edge-agent retry {rec.id}`)") from None
-        except OSError as exc:
-            raise RetryableError(f"reading {rec.relpath} failed: {exc.strerror}") from None
-        after = stat_regular(path)
-        if after != before or d.size != before.size:
-            raise FileChanged(f"{rec.relpath} changed while it was being hashed")
-        if d.size == 0 and not rule.allow_empty:
+        if before.size == 0 and not rule.allow_empty:
             raise PermanentError("zero-byte file: a failed write? (set allow_empty = true for this rule "
                                  f"to upload empty files, then `edge-agent retry {rec.id}`)")
         fields = policy.naming_fields(rec.relpath, before.mtime_ns / 1e9, rec.rule,
@@ -193,17 +210,111 @@ class Pipeline:
         if problem:
             raise PermanentError(f"{problem} (from name_template {rule.name_template!r}); rename the "
                                  "file or change the template")
-        if self.ledger.name_taken(rule.scope, name, d.blake3, rec.id):
-            name = policy.versioned_name(name, rec.version)
         dataset = policy.render(rule.dataset_template, fields) if rule.dataset_template else None
         if dataset:
             problem = policy.name_problem(dataset, self.lake.name_pattern)
             if problem:
                 raise PermanentError(f"dataset {problem} (from dataset_template {rule.dataset_template!r})")
-        meta = {**rule.metadata, **self._fits_metadata(rec, scan), **self._sidecar(rec)}
-        self._move(rec, Event.HASHED, {"blake3": d.blake3, "adler32": d.adler32, "size": d.size},
-                   blake3=d.blake3, adler32=d.adler32, md5=d.md5, size=d.size, scope=rule.scope,
-                   name=name, dataset=dataset, metadata=json.dumps(meta), attempts=0)
+        scan = FitsScan() if rule.fits == "auto" and rec.relpath.lower().endswith(FITS_SUFFIXES) else None
+        with self._claim(rule.scope, name) as claimed:
+            first = self._first_target(rec, name, before.size) if claimed else None
+            if first is None:
+                d = self._read(rec, scan)
+            else:
+                d = self._send_first(rec, first, before.size, scan)
+            try:
+                after = stat_regular(path)
+                if after != before or d.size != before.size:
+                    raise FileChanged(f"{rec.relpath} changed while it was being read")
+                if first is None and self.ledger.name_taken(rule.scope, name, d.blake3, rec.id):
+                    name = policy.versioned_name(name, rec.version)
+                meta = {**rule.metadata, **self._fits_metadata(rec, scan), **self._sidecar(rec)}
+            except BaseException:
+                if first is not None:
+                    self._discard_first(rec, first)
+                raise
+            if first is not None:
+                self.ledger.record_replica(rec.id, first.location, first.url, d.size, d.adler32, "sent", note=(
+                    rec.state, "copy_written", {"location": first.location, "url": first.url,
+                                                "with_hashing": True}))
+            self._move(rec, Event.HASHED, {"blake3": d.blake3, "adler32": d.adler32, "size": d.size},
+                       blake3=d.blake3, adler32=d.adler32, md5=d.md5, size=d.size, scope=rule.scope,
+                       name=name, dataset=dataset, metadata=json.dumps(meta), attempts=0)
+
+    @contextlib.contextmanager
+    def _claim(self, scope: str, name: str) -> Iterator[bool]:
+        """Hold scope:name in this process while a first copy may be written under it: two files
+        whose templates give one name must not write to one URL at the same time."""
+        with self._names_lock:
+            claimed = (scope, name) not in self._names
+            self._names.add((scope, name))
+        try:
+            yield claimed
+        finally:
+            if claimed:
+                with self._names_lock:
+                    self._names.discard((scope, name))
+
+    def _first_target(self, rec: FileRecord, name: str, size: int) -> Target | None:
+        """Where the first copy can be written in the hashing pass, or None to hash alone.
+
+        Only where the agent writes the copies, and only under a name nobody holds yet: not another
+        version in the ledger, not the lake. A name in use is decided after hashing, by content, as
+        before (the same bytes keep the name, other bytes get a versioned one), at the cost of a
+        second read for that file.
+        """
+        rule = self.s.rules[rec.rule]
+        if self.ledger.name_held(rule.scope, name, rec.id) or not self.lake.name_free(rule.scope, name):
+            return None
+        f = LakeFile.unhashed(rec.rule, rule.scope, name, size, rule.copies, tuple(rule.destinations),
+                              rec.fspath)
+        targets = self.lake.targets(f)
+        return targets[0] if targets else None
+
+    def _read(self, rec: FileRecord, scan: FitsScan | None) -> Digests:
+        """Hash without sending: the lake copies from the buffer, or the name must be decided first."""
+        rule = self.s.rules[rec.rule]
+        try:
+            return hash_file(rec.fspath, md5=rule.md5, chunk_size=self.s.chunk_mb << 20,
+                             on_chunk=lambda n: self.hooks.bytes_hashed(rec.rule, n),
+                             also=[scan] if scan else [])
+        except FileNotFoundError:
+            raise FileVanished(f"{rec.relpath} is gone") from None
+        except PermissionError as exc:
+            raise PermanentError(f"cannot read {rec.relpath}: {exc.strerror} (fix the permissions, "
+                                 f"then `edge-agent retry {rec.id}`)") from None
+        except OSError as exc:
+            raise RetryableError(f"reading {rec.relpath} failed: {exc.strerror}") from None
+
+    def _send_first(self, rec: FileRecord, t: Target, size: int, scan: FitsScan | None) -> Digests:
+        rule = self.s.rules[rec.rule]
+        pace = self._pacer(rec.rule, t.location)
+
+        def pace_and_count(n: int) -> None:
+            pace(n)
+            self.hooks.bytes_hashed(rec.rule, n)
+
+        started = self.clock()
+        try:
+            d = t.transport.put(rec.fspath, t.url, Expected(size, None, want_md5=rule.md5), pace_and_count,
+                                also=[scan] if scan else [])
+        except PermanentError as exc:
+            if "cannot read" in str(exc):
+                raise PermanentError(f"{exc} (fix the permissions, then `edge-agent retry {rec.id}`)") from None
+            raise
+        hit("after_first_put")
+        took = max(self.clock() - started, 1e-6)
+        log.debug("first copy written while hashing", file_id=rec.id, location=t.location,
+                  mb_per_s=round(d.size / took / 1e6, 1))
+        return d
+
+    def _discard_first(self, rec: FileRecord, t: Target) -> None:
+        """A first copy of bytes that will not be registered (changed, corrupt): removed, best effort."""
+        try:
+            t.transport.delete(t.url)
+        except Exception as exc:  # noqa: BLE001 - the name is nobody's yet; a later upload replaces it
+            log.warning("could not remove a first copy that will not be registered", file_id=rec.id,
+                        location=t.location, error=str(exc))
 
     def _fits_metadata(self, rec: FileRecord, scan: FitsScan | None) -> dict[str, Any]:
         """Header keywords as metadata; a FITS file whose own checksums fail is corrupt at the source."""
@@ -246,9 +357,13 @@ class Pipeline:
     def transfer(self, rec: FileRecord) -> None:
         f = self.lake_file(rec)
         expected = Expected(f.size, f.blake3, f.adler32, f.md5)
-        done = {r["location"] for r in self.ledger.replicas(rec.id) if r["state"] == "written"}
-        for t in self.lake.targets(f):
-            if t.location in done:
+        recorded = {r["location"]: r for r in self.ledger.replicas(rec.id)}
+        targets = self.lake.targets(f)
+        sent = [t for t in targets if (r := recorded.get(t.location)) is not None
+                and r["state"] == "sent" and r["url"] == t.url]
+        for t in targets:
+            r = recorded.get(t.location)
+            if t in sent or (r is not None and r["state"] == "written"):
                 continue
             started = self.clock()
             got = t.transport.put(f.local_path, t.url, expected,
@@ -260,6 +375,13 @@ class Pipeline:
             self.ledger.record_replica(rec.id, t.location, t.url, got.size, got.adler32, "written", note=(
                 rec.state, "copy_written", {"location": t.location, "url": t.url, "seconds": round(took, 3),
                                             "mb_per_s": round(got.size / took / 1e6, 1)}))
+        for t in sent:
+            # written in the hashing pass, before the DID existed; recorded in the lake once the other
+            # copies are written too (a file that vanishes meanwhile leaves no half-copied DID behind)
+            r = recorded[t.location]
+            self.lake.add_replica(f, t.location, t.url)
+            hit("after_add_replica")
+            self.ledger.record_replica(rec.id, t.location, t.url, r["size"], r["adler32"], "written")
         ref = self.lake.request_copies(f)
         hit("after_rule")
         self._move(rec, Event.TRANSFERRED, {"lake_ref": ref} if ref else None, attempts=0, next_at=0,

@@ -8,6 +8,7 @@ continues from what the ledger says: recovery is the normal start path.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import os
 import threading
 import time
@@ -287,7 +288,11 @@ class Runner:
             self.ledger.transition(rec.id, rec.state, Event.SUPERSEDED, {"reason": reason}, reason=reason)
             log.warning("superseded", file_id=rec.id, rule=rec.rule, path=rec.relpath, reason=reason)
         except StaleTransition:
-            pass
+            return
+        if rec.blake3 is not None:
+            # a first copy written while hashing may wait for a registration that will not come
+            with contextlib.suppress(RuntimeError):   # the pools are closed when shutting down
+                self.pools["lake"].submit(self.pipeline.discard_unregistered, rec)
 
     def check_completion(self, now: float, budget: int = 5000) -> None:
         for rec in self.ledger.in_states([State.DISCOVERED]):

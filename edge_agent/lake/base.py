@@ -35,6 +35,14 @@ class LakeFile:
     def did(self) -> str:
         return f"{self.scope}:{self.name}"
 
+    @classmethod
+    def unhashed(cls, rule: str, scope: str, name: str, size: int, copies: int, destinations: tuple[str, ...],
+                 local_path: str) -> LakeFile:
+        """A file whose bytes are still to be read: enough to say where its copies go (targets),
+        nothing to register (its checksums are empty)."""
+        return cls(rule=rule, scope=scope, name=name, dataset=None, size=size, adler32="", md5=None, blake3="",
+                   copies=copies, destinations=destinations, local_path=local_path)
+
 
 @dataclass(frozen=True)
 class Target:
@@ -55,6 +63,11 @@ class Catalogue(abc.ABC):
 
         Raises PermanentError if the DID exists with other bytes or checksum.
         """
+
+    def name_free(self, scope: str, name: str) -> bool:
+        """True only if the lake certainly holds nothing under scope:name: the first copy may then be
+        written before the DID exists (in the hashing pass). False when unsure."""
+        return False
 
     @abc.abstractmethod
     def targets(self, f: LakeFile) -> list[Target]:

@@ -70,6 +70,11 @@ class LocalLake(Catalogue):
     def url(self, location: str, f: LakeFile) -> str:
         return os.path.join(str(self._root(location)), f.scope, f.name)
 
+    def name_free(self, scope: str, name: str) -> bool:
+        with self._lock, _catalogue_errors():
+            row = self._db.execute("SELECT 1 FROM dids WHERE scope=? AND name=?", (scope, name)).fetchone()
+        return row is None
+
     def register(self, f: LakeFile) -> None:
         with self._lock, _catalogue_errors():
             self._db.execute("BEGIN IMMEDIATE")

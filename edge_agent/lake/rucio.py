@@ -132,6 +132,13 @@ class RucioLake(Catalogue):
                                  "file is kept: rename it or change name_template")
 
     # ------------------------------------------------------------ Catalogue
+    def name_free(self, scope: str, name: str) -> bool:
+        try:
+            self.client.get_did(scope, name)
+        except NotFound:
+            return True
+        return False
+
     def register(self, f: LakeFile) -> None:
         rule = self._rule(f)
         pfn = self.buffer_pfn(f) if rule.inject == "register" else None

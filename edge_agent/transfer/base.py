@@ -4,19 +4,56 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
-from ..errors import ChecksumMismatch, PermanentError, RetryableError
-from ..hashing import Digests
+from ..errors import ChecksumMismatch, FileChanged, PermanentError, RetryableError
+from ..hashing import Consumer, Digests
 
 
 @dataclass(frozen=True)
 class Expected:
-    """What the bytes must hash to: the values recorded when the file was hashed."""
+    """What the bytes must hash to: the values recorded when the file was hashed.
+
+    On a version's first read (the first copy is its hashing pass) nothing but the size is
+    known: `blake3` is None, whatever `size` bytes are read are the content, and `want_md5`
+    says whether md5 is computed in that pass.
+    """
     size: int
-    blake3: str
-    adler32: str
+    blake3: str | None
+    adler32: str | None = None
     md5: str | None = None
+    want_md5: bool = False
+
+    @property
+    def known(self) -> bool:
+        """Are the content's hashes recorded (so a copy already there can be recognised)?"""
+        return self.blake3 is not None
+
+    @property
+    def hash_md5(self) -> bool:
+        return self.md5 is not None or self.want_md5
+
+    def check(self, source: str, got: Digests) -> None:
+        """Raise FileChanged if the bytes just read from `source` are not what was recorded."""
+        if got.size != self.size:
+            how = f"{got.size} bytes (recorded {self.size})"
+        elif self.blake3 is not None and got.blake3 != self.blake3:
+            how = f"blake3 {got.blake3[:16]}… (recorded {self.blake3[:16]}…)"
+        else:
+            return
+        when = "since it was hashed" if self.known else "while it was being read"
+        raise FileChanged(f"{source} changed {when}: {how}")
+
+    def too_long(self, source: str, read: int) -> None:
+        """Raise FileChanged once more bytes were read than the file had (it is growing)."""
+        if read > self.size:
+            when = "since it was hashed" if self.known else "while it was being read"
+            raise FileChanged(f"{source} changed {when}: it grew past {self.size} bytes")
+
+    def digests(self) -> Digests:
+        """The recorded digests, for a copy found identical (only when known)."""
+        assert self.blake3 is not None and self.adler32 is not None
+        return Digests(self.size, self.blake3, self.adler32, self.md5)
 
 
 @dataclass(frozen=True)
@@ -36,13 +73,15 @@ class Transport(abc.ABC):
     scheme: str = ""
 
     @abc.abstractmethod
-    def put(self, source: str, url: str, expected: Expected, pace: Pacer) -> Digests:
-        """Stream `source` to `url`, hashing in the same pass.
+    def put(self, source: str, url: str, expected: Expected, pace: Pacer,
+            also: Sequence[Consumer] = ()) -> Digests:
+        """Stream `source` to `url`, hashing in the same pass; `also` are fed the same chunks.
 
         Raises FileChanged if the bytes read do not hash to `expected` (nothing is left
         at `url` then), FileVanished if `source` cannot be opened because it is gone,
         RetryableError / PermanentError for storage faults. An identical copy already at
-        `url` is success. Returns the digests of what was sent.
+        `url` is success when `expected` is known; when it is not (the first read of a
+        version), whatever is at `url` is replaced. Returns the digests of what was sent.
         """
 
     @abc.abstractmethod

@@ -33,7 +33,7 @@ import contextlib
 import os
 import ssl
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal, Self
 from urllib.parse import urlsplit, urlunsplit
 
@@ -41,7 +41,7 @@ import httpx
 import structlog
 
 from ..errors import FileChanged, FileVanished, PermanentError, RetryableError
-from ..hashing import CHUNK, Digests, MultiHash
+from ..hashing import CHUNK, Consumer, Digests, MultiHash
 from .base import Expected, Pacer, RemoteStat, Transport, copy_problem
 
 log = structlog.get_logger("edge_agent.transfer.http")
@@ -284,11 +284,12 @@ class HttpTransport(Transport):
         self.close()
 
     # ------------------------------------------------------------ the interface
-    def put(self, source: str, url: str, expected: Expected, pace: Pacer) -> Digests:
+    def put(self, source: str, url: str, expected: Expected, pace: Pacer,
+            also: Sequence[Consumer] = ()) -> Digests:
         wire, shown = wire_url(url), shown_url(url)
         if self._already_there(wire, shown, expected):
-            return Digests(expected.size, expected.blake3, expected.adler32, expected.md5)
-        got = self._upload(source, wire, shown, expected, pace)
+            return expected.digests()
+        got = self._upload(source, wire, shown, expected, pace, also)
         self._check_copy(wire, shown, got)
         return got
 
@@ -307,7 +308,7 @@ class HttpTransport(Transport):
             return False
         if r.status_code not in _OK:
             raise status_error(r.status_code, f"HEAD {shown}", r.reason_phrase)
-        if _content_length(r) == expected.size:
+        if expected.known and _content_length(r) == expected.size:
             # the size matches: ask for the checksum, on a fresh connection
             remote = self._digest_head(wire, shown)
             if remote is None:
@@ -319,12 +320,14 @@ class HttpTransport(Transport):
         self._delete(wire, shown)
         return False
 
-    def _upload(self, source: str, wire: str, shown: str, expected: Expected, pace: Pacer) -> Digests:
+    def _upload(self, source: str, wire: str, shown: str, expected: Expected, pace: Pacer,
+                also: Sequence[Consumer] = ()) -> Digests:
         made_parents = redirected = False
         target = wire
         while True:
             try:
-                r, h = self._put_once(source, target, shown, expected, pace)
+                # a resent body (parents made, redirect) is read again: `also` is reset for each pass
+                r, h = self._put_once(source, target, shown, expected, pace, also=also)
             except BaseException:
                 self._discard(wire, shown)
                 raise
@@ -345,14 +348,15 @@ class HttpTransport(Transport):
                 raise status_error(r.status_code, f"PUT {shown}", r.reason_phrase)
             break
         got = h.digests()
-        if (got.size, got.blake3) != (expected.size, expected.blake3):
+        try:
+            expected.check(source, got)
+        except FileChanged:
             self._discard(wire, shown)
-            raise FileChanged(f"{source} changed since it was hashed: blake3 {got.blake3[:16]}… "
-                              f"(recorded {expected.blake3[:16]}…)")
+            raise
         return got
 
-    def _put_once(self, source: str, wire: str, shown: str, expected: Expected,
-                  pace: Pacer, md5: bool | None = None) -> tuple[httpx.Response, MultiHash]:
+    def _put_once(self, source: str, wire: str, shown: str, expected: Expected, pace: Pacer,
+                  md5: bool | None = None, also: Sequence[Consumer] = ()) -> tuple[httpx.Response, MultiHash]:
         try:
             fh = open(source, "rb", buffering=0)  # noqa: SIM115 - closed by the with below
         except FileNotFoundError:
@@ -362,19 +366,20 @@ class HttpTransport(Transport):
         except IsADirectoryError:
             raise FileVanished(f"{source} is no longer a regular file") from None
         # md5: also hash md5 in the pass (default: when one was recorded)
-        h = MultiHash(md5=expected.md5 is not None if md5 is None else md5)
+        h = MultiHash(md5=expected.hash_md5 if md5 is None else md5)
+        for c in also:
+            c.reset()
 
         def body() -> Iterator[bytes]:
             for chunk in _source_chunks(fh, self.chunk_size):
-                if h.size + len(chunk) > expected.size:
-                    raise FileChanged(f"{source} changed since it was hashed: it grew past "
-                                      f"{expected.size} bytes")
+                expected.too_long(source, h.size + len(chunk))
                 pace(len(chunk))
                 h.update(chunk)
+                for c in also:
+                    c.update(chunk)
                 yield chunk
             if h.size != expected.size:
-                raise FileChanged(f"{source} changed since it was hashed: {h.size} bytes "
-                                  f"(recorded {expected.size})")
+                expected.check(source, h.digests())
 
         with fh:
             if hasattr(os, "posix_fadvise"):

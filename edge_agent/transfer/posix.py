@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Sequence
 from urllib.parse import unquote, urlparse
 
-from ..errors import FileChanged, FileVanished, PermanentError, RetryableError
-from ..hashing import CHUNK, Digests, MultiHash, adler32_of, hash_file, read_chunks
+from ..errors import FileVanished, PermanentError, RetryableError
+from ..hashing import CHUNK, Consumer, Digests, MultiHash, adler32_of, hash_file, read_chunks
 from ..localfs import fsync_dir, sibling_temp
 from .base import Expected, Pacer, RemoteStat, Transport
 
@@ -49,10 +50,11 @@ class PosixTransport(Transport):
         self.fsync = fsync
         self.chunk_size = chunk_size
 
-    def put(self, source: str, url: str, expected: Expected, pace: Pacer) -> Digests:
+    def put(self, source: str, url: str, expected: Expected, pace: Pacer,
+            also: Sequence[Consumer] = ()) -> Digests:
         final = url_to_path(url)
-        if self._identical(final, expected):
-            return Digests(expected.size, expected.blake3, expected.adler32, expected.md5)
+        if expected.known and self._identical(final, expected):
+            return expected.digests()
         tmp = temp_name(final)
         try:
             os.makedirs(os.path.dirname(final), exist_ok=True)
@@ -64,20 +66,22 @@ class PosixTransport(Transport):
             raise FileVanished(f"{source} is gone") from None
         except PermissionError as exc:
             raise PermanentError(f"cannot read {source}: {exc.strerror}") from None
-        h = MultiHash(md5=expected.md5 is not None)
+        h = MultiHash(md5=expected.hash_md5)
+        for c in also:
+            c.reset()
         try:
             with src, open(tmp, "wb") as dst:
                 for chunk in read_chunks(src, self.chunk_size):
                     pace(len(chunk))
                     h.update(chunk)
+                    for c in also:
+                        c.update(chunk)
                     dst.write(chunk)
                 dst.flush()
                 if self.fsync:
                     os.fsync(dst.fileno())
             got = h.digests()
-            if (got.size, got.blake3) != (expected.size, expected.blake3):
-                raise FileChanged(f"{source} changed since it was hashed: size {got.size} "
-                                  f"(recorded {expected.size}), blake3 {got.blake3[:16]}…")
+            expected.check(source, got)
             self._record(tmp, got)
             os.replace(tmp, final)
             if self.fsync:

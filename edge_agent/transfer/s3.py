@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
@@ -33,7 +33,7 @@ import httpx
 import structlog
 
 from ..errors import ChecksumMismatch, FileChanged, PermanentError, RetryableError
-from ..hashing import CHUNK, Digests
+from ..hashing import CHUNK, Consumer, Digests
 from .base import Expected, Pacer, RemoteStat
 from .http import HttpTransport, shown_url, status_error
 
@@ -100,7 +100,8 @@ class S3Transport(HttpTransport):
         self.max_object_bytes = max_object_bytes
 
     # ------------------------------------------------------------ the interface
-    def put(self, source: str, url: str, expected: Expected, pace: Pacer) -> Digests:
+    def put(self, source: str, url: str, expected: Expected, pace: Pacer,
+            also: Sequence[Consumer] = ()) -> Digests:
         url = unsigned_url(url)
         shown = shown_url(url)
         if expected.size > self.max_object_bytes:
@@ -109,10 +110,11 @@ class S3Transport(HttpTransport):
                 f"({self.max_object_bytes} bytes): Rucio signs whole-object operations only, so the file "
                 f"cannot go to {shown}. Send such files through a rule without S3 destinations")
         there = self._read_stat(url, shown)
-        if there is not None and expected.md5 and there.size == expected.size and there.md5 == expected.md5:
+        if there is not None and expected.known and expected.md5 and there.size == expected.size \
+                and there.md5 == expected.md5:
             log.debug("identical object already there", url=shown)
-            return Digests(expected.size, expected.blake3, expected.adler32, expected.md5)
-        got = self._upload_signed(source, url, shown, expected, pace)
+            return expected.digests()
+        got = self._upload_signed(source, url, shown, expected, pace, also)
         self._check_object(url, shown, got)
         return got
 
@@ -175,11 +177,12 @@ class S3Transport(HttpTransport):
             raise RetryableError(f"GET {shown} answered without the object's size")
         return RemoteStat(size, None, etag_md5(r.headers.get("ETag")))
 
-    def _upload_signed(self, source: str, url: str, shown: str, expected: Expected, pace: Pacer) -> Digests:
+    def _upload_signed(self, source: str, url: str, shown: str, expected: Expected, pace: Pacer,
+                       also: Sequence[Consumer] = ()) -> Digests:
         for attempt in (1, 2):
             signed = self._sign("write", url)
             try:
-                r, h = self._put_once(source, signed, shown, expected, pace, md5=True)
+                r, h = self._put_once(source, signed, shown, expected, pace, md5=True, also=also)
             except BaseException:
                 self._discard_signed(url, shown)
                 raise
@@ -191,10 +194,11 @@ class S3Transport(HttpTransport):
                 raise status_error(r.status_code, f"PUT {shown}", r.reason_phrase)
             break
         got = h.digests()
-        if (got.size, got.blake3) != (expected.size, expected.blake3):
+        try:
+            expected.check(source, got)
+        except FileChanged:
             self._discard_signed(url, shown)
-            raise FileChanged(f"{source} changed since it was hashed: blake3 {got.blake3[:16]}… "
-                              f"(recorded {expected.blake3[:16]}…)")
+            raise
         return got
 
     def _check_object(self, url: str, shown: str, got: Digests) -> None:

@@ -23,13 +23,14 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Sequence
 from typing import IO, Any, Literal
 from urllib.parse import urlsplit
 
 import structlog
 
-from ..errors import FileChanged, FileVanished, PermanentError, RetryableError
-from ..hashing import CHUNK, Digests, MultiHash
+from ..errors import FileVanished, PermanentError, RetryableError
+from ..hashing import CHUNK, Consumer, Digests, MultiHash
 from .base import Expected, Pacer, RemoteStat, Transport, copy_problem
 from .http import HostGates, VerifyUpload
 
@@ -360,12 +361,13 @@ class XRootTransport(Transport):
         self._gates = HostGates(isolate_verification)
 
     # ------------------------------------------------------------ the interface
-    def put(self, source: str, url: str, expected: Expected, pace: Pacer) -> Digests:
+    def put(self, source: str, url: str, expected: Expected, pace: Pacer,
+            also: Sequence[Consumer] = ()) -> Digests:
         server, path = split_url(url)
         if self._already_there(server, path, expected):
-            return Digests(expected.size, expected.blake3, expected.adler32, expected.md5)
+            return expected.digests()
         with self._gates.shared(server):
-            got = self._upload(source, url, server, path, expected, pace)
+            got = self._upload(source, url, server, path, expected, pace, also)
         self._check_copy(server, path, got)
         return got
 
@@ -394,7 +396,7 @@ class XRootTransport(Transport):
         size = self._client.size(server, path)
         if size is None:
             return False
-        if size == expected.size:
+        if expected.known and size == expected.size:
             remote = self._remote(server, path)
             if remote is None:
                 return False
@@ -406,7 +408,7 @@ class XRootTransport(Transport):
         return False
 
     def _upload(self, source: str, url: str, server: str, path: str, expected: Expected,
-                pace: Pacer) -> Digests:
+                pace: Pacer, also: Sequence[Consumer] = ()) -> Digests:
         try:
             fh = open(source, "rb", buffering=0)  # noqa: SIM115 - closed by the with below
         except FileNotFoundError:
@@ -415,7 +417,9 @@ class XRootTransport(Transport):
             raise PermanentError(f"cannot read {source}: {exc.strerror}") from None
         except IsADirectoryError:
             raise FileVanished(f"{source} is no longer a regular file") from None
-        h = MultiHash(md5=expected.md5 is not None)
+        h = MultiHash(md5=expected.hash_md5)
+        for c in also:
+            c.reset()
         writer: _Writer | None = None
         try:
             with fh:
@@ -427,16 +431,14 @@ class XRootTransport(Transport):
                     chunk = fh.read(self.chunk_size)
                     if not chunk:
                         break
-                    if h.size + len(chunk) > expected.size:
-                        raise FileChanged(f"{source} changed since it was hashed: it grew past "
-                                          f"{expected.size} bytes")
+                    expected.too_long(source, h.size + len(chunk))
                     pace(len(chunk))
                     h.update(chunk)
+                    for c in also:
+                        c.update(chunk)
                     writer.write(chunk)
                 got = h.digests()
-                if (got.size, got.blake3) != (expected.size, expected.blake3):
-                    raise FileChanged(f"{source} changed since it was hashed: {got.size} bytes, blake3 "
-                                      f"{got.blake3[:16]}… (recorded {expected.size}, {expected.blake3[:16]}…)")
+                expected.check(source, got)
                 w, writer = writer, None
                 w.close()
             return got

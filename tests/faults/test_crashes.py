@@ -82,7 +82,7 @@ def test_a_crash_inside_the_guarded_unlink_is_finished_on_restart(agent) -> None
     assert list(d.rule_dir().iterdir()) == []
 
 
-@pytest.mark.parametrize("point", ["after_register", "after_put", "after_add_replica", "after_rule",
+@pytest.mark.parametrize("point", ["after_first_put", "after_register", "after_put", "after_add_replica", "after_rule",
                                    "after_release", "after_unlink"])
 def test_a_crash_at_each_step_boundary_is_finished_without_errors(agent, point: str) -> None:
     d: Daemon = agent(rules={"daq": {"completion": ["renamed"]}})

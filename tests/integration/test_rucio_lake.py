@@ -204,7 +204,7 @@ def test_wrong_password_is_a_clear_error_and_the_data_is_kept(agent, lake) -> No
     d.wait_for(lambda: d.counts().get("deleted") == 2, 60, "delivery once the password is right")
 
 
-@pytest.mark.parametrize("point", ["after_put", "after_add_replica", "after_rule"])
+@pytest.mark.parametrize("point", ["after_first_put", "after_register", "after_add_replica", "after_rule"])
 def test_crash_between_upload_registration_and_rule_is_finished_without_duplicate_errors(
         agent, lake, point: str) -> None:
     u = uid()

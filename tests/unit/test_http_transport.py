@@ -339,6 +339,58 @@ def test_a_redirected_put_is_sent_to_the_data_server(make, dav: FakeDav, src: Pa
     assert puts[1].content == DATA and dav.files[KEY] == DATA
 
 
+# ------------------------------------------------------------------ the first read of a version
+class Scan:
+    """A consumer like the FITS scan: sees every byte of exactly one pass."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def update(self, chunk: bytes | memoryview) -> None:
+        self.data += chunk
+
+    def reset(self) -> None:
+        self.data.clear()
+
+
+def test_a_first_read_hashes_while_sending_and_verifies(make, dav: FakeDav, src: Path) -> None:
+    scan = Scan()
+    got = make().put(str(src), URL, Expected(len(DATA), None, want_md5=True), Pace(), also=[scan])
+    assert dav.files[KEY] == DATA and bytes(scan.data) == DATA
+    assert (got.size, got.blake3, got.adler32, got.md5) == (
+        len(DATA), blake3.blake3(DATA).hexdigest(), adler(DATA), hashlib.md5(DATA).hexdigest())
+    assert dav.methods() == ["HEAD", "PUT", "HEAD"]        # verified by the digest of what was read
+
+
+def test_a_first_read_replaces_whatever_is_there_without_asking_for_its_digest(make, dav: FakeDav,
+                                                                                src: Path) -> None:
+    dav.files[KEY] = DATA                                  # even identical bytes: unknown content is no match
+    make().put(str(src), URL, Expected(len(DATA), None), Pace())
+    assert dav.methods() == ["HEAD", "DELETE", "PUT", "HEAD"]
+
+
+def test_a_first_read_of_a_file_that_grew_is_file_changed(make, dav: FakeDav, src: Path) -> None:
+    src.write_bytes(DATA + b"more")
+    with pytest.raises(FileChanged, match="while it was being read"):
+        make().put(str(src), URL, Expected(len(DATA), None), Pace())
+    assert KEY not in dav.files
+
+
+def test_a_first_read_lied_about_is_a_mismatch(make, dav: FakeDav, src: Path) -> None:
+    dav.digest = "lie"
+    with pytest.raises(ChecksumMismatch):
+        make().put(str(src), URL, Expected(len(DATA), None), Pace())
+    assert KEY not in dav.files
+
+
+def test_a_resent_body_starts_the_consumers_over(make, dav: FakeDav, src: Path) -> None:
+    dav.create_parents = False
+    dav.dirs = {"/", "/data/"}
+    scan = Scan()
+    make().put(str(src), URL, Expected(len(DATA), None), Pace(), also=[scan])
+    assert dav.methods().count("PUT") == 2 and bytes(scan.data) == DATA
+
+
 # ------------------------------------------------------------------ errors
 @pytest.mark.parametrize("status,kind", [(500, RetryableError), (502, RetryableError), (503, RetryableError),
                                          (507, RetryableError), (429, RetryableError), (408, RetryableError),

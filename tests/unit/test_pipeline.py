@@ -51,6 +51,11 @@ class FakeLake(Catalogue):
         self.lie: Callable[[Replica], Replica] | None = None
         self.calls: list[str] = []
         self.rule_state: str | None = None   # None: no replication rule (the agent writes every copy)
+        self.free_names = True
+
+    def name_free(self, scope: str, name: str) -> bool:
+        # a free name lets the pipeline write the first copy while hashing (one read per upload)
+        return self.free_names and f"{scope}:{name}" not in self.dids
 
     def register(self, f: LakeFile) -> None:
         self.calls.append("register")
@@ -185,7 +190,8 @@ def test_happy_path_complete_to_deleted(env: Env, clock: Any) -> None:
     assert end.deleted_at == clock.now and end.confirmed_at == clock.now
     for loc in ("a", "b"):
         assert env.copy(loc, end).read_bytes() == DATA
-    assert env.events(rec.id) == ["discovered", "completed", "hashed", "registered", "copy_written",
+    # the first copy is written in the hashing pass: each byte is read once per copy
+    assert env.events(rec.id) == ["discovered", "completed", "copy_written", "hashed", "registered",
                                   "copy_written", "transferred", "confirmed", "deleted"]
     assert [(r["location"], r["state"]) for r in env.ledger.replicas(rec.id)] == [("a", "written"),
                                                                                  ("b", "written")]
@@ -210,7 +216,7 @@ def test_a_crash_after_a_copy_repeats_only_what_is_missing(env: Env) -> None:
     assert rec.state is S.REGISTERED
     # as if the agent died after writing copy a and recording it
     f = env.pipeline.lake_file(rec)
-    env.roots["a"].joinpath("test/run42").mkdir(parents=True)
+    env.roots["a"].joinpath("test/run42").mkdir(parents=True, exist_ok=True)
     env.copy("a", rec).write_bytes(DATA)
     env.lake.add_replica(f, "a", str(env.copy("a", rec)))
     env.ledger.record_replica(rec.id, "a", str(env.copy("a", rec)), len(DATA), adler(DATA), "written")
@@ -303,8 +309,10 @@ def test_a_file_modified_after_hashing_is_superseded(env: Env) -> None:
     assert rec.state is S.SUPERSEDED
     assert rec.reason and "changed since it was hashed" in rec.reason
     assert local.read_bytes() == DATA.replace(b"DAQ", b"QAD")  # never deleted
-    # no copy of the wrong bytes was left in the lake under the final name
+    # no copy was left in the lake under the final name: the first copy, written while hashing,
+    # was never recorded in the lake and is removed with the version it belonged to
     assert not env.copy("a", rec).exists() and not env.copy("b", rec).exists()
+    assert not [c for c in env.lake.calls if c.startswith("add_replica")]
     assert env.ledger.live("r", rec.path) is None             # the watcher will discover a new version
 
 
@@ -578,6 +586,8 @@ def test_a_fits_file_failing_its_own_datasum_is_quarantined_never_sent(env: Env)
     rec = env.drive(env.add("run1/bad.fits", _fits_bytes(flip=2880 + 100)).id)
     assert rec.state is S.QUARANTINED and "DATASUM" in (rec.reason or "")
     assert not [c for c in env.lake.calls if c.startswith(("register", "add_replica"))]
+    # the copy written in the same read was removed: nothing of it is left in the lake
+    assert not any(p.is_file() for root in env.roots.values() for p in root.rglob("*"))
 
 
 def test_a_bad_copy_the_lake_made_is_reported_not_rewritten(env: Env, clock: Any) -> None:
@@ -625,3 +635,109 @@ def test_a_ledger_that_cannot_record_a_step_is_not_asked_to_record_the_failure(
     monkeypatch.undo()
     assert env.ledger.get(rec.id).state is S.COMPLETE and env.ledger.get(rec.id).attempts == 0
     assert env.drive(rec.id).state is S.DELETED       # the repeated step goes through afterwards
+
+
+# ---------------------------------------------------------------- one read per upload
+
+class CountingTransport(PosixTransport):
+    """Counts the bytes each put reads from the source."""
+
+    def __init__(self) -> None:
+        super().__init__(fsync=False)
+        self.puts: list[tuple[str, bool]] = []
+
+    def put(self, source: str, url: str, expected: Any, pace: Any, also: Any = ()) -> Any:
+        self.puts.append((url, expected.known))
+        return super().put(source, url, expected, pace, also)
+
+
+def test_the_first_copy_is_written_in_the_hashing_pass(env: Env) -> None:
+    rec = env.add()
+    env.lake.transport = CountingTransport()
+    rec = env.step(rec.id)
+    assert rec.state is S.HASHED and rec.adler32 == adler(DATA)
+    # before the DID exists, copy a is written: read once, hashed in that read
+    assert env.copy("a", rec).read_bytes() == DATA and not env.copy("b", rec).exists()
+    assert sum(env.hashed) == len(DATA) and env.sent == {"a": len(DATA)}
+    assert [(r["location"], r["state"]) for r in env.ledger.replicas(rec.id)] == [("a", "sent")]
+    assert env.lake.calls == []
+    end = env.drive(rec.id)
+    assert end.state is S.DELETED
+    # b is written with the recorded hashes checked; a is recorded in the lake after it
+    assert env.lake.calls[:3] == ["register", "add_replica b", "add_replica a"]
+    assert [known for _, known in env.lake.transport.puts] == [False, True]
+    assert sum(env.hashed) == len(DATA) and env.sent == {"a": len(DATA), "b": len(DATA)}
+
+
+def test_without_a_free_name_the_file_is_hashed_alone_first(env: Env) -> None:
+    env.lake.free_names = False
+    rec = env.step(env.add().id)
+    assert rec.state is S.HASHED and not env.copy("a", rec).exists()
+    assert env.ledger.replicas(rec.id) == []
+    assert env.drive(rec.id).state is S.DELETED
+    assert sum(env.hashed) == len(DATA) and env.sent == {"a": len(DATA), "b": len(DATA)}
+
+
+def test_a_name_held_by_another_version_is_decided_by_content_after_hashing(env: Env) -> None:
+    first = env.drive(env.add("f1.fits", b"first night").id)
+    env.lake.transport = CountingTransport()
+    second = env.step(env.add("f1.fits", b"second, different night").id)
+    # no copy may be written under f1.fits before the content is known: it is the first version's
+    assert env.lake.transport.puts == [] and second.name == "f1.fits.v2"
+    assert env.copy("a", first).read_bytes() == b"first night"
+
+
+def test_a_lake_that_holds_the_name_already_gets_no_first_copy(env: Env) -> None:
+    rec = env.add()
+    env.lake.dids["test:run42/f1.fits"] = dataclasses.replace(
+        LakeFile.unhashed("r", "test", "run42/f1.fits", len(DATA), 2, ("a", "b"), rec.fspath),
+        adler32=adler(DATA), blake3="x")
+    env.lake.transport = CountingTransport()
+    rec = env.step(rec.id)
+    assert rec.state is S.HASHED and env.lake.transport.puts == []
+
+
+def test_a_file_changing_during_the_first_copy_leaves_no_copy(env: Env, monkeypatch: Any) -> None:
+    rec = env.add()
+    original = PosixTransport.put
+
+    def put_then_touch(self: Any, source: str, url: str, expected: Any, pace: Any, also: Any = ()) -> Any:
+        got = original(self, source, url, expected, pace, also)
+        with open(source, "ab") as fh:      # the DAQ appends right after the copy was read
+            fh.write(b"late frame")
+        return got
+
+    monkeypatch.setattr(PosixTransport, "put", put_then_touch)
+    rec = env.step(rec.id)
+    assert rec.state is S.DISCOVERED          # back to waiting for completion, nothing recorded
+    assert not any(p.is_file() for root in env.roots.values() for p in root.rglob("*"))
+    assert env.ledger.replicas(rec.id) == []
+
+
+def test_a_stale_first_copy_from_a_crash_is_replaced(env: Env) -> None:
+    rec = env.add()
+    stale = env.roots["a"] / "test" / "run42" / "f1.fits"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half of it")          # what a crash in the middle of the first copy leaves
+    rec = env.step(rec.id)
+    assert stale.read_bytes() == DATA and rec.state is S.HASHED
+
+
+def test_one_name_is_written_by_one_file_at_a_time(env: Env) -> None:
+    with env.pipeline._claim("test", "x") as first:
+        with env.pipeline._claim("test", "x") as second:
+            assert first and not second
+        with env.pipeline._claim("test", "y") as other:
+            assert other
+    with env.pipeline._claim("test", "x") as again:
+        assert again
+
+
+def test_a_superseded_version_removes_its_unregistered_first_copy(env: Env) -> None:
+    rec = env.step(env.add().id)
+    assert rec.state is S.HASHED and env.copy("a", rec).exists()
+    # what the runner does when the watcher sees the file rewritten before its registration
+    env.ledger.transition(rec.id, S.HASHED, E.SUPERSEDED, {"reason": "changed"}, reason="changed")
+    env.pipeline.discard_unregistered(rec)
+    assert not env.copy("a", rec).exists()
+    assert [(r["location"], r["state"]) for r in env.ledger.replicas(rec.id)] == [("a", "removed")]

@@ -120,7 +120,7 @@ def test_source_grew_since_hashing(src: Path, dest: Path) -> None:
     exp = expected_for(DATA)
     with open(src, "ab") as fh:
         fh.write(b"more")
-    with pytest.raises(FileChanged, match=f"size {len(DATA) + 4}"):
+    with pytest.raises(FileChanged, match=f"{len(DATA) + 4} bytes"):
         PosixTransport(fsync=False).put(str(src), str(final), exp, Pace())
     assert listing(dest) == []
 
@@ -241,3 +241,12 @@ def test_a_name_near_the_255_byte_limit_still_gets_a_temporary_name(tmp_path) ->
     d = hash_file(src)
     PosixTransport(fsync=False).put(str(src), str(dst), Expected(d.size, d.blake3, d.adler32), lambda n: None)
     assert dst.read_bytes() == b"long"
+
+
+def test_a_first_read_hashes_while_copying_and_trusts_nothing_already_there(src: Path, dest: Path) -> None:
+    final = dest / "f1.fits"
+    final.write_bytes(DATA)                    # unknown content is never taken for this file's copy
+    before = final.stat().st_ino
+    got = PosixTransport(fsync=False).put(str(src), str(final), Expected(len(DATA), None, want_md5=True), lambda n: None)
+    assert final.read_bytes() == DATA and final.stat().st_ino != before   # written anew, renamed in
+    assert got.adler32 == adler(DATA) and got.md5 is not None
