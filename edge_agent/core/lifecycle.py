@@ -17,6 +17,7 @@ class State(str, enum.Enum):
     DISCOVERED = "discovered"    # seen, not yet complete by the rule's completion policy
     COMPLETE = "complete"        # the writer is done; ready to hash
     HASHED = "hashed"            # blake3/adler32(/md5) and the stat they belong to are recorded
+    #                              (where the agent writes copies, the first one was written in that read)
     REGISTERED = "registered"    # the DID exists in the lake catalogue (dataset, metadata)
     TRANSFERRED = "transferred"  # copies written, replicas registered, copies requested
     CONFIRMED = "confirmed"      # the lake holds >= N verified replicas
