@@ -17,6 +17,7 @@ EDGE_STORM_FILES / EDGE_STORM_KILLS / EDGE_STORM_SEED change the size (defaults:
 from __future__ import annotations
 
 import collections
+import json
 import os
 import random
 import sqlite3
@@ -78,6 +79,18 @@ class DaqWriter(threading.Thread):
             return m
 
 
+def has_ledger(ledger: Path) -> bool:
+    if not ledger.exists():
+        return False
+    db = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT 1 FROM sqlite_master WHERE name = 'notices'").fetchone() is not None
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        db.close()
+
+
 def ledger_states(ledger: Path) -> collections.Counter[str]:
     db = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)
     try:
@@ -93,6 +106,21 @@ def failures(ledger: Path) -> list[tuple[str, str]]:
             "SELECT event, detail FROM events WHERE event IN ('failed_permanent', 'failed_retryable')")]
     finally:
         db.close()
+
+
+def evidence(ledger: Path) -> dict[str, int]:
+    """Where kills landed, as the ledger shows it: copies written again after a restart (killed
+    between an upload and `transferred`) and deletions a restart found done (killed between the
+    unlink and `deleted`)."""
+    db = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)
+    try:
+        written = collections.Counter((f, json.loads(d).get("location")) for f, d in db.execute(
+            "SELECT file_id, detail FROM events WHERE event = 'copy_written'"))
+        outcomes = collections.Counter(json.loads(d).get("outcome") for (d,) in db.execute(
+            "SELECT detail FROM events WHERE event = 'deleted'"))
+    finally:
+        db.close()
+    return {"copies_rewritten": sum(n - 1 for n in written.values()), "deletions_found_done": outcomes["gone"]}
 
 
 def test_kill9_storm_against_the_real_lake_loses_nothing(agent, lake) -> None:  # type: ignore[no-untyped-def]
@@ -118,10 +146,13 @@ def test_kill9_storm_against_the_real_lake_loses_nothing(agent, lake) -> None:  
         time.sleep(rng.uniform(0.4, 3.0))
         d.kill9()
         kills += 1
-        if ledger.exists():
-            landed.update(s for s, n in ledger_states(ledger).items() if n)
-        # nothing lost: every file written so far is still in the buffer unchanged, or safe in the lake
         now = writer.snapshot(safe)
+        if not has_ledger(ledger):
+            # killed before the ledger was made: the agent cannot have touched anything yet
+            assert all((d.rule_dir() / os.fsdecode(rel)).exists() for rel in now.files), f"kill {kills}"
+            continue
+        landed.update(s for s, n in ledger_states(ledger).items() if n)
+        # nothing lost: every file written so far is still in the buffer unchanged, or safe in the lake
         problems = check(now, ledger, lake, prefix, copies=2, settled=False, buffer_rse=lake.buf_rse)
         assert problems == [], f"after kill {kills}:\n" + "\n".join(problems)
         safe |= {rel for rel in now.files if not (d.rule_dir() / os.fsdecode(rel)).exists()}
@@ -146,7 +177,9 @@ def test_kill9_storm_against_the_real_lake_loses_nothing(agent, lake) -> None:  
     assert ledger_states(ledger) == {"deleted": FILES}
 
     total_s = time.monotonic() - t0
+    ev = evidence(ledger)
     where = ", ".join(f"{s} {landed[s]}" for s in ("complete", "hashed", "registered", "transferred", "confirmed"))
     print(f"\nlake storm: kills={kills} files={FILES} checked={len(manifest.files)} lost=0 "
           f"retryable_failures={len(failed)} storm={storm_s:.0f}s total={total_s:.0f}s "
-          f"kills_with_rows_in[{where}] seed={SEED}")
+          f"kills_with_rows_in[{where}] copies_rewritten={ev['copies_rewritten']} "
+          f"deletions_found_done={ev['deletions_found_done']} seed={SEED}")
