@@ -35,7 +35,7 @@ from tests.integration.test_rucio_lake import rucio_agent, uid
 
 pytestmark = [
     pytest.mark.integration, pytest.mark.lake,
-    # XRootD 5.5.3's HTTP side wedged in 3 of 5 storms (docs/reliability.md, "Found by the lake storm"):
+    # XRootD 5.5.3's HTTP side wedged in 3 of 5 storm runs (docs/reliability.md, "Found by the lake storm"):
     # a restarted agent then waits for minutes, and CI with it. Opt in until that is dealt with.
     pytest.mark.skipif(os.environ.get("EDGE_LAKE_STORM") != "1",
                        reason="set EDGE_LAKE_STORM=1: XRootD 5.5.3 HTTP can wedge after kill -9 mid-upload"),
