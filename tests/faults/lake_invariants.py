@@ -9,7 +9,8 @@ storage behind the lake RSEs (XRootD's data directory on disk, Lake.local_path).
     the size and adler32 it was written with, and >= N replicas off the buffer RSE are AVAILABLE
     AND hold exactly its bytes on the storage (a listed replica is never taken on trust);
   - every file still in the buffer is unchanged and the ledger explains it (a live row; a
-    quarantine or retry with its reason; or a notice), and no row says it was deleted;
+    quarantine or retry with its reason; or a notice; or, while unsettled, no row yet: the agent
+    has not seen it), and no row says it was deleted;
   - nothing half-registered once the scenario has settled: no row stuck between hashing and
     confirmation; no DID of this run that the ledger does not know, that has no replica off the
     buffer, a replica in any state but AVAILABLE (a COPYING one left behind) or no rule; no object
@@ -158,6 +159,8 @@ def check(manifest: Manifest, ledger: Path, lake: Any, prefix: str, copies: int,
                 problems.append(f"{show}: the ledger says deleted (row {r['id']}), but the file is still in the buffer")
         live = [r for r in versions if r["state"] not in FINAL]
         if not live:
+            if not versions and not settled:
+                continue        # written while the agent was down: not seen yet, which is no fault
             if not any(path == n or path.startswith(n + b"/") for n in notices):
                 problems.append(f"{show}: still in the buffer, but the ledger has no live row and no notice "
                                 f"(rows: {[r['state'] for r in versions]})")

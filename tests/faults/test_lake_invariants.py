@@ -148,3 +148,5 @@ def test_each_broken_invariant_is_reported(tmp_path: Path, lake) -> None:  # typ
     # not settled: what is merely in flight (and this run's leftovers in Rucio) is not judged
     unsettled = "\n".join(w.check(settled=False))
     assert "half.fits" not in unsettled and "orphan" not in unsettled and "one-copy.fits" in unsettled
+    assert "unexplained.fits" not in unsettled             # not seen by the agent yet
+    assert "claims-deleted.fits: still in the buffer, but the ledger has no live row" in unsettled
