@@ -131,6 +131,28 @@ class Lake:
                        capture_output=True)
         self._token = None
 
+    def xrootd_answers(self, timeout: float = 5.0) -> bool:
+        """Does XRootD's HTTP side answer a HEAD at all (any status)?"""
+        try:
+            httpx.head(self.http_url + "/", timeout=timeout)
+            return True
+        except httpx.HTTPError:
+            return False
+
+    def xrootd_restart(self) -> None:
+        """What an operator does to an XRootD whose HTTP side wedged: restart it (start.sh starts
+        what is not running). Its data directory, and so every stored copy, stays as it was."""
+        pidfile = self.state_dir / "run" / "xrootd.pid"
+        try:
+            os.kill(int(pidfile.read_text().strip()), 9)
+        except (OSError, ValueError):
+            pass
+        deadline = time.monotonic() + 30
+        while self.xrootd_answers(1.0) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        subprocess.run([str(SCRIPTS / "start.sh"), str(self.state_dir)], check=True, timeout=300,
+                       capture_output=True)
+
     def agent_lake_config(self, **rucio: Any) -> dict[str, Any]:
         """The [lake] table of an agent config pointing at this lake."""
         return {"kind": "rucio", "rucio": {
