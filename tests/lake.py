@@ -194,12 +194,24 @@ class S3Lake:
         return {"kind": "rse", "rse": self.rse, "sign_url": "s3", "ca_cert": self.ca}
 
 
+def _answers(url: str) -> bool:
+    """Does something accept connections at url's host and port? (lake.env outlives a stopped store)"""
+    import socket
+    from urllib.parse import urlsplit
+    p = urlsplit(url)
+    try:
+        with socket.create_connection((p.hostname or "127.0.0.1", p.port or 443), timeout=3):
+            return True
+    except OSError:
+        return False
+
+
 def start_s3(lake: Lake) -> Iterator[S3Lake]:
     """The S3 RSE in the session's lake: reused when lake.env names one, else started by
     s3-start.sh in the lake's state directory (and stopped at the end)."""
     env_file = lake.state_dir / "lake.env"
     env = read_env(env_file)
-    if "EDGE_LAKE_S3_URL" in env:
+    if "EDGE_LAKE_S3_URL" in env and _answers(env["EDGE_LAKE_S3_URL"]):
         yield S3Lake(lake, env)
         return
     t0 = time.monotonic()
@@ -214,10 +226,16 @@ def start_s3(lake: Lake) -> Iterator[S3Lake]:
         subprocess.run([str(SCRIPTS / "s3-stop.sh"), str(lake.state_dir)], capture_output=True, timeout=120)
 
 
+# The session's lake once a test asked for it (the daemons fixture looks after its XRootD).
+ACTIVE: Lake | None = None
+
+
 def start_lake() -> Iterator[Lake]:
+    global ACTIVE
     given = os.environ.get("EDGE_LAKE_ENV")
     if given:
-        yield Lake(read_env(Path(given)))
+        ACTIVE = Lake(read_env(Path(given)))
+        yield ACTIVE
         return
     state = Path(os.environ.get("EDGE_LAKE_TEST_STATE", "/var/tmp/edge-lake-tests"))
     env = {**os.environ, "EDGE_LAKE_VENV": os.environ.get("EDGE_LAKE_VENV", "/var/tmp/edge-lake-venv")}
@@ -228,6 +246,8 @@ def start_lake() -> Iterator[Lake]:
         raise RuntimeError(f"scripts/lake/start.sh failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     print(f"\n[lake started in {time.monotonic() - t0:.1f}s in {state}]")
     try:
-        yield Lake(read_env(state / "lake.env"))
+        ACTIVE = Lake(read_env(state / "lake.env"))
+        yield ACTIVE
     finally:
+        ACTIVE = None
         subprocess.run([str(SCRIPTS / "stop.sh"), str(state)], env=env, capture_output=True, timeout=120)

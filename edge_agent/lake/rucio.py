@@ -152,12 +152,7 @@ class RucioLake(Catalogue):
             if not rses:
                 raise PermanentError(f"rule {f.rule} pushes but names no RSE destination")
             for rse, _ in rses:
-                s3 = self._s3.get(rse)
-                if s3 is not None and f.size > s3.max_object_bytes:
-                    raise PermanentError(
-                        f"{f.local_path} has {f.size} bytes, more than one signed PUT may carry to the S3 RSE "
-                        f"{rse} ({s3.max_object_bytes} bytes; Rucio signs whole-object operations only). "
-                        "Not registered: send such files through a rule without S3 destinations")
+                self._refuse_oversize(f, rse)
             # COPYING until the upload is verified, as `rucio upload` does
             self.client.add_replicas(rses[0][0], [self._file_entry(f, "C")])
         # Rucio accepts a replica of an existing DID silently whatever its bytes: look again
@@ -165,6 +160,14 @@ class RucioLake(Catalogue):
         self._collections(f)
         if f.metadata:
             self._metadata(f)
+
+    def _refuse_oversize(self, f: LakeFile, rse: str) -> None:
+        s3 = self._s3.get(rse)
+        if s3 is not None and f.size > s3.max_object_bytes:
+            raise PermanentError(
+                f"{f.local_path} has {f.size} bytes, more than one signed PUT may carry to the S3 RSE "
+                f"{rse} ({s3.max_object_bytes} bytes; Rucio signs whole-object operations only). "
+                "Not registered: send such files through a rule without S3 destinations")
 
     def _ensure(self, scope: str, name: str, did_type: str) -> None:
         with self._lock:
@@ -243,6 +246,7 @@ class RucioLake(Catalogue):
             return []
         out = []
         for rse, want in self._dest_rses(f):
+            self._refuse_oversize(f, rse)       # before a byte is read for it
             s3 = self._s3.get(rse)
             # an S3 RSE's protocol is https (Rucio signs the https PFN), whatever else it offers
             scheme = "https" if s3 else self._scheme_for(rse, want)
