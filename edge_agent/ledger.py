@@ -343,8 +343,9 @@ class Ledger:
 
     def name_taken(self, scope: str, name: str, blake3: str, exclude_id: int) -> bool:
         """Does another version with other content already hold scope:name in the lake?"""
+        # a hashed version may have written its first copy under the name already
         rows = self._query("SELECT 1 FROM files WHERE scope = ? AND name = ? AND id != ? AND blake3 != ? "
-                           "AND state NOT IN ('discovered', 'complete', 'hashed') LIMIT 1",
+                           "AND state NOT IN ('discovered', 'complete') LIMIT 1",
                            (scope, name, exclude_id, blake3))
         return bool(rows)
 
