@@ -114,7 +114,7 @@ class Agent:
         self.base = base
         self.port = free_port()
         doc = {**doc, "status": {"port": self.port, **doc.get("status", {})}}
-        doc.setdefault("log", {"level": "warning", "format": "json"})
+        doc.setdefault("log", {"level": "info", "format": "json"})   # the default, as deployed
         self.config = write_toml(base / "agent.toml", doc)
         self.log = base / "agent.log"
         self.env = env or {}

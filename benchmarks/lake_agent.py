@@ -12,6 +12,9 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -48,6 +51,20 @@ def lake_file(lake: Any, rse_dir: str, name: str) -> Path:
     return lake.data_dir / "data" / rse_dir / lake.scope / h[0:2] / h[2:4] / name
 
 
+def profile(pid: int, tag: str) -> subprocess.Popen[bytes] | None:
+    """EDGE_BENCH_PYSPY=DIR: sample the agent with py-spy for the whole run (collapsed stacks in
+    DIR/<tag>.txt, to read with benchmarks/pyspy_top.py). Sampling costs the agent a few percent."""
+    out = os.environ.get("EDGE_BENCH_PYSPY")
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not out or not os.path.exists(spy):
+        return None
+    Path(out).mkdir(parents=True, exist_ok=True)
+    print(f"py-spy: {out}/{tag}.txt", flush=True)
+    return subprocess.Popen([spy, "record", "--pid", str(pid), "--rate", "50", "--threads", "--format", "raw",
+                             "--output", f"{out}/{tag}.txt", "--nonblocking"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def agent_e2e(lake: Any, src: list[Path], base: Path, *, md5: bool = False, workers: int = 4,
               budget: float = 600, extra: dict[str, Any] | None = None) -> Run:
     loopback_only(lake.url, lake.http_url)
@@ -70,6 +87,7 @@ def agent_e2e(lake: Any, src: list[Path], base: Path, *, md5: bool = False, work
         agent.wait_healthy()
         time.sleep(1.0)   # let the start-up work (first rescan, lake check) finish before counting
         io0, m0 = proc_io(agent.pid), agent.metrics()
+        spy = profile(agent.pid, tag)
         t0 = time.perf_counter()
         for f in src:
             os.link(f, buf / (f.name + ".part"))      # the bytes are there at once, as after a write
@@ -78,9 +96,19 @@ def agent_e2e(lake: Any, src: list[Path], base: Path, *, md5: bool = False, work
             agent.alive()
             time.sleep(0.05)
         took = time.perf_counter() - t0
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)     # py-spy writes its profile on SIGINT
+            spy.wait(60)
         io1, m1, rss = proc_io(agent.pid), agent.metrics(), rss_mb(agent.pid)
         left = {p.name for p in buf.iterdir()}
         done = [f for f in src if f.name not in left]
+        if len(done) < len(src):
+            # the run is the evidence of why: keep the agent's log (its state dir is removed below)
+            keep = Path("/var/tmp/edge-bench-logs")
+            keep.mkdir(exist_ok=True)
+            shutil.copy(agent.log, keep / f"{tag}.log")
+            print(f"{len(src) - len(done)} files not done in {budget:.0f} s; agent log kept in "
+                  f"{keep / (tag + '.log')}", flush=True)
         return Run(len(src), len(done), sum(f.stat().st_size for f in done), took,
                    {k: io1[k] - io0.get(k, 0) for k in io1}, {k: m1.get(k, 0) - m0.get(k, 0) for k in m1},
                    rss, names)

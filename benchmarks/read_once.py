@@ -27,7 +27,10 @@ from lake_agent import Run, agent_e2e  # noqa: E402
 
 def read_rows(run: Run, label: str) -> list[tuple[Any, ...]]:
     """The rows of the read-once figure for one agent run: the counters, then the ratio."""
-    up = run.nbytes
+    # bytes of the files confirmed; a run cut short by its budget sent more than that (partial and
+    # retried uploads), so its ratio is over what was read against what was sent, and says so
+    up = run.nbytes if run.done == run.files else int(run.counters.get("edge_agent_sent_bytes", 0))
+    label += "" if run.done == run.files else " (cut short: per byte sent)"
     rchar = run.io.get("rchar", 0)
     hashed = run.counters.get("edge_agent_hashed_bytes", 0)
     sent = run.counters.get("edge_agent_sent_bytes", 0)

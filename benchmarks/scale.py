@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--files", type=int, default=1_000_000)
     ap.add_argument("--dirs", type=int, default=1000)
     ap.add_argument("--budget", type=float, default=900, help="seconds the agent may run")
+    ap.add_argument("--rescan-seconds", type=float, default=30, help="the agent's rescan_seconds")
     a = ap.parse_args(argv)
     exit_on_sigterm()
     start_load = load()
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         make_tree(buf, a.files, a.dirs)
         res["make"] = time.perf_counter() - t
         print(f"tree of {a.files} files made in {res['make']:.0f} s", flush=True)
-        agent = Agent(work, {"state_dir": str(work / "state"), "rescan_seconds": 30,
+        agent = Agent(work, {"state_dir": str(work / "state"), "rescan_seconds": a.rescan_seconds,
                              "log": {"level": "info", "format": "json"},
                              "destinations": {"l1": {"path": str(lake)}},
                              "rules": {"scale": {"directory": str(buf), "scope": "bench", "destinations": ["l1"],
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     write_section("benchmarks/scale.py", [
         f"Load average at the start: {start_load}. Local lake, {a.files:,} files of 16 bytes in {a.dirs} "
-        f"directories (made in {res['make']:.0f} s), present before the agent starts; rescan_seconds 30."],
+        f"directories (made in {res['make']:.0f} s), present before the agent starts; rescan_seconds {a.rescan_seconds:g}."],
         ("what", "result", "target", ""), rows)
     return 0
 
