@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dirs", type=int, default=1000)
     ap.add_argument("--budget", type=float, default=900, help="seconds the agent may run")
     ap.add_argument("--rescan-seconds", type=float, default=30, help="the agent's rescan_seconds")
+    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                    help="environment of the agent, e.g. MALLOC_ARENA_MAX=2 (repeatable)")
     a = ap.parse_args(argv)
     exit_on_sigterm()
     start_load = load()
@@ -90,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                              "log": {"level": "info", "format": "json"},
                              "destinations": {"l1": {"path": str(lake)}},
                              "rules": {"scale": {"directory": str(buf), "scope": "bench", "destinations": ["l1"],
-                                                 "copies": 1, "completion": ["renamed"]}}})
+                                                 "copies": 1, "completion": ["renamed"]}}},
+                      env=dict(kv.split("=", 1) for kv in a.env))
         stop = threading.Event()
         t0 = time.perf_counter()
         agent.start()
@@ -143,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     write_section("benchmarks/scale.py", [
         f"Load average at the start: {start_load}. Local lake, {a.files:,} files of 16 bytes in {a.dirs} "
-        f"directories (made in {res['make']:.0f} s), present before the agent starts; rescan_seconds {a.rescan_seconds:g}."],
+        f"directories (made in {res['make']:.0f} s), present before the agent starts; rescan_seconds {a.rescan_seconds:g}"
+        + (f"; agent environment {' '.join(a.env)}." if a.env else ".")],
         ("what", "result", "target", ""), rows)
     return 0
 
