@@ -233,15 +233,17 @@ class Runner:
                 self.watch_problems.pop(rule, None)
         n = 0
         for batch in _batches(walk(root, r.recursive), RESCAN_BATCH):
-            live = self.ledger.live_many(rule, [e.path for e in batch])
+            known = self.ledger.live_stats(rule, [e.path for e in batch])
             new: list[tuple[bytes, str, int, int, int, int]] = []
             for entry in batch:
-                rec = live.get(entry.path)
-                if rec is None and entry.st is not None and self.filters[rule](entry.relpath) is None:
-                    st = entry.st
-                    new.append((entry.path, entry.relpath, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
-                else:
-                    self.evaluate(rule, entry.path, entry, rec)
+                row, st = known.get(entry.path), entry.st
+                if st is not None and self.filters[rule](entry.relpath) is None:
+                    if row is None:
+                        new.append((entry.path, entry.relpath, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+                        continue
+                    if row[1:] == (st.st_ino, st.st_size, st.st_mtime_ns):
+                        continue     # unchanged: what evaluate() would conclude, without reading the row
+                self.evaluate(rule, entry.path, entry, self.ledger.live(rule, entry.path) if row else None)
             if new:
                 self.ledger.discover_many(rule, new, r.priority)
             n += len(batch)
@@ -251,11 +253,11 @@ class Runner:
         # rows whose file the walk did not find: vanished before they were hashed? Looked at
         # page by page, each with a fresh lstat, rather than against a set of every path seen
         after = 0
-        while page := self.ledger.in_states(_PRE_HASH, rule, after_id=after, limit=RESCAN_BATCH):
-            after = page[-1].id
-            for rec in page:
-                if rec.blake3 is None and rec.id not in self.in_flight and not _regular(rec.path):
-                    self.evaluate(rule, rec.path, classify(root, rec.path), rec)
+        while page := self.ledger.unhashed_paths(_PRE_HASH, rule, after, RESCAN_BATCH):
+            after = page[-1][0]
+            for fid, path in page:
+                if fid not in self.in_flight and not _regular(path):
+                    self.evaluate(rule, path, classify(root, path), self.ledger.get(fid))
             if self.stopping.is_set():
                 return
         log.info("rescanned", rule=rule, entries=n, seconds=round(time.monotonic() - started, 2))

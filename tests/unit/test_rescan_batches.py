@@ -73,6 +73,19 @@ def test_a_file_removed_before_hashing_is_superseded_by_the_next_rescan(
     assert sum(1 for s in st.values() if s is State.SUPERSEDED) == 1
 
 
+def test_a_file_that_changed_since_discovery_is_looked_at_again_by_a_rescan(
+        runner: Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make(tmp_path, 4)
+    monkeypatch.setattr(runner, "dispatch", lambda now: None)
+    monkeypatch.setattr(runner, "check_completion", lambda now, budget=0: None)
+    runner.rescan("r")
+    (tmp_path / "daq" / "run1" / "f01.fits").write_bytes(b"longer now")
+    runner.rescan("r")
+    rec = next(r for r in runner.ledger.iter_all() if r.relpath == "run1/f01.fits")
+    assert rec.state is State.DISCOVERED and rec.size == len(b"longer now")
+    assert len(list(runner.ledger.iter_all())) == 4
+
+
 def test_completion_pages_through_a_backlog_and_wraps_around(runner: Runner, tmp_path: Path, clock: Any) -> None:
     make(tmp_path, 5)
     root = os.fsencode(tmp_path / "daq")
@@ -103,6 +116,8 @@ def test_ledger_batch_calls(tmp_path: Path, clock: Any) -> None:
         assert [r.id for r in led.in_states([State.COMPLETE], after_id=ids[0], limit=1)] == [ids[1]]
         assert led.ids_in_state([*ids, 999], State.COMPLETE) == set(ids)
         assert set(led.live_many("r", [b"/d/a", b"/d/z"])) == {b"/d/a"}
+        assert led.live_stats("r", [b"/d/b", b"/d/z"]) == {b"/d/b": (ids[1], 1, 10, 5)}
+        assert led.unhashed_paths([State.COMPLETE], "r", ids[0], 5) == [(ids[1], b"/d/b"), (ids[2], b"/d/c")]
         # the dispatch query reads the queue index in order instead of sorting the whole backlog
         plan = " ".join(r[3] for r in led._query(
             "EXPLAIN QUERY PLAN SELECT * FROM files INDEXED BY files_queue WHERE state = ? AND next_at <= ? "
