@@ -69,7 +69,14 @@ _INDEXES = """
 CREATE UNIQUE INDEX IF NOT EXISTS files_live_path ON files(rule, path)
     WHERE state NOT IN ('deleted', 'superseded');
 CREATE INDEX IF NOT EXISTS files_due ON files(state, next_at);
+-- (state, id): a page of one state's rows by id, without reading the other states' rows
+CREATE INDEX IF NOT EXISTS files_state ON files(state);
+-- due()'s order: without it, every dispatch sorts the whole backlog (a million rows: ~1 s each tick)
+CREATE INDEX IF NOT EXISTS files_queue ON files(state, priority DESC, next_at);
 CREATE INDEX IF NOT EXISTS files_name ON files(scope, name);
+-- a new version's number (MAX(version) of the path, every state): without it each discovery reads
+-- the whole table, and discovering a tree of a million files takes hours
+CREATE INDEX IF NOT EXISTS files_versions ON files(rule, path, version);
 CREATE INDEX IF NOT EXISTS events_file ON events(file_id);
 -- partial: costs nothing on the happy path, spares the status page a scan of every event
 CREATE INDEX IF NOT EXISTS events_problems ON events(id) WHERE event IN {problems};
@@ -281,6 +288,41 @@ class Ledger:
                            "('deleted', 'superseded')", (rule, path))
         return _row(rows[0]) if rows else None
 
+    def live_many(self, rule: str, paths: Sequence[bytes]) -> dict[bytes, FileRecord]:
+        """The live rows of some paths (a rescan's batch), through the live-path index."""
+        out: dict[bytes, FileRecord] = {}
+        for i in range(0, len(paths), 500):
+            chunk = paths[i:i + 500]
+            rows = self._query(f"SELECT * FROM files WHERE rule = ? AND path IN ({','.join('?' * len(chunk))}) "
+                               "AND state NOT IN ('deleted', 'superseded')", [rule, *chunk])
+            out.update((r["path"], _row(r)) for r in rows)
+        return out
+
+    def live_stats(self, rule: str, paths: Sequence[bytes]) -> dict[bytes, tuple[int, int | None, int | None,
+                                                                           int | None]]:
+        """(id, inode, size, mtime_ns) of the live rows of some paths: what a rescan compares, without
+        building a FileRecord per file (that was half of a million-file rescan)."""
+        out: dict[bytes, tuple[int, int | None, int | None, int | None]] = {}
+        for i in range(0, len(paths), 500):
+            chunk = paths[i:i + 500]
+            rows = self._query(f"SELECT path, id, inode, size, mtime_ns FROM files WHERE rule = ? AND path IN "
+                               f"({','.join('?' * len(chunk))}) AND state NOT IN ('deleted', 'superseded')",
+                               [rule, *chunk])
+            out.update((r[0], (r[1], r[2], r[3], r[4])) for r in rows)
+        return out
+
+    def unhashed_paths(self, states: Iterable[State], rule: str, after_id: int,
+                       limit: int) -> list[tuple[int, bytes]]:
+        """(id, path) of rows in `states` not hashed yet, by id, one page: the rescan's check for
+        vanished files, without building a FileRecord per file."""
+        rows: list[tuple[int, bytes]] = []
+        for s in states:
+            rows += [(r[0], r[1]) for r in self._query(
+                "SELECT id, path, blake3 FROM files INDEXED BY files_state WHERE state = ? AND id > ? AND rule = ? "
+                "ORDER BY id LIMIT ?", [s.value, after_id, rule, limit]) if r[2] is None]
+        rows.sort()
+        return rows[:limit]
+
     def live_paths(self, rule: str) -> dict[bytes, FileRecord]:
         rows = self._query("SELECT * FROM files WHERE rule = ? AND state NOT IN ('deleted', 'superseded')",
                            (rule,))
@@ -289,21 +331,48 @@ class Ledger:
     def due(self, states: Iterable[State], now: float, limit: int,
             exclude: Iterable[int] = ()) -> list[FileRecord]:
         """Rows whose next step may run now, highest priority first, oldest first."""
-        st = [s.value for s in states]
         ex = list(exclude)
-        sql = (f"SELECT * FROM files WHERE state IN ({','.join('?' * len(st))}) AND next_at <= ?"
-               + (f" AND id NOT IN ({','.join('?' * len(ex))})" if ex else "")
-               + " ORDER BY priority DESC, next_at, id LIMIT ?")
-        return [_row(r) for r in self._query(sql, [*st, now, *ex, limit])]
+        # one state at a time, read in the queue index's order: the top `limit` of each, merged, is
+        # the top `limit` of all, without SQLite sorting a backlog of a million rows at every dispatch
+        rows: list[sqlite3.Row] = []
+        for s in states:
+            sql = ("SELECT * FROM files INDEXED BY files_queue WHERE state = ? AND next_at <= ?"
+                   + (f" AND id NOT IN ({','.join('?' * len(ex))})" if ex else "")
+                   + " ORDER BY priority DESC, next_at, id LIMIT ?")
+            rows += self._query(sql, [s.value, now, *ex, limit])
+        rows.sort(key=lambda r: (-r["priority"], r["next_at"], r["id"]))
+        return [_row(r) for r in rows[:limit]]
 
-    def in_states(self, states: Iterable[State], rule: str | None = None) -> list[FileRecord]:
-        st = [s.value for s in states]
-        sql = f"SELECT * FROM files WHERE state IN ({','.join('?' * len(st))})"
-        args: list[Any] = list(st)
-        if rule:
-            sql += " AND rule = ?"
-            args.append(rule)
-        return [_row(r) for r in self._query(sql + " ORDER BY id", args)]
+    def in_states(self, states: Iterable[State], rule: str | None = None, after_id: int = 0,
+                  limit: int | None = None) -> list[FileRecord]:
+        """Rows in `states` by id; `after_id` + `limit` read a large backlog one page at a time."""
+        # one state at a time through (state, id), merged: a page costs its own rows, not a sort
+        # of every row in those states (a million: a second per page)
+        rows: list[sqlite3.Row] = []
+        for s in states:
+            sql = "SELECT * FROM files INDEXED BY files_state WHERE state = ? AND id > ?"
+            args: list[Any] = [s.value, after_id]
+            if rule:
+                sql += " AND rule = ?"
+                args.append(rule)
+            sql += " ORDER BY id"
+            if limit is not None:
+                sql += " LIMIT ?"
+                args.append(limit)
+            rows += self._query(sql, args)
+        rows.sort(key=lambda r: r["id"])
+        return [_row(r) for r in (rows if limit is None else rows[:limit])]
+
+    def ids_in_state(self, ids: Iterable[int], state: State) -> set[int]:
+        """Which of `ids` are still in `state` (without reading their rows)."""
+        out: set[int] = set()
+        ids = list(ids)
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            rows = self._query(f"SELECT id FROM files WHERE state = ? AND id IN ({','.join('?' * len(chunk))})",
+                               [state.value, *chunk])
+            out.update(r[0] for r in rows)
+        return out
 
     def find(self, needle: str, limit: int = 50) -> list[FileRecord]:
         """Rows by id, DID name or a piece of the relative path."""
@@ -384,20 +453,41 @@ class Ledger:
     def discover(self, rule: str, path: bytes, relpath: str, dev: int, inode: int, size: int,
                  mtime_ns: int, priority: int) -> FileRecord:
         """A new version of the file at `path` (the caller checked there is no live row)."""
-        now = self._clock()
         with self._tx() as db:
-            prev = db.execute("SELECT MAX(version) FROM files WHERE rule = ? AND path = ?",
-                              (rule, path)).fetchone()[0] or 0
-            cur = db.execute(
-                "INSERT INTO files (rule, path, relpath, version, dev, inode, size, mtime_ns, state, "
-                "priority, first_seen, changed_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (rule, path, relpath, prev + 1, dev, inode, size, mtime_ns, State.DISCOVERED.value,
-                 priority, now, now, now))
-            fid = cur.lastrowid
-            assert fid is not None
-            self._event(db, fid, None, State.DISCOVERED, "discovered",
-                        {"size": size, "inode": inode, "mtime_ns": mtime_ns, "version": prev + 1})
+            fid = self._insert_version(db, rule, path, relpath, dev, inode, size, mtime_ns, priority)
         return self.get(fid)
+
+    def discover_many(self, rule: str, found: Sequence[tuple[bytes, str, int, int, int, int]],
+                      priority: int) -> int:
+        """New versions of many files, (path, relpath, dev, inode, size, mtime_ns) each, in one commit
+        (a rescan of a large tree: one fsync per thousand files, not per file), and their notices
+        cleared. A path that has a live row by now is left alone. Returns how many were added."""
+        added = 0
+        with self._tx() as db:
+            for path, relpath, dev, inode, size, mtime_ns in found:
+                if db.execute("SELECT 1 FROM files WHERE rule = ? AND path = ? AND state NOT IN "
+                              "('deleted', 'superseded')", (rule, path)).fetchone():
+                    continue
+                self._insert_version(db, rule, path, relpath, dev, inode, size, mtime_ns, priority)
+                db.execute("DELETE FROM notices WHERE path = ?", (path,))
+                added += 1
+        return added
+
+    def _insert_version(self, db: sqlite3.Connection, rule: str, path: bytes, relpath: str, dev: int,
+                        inode: int, size: int, mtime_ns: int, priority: int) -> int:
+        now = self._clock()
+        prev = db.execute("SELECT MAX(version) FROM files WHERE rule = ? AND path = ?",
+                          (rule, path)).fetchone()[0] or 0
+        cur = db.execute(
+            "INSERT INTO files (rule, path, relpath, version, dev, inode, size, mtime_ns, state, "
+            "priority, first_seen, changed_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (rule, path, relpath, prev + 1, dev, inode, size, mtime_ns, State.DISCOVERED.value,
+             priority, now, now, now))
+        fid = cur.lastrowid
+        assert fid is not None
+        self._event(db, fid, None, State.DISCOVERED, "discovered",
+                    {"size": size, "inode": inode, "mtime_ns": mtime_ns, "version": prev + 1})
+        return fid
 
     def restat(self, file_id: int, dev: int, inode: int, size: int, mtime_ns: int) -> FileRecord:
         """The file is still being written: remember its new stat and when it changed (not an event)."""
@@ -410,38 +500,56 @@ class Ledger:
     def transition(self, file_id: int, expect: State, event: Event, detail: dict[str, Any] | None = None,
                    **updates: Any) -> FileRecord:
         """Move one file along the lifecycle, atomically, with its event. Raises StaleTransition."""
-        now = self._clock()
         with self._tx() as db:
-            row = db.execute("SELECT state, resume_state FROM files WHERE id = ?", (file_id,)).fetchone()
-            if row is None or row["state"] != expect.value:
-                raise StaleTransition(f"file {file_id}: expected {expect}, found {row and row['state']}")
-            resume = State(row["resume_state"]) if row["resume_state"] else None
-            new = next_state(expect, event, resume)
-            updates.setdefault("updated_at", now)
-            updates["state"] = new.value
-            if new in (State.RETRY_WAIT, State.QUARANTINED):
-                updates.setdefault("resume_state", (resume if expect in (State.RETRY_WAIT, State.QUARANTINED)
-                                                    else expect).value)
-            elif event in (Event.RETRY_DUE, Event.OPERATOR_RETRY, Event.CHANGED) or new in FINAL:
-                updates.setdefault("resume_state", None)
-            if event is Event.OPERATOR_RETRY:
-                updates.setdefault("attempts", 0)
-                updates.setdefault("next_at", 0)
-            if new is State.CONFIRMED:
-                updates.setdefault("confirmed_at", now)
-            if new is State.DELETED:
-                updates.setdefault("deleted_at", now)
-            if not (new in (State.RETRY_WAIT, State.QUARANTINED) or new is State.SUPERSEDED):
-                updates.setdefault("reason", None)
-            for k, v in updates.items():
-                if k not in _COLS:
-                    raise KeyError(k)
-                if isinstance(v, State):
-                    updates[k] = v.value
-            sets = ", ".join(f"{k} = ?" for k in updates)
-            db.execute(f"UPDATE files SET {sets} WHERE id = ?", [*updates.values(), file_id])
-            self._event(db, file_id, expect, new, event.value, detail)
+            self._transition(db, file_id, expect, event, detail, updates)
         return self.get(file_id)
+
+    def transition_many(self, file_ids: Sequence[int], expect: State, event: Event,
+                        detail: dict[str, Any] | None = None, **updates: Any) -> list[int]:
+        """The same transition for many files in one commit (e.g. a thousand files found complete
+        in one tick); files no longer in `expect` are skipped. Returns the ids moved."""
+        moved: list[int] = []
+        with self._tx() as db:
+            for fid in file_ids:
+                try:
+                    self._transition(db, fid, expect, event, detail, dict(updates))
+                except StaleTransition:
+                    continue
+                moved.append(fid)
+        return moved
+
+    def _transition(self, db: sqlite3.Connection, file_id: int, expect: State, event: Event,
+                    detail: dict[str, Any] | None, updates: dict[str, Any]) -> None:
+        now = self._clock()
+        row = db.execute("SELECT state, resume_state FROM files WHERE id = ?", (file_id,)).fetchone()
+        if row is None or row["state"] != expect.value:
+            raise StaleTransition(f"file {file_id}: expected {expect}, found {row and row['state']}")
+        resume = State(row["resume_state"]) if row["resume_state"] else None
+        new = next_state(expect, event, resume)
+        updates.setdefault("updated_at", now)
+        updates["state"] = new.value
+        if new in (State.RETRY_WAIT, State.QUARANTINED):
+            updates.setdefault("resume_state", (resume if expect in (State.RETRY_WAIT, State.QUARANTINED)
+                                                else expect).value)
+        elif event in (Event.RETRY_DUE, Event.OPERATOR_RETRY, Event.CHANGED) or new in FINAL:
+            updates.setdefault("resume_state", None)
+        if event is Event.OPERATOR_RETRY:
+            updates.setdefault("attempts", 0)
+            updates.setdefault("next_at", 0)
+        if new is State.CONFIRMED:
+            updates.setdefault("confirmed_at", now)
+        if new is State.DELETED:
+            updates.setdefault("deleted_at", now)
+        if not (new in (State.RETRY_WAIT, State.QUARANTINED) or new is State.SUPERSEDED):
+            updates.setdefault("reason", None)
+        for k, v in updates.items():
+            if k not in _COLS:
+                raise KeyError(k)
+            if isinstance(v, State):
+                updates[k] = v.value
+        sets = ", ".join(f"{k} = ?" for k in updates)
+        db.execute(f"UPDATE files SET {sets} WHERE id = ?", [*updates.values(), file_id])
+        self._event(db, file_id, expect, new, event.value, detail)
 
     def set_next_at(self, file_id: int, next_at: float) -> None:
         """Reschedule a step that is waiting on the lake (not a failure: no event)."""

@@ -10,10 +10,11 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import os
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -38,6 +39,12 @@ log = structlog.get_logger("edge_agent.runner")
 POOL_OF = {State.COMPLETE: "hash", State.HASHED: "lake", State.REGISTERED: "transfer",
            State.TRANSFERRED: "lake", State.CONFIRMED: "lake"}
 CLOSED_FALLBACK_S = 300.0      # `closed` without a visible close event: this much quiet is enough
+# A rescan goes through the tree this many entries at a time: one ledger lookup and one commit per
+# batch, and between batches the work already found is dispatched, so a tree of a million files
+# neither waits for the whole walk nor holds a million rows in memory.
+RESCAN_BATCH = 2000
+# rows that may still be unhashed: a rescan checks that their file is still there
+_PRE_HASH = (State.DISCOVERED, State.COMPLETE, State.RETRY_WAIT, State.QUARANTINED)
 
 
 @dataclass
@@ -84,6 +91,7 @@ class Runner:
         self.in_flight: dict[int, str] = {}
         self._rescan_rules: set[str] = set(settings.rules)   # the first tick scans everything
         self._next_check: dict[int, float] = {}
+        self._completion_cursor = 0     # id after which check_completion goes on
         self.disks = {name: DiskWatch(str(r.directory), r.watermark_warn_percent / 100,
                                       r.watermark_critical_percent / 100, r.forecast_warn_hours * 3600)
                       for name, r in settings.rules.items()}
@@ -217,23 +225,51 @@ class Runner:
             self.evaluate(rule, path, classify(root, path), self.ledger.live(rule, path))
 
     def rescan(self, rule: str) -> None:
+        started = time.monotonic()
         r = self.s.rules[rule]
         root = os.fsencode(r.directory)
-        live = self.ledger.live_paths(rule)
-        seen: set[bytes] = set()
-        n = 0
         if r.directory.is_dir() and rule in self.watch_problems and rule not in self.watcher.watching:
             problem = self.watcher.watch(rule, str(r.directory), r.recursive)
             if problem is None:
                 self.watch_problems.pop(rule, None)
-        for entry in walk(root, r.recursive):
-            seen.add(entry.path)
-            self.evaluate(rule, entry.path, entry, live.get(entry.path))
-            n += 1
-        for path, rec in live.items():
-            if path not in seen:
-                self.evaluate(rule, path, None, rec)
-        log.debug("rescanned", rule=rule, entries=n)
+        n = 0
+        for batch in _batches(walk(root, r.recursive), RESCAN_BATCH):
+            known = self.ledger.live_stats(rule, [e.path for e in batch])
+            new: list[tuple[bytes, str, int, int, int, int]] = []
+            for entry in batch:
+                row, st = known.get(entry.path), entry.st
+                if st is not None and self.filters[rule](entry.relpath) is None:
+                    if row is None:
+                        new.append((entry.path, entry.relpath, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+                        continue
+                    if row[1:] == (st.st_ino, st.st_size, st.st_mtime_ns):
+                        continue     # unchanged: what evaluate() would conclude, without reading the row
+                self.evaluate(rule, entry.path, entry, self.ledger.live(rule, entry.path) if row else None)
+            if new:
+                self.ledger.discover_many(rule, new, r.priority)
+            n += len(batch)
+            if self.stopping.is_set():
+                return
+            self._between_batches()
+        # rows whose file the walk did not find: vanished before they were hashed? Looked at
+        # page by page, each with a fresh lstat, rather than against a set of every path seen
+        after = 0
+        while page := self.ledger.unhashed_paths(_PRE_HASH, rule, after, RESCAN_BATCH):
+            after = page[-1][0]
+            for fid, path in page:
+                if fid not in self.in_flight and not _regular(path):
+                    self.evaluate(rule, path, classify(root, path), self.ledger.get(fid))
+            if self.stopping.is_set():
+                return
+        log.info("rescanned", rule=rule, entries=n, seconds=round(time.monotonic() - started, 2))
+
+    def _between_batches(self) -> None:
+        """Work found early in a long rescan goes ahead while the rescan goes on; the loop is
+        alive meanwhile, which /healthz may say."""
+        now = self.clock()
+        self.check_completion(now, budget=RESCAN_BATCH)
+        self.dispatch(now)
+        self.last_tick = now
 
     def evaluate(self, rule: str, path: bytes, entry: Entry | None, rec: FileRecord | None) -> None:
         """Bring the ledger up to date with what is at `path` now (`rec`: its live row, if any)."""
@@ -295,15 +331,17 @@ class Runner:
                 self.pools["lake"].submit(self.pipeline.discard_unregistered, rec)
 
     def check_completion(self, now: float, budget: int = 5000) -> None:
-        for rec in self.ledger.in_states([State.DISCOVERED]):
-            if budget <= 0:
-                break   # a huge backlog is looked at over several ticks, not in one long stall
+        # one page of the DISCOVERED rows per call, continuing where the last call stopped: a huge
+        # backlog is looked at over several ticks, never loaded whole nor starved at its end
+        page = self.ledger.in_states([State.DISCOVERED], after_id=self._completion_cursor, limit=budget)
+        self._completion_cursor = page[-1].id if len(page) == budget else 0
+        done: list[FileRecord] = []
+        for rec in page:
             if self._next_check.get(rec.id, 0) > now or rec.id in self.in_flight:
                 continue
             rule = self.s.rules.get(rec.rule)
             if rule is None:
                 continue
-            budget -= 1
             st = stat_regular(rec.path)
             if st is None:
                 self.evaluate(rec.rule, rec.path, classify(os.fsencode(rule.directory), rec.path), rec)
@@ -313,20 +351,20 @@ class Runner:
                 self._next_check[rec.id] = now + min(1.0, rule.stable_seconds or 1.0)
                 continue
             obs = self.observe(rec, rule, now)
-            done, why = policy.completion_verdict([c.value for c in rule.completion], obs,
-                                                  rule.stable_seconds, CLOSED_FALLBACK_S)
-            if done:
-                try:
-                    self.ledger.transition(rec.id, State.DISCOVERED, Event.COMPLETED, None, next_at=0)
-                except StaleTransition:
-                    pass
-                self._next_check.pop(rec.id, None)
-                self.dirty.forget_closed(rec.path)
+            complete, why = policy.completion_verdict([c.value for c in rule.completion], obs,
+                                                      rule.stable_seconds, CLOSED_FALLBACK_S)
+            if complete:
+                done.append(rec)
             else:
                 self._next_check[rec.id] = now + min(1.0, max(0.2, rule.stable_seconds / 5))
-        if budget > 0 and len(self._next_check) > 1000:
+        # one commit for all the files found complete in this call
+        self.ledger.transition_many([rec.id for rec in done], State.DISCOVERED, Event.COMPLETED, next_at=0)
+        for rec in done:
+            self._next_check.pop(rec.id, None)
+            self.dirty.forget_closed(rec.path)
+        if self._completion_cursor == 0 and len(self._next_check) > 1000:
             # forget rows that left DISCOVERED some other way (superseded, changed...)
-            live = {r.id for r in self.ledger.in_states([State.DISCOVERED])}
+            live = self.ledger.ids_in_state(self._next_check, State.DISCOVERED)
             self._next_check = {k: v for k, v in self._next_check.items() if k in live}
 
     def observe(self, rec: FileRecord, rule: Any, now: float) -> policy.Observation:
@@ -438,6 +476,25 @@ class Runner:
             log.info("lake back; retrying now", files=woken)
             self.wake.set()
         self.lake_problem = problem
+
+
+def _regular(path: bytes) -> bool:
+    """A bare lstat: the common answer (still there) without building an Entry."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _batches(entries: Iterator[Entry], size: int) -> Iterator[list[Entry]]:
+    batch: list[Entry] = []
+    for e in entries:
+        batch.append(e)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _sidecar_state(path: str) -> bool | None:

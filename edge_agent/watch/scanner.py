@@ -7,6 +7,7 @@ Paths are bytes throughout, so a name that is not valid UTF-8 is still handled.
 from __future__ import annotations
 
 import os
+import re
 import stat as stat_mod
 from dataclasses import dataclass
 from typing import Iterator
@@ -21,7 +22,15 @@ class Entry:
 
 
 def relpath_of(root: bytes, path: bytes) -> str:
+    # the walk's paths are root + "/" + names: cut the prefix (os.path.relpath makes both paths
+    # absolute, a getcwd() each, which was a fifth of a million-file rescan); anything else the slow way
+    prefix = root.rstrip(b"/") + b"/"
+    if path.startswith(prefix) and not _UNCLEAN.search(path[len(prefix) - 1:]):
+        return path[len(prefix):].decode("utf-8", "backslashreplace")
     return os.path.relpath(path, root).decode("utf-8", "backslashreplace")
+
+
+_UNCLEAN = re.compile(rb"//|/\.\.?(/|$)")
 
 
 def undecodable(relpath_bytes: bytes) -> bool:

@@ -238,3 +238,14 @@ def test_real_symlink_into_a_directory_is_not_followed(tmp_path: Path) -> None:
     got = by_rel(list(scanner.walk(os.fsencode(tmp_path / "daq"), recursive=True)))
     assert set(got) == {"in.fits", "out", "loop"}
     assert got["out"].st is None and got["loop"].st is None
+
+
+def test_relpath_of_cuts_the_root_and_agrees_with_os_path_relpath() -> None:
+    import os
+
+    from edge_agent.watch.scanner import relpath_of
+    root = b"/buf/daq"
+    for p in (b"/buf/daq/f.fits", b"/buf/daq/run1/f.fits", b"/buf/daq/a//b", b"/buf/daq/a/../b",
+              b"/buf/daq/./c", b"/buf/daq/.hidden", b"/buf/daq/..x", b"/buf/daq/\xff.fits", b"/other/f"):
+        assert relpath_of(root, p) == os.path.relpath(p, root).decode("utf-8", "backslashreplace"), p
+    assert relpath_of(b"/buf/daq/", b"/buf/daq/f") == "f"

@@ -32,12 +32,12 @@ def runner(tmp_path: Path, clock: Any, settings_data: Callable[..., Any]) -> Any
 def test_the_runner_pauses_while_the_ledger_cannot_be_written_and_resumes_after(
         runner: Runner, clock: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "daq" / "f.fits").write_bytes(b"x")
-    real_discover, real_set_meta = runner.ledger.discover, runner.ledger.set_meta
+    real_discover, real_set_meta = runner.ledger.discover_many, runner.ledger.set_meta
 
     def full(*a: Any, **k: Any) -> Any:
         raise LedgerUnwritable("the ledger l.sqlite cannot be written: database or disk is full")
 
-    monkeypatch.setattr(runner.ledger, "discover", full)
+    monkeypatch.setattr(runner.ledger, "discover_many", full)   # what a rescan writes with
     monkeypatch.setattr(runner.ledger, "set_meta", full)
     with pytest.raises(LedgerUnwritable):
         runner.tick()                     # run_forever hands this to _ledger_down
@@ -45,7 +45,7 @@ def test_the_runner_pauses_while_the_ledger_cannot_be_written_and_resumes_after(
     assert readiness(runner, clock()) == ["ledger: the ledger l.sqlite cannot be written: database or disk is full"]
     runner.tick()                         # paused: the failed probe means no scan, no discovery
     assert runner.last_tick == clock() and runner.ledger.in_states([State.DISCOVERED]) == []
-    monkeypatch.setattr(runner.ledger, "discover", real_discover)
+    monkeypatch.setattr(runner.ledger, "discover_many", real_discover)
     monkeypatch.setattr(runner.ledger, "set_meta", real_set_meta)
     runner.tick()                         # the next probe is not due yet
     assert runner.ledger_problem is not None
