@@ -82,6 +82,7 @@ class Runner:
             clock=clock, open_writers=self.writers.writers)
         self.filters = {name: RuleFilter(rule) for name, rule in settings.rules.items()}
         self.dirty = DirtyPaths()
+        self._overflows_told = 0
         self.watcher = Watcher(self.dirty, self.request_rescan, self._events_lost)
         self.pools = {"hash": cf.ThreadPoolExecutor(settings.hash_workers, "hash"),
                       "transfer": cf.ThreadPoolExecutor(settings.transfer_workers, "transfer"),
@@ -127,8 +128,10 @@ class Runner:
         self.wake.set()
 
     def _events_lost(self, overflows: int) -> None:
-        log.warning("inotify queue overflowed: events were lost; rescanning every rule now "
-                    "(raise fs.inotify.max_queued_events if this recurs)", overflows=overflows)
+        if overflows != self._overflows_told:
+            self._overflows_told = overflows
+            log.warning("inotify queue overflowed: events were lost; rescanning every rule now "
+                        "(raise fs.inotify.max_queued_events if this recurs)", overflows=overflows)
         self.request_rescan()
 
     def request_rescan(self, rule: str | None = None) -> None:

@@ -87,9 +87,11 @@ class OverflowAlarm(logging.Handler):
     change, the periodic rescan still finds what was lost, only later.
     """
 
-    def __init__(self, on_overflow: Callable[[], None], quiet_s: float = 0.5) -> None:
+    def __init__(self, on_overflow: Callable[[], None], quiet_s: float = 0.5,
+                 again: Callable[[], None] | None = None) -> None:
         super().__init__(logging.WARNING)
         self.on_overflow = on_overflow
+        self.again = again          # a message inside the quiet window: maybe a second overflow
         self.quiet_s = quiet_s      # one overflow is logged once per watch: count it once
         self._last = -1e9
 
@@ -100,11 +102,16 @@ class OverflowAlarm(logging.Handler):
         if now - self._last >= self.quiet_s:
             self._last = now
             self.on_overflow()
+        elif self.again is not None:
+            # counted once, but never ignored: a rescan that already ran may have missed what this
+            # overflow lost (a burst that goes on), so another one is asked for
+            self.again()
 
 
 class Watcher:
     """One observer for all rules; `rescan_wanted(rule)` is called when events cannot be trusted,
-    `events_lost(overflows so far)` when the kernel dropped events (every rule needs a rescan)."""
+    `events_lost(overflows so far)` when the kernel dropped events (every rule needs a rescan;
+    called again with the same count for more overflow messages close behind)."""
 
     def __init__(self, dirty: DirtyPaths, rescan_wanted: Callable[[str], None],
                  events_lost: Callable[[int], None] = lambda n: None) -> None:
@@ -114,7 +121,7 @@ class Watcher:
         self.observer: BaseObserver = Observer()
         self.watching: dict[str, str] = {}
         self.overflows = 0
-        self.alarm = OverflowAlarm(self._overflowed)
+        self.alarm = OverflowAlarm(self._overflowed, again=lambda: self.events_lost(self.overflows))
 
     def _overflowed(self) -> None:
         self.overflows += 1

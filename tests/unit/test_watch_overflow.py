@@ -35,3 +35,19 @@ def test_a_started_watcher_reports_lost_events_and_stops_listening_when_stopped(
         w.stop()
     logging.getLogger("watchdog.observers.inotify_c").warning("Inotify queue overflowed; events were lost")
     assert lost == [1]
+
+
+def test_more_overflow_messages_close_behind_ask_for_another_rescan_without_counting_again(tmp_path: Path) -> None:
+    """A burst that goes on overflows again after the first rescan ran: that must not be swallowed
+    by the counting window, or files written after the rescan wait for the periodic one."""
+    lost: list[int] = []
+    w = Watcher(DirtyPaths(), lambda rule: None, lost.append)
+    w.alarm.quiet_s = 60
+    log = logging.getLogger("watchdog.observers.inotify_c")
+    log.addHandler(w.alarm)
+    try:
+        log.warning("Inotify queue overflowed; events were lost")
+        log.warning("Inotify queue overflowed; events were lost")
+        assert lost == [1, 1] and w.overflows == 1
+    finally:
+        log.removeHandler(w.alarm)
