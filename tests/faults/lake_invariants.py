@@ -144,6 +144,10 @@ def check(manifest: Manifest, ledger: Path, lake: Any, prefix: str, copies: int,
         here = _on_disk(path)
         if here is None:
             deleted = [r for r in versions if r["state"] == "deleted"]
+            if not deleted and not settled:
+                # killed between the unlink and its record: the restart records it (the step in
+                # flight). Deletion follows confirmation, so the lake must hold the copies already
+                deleted = [r for r in versions if r["state"] == "confirmed"]
             if not deleted:
                 problems.append(f"{show}: left the buffer but no ledger row says it was deleted "
                                 f"(rows: {[r['state'] for r in versions]})")

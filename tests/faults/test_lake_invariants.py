@@ -150,3 +150,22 @@ def test_each_broken_invariant_is_reported(tmp_path: Path, lake) -> None:  # typ
     assert "half.fits" not in unsettled and "orphan" not in unsettled and "one-copy.fits" in unsettled
     assert "unexplained.fits" not in unsettled             # not seen by the agent yet
     assert "claims-deleted.fits: still in the buffer, but the ledger has no live row" in unsettled
+
+
+def test_a_kill_between_the_unlink_and_its_record_is_the_step_in_flight(tmp_path: Path, lake) -> None:  # type: ignore[no-untyped-def]
+    """The file is gone, the row still says confirmed: a restart records the deletion. While
+    unsettled that is the step in flight, as long as the lake holds the copies; settled, it is not."""
+    w = World(tmp_path, lake)
+    data = os.urandom(1000)
+    w.m.record("mid-unlink.fits", data)
+    for rse in (w.l1, w.l2):
+        w.store(rse, "mid-unlink.fits", data)
+        w.replica(rse, "mid-unlink.fits", data)
+    w.rule("mid-unlink.fits", 2, f"{w.l1}|{w.l2}")
+    w.row("mid-unlink.fits", "confirmed", named=True)
+    w.m.record("gone-too-soon.fits", b"g" * 10)     # confirmed, gone, but the lake has no copy: never fine
+    w.row("gone-too-soon.fits", "confirmed", named=True)
+    unsettled = "\n".join(w.check(settled=False))
+    assert "mid-unlink.fits" not in unsettled
+    assert "gone-too-soon.fits: left the buffer but Rucio does not know its DID" in unsettled
+    assert "mid-unlink.fits: left the buffer but no ledger row says it was deleted" in "\n".join(w.check())
