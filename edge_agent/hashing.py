@@ -6,8 +6,10 @@ file is read once per upload and what was sent is exactly what was hashed.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import os
+import threading
 import zlib
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterator, Protocol, Sequence
@@ -25,6 +27,21 @@ class Digests:
     md5: str | None = None
 
 
+# Chunks at least this large have their md5 computed on a thread of its own (smaller ones: the
+# hand-over costs more than it saves).
+_MD5_BESIDE = 1 << 20
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _md5_pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="md5")
+        return _pool
+
+
 class MultiHash:
     def __init__(self, md5: bool = False) -> None:
         self._b3 = blake3.blake3()
@@ -33,11 +50,19 @@ class MultiHash:
         self.size = 0
 
     def update(self, chunk: bytes | memoryview) -> None:
-        # blake3 releases the GIL on large inputs, so hash workers run in parallel
+        # blake3, zlib and hashlib release the GIL on large inputs: md5, the slowest by far, runs
+        # on another core beside blake3 + adler32 (40 % more per thread with md5 on this machine).
+        # It is waited for before returning: the caller may reuse the chunk's buffer at once.
+        md5 = None
+        if self._md5 is not None:
+            if len(chunk) >= _MD5_BESIDE:
+                md5 = _md5_pool().submit(self._md5.update, chunk)
+            else:
+                self._md5.update(chunk)
         self._b3.update(chunk)
         self._adler = zlib.adler32(chunk, self._adler)
-        if self._md5 is not None:
-            self._md5.update(chunk)
+        if md5 is not None:
+            md5.result()
         self.size += len(chunk)
 
     def digests(self) -> Digests:

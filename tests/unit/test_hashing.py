@@ -119,3 +119,15 @@ def test_adler32_of(tmp_path: Path) -> None:
     assert adler32_of(p, chunk_size=1000) == (len(DATA), one_shot(DATA).adler32)
     p.write_bytes(b"Wikipedia")
     assert adler32_of(p) == (9, "11e60398")
+
+
+def test_md5_beside_the_other_hashes_on_a_reused_buffer(tmp_path: Path) -> None:
+    """Large chunks have their md5 computed on another thread; the read buffer is reused for the
+    next chunk as soon as update() returns, so update() must not return before md5 is done."""
+    data = os.urandom(7 * (1 << 20) + 12345)
+    p = tmp_path / "big"
+    p.write_bytes(data)
+    d = hash_file(p, md5=True, chunk_size=2 << 20)      # read_chunks: one buffer, refilled in place
+    assert d.md5 == hashlib.md5(data).hexdigest()
+    assert d.blake3 == blake3.blake3(data).hexdigest() and d.size == len(data)
+    assert d.adler32 == f"{zlib.adler32(data) & 0xFFFFFFFF:08x}"
