@@ -18,6 +18,10 @@ class PermanentError(EdgeAgentError):
     """A fault that retrying cannot mend; the file is quarantined with this message."""
 
 
+class SourceUnreadable(PermanentError):
+    """The local file cannot be read (permissions): the operator's to fix, then `edge-agent retry`."""
+
+
 class AlreadyDone(EdgeAgentError):
     """The effect already exists (a DID, a replica, a rule): success for an idempotent step."""
 

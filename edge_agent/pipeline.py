@@ -37,6 +37,7 @@ from .errors import (
     PermanentError,
     RetryableError,
     ShuttingDown,
+    SourceUnreadable,
 )
 from .failpoints import hit
 from .fits import FitsScan
@@ -298,10 +299,8 @@ class Pipeline:
         try:
             d = t.transport.put(rec.fspath, t.url, Expected(size, None, want_md5=rule.md5), pace_and_count,
                                 also=[scan] if scan else [])
-        except PermanentError as exc:
-            if "cannot read" in str(exc):
-                raise PermanentError(f"{exc} (fix the permissions, then `edge-agent retry {rec.id}`)") from None
-            raise
+        except SourceUnreadable as exc:
+            raise PermanentError(f"{exc} (fix the permissions, then `edge-agent retry {rec.id}`)") from None
         hit("after_first_put")
         took = max(self.clock() - started, 1e-6)
         log.debug("first copy written while hashing", file_id=rec.id, location=t.location,

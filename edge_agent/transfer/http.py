@@ -40,7 +40,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import structlog
 
-from ..errors import FileChanged, FileVanished, PermanentError, RetryableError
+from ..errors import FileChanged, FileVanished, PermanentError, RetryableError, SourceUnreadable
 from ..hashing import CHUNK, Consumer, Digests, MultiHash
 from .base import Expected, Pacer, RemoteStat, Transport, copy_problem
 
@@ -362,7 +362,7 @@ class HttpTransport(Transport):
         except FileNotFoundError:
             raise FileVanished(f"{source} is gone") from None
         except PermissionError as exc:
-            raise PermanentError(f"cannot read {source}: {exc.strerror}") from None
+            raise SourceUnreadable(f"cannot read {source}: {exc.strerror}") from None
         except IsADirectoryError:
             raise FileVanished(f"{source} is no longer a regular file") from None
         # md5: also hash md5 in the pass (default: when one was recorded)

@@ -13,7 +13,7 @@ import os
 from collections.abc import Sequence
 from urllib.parse import unquote, urlparse
 
-from ..errors import FileVanished, PermanentError, RetryableError
+from ..errors import FileVanished, PermanentError, RetryableError, SourceUnreadable
 from ..hashing import CHUNK, Consumer, Digests, MultiHash, adler32_of, hash_file, read_chunks
 from ..localfs import fsync_dir, sibling_temp
 from .base import Expected, Pacer, RemoteStat, Transport
@@ -65,7 +65,7 @@ class PosixTransport(Transport):
         except FileNotFoundError:
             raise FileVanished(f"{source} is gone") from None
         except PermissionError as exc:
-            raise PermanentError(f"cannot read {source}: {exc.strerror}") from None
+            raise SourceUnreadable(f"cannot read {source}: {exc.strerror}") from None
         h = MultiHash(md5=expected.hash_md5)
         for c in also:
             c.reset()

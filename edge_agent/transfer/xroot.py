@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 import structlog
 
-from ..errors import FileVanished, PermanentError, RetryableError
+from ..errors import FileVanished, PermanentError, RetryableError, SourceUnreadable
 from ..hashing import CHUNK, Consumer, Digests, MultiHash
 from .base import Expected, Pacer, RemoteStat, Transport, copy_problem
 from .http import HostGates, VerifyUpload
@@ -414,7 +414,7 @@ class XRootTransport(Transport):
         except FileNotFoundError:
             raise FileVanished(f"{source} is gone") from None
         except PermissionError as exc:
-            raise PermanentError(f"cannot read {source}: {exc.strerror}") from None
+            raise SourceUnreadable(f"cannot read {source}: {exc.strerror}") from None
         except IsADirectoryError:
             raise FileVanished(f"{source} is no longer a regular file") from None
         h = MultiHash(md5=expected.hash_md5)

@@ -28,7 +28,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from tests.faults.local_invariants import FINAL, IN_FLIGHT, Manifest, _ledger_rows, _notices
+from tests.faults.local_invariants import FINAL, Manifest, _ledger_rows, _notices, explained
 
 BATCH = 100        # DIDs per list_replicas call (Rucio on SQLite refuses very large ones)
 
@@ -161,19 +161,9 @@ def check(manifest: Manifest, ledger: Path, lake: Any, prefix: str, copies: int,
         for r in versions:
             if r["state"] == "deleted" and r["inode"] == st.st_ino and r["size"] == st.st_size:
                 problems.append(f"{show}: the ledger says deleted (row {r['id']}), but the file is still in the buffer")
-        live = [r for r in versions if r["state"] not in FINAL]
-        if not live:
-            if not versions and not settled:
-                continue        # written while the agent was down: not seen yet, which is no fault
-            if not any(path == n or path.startswith(n + b"/") for n in notices):
-                problems.append(f"{show}: still in the buffer, but the ledger has no live row and no notice "
-                                f"(rows: {[r['state'] for r in versions]})")
-            continue
-        r = live[-1]
-        if r["state"] in ("quarantined", "retry_wait") and not r["reason"]:
-            problems.append(f"{show}: {r['state']} without a reason")
-        if settled and r["state"] in IN_FLIGHT:
-            problems.append(f"{show}: still {r['state']} after the scenario settled (half-done)")
+        if not versions and not settled:
+            continue        # written while the agent was down: not seen yet, which is no fault
+        problems += explained(show, path, versions, notices, settled)
 
     listed = list_replicas(lake, scope, sorted({r["name"] for r in gone.values() if r["name"]}))
     for rel, r in gone.items():

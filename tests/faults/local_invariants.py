@@ -92,6 +92,25 @@ def _on_disk(path: bytes) -> tuple[int, str] | None:
     return len(data), adler32_of(data)
 
 
+def explained(show: str, path: bytes, versions: list[sqlite3.Row], notices: dict[bytes, str] | set[bytes],
+              settled: bool) -> list[str]:
+    """What is wrong with how the ledger explains a file still in the buffer: a live row (with its
+    reason when it waits or needs a person, not in flight once settled), or a notice."""
+    live = [r for r in versions if r["state"] not in FINAL]
+    if not live:
+        # a notice on the file, or on a directory above it (one that cannot be listed)
+        if not any(path == n or path.startswith(n + b"/") for n in notices):
+            return [f"{show}: still in the buffer, but the ledger has no live row and no notice "
+                    f"(rows: {[r['state'] for r in versions]})"]
+        return []
+    r, problems = live[-1], []
+    if r["state"] in ("quarantined", "retry_wait") and not r["reason"]:
+        problems.append(f"{show}: {r['state']} without a reason")
+    if settled and r["state"] in IN_FLIGHT:
+        problems.append(f"{show}: still {r['state']} after the scenario settled (half-done)")
+    return problems
+
+
 def check(manifest: Manifest, ledger: Path, lakes: dict[str, Path], catalogue: Path, copies: int,
           settled: bool = True) -> list[str]:
     """Every broken invariant, as a sentence; [] when all hold. `settled`: nothing may be in flight."""
@@ -138,17 +157,7 @@ def check(manifest: Manifest, ledger: Path, lakes: dict[str, Path], catalogue: P
             continue
         if here != (size, adler):
             problems.append(f"{show}: the buffer copy changed ({here}, written as {(size, adler)})")
-        if not live:
-            # a notice on the file, or on a directory above it (one that cannot be listed)
-            if not any(path == n or path.startswith(n + b"/") for n in notices):
-                problems.append(f"{show}: still in the buffer, but the ledger has no live row and no notice "
-                                f"(rows: {[r['state'] for r in versions]})")
-            continue
-        r = live[-1]
-        if r["state"] in ("quarantined", "retry_wait") and not r["reason"]:
-            problems.append(f"{show}: {r['state']} without a reason")
-        if settled and r["state"] in IN_FLIGHT:
-            problems.append(f"{show}: still {r['state']} after the scenario settled (half-done)")
+        problems += explained(show, path, versions, notices, settled)
 
     known = {(r["scope"], r["name"]) for r in rows if r["name"]}
     for did in dids:
