@@ -22,6 +22,10 @@ class SourceUnreadable(PermanentError):
     """The local file cannot be read (permissions): the operator's to fix, then `edge-agent retry`."""
 
 
+class DestinationOccupied(PermanentError):
+    """Other bytes lie at a copy's URL, written by nobody this version knows: never replaced."""
+
+
 class AlreadyDone(EdgeAgentError):
     """The effect already exists (a DID, a replica, a rule): success for an idempotent step."""
 

@@ -58,6 +58,16 @@ CREATE TABLE IF NOT EXISTS replicas (
     size INTEGER, adler32 TEXT, state TEXT NOT NULL, at REAL NOT NULL,
     PRIMARY KEY (file_id, location)
 );
+-- Who may write, and what content lies, under each lake name (scope:name). A name is reserved
+-- (committed) before the first byte is written under it and bound to one content (blake3) when
+-- its version is hashed: two files never share a URL, a temporary file or a counted copy unless
+-- their bytes are the same. 'writing': `owner` writes its first copy, content not known yet;
+-- 'bound': the name holds `blake3`; 'removing': `owner` removes a copy nobody else counts.
+CREATE TABLE IF NOT EXISTS names (
+    scope TEXT NOT NULL, name TEXT NOT NULL, owner INTEGER NOT NULL, blake3 TEXT,
+    state TEXT NOT NULL, at REAL NOT NULL,
+    PRIMARY KEY (scope, name)
+);
 CREATE TABLE IF NOT EXISTS notices (
     path BLOB PRIMARY KEY, rule TEXT NOT NULL, relpath TEXT NOT NULL, kind TEXT NOT NULL,
     detail TEXT NOT NULL, first_seen REAL NOT NULL, last_seen REAL NOT NULL, count INTEGER NOT NULL
@@ -85,6 +95,19 @@ CREATE INDEX IF NOT EXISTS events_problems ON events(id) WHERE event IN {problem
 
 class StaleTransition(Exception):
     """The row was not in the expected state: someone else moved it (or it was superseded)."""
+
+
+class NameConflict(Exception):
+    """The name asked for is held by another version (other content, or content not known yet)."""
+
+
+@dataclass(frozen=True)
+class NameHold:
+    """What the ledger says of one lake name: who holds it, in which state, for which content."""
+    owner: int
+    state: str            # 'writing' | 'bound' | 'removing'
+    blake3: str | None
+    owner_final: bool     # the owner version has ended (superseded or deleted)
 
 
 @dataclass(frozen=True)
@@ -216,6 +239,17 @@ class Ledger:
         for col in _COLS:
             if col not in have:
                 self._db.execute(f"ALTER TABLE files ADD COLUMN {col}")
+        if self._db.execute("SELECT 1 FROM meta WHERE key = 'names_filled'").fetchone() is None:
+            # a ledger from before the names table: every name a hashed version was given is bound
+            # to that version's content (a live or delivered version before a superseded one)
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(
+                "INSERT OR IGNORE INTO names (scope, name, owner, blake3, state, at) "
+                "SELECT scope, name, id, blake3, 'bound', updated_at FROM files "
+                "WHERE scope IS NOT NULL AND name IS NOT NULL AND blake3 IS NOT NULL "
+                "ORDER BY state = 'superseded', id")
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('names_filled', '1')")
+            self._db.execute("COMMIT")
 
     def close(self) -> None:
         with self._lock:
@@ -410,19 +444,79 @@ class Ledger:
                            "ORDER BY first_seen LIMIT 1")
         return _row(rows[0]) if rows else None
 
-    def name_taken(self, scope: str, name: str, blake3: str, exclude_id: int) -> bool:
-        """Does another version with other content already hold scope:name in the lake?"""
-        # a hashed version may have written its first copy under the name already
-        rows = self._query("SELECT 1 FROM files WHERE scope = ? AND name = ? AND id != ? AND blake3 != ? "
-                           "AND state NOT IN ('discovered', 'complete') LIMIT 1",
-                           (scope, name, exclude_id, blake3))
-        return bool(rows)
+    def name_hold(self, scope: str, name: str) -> NameHold | None:
+        """Who holds scope:name, or None if no version was ever given it."""
+        rows = self._query("SELECT n.owner, n.state, n.blake3, f.state FROM names n LEFT JOIN files f "
+                           "ON f.id = n.owner WHERE n.scope = ? AND n.name = ?", (scope, name))
+        if not rows:
+            return None
+        owner, state, blake3, owner_state = rows[0]
+        return NameHold(owner, state, blake3, owner_state is None or State(owner_state) in FINAL)
 
-    def name_held(self, scope: str, name: str, exclude_id: int) -> bool:
-        """Has another version been given scope:name (whatever its content or state)?"""
-        rows = self._query("SELECT 1 FROM files WHERE scope = ? AND name = ? AND id != ? LIMIT 1",
-                           (scope, name, exclude_id))
-        return bool(rows)
+    def reserve_name(self, scope: str, name: str, file_id: int) -> bool:
+        """Reserve a name nobody holds for `file_id`'s first copy, committed before any byte is
+        written under it. True if the name is now this version's to write (also when it already
+        was: a step repeated after a crash); False if another version holds it."""
+        with self._tx() as db:
+            row = db.execute("SELECT owner, state FROM names WHERE scope = ? AND name = ?",
+                             (scope, name)).fetchone()
+            if row is not None:
+                return bool(row[0] == file_id and row[1] == "writing")
+            db.execute("INSERT INTO names VALUES (?,?,?,NULL,'writing',?)", (scope, name, file_id, self._clock()))
+            return True
+
+    def _bind_name(self, db: sqlite3.Connection, file_id: int, scope: str, name: str, blake3: str) -> None:
+        """Bind scope:name to a hashed version's content, in the transaction of its transition.
+        Raises NameConflict if another version holds it with other (or not yet known) content."""
+        row = db.execute("SELECT owner, state, blake3 FROM names WHERE scope = ? AND name = ?",
+                         (scope, name)).fetchone()
+        if row is None:
+            db.execute("INSERT INTO names VALUES (?,?,?,?,'bound',?)", (scope, name, file_id, blake3, self._clock()))
+        elif row[0] == file_id and row[1] == "writing":
+            db.execute("UPDATE names SET blake3 = ?, state = 'bound', at = ? WHERE scope = ? AND name = ?",
+                       (blake3, self._clock(), scope, name))
+        elif not (row[1] == "bound" and row[2] == blake3):
+            raise NameConflict(f"{scope}:{name} is held by file {row[0]} ({row[1]})")
+
+    def drop_reservation(self, scope: str, name: str, file_id: int) -> None:
+        """Give up a reservation whose content was never bound (the first read failed and the
+        copy it may have left was removed): the name is free again."""
+        with self._tx() as db:
+            db.execute("DELETE FROM names WHERE scope = ? AND name = ? AND owner = ? AND state = 'writing'",
+                       (scope, name, file_id))
+
+    def begin_removal(self, scope: str, name: str, file_id: int) -> bool:
+        """May `file_id` remove the copies it wrote under scope:name? Only while it owns the name and
+        no other version that has not ended counts the name (one that was deleted locally relies on
+        it). True: the name is marked 'removing' (nobody takes it until finish_removal). False: the
+        copies stay and the name passes to a version that counts it."""
+        with self._tx() as db:
+            row = db.execute("SELECT owner, state FROM names WHERE scope = ? AND name = ?",
+                             (scope, name)).fetchone()
+            if row is None or row[0] != file_id:
+                return False
+            if row[1] == "removing":
+                return True
+            other = db.execute("SELECT id FROM files WHERE scope = ? AND name = ? AND id != ? AND "
+                               "state != 'superseded' ORDER BY state = 'deleted' DESC, id LIMIT 1",
+                               (scope, name, file_id)).fetchone()
+            if other is not None:
+                db.execute("UPDATE names SET owner = ?, at = ? WHERE scope = ? AND name = ?",
+                           (other[0], self._clock(), scope, name))
+                return False
+            db.execute("UPDATE names SET state = 'removing', at = ? WHERE scope = ? AND name = ?",
+                       (self._clock(), scope, name))
+            return True
+
+    def finish_removal(self, scope: str, name: str, file_id: int) -> None:
+        """The copies under scope:name are removed: the name is free again."""
+        with self._tx() as db:
+            db.execute("DELETE FROM names WHERE scope = ? AND name = ? AND owner = ? AND state = 'removing'",
+                       (scope, name, file_id))
+
+    def removals_pending(self) -> list[int]:
+        """Versions that began removing their copies and were stopped before the end (a crash)."""
+        return [r[0] for r in self._query("SELECT owner FROM names WHERE state = 'removing'")]
 
     def replicas(self, file_id: int) -> list[dict[str, Any]]:
         return [dict(r) for r in self._query("SELECT * FROM replicas WHERE file_id = ? ORDER BY location",
@@ -547,6 +641,12 @@ class Ledger:
                 raise KeyError(k)
             if isinstance(v, State):
                 updates[k] = v.value
+        if new is State.HASHED:
+            # the name is bound to this content in the transition's own transaction
+            got = {**dict(db.execute("SELECT scope, name, blake3 FROM files WHERE id = ?", (file_id,)).fetchone()),
+                   **{k: v for k, v in updates.items() if k in ("scope", "name", "blake3")}}
+            if got["scope"] and got["name"] and got["blake3"]:
+                self._bind_name(db, file_id, got["scope"], got["name"], got["blake3"])
         sets = ", ".join(f"{k} = ?" for k in updates)
         db.execute(f"UPDATE files SET {sets} WHERE id = ?", [*updates.values(), file_id])
         self._event(db, file_id, expect, new, event.value, detail)
@@ -589,6 +689,21 @@ class Ledger:
                        "SET url=excluded.url, size=excluded.size, adler32=excluded.adler32, "
                        "state=excluded.state, at=excluded.at",
                        (file_id, location, url, size, adler32, state, self._clock()))
+
+    def record_replicas(self, file_id: int, places: Sequence[tuple[str, str]], state: str) -> None:
+        """Several copies' state in one commit, (location, url) each: e.g. 'writing', recorded before
+        the bytes go to URLs found empty, so a crash mid-write leaves a URL known to be this version's."""
+        now = self._clock()
+        with self._tx() as db:
+            for location, url in places:
+                db.execute("INSERT INTO replicas VALUES (?,?,?,NULL,NULL,?,?) ON CONFLICT (file_id, location) "
+                           "DO UPDATE SET url=excluded.url, state=excluded.state, at=excluded.at",
+                           (file_id, location, url, state, now))
+
+    def names_owned(self, file_id: int) -> list[tuple[str, str, str]]:
+        """(scope, name, state) of the names this version holds."""
+        return [(r[0], r[1], r[2]) for r in self._query("SELECT scope, name, state FROM names WHERE owner = ?",
+                                                          (file_id,))]
 
     def notice(self, rule: str, path: bytes, kind: str, detail: str) -> bool:
         """Report something in a watched tree that will not be handled. True if it is new."""

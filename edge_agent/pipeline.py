@@ -15,15 +15,13 @@ out a backoff, permanent ones quarantine the file with the reason.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
-import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import structlog
 
@@ -43,7 +41,7 @@ from .failpoints import hit
 from .fits import FitsScan
 from .hashing import Digests, hash_file
 from .lake.base import Catalogue, LakeFile, Target
-from .ledger import FileRecord, Ledger, StaleTransition
+from .ledger import FileRecord, Ledger, NameConflict, StaleTransition
 from .localfs import deleting_name, guarded_unlink, stat_regular
 from .settings import Completion, DeletePolicy, Settings
 from .transfer.base import Expected, Pacer
@@ -78,8 +76,6 @@ class Pipeline:
         self.clock = clock
         self.rand = rand
         self.open_writers = open_writers
-        self._names: set[tuple[str, str]] = set()   # names a first copy is being written under now
-        self._names_lock = threading.Lock()
 
     # ------------------------------------------------------------ dispatch
     def run_step(self, rec: FileRecord) -> None:
@@ -149,19 +145,34 @@ class Pipeline:
             self.discard_unregistered(rec)
 
     def discard_unregistered(self, rec: FileRecord) -> None:
-        """A superseded version's first copy that never reached the lake's records: removed, best
-        effort. Its name stays held by this version, so no later version writes under it."""
-        sent = {r["location"]: r["url"] for r in self.ledger.replicas(rec.id) if r["state"] == "sent"}
-        if not sent:
-            return
-        try:
-            targets = [t for t in self.lake.targets(self.lake_file(rec)) if sent.get(t.location) == t.url]
-        except Exception as exc:  # noqa: BLE001 - best effort: an unregistered copy is dark data, not loss
-            log.warning("could not look up an unregistered first copy", file_id=rec.id, error=str(exc))
-            return
-        for t in targets:
-            self._discard_first(rec, t)
-            self.ledger.record_replica(rec.id, t.location, t.url, None, None, "removed")
+        """An ended version's first copy that never reached the lake's records: removed, best effort,
+        and only while no other version counts it (one with the same bytes may share the name, and
+        may have been deleted locally on the strength of that copy). Then the name is free again."""
+        for scope, name, state in self.ledger.names_owned(rec.id):
+            rows = [r for r in self.ledger.replicas(rec.id) if r["state"] == "sent"]
+            if state == "bound" and not rows:
+                continue      # nothing of its own left unregistered: the name stays bound
+            if not self.ledger.begin_removal(scope, name, rec.id):
+                log.info("first copy kept: another version counts it", file_id=rec.id, did=f"{scope}:{name}")
+                continue
+            rule = self.s.rules.get(rec.rule)
+            if rule is None:
+                continue
+            f = LakeFile.unhashed(rec.rule, scope, name, rec.size or 0, rule.copies, tuple(rule.destinations),
+                                  rec.fspath)
+            try:
+                targets = self.lake.targets(f)
+                # an unbound reservation may have left a partial first copy; a bound one its 'sent' copy
+                urls = {r["url"] for r in rows} if rows else {targets[0].url} if targets else set()
+                for t in targets:
+                    if t.url in urls:
+                        t.transport.delete(t.url)
+                        if rows:
+                            self.ledger.record_replica(rec.id, t.location, t.url, None, None, "removed")
+            except Exception as exc:  # noqa: BLE001 - best effort: the name stays 'removing' and is retried
+                log.warning("could not remove an unregistered first copy", file_id=rec.id, error=str(exc))
+                continue
+            self.ledger.finish_removal(scope, name, rec.id)
 
     def _vanished(self, rec: FileRecord, reason: str) -> None:
         # Renamed (the new name is discovered as a file of its own) or removed by someone else:
@@ -170,8 +181,7 @@ class Pipeline:
         why = f"vanished before {stage} (renamed or removed by someone else): {reason}"
         log.warning("file vanished", file_id=rec.id, rule=rec.rule, path=rec.relpath, reason=why)
         self._move(rec, Event.SUPERSEDED, {"reason": why}, reason=why)
-        if rec.blake3 is not None:
-            self.discard_unregistered(rec)
+        self.discard_unregistered(rec)
 
     # ------------------------------------------------------------ helpers
     def lake_file(self, rec: FileRecord) -> LakeFile:
@@ -217,60 +227,98 @@ class Pipeline:
             if problem:
                 raise PermanentError(f"dataset {problem} (from dataset_template {rule.dataset_template!r})")
         scan = FitsScan() if rule.fits == "auto" and rec.relpath.lower().endswith(FITS_SUFFIXES) else None
-        with self._claim(rule.scope, name) as claimed:
-            first = self._first_target(rec, name, before.size) if claimed else None
+        first = self._first_target(rec, name, before.size)
+        if first is None:
+            d = self._read(rec, scan)
+        else:
+            d = self._send_first(rec, first, before.size, scan)
+        try:
+            after = stat_regular(path)
+            if after != before or d.size != before.size:
+                raise FileChanged(f"{rec.relpath} changed while it was being read")
             if first is None:
-                d = self._read(rec, scan)
-            else:
-                d = self._send_first(rec, first, before.size, scan)
-            try:
-                after = stat_regular(path)
-                if after != before or d.size != before.size:
-                    raise FileChanged(f"{rec.relpath} changed while it was being read")
-                if first is None and self.ledger.name_taken(rule.scope, name, d.blake3, rec.id):
-                    name = policy.versioned_name(name, rec.version)
-                meta = {**rule.metadata, **self._fits_metadata(rec, scan), **self._sidecar(rec)}
-            except BaseException:
-                if first is not None:
-                    self._discard_first(rec, first)
-                raise
+                name = self._decide_name(rec, rule.scope, name, d)
+            meta = {**rule.metadata, **self._fits_metadata(rec, scan), **self._sidecar(rec)}
+        except BaseException:
             if first is not None:
-                self.ledger.record_replica(rec.id, first.location, first.url, d.size, d.adler32, "sent", note=(
-                    rec.state, "copy_written", {"location": first.location, "url": first.url,
-                                                "with_hashing": True}))
+                self._discard_first(rec, rule.scope, name, first)
+            raise
+        if first is not None:
+            self.ledger.record_replica(rec.id, first.location, first.url, d.size, d.adler32, "sent", note=(
+                rec.state, "copy_written", {"location": first.location, "url": first.url,
+                                            "with_hashing": True}))
+        try:
             self._move(rec, Event.HASHED, {"blake3": d.blake3, "adler32": d.adler32, "size": d.size},
                        blake3=d.blake3, adler32=d.adler32, md5=d.md5, size=d.size, scope=rule.scope,
                        name=name, dataset=dataset, metadata=json.dumps(meta), attempts=0)
-
-    @contextlib.contextmanager
-    def _claim(self, scope: str, name: str) -> Iterator[bool]:
-        """Hold scope:name in this process while a first copy may be written under it: two files
-        whose templates give one name must not write to one URL at the same time."""
-        with self._names_lock:
-            claimed = (scope, name) not in self._names
-            self._names.add((scope, name))
-        try:
-            yield claimed
-        finally:
-            if claimed:
-                with self._names_lock:
-                    self._names.discard((scope, name))
+        except NameConflict as exc:
+            # another version took the name between the look and the commit: decided again
+            raise RetryableError(f"the name {rule.scope}:{name} was taken meanwhile ({exc})") from None
 
     def _first_target(self, rec: FileRecord, name: str, size: int) -> Target | None:
         """Where the first copy can be written in the hashing pass, or None to hash alone.
 
-        Only where the agent writes the copies, and only under a name nobody holds yet: not another
-        version in the ledger, not the lake. A name in use is decided after hashing, by content, as
-        before (the same bytes keep the name, other bytes get a versioned one), at the cost of a
-        second read for that file.
+        Only where the agent writes the copies, and only under a name nobody holds: not another
+        version in the ledger, not the lake's catalogue, not the destination itself (a catalogue
+        lost or rebuilt must not let an older night's copy be overwritten). The name is then
+        reserved in the ledger, committed, before the first byte is written: two files whose
+        templates give one name never write to one URL. A name in use is decided after hashing,
+        by content (the same bytes keep the name, other bytes get a versioned one), at the cost of
+        a second read for that file.
         """
         rule = self.s.rules[rec.rule]
-        if self.ledger.name_held(rule.scope, name, rec.id) or not self.lake.name_free(rule.scope, name):
+        hold = self.ledger.name_hold(rule.scope, name)
+        resumed = hold is not None and hold.owner == rec.id and hold.state == "writing"
+        if hold is not None and not resumed:
             return None
         f = LakeFile.unhashed(rec.rule, rule.scope, name, size, rule.copies, tuple(rule.destinations),
                               rec.fspath)
         targets = self.lake.targets(f)
-        return targets[0] if targets else None
+        if not targets:
+            return None
+        first = targets[0]
+        if not resumed:
+            if not self.lake.name_free(rule.scope, name) \
+                    or any(t.transport.stat(t.url) is not None for t in targets):
+                return None
+            if not self.ledger.reserve_name(rule.scope, name, rec.id):
+                return None
+        # reserved while its URL was empty: whatever lies there now is this version's own
+        return first
+
+    def _decide_name(self, rec: FileRecord, scope: str, base: str, d: Digests) -> str:
+        """The name of a version hashed alone: the rendered one if it is free or holds these very
+        bytes, else the first free versioned one. Bound to the content by the HASHED transition."""
+        for name in policy.name_candidates(base, rec.version):
+            hold = self.ledger.name_hold(scope, name)
+            if hold is not None:
+                if hold.owner == rec.id and hold.state == "writing":
+                    return name      # reserved by this version before an earlier attempt failed
+                if hold.state == "bound" and hold.blake3 == d.blake3:
+                    return name      # the same bytes: the copies under it count for both
+                if hold.state != "bound" and not hold.owner_final:
+                    raise RetryableError(f"the name {scope}:{name} is being written by file {hold.owner}; "
+                                         "decided once its content is known")
+                continue
+            if not self._destinations_hold_other(rec, scope, name, d):
+                return name
+        raise PermanentError(f"no free name for {rec.relpath} among the versions of {scope}:{base}")
+
+    def _destinations_hold_other(self, rec: FileRecord, scope: str, name: str, d: Digests) -> bool:
+        """Does a destination already hold other bytes under scope:name (something this ledger never
+        gave that name: a lost catalogue, another agent)? Those bytes are never replaced."""
+        rule = self.s.rules[rec.rule]
+        f = LakeFile.unhashed(rec.rule, scope, name, d.size, rule.copies, tuple(rule.destinations), rec.fspath)
+        for t in self.lake.targets(f):
+            there = t.transport.stat(t.url)
+            if there is None:
+                continue
+            if there.size != d.size or (there.adler32 is not None and there.adler32 != d.adler32) \
+                    or (there.md5 is not None and d.md5 is not None and there.md5 != d.md5):
+                log.warning("name in use at a destination by other bytes; taking another", file_id=rec.id,
+                            did=f"{scope}:{name}", location=t.location)
+                return True
+        return False
 
     def _read(self, rec: FileRecord, scan: FitsScan | None) -> Digests:
         """Hash without sending: the lake copies from the buffer, or the name must be decided first."""
@@ -297,8 +345,8 @@ class Pipeline:
 
         started = self.clock()
         try:
-            d = t.transport.put(rec.fspath, t.url, Expected(size, None, want_md5=rule.md5), pace_and_count,
-                                also=[scan] if scan else [])
+            d = t.transport.put(rec.fspath, t.url, Expected(size, None, want_md5=rule.md5, may_replace=True),
+                                pace_and_count, also=[scan] if scan else [])
         except SourceUnreadable as exc:
             raise PermanentError(f"{exc} (fix the permissions, then `edge-agent retry {rec.id}`)") from None
         hit("after_first_put")
@@ -307,13 +355,17 @@ class Pipeline:
                   mb_per_s=round(d.size / took / 1e6, 1))
         return d
 
-    def _discard_first(self, rec: FileRecord, t: Target) -> None:
-        """A first copy of bytes that will not be registered (changed, corrupt): removed, best effort."""
+    def _discard_first(self, rec: FileRecord, scope: str, name: str, t: Target) -> None:
+        """A first copy of bytes that will not be hashed into a version (changed, corrupt): removed
+        and the reservation given up; if the removal fails the name stays reserved (nobody else
+        writes under it; a later attempt of this version replaces it)."""
         try:
             t.transport.delete(t.url)
-        except Exception as exc:  # noqa: BLE001 - the name is nobody's yet; a later upload replaces it
+        except Exception as exc:  # noqa: BLE001 - the name stays this version's: nobody counts it
             log.warning("could not remove a first copy that will not be registered", file_id=rec.id,
                         location=t.location, error=str(exc))
+            return
+        self.ledger.drop_reservation(scope, name, rec.id)
 
     def _fits_metadata(self, rec: FileRecord, scan: FitsScan | None) -> dict[str, Any]:
         """Header keywords as metadata; a FITS file whose own checksums fail is corrupt at the source."""
@@ -355,18 +407,24 @@ class Pipeline:
 
     def transfer(self, rec: FileRecord) -> None:
         f = self.lake_file(rec)
-        expected = Expected(f.size, f.blake3, f.adler32, f.md5)
         recorded = {r["location"]: r for r in self.ledger.replicas(rec.id)}
         targets = self.lake.targets(f)
         sent = [t for t in targets if (r := recorded.get(t.location)) is not None
                 and r["state"] == "sent" and r["url"] == t.url]
-        for t in targets:
-            r = recorded.get(t.location)
-            if t in sent or (r is not None and r["state"] == "written"):
-                continue
+        todo = [t for t in targets if t not in sent and not ((r := recorded.get(t.location)) is not None
+                                                             and r["state"] == "written" and r["url"] == t.url)]
+        # A URL is this version's to overwrite only where it wrote before (a bad or lost copy, a
+        # crash mid-write) or found it empty and recorded so before writing: anything else there is
+        # never replaced (an identical copy counts; other bytes are DestinationOccupied).
+        own = {t.location for t in todo if (r := recorded.get(t.location)) is not None and r["url"] == t.url}
+        empty = [t for t in todo if t.location not in own and t.transport.stat(t.url) is None]
+        if empty:
+            self.ledger.record_replicas(rec.id, [(t.location, t.url) for t in empty], "writing")
+            own.update(t.location for t in empty)
+        for t in todo:
+            expected = Expected(f.size, f.blake3, f.adler32, f.md5, may_replace=t.location in own)
             started = self.clock()
-            got = t.transport.put(f.local_path, t.url, expected,
-                                  self._pacer(rec.rule, t.location))
+            got = t.transport.put(f.local_path, t.url, expected, self._pacer(rec.rule, t.location))
             hit("after_put")
             self.lake.add_replica(f, t.location, t.url)
             hit("after_add_replica")

@@ -95,6 +95,16 @@ def versioned_name(name: str, version: int) -> str:
     return name if version <= 1 else f"{name}.v{version}"
 
 
+def name_candidates(name: str, version: int, tries: int = 100) -> list[str]:
+    """The names a version may take, in order: the rendered one, then versioned ones (the file's
+    own version number first, so a rewritten file keeps the name it always had)."""
+    out = [name]
+    first = max(2, version)
+    out += [versioned_name(name, first)]
+    out += [versioned_name(name, n) for n in range(2, first + tries) if n != first]
+    return out[:tries]
+
+
 # ---------------------------------------------------------------- retries
 
 def backoff_seconds(attempt: int, base: float, cap: float, jitter: float, rand: float) -> float:

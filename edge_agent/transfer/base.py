@@ -23,6 +23,10 @@ class Expected:
     adler32: str | None = None
     md5: str | None = None
     want_md5: bool = False
+    # May what lies at the URL be replaced? Only when this version owns the name (it reserved it
+    # while the URL was empty, or wrote that copy itself): a copy of another version, or of an
+    # older night whose catalogue entry was lost, is never overwritten (DestinationOccupied).
+    may_replace: bool = False
 
     @property
     def known(self) -> bool:
@@ -80,8 +84,9 @@ class Transport(abc.ABC):
         Raises FileChanged if the bytes read do not hash to `expected` (nothing is left
         at `url` then), FileVanished if `source` cannot be opened because it is gone,
         RetryableError / PermanentError for storage faults. An identical copy already at
-        `url` is success when `expected` is known; when it is not (the first read of a
-        version), whatever is at `url` is replaced. Returns the digests of what was sent.
+        `url` is success when `expected` is known. Anything else at `url` is replaced only if
+        `expected.may_replace`; otherwise DestinationOccupied is raised and nothing is written
+        there. Returns the digests of what was sent.
         """
 
     @abc.abstractmethod

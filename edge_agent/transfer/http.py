@@ -40,7 +40,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import structlog
 
-from ..errors import FileChanged, FileVanished, PermanentError, RetryableError, SourceUnreadable
+from ..errors import DestinationOccupied, FileChanged, FileVanished, PermanentError, RetryableError, SourceUnreadable
 from ..hashing import CHUNK, Consumer, Digests, MultiHash
 from .base import Expected, Pacer, RemoteStat, Transport, copy_problem
 
@@ -316,6 +316,9 @@ class HttpTransport(Transport):
             if remote.size == expected.size and remote.adler32 == expected.adler32:
                 log.debug("identical copy already there", url=shown)
                 return True
+        if not expected.may_replace:
+            raise DestinationOccupied(f"{shown} holds other bytes that this file version did not write; "
+                                      "they are never replaced")
         log.info("replacing what is there before uploading", url=shown, size=_content_length(r))
         self._delete(wire, shown)
         return False

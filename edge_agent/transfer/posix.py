@@ -1,19 +1,24 @@
 """Copies to a directory: a local disk or a mounted lake filesystem.
 
 A copy is streamed (hashed in the same pass) into an agent-temporary name beside its
-final name, fsync'd, checked against the recorded hashes, renamed into place and the
-directory fsync'd. A crash leaves at most the temporary file, which the next attempt
-overwrites; a reader never sees a partial copy under the final name.
+final name (locked while written), fsync'd, checked against the recorded hashes, given its
+name and the directory fsync'd. A crash leaves at most the temporary file, which the next
+attempt takes over; a reader never sees a partial copy under the final name. Bytes already
+under the name are replaced only when the version owns them (Expected.may_replace): else the
+name is given with a no-clobber link, and other bytes there are DestinationOccupied.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import BinaryIO
 from urllib.parse import unquote, urlparse
 
-from ..errors import FileVanished, PermanentError, RetryableError, SourceUnreadable
+from ..errors import DestinationOccupied, FileVanished, PermanentError, RetryableError, SourceUnreadable
 from ..hashing import CHUNK, Consumer, Digests, MultiHash, adler32_of, hash_file, read_chunks
 from ..localfs import fsync_dir, sibling_temp
 from .base import Expected, Pacer, RemoteStat, Transport
@@ -43,6 +48,24 @@ def _storage_error(exc: OSError, what: str) -> Exception:
     return RetryableError(msg)
 
 
+@contextlib.contextmanager
+def _locked_temp(tmp: str) -> Iterator[BinaryIO]:
+    """The temporary file of one copy, held under an exclusive lock while it is written: two
+    writers of one URL (two versions of the same bytes) never write into each other's file. One
+    left by a crash is unlocked: it is taken over and emptied."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RetryableError(f"another copy to {tmp} is being written now") from None
+    except OSError:
+        pass   # a filesystem without locks: one agent per buffer still holds
+    os.ftruncate(fd, 0)
+    with os.fdopen(fd, "wb") as fh:
+        yield fh
+
+
 class PosixTransport(Transport):
     scheme = "file"
 
@@ -55,6 +78,9 @@ class PosixTransport(Transport):
         final = url_to_path(url)
         if expected.known and self._identical(final, expected):
             return expected.digests()
+        if not expected.may_replace and os.path.lexists(final):
+            raise DestinationOccupied(f"{final} holds other bytes that this file version did not write; "
+                                      "they are never replaced")
         tmp = temp_name(final)
         try:
             os.makedirs(os.path.dirname(final), exist_ok=True)
@@ -69,8 +95,10 @@ class PosixTransport(Transport):
         h = MultiHash(md5=expected.hash_md5)
         for c in also:
             c.reset()
+        locked = False
         try:
-            with src, open(tmp, "wb") as dst:
+            with src, _locked_temp(tmp) as dst:
+                locked = True
                 for chunk in read_chunks(src, self.chunk_size):
                     pace(len(chunk))
                     h.update(chunk)
@@ -80,21 +108,44 @@ class PosixTransport(Transport):
                 dst.flush()
                 if self.fsync:
                     os.fsync(dst.fileno())
-            got = h.digests()
-            expected.check(source, got)
-            self._record(tmp, got)
-            os.replace(tmp, final)
-            if self.fsync:
-                fsync_dir(os.path.dirname(final))
-            return got
+                got = h.digests()
+                expected.check(source, got)
+                self._record(tmp, got)
+                self._publish(tmp, final, expected, got)
+                if self.fsync:
+                    fsync_dir(os.path.dirname(final))
+                return got
         except OSError as exc:
             raise _storage_error(exc, f"copy to {final} failed") from None
         finally:
-            if os.path.lexists(tmp):
+            # the temporary name is removed by the writer that holds its lock, never under another
+            if locked and os.path.lexists(tmp):
                 try:
                     os.unlink(tmp)
                 except OSError:
                     pass
+
+    def _publish(self, tmp: str, final: str, expected: Expected, got: Digests) -> None:
+        """Give the copy its name. Without may_replace, a no-clobber link: bytes that appeared under
+        the name meanwhile are kept (an identical copy is success)."""
+        if expected.may_replace:
+            os.replace(tmp, final)
+            return
+        try:
+            os.link(tmp, final)
+        except FileExistsError:
+            there = Expected(got.size, got.blake3, got.adler32, got.md5)
+            if self._identical(final, there):
+                return
+            raise DestinationOccupied(f"{final} appeared with other bytes while the copy was written; "
+                                      "kept, not replaced") from None
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                raise
+            # a filesystem without hard links (FAT, some FUSE): checked, then renamed
+            if os.path.lexists(final):
+                raise DestinationOccupied(f"{final} appeared while the copy was written; kept") from None
+            os.rename(tmp, final)
 
     def _identical(self, path: str, expected: Expected) -> bool:
         """Is exactly this content already there? Read back with blake3: adler32 alone is weak."""

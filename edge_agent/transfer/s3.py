@@ -32,7 +32,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import structlog
 
-from ..errors import ChecksumMismatch, FileChanged, PermanentError, RetryableError
+from ..errors import ChecksumMismatch, DestinationOccupied, FileChanged, PermanentError, RetryableError
 from ..hashing import CHUNK, Consumer, Digests
 from .base import Expected, Pacer, RemoteStat
 from .http import HttpTransport, shown_url, status_error
@@ -114,6 +114,9 @@ class S3Transport(HttpTransport):
                 and there.md5 == expected.md5:
             log.debug("identical object already there", url=shown)
             return expected.digests()
+        if there is not None and not expected.may_replace:
+            raise DestinationOccupied(f"{shown} holds another object that this file version did not write; "
+                                      "it is never replaced")
         got = self._upload_signed(source, url, shown, expected, pace, also)
         self._check_object(url, shown, got)
         return got

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 import structlog
 
-from ..errors import FileVanished, PermanentError, RetryableError, SourceUnreadable
+from ..errors import DestinationOccupied, FileVanished, PermanentError, RetryableError, SourceUnreadable
 from ..hashing import CHUNK, Consumer, Digests, MultiHash
 from .base import Expected, Pacer, RemoteStat, Transport, copy_problem
 from .http import HostGates, VerifyUpload
@@ -403,6 +403,9 @@ class XRootTransport(Transport):
             if remote.size == expected.size and remote.adler32 == expected.adler32:
                 log.debug("identical copy already there", url=f"{server}/{shown_url(path)}")
                 return True
+        if not expected.may_replace:
+            raise DestinationOccupied(f"{server}/{shown_url(path)} holds other bytes that this file version "
+                                      "did not write; they are never replaced")
         log.info("replacing what is there before uploading", url=f"{server}/{shown_url(path)}", size=size)
         self._client.rm(server, path)
         return False

@@ -22,7 +22,7 @@ import httpx
 import pytest
 import structlog
 
-from edge_agent.errors import ChecksumMismatch, FileChanged, FileVanished, PermanentError, RetryableError, ShuttingDown
+from edge_agent.errors import ChecksumMismatch, DestinationOccupied, FileChanged, FileVanished, PermanentError, RetryableError, ShuttingDown
 from edge_agent.transfer.base import Expected, RemoteStat
 from edge_agent.transfer.http import (
     HostGates,
@@ -44,9 +44,10 @@ def adler(data: bytes) -> str:
     return f"{zlib.adler32(data) & 0xFFFFFFFF:08x}"
 
 
-def expected_for(data: bytes, md5: bool = False) -> Expected:
+def expected_for(data: bytes, md5: bool = False, may_replace: bool = True) -> Expected:
+    # may_replace: the pipeline's word that what lies at the URL is this version's own (a bad copy)
     return Expected(len(data), blake3.blake3(data).hexdigest(), adler(data),
-                    hashlib.md5(data).hexdigest() if md5 else None)
+                    hashlib.md5(data).hexdigest() if md5 else None, may_replace=may_replace)
 
 
 class FakeDav:
@@ -219,6 +220,15 @@ def test_other_content_is_deleted_before_the_upload(make, dav: FakeDav, src: Pat
     assert dav.files[KEY] == DATA
 
 
+def test_other_content_nobody_vouches_for_is_never_replaced(make, dav: FakeDav, src: Path) -> None:
+    dav.files[KEY] = b"an older night's only copy"
+    for exp in (expected_for(DATA, may_replace=False), Expected(len(DATA), None)):
+        with pytest.raises(DestinationOccupied):
+            make().put(str(src), URL, exp, Pace())
+    assert "DELETE" not in dav.methods() and "PUT" not in dav.methods()
+    assert dav.files[KEY] == b"an older night's only copy"
+
+
 def test_other_size_is_deleted_without_asking_for_a_digest(make, dav: FakeDav, src: Path) -> None:
     dav.files[KEY] = b"partial"
     make().put(str(src), URL, expected_for(DATA), Pace())
@@ -365,7 +375,7 @@ def test_a_first_read_hashes_while_sending_and_verifies(make, dav: FakeDav, src:
 def test_a_first_read_replaces_whatever_is_there_without_asking_for_its_digest(make, dav: FakeDav,
                                                                                 src: Path) -> None:
     dav.files[KEY] = DATA                                  # even identical bytes: unknown content is no match
-    make().put(str(src), URL, Expected(len(DATA), None), Pace())
+    make().put(str(src), URL, Expected(len(DATA), None, may_replace=True), Pace())
     assert dav.methods() == ["HEAD", "DELETE", "PUT", "HEAD"]
 
 

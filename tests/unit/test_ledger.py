@@ -10,7 +10,7 @@ import pytest
 
 from edge_agent.core.lifecycle import Event, IllegalTransition, State
 from edge_agent.errors import LedgerUnwritable
-from edge_agent.ledger import Ledger, StaleTransition, display_path
+from edge_agent.ledger import Ledger, NameConflict, StaleTransition, display_path
 
 S, E = State, Event
 P = b"/daq/run42/f1.fits"
@@ -229,19 +229,65 @@ def _hashed(led: Ledger, path: bytes, blake3: str, name: str = "n", scope: str =
     return led.transition(rec.id, S.COMPLETE, E.HASHED, blake3=blake3, scope=scope, name=name)
 
 
-def test_name_taken(ledger: Ledger) -> None:
+def test_a_name_is_bound_to_one_content(ledger: Ledger) -> None:
     old = _hashed(ledger, b"/daq/f", "AAAA")
-    new = _hashed(ledger, b"/daq/g", "BBBB")
-    # the older version is only hashed, but its first copy may be written under the name already
-    assert ledger.name_taken("s", "n", "BBBB", new.id)
-    walk(ledger, old.id, E.REGISTERED)
-    assert ledger.name_taken("s", "n", "BBBB", new.id)
-    assert not ledger.name_taken("s", "n", "AAAA", new.id)     # the same content is not a clash
-    assert not ledger.name_taken("s", "n", "BBBB", old.id)     # a row never clashes with itself
-    assert not ledger.name_taken("other", "n", "BBBB", new.id)
-    assert not ledger.name_taken("s", "m", "BBBB", new.id)
-    walk(ledger, old.id, E.TRANSFERRED, E.CONFIRMED, E.DELETED)
-    assert ledger.name_taken("s", "n", "BBBB", new.id)         # a deleted local copy still holds the DID
+    hold = ledger.name_hold("s", "n")
+    assert hold is not None and (hold.owner, hold.state, hold.blake3, hold.owner_final) == (old.id, "bound",
+                                                                                             "AAAA", False)
+    # other bytes cannot take the name: the transition is refused whole
+    rec = walk(ledger, discover(ledger, path=b"/daq/g").id, E.COMPLETED)
+    with pytest.raises(NameConflict):
+        ledger.transition(rec.id, S.COMPLETE, E.HASHED, blake3="BBBB", scope="s", name="n")
+    assert ledger.get(rec.id).state is S.COMPLETE and ledger.get(rec.id).name is None
+    # the same bytes share it; another scope or name is another name
+    assert _hashed(ledger, b"/daq/h", "AAAA").name == "n"
+    assert _hashed(ledger, b"/daq/i", "BBBB", scope="other").name == "n"
+    walk(ledger, old.id, E.REGISTERED, E.TRANSFERRED, E.CONFIRMED, E.DELETED)
+    hold = ledger.name_hold("s", "n")
+    assert hold is not None and hold.blake3 == "AAAA" and hold.owner_final   # a deleted copy still holds it
+
+
+def test_a_reserved_name_is_nobody_elses_until_bound_or_dropped(ledger: Ledger) -> None:
+    a = walk(ledger, discover(ledger, path=b"/daq/a").id, E.COMPLETED)
+    b = walk(ledger, discover(ledger, path=b"/daq/b").id, E.COMPLETED)
+    assert ledger.reserve_name("s", "n", a.id) and not ledger.reserve_name("s", "n", b.id)
+    with pytest.raises(NameConflict):        # not even the same bytes: a's are not known yet
+        ledger.transition(b.id, S.COMPLETE, E.HASHED, blake3="AAAA", scope="s", name="n")
+    ledger.drop_reservation("s", "n", b.id)  # only the owner can drop it
+    assert ledger.name_hold("s", "n") is not None
+    ledger.drop_reservation("s", "n", a.id)
+    assert ledger.name_hold("s", "n") is None and ledger.reserve_name("s", "n", b.id)
+
+
+def test_a_copy_is_removed_only_while_no_other_version_counts_it(ledger: Ledger) -> None:
+    a = _hashed(ledger, b"/daq/a", "AAAA")
+    b = _hashed(ledger, b"/daq/b", "AAAA")               # the same bytes from another path: shares it
+    walk(ledger, b.id, E.REGISTERED, E.TRANSFERRED, E.CONFIRMED, E.DELETED)
+    ledger.transition(a.id, S.HASHED, E.SUPERSEDED)
+    assert not ledger.begin_removal("s", "n", a.id)      # b was deleted locally on the strength of it
+    hold = ledger.name_hold("s", "n")
+    assert hold is not None and hold.owner == b.id and hold.state == "bound"
+    c = _hashed(ledger, b"/daq/c", "CCCC", name="m")
+    ledger.transition(c.id, S.HASHED, E.SUPERSEDED)
+    assert ledger.begin_removal("s", "m", c.id)
+    assert ledger.name_hold("s", "m").state == "removing"   # type: ignore[union-attr]
+    ledger.finish_removal("s", "m", c.id)
+    assert ledger.name_hold("s", "m") is None
+
+
+def test_an_older_ledger_gets_its_names_bound(tmp_path: Path, clock: Any) -> None:
+    path = tmp_path / "old.sqlite"
+    led = Ledger(path, clock=clock)
+    rec = _hashed(led, b"/daq/f", "AAAA")
+    led._db.execute("DELETE FROM names")            # as a ledger written before the names table
+    led._db.execute("DELETE FROM meta WHERE key = 'names_filled'")
+    led.close()
+    led = Ledger(path, clock=clock)
+    try:
+        hold = led.name_hold("s", "n")
+        assert hold is not None and (hold.owner, hold.blake3) == (rec.id, "AAAA")
+    finally:
+        led.close()
 
 
 def test_replicas_upsert(ledger: Ledger, clock: Any) -> None:

@@ -716,21 +716,47 @@ def test_a_file_changing_during_the_first_copy_leaves_no_copy(env: Env, monkeypa
 
 def test_a_stale_first_copy_from_a_crash_is_replaced(env: Env) -> None:
     rec = env.add()
+    # the name was reserved (committed) before the crash: whatever lies under it is this version's
+    assert env.ledger.reserve_name("test", "run42/f1.fits", rec.id)
     stale = env.roots["a"] / "test" / "run42" / "f1.fits"
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"half of it")          # what a crash in the middle of the first copy leaves
     rec = env.step(rec.id)
-    assert stale.read_bytes() == DATA and rec.state is S.HASHED
+    assert stale.read_bytes() == DATA and rec.state is S.HASHED and rec.name == "run42/f1.fits"
 
 
-def test_one_name_is_written_by_one_file_at_a_time(env: Env) -> None:
-    with env.pipeline._claim("test", "x") as first:
-        with env.pipeline._claim("test", "x") as second:
-            assert first and not second
-        with env.pipeline._claim("test", "y") as other:
-            assert other
-    with env.pipeline._claim("test", "x") as again:
-        assert again
+def test_bytes_at_a_destination_that_no_version_wrote_are_never_replaced(env: Env) -> None:
+    """Item 5: the catalogue lost (or never told): an older night's only copy lies under the name."""
+    older = env.roots["b"] / "test" / "run42" / "f1.fits"
+    older.parent.mkdir(parents=True)
+    older.write_bytes(b"an older night's only copy")
+    end = env.drive(env.add().id)
+    assert end.state is S.DELETED and end.name == "run42/f1.fits.v2"
+    assert older.read_bytes() == b"an older night's only copy"
+    assert env.copy("a", end).read_bytes() == DATA and env.copy("b", end).read_bytes() == DATA
+
+
+def test_bytes_appearing_at_a_destination_before_its_copy_are_never_replaced(env: Env) -> None:
+    rec = env.step(env.add().id)
+    assert rec.state is S.HASHED and rec.name == "run42/f1.fits"
+    intruder = env.copy("b", rec)
+    intruder.parent.mkdir(parents=True)
+    intruder.write_bytes(b"written by someone else")
+    end = env.drive(rec.id)
+    assert end.state is S.QUARANTINED and "never replaced" in (end.reason or "")
+    assert intruder.read_bytes() == b"written by someone else" and Path(end.fspath).exists()
+
+
+def test_a_name_is_reserved_durably_before_its_first_copy(env: Env) -> None:
+    a, b = env.add("run1/img.dat", b"A" * 3000), env.add("run2/img.dat", b"B" * 3000)
+    assert env.ledger.reserve_name("test", "img.dat", a.id)
+    assert env.ledger.reserve_name("test", "img.dat", a.id)          # repeated after a crash: still a's
+    assert not env.ledger.reserve_name("test", "img.dat", b.id)
+    # reopened (a restart): the reservation is still there
+    env.ledger.close()
+    env.ledger = Ledger(env.s.ledger_path, clock=env.clock)
+    hold = env.ledger.name_hold("test", "img.dat")
+    assert hold is not None and (hold.owner, hold.state, hold.blake3) == (a.id, "writing", None)
 
 
 def test_a_superseded_version_removes_its_unregistered_first_copy(env: Env) -> None:
@@ -741,3 +767,62 @@ def test_a_superseded_version_removes_its_unregistered_first_copy(env: Env) -> N
     env.pipeline.discard_unregistered(rec)
     assert not env.copy("a", rec).exists()
     assert [(r["location"], r["state"]) for r in env.ledger.replicas(rec.id)] == [("a", "removed")]
+
+
+# ---------------------------------------------------------------- custody: one name, one content
+
+def test_two_files_rendering_one_name_never_share_a_url(make_env: Any) -> None:
+    """Item 1: `{filename}` gives run1/img.dat and run2/img.dat one name; while the first copy of one
+    is being written (hash_workers >= 2), the other is hashed. Each keeps its own bytes in the lake."""
+    env = make_env(rule={"name_template": "{filename}"})
+    a = env.add("run1/img.dat", b"A" * 3_000_000)
+    b = env.add("run2/img.dat", b"B" * 2_000_000)
+    inside: list[FileRecord] = []
+
+    def pace(n: int) -> None:              # a's first copy is in flight: b's hash step runs now
+        if not inside:
+            inside.append(env.step(b.id))
+    env.pipeline.pace = pace
+    a_hashed = env.step(a.id)
+    env.pipeline.pace = lambda n: None
+    # b waits: a's bytes are not known yet, and b's may be the same
+    assert a_hashed.name == "img.dat" and inside and inside[0].state is S.RETRY_WAIT
+    assert not any("img.dat" in p.name and p.name != "img.dat" for p in env.roots["a"].rglob("*"))
+    env.retry_due(b.id)
+    assert env.step(b.id).name == "img.dat.v2"
+    ends = [env.drive(a.id), env.drive(b.id)]
+    assert [e.state for e in ends] == [S.DELETED, S.DELETED]
+    for end, data in zip(ends, (b"A" * 3_000_000, b"B" * 2_000_000)):
+        for loc in ("a", "b"):
+            assert env.copy(loc, end).read_bytes() == data, (end.name, loc)
+
+
+def test_a_copy_another_version_counts_is_never_removed(env: Env) -> None:
+    """Item 2: a's first copy is written; b (the same bytes, another path) counts it and is deleted
+    locally; then a changes and is superseded: the copy b relies on stays."""
+    env.s.rules["r"].name_template = "{filename}"
+    a = env.step(env.add("run1/img.dat").id)
+    assert a.state is S.HASHED and [r["state"] for r in env.ledger.replicas(a.id)] == ["sent"]
+    b = env.drive(env.add("run2/img.dat").id)
+    assert b.state is S.DELETED and b.name == a.name
+    env.ledger.transition(a.id, S.HASHED, E.SUPERSEDED, {"reason": "changed"}, reason="changed")
+    env.pipeline.discard_unregistered(a)
+    for loc in ("a", "b"):
+        assert env.copy(loc, b).read_bytes() == DATA
+    hold = env.ledger.name_hold("test", "img.dat")
+    assert hold is not None and hold.owner == b.id
+
+
+def test_a_first_read_that_fails_frees_its_name(env: Env, monkeypatch: Any) -> None:
+    rec = env.add()
+    original = PosixTransport.put
+
+    def put_then_vanish(self: Any, source: str, url: str, expected: Any, pace: Any, also: Any = ()) -> Any:
+        got = original(self, source, url, expected, pace, also)
+        os.unlink(source)                  # renamed away by the DAQ right after the copy was read
+        return got
+    monkeypatch.setattr(PosixTransport, "put", put_then_vanish)
+    end = env.step(rec.id)
+    assert end.state is S.DISCOVERED
+    assert not any(p.is_file() for root in env.roots.values() for p in root.rglob("*"))
+    assert env.ledger.name_hold("test", "run42/f1.fits") is None

@@ -9,7 +9,7 @@ from pathlib import Path
 import blake3
 import pytest
 
-from edge_agent.errors import FileChanged, FileVanished, PermanentError, RetryableError
+from edge_agent.errors import DestinationOccupied, FileChanged, FileVanished, PermanentError, RetryableError
 from edge_agent.hashing import hash_file
 from edge_agent.transfer.base import Expected, RemoteStat
 from edge_agent.transfer.posix import XATTR, PosixTransport, temp_name, url_to_path
@@ -21,11 +21,11 @@ def adler(data: bytes) -> str:
     return f"{zlib.adler32(data) & 0xFFFFFFFF:08x}"
 
 
-def expected_for(data: bytes, md5: bool = False) -> Expected:
-    d = Expected(len(data), blake3.blake3(data).hexdigest(), adler(data))
+def expected_for(data: bytes, md5: bool = False, may_replace: bool = False) -> Expected:
+    d = Expected(len(data), blake3.blake3(data).hexdigest(), adler(data), may_replace=may_replace)
     if md5:
         import hashlib
-        d = Expected(d.size, d.blake3, d.adler32, hashlib.md5(data).hexdigest())
+        d = Expected(d.size, d.blake3, d.adler32, hashlib.md5(data).hexdigest(), may_replace=may_replace)
     return d
 
 
@@ -77,9 +77,45 @@ def test_put_accepts_file_urls(src: Path, dest: Path) -> None:
 
 def test_put_replaces_a_different_old_copy(src: Path, dest: Path) -> None:
     final = dest / "f1.fits"
-    final.write_bytes(b"an older, wrong copy")
-    PosixTransport(fsync=False).put(str(src), str(final), expected_for(DATA), Pace())
+    final.write_bytes(b"an older, wrong copy")       # written by this version (a bad copy)
+    PosixTransport(fsync=False).put(str(src), str(final), expected_for(DATA, may_replace=True), Pace())
     assert final.read_bytes() == DATA
+
+
+def test_other_bytes_nobody_vouches_for_are_never_replaced(src: Path, dest: Path) -> None:
+    final = dest / "f1.fits"
+    final.write_bytes(b"an older night's only copy")
+    for exp in (expected_for(DATA), Expected(len(DATA), None)):
+        with pytest.raises(DestinationOccupied):
+            PosixTransport(fsync=False).put(str(src), str(final), exp, Pace())
+        assert final.read_bytes() == b"an older night's only copy"
+    assert listing(dest) == ["f1.fits"]
+
+
+def test_bytes_appearing_while_the_copy_is_written_are_kept(src: Path, dest: Path) -> None:
+    final = dest / "f1.fits"
+
+    def intrude(n: int) -> None:
+        if not final.exists():
+            final.write_bytes(b"someone else's")
+    with pytest.raises(DestinationOccupied):
+        PosixTransport(fsync=False).put(str(src), str(final), expected_for(DATA), intrude)
+    assert final.read_bytes() == b"someone else's" and listing(dest) == ["f1.fits"]
+
+
+def test_two_writers_of_one_url_never_share_a_temporary_file(src: Path, dest: Path) -> None:
+    final = dest / "f1.fits"
+    inner: list[Exception] = []
+
+    def second_writer(n: int) -> None:
+        if not inner:
+            try:
+                PosixTransport(fsync=False).put(str(src), str(final), expected_for(DATA), Pace())
+            except RetryableError as exc:
+                inner.append(exc)
+    PosixTransport(fsync=False).put(str(src), str(final), expected_for(DATA), second_writer)
+    assert inner and "being written" in str(inner[0])
+    assert final.read_bytes() == DATA and listing(dest) == ["f1.fits"]
 
 
 def test_identical_existing_copy_is_success_without_rewriting(src: Path, dest: Path) -> None:
@@ -101,7 +137,7 @@ def test_same_size_but_rotted_copy_is_rewritten(src: Path, dest: Path) -> None:
     rotted = bytearray(DATA)
     rotted[1000] ^= 0xFF
     final.write_bytes(bytes(rotted))
-    PosixTransport(fsync=False).put(str(src), str(final), expected_for(DATA), Pace())
+    PosixTransport(fsync=False).put(str(src), str(final), expected_for(DATA, may_replace=True), Pace())
     assert final.read_bytes() == DATA
 
 
@@ -128,7 +164,7 @@ def test_source_grew_since_hashing(src: Path, dest: Path) -> None:
 def test_a_changed_source_does_not_clobber_an_existing_copy(src: Path, dest: Path) -> None:
     final = dest / "f1.fits"
     final.write_bytes(b"whatever was there")
-    wrong = Expected(len(DATA), "0" * 64, adler(DATA))
+    wrong = Expected(len(DATA), "0" * 64, adler(DATA), may_replace=True)
     with pytest.raises(FileChanged):
         PosixTransport(fsync=False).put(str(src), str(final), wrong, Pace())
     assert final.read_bytes() == b"whatever was there"
@@ -247,6 +283,6 @@ def test_a_first_read_hashes_while_copying_and_trusts_nothing_already_there(src:
     final = dest / "f1.fits"
     final.write_bytes(DATA)                    # unknown content is never taken for this file's copy
     before = final.stat().st_ino
-    got = PosixTransport(fsync=False).put(str(src), str(final), Expected(len(DATA), None, want_md5=True), lambda n: None)
+    got = PosixTransport(fsync=False).put(str(src), str(final), Expected(len(DATA), None, want_md5=True, may_replace=True), lambda n: None)
     assert final.read_bytes() == DATA and final.stat().st_ino != before   # written anew, renamed in
     assert got.adler32 == adler(DATA) and got.md5 is not None

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import blake3
 import pytest
 
-from edge_agent.errors import ChecksumMismatch, FileChanged, FileVanished, PermanentError, RetryableError, ShuttingDown
+from edge_agent.errors import ChecksumMismatch, DestinationOccupied, FileChanged, FileVanished, PermanentError, RetryableError, ShuttingDown
 from edge_agent.transfer.base import Expected, RemoteStat
 from edge_agent.transfer.xroot import (
     XRootTransport,
@@ -41,8 +41,9 @@ def adler(data: bytes) -> str:
     return f"{zlib.adler32(data) & 0xFFFFFFFF:08x}"
 
 
-def expected_for(data: bytes) -> Expected:
-    return Expected(len(data), blake3.blake3(data).hexdigest(), adler(data))
+def expected_for(data: bytes, may_replace: bool = True) -> Expected:
+    # may_replace: the pipeline's word that what lies at the URL is this version's own (a bad copy)
+    return Expected(len(data), blake3.blake3(data).hexdigest(), adler(data), may_replace=may_replace)
 
 
 # ------------------------------------------------------------------ parsing and mapping
@@ -248,6 +249,13 @@ def test_other_content_is_removed_before_the_upload(make, xrd: FakeXrd, src: Pat
     calls = xrd.calls()
     assert calls.index("xrdfs rm") < calls.index("xrdcp --nopbar")
     assert xrd.file().read_bytes() == DATA
+
+
+def test_other_content_nobody_vouches_for_is_never_replaced(make, xrd: FakeXrd, src: Path) -> None:
+    xrd.put(b"an older night's only copy")
+    with pytest.raises(DestinationOccupied):
+        make().put(str(src), URL, expected_for(DATA, may_replace=False), Pace())
+    assert xrd.file().read_bytes() == b"an older night's only copy" and "xrdfs rm" not in xrd.calls()
 
 
 def test_other_size_is_removed_without_a_checksum_query(make, xrd: FakeXrd, src: Path) -> None:
