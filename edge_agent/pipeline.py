@@ -475,32 +475,57 @@ class Pipeline:
             rec = self._move(rec, Event.CONFIRMED, evidence, attempts=0, reason=None)
             self._maybe_delete(rec, c)
             return
-        mismatched = [(r, why) for r, why in c.bad if r.available and r.size is not None]
-        own = {t.location for t in self.lake.targets(f)} if mismatched else set()
-        bad_copies = [(r, why) for r, why in mismatched if r.location in own]
-        if bad_copies:
-            # a copy the agent wrote does not match: write it again, a bounded number of times
-            # (a bad copy the lake made is the lake's to mend: it is reported, never counted)
-            why = "; ".join(f"{r.location}: {w}" for r, w in bad_copies)
-            # attempts restart at each successful transfer, so earlier rounds are counted from the history
-            rounds = sum(1 for h in self.ledger.history(rec.id) if h["event"] == Event.FAILED_RETRYABLE.value
-                         and "failed verification" in ((h["detail"] or {}).get("reason") or ""))
-            for r, _ in bad_copies:
-                self.ledger.record_replica(rec.id, r.location, r.url, r.size, r.adler32, "bad")
-            if rounds + 1 >= MAX_BAD_COPIES:
-                raise PermanentError(f"copies keep failing verification: {why}")
-            self._fail(rec, Event.FAILED_RETRYABLE, f"copy failed verification, rewriting: {why}",
-                       resume_state=State.REGISTERED)
+        if self._reseed(rec, f, c):
             return
         self._not_yet(rec, f, c, state, evidence)
+
+    def _reseed(self, rec: FileRecord, f: LakeFile, c: policy.Confirmation) -> bool:
+        """Copies the agent wrote that now hold other bytes or are gone, while the buffer still holds
+        the file: said loudly (replica_lost) and written again from the buffer, a bounded number of
+        rounds. A bad copy the lake made is the lake's to mend: reported, never counted. True if
+        the file was sent back to be rewritten."""
+        own = {t.location: t.url for t in self.lake.targets(f)}
+        if not own:
+            return False
+        good = {r.location for r in c.good}
+        rewrite: dict[str, tuple[str, str, str]] = {}     # location -> (url, replica state, why)
+        for r, why in c.bad:
+            if r.location in own and r.location not in good and r.available and r.size is not None:
+                rewrite[r.location] = (r.url or own[r.location], "bad", why)
+        # gone: listed, but the storage says it holds nothing; or (the local lake) not there at all.
+        # A storage that did not answer proves nothing either way: waited for, never rewritten.
+        listed = {r.location: r for r in (*c.good, *(r for r, _ in c.bad))}
+        for row in self.ledger.replicas(rec.id):
+            loc = row["location"]
+            r = listed.get(loc)
+            if row["state"] == "written" and loc in own and loc not in good and loc not in rewrite \
+                    and (r is None or r.gone):
+                rewrite[loc] = (row["url"], "lost", "the copy is gone from the destination")
+        if not rewrite:
+            return False
+        why = "; ".join(f"{loc}: {w}" for loc, (_, _, w) in sorted(rewrite.items()))
+        # attempts restart at each successful transfer, so earlier rounds are counted from the history
+        rounds = sum(1 for h in self.ledger.history(rec.id) if h["event"] == "replica_lost"
+                     and (h["detail"] or {}).get("rewrite"))
+        for loc, (url, kind, _) in rewrite.items():
+            self.ledger.record_replica(rec.id, loc, url, None, None, kind)
+        self.ledger.note(rec.id, rec.state, "replica_lost", {"reason": why, "rewrite": sorted(rewrite)})
+        log.warning("a copy the agent wrote is bad or gone; writing it again from the buffer", file_id=rec.id,
+                    did=rec.did, reason=why)
+        if rounds + 1 >= MAX_BAD_COPIES:
+            raise PermanentError(f"copies keep failing verification: {why}")
+        kinds = {kind for _, kind, _ in rewrite.values()}
+        lead = "copy failed verification, rewriting" if "bad" in kinds else "copy lost, rewriting from the buffer"
+        self._fail(rec, Event.FAILED_RETRYABLE, f"{lead}: {why}", resume_state=State.REGISTERED)
+        return True
 
     def _not_yet(self, rec: FileRecord, f: LakeFile, c: policy.Confirmation, state: str | None,
                  evidence: dict[str, Any]) -> None:
         """Not confirmed yet: look again later, and say so loudly once it is overdue or stuck."""
         now = self.clock()
         self.ledger.set_next_at(rec.id, now + self.s.confirm_interval_seconds)
-        deadline = (self.s.lake.rucio.stuck_after_hours * 3600 if self.s.lake.rucio else None)
-        overdue = deadline is not None and now - rec.updated_at > deadline
+        deadline = (self.s.lake.rucio.stuck_after_hours if self.s.lake.rucio else self.s.lake.stuck_after_hours) * 3600
+        overdue = now - rec.updated_at > deadline
         mismatched = [f"{r.location}: {w}" for r, w in c.bad if r.available and r.size is not None]
         if mismatched:
             why = "a replica does not match the local file: " + "; ".join(mismatched)
@@ -527,6 +552,8 @@ class Pipeline:
         state = self.lake.copies_state(f, rec.lake_ref)
         if state not in (None, "OK"):
             c = policy.Confirmation((), tuple((r, f"rule is {state}") for r in c.good))
+        if c.count < f.copies and state in (None, "OK") and self._reseed(rec, f, c):
+            return
         if c.count < f.copies:
             why = (f"held: {c.count} of {f.copies} replicas confirmed now, after confirmation earlier; "
                    + "; ".join(f"{r.location}: {w}" for r, w in c.bad))

@@ -133,6 +133,8 @@ class LakeSettings(_Section):
     catalog: Path | None = Field(None, description="local lake catalogue (SQLite); default STATE_DIR/lake-catalog.sqlite")
     name_pattern: str | None = Field(None, description="regular expression DID names must match; default: "
                                      "path-like names for the local lake, Rucio's generic schema for rucio")
+    stuck_after_hours: float = Field(24.0, gt=0, description="local lake: copies still not all confirmed this "
+                                     "long after they were written are reported (Rucio: lake.rucio.stuck_after_hours)")
     rucio: RucioSettings | None = None
 
     @field_validator("name_pattern")

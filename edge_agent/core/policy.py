@@ -127,6 +127,7 @@ class Replica:
     available: bool = True   # the lake lists it as usable (Rucio: AVAILABLE)
     url: str = ""
     problem: str | None = None  # what verifying the copy found wrong (e.g. an S3 ETag that is not the MD5)
+    gone: bool = False       # listed, but its storage answered that it holds nothing (not: did not answer)
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,8 @@ from .base import Catalogue, LakeFile, Target
 from .rucio_client import NotFound, RucioClient, RucioPermanent
 
 log = structlog.get_logger("edge_agent.lake.rucio")
+# what _verified answers for a copy its storage says it does not hold (not: could not be asked)
+_GONE = "the storage holds nothing under this replica's URL"
 
 # Metadata keys that are columns of Rucio's DID table with a meaning of their own: setting them
 # through /meta would rewrite the file's size or checksum, its lifetime or its visibility.
@@ -327,12 +329,18 @@ class RucioLake(Catalogue):
             size, adler = row.get("bytes"), row.get("adler32")
             available = state == "AVAILABLE"
             problem = None
+            gone = False
             if self.r.verify_replicas and available and rse in self._s3:
                 size, adler, problem = self._verified_s3(f, rse, url, adler)
+                gone = problem is _GONE
             elif self.r.verify_replicas and available:
                 size, adler = self._verified(f, rse, url, adler)
+                gone = adler is _GONE
+            if gone:
+                size, adler, problem = None, None, None
             # an S3 PFN may come signed (a credential): never kept
-            out.append(Replica(rse, size, adler, available, _unsigned(url) if rse in self._s3 else url, problem))
+            out.append(Replica(rse, size, adler, available, _unsigned(url) if rse in self._s3 else url, problem,
+                               gone=gone))
         return out
 
     def _verified_s3(self, f: LakeFile, rse: str, url: str, catalogue_adler: str | None
@@ -350,7 +358,7 @@ class RucioLake(Catalogue):
         if st is None:
             log.warning("replica listed AVAILABLE but its S3 bucket holds nothing", did=f.did, rse=rse,
                         url=_unsigned(url))
-            return None, None, None
+            return None, None, _GONE
         if not f.md5:
             return st.size, None, "no MD5 recorded for this file, so its S3 ETag cannot be checked (md5 = true)"
         if st.md5 != f.md5.lower():
@@ -384,7 +392,7 @@ class RucioLake(Catalogue):
         if st is None:
             log.warning("replica listed AVAILABLE but its storage holds nothing", did=f.did, rse=rse,
                         url=shown_url(url))
-            return None, None
+            return None, _GONE
         if st.adler32 is None and self.r.verify_upload == "size":
             return st.size, catalogue_adler
         return st.size, st.adler32

@@ -296,8 +296,56 @@ def test_replicas_are_checked_again_before_deleting(make_env: Any, clock: Any) -
     env.copy("b", rec).write_bytes(b"rotted" + DATA[6:])     # a copy goes bad during the keep period
     clock.advance(3600)
     rec = env.step(rec.id)
-    assert rec.state is S.CONFIRMED and Path(rec.fspath).exists()
-    assert rec.next_at > clock.now
+    # kept, and the bad copy is written again from the buffer (item 8: it used to wait forever)
+    assert rec.state is S.RETRY_WAIT and rec.resume_state is S.REGISTERED and Path(rec.fspath).exists()
+    assert "replica_lost" in env.events(rec.id)
+    env.retry_due(rec.id)
+    rec = env.drive(rec.id)
+    assert rec.state is S.CONFIRMED and env.copy("b", rec).read_bytes() == DATA
+    clock.advance(3600)
+    assert env.drive(rec.id).state is S.DELETED
+
+
+def test_a_copy_gone_before_confirmation_is_written_again(env: Env) -> None:
+    """Item 8: a local-lake copy that vanishes after it was written no longer leaves the file
+    'transferred' forever: it is reported and written again from the buffer."""
+    rec = env.add()
+    for _ in range(3):
+        rec = env.step(rec.id)
+    assert rec.state is S.TRANSFERRED
+    env.copy("a", rec).unlink()
+    rec = env.step(rec.id)
+    assert rec.state is S.RETRY_WAIT and rec.reason and "copy lost" in rec.reason
+    assert [(r["location"], r["state"]) for r in env.ledger.replicas(rec.id)] == [("a", "lost"), ("b", "written")]
+    env.retry_due(rec.id)
+    end = env.drive(rec.id)
+    assert end.state is S.DELETED and env.copy("a", end).read_bytes() == DATA
+
+
+def test_copies_that_keep_vanishing_end_in_quarantine(env: Env) -> None:
+    rec = env.add()
+    for _ in range(3):
+        rec = env.step(rec.id)
+    for _ in range(MAX_BAD_COPIES):
+        assert rec.state is S.TRANSFERRED
+        env.copy("a", rec).unlink()
+        rec = env.step(rec.id)                      # confirm: the copy is gone
+        if rec.state is S.RETRY_WAIT:
+            env.retry_due(rec.id)
+            rec = env.step(rec.id)                  # transfer: written again
+    assert rec.state is S.QUARANTINED and Path(rec.fspath).exists()
+
+
+def test_the_local_lake_has_a_deadline(env: Env, clock: Any) -> None:
+    env.lake.lie = lambda r: dataclasses.replace(r, available=False) if r.location == "a" else r
+    rec = env.add()
+    for _ in range(4):
+        rec = env.step(rec.id)
+    assert rec.state is S.TRANSFERRED and rec.reason is None
+    clock.advance(env.s.lake.stuck_after_hours * 3600 + 1)
+    rec = env.step(rec.id)
+    assert rec.state is S.TRANSFERRED and rec.reason and "1 of 2 replicas confirmed" in rec.reason
+    assert "stuck" in env.events(rec.id) and Path(rec.fspath).exists()
 
 
 def test_a_file_modified_after_hashing_is_superseded(env: Env) -> None:
