@@ -601,8 +601,8 @@ def test_replicas_exclude_the_buffer_and_come_from_the_catalogue(make_lake: Any,
     lake = make_lake(verify_replicas=False)
     f = registered_in_place(lake, rucio, tmp_path)
     assert lake.replicas(f) == [
-        Replica("LAKE1", 10, "0000000a", True, "root://xrd:1094//data/lake1/test/f1"),
-        Replica("LAKE2", 10, "0000000a", False, "root://xrd:1094//data/lake2/test/f1")]
+        Replica("LAKE1", 10, "0000000a", True, "root://xrd:1094//data/lake1/test/f1", adler32_from_catalogue=True),
+        Replica("LAKE2", 10, "0000000a", False, "root://xrd:1094//data/lake2/test/f1", adler32_from_catalogue=True)]
     body = [b for m, p, b in rucio.calls if p == "/replicas/list"][-1]
     assert body == {"dids": [{"scope": "test", "name": "f1"}], "all_states": True, "schemes": ["root", "http"]}
 
@@ -631,7 +631,22 @@ def test_a_storage_without_adler32_counts_only_when_size_is_enough(make_lake: An
     f = registered_in_place(strict, rucio, tmp_path)
     assert strict.replicas(f)[0] == Replica("LAKE1", 10, None, True, "root://xrd:1094//data/lake1/test/f1")
     lenient = make_lake(verify_upload="size")
-    assert lenient.replicas(f)[0] == Replica("LAKE1", 10, "0000000a", True, "root://xrd:1094//data/lake1/test/f1")
+    # the agent's own registered adler32 stands in for the storage's, and the evidence says so
+    assert lenient.replicas(f)[0] == Replica("LAKE1", 10, "0000000a", True, "root://xrd:1094//data/lake1/test/f1",
+                                             adler32_from_catalogue=True)
+    transports["root"].objects["root://xrd:1094//data/lake1/test/f1"] = RemoteStat(10, "0000000a")
+    assert lenient.replicas(f)[0].adler32_from_catalogue is False     # a storage that answers is asked
+
+
+def test_size_only_verification_is_warned_at_start_for_each_destination(make_lake: Any) -> None:
+    with capture_logs() as captured:
+        make_lake()
+    assert not [e for e in captured if e.get("setting") == "lake.rucio.verify_upload"]
+    with capture_logs() as captured:
+        make_lake(verify_upload="size")
+    warned = [e for e in captured if e.get("setting") == "lake.rucio.verify_upload"]
+    assert [(e["log_level"], e["destination"], e["rse"]) for e in warned] == [
+        ("warning", "lake1", "LAKE1"), ("warning", "lake2", "LAKE2")]
 
 
 def test_unverifiable_replicas_count_neither_way(lake: RucioLake, rucio: FakeRucio,
