@@ -19,8 +19,9 @@ _SECRET_KEYS = re.compile(r"(pass(word)?|secret|token|authorization|cookie|crede
 _SECRET_IN_TEXT = re.compile(
     r"(?i)((?:^|[\s\"'{(\[,&?;])[\w.-]*(?:password|passwd|pwd|token|secret|authorization|signature|credential)"
     r"[\"']?\s*[:=]\s*[\"']?(?:bearer\s+|basic\s+)?)([^\s\"',}&]+)")
-# a bearer token (RFC 6750 token68) wherever it stands: an HTTP header echoed in an error text, a repr
-_BEARER = re.compile(r"(?i)(\bbearer\s+)([A-Za-z0-9._~+/-]+=*)")
+# a bearer token (RFC 6750 token68) wherever it stands: an HTTP header echoed in an error text, a repr.
+# Eight characters at least: real tokens are long, and prose ("the bearer token: ...") stays readable.
+_BEARER = re.compile(r"(?i)(\bbearer\s+)([A-Za-z0-9._~+/-]{8,}=*)")
 _USERINFO = re.compile(r"(://[^/\s:@]+:)([^@/\s]+)(@)")
 
 
