@@ -210,12 +210,23 @@ class VerifiedStream(io.RawIOBase):
         self._adler = 1
         self._size = 0
         self._done = False
+        self._failed: Exception | None = None
         self.verified = False
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, b: Any) -> int:
+        if self._failed is not None:
+            # sticky: a caller that catches the failure and reads on must not see a clean end of file
+            raise self._failed
+        try:
+            return self._readinto(b)
+        except Exception as exc:
+            self._failed = exc
+            raise
+
+    def _readinto(self, b: Any) -> int:
         while not self._buf and not self._done:
             try:
                 chunk = next(self._chunks)

@@ -120,7 +120,8 @@ class Agent:
         self.runner = Runner(settings, self.ledger, self.lake)
         self.status: StatusServer | None = None
         if settings.status.enabled:
-            self.status = StatusServer(self.runner, settings.status.host, settings.status.port)
+            self.status = StatusServer(self.runner, settings.status.host, settings.status.port,
+                                       settings.status.allowed_hosts)
 
     def run(self) -> None:
         if self.status:

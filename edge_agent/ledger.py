@@ -188,12 +188,25 @@ def _unwritable(path: Path, exc: sqlite3.Error) -> LedgerUnwritable:
     return LedgerUnwritable(f"the ledger {path} cannot be written: {exc}")
 
 
+class LedgerDamaged(LedgerUnwritable):
+    """The ledger can no longer be trusted: SQLite found it corrupt, or its file was deleted or
+    replaced while the agent runs. Like a full disk it stops new work; unlike one it does not heal."""
+
+
+def _is_corrupt(exc: BaseException) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    # SQLITE_CORRUPT, SQLITE_NOTADB
+    return code is not None and code & 0xFF in (11, 26)
+
+
 class Ledger:
     def __init__(self, path: str | os.PathLike[str], clock: Any = time.time, synchronous: str = "full",
                  readonly: bool = False) -> None:
         self.path = Path(path)
         self._clock = clock
         self._lock = threading.RLock()
+        self.damage: str | None = None     # sticky: see probe()
+        self._opened: tuple[int, int] | None = None   # (st_dev, st_ino) of the file opened for writing
         if readonly:
             # for `status` and `files` run by an operator who may only read the state directory
             self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False,
@@ -215,6 +228,8 @@ class Ledger:
             if _is_storage_error(exc):
                 raise _unwritable(self.path, exc) from exc
             raise
+        st = os.stat(self.path)
+        self._opened = (st.st_dev, st.st_ino)
 
     def _open(self, synchronous: str) -> None:
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None,
@@ -263,6 +278,29 @@ class Ledger:
         with self._tx() as db:
             db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
+    def probe(self) -> str | None:
+        """Why this ledger can no longer be trusted, or None. Cheap on a ledger of any size (a stat
+        and a one-row read, no integrity check), for calling every few seconds: the file this
+        connection writes was deleted or replaced (every later write would go where no restart
+        finds it), or SQLite reported it corrupt, here or on any read or write before. Sticky."""
+        if self.damage is None:
+            try:
+                st = os.stat(self.path)
+                if self._opened is not None and (st.st_dev, st.st_ino) != self._opened:
+                    self.damage = "replaced by another file while the agent runs"
+            except FileNotFoundError:
+                self.damage = "deleted while the agent runs"
+        if self.damage is None:
+            try:
+                self._query("SELECT value FROM meta WHERE key = 'schema_version'")
+            except LedgerDamaged:
+                pass
+        return None if self.damage is None else f"the ledger {self.path} cannot be trusted: {self.damage}"
+
+    def _damaged(self, exc: sqlite3.Error) -> LedgerDamaged:
+        self.damage = self.damage or str(exc)
+        return LedgerDamaged(f"the ledger {self.path} cannot be trusted: {exc}")
+
     # ------------------------------------------------------------ plumbing
     class _Tx:
         def __init__(self, ledger: "Ledger") -> None:
@@ -274,6 +312,8 @@ class Ledger:
                 self.l._db.execute("BEGIN IMMEDIATE")
             except BaseException as exc:
                 self.l._lock.release()
+                if _is_corrupt(exc):
+                    raise self.l._damaged(exc) from exc
                 if isinstance(exc, sqlite3.OperationalError) and _is_storage_error(exc):
                     raise _unwritable(self.l.path, exc) from exc
                 raise
@@ -288,9 +328,11 @@ class Ledger:
                         # a COMMIT that failed (disk full, I/O error) may leave the transaction
                         # open, and every later BEGIN would then fail even once space is freed
                         self._rollback()
-                        raise _unwritable(self.l.path, exc) from exc
+                        raise (self.l._damaged(exc) if _is_corrupt(exc) else _unwritable(self.l.path, exc)) from exc
                 else:
                     self._rollback()
+                    if _is_corrupt(ev):
+                        raise self.l._damaged(ev) from ev
                     if isinstance(ev, sqlite3.OperationalError) and _is_storage_error(ev):
                         raise _unwritable(self.l.path, ev) from ev
             finally:
@@ -308,7 +350,12 @@ class Ledger:
 
     def _query(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
         with self._lock:
-            return self._db.execute(sql, args).fetchall()
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.DatabaseError as exc:
+                if _is_corrupt(exc):
+                    raise self._damaged(exc) from exc
+                raise
 
     # ------------------------------------------------------------ reading
     def get(self, file_id: int) -> FileRecord:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import sys
@@ -10,23 +11,48 @@ from typing import Any, MutableMapping
 import structlog
 
 # Anything that looks like a credential is masked, whatever the caller put in the event.
-_SECRET_KEYS = re.compile(r"(pass(word)?|secret|token|authorization|cookie|credential|private|key$)", re.I)
+_SECRET_KEYS = re.compile(r"(pass(word)?|secret|token|authorization|cookie|credential|private|signature|key$)",
+                          re.IGNORECASE)
+# `name=value` / `name: value` in free text, query strings, JSON and reprs. The name may carry a prefix
+# (access_token, X-Amz-Signature, db_password) but must start a word after one of these separators, so
+# that a path such as /etc/passwd: is not taken for a key.
 _SECRET_IN_TEXT = re.compile(
-    r"(?i)((?:^|[\s\"'{,&?;-])(?:password|passwd|pwd|token|secret|client_secret|authorization)[\"']?\s*[:=]\s*"
-    r"[\"']?(?:bearer\s+|basic\s+)?)([^\s\"',}&]+)")
+    r"(?i)((?:^|[\s\"'{(\[,&?;])[\w.-]*(?:password|passwd|pwd|token|secret|authorization|signature|credential)"
+    r"[\"']?\s*[:=]\s*[\"']?(?:bearer\s+|basic\s+)?)([^\s\"',}&]+)")
+# a bearer token (RFC 6750 token68) wherever it stands: an HTTP header echoed in an error text, a repr.
+# Eight characters at least: real tokens are long, and prose ("the bearer token: ...") stays readable.
+_BEARER = re.compile(r"(?i)(\bbearer\s+)([A-Za-z0-9._~+/-]{8,}=*)")
 _USERINFO = re.compile(r"(://[^/\s:@]+:)([^@/\s]+)(@)")
+
+
+def _mask_text(v: str) -> str:
+    return _USERINFO.sub(r"\1***\3", _BEARER.sub(r"\1***", _SECRET_IN_TEXT.sub(r"\1***", v)))
 
 
 def _mask(key: str, v: Any) -> Any:
     if _SECRET_KEYS.search(key) and v not in (None, "", False):
         return "***"
     if isinstance(v, str):
-        return _USERINFO.sub(r"\1***\3", _SECRET_IN_TEXT.sub(r"\1***", v)) if ("=" in v or ":" in v) else v
+        return _mask_text(v)
     if isinstance(v, dict):
         return {k: _mask(str(k), x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
+    if isinstance(v, (list, tuple, set, frozenset)):
         return [_mask("", x) for x in v]
-    return v
+    if v is None or isinstance(v, (bool, int, float)):
+        return v
+    # any other object (an exception passed as a value, say) is rendered by its repr: mask that text,
+    # and leave the object itself when there is nothing to mask
+    text = repr(v)
+    masked = _mask_text(text)
+    return v if masked == text else masked
+
+
+def _redacted_traceback(sio: Any, exc_info: Any) -> None:
+    """The console's exception formatter: the plain traceback, masked as any other text (the
+    console renders exc_info itself, after the processors have run)."""
+    buf = io.StringIO()
+    structlog.dev.plain_traceback(buf, exc_info)
+    sio.write(_mask_text(buf.getvalue()))
 
 
 def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -43,7 +69,8 @@ def setup(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
     for name in ("httpx", "httpcore"):
         logging.getLogger(name).setLevel(logging.WARNING)
     console = fmt == "console" or (fmt == "auto" and hasattr(stream, "isatty") and stream.isatty())
-    renderer: Any = structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer()
+    renderer: Any = (structlog.dev.ConsoleRenderer(exception_formatter=_redacted_traceback) if console
+                       else structlog.processors.JSONRenderer())
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

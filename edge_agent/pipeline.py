@@ -463,8 +463,8 @@ class Pipeline:
             rec = self.ledger.get(rec.id)
             state = self.lake.copies_state(f, ref)
         c = policy.judge_replicas(self.lake.replicas(f), f.size, f.adler32)
-        evidence = {"replicas": [{"location": r.location, "size": r.size, "adler32": r.adler32}
-                                 for r in c.good],
+        evidence = {"replicas": [{"location": r.location, "size": r.size, "adler32": r.adler32,
+                                  "adler32_from_catalogue": r.adler32_from_catalogue} for r in c.good],
                     "not_counted": [{"location": r.location, "why": why} for r, why in c.bad]}
         if rec.lake_ref:
             evidence["rule"] = {"id": rec.lake_ref, "state": state}
@@ -573,8 +573,9 @@ class Pipeline:
         verdict, why = policy.deletion_verdict(
             rule.delete.value, rule.keep_hours, rec.confirmed_at or self.clock(), self.clock(), c,
             rule.copies, self._recorded_stat(rec), current, self.s.dry_run)
-        evidence = {"replicas": [{"location": r.location, "size": r.size, "adler32": r.adler32, "url": r.url}
-                                 for r in c.good], "local_adler32": rec.adler32, "local_size": rec.size}
+        evidence = {"replicas": [{"location": r.location, "size": r.size, "adler32": r.adler32, "url": r.url,
+                                  "adler32_from_catalogue": r.adler32_from_catalogue} for r in c.good],
+                    "local_adler32": rec.adler32, "local_size": rec.size}
         if verdict == "delete" and rec.dev is not None and rec.inode is not None \
                 and self.open_writers(rec.dev, rec.inode):
             # a writer that paused longer than the whole upload would write into a deleted file

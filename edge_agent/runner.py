@@ -162,6 +162,8 @@ class Runner:
                                coalesce=True)
         self.scheduler.add_job(self.sample_backlog, "interval", seconds=30, id="backlog", max_instances=1,
                                coalesce=True)
+        self.scheduler.add_job(self.check_ledger, "interval", seconds=5, id="ledger", max_instances=1,
+                               coalesce=True)
         self.scheduler.start()
         self.sample_disks()
         self.sample_backlog()
@@ -425,14 +427,26 @@ class Runner:
         already running fail at their next transition; their effects are idempotent and repeated."""
         with self._lock:
             first, self.ledger_problem = self.ledger_problem is None, why
-        if first:
+        if first and self.ledger.damage:
+            log.error("ledger cannot be trusted: no new work (runbook: the ledger is damaged)", problem=why)
+        elif first:
             log.error("ledger cannot be written: no new work until it can (free space in state_dir)",
                       problem=why)
+
+    def check_ledger(self) -> None:
+        """The periodic probe: a ledger deleted, replaced or found corrupt stops new work as a full
+        one does, and for good (Ledger.probe is sticky)."""
+        why = self.ledger.probe()
+        if why:
+            self._ledger_down(why)
 
     def _ledger_back(self, now: float) -> bool:
         if now < self._ledger_probe_at:
             return False
         self._ledger_probe_at = now + 2.0
+        if why := self.ledger.probe():
+            self._ledger_down(why)   # a write may still succeed into a damaged or deleted file
+            return False
         try:
             self.ledger.set_meta("last_write_probe", repr(now))
         except LedgerUnwritable:

@@ -66,6 +66,15 @@ class StatusSettings(_Section):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(8787, ge=0, le=65535)
+    allowed_hosts: list[str] = Field([], description="Host header names answered besides loopback and `host`")
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, v: list[str]) -> list[str]:
+        for h in v:
+            if not h.strip() or any(c in h for c in "/ @?#"):
+                raise ValueError(f"{h!r}: a host name or address (no scheme or path), or \"*\"")
+        return [h.strip().lower().rstrip(".") for h in v]
 
 
 class LogSettings(_Section):

@@ -127,6 +127,9 @@ class Replica:
     available: bool = True   # the lake lists it as usable (Rucio: AVAILABLE)
     url: str = ""
     problem: str | None = None  # what verifying the copy found wrong (e.g. an S3 ETag that is not the MD5)
+    # the adler32 is the catalogue's (the agent's own number, registered by it), not one the storage
+    # answered: verify_replicas = false, verify_upload = "size" on a storage without checksums, S3
+    adler32_from_catalogue: bool = False
     gone: bool = False       # listed, but its storage answered that it holds nothing (not: did not answer)
 
 

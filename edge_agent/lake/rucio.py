@@ -69,6 +69,13 @@ class RucioLake(Catalogue):
         self._lock = threading.Lock()
         self._known: set[tuple[str, str]] = set()        # datasets/containers seen to exist
         self._unmanaged_keys: set[str] = set()           # metadata keys this server refused
+        if self.r.verify_upload == "size":
+            # said once at start, since the evidence for deleting a file is weaker there
+            for name, d in sorted(settings.destinations.items()):
+                if d.kind == "rse" and not d.sign_url:
+                    log.warning("verify_upload is size: a copy on a storage that answers no adler32 counts "
+                                "on the catalogue's adler32, which is the agent's own",
+                                destination=name, rse=d.rse, setting="lake.rucio.verify_upload")
 
     # ------------------------------------------------------------ helpers
     def _rule(self, f: LakeFile) -> RuleSettings:
@@ -330,17 +337,18 @@ class RucioLake(Catalogue):
             available = state == "AVAILABLE"
             problem = None
             gone = False
+            from_catalogue = adler is not None
             if self.r.verify_replicas and available and rse in self._s3:
-                size, adler, problem = self._verified_s3(f, rse, url, adler)
+                size, adler, problem = self._verified_s3(f, rse, url, adler)   # S3 has no adler32 of its own
                 gone = problem is _GONE
             elif self.r.verify_replicas and available:
-                size, adler = self._verified(f, rse, url, adler)
+                size, adler, from_catalogue = self._verified(f, rse, url, adler)
                 gone = adler is _GONE
             if gone:
                 size, adler, problem = None, None, None
             # an S3 PFN may come signed (a credential): never kept
             out.append(Replica(rse, size, adler, available, _unsigned(url) if rse in self._s3 else url, problem,
-                               gone=gone))
+                               adler32_from_catalogue=from_catalogue and adler is not None, gone=gone))
         return out
 
     def _verified_s3(self, f: LakeFile, rse: str, url: str, catalogue_adler: str | None
@@ -375,27 +383,29 @@ class RucioLake(Catalogue):
         return pfns[0] if pfns else ""
 
     def _verified(self, f: LakeFile, rse: str, url: str, catalogue_adler: str | None
-                  ) -> tuple[int | None, str | None]:
-        """(size, adler32) as the storage says them; (None, None) when it cannot be asked now,
-        which counts neither as a good copy nor as a bad one to rewrite."""
+                  ) -> tuple[int | None, str | None, bool]:
+        """(size, adler32, adler32 from the catalogue?) as the storage says them; (None, None, False)
+        when it cannot be asked now, which counts neither as a good copy nor as a bad one to rewrite;
+        (None, _GONE, False) when the storage answers that it holds nothing there."""
         transport = self._transports.get(urlsplit(url).scheme) if url else None
         if transport is None:
             log.warning("cannot verify replica: no transport for its URL", did=f.did, rse=rse,
                         url=shown_url(url),
                         transports=sorted(self._transports))
-            return None, None
+            return None, None, False
         try:
             st = transport.stat(url)
         except (RetryableError, PermanentError) as exc:
             log.warning("cannot verify replica now", did=f.did, rse=rse, url=shown_url(url), error=str(exc))
-            return None, None
+            return None, None, False
         if st is None:
             log.warning("replica listed AVAILABLE but its storage holds nothing", did=f.did, rse=rse,
                         url=shown_url(url))
-            return None, _GONE
+            return None, _GONE, False
         if st.adler32 is None and self.r.verify_upload == "size":
-            return st.size, catalogue_adler
-        return st.size, st.adler32
+            # the storage vouches for the size only; the adler32 is the one the agent registered
+            return st.size, catalogue_adler, True
+        return st.size, st.adler32, False
 
     def release(self, f: LakeFile) -> None:
         rule = self._rule(f)

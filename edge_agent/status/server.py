@@ -6,14 +6,19 @@
               recent errors, buffer disk against watermarks
     /metrics  Prometheus text
     /         the same as a page for a browser
-Only GET and HEAD are answered; everything else is 405.
+Only GET and HEAD are answered; everything else is 405. A request whose Host header names neither
+loopback, the bound address nor one of status.allowed_hosts is refused with 421: a page that a browser
+on this host loaded from elsewhere cannot read the status by pointing its own name at 127.0.0.1
+(DNS rebinding).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import threading
 import time
+from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
@@ -28,9 +33,36 @@ if TYPE_CHECKING:
 log = structlog.get_logger("edge_agent.status")
 
 
+def _host_name(header: str) -> str:
+    """The name in a Host header, without its port: `[::1]:8787` -> `::1`, `Agent.local.:80` -> `agent.local`."""
+    h = header.strip().lower()
+    if h.startswith("["):
+        h = h[1:].split("]", 1)[0]
+    elif h.count(":") == 1:
+        h = h.split(":", 1)[0]
+    return h.rstrip(".")
+
+
+def host_allowed(header: str | None, bind: str, allowed: Sequence[str] = ()) -> bool:
+    """Whether a request with this Host header is answered: loopback names and addresses, the
+    address the server binds, the operator's names (`*`: any). No Host header at all is answered:
+    browsers always send one, and a rebinding attack needs a browser."""
+    if header is None or "*" in allowed:
+        return True
+    name = _host_name(header)
+    if name in ("localhost", _host_name(bind), *allowed):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 class StatusServer:
-    def __init__(self, runner: "Runner", host: str, port: int) -> None:
+    def __init__(self, runner: "Runner", host: str, port: int, allowed_hosts: Sequence[str] = ()) -> None:
         self.runner = runner
+        self.allowed_hosts = tuple(_host_name(h) if h != "*" else h for h in allowed_hosts)
+        self.bind = host
         self.registry = metrics.registry_for(runner)
         handler = _make_handler(self)
         self.httpd = ThreadingHTTPServer((host, port), handler)
@@ -72,6 +104,9 @@ def _make_handler(server: StatusServer) -> type[BaseHTTPRequestHandler]:
 
         def do_GET(self) -> None:  # noqa: N802 - stdlib name
             path = self.path.split("?", 1)[0].rstrip("/") or "/"
+            if not host_allowed(self.headers.get("Host"), server.bind, server.allowed_hosts):
+                self._json(421, {"error": "host not allowed", "setting": "status.allowed_hosts"})
+                return
             r = server.runner
             try:
                 if path == "/healthz":

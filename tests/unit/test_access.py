@@ -15,6 +15,7 @@ from edge_agent.access import (
     Lake,
     NoReachableReplica,
     ReplicaInfo,
+    VerifiedStream,
     _Catalogue,
     _Bearer,
     direct_url,
@@ -228,3 +229,29 @@ def test_analysis_code_gets_warnings_only_unless_it_set_logging_up(capsys: pytes
     log.warning("TLS VERIFICATION IS OFF", password="hunter2")
     err = capsys.readouterr().err
     assert "rucio call" not in err and "TLS VERIFICATION IS OFF" in err and "hunter2" not in err
+
+
+@pytest.mark.parametrize("bad", [b"x" * len(DATA), DATA[:-1]], ids=["other bytes", "short"])
+def test_a_mismatch_is_sticky_reading_on_never_gives_end_of_file(bad: bytes) -> None:
+    # a caller that catches the mismatch and reads again must not see a clean (short) end of file
+    lk, _ = lake({"a": bad}, [rep("A", "a")])
+    with lk.open("s:f.fits") as fh:
+        with pytest.raises(ChecksumMismatch):
+            fh.read()
+        for read in (fh.read, lambda: fh.read(10), lambda: fh.readinto(bytearray(10))):
+            with pytest.raises(ChecksumMismatch):
+                read()
+        assert not fh.verified
+
+
+def test_an_error_from_the_storage_is_sticky_too() -> None:
+    def chunks():  # type: ignore[no-untyped-def]
+        yield DATA[:100]
+        raise ConnectionError("reset")
+    fh = VerifiedStream(chunks(), 100, f"{zlib.adler32(DATA[:100]) & 0xFFFFFFFF:08x}", "t")
+    assert fh.read(100) == DATA[:100]
+    with pytest.raises(ConnectionError):
+        fh.read(100)
+    with pytest.raises(ConnectionError):   # not the clean end of a file whose bytes happened to match
+        fh.read(100)
+    assert not fh.verified

@@ -73,6 +73,8 @@ def test_user_name_in_a_url_is_kept() -> None:
     "a=1 b=2 key: value",
     "time 12:00:00, tokens=3",
     "keyboard: ok",
+    "the bearer token file is re-read before it expires",
+    "credentials: none configured",
 ])
 def test_ordinary_text_is_untouched(text: str) -> None:
     assert red(event="x", detail=text)["detail"] == text
@@ -116,3 +118,68 @@ def test_secrets_in_exception_tracebacks_are_masked() -> None:
     out = buf.getvalue()
     assert "lake.example.org/webdav" in out     # the traceback is there ...
     assert "pw1234" not in out                  # ... without the password
+
+
+# Review item 10 (smaller holes): credentials that free text, query strings and signed URLs carry
+
+SIGNED = ("https://s3.example.org/magic/f1.fits?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+          "&X-Amz-Credential=AKIAEXAMPLE%2F20240101%2Fus-east-1%2Fs3%2Faws4_request&X-Amz-Date=20240101T000000Z"
+          "&X-Amz-Expires=600&X-Amz-Security-Token=FQoGZXIvsesstok&X-Amz-SignedHeaders=host"
+          "&X-Amz-Signature=0f1e2d3c4b5a69788796a5b4c3d2e1f0")
+
+
+@pytest.mark.parametrize(("text", "secrets", "kept"), [
+    ("GET /auth?access_token=eyJacc.tok.en&user=jdoe -> 401", ["eyJacc.tok.en"], "user=jdoe"),
+    ("refresh failed: refresh_token=rt-98765 expired", ["rt-98765"], "expired"),
+    ("oidc said access_token: at-12345", ["at-12345"], "oidc said"),
+    (f"GET {SIGNED}: 403 Forbidden",
+     ["0f1e2d3c4b5a69788796a5b4c3d2e1f0", "AKIAEXAMPLE", "FQoGZXIvsesstok"], "X-Amz-Date=20240101T000000Z"),
+    ("http://gw/x?signature=abcdef123&expires=99", ["abcdef123"], "expires=99"),
+    ("http://gw/x?sig=1&token=tok555", ["tok555"], "sig=1"),
+    ("http://gw/x?user=u&password=pw777", ["pw777"], "user=u"),
+    ("request had Authorization: Bearer abc.def-ghi_jkl and was refused", ["abc.def-ghi_jkl"], "was refused"),
+    ("server echoed the header (Bearer zzz999yyy==) back", ["zzz999yyy"], "back"),
+    ("headers={'authorization': 'Bearer q1w2e3', 'accept': '*/*'}", ["q1w2e3"], "'accept': '*/*'"),
+])
+def test_secrets_in_free_text_and_query_strings(text: str, secrets: list[str], kept: str) -> None:
+    # in keys that are not obviously secret (error, detail) and in the message itself
+    for out in (red(event="failed", error=text)["error"], red(event="x", detail=text)["detail"],
+                red(event=text)["event"]):
+        for secret in secrets:
+            assert secret not in out
+        assert "***" in out
+        assert kept in out
+
+
+def test_secrets_deep_in_nested_values() -> None:
+    out = red(event="x", context={"attempts": [{"url": SIGNED}, ("Bearer nest3d-tok",)],
+                                  "note": "access_token=deep-tok"})
+    text = json.dumps(out)
+    for secret in ("0f1e2d3c4b5a69788796a5b4c3d2e1f0", "nest3d-tok", "deep-tok"):
+        assert secret not in text
+    assert "s3.example.org/magic/f1.fits" in text
+
+
+def test_an_exception_passed_as_a_value_is_masked() -> None:
+    out = red(event="x", error=ConnectionError(f"cannot GET {SIGNED}"))["error"]
+    assert isinstance(out, str)
+    assert "0f1e2d3c4b5a69788796a5b4c3d2e1f0" not in out and "s3.example.org" in out
+    plain = OSError(2, "No such file")
+    assert red(event="x", error=plain)["error"] is plain      # nothing to mask: left as it was
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_tracebacks_are_masked_in_either_format(fmt: str) -> None:
+    buf = io.StringIO()
+    logs.setup("info", fmt, stream=buf)
+    try:
+        try:
+            raise ConnectionError(f"GET {SIGNED} with Authorization: Bearer tb-tok-42 failed")
+        except ConnectionError:
+            structlog.get_logger("t").error("unexpected error", exc_info=True)
+    finally:
+        structlog.reset_defaults()
+    out = buf.getvalue()
+    assert "ConnectionError" in out and "s3.example.org/magic/f1.fits" in out   # the traceback is there ...
+    for secret in ("0f1e2d3c4b5a69788796a5b4c3d2e1f0", "tb-tok-42", "FQoGZXIvsesstok"):
+        assert secret not in out                                                 # ... without them

@@ -245,6 +245,19 @@ def test_a_rewritten_file_gets_a_versioned_name(env: Env) -> None:
     assert env.copy("a", first).read_bytes() == b"first night"   # the first version's copy is intact
 
 
+def test_the_evidence_says_where_each_adler32_came_from(env: Env) -> None:
+    # verify_upload = "size": a storage without checksums vouches for the size; the adler32 that
+    # counts is the catalogue's, i.e. the agent's own number. The copy counts as before; the
+    # confirmation and the deletion record which copies stood on that.
+    env.lake.lie = lambda r: dataclasses.replace(r, adler32_from_catalogue=r.location == "b")
+    rec = env.add()
+    assert env.drive(rec.id).state is S.DELETED
+    details = {h["event"]: h["detail"] for h in env.ledger.history(rec.id)}
+    for event in ("confirmed", "deleted"):
+        assert {r["location"]: r["adler32_from_catalogue"] for r in details[event]["replicas"]} == \
+            {"a": False, "b": True}
+
+
 # ---------------------------------------------------------------- evidence that does not hold
 
 def test_a_lying_storage_is_never_trusted(env: Env) -> None:

@@ -601,8 +601,8 @@ def test_replicas_exclude_the_buffer_and_come_from_the_catalogue(make_lake: Any,
     lake = make_lake(verify_replicas=False)
     f = registered_in_place(lake, rucio, tmp_path)
     assert lake.replicas(f) == [
-        Replica("LAKE1", 10, "0000000a", True, "root://xrd:1094//data/lake1/test/f1"),
-        Replica("LAKE2", 10, "0000000a", False, "root://xrd:1094//data/lake2/test/f1")]
+        Replica("LAKE1", 10, "0000000a", True, "root://xrd:1094//data/lake1/test/f1", adler32_from_catalogue=True),
+        Replica("LAKE2", 10, "0000000a", False, "root://xrd:1094//data/lake2/test/f1", adler32_from_catalogue=True)]
     body = [b for m, p, b in rucio.calls if p == "/replicas/list"][-1]
     assert body == {"dids": [{"scope": "test", "name": "f1"}], "all_states": True, "schemes": ["root", "http"]}
 
@@ -631,17 +631,34 @@ def test_a_storage_without_adler32_counts_only_when_size_is_enough(make_lake: An
     f = registered_in_place(strict, rucio, tmp_path)
     assert strict.replicas(f)[0] == Replica("LAKE1", 10, None, True, "root://xrd:1094//data/lake1/test/f1")
     lenient = make_lake(verify_upload="size")
-    assert lenient.replicas(f)[0] == Replica("LAKE1", 10, "0000000a", True, "root://xrd:1094//data/lake1/test/f1")
+    # the agent's own registered adler32 stands in for the storage's, and the evidence says so
+    assert lenient.replicas(f)[0] == Replica("LAKE1", 10, "0000000a", True, "root://xrd:1094//data/lake1/test/f1",
+                                             adler32_from_catalogue=True)
+    transports["root"].objects["root://xrd:1094//data/lake1/test/f1"] = RemoteStat(10, "0000000a")
+    assert lenient.replicas(f)[0].adler32_from_catalogue is False     # a storage that answers is asked
+
+
+def test_size_only_verification_is_warned_at_start_for_each_destination(make_lake: Any) -> None:
+    with capture_logs() as captured:
+        make_lake()
+    assert not [e for e in captured if e.get("setting") == "lake.rucio.verify_upload"]
+    with capture_logs() as captured:
+        make_lake(verify_upload="size")
+    warned = [e for e in captured if e.get("setting") == "lake.rucio.verify_upload"]
+    assert [(e["log_level"], e["destination"], e["rse"]) for e in warned] == [
+        ("warning", "lake1", "LAKE1"), ("warning", "lake2", "LAKE2")]
 
 
 def test_unverifiable_replicas_count_neither_way(lake: RucioLake, rucio: FakeRucio,
                                                  transports: dict[str, FakeTransport], tmp_path: Path) -> None:
     f = registered_in_place(lake, rucio, tmp_path)
-    # nothing on the storage
-    assert lake.replicas(f)[0] == Replica("LAKE1", None, None, True, "root://xrd:1094//data/lake1/test/f1")
-    # the storage cannot be asked now
+    # nothing on the storage: gone (a copy the agent wrote is written again)
+    assert lake.replicas(f)[0] == Replica("LAKE1", None, None, True, "root://xrd:1094//data/lake1/test/f1",
+                                          gone=True)
+    # the storage cannot be asked now: not gone either
     transports["root"].error = RetryableError("xrootd: connection refused")
-    assert lake.replicas(f)[0].size is None and lake.replicas(f)[0].adler32 is None
+    r = lake.replicas(f)[0]
+    assert r.size is None and r.adler32 is None and not r.gone
 
 
 def test_a_replica_without_a_transport_for_its_scheme_is_unverified(make_lake: Any, rucio: FakeRucio,

@@ -125,6 +125,7 @@ def test_an_s3_destination_is_written_through_signed_urls(lake: RucioLake, rucio
     (rep,) = lake.replicas(f)
     # S3 has no adler32: the copy carries the agent's own, because size and ETag (= MD5) match
     assert (rep.location, rep.size, rep.adler32, rep.problem, rep.url) == ("S3", len(data), f.adler32, None, url)
+    assert rep.adler32_from_catalogue      # and the evidence says so
     assert judge_replicas([rep], f.size, f.adler32).count == 1
 
 
