@@ -220,10 +220,10 @@ class Runner:
     # ------------------------------------------------------------ the loop
     def tick(self) -> None:
         now = self.clock()
-        self._watch_clock(now)
         if self.ledger_problem and not self._ledger_back(now):
             self.last_tick = now   # alive, but not ready: /readyz says why
             return
+        self._watch_clock(now)
         self.process_events()
         with self._lock:
             rules, self._rescan_rules = self._rescan_rules, set()
@@ -239,8 +239,9 @@ class Runner:
         come due late by the size of the step, so they are all made due now: each step decides
         again (a retry, a confirmation, a deletion whose keep period runs on the monotonic clock)."""
         offset = now - self.monotonic()
-        back, self._clock_offset = self._clock_offset - offset, offset
+        back = self._clock_offset - offset
         if back > CLOCK_STEP_S:
+            # a ledger that cannot be written raises here: the step is still seen once it can
             woken = self.ledger.wake([State.RETRY_WAIT, State.TRANSFERRED, State.CONFIRMED])
             log.warning("wall clock stepped back; waiting files are looked at now", seconds=round(back, 1),
                         files=woken)
@@ -249,6 +250,7 @@ class Runner:
                 # for the size of the step
                 for job in self.scheduler.get_jobs():
                     job.modify(next_run_time=dt.datetime.now(self.scheduler.timezone) + job.trigger.interval)
+        self._clock_offset = offset
 
     def process_events(self) -> None:
         paths, overflowed = self.dirty.take()

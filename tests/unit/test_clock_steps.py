@@ -15,6 +15,7 @@ import pytest
 
 from edge_agent.app import build_lake
 from edge_agent.core.lifecycle import Event, State
+from edge_agent.errors import LedgerUnwritable
 from edge_agent.ledger import FileRecord, Ledger
 from edge_agent.runner import CLOSED_FALLBACK_S, Runner
 from edge_agent.settings import Settings
@@ -118,6 +119,24 @@ def test_a_step_back_does_not_hold_files_back(make_runner: Any, tmp_path: Path, 
     assert state(r, rec) is State.COMPLETE
 
 
+def test_after_a_restart_the_wait_starts_again(make_runner: Any, tmp_path: Path, clock: Any, mono: Mono) -> None:
+    first = make_runner(completion=["stable"], stable_seconds=5)
+    f = tmp_path / "daq" / "f.fits"
+    write(f, b"first half", clock())
+    rec = discover(first, f)
+    first.check_completion(clock())
+    clock.advance(HOURS)                          # down for a while (or the clock stepped meanwhile)
+    mono.now = 3.0                                # a reboot: the monotonic clock starts again
+    again = make_runner(completion=["stable"], stable_seconds=5)
+    again.check_completion(clock())
+    mono.now += 4.9
+    again.check_completion(clock())
+    assert state(again, rec) is State.DISCOVERED
+    mono.now += 1
+    again.check_completion(clock())
+    assert state(again, rec) is State.COMPLETE
+
+
 def test_the_closed_fallback_runs_on_the_monotonic_clock(make_runner: Any, tmp_path: Path, clock: Any,
                                                          mono: Mono) -> None:
     r = make_runner(completion=["closed"])
@@ -194,6 +213,35 @@ def test_a_slew_is_not_a_step(make_runner: Any, tmp_path: Path, clock: Any, mono
     clock.advance(29.5)                          # the wall clock ran 0.5 s slow over 30 s
     r.tick()
     assert state(r, rec) is State.RETRY_WAIT
+
+
+def test_a_step_back_while_the_ledger_cannot_be_written_is_seen_once_it_can(
+        make_runner: Any, tmp_path: Path, clock: Any, mono: Mono, monkeypatch: pytest.MonkeyPatch) -> None:
+    r = make_runner()
+    rec = backing_off(r, tmp_path, clock, 60)
+
+    def tick() -> None:   # as run_forever does
+        try:
+            r.tick()
+        except LedgerUnwritable as exc:
+            r._ledger_down(str(exc))
+
+    def full(*a: Any, **k: Any) -> Any:
+        raise LedgerUnwritable("disk full")
+
+    tick()
+    for name in ("set_meta", "wake", "discover_many", "transition"):
+        monkeypatch.setattr(r.ledger, name, full)
+    r._ledger_down("disk full")
+    clock.advance(-HOURS)
+    mono.now += 5
+    tick()                                       # paused: nothing can be recorded
+    assert state(r, rec) is State.RETRY_WAIT
+    monkeypatch.undo()
+    mono.now += 5
+    clock.advance(5)
+    tick()
+    assert r.ledger_problem is None and state(r, rec) is State.COMPLETE
 
 
 def test_a_backoff_beyond_the_longest_one_is_due_at_start(make_runner: Any, tmp_path: Path, clock: Any) -> None:
