@@ -703,12 +703,16 @@ class Ledger:
         with self._tx() as db:
             db.execute("UPDATE files SET next_at = ? WHERE id = ?", (next_at, file_id))
 
-    def wake(self, states: Iterable[State]) -> int:
+    def wake(self, states: Iterable[State], beyond: float | None = None) -> int:
         """Make every file in `states` due now (at start: settings such as the deletion policy
-        may have changed while the agent was down)."""
-        st = [s.value for s in states]
+        may have changed while the agent was down), or only those due later than `beyond`."""
+        st: list[Any] = [s.value for s in states]
+        sql = f"UPDATE files SET next_at = 0 WHERE state IN ({','.join('?' * len(st))})"
+        if beyond is not None:
+            sql += " AND next_at > ?"
+            st.append(beyond)
         with self._tx() as db:
-            cur = db.execute(f"UPDATE files SET next_at = 0 WHERE state IN ({','.join('?' * len(st))})", st)
+            cur = db.execute(sql, st)
             return cur.rowcount
 
     def set_lake_ref(self, file_id: int, ref: str | None) -> None:

@@ -67,13 +67,17 @@ class Pipeline:
     def __init__(self, settings: Settings, ledger: Ledger, lake: Catalogue, pace: Pacer,
                  hooks: Hooks | None = None, clock: Callable[[], float] = time.time,
                  rand: Callable[[], float] = random.random,
-                 open_writers: Callable[[int, int], int | None] = lambda dev, ino: None) -> None:
+                 open_writers: Callable[[int, int], int | None] = lambda dev, ino: None,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.s = settings
         self.ledger = ledger
         self.lake = lake
         self.pace = pace
         self.hooks = hooks or Hooks()
         self.clock = clock
+        self.monotonic = monotonic
+        # file id -> monotonic time of its confirmation (policy.confirmed_since), for `keep`
+        self._confirmed_mono: dict[tuple[int, float | None], float] = {}
         self.rand = rand
         self.open_writers = open_writers
 
@@ -570,9 +574,19 @@ class Pipeline:
         rule = self.s.rules[rec.rule]
         # a crash inside guarded_unlink leaves the file under its "deleting" name: still ours to finish
         current = stat_regular(rec.path) or stat_regular(deleting_name(rec.path))
+        kept = 0.0
+        if rule.delete is DeletePolicy.KEEP:
+            # the keep period runs on the monotonic clock once this process has seen the file: a
+            # wall-clock step forward must not delete it early (nor a step back hold it longer)
+            mono = self.monotonic()
+            key = (rec.id, rec.confirmed_at)     # a copy written again is confirmed anew: kept anew
+            since = self._confirmed_mono.setdefault(key, policy.confirmed_since(rec.confirmed_at, self.clock(), mono))
+            kept = mono - since
         verdict, why = policy.deletion_verdict(
-            rule.delete.value, rule.keep_hours, rec.confirmed_at or self.clock(), self.clock(), c,
+            rule.delete.value, rule.keep_hours, kept, c,
             rule.copies, self._recorded_stat(rec), current, self.s.dry_run)
+        if verdict != "wait":
+            self._confirmed_mono.pop((rec.id, rec.confirmed_at), None)
         evidence = {"replicas": [{"location": r.location, "size": r.size, "adler32": r.adler32, "url": r.url,
                                   "adler32_from_catalogue": r.adler32_from_catalogue} for r in c.good],
                     "local_adler32": rec.adler32, "local_size": rec.size}
@@ -609,10 +623,10 @@ class Pipeline:
                                                              else self.s.confirm_interval_seconds))
             log.info("kept", file_id=rec.id, did=rec.did, why=why)
         else:  # wait
-            wait_until = self.clock() + self.s.confirm_interval_seconds
-            if rule.delete is DeletePolicy.KEEP and rec.confirmed_at:
-                wait_until = max(wait_until, rec.confirmed_at + rule.keep_hours * 3600)
-            self.ledger.set_next_at(rec.id, wait_until)
+            wait = self.s.confirm_interval_seconds
+            if rule.delete is DeletePolicy.KEEP:
+                wait = max(wait, rule.keep_hours * 3600 - kept)
+            self.ledger.set_next_at(rec.id, self.clock() + wait)
 
     def _cleanup_companions(self, rec: FileRecord) -> None:
         rule = self.s.rules[rec.rule]

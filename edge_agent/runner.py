@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import datetime as dt
 import os
 import stat
 import threading
@@ -39,6 +40,9 @@ log = structlog.get_logger("edge_agent.runner")
 POOL_OF = {State.COMPLETE: "hash", State.HASHED: "lake", State.REGISTERED: "transfer",
            State.TRANSFERRED: "lake", State.CONFIRMED: "lake"}
 CLOSED_FALLBACK_S = 300.0      # `closed` without a visible close event: this much quiet is enough
+# The wall clock running this much behind the monotonic one since the last tick is a step back
+# (NTP slews far slower): every persisted wait (backoff, confirmation, keep) is looked at again.
+CLOCK_STEP_S = 1.0
 # A rescan goes through the tree this many entries at a time: one ledger lookup and one commit per
 # batch, and between batches the work already found is dispatched, so a tree of a million files
 # neither waits for the whole walk nor holds a million rows in memory.
@@ -61,11 +65,14 @@ class Counters:
 
 class Runner:
     def __init__(self, settings: Settings, ledger: Ledger, lake: Catalogue,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.s = settings
         self.ledger = ledger
         self.lake = lake
-        self.clock = clock
+        self.clock = clock              # wall time: what is persisted and shown
+        self.monotonic = monotonic      # durations in this process: immune to clock steps
+        self._clock_offset = clock() - monotonic()
         self.stopping = threading.Event()
         self.wake = threading.Event()
         self.started_at = clock()
@@ -79,7 +86,7 @@ class Runner:
         self.writers = WriterTable()
         self.pipeline = Pipeline(settings, ledger, lake, self._pace, Hooks(
             bytes_hashed=self._on_hashed, bytes_sent=self._on_sent, transition=self._on_transition),
-            clock=clock, open_writers=self.writers.writers)
+            clock=clock, monotonic=monotonic, open_writers=self.writers.writers)
         self.filters = {name: RuleFilter(rule) for name, rule in settings.rules.items()}
         self.dirty = DirtyPaths()
         self._overflows_told = 0
@@ -91,7 +98,8 @@ class Runner:
                          "lake": settings.lake_workers}
         self.in_flight: dict[int, str] = {}
         self._rescan_rules: set[str] = set(settings.rules)   # the first tick scans everything
-        self._next_check: dict[int, float] = {}
+        self._next_check: dict[int, float] = {}                          # monotonic
+        self._unchanged: dict[int, tuple[tuple[int, int, int], float]] = {}  # stat, monotonic since
         self._completion_cursor = 0     # id after which check_completion goes on
         self.disks = {name: DiskWatch(str(r.directory), r.watermark_warn_percent / 100,
                                       r.watermark_critical_percent / 100, r.forecast_warn_hours * 3600)
@@ -144,6 +152,13 @@ class Runner:
         woken = self.ledger.wake([State.TRANSFERRED, State.CONFIRMED])
         if woken:
             log.info("resuming", files_waiting_on_the_lake=woken)
+        # a backoff further ahead than any backoff can be was scheduled before the clock stepped
+        # back while the agent was down: due now rather than hours late
+        r = self.s.retry
+        early = self.ledger.wake([State.RETRY_WAIT], beyond=self.clock() + policy.longest_backoff(
+            r.max_seconds, r.jitter))
+        if early:
+            log.warning("retry times beyond the longest backoff (the clock stepped back?): due now", files=early)
         for name, rule in self.s.rules.items():
             if not rule.directory.is_dir():
                 self.watch_problems[name] = f"{rule.directory} does not exist (yet): rescans will look again"
@@ -210,6 +225,7 @@ class Runner:
         if self.ledger_problem and not self._ledger_back(now):
             self.last_tick = now   # alive, but not ready: /readyz says why
             return
+        self._watch_clock(now)
         self.process_events()
         with self._lock:
             rules, self._rescan_rules = self._rescan_rules, set()
@@ -219,6 +235,24 @@ class Runner:
         self.resume_due(now)
         self.dispatch(now)
         self.last_tick = now   # only a whole tick counts as alive for /healthz
+
+    def _watch_clock(self, now: float) -> None:
+        """Persisted waits are wall times (they outlive a restart). After a step back they would
+        come due late by the size of the step, so they are all made due now: each step decides
+        again (a retry, a confirmation, a deletion whose keep period runs on the monotonic clock)."""
+        offset = now - self.monotonic()
+        back = self._clock_offset - offset
+        if back > CLOCK_STEP_S:
+            # a ledger that cannot be written raises here: the step is still seen once it can
+            woken = self.ledger.wake([State.RETRY_WAIT, State.TRANSFERRED, State.CONFIRMED])
+            log.warning("wall clock stepped back; waiting files are looked at now", seconds=round(back, 1),
+                        files=woken)
+            if self.scheduler.running:
+                # the scheduler's next runs are wall times too: rescans and lake checks would pause
+                # for the size of the step
+                for job in self.scheduler.get_jobs():
+                    job.modify(next_run_time=dt.datetime.now(self.scheduler.timezone) + job.trigger.interval)
+        self._clock_offset = offset
 
     def process_events(self) -> None:
         paths, overflowed = self.dirty.take()
@@ -337,12 +371,14 @@ class Runner:
 
     def check_completion(self, now: float, budget: int = 5000) -> None:
         # one page of the DISCOVERED rows per call, continuing where the last call stopped: a huge
-        # backlog is looked at over several ticks, never loaded whole nor starved at its end
+        # backlog is looked at over several ticks, never loaded whole nor starved at its end.
+        # Quiet is measured on the monotonic clock only (`now`, wall time, decides nothing here)
+        mono = self.monotonic()
         page = self.ledger.in_states([State.DISCOVERED], after_id=self._completion_cursor, limit=budget)
         self._completion_cursor = page[-1].id if len(page) == budget else 0
         done: list[FileRecord] = []
         for rec in page:
-            if self._next_check.get(rec.id, 0) > now or rec.id in self.in_flight:
+            if self._next_check.get(rec.id, 0) > mono or rec.id in self.in_flight:
                 continue
             rule = self.s.rules.get(rec.rule)
             if rule is None:
@@ -351,28 +387,36 @@ class Runner:
             if st is None:
                 self.evaluate(rec.rule, rec.path, classify(os.fsencode(rule.directory), rec.path), rec)
                 continue
-            if (st.inode, st.size, st.mtime_ns) != (rec.inode, rec.size, rec.mtime_ns):
+            key = (st.inode, st.size, st.mtime_ns)
+            if key != (rec.inode, rec.size, rec.mtime_ns):
                 self.ledger.restat(rec.id, rec.dev or 0, st.inode, st.size, st.mtime_ns)
-                self._next_check[rec.id] = now + min(1.0, rule.stable_seconds or 1.0)
+                self._unchanged[rec.id] = (key, mono)
+                self._next_check[rec.id] = mono + min(1.0, rule.stable_seconds or 1.0)
                 continue
-            obs = self.observe(rec, rule, now)
+            seen = self._unchanged.get(rec.id)
+            if seen is None or seen[0] != key:
+                # first seen like this by this process (also after a restart: the wait starts again)
+                seen = self._unchanged[rec.id] = (key, mono)
+            obs = self.observe(rec, rule, mono - seen[1])
             complete, why = policy.completion_verdict([c.value for c in rule.completion], obs,
                                                       rule.stable_seconds, CLOSED_FALLBACK_S)
             if complete:
                 done.append(rec)
             else:
-                self._next_check[rec.id] = now + min(1.0, max(0.2, rule.stable_seconds / 5))
+                self._next_check[rec.id] = mono + min(1.0, max(0.2, rule.stable_seconds / 5))
         # one commit for all the files found complete in this call
         self.ledger.transition_many([rec.id for rec in done], State.DISCOVERED, Event.COMPLETED, next_at=0)
         for rec in done:
             self._next_check.pop(rec.id, None)
+            self._unchanged.pop(rec.id, None)
             self.dirty.forget_closed(rec.path)
-        if self._completion_cursor == 0 and len(self._next_check) > 1000:
+        if self._completion_cursor == 0 and len(self._unchanged) > 1000:
             # forget rows that left DISCOVERED some other way (superseded, changed...)
-            live = self.ledger.ids_in_state(self._next_check, State.DISCOVERED)
+            live = self.ledger.ids_in_state(self._unchanged, State.DISCOVERED)
             self._next_check = {k: v for k, v in self._next_check.items() if k in live}
+            self._unchanged = {k: v for k, v in self._unchanged.items() if k in live}
 
-    def observe(self, rec: FileRecord, rule: Any, now: float) -> policy.Observation:
+    def observe(self, rec: FileRecord, rule: Any, unchanged_s: float) -> policy.Observation:
         writers = None
         if Completion.CLOSED in rule.completion:
             writers = self.writers.writers(rec.dev or 0, rec.inode or 0)
@@ -380,8 +424,8 @@ class Runner:
         if Completion.SIDECAR in rule.completion:
             sidecar = _sidecar_state(rec.fspath + rule.sidecar_suffix)
         marker = Completion.MARKER in rule.completion and os.path.exists(rec.fspath + rule.marker_suffix)
-        return policy.Observation(now=now, changed_at=rec.changed_at, mtime=(rec.mtime_ns or 0) / 1e9,
-                                  closed_event_at=self.dirty.closed_at.get(rec.path), writers=writers,
+        closed = self.dirty.closed_after_change(rec.path, rec.inode, rec.size, rec.mtime_ns)
+        return policy.Observation(unchanged_s=unchanged_s, closed_after_change=closed, writers=writers,
                                   marker=marker, sidecar=sidecar)
 
     def resume_due(self, now: float) -> None:
@@ -441,9 +485,9 @@ class Runner:
             self._ledger_down(why)
 
     def _ledger_back(self, now: float) -> bool:
-        if now < self._ledger_probe_at:
+        if self.monotonic() < self._ledger_probe_at:
             return False
-        self._ledger_probe_at = now + 2.0
+        self._ledger_probe_at = self.monotonic() + 2.0
         if why := self.ledger.probe():
             self._ledger_down(why)   # a write may still succeed into a damaged or deleted file
             return False

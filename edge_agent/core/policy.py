@@ -116,6 +116,12 @@ def backoff_seconds(attempt: int, base: float, cap: float, jitter: float, rand: 
     return max(0.0, raw * (1.0 + jitter * (2.0 * rand - 1.0)))
 
 
+def longest_backoff(cap: float, jitter: float) -> float:
+    """The longest wait backoff_seconds can give: a stored retry time further ahead than this
+    was scheduled before the wall clock stepped back (or by a config with a larger cap)."""
+    return cap * (1.0 + jitter)
+
+
 # ---------------------------------------------------------------- confirmation and deletion
 
 @dataclass(frozen=True)
@@ -192,10 +198,25 @@ class LocalStat:
     mtime_ns: int
 
 
-def deletion_verdict(policy: str, keep_hours: float, confirmed_at: float, now: float,
+def confirmed_since(confirmed_at: float | None, wall_now: float, mono_now: float) -> float:
+    """The monotonic time a file's confirmation is taken to have happened, fixed the first time
+    this process looks at the file: what the wall clock says has passed since confirmed_at, and
+    never less than nothing (a confirmed_at in the future means the clock stepped back).
+
+    From then on the keep period runs on the monotonic clock, so a later wall-clock step,
+    forward or back, neither shortens nor stretches it. Only a step while the agent was down
+    (between confirmation and this first look) still counts, by its size.
+    """
+    if confirmed_at is None:
+        return mono_now
+    return mono_now - max(0.0, wall_now - confirmed_at)
+
+
+def deletion_verdict(policy: str, keep_hours: float, kept_s: float,
                      confirmation: Confirmation, copies: int, recorded: LocalStat,
                      current: LocalStat | None, dry_run: bool) -> tuple[str, str]:
-    """Decide what to do with a confirmed file's local copy.
+    """Decide what to do with a confirmed file's local copy (`kept_s`: seconds since it was
+    confirmed, on the monotonic clock: see confirmed_since).
 
     Returns (verdict, why) where verdict is one of:
       "delete" - invariant 1 holds and the policy says now;
@@ -212,7 +233,7 @@ def deletion_verdict(policy: str, keep_hours: float, confirmed_at: float, now: f
         return "wait", f"{confirmation.count} of {copies} replicas confirmed"
     if policy == "never":
         return "keep", "deletion policy is 'never'"
-    if policy == "keep" and now < confirmed_at + keep_hours * 3600:
+    if policy == "keep" and kept_s < keep_hours * 3600:
         return "wait", f"kept until {keep_hours} h after confirmation"
     if dry_run:
         return "keep", "dry-run: would delete"
@@ -278,11 +299,14 @@ def disk_level(used_fraction: float, warn: float, critical: float,
 
 @dataclass(frozen=True)
 class Observation:
-    """What the edge saw of a candidate file, for the completion policies to judge."""
-    now: float
-    changed_at: float               # last time size/mtime/inode were seen to change
-    mtime: float
-    closed_event_at: float | None   # last close-after-write event (inotify), if any
+    """What the edge saw of a candidate file, for the completion policies to judge.
+
+    No wall time and no mtime: how long a file has been quiet is what this process saw on its
+    monotonic clock, so a wall-clock step forward cannot make a file still being written look
+    quiet, nor a step back hold every file back.
+    """
+    unchanged_s: float              # monotonic seconds this process has seen inode, size, mtime unchanged
+    closed_after_change: bool       # a close-after-write was seen with the file exactly as it is now
     writers: int | None             # processes holding it open for writing; None = cannot tell
     marker: bool
     sidecar: bool | None            # None: no sidecar; False: present but not valid JSON yet
@@ -292,14 +316,12 @@ def completion_verdict(policies: Sequence[str], obs: Observation, stable_seconds
                        closed_fallback_seconds: float) -> tuple[bool, str]:
     """(complete?, what it is still waiting for). All policies must agree."""
     waiting: list[str] = []
-    quiet = obs.now - max(obs.changed_at, obs.mtime)
+    quiet = obs.unchanged_s
     for p in policies:
         if p == "closed":
-            # the last write set mtime; a close seen at or after it ended that write
-            closed_after_change = obs.closed_event_at is not None and obs.closed_event_at >= obs.mtime
             if obs.writers:
                 waiting.append(f"{obs.writers} writer(s) still have it open")
-            elif not closed_after_change and obs.writers is None and quiet < closed_fallback_seconds:
+            elif not obs.closed_after_change and obs.writers is None and quiet < closed_fallback_seconds:
                 # cannot see other users' open files: wait for the close event, or a long quiet spell
                 waiting.append("no close-after-write seen yet")
         elif p == "stable":

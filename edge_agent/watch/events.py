@@ -30,7 +30,9 @@ class DirtyPaths:
         self._lock = threading.Lock()
         self._paths: dict[bytes, str] = {}     # path -> rule
         self.overflowed = False
-        self.closed_at: dict[bytes, float] = {}  # last close-after-write, bounded like the set
+        # the file as it was (inode, size, mtime_ns) at its last close-after-write, bounded like the set:
+        # a close counts while the file is still exactly that (no wall clock compared with an mtime)
+        self.closed_as: dict[bytes, tuple[int, int, int]] = {}
 
     def add(self, path: bytes, rule: str) -> None:
         with self._lock:
@@ -40,11 +42,23 @@ class DirtyPaths:
             self._paths[path] = rule
 
     def closed(self, path: bytes, rule: str) -> None:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            st = None   # gone already (renamed, removed): its new name has a close of its own, or not
         with self._lock:
-            if len(self.closed_at) >= self.limit:
-                self.closed_at.clear()
-            self.closed_at[path] = time.time()
+            if len(self.closed_as) >= self.limit:
+                self.closed_as.clear()
+            if st is None:
+                self.closed_as.pop(path, None)
+            else:
+                self.closed_as[path] = (st.st_ino, st.st_size, st.st_mtime_ns)
         self.add(path, rule)
+
+    def closed_after_change(self, path: bytes, inode: int | None, size: int | None, mtime_ns: int | None) -> bool:
+        """A close-after-write was seen, and the file has not changed since."""
+        with self._lock:
+            return self.closed_as.get(path) == (inode, size, mtime_ns)
 
     def take(self) -> tuple[dict[bytes, str], bool]:
         with self._lock:
@@ -54,7 +68,7 @@ class DirtyPaths:
 
     def forget_closed(self, path: bytes) -> None:
         with self._lock:
-            self.closed_at.pop(path, None)
+            self.closed_as.pop(path, None)
 
 
 class _Handler(FileSystemEventHandler):

@@ -41,6 +41,15 @@ def _no_edge_agent_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(k)
 
 
+@pytest.fixture(autouse=True)
+def _logging_reset_after_each_test() -> Any:
+    """A test that runs `main()` configures logging onto pytest's captured stderr, which is closed
+    after that test: later tests that log would fail with "I/O operation on closed file"."""
+    yield
+    import structlog
+    structlog.reset_defaults()
+
+
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()

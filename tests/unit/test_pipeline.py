@@ -118,7 +118,7 @@ class Env:
         hooks = Hooks(bytes_hashed=lambda rule, n: self.hashed.append(n),
                       bytes_sent=lambda rule, loc, n: self.sent.__setitem__(loc, self.sent.get(loc, 0) + n))
         self.pipeline = Pipeline(settings, self.ledger, self.lake, pace=lambda n: None, hooks=hooks,
-                                 clock=clock, rand=lambda: 0.5)
+                                 clock=clock, rand=lambda: 0.5, monotonic=clock)
 
     def add(self, rel: str = "run42/f1.fits", data: bytes = DATA) -> FileRecord:
         """A file the watcher found and judged complete."""
@@ -519,6 +519,61 @@ def test_keep_hours_waits_then_deletes(make_env: Any, clock: Any) -> None:
     clock.advance(1)
     assert env.step(rec.id).state is S.DELETED
     assert not Path(rec.fspath).exists()
+
+
+class Mono:
+    def __init__(self) -> None:
+        self.now = 50.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def keep_env(make_env: Any, clock: Any, mono: Mono) -> Env:
+    env = make_env(rule={"delete": "keep", "keep_hours": 2})
+    env.pipeline = Pipeline(env.s, env.ledger, env.lake, pace=lambda n: None, clock=clock, rand=lambda: 0.5,
+                            monotonic=mono)
+    return env
+
+
+def test_a_wall_clock_step_forward_does_not_shorten_keep(make_env: Any, clock: Any) -> None:
+    mono = Mono()
+    env = keep_env(make_env, clock, mono)
+    rec = env.drive(env.add().id)
+    assert rec.state is S.CONFIRMED
+    clock.advance(3 * 3600)                     # NTP steps forward past the keep period
+    mono.now += 60
+    rec = env.step(rec.id)                      # the wall time came due early: looked at, kept
+    assert rec.state is S.CONFIRMED and Path(rec.fspath).exists()
+    assert rec.next_at == clock.now + 2 * 3600 - 60
+    mono.now += 2 * 3600 - 61
+    assert env.step(rec.id).state is S.CONFIRMED
+    mono.now += 1
+    assert env.step(rec.id).state is S.DELETED
+
+
+def test_a_wall_clock_step_back_does_not_stretch_keep(make_env: Any, clock: Any) -> None:
+    mono = Mono()
+    env = keep_env(make_env, clock, mono)
+    rec = env.drive(env.add().id)
+    clock.advance(-3 * 3600)
+    mono.now += 2 * 3600
+    assert env.step(rec.id).state is S.DELETED  # (made due by the runner, which saw the step)
+
+
+def test_keep_after_a_restart_counts_the_time_down_by_the_wall_clock(make_env: Any, clock: Any) -> None:
+    mono = Mono()
+    env = keep_env(make_env, clock, mono)
+    rec = env.drive(env.add().id)
+    clock.advance(3600)                          # down for an hour
+    mono.now = 7.0                               # after a reboot, the monotonic clock starts again
+    env.pipeline = Pipeline(env.s, env.ledger, env.lake, pace=lambda n: None, clock=clock, rand=lambda: 0.5,
+                            monotonic=mono)
+    rec = env.step(rec.id)
+    assert rec.state is S.CONFIRMED and rec.next_at == clock.now + 3600
+    clock.advance(-3 * 3600)                     # a step back after the restart: no longer kept for it
+    mono.now += 3600
+    assert env.step(rec.id).state is S.DELETED
 
 
 def test_a_file_still_open_for_writing_is_not_deleted(env: Env, clock: Any) -> None:

@@ -180,6 +180,13 @@ class TestBackoff:
     def test_full_jitter_never_negative(self) -> None:
         assert policy.backoff_seconds(1, 10, 100, 1.0, 0.0) == 0.0
 
+    @pytest.mark.parametrize("jitter", [0.0, 0.25, 1.0])
+    def test_longest_backoff_bounds_every_backoff(self, jitter: float) -> None:
+        longest = policy.longest_backoff(300, jitter)
+        assert all(policy.backoff_seconds(a, 10, 300, jitter, r / 100) <= longest
+                   for a in range(1, 40) for r in range(100))
+        assert policy.backoff_seconds(40, 10, 300, jitter, 0.999999) == pytest.approx(longest)
+
 
 # ================================================================ replicas
 
@@ -256,10 +263,9 @@ def conf(n: int) -> Confirmation:
     return Confirmation(tuple(rep(f"d{i}") for i in range(n)), ())
 
 
-def verdict(policy_name: str = "after_confirm", keep_hours: float = 0.0, now: float = 1000.0,
+def verdict(policy_name: str = "after_confirm", keep_hours: float = 0.0, kept: float = 0.0,
             n: int = 2, copies: int = 2, current: LocalStat | None = REC, dry_run: bool = False) -> str:
-    v, why = policy.deletion_verdict(policy_name, keep_hours, 1000.0, now, conf(n), copies, REC, current,
-                                     dry_run)
+    v, why = policy.deletion_verdict(policy_name, keep_hours, kept, conf(n), copies, REC, current, dry_run)
     assert why  # every verdict says why
     return v
 
@@ -270,21 +276,28 @@ class TestDeletionVerdict:
         assert verdict(n=3) == "delete"
 
     def test_wait_for_replicas(self) -> None:
-        v, why = policy.deletion_verdict("after_confirm", 0, 0, 0, conf(1), 2, REC, REC, False)
+        v, why = policy.deletion_verdict("after_confirm", 0, 0, conf(1), 2, REC, REC, False)
         assert v == "wait" and "1 of 2" in why
 
     def test_keep_hours(self) -> None:
-        assert verdict("keep", keep_hours=2, now=1000.0) == "wait"
-        assert verdict("keep", keep_hours=2, now=1000.0 + 7199) == "wait"
-        assert verdict("keep", keep_hours=2, now=1000.0 + 7200) == "delete"
+        assert verdict("keep", keep_hours=2, kept=0) == "wait"
+        assert verdict("keep", keep_hours=2, kept=7199) == "wait"
+        assert verdict("keep", keep_hours=2, kept=7200) == "delete"
+
+    def test_confirmed_since_is_fixed_by_the_wall_clock_once_then_runs_on_the_monotonic_one(self) -> None:
+        # first look 100 s after confirmation by the wall clock, at monotonic 5000
+        assert policy.confirmed_since(1000.0, 1100.0, 5000.0) == 4900.0
+        # a confirmed_at in the future (the clock stepped back since): nothing has passed, not less
+        assert policy.confirmed_since(1000.0, 1000.0 - 3 * 3600, 5000.0) == 5000.0
+        assert policy.confirmed_since(None, 1100.0, 5000.0) == 5000.0
 
     def test_never(self) -> None:
-        assert verdict("never", now=1e12) == "keep"
+        assert verdict("never", kept=1e12) == "keep"
 
     def test_dry_run(self) -> None:
-        v, why = policy.deletion_verdict("after_confirm", 0, 0, 0, conf(2), 2, REC, REC, True)
+        v, why = policy.deletion_verdict("after_confirm", 0, 0, conf(2), 2, REC, REC, True)
         assert v == "keep" and "dry-run" in why
-        assert verdict("keep", keep_hours=1, now=1000.0 + 3600, dry_run=True) == "keep"
+        assert verdict("keep", keep_hours=1, kept=3600, dry_run=True) == "keep"
 
     def test_gone(self) -> None:
         assert verdict(current=None) == "gone"
@@ -371,8 +384,8 @@ class TestDisk:
 # ================================================================ completion
 
 def obs(**kw: object) -> Observation:
-    base: dict[str, object] = {"now": 1000.0, "changed_at": 900.0, "mtime": 900.0, "closed_event_at": None,
-                               "writers": None, "marker": False, "sidecar": None}
+    base: dict[str, object] = {"unchanged_s": 100.0, "closed_after_change": False, "writers": None,
+                               "marker": False, "sidecar": None}
     base.update(kw)
     return Observation(**base)  # type: ignore[arg-type]
 
@@ -385,44 +398,34 @@ def done(policies: list[str], o: Observation, stable: float = 5.0, fallback: flo
 
 class TestCompletion:
     def test_closed_with_writers_waits(self) -> None:
-        ok, why = policy.completion_verdict(["closed"], obs(writers=2, closed_event_at=999.0), 5, 300)
+        ok, why = policy.completion_verdict(["closed"], obs(writers=2, closed_after_change=True), 5, 300)
         assert not ok and "2 writer(s)" in why
 
     def test_closed_with_no_writers_seen(self) -> None:
-        assert done(["closed"], obs(writers=0, now=901.0))
+        assert done(["closed"], obs(writers=0, unchanged_s=1.0))
 
-    def test_closed_event_after_the_last_change(self) -> None:
-        assert done(["closed"], obs(closed_event_at=900.0, now=901.0))
-        assert done(["closed"], obs(closed_event_at=950.0, now=951.0))
+    def test_a_close_seen_with_the_file_as_it_is_now(self) -> None:
+        assert done(["closed"], obs(closed_after_change=True, unchanged_s=0.0))
 
-    def test_close_event_before_the_last_change_does_not_count(self) -> None:
-        ok, why = policy.completion_verdict(["closed"], obs(closed_event_at=899.0, now=901.0), 5, 300)
+    def test_no_close_seen_waits(self) -> None:
+        ok, why = policy.completion_verdict(["closed"], obs(unchanged_s=1.0), 5, 300)
         assert not ok and "close-after-write" in why
 
-    def test_close_event_is_compared_with_the_last_write(self) -> None:
-        # the agent may notice a change (changed_at) well after the write (mtime) and the close
-        assert done(["closed"], obs(mtime=900.0, changed_at=905.0, closed_event_at=902.0, now=906.0))
-        assert not done(["closed"], obs(mtime=903.0, changed_at=905.0, closed_event_at=902.0, now=906.0))
-
     def test_closed_fallback_after_a_quiet_period(self) -> None:
-        assert not done(["closed"], obs(now=900.0 + 299.0))
-        assert done(["closed"], obs(now=900.0 + 300.0))
-
-    def test_quiet_is_measured_from_the_later_of_change_and_mtime(self) -> None:
-        assert not done(["closed"], obs(changed_at=100.0, mtime=900.0, now=900.0 + 299.0))
-        assert not done(["stable"], obs(changed_at=900.0, mtime=100.0, now=904.0))
+        assert not done(["closed"], obs(unchanged_s=299.0))
+        assert done(["closed"], obs(unchanged_s=300.0))
 
     def test_stable(self) -> None:
-        assert not done(["stable"], obs(now=904.9))
-        assert done(["stable"], obs(now=905.0))
+        assert not done(["stable"], obs(unchanged_s=4.9))
+        assert done(["stable"], obs(unchanged_s=5.0))
 
     def test_stable_reports_progress(self) -> None:
-        _, why = policy.completion_verdict(["stable"], obs(now=902.0), 5.0, 300)
+        _, why = policy.completion_verdict(["stable"], obs(unchanged_s=2.0), 5.0, 300)
         assert why == "unchanged for 2.0s of 5s"
 
     def test_marker(self) -> None:
         assert not done(["marker"], obs(marker=False))
-        assert done(["marker"], obs(marker=True, now=900.0))
+        assert done(["marker"], obs(marker=True, unchanged_s=0.0))
 
     def test_sidecar(self) -> None:
         _, why = policy.completion_verdict(["sidecar"], obs(sidecar=None), 5, 300)
@@ -432,20 +435,20 @@ class TestCompletion:
         assert done(["sidecar"], obs(sidecar=True))
 
     def test_renamed_alone_is_complete(self) -> None:
-        assert done(["renamed"], obs(now=900.0))
+        assert done(["renamed"], obs(unchanged_s=0.0))
 
     def test_all_policies_must_agree(self) -> None:
         both = ["closed", "stable"]
-        assert not done(both, obs(closed_event_at=900.0, now=901.0))       # closed, not yet stable
-        assert not done(both, obs(writers=1, now=2000.0))                  # stable, still open
-        assert done(both, obs(closed_event_at=900.0, now=905.0))
-        ok, why = policy.completion_verdict(["closed", "stable", "marker"], obs(writers=1, now=901.0), 5, 300)
+        assert not done(both, obs(closed_after_change=True, unchanged_s=1.0))   # closed, not yet stable
+        assert not done(both, obs(writers=1, unchanged_s=1100.0))              # stable, still open
+        assert done(both, obs(closed_after_change=True, unchanged_s=5.0))
+        ok, why = policy.completion_verdict(["closed", "stable", "marker"], obs(writers=1, unchanged_s=1.0), 5, 300)
         assert not ok and why.count(";") == 2
 
     def test_marker_and_stable(self) -> None:
-        assert not done(["marker", "stable"], obs(marker=True, now=901.0))
-        assert not done(["marker", "stable"], obs(marker=False, now=2000.0))
-        assert done(["marker", "stable"], obs(marker=True, now=2000.0))
+        assert not done(["marker", "stable"], obs(marker=True, unchanged_s=1.0))
+        assert not done(["marker", "stable"], obs(marker=False, unchanged_s=1100.0))
+        assert done(["marker", "stable"], obs(marker=True, unchanged_s=1100.0))
 
     def test_unknown_policy(self) -> None:
         with pytest.raises(ValueError, match="unknown completion policy 'size'"):
