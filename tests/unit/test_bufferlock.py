@@ -209,3 +209,19 @@ def test_an_old_lock_file_is_never_reported_as_a_stale_temporary_file(runner: An
     runner.rescan("r")
     assert [os.path.basename(n["relpath"]) for n in runner.ledger.notices(10)] == [".half-written"]
     b.release()
+
+
+def test_an_agent_whose_buffer_is_taken_over_stops_with_the_holder_named(
+        tmp_path: Path, daq: Path, settings_data: Callable[..., Any]) -> None:
+    from edge_agent.app import Agent
+    for d in ("lake-a", "lake-b"):
+        (tmp_path / d).mkdir()
+    agent = Agent(Settings(**settings_data(tmp_path, status={"enabled": False})))
+    agent._heartbeat()
+    assert agent.lost is None and read_record(daq).pid == os.getpid()  # type: ignore[union-attr]
+    record(daq, heartbeat_at=read_record(daq).heartbeat_at)  # type: ignore[union-attr]   # daq2 took it
+    agent._heartbeat()
+    assert agent.lost is not None and agent.runner.stopping.is_set()
+    with pytest.raises(BufferHeld, match="host daq2"):
+        agent.run()
+    assert read_record(daq).host == "daq2"  # type: ignore[union-attr]   # not removed: not ours
