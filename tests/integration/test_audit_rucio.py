@@ -13,7 +13,6 @@ import time
 
 import pytest
 from integration.test_rucio_lake import FtsPlayer, rucio_agent, uid, write_files
-
 from support import buffer_names
 
 from edge_agent.access import ChecksumMismatch, Lake
