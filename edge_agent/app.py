@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from . import identity
+from . import identity, places
+from .bufferlock import HEARTBEAT_SECONDS, BufferHeld, BufferLocks
 from .errors import ConfigError
 from .lake.base import Catalogue
 from .lake.local import LocalLake
@@ -107,17 +108,29 @@ class Agent:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        places.check(settings)
         settings.state_dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _exclusive(settings.state_dir / "agent.lock")
+        self.buffers = BufferLocks({n: r.directory for n, r in settings.rules.items()}, settings.state_dir)
+        try:
+            self.buffers.claim_all()
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
         self.ledger = Ledger(settings.ledger_path, synchronous=settings.ledger_synchronous)
         try:
             claim_ledger(self.ledger, identity.current(settings))
         except BaseException:
             self.ledger.close()
+            self.buffers.release()
             os.close(self._lock_fd)
             raise
         self.lake = build_lake(settings)
         self.runner = Runner(settings, self.ledger, self.lake)
+        self.runner.may_scan = self.buffers.claim   # a directory that appears later is claimed first
+        self.runner.scheduler.add_job(self._heartbeat, "interval", seconds=HEARTBEAT_SECONDS, id="buffer-lock",
+                                      max_instances=1, coalesce=True)
+        self.lost: str | None = None
         self.status: StatusServer | None = None
         if settings.status.enabled:
             self.status = StatusServer(self.runner, settings.status.host, settings.status.port,
@@ -133,10 +146,21 @@ class Agent:
                 self.status.stop()
             self.lake.close()
             self.ledger.close()
+            self.buffers.release()
             os.close(self._lock_fd)
+        if self.lost:
+            raise BufferHeld(self.lost)
 
     def stop(self) -> None:
         self.runner.stop()
+
+    def _heartbeat(self) -> None:
+        lost = self.buffers.heartbeat()
+        if lost and not self.lost:
+            # two agents on one buffer would both delete its files: this one gives way
+            self.lost = lost
+            log.error("buffer lost to another agent; stopping", why=lost)
+            self.stop()
 
 
 def _exclusive(path: "os.PathLike[str]") -> int:

@@ -104,8 +104,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def check_config(path: str) -> int:
+    from . import places
     try:
         settings = load_settings(path)
+        places.check(settings)   # what only the filesystem knows: bind mounts
     except ConfigError as exc:
         print(f"edge-agent: invalid configuration\n{exc}", file=sys.stderr)
         return 2

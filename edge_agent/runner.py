@@ -109,6 +109,9 @@ class Runner:
         self.ledger_problem: str | None = None   # set while the ledger cannot be written: no new work
         self._ledger_probe_at = 0.0
         self.watch_problems: dict[str, str] = {}
+        # rule -> None if this agent may look into its directory, else why not (another agent holds
+        # the buffer); the app sets it to the buffer lock's claim
+        self.may_scan: Callable[[str], str | None] = lambda rule: None
         self.scheduler = BackgroundScheduler(daemon=True)
 
     # ------------------------------------------------------------ hooks
@@ -267,6 +270,12 @@ class Runner:
         started = time.monotonic()
         r = self.s.rules[rule]
         root = os.fsencode(r.directory)
+        held_elsewhere = self.may_scan(rule)
+        if held_elsewhere:
+            self.watch_problems[rule] = held_elsewhere
+            return
+        if rule in self.watcher.watching:
+            self.watch_problems.pop(rule, None)   # a buffer held elsewhere for a while is ours again
         if r.directory.is_dir() and rule in self.watch_problems and rule not in self.watcher.watching:
             problem = self.watcher.watch(rule, str(r.directory), r.recursive)
             if problem is None:
@@ -324,7 +333,7 @@ class Runner:
         skip = self.filters[rule](entry.relpath)
         if skip is not None:
             assert entry.st is not None
-            if "temporary" in skip.reason or "hidden" in skip.reason:
+            if skip.writing:
                 if self.clock() - entry.st.st_mtime > self.s.stale_temp_seconds:
                     if self.ledger.notice(rule, path, "stale-temporary",
                                           f"{skip.reason}, but unchanged for over {self.s.stale_temp_seconds:.0f}s: "

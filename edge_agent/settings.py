@@ -413,9 +413,29 @@ class Settings(BaseSettings):
                 if _overlaps(ra.directory, rb.directory):
                     problems.append(f"rules.{b}.directory = {rb.directory}: overlaps rules.{a}.directory "
                                     f"{ra.directory}; a file must belong to one rule")
+        problems += self._distinct_destinations()
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _distinct_destinations(self) -> list[str]:
+        """Copies are counted per destination, so two destinations must be two places: one file on
+        disk reached by two names (the same path, a symlink, one inside the other) would count twice."""
+        problems: list[str] = []
+        for dname, dest in self.destinations.items():
+            if dest.path is not None and _overlaps(dest.path, self.state_dir):
+                problems.append(f"destinations.{dname}.path = {dest.path}: overlaps state_dir {self.state_dir}; "
+                                "the ledger and the copies must not share a place")
+        dests = list(self.destinations.items())
+        for i, (a, da) in enumerate(dests):
+            for b, db in dests[i + 1:]:
+                if da.path is not None and db.path is not None and _overlaps(da.path, db.path):
+                    problems.append(f"destinations.{b}.path = {db.path}: the same place as, or overlapping, "
+                                    f"destinations.{a}.path {da.path}; one file there would count as two copies")
+                if da.rse and db.rse and da.rse.upper() == db.rse.upper():
+                    problems.append(f"destinations.{b}.rse = {db.rse!r}: the same RSE as destinations.{a}.rse; "
+                                    "one replica there would count as two copies")
+        return problems
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings],
@@ -444,7 +464,9 @@ class Settings(BaseSettings):
 
 
 def _overlaps(a: Path, b: Path) -> bool:
-    a, b = Path(os.path.normpath(a)), Path(os.path.normpath(b))
+    """One path is the other or lies inside it, symlinks resolved (as far as the paths exist): a
+    destination reached through a symlink into the watched tree is still inside it."""
+    a, b = Path(os.path.realpath(a)), Path(os.path.realpath(b))
     return a == b or a in b.parents or b in a.parents
 
 

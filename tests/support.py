@@ -19,6 +19,12 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def buffer_names(directory: Path) -> list[str]:
+    """What a buffer directory holds, without the agent's own files (its lock and holder record)."""
+    from edge_agent.localfs import is_agent_temp
+    return sorted(n for n in os.listdir(directory) if not is_agent_temp(n))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -16,12 +16,16 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import structlog
+
 from ..core.policy import Replica
 from ..errors import PermanentError, RetryableError
 from ..settings import DestinationSettings
 from ..transfer.base import Transport
 from ..transfer.posix import PosixTransport
 from .base import Catalogue, LakeFile, Target
+
+log = structlog.get_logger("edge_agent.lake.local")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS dids (
@@ -118,10 +122,20 @@ class LocalLake(Catalogue):
 
     def replicas(self, f: LakeFile) -> list[Replica]:
         out = []
+        seen: dict[tuple[int, int], str] = {}
         for loc in f.destinations:
             url = self.url(loc, f)
+            # Copies are counted per physical file: a destination that became an alias of another
+            # after start (a bind mount, a symlink swapped in) must not turn one file into two copies.
+            ident = _identity(url)
+            if ident is not None and ident in seen:
+                log.warning("one file reached through two destinations counts once", destination=loc,
+                            same_as=seen[ident], url=url)
+                continue
             st = self._transports[loc].stat(url, verify=self._dest[loc].verify)
             if st is not None:
+                if ident is not None:
+                    seen[ident] = loc
                 out.append(Replica(loc, st.size, st.adler32, True, url))
         return out
 
@@ -147,4 +161,12 @@ class LocalLake(Catalogue):
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 

@@ -19,6 +19,7 @@ from ..settings import Completion, RuleSettings
 class Skip:
     reason: str
     report: bool = False   # True: an operator should hear about it (a notice in the ledger)
+    writing: bool = False  # a name being written: reported if it stays unchanged too long (stale_temp_seconds)
 
 
 class RuleFilter:
@@ -36,11 +37,12 @@ class RuleFilter:
     def __call__(self, relpath: str) -> Skip | None:
         name = os.path.basename(relpath)
         if is_agent_temp(name):
+            # its own temporary names and the buffer lock: never data, never a writer's leftover
             return Skip("the agent's own temporary file")
         if name.startswith("."):
-            return Skip("hidden file (being written?)")
+            return Skip("hidden file (being written?)", writing=True)
         if self.temp_suffixes and name.endswith(self.temp_suffixes):
-            return Skip("temporary name: waiting for the rename")
+            return Skip("temporary name: waiting for the rename", writing=True)
         if self.companions and name.endswith(self.companions):
             return Skip("marker/sidecar of a data file")
         if not any(_match(relpath, name, g) for g in self.include):

@@ -1,0 +1,227 @@
+"""One agent per buffer (issue 12): a flock and a holder record with a heartbeat in each watched
+directory; a second agent refuses and names the first; a stale holder is taken over, the same
+agent restarting takes its buffer back at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edge_agent import bufferlock
+from edge_agent.bufferlock import LOCK_NAME, RECORD_NAME, BufferHeld, BufferLocks, read_record
+from edge_agent.localfs import is_agent_temp
+from edge_agent.settings import Settings
+from edge_agent.watch.filters import RuleFilter
+
+
+def locks(tmp_path: Path, clock: Any, state: str = "state", **kw: Any) -> BufferLocks:
+    return BufferLocks({"r": tmp_path / "daq"}, tmp_path / state, clock=clock, **kw)
+
+
+def record(directory: Path, **fields: Any) -> None:
+    doc = {"host": "daq2", "machine_id": "m2", "pid": 4242, "state_dir": "/srv/other", "started_at": 0.0,
+           "heartbeat_at": 0.0, **fields}
+    (directory / RECORD_NAME).write_text(json.dumps(doc))
+
+
+@pytest.fixture
+def daq(tmp_path: Path) -> Path:
+    (tmp_path / "daq").mkdir()
+    return tmp_path / "daq"
+
+
+def test_a_second_holder_is_refused_and_told_who_holds_the_buffer(tmp_path: Path, daq: Path, clock: Any) -> None:
+    first = locks(tmp_path, clock)
+    first.claim_all()
+    rec = read_record(daq)
+    assert rec is not None and rec.pid == os.getpid() and rec.state_dir == str(tmp_path / "state")
+    second = locks(tmp_path, clock, state="other-state")     # its own file descriptor: flock says no
+    with pytest.raises(BufferHeld) as exc:
+        second.claim_all()
+    msg = str(exc.value)
+    assert "rules.r.directory" in msg and f"pid {os.getpid()}" in msg and str(tmp_path / "state") in msg
+    assert "stop that agent" in msg
+    first.release()
+    second.claim_all()                                       # free now
+    assert read_record(daq).state_dir == str(tmp_path / "other-state")  # type: ignore[union-attr]
+    second.release()
+
+
+def test_a_holder_in_another_process_is_refused(tmp_path: Path, daq: Path, clock: Any) -> None:
+    code = ("import sys; from pathlib import Path; from edge_agent.bufferlock import BufferLocks; "
+            f"b = BufferLocks({{'r': Path({str(daq)!r})}}, Path({str(tmp_path / 'state-1')!r})); "
+            "b.claim_all(); print('held', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": str(Path(bufferlock.__file__).parents[1])})
+    try:
+        assert holder.stdout is not None
+        assert "held\n" in iter(holder.stdout.readline, "")     # after its log line
+        with pytest.raises(BufferHeld, match=f"pid {holder.pid}, state_dir {tmp_path / 'state-1'}"):
+            locks(tmp_path, clock).claim_all()
+    finally:
+        holder.communicate("", timeout=30)
+    # it exited without releasing (as a killed agent would): its record stays, the flock went with it
+    assert read_record(daq).pid == holder.pid  # type: ignore[union-attr]
+    b = locks(tmp_path, clock)
+    b.claim_all()                                            # same host, lock free: taken at once
+    assert read_record(daq).pid == os.getpid()  # type: ignore[union-attr]
+    b.release()
+
+
+def test_another_host_with_a_fresh_heartbeat_is_refused_a_stale_one_taken_over(
+        tmp_path: Path, daq: Path, clock: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    record(daq, heartbeat_at=clock() - 60)                   # a shared mount: flock does not reach daq2
+    b = locks(tmp_path, clock, stale_seconds=300)
+    with pytest.raises(BufferHeld) as exc:
+        b.claim_all()
+    msg = str(exc.value)
+    assert "host daq2" in msg and "pid 4242" in msg and "/srv/other" in msg and "60s ago" in msg
+    assert "300s" in msg and RECORD_NAME in msg                  # how to take over
+    record(daq, heartbeat_at=clock() - 301)
+    b.claim_all()
+    assert "taken over" in capsys.readouterr().out
+    assert read_record(daq).pid == os.getpid()  # type: ignore[union-attr]
+    b.release()
+
+
+def test_the_same_agent_restarting_takes_its_buffer_back_at_once(tmp_path: Path, daq: Path, clock: Any) -> None:
+    b = locks(tmp_path, clock)
+    me = b.me
+    # the previous run of this agent (same host, same state_dir) died a moment ago: its heartbeat is fresh
+    record(daq, host=me.host, machine_id=me.machine_id, pid=999_999, state_dir=me.state_dir,
+           heartbeat_at=clock() - 1)
+    b.claim_all()
+    assert read_record(daq).pid == os.getpid()  # type: ignore[union-attr]
+    b.release()
+
+
+def test_the_heartbeat_is_rewritten_and_a_takeover_by_another_host_is_noticed(
+        tmp_path: Path, daq: Path, clock: Any) -> None:
+    b = locks(tmp_path, clock)
+    b.claim_all()
+    clock.advance(30)
+    assert b.heartbeat() is None
+    assert read_record(daq).heartbeat_at == clock()  # type: ignore[union-attr]
+    (daq / RECORD_NAME).unlink()                             # removed by someone: written again
+    assert b.heartbeat() is None and read_record(daq) is not None
+    record(daq, heartbeat_at=clock())                        # daq2 thought this agent gone
+    lost = b.heartbeat()
+    assert lost is not None and "took this buffer over" in lost and "host daq2" in lost
+    assert read_record(daq).host == "daq2"  # type: ignore[union-attr]   # not fought over
+    b.release()
+    assert read_record(daq).host == "daq2"  # type: ignore[union-attr]   # not ours to remove
+
+
+def test_release_removes_the_record_and_keeps_the_lock_file(tmp_path: Path, daq: Path, clock: Any) -> None:
+    b = locks(tmp_path, clock)
+    b.claim_all()
+    b.release()
+    assert not (daq / RECORD_NAME).exists() and (daq / LOCK_NAME).exists()
+    assert [p.name for p in daq.iterdir()] == [LOCK_NAME]   # no temporary file left behind
+
+
+def test_a_directory_that_appears_later_is_claimed_then(tmp_path: Path, clock: Any) -> None:
+    b = locks(tmp_path, clock)
+    b.claim_all()                                            # nothing there: nothing to hold
+    assert b.claim("r") is None
+    (tmp_path / "daq").mkdir()
+    other = locks(tmp_path, clock, state="other-state")
+    assert other.claim("r") is None                          # the other agent got there first
+    held = b.claim("r")
+    assert held is not None and "other-state" in held
+    other.release()
+    assert b.claim("r") is None
+    assert read_record(tmp_path / "daq").state_dir == str(tmp_path / "state")  # type: ignore[union-attr]
+    b.release()
+
+
+def test_a_re_created_directory_is_claimed_again(tmp_path: Path, daq: Path, clock: Any) -> None:
+    b = locks(tmp_path, clock)
+    b.claim_all()
+    for p in daq.iterdir():
+        p.unlink()
+    daq.rmdir()
+    daq.mkdir()
+    assert b.claim("r") is None
+    assert (daq / LOCK_NAME).exists() and read_record(daq) is not None
+    assert locks(tmp_path, clock, state="other-state").claim("r") is not None
+    b.release()
+
+
+def test_the_lock_and_record_are_never_data_nor_a_writers_leftover(
+        tmp_path: Path, settings_data: Callable[..., Any]) -> None:
+    filt = RuleFilter(Settings(**settings_data(tmp_path)).rules["r"])
+    for name in (LOCK_NAME, RECORD_NAME, f"{RECORD_NAME}.123.tmp", f"sub/{LOCK_NAME}"):
+        assert is_agent_temp(os.path.basename(name))
+        skip = filt(name)
+        assert skip is not None and not skip.report and not skip.writing, name
+
+
+def test_stale_seconds_leave_room_for_several_heartbeats() -> None:
+    assert bufferlock.STALE_SECONDS >= 5 * bufferlock.HEARTBEAT_SECONDS
+
+
+@pytest.fixture
+def runner(tmp_path: Path, clock: Any, settings_data: Callable[..., Any]) -> Any:
+    from edge_agent.app import build_lake
+    from edge_agent.ledger import Ledger
+    from edge_agent.runner import Runner
+    for d in ("daq", "lake-a", "lake-b"):
+        (tmp_path / d).mkdir(exist_ok=True)
+    s = Settings(**settings_data(tmp_path, rule={"completion": ["renamed"]}, stale_temp_seconds=1))
+    ledger = Ledger(s.ledger_path, clock=clock, synchronous="normal")
+    r = Runner(s, ledger, build_lake(s), clock=clock)
+    yield r
+    for pool in r.pools.values():
+        pool.shutdown()
+    ledger.close()
+
+
+def test_a_buffer_held_elsewhere_is_not_looked_into(runner: Any, tmp_path: Path, clock: Any) -> None:
+    (tmp_path / "daq" / "f.fits").write_bytes(b"x")
+    other = locks(tmp_path, clock, state="other-state")
+    other.claim_all()
+    mine = locks(tmp_path, clock)
+    runner.may_scan = mine.claim
+    runner.rescan("r")
+    assert list(runner.ledger.iter_all()) == []
+    assert "other-state" in runner.watch_problems["r"]
+    other.release()
+    runner.rescan("r")
+    assert [rec.relpath for rec in runner.ledger.iter_all()] == ["f.fits"]
+    mine.release()
+
+
+def test_an_old_lock_file_is_never_reported_as_a_stale_temporary_file(runner: Any, tmp_path: Path,
+                                                                      clock: Any) -> None:
+    b = locks(tmp_path, clock)
+    b.claim_all()
+    (tmp_path / "daq" / ".half-written").write_bytes(b"x")
+    for name in (LOCK_NAME, RECORD_NAME, ".half-written"):
+        os.utime(tmp_path / "daq" / name, (clock() - 3600, clock() - 3600))
+    runner.rescan("r")
+    assert [os.path.basename(n["relpath"]) for n in runner.ledger.notices(10)] == [".half-written"]
+    b.release()
+
+
+def test_an_agent_whose_buffer_is_taken_over_stops_with_the_holder_named(
+        tmp_path: Path, daq: Path, settings_data: Callable[..., Any]) -> None:
+    from edge_agent.app import Agent
+    for d in ("lake-a", "lake-b"):
+        (tmp_path / d).mkdir()
+    agent = Agent(Settings(**settings_data(tmp_path, status={"enabled": False})))
+    agent._heartbeat()
+    assert agent.lost is None and read_record(daq).pid == os.getpid()  # type: ignore[union-attr]
+    record(daq, heartbeat_at=read_record(daq).heartbeat_at)  # type: ignore[union-attr]   # daq2 took it
+    agent._heartbeat()
+    assert agent.lost is not None and agent.runner.stopping.is_set()
+    with pytest.raises(BufferHeld, match="host daq2"):
+        agent.run()
+    assert read_record(daq).host == "daq2"  # type: ignore[union-attr]   # not removed: not ours

@@ -1,0 +1,175 @@
+"""Copies are counted per physical place (issue 12): destinations that are one place on disk are
+refused, by path (symlinks resolved) in the settings and by device and inode at start; the local
+lake counts one physical file once whatever destinations reach it."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edge_agent import places
+from edge_agent.errors import ConfigError
+from edge_agent.lake.base import LakeFile
+from edge_agent.lake.local import LocalLake
+from edge_agent.settings import DestinationSettings, Settings, load_settings
+
+
+def _refused(data: dict[str, Any], *words: str) -> str:
+    with pytest.raises(ValueError) as exc:
+        Settings(**data)
+    msg = str(exc.value)
+    for w in words:
+        assert w in msg, msg
+    return msg
+
+
+def test_the_same_path_twice_is_refused(tmp_path: Path, settings_data: Callable[..., Any]) -> None:
+    data = settings_data(tmp_path)
+    data["destinations"]["b"]["path"] = str(tmp_path / "lake-a")
+    _refused(data, "destinations.b.path", "destinations.a.path", "two copies")
+
+
+def test_a_trailing_slash_or_dot_is_the_same_path(tmp_path: Path, settings_data: Callable[..., Any]) -> None:
+    for alias in (str(tmp_path / "lake-a") + "/", str(tmp_path / "lake-a") + "/.",
+                  str(tmp_path / "x" / ".." / "lake-a")):
+        data = settings_data(tmp_path)
+        data["destinations"]["b"]["path"] = alias
+        _refused(data, "destinations.b.path", "two copies")
+
+
+def test_a_symlink_to_another_destination_is_refused(tmp_path: Path, settings_data: Callable[..., Any]) -> None:
+    (tmp_path / "lake-a").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "lake-a")
+    data = settings_data(tmp_path)
+    data["destinations"]["b"]["path"] = str(tmp_path / "alias")
+    _refused(data, "destinations.b.path", "two copies")
+
+
+def test_a_destination_inside_another_is_refused(tmp_path: Path, settings_data: Callable[..., Any]) -> None:
+    data = settings_data(tmp_path)
+    data["destinations"]["b"]["path"] = str(tmp_path / "lake-a" / "sub")
+    _refused(data, "destinations.b.path", "destinations.a.path")
+
+
+def test_a_destination_reaching_into_the_watched_tree_through_a_symlink_is_refused(
+        tmp_path: Path, settings_data: Callable[..., Any]) -> None:
+    (tmp_path / "daq" / "copies").mkdir(parents=True)
+    (tmp_path / "innocent").symlink_to(tmp_path / "daq" / "copies")
+    data = settings_data(tmp_path)
+    data["destinations"]["b"]["path"] = str(tmp_path / "innocent")
+    _refused(data, "destinations.b.path", "rules.r.directory", "its own copies")
+
+
+def test_the_state_dir_inside_a_destination_is_refused(tmp_path: Path, settings_data: Callable[..., Any]) -> None:
+    data = settings_data(tmp_path, state_dir=str(tmp_path / "lake-b" / "state"))
+    _refused(data, "destinations.b.path", "state_dir")
+    data = settings_data(tmp_path, state_dir=str(tmp_path / "st"))
+    data["destinations"]["b"]["path"] = str(tmp_path / "st" / "lake")
+    _refused(data, "destinations.b.path", "state_dir")
+
+
+def test_two_destinations_naming_one_rse_are_refused(tmp_path: Path, settings_data: Callable[..., Any]) -> None:
+    data = settings_data(tmp_path, lake={"kind": "rucio", "rucio": {
+        "url": "https://rucio.example.org", "account": "daq",
+        "auth": {"type": "userpass", "username": "u", "password": "p"}}})
+    data["destinations"] = {"a": {"kind": "rse", "rse": "LAKE_DISK"},
+                            "b": {"kind": "rse", "rse": "LAKE_DISK", "scheme": "root"}}
+    _refused(data, "destinations.b.rse", "destinations.a.rse", "two copies")
+    data["destinations"]["b"]["rse"] = "OTHER_DISK"
+    Settings(**data)
+
+
+def test_distinct_places_pass(tmp_path: Path, settings_data: Callable[..., Any]) -> None:
+    for d in ("daq", "lake-a", "lake-b"):
+        (tmp_path / d).mkdir()
+    s = Settings(**settings_data(tmp_path))
+    assert places.problems(s) == []
+
+
+def _aliasing(monkeypatch: pytest.MonkeyPatch, alias: Path, target: Path) -> None:
+    """Make `alias` the same directory as `target` by device and inode, as a bind mount does."""
+    real = places._identity
+
+    def identity(path: str) -> tuple[int, int] | None:
+        return real(str(target) + path[len(str(alias)):]) if path.startswith(str(alias)) else real(path)
+    monkeypatch.setattr(places, "_identity", identity)
+
+
+def test_a_bind_mount_of_another_destination_is_refused_at_start(
+        tmp_path: Path, settings_data: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    for d in ("daq", "lake-a", "lake-b"):
+        (tmp_path / d).mkdir()
+    s = Settings(**settings_data(tmp_path))
+    _aliasing(monkeypatch, tmp_path / "lake-b", tmp_path / "lake-a")
+    [problem] = places.problems(s)
+    assert "destinations.b.path" in problem and "destinations.a.path" in problem and "same device" in problem
+    with pytest.raises(ConfigError, match="destinations.b.path"):
+        places.check(s)
+
+
+def test_a_bind_mount_of_the_watched_tree_or_state_dir_is_refused_at_start(
+        tmp_path: Path, settings_data: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    for d in ("daq", "lake-a", "lake-b/state", "mnt/state"):
+        (tmp_path / d).mkdir(parents=True)
+    s = Settings(**settings_data(tmp_path, state_dir=str(tmp_path / "mnt" / "state")))
+    _aliasing(monkeypatch, tmp_path / "lake-b", tmp_path / "daq")           # lake-b shows the buffer
+    [problem] = places.problems(s)
+    assert "rules.r.directory" in problem and "destinations.b.path" in problem and "same device" in problem
+    monkeypatch.undo()
+    _aliasing(monkeypatch, tmp_path / "mnt", tmp_path / "lake-b")           # state_dir inside lake-b
+    [problem] = places.problems(s)
+    assert "state_dir" in problem and "destinations.b.path" in problem and "overlaps" in problem
+
+
+def test_a_destination_not_mounted_yet_does_not_prevent_the_start(
+        tmp_path: Path, settings_data: Callable[..., Any]) -> None:
+    (tmp_path / "daq").mkdir()
+    (tmp_path / "lake-a").mkdir()
+    s = Settings(**settings_data(tmp_path))      # lake-b does not exist
+    places.check(s)
+
+
+def test_check_config_runs_the_start_up_check(tmp_path: Path, settings_data: Callable[..., Any],
+                                              monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from support import write_toml
+
+    from edge_agent.cli import main
+    for d in ("daq", "lake-a", "lake-b"):
+        (tmp_path / d).mkdir()
+    cfg = write_toml(tmp_path / "agent.toml", settings_data(tmp_path))
+    load_settings(cfg)
+    assert main(["check-config", str(cfg)]) == 0
+    _aliasing(monkeypatch, tmp_path / "lake-b", tmp_path / "lake-a")
+    assert main(["check-config", str(cfg)]) == 2
+    assert "destinations.b.path" in capsys.readouterr().err
+
+
+def test_the_local_lake_counts_one_physical_file_once(tmp_path: Path) -> None:
+    """A safety net for an alias that appeared after start (a mount, a symlink swapped in)."""
+    (tmp_path / "lake-a").mkdir()
+    (tmp_path / "lake-c").mkdir()
+    (tmp_path / "lake-b").symlink_to(tmp_path / "lake-a")
+    dests = {n: DestinationSettings(path=tmp_path / f"lake-{n}", fsync=False) for n in "abc"}
+    lake = LocalLake(tmp_path / "catalog.sqlite", dests, r".*")
+    try:
+        f = LakeFile(rule="r", scope="test", name="n1/f.fits", dataset=None, size=3, adler32="024d0127",
+                     md5=None, blake3="x", copies=2, destinations=("a", "b"), local_path="/daq/f.fits")
+        (tmp_path / "lake-a" / "test" / "n1").mkdir(parents=True)
+        (tmp_path / "lake-a" / "test" / "n1" / "f.fits").write_bytes(b"abc")
+        assert [r.location for r in lake.replicas(f)] == ["a"]
+        os.link(tmp_path / "lake-a" / "test" / "n1" / "f.fits", tmp_path / "f-hardlink")
+        (tmp_path / "lake-c" / "test" / "n1").mkdir(parents=True)
+        os.link(tmp_path / "f-hardlink", tmp_path / "lake-c" / "test" / "n1" / "f.fits")
+        f2 = dataclasses.replace(f, destinations=("a", "c"))
+        assert [r.location for r in lake.replicas(f2)] == ["a"]    # a hard link is one file too
+        (tmp_path / "lake-c" / "test" / "n1" / "f.fits").unlink()
+        (tmp_path / "lake-c" / "test" / "n1" / "f.fits").write_bytes(b"abc")
+        assert [r.location for r in lake.replicas(f2)] == ["a", "c"]
+    finally:
+        lake.close()
