@@ -133,7 +133,8 @@ def test_is_agent_temp() -> None:
 
 def test_stat_regular(tmp_path: Path, f: bytes) -> None:
     st = os.lstat(f)
-    assert stat_regular(f) == LocalStat(st.st_ino, 16, 1_600_000_000_000_000_000) == local_stat(st)
+    assert stat_regular(f) == LocalStat(st.st_ino, 16, 1_600_000_000_000_000_000, st.st_ctime_ns,
+                                        st.st_dev) == local_stat(st)
     assert stat_regular(os.fsdecode(f)) == stat_regular(f)
     assert stat_regular(os.fsencode(tmp_path)) is None          # a directory
     assert stat_regular(os.fsencode(tmp_path / "missing")) is None

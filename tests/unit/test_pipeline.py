@@ -21,6 +21,7 @@ from edge_agent.core.policy import PATH_NAME_RE, Replica
 from edge_agent.errors import PermanentError, RetryableError
 from edge_agent.lake.base import Catalogue, LakeFile, Target
 from edge_agent.ledger import FileRecord, Ledger
+from edge_agent.localfs import Source
 from edge_agent.pipeline import MAX_BAD_COPIES, MAX_UNEXPECTED, Hooks, Pipeline
 from edge_agent.settings import Settings
 from edge_agent.transfer.posix import PosixTransport
@@ -608,8 +609,8 @@ def test_a_file_that_may_not_be_deleted_is_quarantined_with_a_reason_an_operator
         env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     import edge_agent.pipeline as pipeline_mod
 
-    def refuse(path: bytes, expected: Any) -> str:
-        raise PermissionError(13, "Permission denied", path)
+    def refuse(path: Any, expected: Any, recheck: Any = None) -> str:
+        raise PermissionError(13, "Permission denied", str(path))
 
     monkeypatch.setattr(pipeline_mod, "guarded_unlink", refuse)
     rec = env.drive(env.add().id)
@@ -646,7 +647,7 @@ class CountingTransport(PosixTransport):
         super().__init__(fsync=False)
         self.puts: list[tuple[str, bool]] = []
 
-    def put(self, source: str, url: str, expected: Any, pace: Any, also: Any = ()) -> Any:
+    def put(self, source: Source, url: str, expected: Any, pace: Any, also: Any = ()) -> Any:
         self.puts.append((url, expected.known))
         return super().put(source, url, expected, pace, also)
 
@@ -701,9 +702,9 @@ def test_a_file_changing_during_the_first_copy_leaves_no_copy(env: Env, monkeypa
     rec = env.add()
     original = PosixTransport.put
 
-    def put_then_touch(self: Any, source: str, url: str, expected: Any, pace: Any, also: Any = ()) -> Any:
+    def put_then_touch(self: Any, source: Source, url: str, expected: Any, pace: Any, also: Any = ()) -> Any:
         got = original(self, source, url, expected, pace, also)
-        with open(source, "ab") as fh:      # the DAQ appends right after the copy was read
+        with open(str(source), "ab") as fh:      # the DAQ appends right after the copy was read
             fh.write(b"late frame")
         return got
 
