@@ -21,8 +21,8 @@ from edge_agent.errors import PermanentError, RetryableError
 from edge_agent.hashing import Digests
 from edge_agent.lake.base import LakeFile
 from edge_agent.lake.rucio import RucioLake
-from edge_agent.localfs import Source
 from edge_agent.lake.rucio_client import AuthFailed, NotFound, RucioClient, _Token
+from edge_agent.localfs import Source
 from edge_agent.settings import Settings
 from edge_agent.transfer.base import Expected, Pacer, RemoteStat, Transport
 

@@ -330,6 +330,103 @@ def test_a_file_modified_after_confirmation_is_superseded_not_deleted(make_env: 
     assert local.exists() and local.read_bytes().endswith(b"appended after the copies were made")
 
 
+def rewrite_keeping_size_and_mtime(path: str, data: bytes) -> None:
+    st = os.stat(path)
+    with open(path, "r+b") as fh:
+        fh.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))    # touch -d: the mtime put back
+
+
+def test_hashing_records_ctime_and_device(env: Env) -> None:
+    rec = env.add()
+    st = os.stat(rec.fspath)
+    rec = env.step(rec.id)
+    assert rec.state is S.HASHED and (rec.ctime_ns, rec.dev) == (st.st_ctime_ns, st.st_dev)
+
+
+def test_a_same_size_rewrite_with_its_mtime_put_back_is_not_deleted(make_env: Any, clock: Any) -> None:
+    env = make_env(rule={"delete": "keep", "keep_hours": 1})
+    rec = env.drive(env.add().id)
+    assert rec.state is S.CONFIRMED
+    rewrite_keeping_size_and_mtime(rec.fspath, b"REWRITTEN")   # inode, size and mtime as hashed
+    clock.advance(3600)
+    rec = env.step(rec.id)
+    assert rec.state is S.SUPERSEDED
+    assert Path(rec.fspath).read_bytes() == b"REWRITTEN" + DATA[9:]
+
+
+def forget_ctime(env: Env, fid: int) -> None:
+    """The row as an agent without the ctime column hashed it."""
+    env.ledger._db.execute("UPDATE files SET ctime_ns = NULL WHERE id = ?", (fid,))
+
+
+@pytest.mark.parametrize("recheck", [False, True])
+def test_recheck_before_delete_reads_what_the_stat_cannot_tell(make_env: Any, clock: Any, recheck: bool) -> None:
+    env = make_env(rule={"delete": "keep", "keep_hours": 1, "recheck_before_delete": recheck})
+    rec = env.drive(env.add().id)
+    assert rec.state is S.CONFIRMED
+    forget_ctime(env, rec.id)                    # hashed by an older agent: inode, size, mtime decide
+    rewrite_keeping_size_and_mtime(rec.fspath, b"REWRITTEN")
+    clock.advance(3600)
+    rec = env.step(rec.id)
+    if recheck:
+        assert rec.state is S.SUPERSEDED and "changed just before deletion" in (rec.reason or "")
+        assert Path(rec.fspath).read_bytes() == b"REWRITTEN" + DATA[9:]
+    else:
+        assert rec.state is S.DELETED            # the documented limit of a row without ctime
+
+
+def test_recheck_before_delete_deletes_an_unchanged_file(make_env: Any) -> None:
+    env = make_env(rule={"recheck_before_delete": True})
+    rec = env.drive(env.add().id)
+    assert rec.state is S.DELETED and not os.path.lexists(rec.fspath)
+
+
+def swap_for_symlink(env: Env, rec: FileRecord) -> Path:
+    """run42/ is renamed away and replaced by a symlink to a directory holding a file of the same name."""
+    outside = env.tmp / "outside"
+    outside.mkdir()
+    (outside / "f1.fits").write_bytes(DATA)
+    os.rename(env.daq / "run42", env.daq / "run42.moved")
+    os.symlink(outside, env.daq / "run42")
+    return outside / "f1.fits"
+
+
+def test_a_directory_swapped_for_a_symlink_before_hashing(env: Env) -> None:
+    rec = env.add()
+    outside = swap_for_symlink(env, rec)
+    rec = env.step(rec.id)
+    assert rec.state is S.SUPERSEDED and "symbolic link" in (rec.reason or "")
+    assert not any(p.is_file() for root in env.roots.values() for p in root.rglob("*"))
+    assert outside.read_bytes() == DATA
+
+
+def test_a_directory_swapped_for_a_symlink_before_the_other_copies(env: Env) -> None:
+    rec = env.step(env.step(env.add().id).id)
+    assert rec.state is S.REGISTERED
+    outside = swap_for_symlink(env, rec)
+    rec = env.step(rec.id)
+    assert rec.state is S.SUPERSEDED and "symbolic link" in (rec.reason or "")
+    assert not env.copy("b", rec).exists()                 # nothing read through the link
+    assert outside.read_bytes() == DATA
+
+
+def test_a_directory_swapped_for_a_symlink_before_deletion(make_env: Any, clock: Any) -> None:
+    env = make_env(rule={"delete": "keep", "keep_hours": 1})
+    rec = env.drive(env.add().id)
+    assert rec.state is S.CONFIRMED
+    # the directory is moved out of the tree and linked back: the very file, now outside the tree
+    archive = env.tmp / "archive"
+    archive.mkdir()
+    os.rename(env.daq / "run42", archive / "run42")
+    os.symlink(archive / "run42", env.daq / "run42")
+    clock.advance(3600)
+    rec = env.step(rec.id)
+    assert rec.state is S.SUPERSEDED and "symbolic link" in (rec.reason or "")
+    assert (archive / "run42" / "f1.fits").read_bytes() == DATA
+    assert env.lake.released == []
+
+
 def test_a_file_changed_before_hashing_goes_back_to_discovered(env: Env) -> None:
     rec = env.add()
     with open(rec.fspath, "ab") as fh:
