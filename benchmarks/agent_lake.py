@@ -28,6 +28,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE.parent))
 
 from lake import start_lake
+from common import empty
 from local import machine
 from support import free_port, write_toml
 
@@ -77,7 +78,7 @@ def main() -> int:
                 for f in sorted(src.iterdir()):
                     os.link(f, buf / (f.name + ".part"))      # the bytes are there at once, as after a write
                     os.rename(buf / (f.name + ".part"), buf / f.name)
-                while any(buf.iterdir()):
+                while not empty(buf):
                     time.sleep(0.1)
                 t = time.perf_counter() - t0
             finally:

@@ -30,6 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 from support import free_port, write_toml  # noqa: E402 - the tests' helpers, reused
 
+from edge_agent.localfs import is_agent_temp  # noqa: E402
+
 # EDGE_BENCH_RESULTS: elsewhere than RESULTS.md (a trial run, the smoke test)
 RESULTS = Path(os.environ.get("EDGE_BENCH_RESULTS", HERE / "RESULTS.md"))
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -192,8 +194,14 @@ def wait_until(cond: Callable[[], bool], timeout: float, poll: float = 0.05,
 
 
 def empty(d: Path) -> bool:
+    """No data file left (the agent's own files, e.g. its buffer lock, do not count)."""
     with os.scandir(d) as it:
-        return next(it, None) is None
+        return next((e for e in it if not is_agent_temp(e.name)), None) is None
+
+
+def data_files(d: Path) -> list[Path]:
+    """The files in `d` that are not the agent's own (its buffer lock, temporary names)."""
+    return sorted(p for p in d.iterdir() if not is_agent_temp(p.name))
 
 
 def ratio(a: float | None, b: float | None) -> str:

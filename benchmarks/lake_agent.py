@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import Agent, empty, loopback_only, proc_io, rss_mb
+from common import Agent, data_files, empty, loopback_only, proc_io, rss_mb
 
 
 @dataclass
@@ -100,7 +100,7 @@ def agent_e2e(lake: Any, src: list[Path], base: Path, *, md5: bool = False, work
             spy.send_signal(signal.SIGINT)     # py-spy writes its profile on SIGINT
             spy.wait(60)
         io1, m1, rss = proc_io(agent.pid), agent.metrics(), rss_mb(agent.pid)
-        left = {p.name for p in buf.iterdir()}
+        left = {p.name for p in data_files(buf)}
         done = [f for f in src if f.name not in left]
         if len(done) < len(src):
             # the run is the evidence of why: keep the agent's log (its state dir is removed below)

@@ -26,6 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from common import empty  # noqa: E402
 from edge_agent.hashing import hash_file  # noqa: E402
 from edge_agent.transfer.base import Expected  # noqa: E402
 from edge_agent.transfer.posix import PosixTransport  # noqa: E402
@@ -107,7 +108,7 @@ def main() -> int:
             tmpf = root / "buf" / f"f{i:05d}.fits.part"
             tmpf.write_bytes(payload)
             os.rename(tmpf, root / "buf" / f"f{i:05d}.fits")
-        while any((root / "buf").iterdir()):
+        while not empty(root / "buf"):
             time.sleep(0.05)
         t = time.perf_counter() - t0
         agent.stop()

@@ -33,6 +33,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE.parent))
 
 from lake import start_lake, start_s3
+from common import empty
 from local import machine
 from support import free_port, write_toml
 
@@ -135,7 +136,7 @@ def main() -> int:
                 for f in files:
                     os.link(f, buf / (f.name + ".part"))
                     os.rename(buf / (f.name + ".part"), buf / f.name)
-                while any(buf.iterdir()):
+                while not empty(buf):
                     time.sleep(0.1)
                 t = time.perf_counter() - t0
             finally:

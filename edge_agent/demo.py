@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 from . import logs
+from .localfs import is_agent_temp
 from .settings import load_settings
 
 CONFIG = """\
@@ -187,7 +188,7 @@ def run_demo(directory: str | None, nfiles: int, port: int) -> int:
         log_reader.close()
     print()
     lake_files = sorted(p for p in (root / "lake").rglob("*") if p.is_file())
-    left = sorted(p for p in (root / "buffer").rglob("*") if p.is_file())
+    left = sorted(p for p in (root / "buffer").rglob("*") if p.is_file() and not is_agent_temp(p.name))
     print(f"lake now holds {len(lake_files)} copies of {len(made)} files (2 each):")
     for p in lake_files[:8]:
         print(f"  {p.relative_to(root)}")

@@ -38,6 +38,12 @@ class FileVanished(EdgeAgentError):
     """The local file is gone or was replaced by something that is not a regular file."""
 
 
+class SymlinkInPath(FileVanished):
+    """The path below the watched directory now goes through a symbolic link (a directory swapped
+    for one, or the file itself): the file there is not the one discovered, and nothing is read,
+    sent or deleted through it. The version is superseded with this reason, like a vanished file."""
+
+
 class ChecksumMismatch(EdgeAgentError):
     """A copy's size or checksum differs from the local file's: never counted as a replica."""
 

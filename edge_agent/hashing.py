@@ -95,13 +95,19 @@ class Consumer(Protocol):
 def hash_file(path: str | os.PathLike[str], md5: bool = False, chunk_size: int = CHUNK,
               on_chunk: Callable[[int], None] | None = None, also: Sequence[Consumer] = ()) -> Digests:
     """Hash a file in one read; `also` are further consumers fed the same chunks (e.g. a FITS scan)."""
-    h = MultiHash(md5)
     with open(path, "rb", buffering=0) as fh:
-        _advise_sequential(fh)
-        for chunk in read_chunks(fh, chunk_size, on_chunk):
-            h.update(chunk)
-            for c in also:
-                c.update(chunk)
+        return hash_stream(fh, md5, chunk_size, on_chunk, also)
+
+
+def hash_stream(fh: BinaryIO, md5: bool = False, chunk_size: int = CHUNK,
+                on_chunk: Callable[[int], None] | None = None, also: Sequence[Consumer] = ()) -> Digests:
+    """Hash an open file from where it stands to its end, in one read (see hash_file)."""
+    h = MultiHash(md5)
+    _advise_sequential(fh)
+    for chunk in read_chunks(fh, chunk_size, on_chunk):
+        h.update(chunk)
+        for c in also:
+            c.update(chunk)
     return h.digests()
 
 

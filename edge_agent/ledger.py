@@ -140,6 +140,9 @@ class FileRecord:
     updated_at: float
     confirmed_at: float | None
     deleted_at: float | None
+    # st_ctime_ns when hashed (nobody can set it back, unlike mtime); NULL in a row an older agent hashed.
+    # A column _migrate adds to an older ledger, like every field here.
+    ctime_ns: int | None = None
 
     @property
     def fspath(self) -> str:

@@ -1,15 +1,31 @@
-"""Crash-safe local file operations: the agent's own temporary names, and a guarded unlink."""
+"""Local file operations: files reached below a watched directory without following a symlink,
+the agent's own temporary names, and a crash-safe guarded unlink."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import errno
 import hashlib
 import os
 import stat as stat_mod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
 
 from .core.policy import LocalStat
+from .errors import FileVanished, PermanentError, SourceUnreadable, SymlinkInPath
 
 AGENT_MARK = b".edge-agent-"   # every temporary file the agent makes carries this in its name
+
+# A directory that is only walked through needs search permission, not read permission (O_PATH).
+_PATH = getattr(os, "O_PATH", os.O_RDONLY)
+_ROOT = os.O_DIRECTORY | os.O_CLOEXEC | _PATH
+_DIR = _ROOT | os.O_NOFOLLOW
+# O_NONBLOCK: a fifo swapped in between the stat and the open must not hang the open
+_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+# what "the file is not there" looks like from the walk: a name gone, or a directory that became a file
+_GONE = (FileNotFoundError, NotADirectoryError)
 
 
 def is_agent_temp(name: bytes | str) -> bool:
@@ -18,11 +34,11 @@ def is_agent_temp(name: bytes | str) -> bool:
 
 
 def local_stat(st: os.stat_result) -> LocalStat:
-    return LocalStat(st.st_ino, st.st_size, st.st_mtime_ns)
+    return LocalStat(st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_dev)
 
 
 def stat_regular(path: str | bytes) -> LocalStat | None:
-    """The stat of a regular file at `path` (not following symlinks), or None."""
+    """The stat of a regular file at `path` (not following a symlink as its last component), or None."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -30,6 +46,152 @@ def stat_regular(path: str | bytes) -> LocalStat | None:
     if not stat_mod.S_ISREG(st.st_mode):
         return None
     return local_stat(st)
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    """A file below a watched directory, reached one directory at a time from `root` without
+    following a symlink at any level below it.
+
+    `root` is the rule's configured directory, followed like any configured path (it may be a
+    symlink to the buffer disk); its device is recorded with each file, so a root pointed at
+    another filesystem does not pass for it. A directory below it swapped for a symlink after a
+    file was discovered would otherwise take every stat, read, rename and unlink out of the
+    tree: each of them raises SymlinkInPath instead, and so does a symlink as the last component.
+    """
+    root: bytes
+    path: bytes
+
+    @classmethod
+    def below(cls, root: str | bytes | os.PathLike[str], path: str | bytes) -> LocalFile:
+        return cls(os.fsencode(root), os.fsencode(path))
+
+    @classmethod
+    def beside(cls, path: str | bytes | os.PathLike[str]) -> LocalFile:
+        """A path whose watched root is not known: only its last component is guarded."""
+        p = os.path.abspath(os.fsencode(path))
+        return cls(os.path.dirname(p), p)
+
+    def __str__(self) -> str:
+        return os.fsdecode(self.path)
+
+    def with_suffix(self, suffix: str | bytes) -> LocalFile:
+        """The companion file whose name is this one's plus `suffix` (a marker, a sidecar)."""
+        return LocalFile(self.root, self.path + os.fsencode(suffix))
+
+    def parts(self) -> list[bytes]:
+        root, path = os.path.normpath(self.root), os.path.normpath(self.path)
+        prefix = root if root.endswith(b"/") else root + b"/"
+        if not path.startswith(prefix) or len(path) == len(prefix):
+            raise PermanentError(f"{self} is not below the watched directory {os.fsdecode(self.root)} "
+                                 "(was the rule's directory changed?)")
+        return path[len(prefix):].split(b"/")
+
+    @contextlib.contextmanager
+    def directory(self) -> Iterator[tuple[int, bytes]]:
+        """The directory holding the file, opened from the root without following a symlink, and the
+        file's name in it. Raises SymlinkInPath, or FileNotFoundError/NotADirectoryError when the way is gone."""
+        parts = self.parts()
+        fd = os.open(self.root, _ROOT)
+        try:
+            for i, part in enumerate(parts[:-1]):
+                nxt = self._open_dir(fd, part, parts[:i + 1])
+                os.close(fd)
+                fd = nxt
+            yield fd, parts[-1]
+        finally:
+            os.close(fd)
+
+    def _open_dir(self, fd: int, part: bytes, upto: list[bytes]) -> int:
+        try:
+            return os.open(part, _DIR, dir_fd=fd)
+        except OSError as exc:
+            # Linux answers ENOTDIR for a symlink opened with O_DIRECTORY | O_NOFOLLOW, others ELOOP
+            if exc.errno not in (errno.ENOTDIR, errno.ELOOP) or not _is_symlink_at(fd, part):
+                raise
+        raise self._symlink(upto)
+
+    def _symlink(self, upto: list[bytes]) -> SymlinkInPath:
+        where = os.fsdecode(os.path.join(self.root, *upto))
+        return SymlinkInPath(f"{self}: {where} is now a symbolic link; nothing is read, sent or deleted "
+                             "through it")
+
+    def lstat(self) -> os.stat_result | None:
+        """The lstat of what is at the path (None: nothing); a symlink as the last component is
+        described, one on the way to it raises SymlinkInPath."""
+        try:
+            with self.directory() as (d, name):
+                return os.stat(name, dir_fd=d, follow_symlinks=False)
+        except _GONE:
+            return None
+
+    def stat(self) -> LocalStat | None:
+        """The stat of the regular file at the path, or None (gone, or a directory, fifo, device).
+        Raises SymlinkInPath for a symlink at any level, the last one included."""
+        st = self.lstat()
+        if st is not None and stat_mod.S_ISLNK(st.st_mode):
+            raise self._symlink(self.parts())
+        return local_stat(st) if st is not None and stat_mod.S_ISREG(st.st_mode) else None
+
+    def open(self) -> BinaryIO:
+        """The file opened for reading, unbuffered. Raises FileVanished (gone, not a regular file),
+        SymlinkInPath, or SourceUnreadable (no permission to read it)."""
+        try:
+            with self.directory() as (d, name):
+                fd = _open_regular_at(d, name, self)
+        except _GONE:
+            raise FileVanished(f"{self} is gone") from None
+        except PermissionError as exc:
+            raise SourceUnreadable(f"cannot read {self}: {exc.strerror}") from None
+        return os.fdopen(fd, "rb", buffering=0)
+
+    def unlink(self) -> bool:
+        """Remove the name (a symlink there is removed, never followed); False if nothing was there."""
+        try:
+            with self.directory() as (d, name):
+                os.unlink(name, dir_fd=d)
+        except _GONE:
+            return False
+        return True
+
+
+def _is_symlink_at(d: int, name: bytes) -> bool:
+    try:
+        return stat_mod.S_ISLNK(os.stat(name, dir_fd=d, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def _open_regular_at(d: int, name: bytes, shown: LocalFile) -> int:
+    """An fd of the regular file `name` in directory `d`; never opens a symlink, fifo or device."""
+    st = os.stat(name, dir_fd=d, follow_symlinks=False)   # a device is not even opened (a tape rewinds)
+    if stat_mod.S_ISLNK(st.st_mode):
+        raise shown._symlink(shown.parts())
+    if not stat_mod.S_ISREG(st.st_mode):
+        raise FileVanished(f"{shown} is no longer a regular file")
+    try:
+        fd = os.open(name, _FILE, dir_fd=d)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise shown._symlink(shown.parts()) from None
+        raise
+    try:
+        if not stat_mod.S_ISREG(os.fstat(fd).st_mode):
+            raise FileVanished(f"{shown} is no longer a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+# What the transports and the hashing read: a LocalFile (the daemon), or a plain path (tests, benchmarks).
+Source = str | LocalFile
+
+
+def open_source(source: Source) -> BinaryIO:
+    """Open a file to send or hash, unbuffered, errors in the agent's taxonomy (see LocalFile.open)."""
+    return (source if isinstance(source, LocalFile) else LocalFile.beside(source)).open()
 
 
 def fsync_dir(path: str | bytes) -> None:
@@ -40,44 +202,111 @@ def fsync_dir(path: str | bytes) -> None:
         os.close(fd)
 
 
-def sibling_temp(path: bytes, what: bytes) -> bytes:
-    """A hidden agent-temporary name beside `path`, within the 255-byte limit of a file name."""
-    d, base = os.path.split(path)
+def _fsync_dir_at(d: int) -> None:
+    fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=d)   # d may be an O_PATH fd
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_base(base: bytes, what: bytes) -> bytes:
+    """A hidden agent-temporary file name for `base`, within the 255-byte limit of a file name."""
     if len(base) > 200:
         base = base[:100] + b"." + hashlib.blake2b(base, digest_size=8).hexdigest().encode()
-    return os.path.join(d, b"." + base + AGENT_MARK + what)
+    return b"." + base + AGENT_MARK + what
+
+
+def sibling_temp(path: bytes, what: bytes) -> bytes:
+    """A hidden agent-temporary name beside `path`."""
+    d, base = os.path.split(path)
+    return os.path.join(d, temp_base(base, what))
 
 
 def deleting_name(path: bytes) -> bytes:
     return sibling_temp(path, b"deleting")
 
 
-def guarded_unlink(path: bytes, expected: LocalStat) -> str:
-    """Delete `path` only if it is still exactly the file that was hashed.
+# Reads the file about to be deleted; False keeps it (its content is not what was hashed).
+Recheck = Callable[[BinaryIO], bool]
 
-    The file is first renamed to an agent-temporary name, so a DAQ that publishes a new
-    file under the same name at that instant cannot have the new one deleted: the file
-    actually moved is checked, and put back if it is not the expected one. A crash at any
-    point leaves either the file at `path` or the temporary name, which the next call
-    handles. Returns "deleted", "gone" (nothing there) or "changed" (left in place).
+
+def guarded_unlink(target: bytes | LocalFile, expected: LocalStat, recheck: Recheck | None = None) -> str:
+    """Delete the file only if it is still exactly the version that was hashed.
+
+    Its stat at its name must be `expected`, ctime and device included where recorded. Then it is
+    renamed to an agent-temporary name, so a DAQ that publishes a new file under the same name at
+    that instant cannot have the new one deleted, and the file actually moved is checked again
+    (and put back if it is not the expected one). The rename stamps a new ctime on ext4, xfs and
+    tmpfs, so after it only inode, device, size and mtime can be compared: ctime was compared
+    right before, and the one change to it since is the rename itself. `recheck` then reads the
+    content of the moved file (nobody reaches it by its name any more) before it goes. A crash at
+    any point leaves either the file at its name or the temporary name, which the next call
+    handles like the moved file. Nothing below the root is followed if it is a symlink
+    (SymlinkInPath). Returns "deleted", "gone" (nothing there) or "changed" (left in place).
     """
-    tmp = deleting_name(path)
-    moved = stat_regular(tmp)
+    f = target if isinstance(target, LocalFile) else LocalFile.beside(target)
+    try:
+        with f.directory() as (d, name):
+            return _guarded_unlink_at(d, name, expected, recheck, f)
+    except _GONE:
+        return "gone"
+
+
+def _regular_at(d: int, name: bytes) -> LocalStat | None:
+    try:
+        st = os.stat(name, dir_fd=d, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    return local_stat(st) if stat_mod.S_ISREG(st.st_mode) else None
+
+
+def _guarded_unlink_at(d: int, name: bytes, expected: LocalStat, recheck: Recheck | None,
+                       shown: LocalFile) -> str:
+    tmp = temp_base(name, b"deleting")
+    moved = _regular_at(d, tmp)          # a leftover of a crash between the rename and the unlink
     if moved is None:
         try:
-            os.rename(path, tmp)
+            st = os.stat(name, dir_fd=d, follow_symlinks=False)
         except FileNotFoundError:
             return "gone"
-        moved = stat_regular(tmp)
-    if moved != expected:
-        # not ours to delete: put it back without clobbering anything that appeared since
+        if not stat_mod.S_ISREG(st.st_mode) or not expected.same_file(local_stat(st)):
+            return "changed"             # not ours to delete; nothing was moved
         try:
-            os.link(tmp, path)
-            os.unlink(tmp)
-        except OSError as exc:
-            if exc.errno != errno.EEXIST:
-                raise
+            os.rename(name, tmp, src_dir_fd=d, dst_dir_fd=d)
+        except FileNotFoundError:
+            return "gone"
+        moved = _regular_at(d, tmp)
+    ours = moved is not None and expected.same_file(dataclasses.replace(moved, ctime_ns=None))
+    if ours and recheck is not None:
+        assert moved is not None
+        try:
+            ours = _recheck_at(d, tmp, moved, recheck, shown)
+        except BaseException:
+            _put_back(d, tmp, name)
+            raise
+    if not ours:
+        _put_back(d, tmp, name)
         return "changed"
-    os.unlink(tmp)
-    fsync_dir(os.path.dirname(path) or b".")
+    os.unlink(tmp, dir_fd=d)
+    _fsync_dir_at(d)
     return "deleted"
+
+
+def _recheck_at(d: int, tmp: bytes, moved: LocalStat, recheck: Recheck, shown: LocalFile) -> bool:
+    fd = _open_regular_at(d, tmp, shown)
+    with os.fdopen(fd, "rb", buffering=0) as fh:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != (moved.dev, moved.inode):
+            return False
+        return recheck(fh)
+
+
+def _put_back(d: int, tmp: bytes, name: bytes) -> None:
+    """Not ours to delete: back under its name, without clobbering anything that appeared since."""
+    try:
+        os.link(tmp, name, src_dir_fd=d, dst_dir_fd=d, follow_symlinks=False)
+        os.unlink(tmp, dir_fd=d)
+    except OSError as exc:
+        if exc.errno != errno.EEXIST:
+            raise

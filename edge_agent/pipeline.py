@@ -15,13 +15,13 @@ out a backoff, permanent ones quarantine the file with the reason.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 import random
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 import structlog
 
@@ -39,10 +39,10 @@ from .errors import (
 )
 from .failpoints import hit
 from .fits import FitsScan
-from .hashing import Digests, hash_file
+from .hashing import Digests, hash_stream
 from .lake.base import Catalogue, LakeFile, Target
 from .ledger import FileRecord, Ledger, NameConflict, StaleTransition
-from .localfs import deleting_name, guarded_unlink, stat_regular
+from .localfs import LocalFile, deleting_name, guarded_unlink
 from .settings import Completion, DeletePolicy, Settings
 from .transfer.base import Expected, Pacer
 
@@ -202,18 +202,23 @@ class Pipeline:
 
     def _recorded_stat(self, rec: FileRecord) -> policy.LocalStat:
         assert rec.inode is not None and rec.size is not None and rec.mtime_ns is not None
-        return policy.LocalStat(rec.inode, rec.size, rec.mtime_ns)
+        # ctime_ns is None for a row hashed by an older agent: compared as before, without it
+        return policy.LocalStat(rec.inode, rec.size, rec.mtime_ns, rec.ctime_ns, rec.dev)
+
+    def _local(self, rec: FileRecord) -> LocalFile:
+        """The file, reached from its rule's directory without following a symlink below it."""
+        return LocalFile.below(self.s.rules[rec.rule].directory, rec.path)
 
     # ------------------------------------------------------------ steps
     def hash(self, rec: FileRecord) -> None:
         """Read the file once: hash it and, where the agent writes the copies, write the first
         copy in the same pass (a file is read once per upload, the first one included)."""
         rule = self.s.rules[rec.rule]
-        path = rec.fspath
-        before = stat_regular(path)
+        local = self._local(rec)
+        before = local.stat()
         if before is None:
             raise FileVanished(f"{rec.relpath} is gone or no longer a regular file")
-        if before != self._recorded_stat(rec):
+        if not self._recorded_stat(rec).same_file(before):
             raise FileChanged(f"{rec.relpath} changed after it was judged complete")
         if before.size == 0 and not rule.allow_empty:
             raise PermanentError("zero-byte file: a failed write? (set allow_empty = true for this rule "
@@ -237,7 +242,7 @@ class Pipeline:
         else:
             d = self._send_first(rec, first, before.size, scan)
         try:
-            after = stat_regular(path)
+            after = local.stat()
             if after != before or d.size != before.size:
                 raise FileChanged(f"{rec.relpath} changed while it was being read")
             if first is None:
@@ -251,10 +256,14 @@ class Pipeline:
             self.ledger.record_replica(rec.id, first.location, first.url, d.size, d.adler32, "sent", note=(
                 rec.state, "copy_written", {"location": first.location, "url": first.url,
                                             "with_hashing": True}))
+        # ctime (which nobody can set back) and device identify this version from now on, with
+        # inode, size and mtime: the deletion compares them all
+        assert after is not None
         try:
             self._move(rec, Event.HASHED, {"blake3": d.blake3, "adler32": d.adler32, "size": d.size},
                        blake3=d.blake3, adler32=d.adler32, md5=d.md5, size=d.size, scope=rule.scope,
-                       name=name, dataset=dataset, metadata=json.dumps(meta), attempts=0)
+                       name=name, dataset=dataset, metadata=json.dumps(meta), attempts=0,
+                       ctime_ns=after.ctime_ns, dev=after.dev)
         except NameConflict as exc:
             # another version took the name between the look and the commit: decided again
             raise RetryableError(f"the name {rule.scope}:{name} was taken meanwhile ({exc})") from None
@@ -328,14 +337,12 @@ class Pipeline:
         """Hash without sending: the lake copies from the buffer, or the name must be decided first."""
         rule = self.s.rules[rec.rule]
         try:
-            return hash_file(rec.fspath, md5=rule.md5, chunk_size=self.s.chunk_mb << 20,
-                             on_chunk=lambda n: self.hooks.bytes_hashed(rec.rule, n),
-                             also=[scan] if scan else [])
-        except FileNotFoundError:
-            raise FileVanished(f"{rec.relpath} is gone") from None
-        except PermissionError as exc:
-            raise PermanentError(f"cannot read {rec.relpath}: {exc.strerror} (fix the permissions, "
-                                 f"then `edge-agent retry {rec.id}`)") from None
+            with self._local(rec).open() as fh:
+                return hash_stream(fh, md5=rule.md5, chunk_size=self.s.chunk_mb << 20,
+                                   on_chunk=lambda n: self.hooks.bytes_hashed(rec.rule, n),
+                                   also=[scan] if scan else [])
+        except SourceUnreadable as exc:
+            raise PermanentError(f"{exc} (fix the permissions, then `edge-agent retry {rec.id}`)") from None
         except OSError as exc:
             raise RetryableError(f"reading {rec.relpath} failed: {exc.strerror}") from None
 
@@ -349,7 +356,7 @@ class Pipeline:
 
         started = self.clock()
         try:
-            d = t.transport.put(rec.fspath, t.url, Expected(size, None, want_md5=rule.md5, may_replace=True),
+            d = t.transport.put(self._local(rec), t.url, Expected(size, None, want_md5=rule.md5, may_replace=True),
                                 pace_and_count, also=[scan] if scan else [])
         except SourceUnreadable as exc:
             raise PermanentError(f"{exc} (fix the permissions, then `edge-agent retry {rec.id}`)") from None
@@ -428,7 +435,7 @@ class Pipeline:
         for t in todo:
             expected = Expected(f.size, f.blake3, f.adler32, f.md5, may_replace=t.location in own)
             started = self.clock()
-            got = t.transport.put(f.local_path, t.url, expected, self._pacer(rec.rule, t.location))
+            got = t.transport.put(self._local(rec), t.url, expected, self._pacer(rec.rule, t.location))
             hit("after_put")
             self.lake.add_replica(f, t.location, t.url)
             hit("after_add_replica")
@@ -572,8 +579,13 @@ class Pipeline:
 
     def _maybe_delete(self, rec: FileRecord, c: policy.Confirmation) -> None:
         rule = self.s.rules[rec.rule]
-        # a crash inside guarded_unlink leaves the file under its "deleting" name: still ours to finish
-        current = stat_regular(rec.path) or stat_regular(deleting_name(rec.path))
+        local = self._local(rec)
+        current = local.stat()
+        if current is None:
+            # a crash inside guarded_unlink leaves the file under its "deleting" name: still ours to
+            # finish (its ctime is our rename's: not compared)
+            left = LocalFile(local.root, deleting_name(local.path)).stat()
+            current = dataclasses.replace(left, ctime_ns=None) if left is not None else None
         kept = 0.0
         if rule.delete is DeletePolicy.KEEP:
             # the keep period runs on the monotonic clock once this process has seen the file: a
@@ -601,7 +613,7 @@ class Pipeline:
             self.lake.release(self.lake_file(rec))
             hit("after_release")
             try:
-                outcome = guarded_unlink(rec.path, self._recorded_stat(rec))
+                outcome = guarded_unlink(local, self._recorded_stat(rec), self._recheck(rec))
             except PermissionError as exc:
                 raise PermanentError(f"cannot delete {rec.relpath}: {exc.strerror} (the agent needs write "
                                      "permission on its directory; the copies are confirmed: fix it, then "
@@ -628,6 +640,17 @@ class Pipeline:
                 wait = max(wait, rule.keep_hours * 3600 - kept)
             self.ledger.set_next_at(rec.id, self.clock() + wait)
 
+    def _recheck(self, rec: FileRecord) -> Callable[[BinaryIO], bool] | None:
+        """With recheck_before_delete: the file about to be deleted is read once more, and kept
+        unless it still hashes to what was recorded (a rewrite that kept size and times)."""
+        if not self.s.rules[rec.rule].recheck_before_delete:
+            return None
+
+        def same_content(fh: BinaryIO) -> bool:
+            d = hash_stream(fh, chunk_size=self.s.chunk_mb << 20)
+            return (d.size, d.blake3) == (rec.size, rec.blake3)
+        return same_content
+
     def _cleanup_companions(self, rec: FileRecord) -> None:
         rule = self.s.rules[rec.rule]
         if not rule.delete_markers:
@@ -635,9 +658,9 @@ class Pipeline:
         for p, suffix in ((Completion.MARKER, rule.marker_suffix), (Completion.SIDECAR, rule.sidecar_suffix)):
             if p in rule.completion:
                 try:
-                    os.unlink(rec.fspath + suffix)
-                except FileNotFoundError:
-                    pass
+                    self._local(rec).with_suffix(suffix).unlink()
+                except FileVanished as exc:      # a directory on the way is now a symlink: not followed
+                    log.warning("could not remove companion file", path=rec.relpath + suffix, error=str(exc))
                 except OSError as exc:
                     log.warning("could not remove companion file", path=rec.relpath + suffix,
                                 error=exc.strerror)

@@ -22,10 +22,10 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from .core import policy
 from .core.lifecycle import BACKLOG, Event, State
-from .errors import LedgerUnwritable, ShuttingDown
+from .errors import LedgerUnwritable, PermanentError, ShuttingDown, SymlinkInPath
 from .lake.base import Catalogue
 from .ledger import FileRecord, Ledger, StaleTransition
-from .localfs import stat_regular
+from .localfs import LocalFile
 from .pipeline import Hooks, Pipeline
 from .settings import Completion, Settings
 from .status.gauges import DiskWatch, Rate, Series
@@ -392,7 +392,10 @@ class Runner:
             rule = self.s.rules.get(rec.rule)
             if rule is None:
                 continue
-            st = stat_regular(rec.path)
+            try:
+                st = LocalFile.below(rule.directory, rec.path).stat()
+            except (SymlinkInPath, PermanentError):
+                st = None   # classify() says why: a symlink on the way is never followed
             if st is None:
                 self.evaluate(rec.rule, rec.path, classify(os.fsencode(rule.directory), rec.path), rec)
                 continue

@@ -253,6 +253,8 @@ class RuleSettings(_Section):
                                    "e.g. root://daq.example.org:1094//data/buffer/")
     delete: DeletePolicy = DeletePolicy.AFTER_CONFIRM
     keep_hours: float = Field(0.0, ge=0)
+    recheck_before_delete: bool = Field(False, description="read the file once more right before deleting "
+                                        "it, and keep it unless its blake3 is still the one recorded")
     priority: int = Field(0, description="higher goes first when work competes")
     allow_empty: bool = Field(False, description="zero-byte files are quarantined unless true")
     md5: bool = False

@@ -193,9 +193,27 @@ def judge_replicas(replicas: Iterable[Replica], size: int, adler32: str,
 
 @dataclass(frozen=True)
 class LocalStat:
+    """What identifies a local file's version without reading it.
+
+    mtime can be set back by anyone (touch -d) and is coarse on some filesystems (ext3, NFS, FAT):
+    a same-size rewrite can keep it. ctime cannot be set by a user and changes with every write,
+    so it is compared too, where known: None for a row hashed by an older agent, and for a file
+    the agent itself renamed (a rename stamps ctime on ext4, xfs and tmpfs).
+    """
     inode: int
     size: int
     mtime_ns: int
+    ctime_ns: int | None = None
+    dev: int | None = None
+
+    def same_file(self, other: LocalStat) -> bool:
+        """Is `other` this very version: inode, size and mtime, and ctime and device where both know them."""
+        return ((self.inode, self.size, self.mtime_ns) == (other.inode, other.size, other.mtime_ns)
+                and _same_if_known(self.ctime_ns, other.ctime_ns) and _same_if_known(self.dev, other.dev))
+
+
+def _same_if_known(a: int | None, b: int | None) -> bool:
+    return a is None or b is None or a == b
 
 
 def confirmed_since(confirmed_at: float | None, wall_now: float, mono_now: float) -> float:
@@ -227,7 +245,7 @@ def deletion_verdict(policy: str, keep_hours: float, kept_s: float,
     """
     if current is None:
         return "gone", "the local file no longer exists"
-    if current != recorded:
+    if not recorded.same_file(current):
         return "changed", (f"local file changed since hashing: recorded {recorded}, now {current}")
     if confirmation.count < copies:
         return "wait", f"{confirmation.count} of {copies} replicas confirmed"

@@ -8,6 +8,7 @@ from typing import Callable, Sequence
 
 from ..errors import ChecksumMismatch, FileChanged, PermanentError, RetryableError
 from ..hashing import Consumer, Digests
+from ..localfs import Source
 
 
 @dataclass(frozen=True)
@@ -77,12 +78,14 @@ class Transport(abc.ABC):
     scheme: str = ""
 
     @abc.abstractmethod
-    def put(self, source: str, url: str, expected: Expected, pace: Pacer,
+    def put(self, source: Source, url: str, expected: Expected, pace: Pacer,
             also: Sequence[Consumer] = ()) -> Digests:
         """Stream `source` to `url`, hashing in the same pass; `also` are fed the same chunks.
 
+        `source` is opened with localfs.open_source (a LocalFile: never through a symlink).
         Raises FileChanged if the bytes read do not hash to `expected` (nothing is left
-        at `url` then), FileVanished if `source` cannot be opened because it is gone,
+        at `url` then), FileVanished if `source` cannot be opened because it is gone (or
+        SymlinkInPath, a kind of it), SourceUnreadable if it may not be read,
         RetryableError / PermanentError for storage faults. An identical copy already at
         `url` is success when `expected` is known. Anything else at `url` is replaced only if
         `expected.may_replace`; otherwise DestinationOccupied is raised and nothing is written

@@ -40,8 +40,9 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import structlog
 
-from ..errors import DestinationOccupied, FileChanged, FileVanished, PermanentError, RetryableError, SourceUnreadable
+from ..errors import DestinationOccupied, FileChanged, PermanentError, RetryableError
 from ..hashing import CHUNK, Consumer, Digests, MultiHash
+from ..localfs import Source, open_source
 from .base import Expected, Pacer, RemoteStat, Transport, copy_problem
 
 log = structlog.get_logger("edge_agent.transfer.http")
@@ -284,7 +285,7 @@ class HttpTransport(Transport):
         self.close()
 
     # ------------------------------------------------------------ the interface
-    def put(self, source: str, url: str, expected: Expected, pace: Pacer,
+    def put(self, source: Source, url: str, expected: Expected, pace: Pacer,
             also: Sequence[Consumer] = ()) -> Digests:
         wire, shown = wire_url(url), shown_url(url)
         if self._already_there(wire, shown, expected):
@@ -323,7 +324,7 @@ class HttpTransport(Transport):
         self._delete(wire, shown)
         return False
 
-    def _upload(self, source: str, wire: str, shown: str, expected: Expected, pace: Pacer,
+    def _upload(self, source: Source, wire: str, shown: str, expected: Expected, pace: Pacer,
                 also: Sequence[Consumer] = ()) -> Digests:
         made_parents = redirected = False
         target = wire
@@ -358,16 +359,9 @@ class HttpTransport(Transport):
             raise
         return got
 
-    def _put_once(self, source: str, wire: str, shown: str, expected: Expected, pace: Pacer,
+    def _put_once(self, source: Source, wire: str, shown: str, expected: Expected, pace: Pacer,
                   md5: bool | None = None, also: Sequence[Consumer] = ()) -> tuple[httpx.Response, MultiHash]:
-        try:
-            fh = open(source, "rb", buffering=0)  # noqa: SIM115 - closed by the with below
-        except FileNotFoundError:
-            raise FileVanished(f"{source} is gone") from None
-        except PermissionError as exc:
-            raise SourceUnreadable(f"cannot read {source}: {exc.strerror}") from None
-        except IsADirectoryError:
-            raise FileVanished(f"{source} is no longer a regular file") from None
+        fh = open_source(source)   # closed by the with below
         # md5: also hash md5 in the pass (default: when one was recorded)
         h = MultiHash(md5=expected.hash_md5 if md5 is None else md5)
         for c in also:

@@ -18,9 +18,9 @@ from collections.abc import Iterator, Sequence
 from typing import BinaryIO
 from urllib.parse import unquote, urlparse
 
-from ..errors import DestinationOccupied, FileVanished, PermanentError, RetryableError, SourceUnreadable
+from ..errors import DestinationOccupied, PermanentError, RetryableError
 from ..hashing import CHUNK, Consumer, Digests, MultiHash, adler32_of, hash_file, read_chunks
-from ..localfs import fsync_dir, sibling_temp
+from ..localfs import Source, fsync_dir, open_source, sibling_temp
 from .base import Expected, Pacer, RemoteStat, Transport
 
 XATTR = "user.edge_agent.adler32"
@@ -73,7 +73,7 @@ class PosixTransport(Transport):
         self.fsync = fsync
         self.chunk_size = chunk_size
 
-    def put(self, source: str, url: str, expected: Expected, pace: Pacer,
+    def put(self, source: Source, url: str, expected: Expected, pace: Pacer,
             also: Sequence[Consumer] = ()) -> Digests:
         final = url_to_path(url)
         if expected.known and self._identical(final, expected):
@@ -86,12 +86,7 @@ class PosixTransport(Transport):
             os.makedirs(os.path.dirname(final), exist_ok=True)
         except OSError as exc:
             raise _storage_error(exc, f"cannot create {os.path.dirname(final)}") from None
-        try:
-            src = open(source, "rb", buffering=0)
-        except FileNotFoundError:
-            raise FileVanished(f"{source} is gone") from None
-        except PermissionError as exc:
-            raise SourceUnreadable(f"cannot read {source}: {exc.strerror}") from None
+        src = open_source(source)
         h = MultiHash(md5=expected.hash_md5)
         for c in also:
             c.reset()

@@ -34,6 +34,7 @@ import structlog
 
 from ..errors import ChecksumMismatch, DestinationOccupied, FileChanged, PermanentError, RetryableError
 from ..hashing import CHUNK, Consumer, Digests
+from ..localfs import Source
 from .base import Expected, Pacer, RemoteStat
 from .http import HttpTransport, shown_url, status_error
 
@@ -100,7 +101,7 @@ class S3Transport(HttpTransport):
         self.max_object_bytes = max_object_bytes
 
     # ------------------------------------------------------------ the interface
-    def put(self, source: str, url: str, expected: Expected, pace: Pacer,
+    def put(self, source: Source, url: str, expected: Expected, pace: Pacer,
             also: Sequence[Consumer] = ()) -> Digests:
         url = unsigned_url(url)
         shown = shown_url(url)
@@ -180,7 +181,7 @@ class S3Transport(HttpTransport):
             raise RetryableError(f"GET {shown} answered without the object's size")
         return RemoteStat(size, None, etag_md5(r.headers.get("ETag")))
 
-    def _upload_signed(self, source: str, url: str, shown: str, expected: Expected, pace: Pacer,
+    def _upload_signed(self, source: Source, url: str, shown: str, expected: Expected, pace: Pacer,
                        also: Sequence[Consumer] = ()) -> Digests:
         for attempt in (1, 2):
             signed = self._sign("write", url)

@@ -29,8 +29,9 @@ from urllib.parse import urlsplit
 
 import structlog
 
-from ..errors import DestinationOccupied, FileVanished, PermanentError, RetryableError, SourceUnreadable
+from ..errors import DestinationOccupied, PermanentError, RetryableError
 from ..hashing import CHUNK, Consumer, Digests, MultiHash
+from ..localfs import Source, open_source
 from .base import Expected, Pacer, RemoteStat, Transport, copy_problem
 from .http import HostGates, VerifyUpload
 
@@ -361,7 +362,7 @@ class XRootTransport(Transport):
         self._gates = HostGates(isolate_verification)
 
     # ------------------------------------------------------------ the interface
-    def put(self, source: str, url: str, expected: Expected, pace: Pacer,
+    def put(self, source: Source, url: str, expected: Expected, pace: Pacer,
             also: Sequence[Consumer] = ()) -> Digests:
         server, path = split_url(url)
         if self._already_there(server, path, expected):
@@ -410,16 +411,9 @@ class XRootTransport(Transport):
         self._client.rm(server, path)
         return False
 
-    def _upload(self, source: str, url: str, server: str, path: str, expected: Expected,
+    def _upload(self, source: Source, url: str, server: str, path: str, expected: Expected,
                 pace: Pacer, also: Sequence[Consumer] = ()) -> Digests:
-        try:
-            fh = open(source, "rb", buffering=0)  # noqa: SIM115 - closed by the with below
-        except FileNotFoundError:
-            raise FileVanished(f"{source} is gone") from None
-        except PermissionError as exc:
-            raise SourceUnreadable(f"cannot read {source}: {exc.strerror}") from None
-        except IsADirectoryError:
-            raise FileVanished(f"{source} is no longer a regular file") from None
+        fh = open_source(source)   # closed by the with below
         h = MultiHash(md5=expected.hash_md5)
         for c in also:
             c.reset()

@@ -12,6 +12,11 @@ import stat as stat_mod
 from dataclasses import dataclass
 from typing import Iterator
 
+from ..localfs import AGENT_MARK
+
+from ..errors import PermanentError, SymlinkInPath
+from ..localfs import LocalFile
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -41,14 +46,22 @@ def undecodable(relpath_bytes: bytes) -> bool:
         return True
 
 
-def classify(root: bytes, path: bytes) -> Entry | None:
-    """lstat one path. None if it does not exist (or is a directory)."""
+def classify(root: bytes, path: bytes, listed: bool = False) -> Entry | None:
+    """lstat one path, reached from root without following a symlink below it (`listed`: the walk
+    has just listed its directory, a plain lstat does). None if it does not exist (or is a directory)."""
     try:
-        st = os.lstat(path)
+        st = os.lstat(path) if listed else LocalFile(root, path).lstat()
     except FileNotFoundError:
         return None
+    except SymlinkInPath:
+        return Entry(path, relpath_of(root, path), None,
+                     "a directory on its path is now a symlink: symlinks are never followed")
+    except PermanentError as exc:   # not below root: a row of a rule whose directory was changed
+        return Entry(path, relpath_of(root, path), None, str(exc))
     except OSError as exc:
         return Entry(path, relpath_of(root, path), None, f"cannot stat: {exc.strerror}")
+    if st is None:
+        return None
     rel = relpath_of(root, path)
     if stat_mod.S_ISDIR(st.st_mode):
         return None
@@ -77,6 +90,8 @@ def walk(root: bytes, recursive: bool) -> Iterator[Entry]:
             continue
         with it:
             for de in it:
+                if AGENT_MARK in de.name:
+                    continue     # the agent's own files (buffer lock, temporary names): never data
                 p = de.path
                 try:
                     is_dir = de.is_dir(follow_symlinks=False)
@@ -86,6 +101,6 @@ def walk(root: bytes, recursive: bool) -> Iterator[Entry]:
                     if recursive:
                         stack.append(p)
                     continue
-                e = classify(root, p)
+                e = classify(root, p, listed=True)
                 if e is not None:
                     yield e

@@ -75,3 +75,31 @@ def test_a_hidden_or_temporary_file_left_behind_is_reported_not_taken(agent) -> 
     assert "did the writer die" in details
     assert buffer_names(d.rule_dir()) == [".hidden.fits", "orphan.fits.part"]   # never taken
     assert d.counts() == {}
+
+
+def test_a_directory_swapped_for_a_symlink_after_discovery_is_never_followed(agent) -> None:
+    """A watched subdirectory is renamed and a symlink to an outside directory, holding a file of the
+    same name and size, put in its place while its file waits for completion: the outside file is
+    never read, uploaded nor deleted; the real directory's file goes through under its new name."""
+    d: Daemon = agent(rules={"daq": {"completion": ["stable"], "stable_seconds": 3}})
+    d.start()
+    root = d.rule_dir()
+    (root / "run42").mkdir()
+    (root / "run42" / "f1.fits").write_bytes(b"A" * 5000)
+    d.wait_for(lambda: d.counts().get("discovered") == 1, 10, "discovery")
+    outside = d.base / "outside"
+    outside.mkdir()
+    (outside / "f1.fits").write_bytes(b"B" * 5000)
+    os.rename(root / "run42", root / "run42.moved")
+    os.symlink(outside, root / "run42")
+    d.wait_for(lambda: d.counts().get("deleted") == 1 and d.counts().get("superseded") == 1, 40,
+               "the moved file delivered, the row behind the symlink superseded")
+    d.wait_for(lambda: any(n["relpath"].endswith("/run42") and "symlink" in n["detail"] for n in d.status()["notices"]),
+               20, "a rescan reporting the symlink")
+    recs = {r["relpath"]: r for r in d.files()}
+    assert recs["run42/f1.fits"]["state"] == "superseded"
+    assert recs["run42.moved/f1.fits"]["state"] == "deleted"
+    for lake in d.lake_files().values():
+        assert lake == {"test/run42.moved/f1.fits": b"A" * 5000}      # nothing of the outside file
+    assert (outside / "f1.fits").read_bytes() == b"B" * 5000           # never deleted
+    assert os.path.islink(root / "run42")

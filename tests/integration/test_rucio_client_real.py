@@ -22,6 +22,7 @@ from edge_agent.hashing import Digests
 from edge_agent.lake.base import LakeFile
 from edge_agent.lake.rucio import RucioLake
 from edge_agent.lake.rucio_client import AuthFailed, NotFound, RucioClient, _Token
+from edge_agent.localfs import Source
 from edge_agent.settings import Settings
 from edge_agent.transfer.base import Expected, Pacer, RemoteStat, Transport
 
@@ -34,7 +35,7 @@ class HttpStat(Transport):
 
     scheme = "http"
 
-    def put(self, source: str, url: str, expected: Expected, pace: Pacer) -> Digests:
+    def put(self, source: Source, url: str, expected: Expected, pace: Pacer) -> Digests:
         raise NotImplementedError("the tests upload with put_bytes()")
 
     def stat(self, url: str, verify: str = "reread") -> RemoteStat | None:

@@ -445,7 +445,7 @@ def test_missing_source_is_file_vanished(make, dav: FakeDav, tmp_path: Path) -> 
 def test_unreadable_source_is_permanent(make, dav: FakeDav, src: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def denied(*a: object, **k: object) -> None:
         raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr("edge_agent.transfer.http.open", denied, raising=False)
+    monkeypatch.setattr("edge_agent.localfs._open_regular_at", denied)   # what every transport opens with
     with pytest.raises(PermanentError, match="Permission denied"):
         make().put(str(src), URL, expected_for(DATA), Pace())
 

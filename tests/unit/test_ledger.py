@@ -422,3 +422,21 @@ def test_a_full_database_refuses_writes_and_recovers_when_there_is_room(ledger: 
     ledger._db.execute("PRAGMA max_page_count = 1000000")
     fid = discover(ledger, path=b"/daq/after").id
     assert ledger.get(fid).state is S.DISCOVERED and len(list(ledger.iter_all())) == n + 1
+
+
+def test_a_ledger_of_an_older_agent_gains_the_ctime_column(tmp_path: Path, clock: Any) -> None:
+    path = tmp_path / "state" / "ledger.sqlite"
+    led = Ledger(path, clock=clock)
+    fid = discover(led).id
+    led.close()
+    db = sqlite3.connect(path)
+    db.execute("ALTER TABLE files DROP COLUMN ctime_ns")      # as an agent before the column wrote it
+    db.commit()
+    db.close()
+    led = Ledger(path, clock=clock)
+    try:
+        assert led.get(fid).ctime_ns is None                  # judged without it, as before
+        led.transition(fid, S.DISCOVERED, E.COMPLETED)
+        assert led.transition(fid, S.COMPLETE, E.HASHED, ctime_ns=42).ctime_ns == 42
+    finally:
+        led.close()

@@ -1,14 +1,30 @@
-"""guarded_unlink deletes exactly the file that was hashed, and recovers from a crash half-way."""
+"""guarded_unlink deletes exactly the file that was hashed (ctime and device included), and recovers from a
+crash half-way; LocalFile never goes through a symlink below the watched directory."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
+import stat as stat_mod
+import tempfile
 from pathlib import Path
+from typing import Any, BinaryIO
 
+import blake3
 import pytest
 
 from edge_agent.core.policy import LocalStat
-from edge_agent.localfs import deleting_name, guarded_unlink, is_agent_temp, local_stat, stat_regular
+from edge_agent.errors import FileVanished, PermanentError, SymlinkInPath
+from edge_agent.localfs import (
+    LocalFile,
+    deleting_name,
+    guarded_unlink,
+    is_agent_temp,
+    local_stat,
+    open_source,
+    stat_regular,
+)
 
 
 @pytest.fixture
@@ -133,7 +149,8 @@ def test_is_agent_temp() -> None:
 
 def test_stat_regular(tmp_path: Path, f: bytes) -> None:
     st = os.lstat(f)
-    assert stat_regular(f) == LocalStat(st.st_ino, 16, 1_600_000_000_000_000_000) == local_stat(st)
+    assert stat_regular(f) == LocalStat(st.st_ino, 16, 1_600_000_000_000_000_000, st.st_ctime_ns,
+                                        st.st_dev) == local_stat(st)
     assert stat_regular(os.fsdecode(f)) == stat_regular(f)
     assert stat_regular(os.fsencode(tmp_path)) is None          # a directory
     assert stat_regular(os.fsencode(tmp_path / "missing")) is None
@@ -151,3 +168,270 @@ def test_non_utf8_name(tmp_path: Path) -> None:
     assert expected is not None
     assert guarded_unlink(p, expected) == "deleted"
     assert os.listdir(os.fsencode(tmp_path)) == []
+
+
+# ---------------------------------------------------------------- "the same file": ctime and device
+
+@pytest.fixture(params=["tmp", "shm"])
+def fs_dir(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    """The worktree's filesystem and tmpfs: both stamp a new ctime on a rename."""
+    if request.param == "tmp":
+        return tmp_path
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    d = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="edge-agent-test-"))
+    request.addfinalizer(lambda: shutil.rmtree(d, ignore_errors=True))
+    return d
+
+
+def rewrite_keeping_size_and_mtime(p: bytes, content: bytes) -> None:
+    st = os.lstat(p)
+    with open(p, "r+b") as fh:
+        fh.write(content)
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))     # touch -d: the mtime put back
+
+
+def test_a_same_size_rewrite_with_its_mtime_put_back_is_not_deleted(fs_dir: Path) -> None:
+    p = os.fsencode(fs_dir / "f1.fits")
+    with open(p, "wb") as fh:
+        fh.write(b"original content")
+    expected = stat_regular(p)
+    assert expected is not None and expected.ctime_ns is not None
+    rewrite_keeping_size_and_mtime(p, b"ORIGINAL")
+    now = stat_regular(p)
+    assert now is not None and (now.inode, now.size, now.mtime_ns) == (expected.inode, expected.size,
+                                                                       expected.mtime_ns)
+    assert guarded_unlink(p, expected) == "changed"
+    assert read(p) == b"ORIGINAL content"
+    assert dir_of(p) == [b"f1.fits"]
+
+
+def test_the_expected_file_is_deleted_although_the_rename_stamps_its_ctime(fs_dir: Path) -> None:
+    p = os.fsencode(fs_dir / "f1.fits")
+    with open(p, "wb") as fh:
+        fh.write(b"original content")
+    expected = stat_regular(p)
+    assert expected is not None
+    assert guarded_unlink(p, expected) == "deleted"
+    assert dir_of(p) == []
+
+
+def test_a_leftover_renamed_by_a_crashed_deletion_is_finished_whatever_its_ctime(fs_dir: Path) -> None:
+    p = os.fsencode(fs_dir / "f1.fits")
+    with open(p, "wb") as fh:
+        fh.write(b"original content")
+    expected = stat_regular(p)
+    assert expected is not None
+    os.rename(p, deleting_name(p))                 # the crash came right after the rename
+    left = stat_regular(deleting_name(p))
+    assert left is not None
+    assert guarded_unlink(p, expected) == "deleted"
+    assert dir_of(p) == []
+
+
+def test_another_device_is_another_file(f: bytes) -> None:
+    expected = stat_regular(f)
+    assert expected is not None and expected.dev is not None
+    elsewhere = dataclasses.replace(expected, dev=expected.dev + 1)
+    assert guarded_unlink(f, elsewhere) == "changed"
+    assert read(f) == b"original content"
+
+
+def test_a_row_without_ctime_is_judged_as_before(f: bytes) -> None:
+    """A row hashed by an older agent has no ctime: inode, size and mtime decide, as they did."""
+    expected = stat_regular(f)
+    assert expected is not None
+    os.chmod(f, 0o600)                             # ctime moves, nothing else
+    assert guarded_unlink(f, dataclasses.replace(expected, ctime_ns=None, dev=None)) == "deleted"
+
+
+def test_ctime_compared_only_where_both_know_it() -> None:
+    a = LocalStat(7, 100, 123, ctime_ns=5, dev=1)
+    assert a.same_file(a)
+    assert not a.same_file(dataclasses.replace(a, ctime_ns=6))
+    assert not a.same_file(dataclasses.replace(a, dev=2))
+    assert dataclasses.replace(a, ctime_ns=None).same_file(dataclasses.replace(a, ctime_ns=6))
+    assert a.same_file(dataclasses.replace(a, ctime_ns=None, dev=None))
+    assert not a.same_file(dataclasses.replace(a, mtime_ns=124, ctime_ns=None))
+
+
+# ---------------------------------------------------------------- recheck_before_delete
+
+def blake3_is(content: bytes) -> Any:
+    seen: list[bytes] = []
+
+    def recheck(fh: BinaryIO) -> bool:
+        data = fh.read()
+        seen.append(data)
+        return blake3.blake3(data).hexdigest() == blake3.blake3(content).hexdigest()
+    recheck.seen = seen  # type: ignore[attr-defined]
+    return recheck
+
+
+def test_recheck_keeps_a_rewrite_the_stat_cannot_tell(f: bytes) -> None:
+    expected = dataclasses.replace(stat_regular(f), ctime_ns=None)   # type: ignore[arg-type]
+    rewrite_keeping_size_and_mtime(f, b"ORIGINAL")
+    recheck = blake3_is(b"original content")
+    assert guarded_unlink(f, expected, recheck) == "changed"
+    assert recheck.seen == [b"ORIGINAL content"]
+    assert read(f) == b"ORIGINAL content"
+    assert dir_of(f) == [os.path.basename(f)]
+    # without the recheck, an older row (no ctime) cannot see it: what the setting is for
+    assert guarded_unlink(f, expected) == "deleted"
+
+
+def test_recheck_reads_the_file_moved_aside_then_deletes_it(f: bytes) -> None:
+    expected = stat_regular(f)
+    assert expected is not None
+    names: list[list[bytes]] = []
+
+    def recheck(fh: BinaryIO) -> bool:
+        names.append(dir_of(f))                    # nobody reaches it by its name meanwhile
+        return fh.read() == b"original content"
+    assert guarded_unlink(f, expected, recheck) == "deleted"
+    assert names == [[os.path.basename(deleting_name(f))]]
+    assert dir_of(f) == []
+
+
+def test_a_failing_recheck_puts_the_file_back(f: bytes) -> None:
+    expected = stat_regular(f)
+    assert expected is not None
+
+    def recheck(fh: BinaryIO) -> bool:
+        raise OSError(5, "Input/output error")
+    with pytest.raises(OSError):
+        guarded_unlink(f, expected, recheck)
+    assert read(f) == b"original content"
+    assert dir_of(f) == [os.path.basename(f)]
+
+
+# ---------------------------------------------------------------- never through a symlink
+
+@pytest.fixture
+def tree(tmp_path: Path) -> dict[str, Path]:
+    """A watched root with night1/f1.fits, and outside it a directory holding a file of the same name."""
+    root, outside = tmp_path / "buffer", tmp_path / "outside"
+    (root / "night1").mkdir(parents=True)
+    (root / "night1" / "f1.fits").write_bytes(b"the DAQ's file")
+    outside.mkdir()
+    (outside / "f1.fits").write_bytes(b"not ours at all")
+    return {"root": root, "outside": outside, "file": root / "night1" / "f1.fits"}
+
+
+def local(t: dict[str, Path], rel: str = "night1/f1.fits") -> LocalFile:
+    return LocalFile.below(t["root"], os.fsencode(t["root"] / rel))
+
+
+def test_a_file_below_the_root_is_reached(tree: dict[str, Path]) -> None:
+    f = local(tree)
+    assert f.stat() == stat_regular(os.fsencode(tree["file"]))
+    with f.open() as fh:
+        assert fh.read() == b"the DAQ's file"
+    assert str(f) == str(tree["file"])
+    assert f.with_suffix(".json").path == os.fsencode(tree["file"]) + b".json"
+
+
+def test_symlink_as_the_last_component(tree: dict[str, Path]) -> None:
+    tree["file"].unlink()
+    tree["file"].symlink_to(tree["outside"] / "f1.fits")
+    f = local(tree)
+    with pytest.raises(SymlinkInPath):
+        f.stat()
+    with pytest.raises(SymlinkInPath):
+        f.open()
+    assert f.lstat() is not None and stat_mod.S_ISLNK(f.lstat().st_mode)   # type: ignore[union-attr]
+    with pytest.raises(SymlinkInPath):
+        open_source(f)
+
+
+def test_symlink_as_a_middle_directory(tree: dict[str, Path]) -> None:
+    (tree["root"] / "a").mkdir()
+    (tree["root"] / "a" / "b").symlink_to(tree["outside"])
+    f = local(tree, "a/b/f1.fits")
+    for op in (f.stat, f.lstat, f.open, f.unlink):
+        with pytest.raises(SymlinkInPath, match="a/b is now a symbolic link"):
+            op()
+    expected = stat_regular(os.fsencode(tree["outside"] / "f1.fits"))
+    assert expected is not None
+    with pytest.raises(SymlinkInPath):
+        guarded_unlink(f, expected)
+    assert (tree["outside"] / "f1.fits").read_bytes() == b"not ours at all"
+    assert sorted(os.listdir(tree["outside"])) == ["f1.fits"]
+
+
+def test_a_directory_swapped_for_a_symlink_after_discovery(tree: dict[str, Path]) -> None:
+    f = local(tree)
+    expected = f.stat()                            # discovered (and hashed) through the real directory
+    assert expected is not None
+    (tree["root"] / "night1").rename(tree["root"] / "night1.moved")
+    (tree["root"] / "night1").symlink_to(tree["outside"])
+    outside = tree["outside"] / "f1.fits"
+    # same name, and even the same size and times: nothing is read, sent or deleted through the link
+    outside.write_bytes(b"the DAQ's file")
+    os.utime(outside, ns=(expected.mtime_ns, expected.mtime_ns))
+    with pytest.raises(SymlinkInPath):
+        f.stat()
+    with pytest.raises(SymlinkInPath):
+        f.open()
+    with pytest.raises(SymlinkInPath):
+        guarded_unlink(f, expected)
+    with pytest.raises(SymlinkInPath):
+        f.with_suffix(".json").unlink()
+    assert outside.exists() and sorted(os.listdir(tree["outside"])) == ["f1.fits"]
+    assert (tree["root"] / "night1.moved" / "f1.fits").read_bytes() == b"the DAQ's file"
+
+
+def test_symlink_is_a_kind_of_vanished() -> None:
+    # the pipeline supersedes such a version with the reason, like a file that vanished
+    assert issubclass(SymlinkInPath, FileVanished)
+
+
+def test_the_root_itself_may_be_a_symlink(tree: dict[str, Path], tmp_path: Path) -> None:
+    """The configured directory is the operator's: it may point at the buffer disk."""
+    (tmp_path / "configured").symlink_to(tree["root"])
+    f = LocalFile.below(tmp_path / "configured", os.fsencode(tmp_path / "configured" / "night1" / "f1.fits"))
+    assert f.stat() is not None
+
+
+def test_gone_and_not_regular(tree: dict[str, Path]) -> None:
+    assert local(tree, "night1/missing").stat() is None
+    assert local(tree, "nowhere/f1.fits").stat() is None
+    assert local(tree, "night1/f1.fits/x").stat() is None      # a file where a directory was
+    with pytest.raises(FileVanished):
+        local(tree, "night1/missing").open()
+    os.mkfifo(tree["root"] / "night1" / "fifo")
+    assert local(tree, "night1/fifo").stat() is None
+    with pytest.raises(FileVanished):
+        local(tree, "night1/fifo").open()                        # and it does not hang
+    assert local(tree, "night1").stat() is None                   # a directory
+
+
+def test_a_path_not_below_the_root_is_refused(tree: dict[str, Path]) -> None:
+    with pytest.raises(PermanentError):
+        LocalFile.below(tree["root"], os.fsencode(tree["outside"] / "f1.fits")).stat()
+    with pytest.raises(PermanentError):
+        LocalFile.below(tree["root"], os.fsencode(tree["root"] / ".." / "outside" / "f1.fits")).stat()
+    with pytest.raises(PermanentError):
+        LocalFile.below(tree["root"], os.fsencode(tree["root"])).stat()
+
+
+def test_companion_unlink_removes_a_symlink_never_its_target(tree: dict[str, Path]) -> None:
+    side = tree["root"] / "night1" / "f1.fits.json"
+    side.symlink_to(tree["outside"] / "f1.fits")
+    assert local(tree).with_suffix(".json").unlink() is True
+    assert not os.path.lexists(side) and (tree["outside"] / "f1.fits").exists()
+    assert local(tree).with_suffix(".json").unlink() is False
+
+
+def test_a_directory_moved_out_of_the_tree_and_linked_back_is_not_deleted_from(tree: dict[str, Path],
+                                                                               tmp_path: Path) -> None:
+    """The very file (same inode, size, times), but now outside the watched tree: not deleted there."""
+    f = local(tree)
+    expected = f.stat()
+    assert expected is not None
+    (tmp_path / "archive").mkdir()
+    (tree["root"] / "night1").rename(tmp_path / "archive" / "night1")
+    (tree["root"] / "night1").symlink_to(tmp_path / "archive" / "night1")
+    with pytest.raises(SymlinkInPath):
+        guarded_unlink(f, expected)
+    assert (tmp_path / "archive" / "night1" / "f1.fits").read_bytes() == b"the DAQ's file"

@@ -21,6 +21,7 @@ from edge_agent.core.policy import PATH_NAME_RE, Replica
 from edge_agent.errors import PermanentError, RetryableError
 from edge_agent.lake.base import Catalogue, LakeFile, Target
 from edge_agent.ledger import FileRecord, Ledger
+from edge_agent.localfs import Source
 from edge_agent.pipeline import MAX_BAD_COPIES, MAX_UNEXPECTED, Hooks, Pipeline
 from edge_agent.settings import Settings
 from edge_agent.transfer.posix import PosixTransport
@@ -390,6 +391,103 @@ def test_a_file_modified_after_confirmation_is_superseded_not_deleted(make_env: 
     assert local.exists() and local.read_bytes().endswith(b"appended after the copies were made")
 
 
+def rewrite_keeping_size_and_mtime(path: str, data: bytes) -> None:
+    st = os.stat(path)
+    with open(path, "r+b") as fh:
+        fh.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))    # touch -d: the mtime put back
+
+
+def test_hashing_records_ctime_and_device(env: Env) -> None:
+    rec = env.add()
+    st = os.stat(rec.fspath)
+    rec = env.step(rec.id)
+    assert rec.state is S.HASHED and (rec.ctime_ns, rec.dev) == (st.st_ctime_ns, st.st_dev)
+
+
+def test_a_same_size_rewrite_with_its_mtime_put_back_is_not_deleted(make_env: Any, clock: Any) -> None:
+    env = make_env(rule={"delete": "keep", "keep_hours": 1})
+    rec = env.drive(env.add().id)
+    assert rec.state is S.CONFIRMED
+    rewrite_keeping_size_and_mtime(rec.fspath, b"REWRITTEN")   # inode, size and mtime as hashed
+    clock.advance(3600)
+    rec = env.step(rec.id)
+    assert rec.state is S.SUPERSEDED
+    assert Path(rec.fspath).read_bytes() == b"REWRITTEN" + DATA[9:]
+
+
+def forget_ctime(env: Env, fid: int) -> None:
+    """The row as an agent without the ctime column hashed it."""
+    env.ledger._db.execute("UPDATE files SET ctime_ns = NULL WHERE id = ?", (fid,))
+
+
+@pytest.mark.parametrize("recheck", [False, True])
+def test_recheck_before_delete_reads_what_the_stat_cannot_tell(make_env: Any, clock: Any, recheck: bool) -> None:
+    env = make_env(rule={"delete": "keep", "keep_hours": 1, "recheck_before_delete": recheck})
+    rec = env.drive(env.add().id)
+    assert rec.state is S.CONFIRMED
+    forget_ctime(env, rec.id)                    # hashed by an older agent: inode, size, mtime decide
+    rewrite_keeping_size_and_mtime(rec.fspath, b"REWRITTEN")
+    clock.advance(3600)
+    rec = env.step(rec.id)
+    if recheck:
+        assert rec.state is S.SUPERSEDED and "changed just before deletion" in (rec.reason or "")
+        assert Path(rec.fspath).read_bytes() == b"REWRITTEN" + DATA[9:]
+    else:
+        assert rec.state is S.DELETED            # the documented limit of a row without ctime
+
+
+def test_recheck_before_delete_deletes_an_unchanged_file(make_env: Any) -> None:
+    env = make_env(rule={"recheck_before_delete": True})
+    rec = env.drive(env.add().id)
+    assert rec.state is S.DELETED and not os.path.lexists(rec.fspath)
+
+
+def swap_for_symlink(env: Env, rec: FileRecord) -> Path:
+    """run42/ is renamed away and replaced by a symlink to a directory holding a file of the same name."""
+    outside = env.tmp / "outside"
+    outside.mkdir()
+    (outside / "f1.fits").write_bytes(DATA)
+    os.rename(env.daq / "run42", env.daq / "run42.moved")
+    os.symlink(outside, env.daq / "run42")
+    return outside / "f1.fits"
+
+
+def test_a_directory_swapped_for_a_symlink_before_hashing(env: Env) -> None:
+    rec = env.add()
+    outside = swap_for_symlink(env, rec)
+    rec = env.step(rec.id)
+    assert rec.state is S.SUPERSEDED and "symbolic link" in (rec.reason or "")
+    assert not any(p.is_file() for root in env.roots.values() for p in root.rglob("*"))
+    assert outside.read_bytes() == DATA
+
+
+def test_a_directory_swapped_for_a_symlink_before_the_other_copies(env: Env) -> None:
+    rec = env.step(env.step(env.add().id).id)
+    assert rec.state is S.REGISTERED
+    outside = swap_for_symlink(env, rec)
+    rec = env.step(rec.id)
+    assert rec.state is S.SUPERSEDED and "symbolic link" in (rec.reason or "")
+    assert not env.copy("b", rec).exists()                 # nothing read through the link
+    assert outside.read_bytes() == DATA
+
+
+def test_a_directory_swapped_for_a_symlink_before_deletion(make_env: Any, clock: Any) -> None:
+    env = make_env(rule={"delete": "keep", "keep_hours": 1})
+    rec = env.drive(env.add().id)
+    assert rec.state is S.CONFIRMED
+    # the directory is moved out of the tree and linked back: the very file, now outside the tree
+    archive = env.tmp / "archive"
+    archive.mkdir()
+    os.rename(env.daq / "run42", archive / "run42")
+    os.symlink(archive / "run42", env.daq / "run42")
+    clock.advance(3600)
+    rec = env.step(rec.id)
+    assert rec.state is S.SUPERSEDED and "symbolic link" in (rec.reason or "")
+    assert (archive / "run42" / "f1.fits").read_bytes() == DATA
+    assert env.lake.released == []
+
+
 def test_a_file_changed_before_hashing_goes_back_to_discovered(env: Env) -> None:
     rec = env.add()
     with open(rec.fspath, "ab") as fh:
@@ -724,8 +822,8 @@ def test_a_file_that_may_not_be_deleted_is_quarantined_with_a_reason_an_operator
         env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     import edge_agent.pipeline as pipeline_mod
 
-    def refuse(path: bytes, expected: Any) -> str:
-        raise PermissionError(13, "Permission denied", path)
+    def refuse(path: Any, expected: Any, recheck: Any = None) -> str:
+        raise PermissionError(13, "Permission denied", str(path))
 
     monkeypatch.setattr(pipeline_mod, "guarded_unlink", refuse)
     rec = env.drive(env.add().id)
@@ -762,7 +860,7 @@ class CountingTransport(PosixTransport):
         super().__init__(fsync=False)
         self.puts: list[tuple[str, bool]] = []
 
-    def put(self, source: str, url: str, expected: Any, pace: Any, also: Any = ()) -> Any:
+    def put(self, source: Source, url: str, expected: Any, pace: Any, also: Any = ()) -> Any:
         self.puts.append((url, expected.known))
         return super().put(source, url, expected, pace, also)
 
@@ -817,9 +915,9 @@ def test_a_file_changing_during_the_first_copy_leaves_no_copy(env: Env, monkeypa
     rec = env.add()
     original = PosixTransport.put
 
-    def put_then_touch(self: Any, source: str, url: str, expected: Any, pace: Any, also: Any = ()) -> Any:
+    def put_then_touch(self: Any, source: Source, url: str, expected: Any, pace: Any, also: Any = ()) -> Any:
         got = original(self, source, url, expected, pace, also)
-        with open(source, "ab") as fh:      # the DAQ appends right after the copy was read
+        with open(str(source), "ab") as fh:      # the DAQ appends right after the copy was read
             fh.write(b"late frame")
         return got
 
@@ -935,7 +1033,7 @@ def test_a_first_read_that_fails_frees_its_name(env: Env, monkeypatch: Any) -> N
 
     def put_then_vanish(self: Any, source: str, url: str, expected: Any, pace: Any, also: Any = ()) -> Any:
         got = original(self, source, url, expected, pace, also)
-        os.unlink(source)                  # renamed away by the DAQ right after the copy was read
+        os.unlink(str(source))             # renamed away by the DAQ right after the copy was read
         return got
     monkeypatch.setattr(PosixTransport, "put", put_then_vanish)
     end = env.step(rec.id)

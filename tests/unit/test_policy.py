@@ -309,6 +309,19 @@ class TestDeletionVerdict:
         assert verdict(current=current, n=0) == "changed"
         assert verdict("never", current=current) == "changed"
 
+    def test_a_rewrite_that_kept_size_and_mtime_is_changed_by_its_ctime(self) -> None:
+        hashed = LocalStat(7, 100, 123, ctime_ns=500, dev=3)
+        for current in (LocalStat(7, 100, 123, ctime_ns=501, dev=3), LocalStat(7, 100, 123, ctime_ns=500, dev=4)):
+            v, _ = policy.deletion_verdict("after_confirm", 0, 0, conf(2), 2, hashed, current, False)
+            assert v == "changed"
+        v, _ = policy.deletion_verdict("after_confirm", 0, 0, conf(2), 2, hashed, hashed, False)
+        assert v == "delete"
+
+    def test_a_row_hashed_without_ctime_is_judged_by_inode_size_mtime(self) -> None:
+        older = LocalStat(7, 100, 123)                 # an older agent recorded neither ctime nor device
+        now = LocalStat(7, 100, 123, ctime_ns=501, dev=3)
+        assert policy.deletion_verdict("after_confirm", 0, 0, conf(2), 2, older, now, False)[0] == "delete"
+
     def test_not_enough_replicas_wins_over_policy(self) -> None:
         assert verdict("keep", keep_hours=0, n=1) == "wait"
         assert verdict("never", n=1) == "wait"

@@ -21,6 +21,7 @@ from edge_agent.hashing import Digests
 from edge_agent.lake.base import LakeFile
 from edge_agent.lake.rucio import RucioLake
 from edge_agent.lake.rucio_client import RucioClient
+from edge_agent.localfs import Source
 from edge_agent.settings import Settings
 from edge_agent.transfer.base import Expected, Pacer, RemoteStat, Transport
 
@@ -275,7 +276,7 @@ class FakeTransport(Transport):
         self.error: Exception | None = None
         self.stats: list[str] = []
 
-    def put(self, source: str, url: str, expected: Expected, pace: Pacer) -> Digests:
+    def put(self, source: Source, url: str, expected: Expected, pace: Pacer) -> Digests:
         raise NotImplementedError
 
     def stat(self, url: str, verify: str = "reread") -> RemoteStat | None:
