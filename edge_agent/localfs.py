@@ -310,3 +310,45 @@ def _put_back(d: int, tmp: bytes, name: bytes) -> None:
     except OSError as exc:
         if exc.errno != errno.EEXIST:
             raise
+
+
+# ---------------------------------------------------------------- register in place
+# A file registered where it lies (the buffer is itself a lake endpoint) is registered under a second
+# name that only the agent writes: a hard link in this directory below the rule's root, one per
+# version. The lake's reaper, told to drop the buffer replica, removes that name, never the DAQ's:
+# a new file the DAQ publishes under the old path meanwhile is out of its reach.
+INPLACE_DIR = b".edge-agent-inplace"
+
+
+def inplace_link(root: str | bytes | os.PathLike[str], file_id: int) -> LocalFile:
+    """The agent's own name for version `file_id` of a file registered in place."""
+    r = os.fsencode(root)
+    return LocalFile(r, os.path.join(r, INPLACE_DIR, b"%d%s" % (file_id, AGENT_MARK + b"inplace")))
+
+
+def link_in_place(local: LocalFile, link: LocalFile) -> None:
+    """Give `local` its in-place name `link` (a hard link), made before the file is hashed (the link
+    is part of the stat that is recorded). Idempotent: a link to the same inode is success; a stale
+    one (a crash, a version that failed) is replaced, since nobody else writes in that directory."""
+    with local.directory() as (src_dir, name):
+        os.makedirs(os.path.dirname(link.path), mode=0o755, exist_ok=True)
+        with link.directory() as (dst_dir, link_name):
+            src = os.stat(name, dir_fd=src_dir, follow_symlinks=False)
+            if not stat_mod.S_ISREG(src.st_mode):
+                raise FileNotFoundError(errno.ENOENT, "not a regular file", os.fsdecode(local.path))
+            try:
+                there = os.stat(link_name, dir_fd=dst_dir, follow_symlinks=False)
+            except FileNotFoundError:
+                there = None
+            if there is not None and (there.st_dev, there.st_ino) == (src.st_dev, src.st_ino):
+                return
+            if there is not None:
+                os.unlink(link_name, dir_fd=dst_dir)
+            os.link(name, link_name, src_dir_fd=src_dir, dst_dir_fd=dst_dir, follow_symlinks=False)
+    fsync_dir(os.path.dirname(link.path))
+
+
+def unlink_in_place(link: LocalFile, expected: LocalStat) -> None:
+    """Remove a version's in-place name, only if it still names the hashed inode. ctime is not
+    compared: dropping the DAQ's name (our guarded unlink) changed it."""
+    guarded_unlink(link, dataclasses.replace(expected, ctime_ns=None))

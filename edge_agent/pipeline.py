@@ -16,7 +16,9 @@ out a backoff, permanent ones quarantine the file with the reason.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import os
 import random
 import time
 import traceback
@@ -42,7 +44,7 @@ from .fits import FitsScan
 from .hashing import Digests, hash_stream
 from .lake.base import Catalogue, LakeFile, Target
 from .ledger import FileRecord, Ledger, NameConflict, StaleTransition
-from .localfs import LocalFile, deleting_name, guarded_unlink
+from .localfs import INPLACE_DIR, LocalFile, deleting_name, guarded_unlink, inplace_link, link_in_place, unlink_in_place
 from .settings import Completion, DeletePolicy, Settings
 from .transfer.base import Expected, Pacer
 
@@ -151,7 +153,19 @@ class Pipeline:
     def discard_unregistered(self, rec: FileRecord) -> None:
         """An ended version's first copy that never reached the lake's records: removed, best effort,
         and only while no other version counts it (one with the same bytes may share the name, and
-        may have been deleted locally on the strength of that copy). Then the name is free again."""
+        may have been deleted locally on the strength of that copy). Then the name is free again.
+        Register in place: the agent's own name for a version never registered goes too (one that
+        was registered keeps it: the lake's replica of it lies there)."""
+        before = rec.resume_state if rec.state in (State.RETRY_WAIT, State.QUARANTINED) else rec.state
+        try:
+            if before in (State.DISCOVERED, State.COMPLETE, State.HASHED):
+                self._unlink_in_place(rec)
+            elif before is State.CONFIRMED:
+                # its copies were confirmed: the buffer copy goes as at its deletion (the DAQ's new
+                # file under that path is another version and is never reached)
+                self._release(rec)
+        except Exception as exc:  # noqa: BLE001 - best effort: a stale link is space, not loss
+            log.warning("could not drop the buffer copy of an ended version", file_id=rec.id, error=str(exc))
         for scope, name, state in self.ledger.names_owned(rec.id):
             rows = [r for r in self.ledger.replicas(rec.id) if r["state"] == "sent"]
             if state == "bound" and not rows:
@@ -195,10 +209,15 @@ class Pipeline:
         if rule.container_template and rec.mtime_ns is not None:
             container = policy.render(rule.container_template, policy.naming_fields(
                 rec.relpath, rec.mtime_ns / 1e9, rec.rule, rule.night_rollover_hour, rule.tz))
+        buffer_path = None
+        if rule.inject == "register":
+            link = inplace_link(rule.directory, rec.id)
+            if link.stat() is not None:
+                buffer_path = os.fsdecode(link.path)
         return LakeFile(rule=rec.rule, scope=rec.scope, name=rec.name, dataset=rec.dataset, size=rec.size,
                         adler32=rec.adler32, md5=rec.md5, blake3=rec.blake3, copies=rule.copies,
                         destinations=tuple(rule.destinations), local_path=rec.fspath, metadata=rec.meta,
-                        container=container)
+                        container=container, buffer_path=buffer_path)
 
     def _recorded_stat(self, rec: FileRecord) -> policy.LocalStat:
         assert rec.inode is not None and rec.size is not None and rec.mtime_ns is not None
@@ -215,6 +234,8 @@ class Pipeline:
         copy in the same pass (a file is read once per upload, the first one included)."""
         rule = self.s.rules[rec.rule]
         local = self._local(rec)
+        if rule.inject == "register":
+            self._link_in_place(rec, local)
         before = local.stat()
         if before is None:
             raise FileVanished(f"{rec.relpath} is gone or no longer a regular file")
@@ -267,6 +288,32 @@ class Pipeline:
         except NameConflict as exc:
             # another version took the name between the look and the commit: decided again
             raise RetryableError(f"the name {rule.scope}:{name} was taken meanwhile ({exc})") from None
+
+    def _link_in_place(self, rec: FileRecord, local: LocalFile) -> None:
+        """Register in place: the version gets the agent's own name in the buffer before it is hashed
+        (the link is part of the stat recorded); its buffer replica is registered under that name."""
+        try:
+            link_in_place(local, inplace_link(self.s.rules[rec.rule].directory, rec.id))
+        except FileNotFoundError:
+            raise FileVanished(f"{rec.relpath} is gone or no longer a regular file") from None
+        except OSError as exc:
+            if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EROFS):
+                raise PermanentError(f"cannot give {rec.relpath} the agent's own name in the buffer (a hard link "
+                                     f"in {os.fsdecode(INPLACE_DIR)}): {exc.strerror}; register in place needs "
+                                     "a buffer filesystem with hard links that the agent may write") from None
+            raise RetryableError(f"cannot link {rec.relpath} in place: {exc.strerror}") from None
+
+    def _release(self, rec: FileRecord) -> None:
+        """The lake forgets the buffer copy (register in place), then the agent's own name for it goes."""
+        self.lake.release(self.lake_file(rec))
+        hit("after_release")
+        self._unlink_in_place(rec)
+
+    def _unlink_in_place(self, rec: FileRecord) -> None:
+        rule = self.s.rules.get(rec.rule)
+        if rule is None or rule.inject != "register" or rec.inode is None:
+            return
+        unlink_in_place(inplace_link(rule.directory, rec.id), self._recorded_stat(rec))
 
     def _first_target(self, rec: FileRecord, name: str, size: int) -> Target | None:
         """Where the first copy can be written in the hashing pass, or None to hash alone.
@@ -608,10 +655,10 @@ class Pipeline:
             verdict, why = "wait", "a process still holds the file open for writing"
             log.warning("not deleting: file still open for writing", file_id=rec.id, path=rec.relpath)
         if verdict == "delete":
-            # the lake forgets the buffer copy first: a crash in between leaves a registration
-            # to drop again, never a registration pointing at a deleted file
-            self.lake.release(self.lake_file(rec))
-            hit("after_release")
+            # The DAQ's name goes first (guarded): a file published under it at that instant is kept
+            # and nothing is released. The buffer replica (register in place) is registered under the
+            # agent's own name for this version, released after, then that name removed: a crash in
+            # between finds the file gone and finishes ("gone"); the reaper never reaches the DAQ's name.
             try:
                 outcome = guarded_unlink(local, self._recorded_stat(rec), self._recheck(rec))
             except PermissionError as exc:
@@ -620,11 +667,14 @@ class Pipeline:
                                      f"`edge-agent retry {rec.id}`)") from None
             hit("after_unlink")
             if outcome == "changed":
+                # this version is confirmed in the lake: its own buffer copy may go, the new file stays
+                self._release(rec)
                 raise FileChanged("the local file changed just before deletion; kept")
+            self._release(rec)
             self._move(rec, Event.DELETED, {**evidence, "outcome": outcome, "why": why})
             self._cleanup_companions(rec)
         elif verdict == "gone":
-            self.lake.release(self.lake_file(rec))
+            self._release(rec)
             self._move(rec, Event.DELETED, {**evidence, "outcome": "gone", "why": why})
             self._cleanup_companions(rec)
         elif verdict == "changed":

@@ -30,6 +30,9 @@ class LakeFile:
     local_path: str
     metadata: dict[str, Any] = field(default_factory=dict)
     container: str | None = None   # the dataset's container, when the rule names one
+    # register in place: the agent's own name for this version in the buffer (a hard link), the one
+    # the buffer replica is registered under (None: an older version, registered at its own path)
+    buffer_path: str | None = None
 
     @property
     def did(self) -> str:

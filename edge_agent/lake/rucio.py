@@ -91,7 +91,9 @@ class RucioLake(Catalogue):
         return list(out.items())
 
     def buffer_pfn(self, f: LakeFile) -> str:
-        """Where the buffer RSE serves the local file: buffer_url + the path below the rule's directory.
+        """Where the buffer RSE serves the local file: buffer_url + the path below the rule's directory
+        of the agent's own name for this version (f.buffer_path: the reaper can never reach the DAQ's
+        name, nor a new file published under it), or of the file itself for an older version.
 
         The path goes in literally (no %-quoting): Rucio keeps it as given and derives the root://
         and http:// PFNs from it, so a quoted path would name another file on XRootD.
@@ -99,7 +101,7 @@ class RucioLake(Catalogue):
         rule = self._rule(f)
         assert rule.buffer_url is not None
         top = os.path.normpath(rule.directory)
-        path = os.path.normpath(f.local_path)
+        path = os.path.normpath(f.buffer_path or f.local_path)
         rel = os.path.relpath(path, top)
         if rel == "." or rel.startswith("../") or rel == ".." or os.path.isabs(rel):
             raise PermanentError(f"cannot register {f.local_path} in place: it is not below the rule's "

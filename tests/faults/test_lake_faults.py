@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 import pytest
-from support import Daemon
+from support import Daemon, buffer_names
 
 from tests.faults.fault_proxy import FaultProxy, on
 from tests.faults.test_storage_faults import delivered_intact, invariants_hold
@@ -60,7 +60,7 @@ def held(d: Daemon, lake: Any, u: str, files: dict[str, bytes], during: dict[str
     time.sleep(2)      # a window in which a wrong deletion would show
     counts = d.counts()
     assert counts.get("deleted", 0) == deleted_before and "quarantined" not in counts, counts
-    assert {p.name: p.read_bytes() for p in d.rule_dir().iterdir()} == during
+    assert {n: (d.rule_dir() / n).read_bytes() for n in buffer_names(d.rule_dir())} == during
     invariants_hold(d, lake, lake.lake_rses[0], u, files, settled=False)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from support import Daemon, adler32_hex, write_toml
+from support import Daemon, adler32_hex, buffer_names, write_toml
 
 pytestmark = [pytest.mark.integration, pytest.mark.lake]
 pytest.importorskip("edge_agent.lake.rucio", reason="the Rucio lake is not wired in yet")
@@ -106,14 +106,14 @@ def test_push_night_copies_two_and_deletes_only_after_both_are_confirmed(agent, 
     d.wait_for(lambda: d.counts().get("transferred") == 8, 60, "8 uploads with their rules")
     time.sleep(3)
     assert d.counts().get("deleted") is None
-    assert sorted(p.name for p in d.rule_dir().iterdir()) == sorted(files)
+    assert buffer_names(d.rule_dir()) == sorted(files)
     for n in names:
         assert lake.replicas(lake.scope, n)["states"].get(lake.lake_rses[0]) == "AVAILABLE"
     fts.go.set()                                        # the lake replicates
     d.wait_for(lambda: d.counts().get("deleted") == 8, 90, "all deleted once both copies are confirmed")
     fts.stop.set()
     assert fts.error is None, fts.error
-    assert list(d.rule_dir().iterdir()) == []
+    assert buffer_names(d.rule_dir()) == []
     check_in_lake(lake, names, lake.lake_rses)
     # every deletion named its evidence: the rule OK and two replicas with the local adler32
     for e in (e for e in d.events() if e.get("event") == "deleted"):
@@ -146,11 +146,53 @@ def test_register_in_place_the_magic_setup(agent, lake) -> None:
     d.wait_for(lambda: d.counts().get("deleted") == 5, 90, "buffer files deleted after both copies")
     fts.stop.set()
     assert fts.error is None, fts.error
-    assert list(bufdir.iterdir()) == []
+    assert buffer_names(bufdir) == [] and list((bufdir / ".edge-agent-inplace").iterdir()) == []
     check_in_lake(lake, names, lake.lake_rses)
     lake.daemon("rucio-reaper", "--rses", lake.buf_rse, "--greedy")
     for n in names:            # the buffer's registration is gone with the file
         assert lake.buf_rse not in lake.replicas(lake.scope, n)["states"]
+
+
+def test_register_in_place_never_lets_the_reaper_reach_a_file_published_under_the_same_path(agent, lake) -> None:
+    """Issue 12 item 4: the DAQ publishes a new file under the path of one just deleted, before the
+    buffer replica of the old one is released. The reaper, run at once, must not remove the new file:
+    the old replica is registered under the agent's own name for that version, never the DAQ's."""
+    u = uid()
+    bufdir = lake.data_dir / "data" / "buf" / u
+    bufdir.mkdir(parents=True)
+    os.chmod(bufdir, 0o755)
+    d = rucio_agent(agent, lake, {"daq": {
+        "directory": str(bufdir), "inject": "register", "buffer_rse": lake.buf_rse,
+        "buffer_url": f"{lake.root_url}//data/buf/{u}/", "copies": 2, "rse_expression": "lake=true",
+        "name_template": f"{u}.{{filename}}", "dataset_template": f"{u}.night"}}, destinations={})
+    d.env = {"EDGE_AGENT_FAILPOINTS": "after_unlink"}
+    d.start(wait=False)
+    files = write_files(d, 1)
+    name = f"{u}.f000.fits"
+    fts = FtsPlayer(lake, [name], lake.lake_rses)
+    fts.go.set()
+    fts.start()
+    # the agent dies right after it removed the DAQ's name, before it released the buffer replica
+    assert d.proc is not None and d.proc.wait(120) == 137, "the failpoint was not reached"
+    fts.stop.set()
+    assert fts.error is None, fts.error
+    assert buffer_names(bufdir) == []
+    new = os.urandom(90_000)                          # the DAQ publishes the next file under that path
+    (bufdir / "f000.fits.part").write_bytes(new)
+    os.rename(bufdir / "f000.fits.part", bufdir / "f000.fits")
+    d.env = {}
+    d.start()
+    d.wait_for(lambda: d.counts().get("transferred") == 1
+               and (d.counts().get("deleted", 0) + d.counts().get("superseded", 0)) == 1, 60,
+               "the old version ended, the new one registered in place")
+    # the old version's buffer replica is released (tombstoned) and reaped, as a site's reaper would
+    deadline = time.monotonic() + 60
+    while lake.buf_rse in lake.replicas(lake.scope, name)["states"] and time.monotonic() < deadline:
+        lake.daemon("rucio-reaper", "--rses", lake.buf_rse, "--greedy")
+    assert (bufdir / "f000.fits").read_bytes() == new, "the reaper removed a file that was never copied"
+    assert lake.buf_rse not in lake.replicas(lake.scope, name)["states"]
+    check_in_lake(lake, {name: files["f000.fits"]}, lake.lake_rses)
+    assert d.stop() == 0
 
 
 def test_lake_outage_holds_everything_back_and_recovers(agent, lake) -> None:
@@ -173,7 +215,7 @@ def test_lake_outage_holds_everything_back_and_recovers(agent, lake) -> None:
         assert any("lake" in w for w in why), why
         time.sleep(3)
         assert d.counts().get("deleted") == 2
-        assert len(list(d.rule_dir().iterdir())) == 4
+        assert len(buffer_names(d.rule_dir())) == 4
         assert d.counts().get("quarantined") is None
     finally:
         lake.rucio_up()
@@ -194,7 +236,7 @@ def test_wrong_password_is_a_clear_error_and_the_data_is_kept(agent, lake) -> No
     why = " ".join(json.loads(d.get("/readyz")[1])["not_ready_because"])
     assert "credentials" in why and "not-the-password" not in why
     time.sleep(2)
-    assert sorted(p.name for p in d.rule_dir().iterdir()) == sorted(files)
+    assert buffer_names(d.rule_dir()) == sorted(files)
     assert d.counts().get("quarantined") is None
     assert "not-the-password" not in d.log.read_text()
     d.stop()
