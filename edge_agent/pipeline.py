@@ -160,7 +160,7 @@ class Pipeline:
         try:
             if before in (State.DISCOVERED, State.COMPLETE, State.HASHED):
                 self._unlink_in_place(rec)
-            elif before is State.CONFIRMED:
+            elif before is State.CONFIRMED and (rule := self.s.rules.get(rec.rule)) and rule.inject == "register":
                 # its copies were confirmed: the buffer copy goes as at its deletion (the DAQ's new
                 # file under that path is another version and is never reached)
                 self._release(rec)
