@@ -66,6 +66,7 @@ CREATE TABLE IF NOT EXISTS replicas (
 CREATE TABLE IF NOT EXISTS names (
     scope TEXT NOT NULL, name TEXT NOT NULL, owner INTEGER NOT NULL, blake3 TEXT,
     state TEXT NOT NULL, at REAL NOT NULL,
+    first_url TEXT,      -- 'writing': the one URL found empty when reserved, the first copy's
     PRIMARY KEY (scope, name)
 );
 CREATE TABLE IF NOT EXISTS notices (
@@ -108,6 +109,7 @@ class NameHold:
     state: str            # 'writing' | 'bound' | 'removing'
     blake3: str | None
     owner_final: bool     # the owner version has ended (superseded or deleted)
+    first_url: str | None = None   # 'writing': the URL of the first copy, found empty when reserved
 
 
 @dataclass(frozen=True)
@@ -257,6 +259,8 @@ class Ledger:
         for col in _COLS:
             if col not in have:
                 self._db.execute(f"ALTER TABLE files ADD COLUMN {col}")
+        if "first_url" not in {r[1] for r in self._db.execute("PRAGMA table_info(names)")}:
+            self._db.execute("ALTER TABLE names ADD COLUMN first_url TEXT")
         if self._db.execute("SELECT 1 FROM meta WHERE key = 'names_filled'").fetchone() is None:
             # a ledger from before the names table: every name a hashed version was given is bound
             # to that version's content (a live or delivered version before a superseded one)
@@ -496,24 +500,41 @@ class Ledger:
 
     def name_hold(self, scope: str, name: str) -> NameHold | None:
         """Who holds scope:name, or None if no version was ever given it."""
-        rows = self._query("SELECT n.owner, n.state, n.blake3, f.state FROM names n LEFT JOIN files f "
+        rows = self._query("SELECT n.owner, n.state, n.blake3, f.state, n.first_url FROM names n LEFT JOIN files f "
                            "ON f.id = n.owner WHERE n.scope = ? AND n.name = ?", (scope, name))
         if not rows:
             return None
-        owner, state, blake3, owner_state = rows[0]
-        return NameHold(owner, state, blake3, owner_state is None or State(owner_state) in FINAL)
+        owner, state, blake3, owner_state, first_url = rows[0]
+        return NameHold(owner, state, blake3, owner_state is None or State(owner_state) in FINAL, first_url)
 
-    def reserve_name(self, scope: str, name: str, file_id: int) -> bool:
-        """Reserve a name nobody holds for `file_id`'s first copy, committed before any byte is
-        written under it. True if the name is now this version's to write (also when it already
-        was: a step repeated after a crash); False if another version holds it."""
+    def reserve_name(self, scope: str, name: str, file_id: int, first_url: str | None = None) -> bool:
+        """Reserve a name nobody holds for `file_id`'s first copy (to be written at `first_url`, found
+        empty), committed before any byte is written under it. True if the name is now this
+        version's to write (also when it already was: a step repeated after a crash); False if
+        another version holds it."""
         with self._tx() as db:
             row = db.execute("SELECT owner, state FROM names WHERE scope = ? AND name = ?",
                              (scope, name)).fetchone()
             if row is not None:
                 return bool(row[0] == file_id and row[1] == "writing")
-            db.execute("INSERT INTO names VALUES (?,?,?,NULL,'writing',?)", (scope, name, file_id, self._clock()))
+            db.execute("INSERT INTO names (scope, name, owner, blake3, state, at, first_url) "
+                       "VALUES (?,?,?,NULL,'writing',?,?)", (scope, name, file_id, self._clock(), first_url))
             return True
+
+    def claim_writer(self, scope: str, name: str, file_id: int) -> int:
+        """Who writes the copies under scope:name now: its owner while that version is still at work;
+        a version with the same bytes (sharing the name) takes it over once the owner has ended or
+        waits for a person (quarantined). Two versions never write one URL at the same time."""
+        with self._tx() as db:
+            row = db.execute("SELECT n.owner, f.state FROM names n LEFT JOIN files f ON f.id = n.owner "
+                             "WHERE n.scope = ? AND n.name = ? AND n.state = 'bound'", (scope, name)).fetchone()
+            if row is None or row[0] == file_id:
+                return file_id
+            if row[1] is None or row[1] in ("superseded", "deleted", "quarantined"):
+                db.execute("UPDATE names SET owner = ?, at = ? WHERE scope = ? AND name = ?",
+                           (file_id, self._clock(), scope, name))
+                return file_id
+            return int(row[0])
 
     def _bind_name(self, db: sqlite3.Connection, file_id: int, scope: str, name: str, blake3: str) -> None:
         """Bind scope:name to a hashed version's content, in the transaction of its transition.
@@ -521,9 +542,11 @@ class Ledger:
         row = db.execute("SELECT owner, state, blake3 FROM names WHERE scope = ? AND name = ?",
                          (scope, name)).fetchone()
         if row is None:
-            db.execute("INSERT INTO names VALUES (?,?,?,?,'bound',?)", (scope, name, file_id, blake3, self._clock()))
+            db.execute("INSERT INTO names (scope, name, owner, blake3, state, at) VALUES (?,?,?,?,'bound',?)",
+                       (scope, name, file_id, blake3, self._clock()))
         elif row[0] == file_id and row[1] == "writing":
-            db.execute("UPDATE names SET blake3 = ?, state = 'bound', at = ? WHERE scope = ? AND name = ?",
+            db.execute("UPDATE names SET blake3 = ?, state = 'bound', first_url = NULL, at = ? "
+                       "WHERE scope = ? AND name = ?",
                        (blake3, self._clock(), scope, name))
         elif not (row[1] == "bound" and row[2] == blake3):
             raise NameConflict(f"{scope}:{name} is held by file {row[0]} ({row[1]})")
@@ -564,9 +587,13 @@ class Ledger:
             db.execute("DELETE FROM names WHERE scope = ? AND name = ? AND owner = ? AND state = 'removing'",
                        (scope, name, file_id))
 
-    def removals_pending(self) -> list[int]:
-        """Versions that began removing their copies and were stopped before the end (a crash)."""
-        return [r[0] for r in self._query("SELECT owner FROM names WHERE state = 'removing'")]
+    def ended_holders(self) -> list[int]:
+        """Ended versions that still hold something to clean up after a crash: a name being removed
+        or reserved for a first copy never bound, or a first copy never registered ('sent')."""
+        return [r[0] for r in self._query(
+            "SELECT DISTINCT n.owner FROM names n JOIN files f ON f.id = n.owner WHERE f.state = 'superseded' "
+            "AND (n.state IN ('writing', 'removing') OR EXISTS (SELECT 1 FROM replicas r WHERE "
+            "r.file_id = n.owner AND r.state = 'sent')) ORDER BY n.owner")]
 
     def replicas(self, file_id: int) -> list[dict[str, Any]]:
         return [dict(r) for r in self._query("SELECT * FROM replicas WHERE file_id = ? ORDER BY location",
@@ -754,10 +781,10 @@ class Ledger:
                            "DO UPDATE SET url=excluded.url, state=excluded.state, at=excluded.at",
                            (file_id, location, url, state, now))
 
-    def names_owned(self, file_id: int) -> list[tuple[str, str, str]]:
-        """(scope, name, state) of the names this version holds."""
-        return [(r[0], r[1], r[2]) for r in self._query("SELECT scope, name, state FROM names WHERE owner = ?",
-                                                          (file_id,))]
+    def names_owned(self, file_id: int) -> list[tuple[str, str, str, str | None]]:
+        """(scope, name, state, first_url) of the names this version holds."""
+        return [(r[0], r[1], r[2], r[3]) for r in self._query(
+            "SELECT scope, name, state, first_url FROM names WHERE owner = ?", (file_id,))]
 
     def notice(self, rule: str, path: bytes, kind: str, detail: str) -> bool:
         """Report something in a watched tree that will not be handled. True if it is new."""

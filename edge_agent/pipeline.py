@@ -166,7 +166,7 @@ class Pipeline:
                 self._release(rec)
         except Exception as exc:  # noqa: BLE001 - best effort: a stale link is space, not loss
             log.warning("could not drop the buffer copy of an ended version", file_id=rec.id, error=str(exc))
-        for scope, name, state in self.ledger.names_owned(rec.id):
+        for scope, name, state, first_url in self.ledger.names_owned(rec.id):
             rows = [r for r in self.ledger.replicas(rec.id) if r["state"] == "sent"]
             if state == "bound" and not rows:
                 continue      # nothing of its own left unregistered: the name stays bound
@@ -180,8 +180,9 @@ class Pipeline:
                                   rec.fspath)
             try:
                 targets = self.lake.targets(f)
-                # an unbound reservation may have left a partial first copy; a bound one its 'sent' copy
-                urls = {r["url"] for r in rows} if rows else {targets[0].url} if targets else set()
+                # an unbound reservation may have left a partial first copy at the one URL it reserved
+                # (found empty then); a bound name its 'sent' copy
+                urls = {r["url"] for r in rows} if rows else {first_url} if first_url else set()
                 for t in targets:
                     if t.url in urls:
                         t.transport.delete(t.url)
@@ -288,6 +289,11 @@ class Pipeline:
         except NameConflict as exc:
             # another version took the name between the look and the commit: decided again
             raise RetryableError(f"the name {rule.scope}:{name} was taken meanwhile ({exc})") from None
+        for scope, held, state, _ in self.ledger.names_owned(rec.id):
+            if state == "writing" and held != name:
+                # reserved by an earlier attempt, not taken after all: free for others (anything
+                # written there stays, and is never taken for another version's copy)
+                self.ledger.drop_reservation(scope, held, rec.id)
 
     def _link_in_place(self, rec: FileRecord, local: LocalFile) -> None:
         """Register in place: the version gets the agent's own name in the buffer before it is hashed
@@ -337,12 +343,15 @@ class Pipeline:
         if not targets:
             return None
         first = targets[0]
-        if not resumed:
-            if not self.lake.name_free(rule.scope, name) \
-                    or any(t.transport.stat(t.url) is not None for t in targets):
-                return None
-            if not self.ledger.reserve_name(rule.scope, name, rec.id):
-                return None
+        if resumed:
+            assert hold is not None
+            # only the URL found empty when the name was reserved is this version's own: the
+            # destinations may have changed since (a restart with another configuration)
+            return first if hold.first_url == first.url else None
+        if not self.lake.name_free(rule.scope, name) or any(t.transport.stat(t.url) is not None for t in targets):
+            return None
+        if not self.ledger.reserve_name(rule.scope, name, rec.id, first.url):
+            return None
         # reserved while its URL was empty: whatever lies there now is this version's own
         return first
 
@@ -353,7 +362,11 @@ class Pipeline:
             hold = self.ledger.name_hold(scope, name)
             if hold is not None:
                 if hold.owner == rec.id and hold.state == "writing":
-                    return name      # reserved by this version before an earlier attempt failed
+                    # reserved by this version before an earlier attempt failed: still only where no
+                    # destination holds other bytes (the configuration may have changed since)
+                    if not self._destinations_hold_other(rec, scope, name, d, mine=hold.first_url):
+                        return name
+                    continue
                 if hold.state == "bound" and hold.blake3 == d.blake3:
                     return name      # the same bytes: the copies under it count for both
                 if hold.state != "bound" and not hold.owner_final:
@@ -364,12 +377,16 @@ class Pipeline:
                 return name
         raise PermanentError(f"no free name for {rec.relpath} among the versions of {scope}:{base}")
 
-    def _destinations_hold_other(self, rec: FileRecord, scope: str, name: str, d: Digests) -> bool:
+    def _destinations_hold_other(self, rec: FileRecord, scope: str, name: str, d: Digests,
+                                 mine: str | None = None) -> bool:
         """Does a destination already hold other bytes under scope:name (something this ledger never
-        gave that name: a lost catalogue, another agent)? Those bytes are never replaced."""
+        gave that name: a lost catalogue, another agent)? Those bytes are never replaced. `mine`: the
+        URL this version reserved for its first copy (what lies there is its own)."""
         rule = self.s.rules[rec.rule]
         f = LakeFile.unhashed(rec.rule, scope, name, d.size, rule.copies, tuple(rule.destinations), rec.fspath)
         for t in self.lake.targets(f):
+            if t.url == mine:
+                continue
             there = t.transport.stat(t.url)
             if there is None:
                 continue
@@ -471,6 +488,16 @@ class Pipeline:
                 and r["state"] == "sent" and r["url"] == t.url]
         todo = [t for t in targets if t not in sent and not ((r := recorded.get(t.location)) is not None
                                                              and r["state"] == "written" and r["url"] == t.url)]
+        if todo:
+            writer = self.ledger.claim_writer(f.scope, f.name, rec.id)
+            if writer != rec.id:
+                # another version with these very bytes writes the copies under this name: they count
+                # for this one too once written; meanwhile nothing is written (nor removed) here
+                for t in todo:
+                    there = t.transport.stat(t.url)
+                    if there is None or there.size != f.size or there.adler32 != f.adler32:
+                        raise RetryableError(f"the copies of {f.did} are being written by file {writer} "
+                                             "(the same bytes); they count for this file once written")
         # A URL is this version's to overwrite only where it wrote before (a bad or lost copy, a
         # crash mid-write) or found it empty and recorded so before writing: anything else there is
         # never replaced (an identical copy counts; other bytes are DestinationOccupied).

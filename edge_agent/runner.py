@@ -155,6 +155,7 @@ class Runner:
         woken = self.ledger.wake([State.TRANSFERRED, State.CONFIRMED])
         if woken:
             log.info("resuming", files_waiting_on_the_lake=woken)
+        self.finish_cleanups()
         # a backoff further ahead than any backoff can be was scheduled before the clock stepped
         # back while the agent was down: due now rather than hours late
         r = self.s.retry
@@ -367,14 +368,25 @@ class Runner:
             self.ledger.discover(rule, path, entry.relpath, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
                                  self.s.rules[rule].priority)
 
+    def finish_cleanups(self) -> None:
+        """What ended versions left to clean up when the agent stopped (a crash between superseding
+        a version and removing its unregistered first copy, or in the middle of that removal):
+        finished now, best effort, as the running agent would have."""
+        for fid in self.ledger.ended_holders():
+            try:
+                self.pipeline.discard_unregistered(self.ledger.get(fid))
+            except Exception:  # noqa: BLE001 - dark data at worst; tried again at the next start
+                log.warning("could not finish cleaning up after an ended version", file_id=fid, exc_info=True)
+
     def _supersede(self, rec: FileRecord, reason: str) -> None:
         try:
             self.ledger.transition(rec.id, rec.state, Event.SUPERSEDED, {"reason": reason}, reason=reason)
             log.warning("superseded", file_id=rec.id, rule=rec.rule, path=rec.relpath, reason=reason)
         except StaleTransition:
             return
-        if rec.blake3 is not None:
-            # a first copy written while hashing may wait for a registration that will not come
+        if rec.blake3 is not None or self.ledger.names_owned(rec.id):
+            # a first copy written while hashing (or a name reserved for it) may wait for a
+            # registration that will not come
             with contextlib.suppress(RuntimeError):   # the pools are closed when shutting down
                 self.pools["lake"].submit(self.pipeline.discard_unregistered, rec)
 

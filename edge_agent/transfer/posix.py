@@ -50,20 +50,43 @@ def _storage_error(exc: OSError, what: str) -> Exception:
 
 @contextlib.contextmanager
 def _locked_temp(tmp: str) -> Iterator[BinaryIO]:
-    """The temporary file of one copy, held under an exclusive lock while it is written: two
-    writers of one URL (two versions of the same bytes) never write into each other's file. One
-    left by a crash is unlocked: it is taken over and emptied."""
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise RetryableError(f"another copy to {tmp} is being written now") from None
-    except OSError:
-        pass   # a filesystem without locks: one agent per buffer still holds
+    """The temporary file of one copy, held under an exclusive lock while it is written, and removed
+    by its writer before the lock goes: a second writer of the URL never writes into it (nor, through
+    a file descriptor opened before it was published, into the published copy). One left by a crash
+    is unlocked: it is taken over and emptied."""
+    while True:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RetryableError(f"another copy to {tmp} is being written now") from None
+        except OSError:
+            pass   # a filesystem without locks: one writer per name still holds (the ledger's names)
+        mine = os.fstat(fd)
+        try:
+            there = os.lstat(tmp)
+        except FileNotFoundError:
+            there = None
+        if there is not None and (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino):
+            if mine.st_nlink == 1:
+                break
+            # published (linked to its final name) by a writer that died before removing it: only
+            # the temporary name goes, never a byte of the published copy
+            os.unlink(tmp)
+        os.close(fd)   # published or removed by its writer meanwhile: a fresh temporary file
     os.ftruncate(fd, 0)
-    with os.fdopen(fd, "wb") as fh:
+    fh = os.fdopen(fd, "wb")
+    try:
         yield fh
+    finally:
+        try:
+            there = os.lstat(tmp)
+            if (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino):
+                os.unlink(tmp)
+        except OSError:
+            pass
+        fh.close()
 
 
 class PosixTransport(Transport):
@@ -90,10 +113,8 @@ class PosixTransport(Transport):
         h = MultiHash(md5=expected.hash_md5)
         for c in also:
             c.reset()
-        locked = False
         try:
             with src, _locked_temp(tmp) as dst:
-                locked = True
                 for chunk in read_chunks(src, self.chunk_size):
                     pace(len(chunk))
                     h.update(chunk)
@@ -112,13 +133,6 @@ class PosixTransport(Transport):
                 return got
         except OSError as exc:
             raise _storage_error(exc, f"copy to {final} failed") from None
-        finally:
-            # the temporary name is removed by the writer that holds its lock, never under another
-            if locked and os.path.lexists(tmp):
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
 
     def _publish(self, tmp: str, final: str, expected: Expected, got: Digests) -> None:
         """Give the copy its name. Without may_replace, a no-clobber link: bytes that appeared under

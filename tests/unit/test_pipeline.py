@@ -931,8 +931,8 @@ def test_a_file_changing_during_the_first_copy_leaves_no_copy(env: Env, monkeypa
 def test_a_stale_first_copy_from_a_crash_is_replaced(env: Env) -> None:
     rec = env.add()
     # the name was reserved (committed) before the crash: whatever lies under it is this version's
-    assert env.ledger.reserve_name("test", "run42/f1.fits", rec.id)
     stale = env.roots["a"] / "test" / "run42" / "f1.fits"
+    assert env.ledger.reserve_name("test", "run42/f1.fits", rec.id, str(stale))
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"half of it")          # what a crash in the middle of the first copy leaves
     rec = env.step(rec.id)
@@ -1012,19 +1012,45 @@ def test_two_files_rendering_one_name_never_share_a_url(make_env: Any) -> None:
 
 
 def test_a_copy_another_version_counts_is_never_removed(env: Env) -> None:
-    """Item 2: a's first copy is written; b (the same bytes, another path) counts it and is deleted
-    locally; then a changes and is superseded: the copy b relies on stays."""
+    """Item 2: a's first copy is written; b (the same bytes, another path) shares the name and counts
+    that copy; a then changes and is superseded: the copy b relies on stays, and b goes on with it."""
     env.s.rules["r"].name_template = "{filename}"
     a = env.step(env.add("run1/img.dat").id)
     assert a.state is S.HASHED and [r["state"] for r in env.ledger.replicas(a.id)] == ["sent"]
-    b = env.drive(env.add("run2/img.dat").id)
-    assert b.state is S.DELETED and b.name == a.name
+    b = env.add("run2/img.dat")
+    for _ in range(3):
+        b = env.step(b.id)
+    # a still writes the copies under the name: b waits for them, writing nothing itself
+    assert b.name == a.name and b.state is S.RETRY_WAIT and "being written by file" in (b.reason or "")
     env.ledger.transition(a.id, S.HASHED, E.SUPERSEDED, {"reason": "changed"}, reason="changed")
     env.pipeline.discard_unregistered(a)
-    for loc in ("a", "b"):
-        assert env.copy(loc, b).read_bytes() == DATA
+    assert env.copy("a", b).read_bytes() == DATA
     hold = env.ledger.name_hold("test", "img.dat")
     assert hold is not None and hold.owner == b.id
+    env.retry_due(b.id)
+    b = env.drive(b.id)
+    assert b.state is S.DELETED
+    for loc in ("a", "b"):
+        assert env.copy(loc, b).read_bytes() == DATA
+
+
+def test_versions_sharing_a_name_never_write_one_url_at_once(env: Env) -> None:
+    """Two versions with the same bytes share a name: only one writes its copies; the other counts
+    them once written (a failed upload of one can then never remove the other's copy)."""
+    env.s.rules["r"].name_template = "{filename}"
+    a = env.step(env.add("run1/img.dat").id)
+    b = env.step(env.add("run2/img.dat").id)
+    b = env.step(b.id)
+    assert b.state is S.REGISTERED
+    b = env.step(b.id)
+    assert b.state is S.RETRY_WAIT and env.ledger.replicas(b.id) == []
+    assert not env.copy("b", a).exists()
+    a = env.drive(a.id)
+    assert a.state is S.DELETED
+    env.retry_due(b.id)
+    b = env.drive(b.id)
+    assert b.state is S.DELETED and [(r["location"], r["state"]) for r in env.ledger.replicas(b.id)] == [
+        ("a", "written"), ("b", "written")]
 
 
 def test_a_first_read_that_fails_frees_its_name(env: Env, monkeypatch: Any) -> None:
@@ -1040,3 +1066,38 @@ def test_a_first_read_that_fails_frees_its_name(env: Env, monkeypatch: Any) -> N
     assert end.state is S.DISCOVERED
     assert not any(p.is_file() for root in env.roots.values() for p in root.rglob("*"))
     assert env.ledger.name_hold("test", "run42/f1.fits") is None
+
+
+def test_a_resumed_reservation_never_overwrites_a_destination_it_did_not_reserve(env: Env) -> None:
+    """Review finding: the name was reserved for a first copy at another URL (the configuration changed
+    since, e.g. an archive with a lost catalogue became the first destination): what lies at the new
+    first URL is not this version's and is never replaced."""
+    rec = env.add()
+    assert env.ledger.reserve_name("test", "run42/f1.fits", rec.id, "/elsewhere/test/run42/f1.fits")
+    older = env.roots["a"] / "test" / "run42" / "f1.fits"
+    older.parent.mkdir(parents=True)
+    older.write_bytes(b"last year's only copy")
+    end = env.drive(rec.id)
+    assert older.read_bytes() == b"last year's only copy"
+    assert end.state is S.DELETED and end.name != "run42/f1.fits"
+
+
+def test_what_a_crash_left_of_an_ended_version_is_cleaned_up_at_start(env: Env) -> None:
+    """Review finding: superseded before its first copy was removed (a crash), or before its reservation
+    was bound: the next start removes the unregistered copy and frees the name."""
+    import types
+
+    from edge_agent.runner import Runner
+    a = env.step(env.add("run1/a.dat").id)                     # first copy written ('sent')
+    env.ledger.transition(a.id, S.HASHED, E.SUPERSEDED, {"reason": "changed"}, reason="changed")
+    b = env.add("run2/b.dat")                                   # reserved, first copy written, not bound
+    url = env.roots["a"] / "test" / "run2" / "b.dat"
+    assert env.ledger.reserve_name("test", "run2/b.dat", b.id, str(url))
+    url.parent.mkdir(parents=True)
+    url.write_bytes(b"partial first copy")
+    env.ledger.transition(b.id, S.COMPLETE, E.SUPERSEDED, {"reason": "vanished"}, reason="vanished")
+    assert env.ledger.ended_holders() == [a.id, b.id]
+    Runner.finish_cleanups(types.SimpleNamespace(ledger=env.ledger, pipeline=env.pipeline))  # type: ignore[arg-type]
+    assert not env.copy("a", a).exists() and not url.exists()
+    assert env.ledger.name_hold("test", a.name or "") is None and env.ledger.name_hold("test", "run2/b.dat") is None
+    assert env.ledger.ended_holders() == []

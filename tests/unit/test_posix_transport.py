@@ -286,3 +286,16 @@ def test_a_first_read_hashes_while_copying_and_trusts_nothing_already_there(src:
     got = PosixTransport(fsync=False).put(str(src), str(final), Expected(len(DATA), None, want_md5=True, may_replace=True), lambda n: None)
     assert final.read_bytes() == DATA and final.stat().st_ino != before   # written anew, renamed in
     assert got.adler32 == adler(DATA) and got.md5 is not None
+
+
+def test_a_temporary_name_still_linked_to_a_published_copy_never_truncates_it(src: Path, dest: Path) -> None:
+    """A writer died between giving the copy its name (a link) and removing the temporary name: the
+    next writer of that temporary name must not empty the published copy through it."""
+    from edge_agent.transfer.posix import _locked_temp
+    final = dest / "f1.fits"
+    final.write_bytes(DATA)
+    tmp = temp_name(str(final))
+    os.link(final, tmp)
+    with _locked_temp(tmp) as fh:
+        fh.write(b"another copy")
+    assert final.read_bytes() == DATA and not os.path.lexists(tmp)
