@@ -268,15 +268,20 @@ def guarded_unlink(target: bytes | LocalFile, expected: LocalStat, recheck: Rech
         return "gone"
 
 
-def finish_deleting(target: LocalFile, expected: LocalStat, recheck: Recheck | None = None) -> str:
+def finish_deleting(target: LocalFile, expected: LocalStat, recheck: Recheck | None = None,
+                    delete: bool = True) -> str:
     """Only the second half of guarded_unlink: this version's leftover of a deletion cut short (the
     crash came between the rename and the unlink) is deleted if it is still the version, put back
-    otherwise. The name itself is never looked at: it may hold a newer version. "gone": no leftover."""
+    otherwise, and always put back if `delete` is False (nothing may be deleted now). The name
+    itself is never looked at: it may hold a newer version. "gone": there was no leftover."""
     try:
         with target.directory() as (d, name):
             tmp, moved = _leftover_at(d, name, expected)
             if moved is None:
                 return "gone"
+            if not delete:
+                _put_back(d, tmp, name, moved, target)
+                return "changed"
             return _settle_at(d, name, tmp, moved, expected, recheck, target)
     except _GONE:
         return "gone"

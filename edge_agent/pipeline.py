@@ -221,12 +221,14 @@ class Pipeline:
         """A confirmed version that ended while its deletion was cut short (a crash between the
         rename and the unlink, then a new file under its path): its own leftover, which nobody
         else will ever look at, goes if it still holds exactly its confirmed bytes (put back
-        under a name the watcher sees otherwise). The path itself is never touched."""
+        under a name the watcher sees otherwise, or where nothing may be deleted now: a dry run,
+        deletion policy 'never'). The path itself is never touched."""
         rule = self.s.rules.get(rec.rule)
-        if rule is None or rec.inode is None or self.s.dry_run or rule.delete is DeletePolicy.NEVER:
+        if rule is None or rec.inode is None:
             return
+        delete = not self.s.dry_run and rule.delete is not DeletePolicy.NEVER
         try:
-            outcome = finish_deleting(self._local(rec), self._recorded_stat(rec), self._recheck(rec))
+            outcome = finish_deleting(self._local(rec), self._recorded_stat(rec), self._recheck(rec), delete)
         except Exception as exc:  # noqa: BLE001 - best effort: the leftover is space, its copies confirmed
             log.warning("could not finish the deletion of an ended version", file_id=rec.id, error=str(exc))
             return

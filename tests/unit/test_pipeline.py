@@ -1121,3 +1121,27 @@ def test_a_deletion_failing_right_after_confirmation_is_recorded_by_that_step(
     if end is S.QUARANTINED:
         assert rec.resume_state is S.CONFIRMED and "Permission denied" in (rec.reason or "")
     assert Path(rec.fspath).exists()
+
+
+def test_a_leftover_that_is_not_the_confirmed_version_comes_back_under_a_name_the_watcher_sees(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edge_agent.localfs import deleting_name
+    v1 = crash_between_the_rename_and_the_unlink(env, monkeypatch, env.add("f.dat").id)
+    assert v1.inode is not None
+    with open(deleting_name(os.fsencode(v1.fspath), v1.inode), "ab") as fh:
+        fh.write(b"written through a descriptor still open")     # never sent
+    Path(v1.fspath).write_bytes(b"second content " * 100)
+    assert env.step(v1.id).state is S.SUPERSEDED
+    assert agent_names(env) == []
+    assert (env.daq / f"f.restored-{v1.inode}.dat").read_bytes() == DATA + b"written through a descriptor still open"
+    assert Path(v1.fspath).read_bytes() == b"second content " * 100
+
+
+def test_a_dry_run_puts_an_ended_versions_leftover_back(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    v1 = crash_between_the_rename_and_the_unlink(env, monkeypatch, env.add("f.dat").id)
+    env.pipeline.s = env.s.model_copy(update={"dry_run": True})     # restarted with dry_run = true
+    Path(v1.fspath).write_bytes(b"second content " * 100)
+    env.ledger.transition(v1.id, v1.state, E.SUPERSEDED, {"reason": "changed"}, reason="changed")
+    env.pipeline.discard_unregistered(v1)
+    assert agent_names(env) == []
+    assert (env.daq / f"f.restored-{v1.inode}.dat").read_bytes() == DATA
