@@ -13,8 +13,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
+import structlog
+
 from .core.policy import LocalStat
 from .errors import FileVanished, PermanentError, SourceUnreadable, SymlinkInPath
+
+log = structlog.get_logger("edge_agent.localfs")
 
 AGENT_MARK = b".edge-agent-"   # every temporary file the agent makes carries this in its name
 
@@ -223,9 +227,18 @@ def sibling_temp(path: bytes, what: bytes) -> bytes:
     return os.path.join(d, temp_base(base, what))
 
 
-def deleting_name(path: bytes) -> bytes:
-    return sibling_temp(path, b"deleting")
+def deleting_name(path: bytes, inode: int) -> bytes:
+    """The agent's temporary name for version `inode` of `path` while it is being deleted: one per
+    version, so a leftover of a crash can never be taken for another version of the same path."""
+    return sibling_temp(path, _deleting(inode))
 
+
+def _deleting(inode: int) -> bytes:
+    return b"deleting.%d" % inode
+
+
+# An older agent's name, one per path: still finished when it holds the version being deleted.
+_OLD_DELETING = b"deleting"
 
 # Reads the file about to be deleted; False keeps it (its content is not what was hashed).
 Recheck = Callable[[BinaryIO], bool]
@@ -235,15 +248,17 @@ def guarded_unlink(target: bytes | LocalFile, expected: LocalStat, recheck: Rech
     """Delete the file only if it is still exactly the version that was hashed.
 
     Its stat at its name must be `expected`, ctime and device included where recorded. Then it is
-    renamed to an agent-temporary name, so a DAQ that publishes a new file under the same name at
-    that instant cannot have the new one deleted, and the file actually moved is checked again
-    (and put back if it is not the expected one). The rename stamps a new ctime on ext4, xfs and
-    tmpfs, so after it only inode, device, size and mtime can be compared: ctime was compared
-    right before, and the one change to it since is the rename itself. `recheck` then reads the
-    content of the moved file (nobody reaches it by its name any more) before it goes. A crash at
-    any point leaves either the file at its name or the temporary name, which the next call
-    handles like the moved file. Nothing below the root is followed if it is a symlink
-    (SymlinkInPath). Returns "deleted", "gone" (nothing there) or "changed" (left in place).
+    renamed to this version's agent-temporary name (deleting_name), so a DAQ that publishes a new
+    file under the same name at that instant cannot have the new one deleted, and the file actually
+    moved is checked again (and put back if it is not the expected one). The rename stamps a new
+    ctime on ext4, xfs and tmpfs, so after it only inode, device, size and mtime can be compared:
+    ctime was compared right before, and the one change to it since is the rename itself.
+    `recheck` then reads the content of the moved file (nobody reaches it by its name any more)
+    before it goes. A crash at any point leaves either the file at its name or this version's
+    temporary name, which the next call handles like the moved file. A file put back finds its
+    name taken by a new one: it goes to a name of its own beside it (restored_name) that the
+    watcher sees, never left under an agent name. Nothing below the root is followed if it is a
+    symlink (SymlinkInPath). Returns "deleted", "gone" (nothing there) or "changed" (left in place).
     """
     f = target if isinstance(target, LocalFile) else LocalFile.beside(target)
     try:
@@ -251,6 +266,36 @@ def guarded_unlink(target: bytes | LocalFile, expected: LocalStat, recheck: Rech
             return _guarded_unlink_at(d, name, expected, recheck, f)
     except _GONE:
         return "gone"
+
+
+def finish_deleting(target: LocalFile, expected: LocalStat, recheck: Recheck | None = None,
+                    delete: bool = True) -> str:
+    """Only the second half of guarded_unlink: this version's leftover of a deletion cut short (the
+    crash came between the rename and the unlink) is deleted if it is still the version, put back
+    otherwise, and always put back if `delete` is False (nothing may be deleted now). The name
+    itself is never looked at: it may hold a newer version. "gone": there was no leftover."""
+    try:
+        with target.directory() as (d, name):
+            tmp, moved = _leftover_at(d, name, expected)
+            if moved is None:
+                return "gone"
+            if not delete:
+                _put_back(d, tmp, name, moved, target)
+                return "changed"
+            return _settle_at(d, name, tmp, moved, expected, recheck, target)
+    except _GONE:
+        return "gone"
+
+
+def leftover(target: LocalFile, expected: LocalStat) -> LocalStat | None:
+    """The stat of this version's leftover of a deletion cut short, without its ctime (the rename
+    changed it), or None."""
+    try:
+        with target.directory() as (d, name):
+            moved = _leftover_at(d, name, expected)[1]
+    except _GONE:
+        return None
+    return dataclasses.replace(moved, ctime_ns=None) if moved is not None else None
 
 
 def _regular_at(d: int, name: bytes) -> LocalStat | None:
@@ -261,10 +306,22 @@ def _regular_at(d: int, name: bytes) -> LocalStat | None:
     return local_stat(st) if stat_mod.S_ISREG(st.st_mode) else None
 
 
+def _leftover_at(d: int, name: bytes, expected: LocalStat) -> tuple[bytes, LocalStat | None]:
+    """This version's temporary name and what it holds. An older agent's per-path name counts only
+    when it holds this very inode; another version's leftover is that version's to finish."""
+    tmp = temp_base(name, _deleting(expected.inode))
+    moved = _regular_at(d, tmp)
+    if moved is None:
+        old = temp_base(name, _OLD_DELETING)
+        left = _regular_at(d, old)
+        if left is not None and (left.inode, left.dev) == (expected.inode, expected.dev or left.dev):
+            return old, left
+    return tmp, moved
+
+
 def _guarded_unlink_at(d: int, name: bytes, expected: LocalStat, recheck: Recheck | None,
                        shown: LocalFile) -> str:
-    tmp = temp_base(name, b"deleting")
-    moved = _regular_at(d, tmp)          # a leftover of a crash between the rename and the unlink
+    tmp, moved = _leftover_at(d, name, expected)   # a leftover of a crash between the rename and the unlink
     if moved is None:
         try:
             st = os.stat(name, dir_fd=d, follow_symlinks=False)
@@ -277,16 +334,23 @@ def _guarded_unlink_at(d: int, name: bytes, expected: LocalStat, recheck: Rechec
         except FileNotFoundError:
             return "gone"
         moved = _regular_at(d, tmp)
-    ours = moved is not None and expected.same_file(dataclasses.replace(moved, ctime_ns=None))
+        if moved is None:
+            return "gone"
+    return _settle_at(d, name, tmp, moved, expected, recheck, shown)
+
+
+def _settle_at(d: int, name: bytes, tmp: bytes, moved: LocalStat, expected: LocalStat,
+               recheck: Recheck | None, shown: LocalFile) -> str:
+    """The file moved to `tmp`: deleted if it is the expected version, else put back."""
+    ours = expected.same_file(dataclasses.replace(moved, ctime_ns=None))
     if ours and recheck is not None:
-        assert moved is not None
         try:
             ours = _recheck_at(d, tmp, moved, recheck, shown)
         except BaseException:
-            _put_back(d, tmp, name)
+            _put_back(d, tmp, name, moved, shown)
             raise
     if not ours:
-        _put_back(d, tmp, name)
+        _put_back(d, tmp, name, moved, shown)
         return "changed"
     os.unlink(tmp, dir_fd=d)
     _fsync_dir_at(d)
@@ -302,14 +366,37 @@ def _recheck_at(d: int, tmp: bytes, moved: LocalStat, recheck: Recheck, shown: L
         return recheck(fh)
 
 
-def _put_back(d: int, tmp: bytes, name: bytes) -> None:
-    """Not ours to delete: back under its name, without clobbering anything that appeared since."""
-    try:
-        os.link(tmp, name, src_dir_fd=d, dst_dir_fd=d, follow_symlinks=False)
+def restored_name(name: bytes, inode: int, attempt: int = 0) -> bytes:
+    """A name beside `name` for a file put back while a new file holds `name`: not hidden, no agent
+    mark, and the original suffixes kept (img.fits.fz -> img.restored-<inode>.fits.fz), so the
+    rule's include globs on the suffix still take it as a data file."""
+    mark = b".restored-%d" % inode + (b"-%d" % attempt if attempt else b"")
+    cut = name.find(b".", 1)
+    stem, suffix = (name, b"") if cut < 0 else (name[:cut], name[cut:])
+    room = 255 - len(mark) - len(suffix)
+    if room < 1:                          # a very long suffix: only the last one is kept
+        suffix = os.path.splitext(name)[1][:255 - len(mark) - 1]
+        room = 255 - len(mark) - len(suffix)
+    return stem[:room] + mark + suffix
+
+
+def _put_back(d: int, tmp: bytes, name: bytes, moved: LocalStat, shown: LocalFile) -> None:
+    """Not ours to delete: back under its name, without clobbering anything that appeared since.
+    If a new file took the name meanwhile, under a name of its own that the watcher finds, so it
+    is sent as a file of its own; never left under the agent's temporary name, where nobody looks."""
+    for attempt in range(100):
+        target = name if attempt == 0 else restored_name(name, moved.inode, attempt - 1)
+        try:
+            os.link(tmp, target, src_dir_fd=d, dst_dir_fd=d, follow_symlinks=False)
+        except FileExistsError:
+            continue
         os.unlink(tmp, dir_fd=d)
-    except OSError as exc:
-        if exc.errno != errno.EEXIST:
-            raise
+        _fsync_dir_at(d)
+        if target != name:
+            log.warning("file put back under another name: a new file took its name", path=str(shown),
+                        restored=os.fsdecode(os.path.join(os.path.dirname(shown.path), target)))
+        return
+    raise FileExistsError(errno.EEXIST, "no free name to put the file back under", str(shown))
 
 
 # ---------------------------------------------------------------- register in place

@@ -15,7 +15,6 @@ out a backoff, permanent ones quarantine the file with the reason.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import json
 import os
@@ -28,7 +27,7 @@ from typing import Any, BinaryIO, Callable
 import structlog
 
 from .core import policy
-from .core.lifecycle import Event, State
+from .core.lifecycle import FINAL, Event, State
 from .errors import (
     ChecksumMismatch,
     FileChanged,
@@ -44,7 +43,16 @@ from .fits import FitsScan
 from .hashing import Digests, hash_stream
 from .lake.base import Catalogue, LakeFile, Target
 from .ledger import FileRecord, Ledger, NameConflict, StaleTransition
-from .localfs import INPLACE_DIR, LocalFile, deleting_name, guarded_unlink, inplace_link, link_in_place, unlink_in_place
+from .localfs import (
+    INPLACE_DIR,
+    LocalFile,
+    finish_deleting,
+    guarded_unlink,
+    inplace_link,
+    leftover,
+    link_in_place,
+    unlink_in_place,
+)
 from .settings import Completion, DeletePolicy, Settings
 from .transfer.base import Expected, Pacer
 
@@ -137,18 +145,33 @@ class Pipeline:
         else:
             detail = {"reason": reason, "attempt": attempts}
         try:
-            self._move(rec, event, detail, attempts=attempts, reason=reason, **updates)
+            self._move_failed(rec, event, detail, attempts=attempts, reason=reason, **updates)
         except StaleTransition:
             pass
 
+    def _move_failed(self, rec: FileRecord, event: Event, detail: dict[str, Any] | None = None,
+                     **updates: Any) -> FileRecord:
+        """_move for a failure. A step may have moved its row on before it failed (confirm records
+        the confirmation, then deletes at once): the failure is recorded where the row is now.
+        Returns the record it was moved from."""
+        try:
+            self._move(rec, event, detail, **updates)
+            return rec
+        except StaleTransition:
+            now = self.ledger.get(rec.id)
+            if now.state is rec.state or now.state in FINAL:
+                raise
+        self._move(now, event, detail, **updates)
+        return now
+
     def _changed(self, rec: FileRecord, reason: str) -> None:
         if rec.blake3 is None:
-            self._move(rec, Event.CHANGED, {"reason": reason})
+            self._move_failed(rec, Event.CHANGED, {"reason": reason})
         else:
             # this version's evidence no longer describes the file: end it; the watcher
             # discovers the new content as a new version
-            self._move(rec, Event.SUPERSEDED, {"reason": reason}, reason=reason)
-            self.discard_unregistered(rec)
+            ended = self._move_failed(rec, Event.SUPERSEDED, {"reason": reason}, reason=reason)
+            self.discard_unregistered(ended)
 
     def discard_unregistered(self, rec: FileRecord) -> None:
         """An ended version's first copy that never reached the lake's records: removed, best effort,
@@ -166,6 +189,8 @@ class Pipeline:
                 self._release(rec)
         except Exception as exc:  # noqa: BLE001 - best effort: a stale link is space, not loss
             log.warning("could not drop the buffer copy of an ended version", file_id=rec.id, error=str(exc))
+        if before is State.CONFIRMED:
+            self._finish_deleting(rec)
         for scope, name, state, first_url in self.ledger.names_owned(rec.id):
             rows = [r for r in self.ledger.replicas(rec.id) if r["state"] == "sent"]
             if state == "bound" and not rows:
@@ -193,14 +218,32 @@ class Pipeline:
                 continue
             self.ledger.finish_removal(scope, name, rec.id)
 
+    def _finish_deleting(self, rec: FileRecord) -> None:
+        """A confirmed version that ended while its deletion was cut short (a crash between the
+        rename and the unlink, then a new file under its path): its own leftover, which nobody
+        else will ever look at, goes if it still holds exactly its confirmed bytes (put back
+        under a name the watcher sees otherwise, or where nothing may be deleted now: a dry run,
+        deletion policy 'never'). The path itself is never touched."""
+        rule = self.s.rules.get(rec.rule)
+        if rule is None or rec.inode is None:
+            return
+        delete = not self.s.dry_run and rule.delete is not DeletePolicy.NEVER
+        try:
+            outcome = finish_deleting(self._local(rec), self._recorded_stat(rec), self._recheck(rec), delete)
+        except Exception as exc:  # noqa: BLE001 - best effort: the leftover is space, its copies confirmed
+            log.warning("could not finish the deletion of an ended version", file_id=rec.id, error=str(exc))
+            return
+        if outcome != "gone":
+            log.info("deletion of an ended version finished", file_id=rec.id, path=rec.relpath, outcome=outcome)
+
     def _vanished(self, rec: FileRecord, reason: str) -> None:
         # Renamed (the new name is discovered as a file of its own) or removed by someone else:
         # either way this version cannot be sent, and retrying cannot bring it back. Said loudly.
         stage = "hashing" if rec.state is State.COMPLETE else "its copies were written"
         why = f"vanished before {stage} (renamed or removed by someone else): {reason}"
         log.warning("file vanished", file_id=rec.id, rule=rec.rule, path=rec.relpath, reason=why)
-        self._move(rec, Event.SUPERSEDED, {"reason": why}, reason=why)
-        self.discard_unregistered(rec)
+        ended = self._move_failed(rec, Event.SUPERSEDED, {"reason": why}, reason=why)
+        self.discard_unregistered(ended)
 
     # ------------------------------------------------------------ helpers
     def lake_file(self, rec: FileRecord) -> LakeFile:
@@ -654,12 +697,9 @@ class Pipeline:
     def _maybe_delete(self, rec: FileRecord, c: policy.Confirmation) -> None:
         rule = self.s.rules[rec.rule]
         local = self._local(rec)
-        current = local.stat()
-        if current is None:
-            # a crash inside guarded_unlink leaves the file under its "deleting" name: still ours to
-            # finish (its ctime is our rename's: not compared)
-            left = LocalFile(local.root, deleting_name(local.path)).stat()
-            current = dataclasses.replace(left, ctime_ns=None) if left is not None else None
+        # a crash inside guarded_unlink leaves the file under this version's "deleting" name: still
+        # ours to finish, whatever was published under the path since (its ctime is our rename's)
+        current = leftover(local, self._recorded_stat(rec)) or local.stat()
         kept = 0.0
         if rule.delete is DeletePolicy.KEEP:
             # the keep period runs on the monotonic clock once this process has seen the file: a

@@ -63,9 +63,15 @@ def test_kill9_right_after_deletion_started_is_finished_on_restart(agent) -> Non
     assert buffer_names(d.rule_dir()) == []
 
 
-def test_a_crash_inside_the_guarded_unlink_is_finished_on_restart(agent) -> None:
-    """The file was moved to its 'deleting' name when the agent died: the restart deletes it."""
-    from edge_agent.localfs import deleting_name
+@pytest.mark.parametrize("older_agent", [False, True])
+@pytest.mark.parametrize("republished", [False, True])
+def test_a_crash_inside_the_guarded_unlink_is_finished_on_restart(agent, older_agent: bool,
+                                                                  republished: bool) -> None:
+    """The file was moved to its 'deleting' name when the agent died: the restart deletes it, from an
+    older agent's per-path name too. If the DAQ published a new file under the same path meanwhile,
+    the old version's leftover is still finished, and the new file is sent and deleted in its turn
+    (once it was refused as 'changed' forever, each version superseded and sent again)."""
+    from edge_agent.localfs import deleting_name, sibling_temp
     d: Daemon = agent(rules={"daq": {"completion": ["renamed"], "delete": "never"}})
     d.start()
     p = d.rule_dir() / "h.fits"
@@ -73,13 +79,27 @@ def test_a_crash_inside_the_guarded_unlink_is_finished_on_restart(agent) -> None
     d.wait_for(lambda: d.counts().get("confirmed") == 1, 30, "confirmation")
     d.kill9()
     # what a kill between the rename and the unlink leaves behind
-    os.rename(p, deleting_name(bytes(p)))
+    left = sibling_temp(bytes(p), b"deleting") if older_agent else deleting_name(bytes(p), p.stat().st_ino)
+    os.rename(p, left)
+    new = os.urandom(12_000)
+    if republished:
+        staged = d.rule_dir().parent / "h.fits"
+        staged.write_bytes(new)
+        os.rename(staged, p)
     d.doc["rules"]["daq"]["delete"] = "after_confirm"
     from support import write_toml
     write_toml(d.config, d.doc)
     d.start()
-    d.wait_for(lambda: d.counts().get("deleted") == 1, 30, "the deletion finished")
+    # the old version ends deleted (its delete step finishes the leftover) or superseded (the rescan
+    # saw the new file first; its leftover is finished as it ends): either way nothing is left
+    versions = 2 if republished else 1
+    d.wait_for(lambda: (c := d.counts()).get("deleted") and set(c) <= {"deleted", "superseded"}
+               and sum(c.values()) == versions, 30, "the deletion finished")
     assert buffer_names(d.rule_dir()) == []
+    assert not [n for n in os.listdir(d.rule_dir()) if b"deleting" in os.fsencode(n)]
+    if republished:
+        for lake in d.lake_files().values():
+            assert new in lake.values()
 
 
 @pytest.mark.parametrize("point", ["after_first_put", "after_register", "after_put", "after_add_replica", "after_rule",

@@ -103,3 +103,29 @@ def test_a_directory_swapped_for_a_symlink_after_discovery_is_never_followed(age
         assert lake == {"test/run42.moved/f1.fits": b"A" * 5000}      # nothing of the outside file
     assert (outside / "f1.fits").read_bytes() == b"B" * 5000           # never deleted
     assert os.path.islink(root / "run42")
+
+
+@pytest.mark.parametrize("big_first", [True, False])
+def test_files_whose_template_renders_one_name_keep_their_own_bytes(agent, big_first: bool) -> None:
+    """Issue 12 item 1, with the real daemon: run1/img.dat and run2/img.dat under `{filename}`, one
+    large and one small, written at once and hashed side by side (hash_workers = 2). Each ends in
+    the lake under a name of its own with exactly its bytes, on both destinations."""
+    d: Daemon = agent(rules={"daq": {"completion": ["renamed"], "name_template": "{filename}"}}, hash_workers=2)
+    d.start()
+    big, small = os.urandom(24 * 1024 * 1024), os.urandom(300_000)
+    files = {"run1/img.dat": big, "run2/img.dat": small} if big_first else {"run1/img.dat": small,
+                                                                               "run2/img.dat": big}
+    for rel, data in files.items():
+        p = d.rule_dir() / rel
+        p.parent.mkdir(exist_ok=True)
+        (p.parent / (p.name + ".part")).write_bytes(data)
+    for rel in files:
+        p = d.rule_dir() / rel
+        os.rename(p.parent / (p.name + ".part"), p)
+    d.wait_for(lambda: d.counts().get("deleted") == 2, 90, "both files delivered and deleted")
+    names = {r["relpath"]: r["name"] for r in d.files()}
+    assert sorted(names.values()) == ["img.dat", "img.dat.v2"]
+    for lake in ("lake1", "lake2"):
+        held = d.lake_files()[lake]
+        for rel, data in files.items():
+            assert held[f"test/{names[rel]}"] == data, (lake, rel)

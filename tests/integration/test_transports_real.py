@@ -36,8 +36,9 @@ def adler(data: bytes) -> str:
     return f"{zlib.adler32(data) & 0xFFFFFFFF:08x}"
 
 
-def expected_for(data: bytes) -> Expected:
-    return Expected(len(data), blake3.blake3(data).hexdigest(), adler(data))
+def expected_for(data: bytes, may_replace: bool = True) -> Expected:
+    # may_replace: the pipeline's word that what lies at the URL is this version's own (a bad copy)
+    return Expected(len(data), blake3.blake3(data).hexdigest(), adler(data), may_replace=may_replace)
 
 
 def no_pace(n: int) -> None:
@@ -316,6 +317,18 @@ def test_root_upload_and_checksum_query(xroot: XRootTransport, area: Area, write
     assert hash_file(area.local(f"night1/r{size}")).blake3 == got.blake3
     # the same file over HTTP
     assert adler32_of_digest(fresh_head(area.http(f"night1/r{size}")).headers.get("Digest")) == adler(data)
+
+
+def test_http_and_root_never_replace_bytes_the_version_does_not_own(http: HttpTransport, xroot: XRootTransport,
+                                                                   area: Area, write_src) -> None:
+    from edge_agent.errors import DestinationOccupied
+    old, new = os.urandom(MiB), os.urandom(MiB)
+    for transport, url, name in ((http, area.http("owned-h"), "owned-h"), (xroot, area.root("owned-r"), "owned-r")):
+        transport.put(write_src("old", old), url, expected_for(old), no_pace)
+        for exp in (expected_for(new, may_replace=False), Expected(len(new), None)):
+            with pytest.raises(DestinationOccupied):
+                transport.put(write_src("new", new), url, exp, no_pace)
+        assert area.local(name).read_bytes() == old
 
 
 def test_root_reupload_identical_overwrite_and_delete(xroot: XRootTransport, area: Area, write_src) -> None:

@@ -19,10 +19,12 @@ from edge_agent.errors import FileVanished, PermanentError, SymlinkInPath
 from edge_agent.localfs import (
     LocalFile,
     deleting_name,
+    finish_deleting,
     guarded_unlink,
     is_agent_temp,
     local_stat,
     open_source,
+    restored_name,
     stat_regular,
 )
 
@@ -108,7 +110,7 @@ def test_never_deletes_a_directory_or_symlink(tmp_path: Path, f: bytes) -> None:
 def test_recovers_a_matching_leftover_from_a_crash(f: bytes) -> None:
     expected = stat_regular(f)
     assert expected is not None
-    os.rename(f, deleting_name(f))    # the crash came right after the rename
+    os.rename(f, deleting_name(f, expected.inode))    # the crash came right after the rename
     assert guarded_unlink(f, expected) == "deleted"
     assert dir_of(f) == []
 
@@ -116,7 +118,7 @@ def test_recovers_a_matching_leftover_from_a_crash(f: bytes) -> None:
 def test_matching_leftover_and_a_new_file_under_the_name(f: bytes) -> None:
     expected = stat_regular(f)
     assert expected is not None
-    os.rename(f, deleting_name(f))
+    os.rename(f, deleting_name(f, expected.inode))
     with open(f, "wb") as fh:          # meanwhile the DAQ wrote a new file with the same name
         fh.write(b"new run")
     assert guarded_unlink(f, expected) == "deleted"
@@ -127,8 +129,8 @@ def test_matching_leftover_and_a_new_file_under_the_name(f: bytes) -> None:
 def test_recovers_a_leftover_that_does_not_match(f: bytes) -> None:
     expected = stat_regular(f)
     assert expected is not None
-    os.rename(f, deleting_name(f))
-    with open(deleting_name(f), "ab") as fh:
+    os.rename(f, deleting_name(f, expected.inode))
+    with open(deleting_name(f, expected.inode), "ab") as fh:
         fh.write(b"!")                   # not the file that was hashed: it must come back
     assert guarded_unlink(f, expected) == "changed"
     assert read(f) == b"original content!"
@@ -136,9 +138,116 @@ def test_recovers_a_leftover_that_does_not_match(f: bytes) -> None:
 
 
 def test_deleting_name() -> None:
-    assert deleting_name(b"/daq/run/f1.fits") == b"/daq/run/.f1.fits.edge-agent-deleting"
-    assert is_agent_temp(os.path.basename(deleting_name(b"/daq/f")))
+    assert deleting_name(b"/daq/run/f1.fits", 42) == b"/daq/run/.f1.fits.edge-agent-deleting.42"
+    assert is_agent_temp(os.path.basename(deleting_name(b"/daq/f", 42)))
+    assert len(os.path.basename(deleting_name(b"/daq/" + b"x" * 255, 2**64 - 1))) <= 255
 
+
+
+OLD_DELETING = b".f1.fits.edge-agent-deleting"     # an older agent's name: one per path, not per version
+
+
+def publish(p: bytes, content: bytes) -> LocalStat:
+    """The DAQ publishes a new file under `p` (a new inode)."""
+    with open(p + b".tmp", "wb") as fh:
+        fh.write(content)
+    os.rename(p + b".tmp", p)
+    st = stat_regular(p)
+    assert st is not None
+    return st
+
+
+def in_dir(p: bytes, name: bytes) -> bytes:
+    return os.path.join(os.path.dirname(p), name)
+
+
+def test_another_versions_leftover_never_decides_for_this_one(f: bytes) -> None:
+    """v1's deletion was cut short (the crash came after the rename), then v2 was published under
+    the same name: v2 is deleted on its own evidence; v1's leftover is v1's, left for it."""
+    v1 = stat_regular(f)
+    assert v1 is not None
+    os.rename(f, deleting_name(f, v1.inode))
+    v2 = publish(f, b"second content")
+    assert guarded_unlink(f, v2) == "deleted"
+    assert dir_of(f) == [os.path.basename(deleting_name(f, v1.inode))]
+    assert read(deleting_name(f, v1.inode)) == b"original content"
+
+
+def test_an_older_agents_leftover_is_finished_only_for_its_own_version(f: bytes) -> None:
+    v1 = stat_regular(f)
+    assert v1 is not None
+    os.rename(f, in_dir(f, OLD_DELETING))             # an older agent died after its rename
+    v2 = publish(f, b"second content")
+    assert guarded_unlink(f, v2) == "deleted"          # not "changed" on v1's leftover
+    assert dir_of(f) == [OLD_DELETING]
+    assert guarded_unlink(f, v1) == "deleted"          # v1's own: finished
+    assert dir_of(f) == []
+
+
+def test_finish_deleting_touches_only_the_versions_leftover(f: bytes) -> None:
+    v1 = stat_regular(f)
+    assert v1 is not None
+    os.rename(f, deleting_name(f, v1.inode))
+    publish(f, b"second content")
+    assert finish_deleting(LocalFile.beside(f), v1) == "deleted"
+    assert dir_of(f) == [os.path.basename(f)] and read(f) == b"second content"
+    assert finish_deleting(LocalFile.beside(f), v1) == "gone"     # nothing left: the name is not looked at
+    assert read(f) == b"second content"
+
+
+def test_finish_deleting_an_older_agents_leftover(f: bytes) -> None:
+    v1 = stat_regular(f)
+    assert v1 is not None
+    os.rename(f, in_dir(f, OLD_DELETING))
+    assert finish_deleting(LocalFile.beside(f), v1) == "deleted"
+    assert dir_of(f) == []
+
+
+def restored(f: bytes, inode: int) -> bytes:
+    return in_dir(f, b"f1.restored-%d.fits" % inode)
+
+
+def test_a_file_put_back_while_a_new_one_holds_its_name_goes_to_a_name_the_watcher_sees(f: bytes) -> None:
+    """Not the hashed content, and the DAQ published the next file under the name meanwhile: the
+    moved file is never left under the agent's temporary name, where nobody would look."""
+    from edge_agent.settings import RuleSettings
+    from edge_agent.watch.filters import RuleFilter
+    expected = stat_regular(f)
+    assert expected is not None
+
+    def recheck(fh: BinaryIO) -> bool:
+        publish(f, b"next image")
+        return False                               # other content than was hashed
+    assert guarded_unlink(f, expected, recheck) == "changed"
+    assert read(f) == b"next image"
+    back = restored(f, expected.inode)
+    assert read(back) == b"original content" and stat_regular(back).inode == expected.inode  # type: ignore[union-attr]
+    assert dir_of(f) == sorted([os.path.basename(f), os.path.basename(back)])
+    rule = RuleSettings(directory=Path("/daq"), scope="s", destinations=["a"], include=["*.fits"])
+    assert RuleFilter(rule)(os.fsdecode(os.path.basename(back))) is None       # ingested as a file of its own
+
+
+def test_a_leftover_that_does_not_match_is_put_back_beside_a_new_file(f: bytes) -> None:
+    expected = stat_regular(f)
+    assert expected is not None
+    os.rename(f, deleting_name(f, expected.inode))
+    with open(deleting_name(f, expected.inode), "ab") as fh:
+        fh.write(b"!")                             # written through an open descriptor after the rename
+    publish(f, b"next image")
+    assert finish_deleting(LocalFile.beside(f), expected) == "changed"
+    assert read(restored(f, expected.inode)) == b"original content!"
+    assert read(f) == b"next image"
+    assert not [n for n in dir_of(f) if is_agent_temp(n)]
+
+
+def test_restored_name_keeps_the_suffixes() -> None:
+    assert restored_name(b"img.fits.fz", 7) == b"img.restored-7.fits.fz"
+    assert restored_name(b"raw", 7) == b"raw.restored-7"
+    assert restored_name(b"img.fits", 7, 1) == b"img.restored-7-1.fits"
+    long = restored_name(b"x" * 250 + b".fits", 2**64 - 1)
+    assert len(long) <= 255 and long.endswith(b".fits")
+    long = restored_name(b"a." + b"x" * 250 + b".fits", 2**64 - 1)
+    assert len(long) <= 255 and long.endswith(b".fits") and long.startswith(b"a.restored-")
 
 def test_is_agent_temp() -> None:
     assert is_agent_temp(".f1.fits.edge-agent-part")
@@ -222,8 +331,8 @@ def test_a_leftover_renamed_by_a_crashed_deletion_is_finished_whatever_its_ctime
         fh.write(b"original content")
     expected = stat_regular(p)
     assert expected is not None
-    os.rename(p, deleting_name(p))                 # the crash came right after the rename
-    left = stat_regular(deleting_name(p))
+    os.rename(p, deleting_name(p, expected.inode))  # the crash came right after the rename
+    left = stat_regular(deleting_name(p, expected.inode))
     assert left is not None
     assert guarded_unlink(p, expected) == "deleted"
     assert dir_of(p) == []
@@ -289,7 +398,7 @@ def test_recheck_reads_the_file_moved_aside_then_deletes_it(f: bytes) -> None:
         names.append(dir_of(f))                    # nobody reaches it by its name meanwhile
         return fh.read() == b"original content"
     assert guarded_unlink(f, expected, recheck) == "deleted"
-    assert names == [[os.path.basename(deleting_name(f))]]
+    assert names == [[os.path.basename(deleting_name(f, expected.inode))]]
     assert dir_of(f) == []
 
 

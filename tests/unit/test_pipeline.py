@@ -18,10 +18,10 @@ import pytest
 
 from edge_agent.core.lifecycle import Event, State
 from edge_agent.core.policy import PATH_NAME_RE, Replica
-from edge_agent.errors import PermanentError, RetryableError
+from edge_agent.errors import PermanentError, RetryableError, SymlinkInPath
 from edge_agent.lake.base import Catalogue, LakeFile, Target
 from edge_agent.ledger import FileRecord, Ledger
-from edge_agent.localfs import Source
+from edge_agent.localfs import Source, is_agent_temp
 from edge_agent.pipeline import MAX_BAD_COPIES, MAX_UNEXPECTED, Hooks, Pipeline
 from edge_agent.settings import Settings
 from edge_agent.transfer.posix import PosixTransport
@@ -1101,3 +1101,108 @@ def test_what_a_crash_left_of_an_ended_version_is_cleaned_up_at_start(env: Env) 
     assert not env.copy("a", a).exists() and not url.exists()
     assert env.ledger.name_hold("test", a.name or "") is None and env.ledger.name_hold("test", "run2/b.dat") is None
     assert env.ledger.ended_holders() == []
+
+
+# ---------------------------------------------------------------- a deletion cut short
+
+class Killed(BaseException):
+    """kill -9: nothing after it runs."""
+
+
+def crash_between_the_rename_and_the_unlink(env: Env, monkeypatch: pytest.MonkeyPatch, fid: int) -> FileRecord:
+    real = os.unlink
+
+    def dying(p: Any, *a: Any, **kw: Any) -> None:
+        if b"edge-agent-deleting" in os.fsencode(p):
+            raise Killed()
+        real(p, *a, **kw)
+    monkeypatch.setattr(os, "unlink", dying)
+    with pytest.raises(Killed):
+        env.drive(fid)
+    monkeypatch.setattr(os, "unlink", real)
+    rec = env.ledger.get(fid)
+    assert rec.state is S.CONFIRMED and not os.path.lexists(rec.fspath)
+    return rec
+
+
+def agent_names(env: Env) -> list[str]:
+    return [n for n in os.listdir(env.daq) if is_agent_temp(n)]
+
+
+def test_a_deletion_cut_short_and_a_new_file_under_the_path_never_block_each_other(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The old version's leftover once made every later version of the path 'changed': superseded,
+    sent again and rediscovered forever. Now the ended version finishes its own deletion, and the
+    new version is deleted on its own evidence."""
+    v1 = crash_between_the_rename_and_the_unlink(env, monkeypatch, env.add("f.dat").id)
+    Path(v1.fspath).write_bytes(b"second content " * 100)       # the DAQ, while the agent was down
+    # the restart's rescan finds another inode at the live row's path (what runner.evaluate does)
+    env.ledger.transition(v1.id, v1.state, E.SUPERSEDED, {"reason": "changed"}, reason="changed")
+    env.pipeline.discard_unregistered(v1)
+    assert agent_names(env) == []                 # v1's confirmed bytes: deleted, not kept forever
+    st = os.stat(v1.fspath)
+    v2 = env.ledger.discover("r", os.fsencode(v1.fspath), "f.dat", st.st_dev, st.st_ino, st.st_size,
+                             st.st_mtime_ns, 0)
+    end = env.drive(env.ledger.transition(v2.id, S.DISCOVERED, E.COMPLETED).id)
+    assert (end.state, end.version) == (S.DELETED, 2)
+    assert os.listdir(env.daq) == []
+
+
+def test_a_deletion_cut_short_is_finished_even_if_a_new_file_took_the_path(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    v1 = crash_between_the_rename_and_the_unlink(env, monkeypatch, env.add("f.dat").id)
+    Path(v1.fspath).write_bytes(b"second content " * 100)
+    end = env.step(v1.id)
+    assert end.state is S.DELETED and env.ledger.history(v1.id)[-1]["detail"]["outcome"] == "deleted"
+    assert agent_names(env) == [] and Path(v1.fspath).read_bytes() == b"second content " * 100
+
+
+@pytest.mark.parametrize(("failure", "end"), [
+    ("changed", S.SUPERSEDED),
+    (SymlinkInPath("a directory on the way is now a symlink"), S.SUPERSEDED),
+    (PermissionError(13, "Permission denied"), S.QUARANTINED),
+])
+def test_a_deletion_failing_right_after_confirmation_is_recorded_by_that_step(
+        env: Env, monkeypatch: pytest.MonkeyPatch, failure: Any, end: State) -> None:
+    """confirm records the confirmation, then deletes at once: a failure of the deletion is recorded
+    on the row as it is now (confirmed), not lost on the one the step started from."""
+    import edge_agent.pipeline as pipeline_mod
+
+    def unlink(path: Any, expected: Any, recheck: Any = None) -> str:
+        if isinstance(failure, BaseException):
+            raise failure
+        return str(failure)
+    monkeypatch.setattr(pipeline_mod, "guarded_unlink", unlink)
+    rec = env.add()
+    for _ in range(3):
+        rec = env.step(rec.id)
+    assert rec.state is S.TRANSFERRED
+    rec = env.step(rec.id)
+    assert rec.state is end
+    if end is S.QUARANTINED:
+        assert rec.resume_state is S.CONFIRMED and "Permission denied" in (rec.reason or "")
+    assert Path(rec.fspath).exists()
+
+
+def test_a_leftover_that_is_not_the_confirmed_version_comes_back_under_a_name_the_watcher_sees(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edge_agent.localfs import deleting_name
+    v1 = crash_between_the_rename_and_the_unlink(env, monkeypatch, env.add("f.dat").id)
+    assert v1.inode is not None
+    with open(deleting_name(os.fsencode(v1.fspath), v1.inode), "ab") as fh:
+        fh.write(b"written through a descriptor still open")     # never sent
+    Path(v1.fspath).write_bytes(b"second content " * 100)
+    assert env.step(v1.id).state is S.SUPERSEDED
+    assert agent_names(env) == []
+    assert (env.daq / f"f.restored-{v1.inode}.dat").read_bytes() == DATA + b"written through a descriptor still open"
+    assert Path(v1.fspath).read_bytes() == b"second content " * 100
+
+
+def test_a_dry_run_puts_an_ended_versions_leftover_back(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    v1 = crash_between_the_rename_and_the_unlink(env, monkeypatch, env.add("f.dat").id)
+    env.pipeline.s = env.s.model_copy(update={"dry_run": True})     # restarted with dry_run = true
+    Path(v1.fspath).write_bytes(b"second content " * 100)
+    env.ledger.transition(v1.id, v1.state, E.SUPERSEDED, {"reason": "changed"}, reason="changed")
+    env.pipeline.discard_unregistered(v1)
+    assert agent_names(env) == []
+    assert (env.daq / f"f.restored-{v1.inode}.dat").read_bytes() == DATA
