@@ -391,7 +391,7 @@ class Pipeline:
             # only the URL found empty when the name was reserved is this version's own: the
             # destinations may have changed since (a restart with another configuration)
             return first if hold.first_url == first.url else None
-        if not self.lake.name_free(rule.scope, name) or any(t.transport.stat(t.url) is not None for t in targets):
+        if not self.lake.name_free(rule.scope, name) or any(t.transport.exists(t.url) for t in targets):
             return None
         if not self.ledger.reserve_name(rule.scope, name, rec.id, first.url):
             return None
@@ -545,7 +545,7 @@ class Pipeline:
         # crash mid-write) or found it empty and recorded so before writing: anything else there is
         # never replaced (an identical copy counts; other bytes are DestinationOccupied).
         own = {t.location for t in todo if (r := recorded.get(t.location)) is not None and r["url"] == t.url}
-        empty = [t for t in todo if t.location not in own and t.transport.stat(t.url) is None]
+        empty = [t for t in todo if t.location not in own and not t.transport.exists(t.url)]
         if empty:
             self.ledger.record_replicas(rec.id, [(t.location, t.url) for t in empty], "writing")
             own.update(t.location for t in empty)

@@ -100,6 +100,11 @@ class Transport(abc.ABC):
     def delete(self, url: str) -> None:
         """Remove `url`; a missing object is success."""
 
+    def exists(self, url: str) -> bool:
+        """Does `url` hold anything at all? (No checksum asked: the cheap question asked before a
+        name is reserved or a copy written.)"""
+        return self.stat(url) is not None
+
 
 def copy_problem(remote: RemoteStat | None, got: Digests, verify_upload: str, shown: str,
                  how: str) -> tuple[Exception, bool] | None:

@@ -301,6 +301,16 @@ class HttpTransport(Transport):
     def delete(self, url: str) -> None:
         self._delete(wire_url(url), shown_url(url))
 
+    def exists(self, url: str) -> bool:
+        # a plain HEAD: the server computes no checksum for it
+        wire, shown = wire_url(url), shown_url(url)
+        r = self._request("HEAD", wire, shown, "HEAD", client=self._pool)
+        if r.status_code == 404:
+            return False
+        if r.status_code not in _OK:
+            raise status_error(r.status_code, f"HEAD {shown}", r.reason_phrase)
+        return True
+
     # ------------------------------------------------------------ steps
     def _already_there(self, wire: str, shown: str, expected: Expected) -> bool:
         """True if an identical copy is there; anything else under the name is deleted."""

@@ -187,6 +187,9 @@ class PosixTransport(Transport):
             raise _storage_error(exc, f"cannot read back {path}") from None
         return RemoteStat(size, adler)
 
+    def exists(self, url: str) -> bool:
+        return os.path.lexists(url_to_path(url))
+
     def delete(self, url: str) -> None:
         path = url_to_path(url)
         try:

@@ -127,6 +127,10 @@ class S3Transport(HttpTransport):
         url = unsigned_url(url)
         return self._read_stat(url, shown_url(url))
 
+    def exists(self, url: str) -> bool:
+        # through a signed read of the first byte, as every S3 request here (a plain HEAD is unsigned)
+        return self.stat(url) is not None
+
     def delete(self, url: str) -> None:
         url = unsigned_url(url)
         shown = shown_url(url)

@@ -380,6 +380,10 @@ class XRootTransport(Transport):
         server, path = split_url(url)
         self._client.rm(server, path)
 
+    def exists(self, url: str) -> bool:
+        server, path = split_url(url)
+        return self._client.size(server, path) is not None
+
     # ------------------------------------------------------------ steps
     def _remote(self, server: str, path: str) -> RemoteStat | None:
         size = self._client.size(server, path)

@@ -718,3 +718,13 @@ def test_verifications_of_one_server_are_serialised(make, dav: FakeDav) -> None:
     for th in threads:
         th.join(5)
     assert most == 1
+
+
+def test_exists_is_one_plain_head(make, dav: FakeDav) -> None:
+    """Asked before a name is reserved: no checksum is computed by the server for it."""
+    t = make()
+    assert t.exists(URL) is False
+    dav.files[KEY] = DATA
+    assert t.exists(URL) is True
+    assert dav.methods() == ["HEAD", "HEAD"]
+    assert not [r for r in dav.requests if "want-digest" in {k.lower() for k in r.headers}]
