@@ -78,24 +78,31 @@ def test_destinations_that_are_one_place_are_refused(tmp_path: Path, make: Calla
     assert not (tmp_path / "state").exists() and not (tmp_path / "lake-b" / "state").exists()
 
 
-def test_a_bind_mount_of_another_destination_is_refused(tmp_path: Path) -> None:
-    """Paths cannot tell; device and inode can (in a private mount namespace, when one can be made)."""
+@pytest.mark.parametrize("source, other, why", [
+    ("lake-a", "destinations.a.path", "same device and inode"),
+    ("buf/night", "rules.daq.directory", "through a bind mount"),     # shows a directory INSIDE the buffer
+    ("lake-a/inner", "destinations.a.path", "through a bind mount"),
+])
+def test_a_bind_mount_of_another_place_or_of_a_directory_inside_it_is_refused(
+        tmp_path: Path, source: str, other: str, why: str) -> None:
+    """Paths cannot tell; device and inode, and mountinfo, can (in a private mount namespace, when
+    one can be made)."""
     unshare = shutil.which("unshare")
     if unshare is None or subprocess.run([unshare, "-rm", "true"], capture_output=True,
                                          check=False).returncode != 0:
         pytest.skip("no private mount namespace here (unshare -rm)")
-    for d in ("buf", "lake-a", "lake-b"):
-        (tmp_path / d).mkdir()
+    for d in ("buf/night", "lake-a/inner", "lake-b"):
+        (tmp_path / d).mkdir(parents=True)
     cfg = tmp_path / "agent.toml"
     cfg.write_text(GOOD.format(tmp=tmp_path))
     assert edge("check-config", str(cfg)).returncode == 0
     for cmd in (f"check-config {cfg}", f"-c {cfg} run"):
-        script = (f"mount --bind {tmp_path / 'lake-a'} {tmp_path / 'lake-b'} && "
+        script = (f"mount --bind {tmp_path / source} {tmp_path / 'lake-b'} && "
                   f"exec {sys.executable} -m edge_agent {cmd}")
         r = subprocess.run([unshare, "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=60,
                            check=False, cwd=ROOT)
         assert r.returncode == 2, (cmd, r.stdout, r.stderr)
-        assert "destinations.b.path" in r.stderr and "same device and inode" in r.stderr, r.stderr
+        assert "destinations.b.path" in r.stderr and other in r.stderr and why in r.stderr, r.stderr
     assert not (tmp_path / "state").exists()
 
 
