@@ -125,3 +125,42 @@ def test_a_second_agent_on_the_same_buffer_refuses_and_names_the_first(
     second.start()
     assert second.stop() == 0
     assert os.path.exists(first.rule_dir() / ".edge-agent-buffer.lock")
+
+
+def test_an_agent_on_a_directory_inside_another_agents_buffer_refuses_to_start(
+        agent: Callable[..., Daemon]) -> None:
+    """The outer agent walks its tree recursively: both would take in the inner directory's files."""
+    outer = agent()
+    inner = agent(rules={"daq": {"directory": str(outer.rule_dir() / "cam2")}})
+    outer.start()
+    inner.start(wait=False)
+    assert inner.proc is not None and inner.proc.wait(60) == 2
+    log = inner.log.read_text()
+    assert f"lies inside {outer.rule_dir()}" in log, log
+    assert f"pid {outer.proc.pid}" in log and str(outer.state) in log, log   # type: ignore[union-attr]
+    assert not (inner.state / "ledger.sqlite").exists()                    # refused before any work
+    assert outer.stop() == 0
+
+
+def test_a_subdirectory_another_agent_holds_is_left_to_it(agent: Callable[..., Daemon]) -> None:
+    """The other order: the agent on daq/cam2 started first. The agent on daq skips that subtree
+    (found by its walk, and by events there), says so naming the holder, and never takes a file in
+    it; the agent on cam2 handles them."""
+    outer = agent()
+    cam2 = outer.rule_dir() / "cam2"
+    inner = agent(rules={"daq": {"directory": str(cam2)}})
+    (cam2 / "early.fits").write_bytes(b"e" * 1000)     # there before the outer agent starts: its walk
+    inner.start()
+    outer.start()
+    (outer.rule_dir() / "top.fits").write_bytes(b"t" * 1000)
+    (cam2 / "night").mkdir()
+    (cam2 / "night" / "late.fits").write_bytes(b"l" * 1000)   # written while both run: events
+    inner.wait_for(lambda: inner.counts().get("deleted") == 2, 60, "the inner agent's 2 files delivered")
+    outer.wait_for(lambda: outer.counts().get("deleted") == 1, 60, "the outer agent's own file delivered")
+    assert [f["relpath"] for f in outer.files()] == ["top.fits"]     # no row of any state under cam2
+    said = [e for e in outer.events() if e.get("event") == "not handled" and e.get("path") == "cam2"]
+    assert len(said) == 1 and str(inner.state) in said[0]["why"], said                  # once, naming it
+    assert sorted(f["relpath"] for f in inner.files()) == ["early.fits", "night/late.fits"]
+    copies = [p for lake in outer.lake_files().values() for p in lake]
+    assert len(copies) == 2 and all(p.endswith("top.fits") for p in copies), copies
+    assert outer.stop() == 0 and inner.stop() == 0
