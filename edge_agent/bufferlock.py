@@ -14,6 +14,13 @@ reported. An agent refuses a buffer whose lock is held, or whose record names an
 a heartbeat fresher than STALE_SECONDS; a stale record is taken over with a warning, and a record
 of this host whose lock is free (the agent stopped or died) at once. A watched directory that does
 not exist yet is claimed when it appears (Runner.may_scan), before anything in it is looked at.
+
+A buffer is a whole tree: an agent also refuses a directory that lies inside a directory another
+agent holds (its lock file flock'ed by another process, or a fresh record of another host), and,
+the other way round, the rescan walk leaves out a subdirectory that another agent holds
+(`held_by_another`, one lstat per directory where there is no lock file). The own lock is taken
+before the directories above are looked at, so of two agents starting at once one always sees the
+other: either the inner one sees the outer lock, or the outer one's walk sees the inner lock.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -61,10 +69,17 @@ class Holder:
     def same_agent(self, other: Holder) -> bool:
         return self.same_host(other) and (self.pid, self.state_dir) == (other.pid, other.state_dir)
 
+    def who(self) -> str:
+        """The holder without its heartbeat: the same text as long as the same agent holds."""
+        return f"host {self.host} (machine-id {self.machine_id}), pid {self.pid}, state_dir {self.state_dir}"
+
     def describe(self, now: float) -> str:
-        return (f"host {self.host} (machine-id {self.machine_id}), pid {self.pid}, state_dir {self.state_dir}, "
+        return (f"{self.who()}, "
                 f"last heartbeat {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(self.heartbeat_at))} "
                 f"({now - self.heartbeat_at:.0f}s ago)")
+
+
+UNNAMED = "a process on this host (no holder record)"
 
 
 def read_record(directory: Path) -> Holder | None:
@@ -134,12 +149,21 @@ class BufferLocks:
             except OSError:
                 os.close(fd)
                 held = read_record(directory)
-                who = held.describe(now) if held else "a process on this host (no holder record)"
+                who = held.describe(now) if held else UNNAMED
                 return self._refusal(rule, directory, who, running_here=True)
             held = read_record(directory)
             if held is not None and not held.same_host(self.me) and now - held.heartbeat_at < self.stale_seconds:
                 os.close(fd)
                 return self._refusal(rule, directory, held.describe(now), running_here=False)
+            # only now, holding our own lock (see the module's docstring for why in this order)
+            own = self._own() | {_fd_identity(fd)}
+            for above in Path(os.path.realpath(directory)).parents:
+                taken, holder = self._holder(os.fsencode(above), own, now)
+                if taken:
+                    os.close(fd)
+                    running_here = holder is None or holder.same_host(self.me)
+                    return self._refusal(rule, directory, holder.describe(now) if holder else UNNAMED,
+                                         running_here, held_dir=above)
             try:
                 _write_record(directory, Holder(**{**asdict(self.me), "heartbeat_at": now}))
             except OSError as exc:
@@ -154,12 +178,49 @@ class BufferLocks:
                             directory=str(directory), previous=held.describe(now))
             return None
 
-    def _refusal(self, rule: str, directory: Path, who: str, running_here: bool) -> str:
+    def _refusal(self, rule: str, directory: Path, who: str, running_here: bool,
+                 held_dir: Path | None = None) -> str:
+        record = (held_dir or directory) / RECORD_NAME
         how = ("stop that agent first" if running_here else
                f"stop that agent first; if its host is gone for good, start again once its heartbeat is "
                f"over {self.stale_seconds:.0f}s old (this agent then takes over with a warning), or remove "
-               f"{directory / RECORD_NAME} to take over at once")
+               f"{record} to take over at once")
+        if held_dir is not None:
+            return (f"rules.{rule}.directory {directory}: lies inside {held_dir}, which another edge-agent "
+                    f"holds as its buffer (it takes in this directory's files too): {who}; {how}")
         return f"rules.{rule}.directory {directory}: another edge-agent holds this buffer: {who}; {how}"
+
+    def held_by_another(self, directory: bytes) -> str | None:
+        """Who holds `directory` as its buffer if another agent does (its lock flock'ed by another
+        process, or a fresh record of another host), else None (also for this agent's own locks).
+        For the rescan walk: one lstat where there is no lock file; the text is the same each time."""
+        with self._mutex:
+            own = self._own()
+        taken, holder = self._holder(directory, own, self.clock())
+        if not taken:
+            return None
+        return holder.who() if holder else UNNAMED
+
+    def _own(self) -> set[tuple[int, int]]:
+        return {_fd_identity(fd) for fd in self._fds.values()}
+
+    def _holder(self, directory: bytes, own: set[tuple[int, int]], now: float) -> tuple[bool, Holder | None]:
+        """(held by another agent, its record if it has one) for the lock file in `directory`."""
+        lock = os.path.join(directory, os.fsencode(LOCK_NAME))
+        try:
+            st = os.lstat(lock)
+        except OSError:
+            return False, None   # no lock file: nobody ever held this directory
+        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) in own:
+            return False, None
+        held = read_record(Path(os.fsdecode(directory)))
+        if held is not None and held.same_agent(self.me):
+            return False, None
+        if _flocked(lock):
+            return True, held
+        if held is not None and not held.same_host(self.me) and now - held.heartbeat_at < self.stale_seconds:
+            return True, held
+        return False, None
 
     def heartbeat(self) -> str | None:
         """Rewrite heartbeat_at in every held record. Returns why this agent lost a buffer (another
@@ -195,6 +256,30 @@ class BufferLocks:
                         pass
                 os.close(fd)
             self._fds.clear()
+
+
+def _fd_identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _flocked(lock: bytes) -> bool:
+    """Does another open file hold this lock? Tested with a shared lock on a fd of our own: it is
+    refused while an exclusive one is held, and works on a read-only fd (NFS wants write access
+    for an exclusive one). Released at once by closing the fd."""
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False   # a filesystem without flock: the record (another host) is what tells
+    finally:
+        os.close(fd)
+    return False
 
 
 def _same_file(fd: int, path: Path) -> bool:

@@ -32,7 +32,7 @@ from .status.gauges import DiskWatch, Rate, Series
 from .transfer.pacing import Throttle
 from .watch.events import DirtyPaths, Watcher
 from .watch.filters import RuleFilter
-from .watch.scanner import Entry, classify, walk
+from .watch.scanner import Entry, classify, relpath_of, walk
 from .watch.writers import WriterTable
 
 log = structlog.get_logger("edge_agent.runner")
@@ -112,6 +112,10 @@ class Runner:
         # rule -> None if this agent may look into its directory, else why not (another agent holds
         # the buffer); the app sets it to the buffer lock's claim
         self.may_scan: Callable[[str], str | None] = lambda rule: None
+        # directory -> who holds it if another agent does (a buffer inside ours): the app sets it to
+        # the buffer lock's test; rule -> the subdirectories found held, whose files are not ours
+        self.held_by_another: Callable[[bytes], str | None] = lambda directory: None
+        self.held_subtrees: dict[str, set[bytes]] = {}
         self.scheduler = BackgroundScheduler(daemon=True)
 
     # ------------------------------------------------------------ hooks
@@ -282,7 +286,17 @@ class Runner:
             if problem is None:
                 self.watch_problems.pop(rule, None)
         n = 0
-        for batch in _batches(walk(root, r.recursive), RESCAN_BATCH):
+        held: set[bytes] = set()
+
+        def held_here(directory: bytes) -> str | None:
+            who = self.held_by_another(directory)
+            if who is not None:
+                held.add(directory)
+                self.held_subtrees.setdefault(rule, set()).add(directory)
+                return (f"another edge-agent holds this directory as its buffer: {who}; its files are "
+                        "left to that agent")
+            return None
+        for batch in _batches(walk(root, r.recursive, held_here), RESCAN_BATCH):
             known = self.ledger.live_stats(rule, [e.path for e in batch])
             new: list[tuple[bytes, str, int, int, int, int]] = []
             for entry in batch:
@@ -310,6 +324,11 @@ class Runner:
                     self.evaluate(rule, path, classify(root, path), self.ledger.get(fid))
             if self.stopping.is_set():
                 return
+        for directory in self.held_subtrees.get(rule, set()) - held:
+            self.ledger.clear_notice(directory)
+            log.info("a subdirectory another agent held is free again: taken in", rule=rule,
+                     path=relpath_of(root, directory))
+        self.held_subtrees[rule] = held
         log.info("rescanned", rule=rule, entries=n, seconds=round(time.monotonic() - started, 2))
 
     def _between_batches(self) -> None:
@@ -322,9 +341,12 @@ class Runner:
 
     def evaluate(self, rule: str, path: bytes, entry: Entry | None, rec: FileRecord | None) -> None:
         """Bring the ledger up to date with what is at `path` now (`rec`: its live row, if any)."""
+        if self._in_held_subtree(rule, path):
+            return   # another agent's buffer (events, rows of an earlier run): not ours to look at
         if entry is None or entry.problem:
             if entry is not None and entry.problem:
-                if self.ledger.notice(rule, path, "unusable", entry.problem):
+                kind = "held-elsewhere" if entry.held else "unusable"
+                if self.ledger.notice(rule, path, kind, entry.problem):
                     log.warning("not handled", rule=rule, path=entry.relpath, why=entry.problem)
             if rec is not None and rec.blake3 is None and rec.id not in self.in_flight \
                     and rec.state in (State.DISCOVERED, State.COMPLETE, State.RETRY_WAIT, State.QUARANTINED):
@@ -473,9 +495,31 @@ class Runner:
             for rec in self.ledger.due(states, now, free, exclude):
                 if rec.rule not in self.s.rules:
                     continue  # a rule removed from the config: its files wait for it to come back
+                if self._held_elsewhere(rec):
+                    # another agent's: never hashed, copied or deleted by this one; looked at again
+                    # later (the other agent may stop), and meanwhile out of the way of the others
+                    self.ledger.set_next_at(rec.id, now + self.s.rescan_seconds)
+                    continue
                 with self._lock:
                     self.in_flight[rec.id] = pool
                 self.pools[pool].submit(self._run, rec)
+
+    def _in_held_subtree(self, rule: str, path: bytes) -> bool:
+        return any(path.startswith(d + b"/") for d in self.held_subtrees.get(rule, ()))
+
+    def _held_elsewhere(self, rec: FileRecord) -> bool:
+        """Is `rec` below a subdirectory another agent holds? Asked of the filesystem, not only of
+        the last walk: a first rescan dispatches work before it has reached every subdirectory."""
+        if self._in_held_subtree(rec.rule, rec.path):
+            return True
+        root = os.fsencode(self.s.rules[rec.rule].directory).rstrip(b"/")
+        d = os.path.dirname(rec.path)
+        while d.startswith(root + b"/"):
+            if self.held_by_another(d) is not None:
+                self.held_subtrees.setdefault(rec.rule, set()).add(d)
+                return True
+            d = os.path.dirname(d)
+        return False
 
     def _run(self, rec: FileRecord) -> None:
         try:

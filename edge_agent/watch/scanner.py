@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import stat as stat_mod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -24,6 +25,7 @@ class Entry:
     relpath: str                 # for people and templates; undecodable bytes shown as \x escapes
     st: os.stat_result | None    # lstat of a regular file; None when `problem` is set
     problem: str | None = None   # why this entry is not a regular file we can take
+    held: bool = False           # a directory another agent holds as its buffer: its tree left out
 
 
 def relpath_of(root: bytes, path: bytes) -> str:
@@ -76,8 +78,10 @@ def classify(root: bytes, path: bytes, listed: bool = False) -> Entry | None:
     return Entry(path, rel, st)
 
 
-def walk(root: bytes, recursive: bool) -> Iterator[Entry]:
-    """Every non-directory entry under root, depth first; unreadable directories are reported."""
+def walk(root: bytes, recursive: bool, held: Callable[[bytes], str | None] | None = None) -> Iterator[Entry]:
+    """Every non-directory entry under root, depth first; unreadable directories are reported.
+    `held(directory)`: why a subdirectory is another agent's (its whole tree is then left out and
+    reported as one entry), or None."""
     stack = [root]
     while stack:
         d = stack.pop()
@@ -99,7 +103,11 @@ def walk(root: bytes, recursive: bool) -> Iterator[Entry]:
                     is_dir = False
                 if is_dir:
                     if recursive:
-                        stack.append(p)
+                        why = held(p) if held is not None else None
+                        if why is None:
+                            stack.append(p)
+                        else:
+                            yield Entry(p, relpath_of(root, p), None, why, held=True)
                     continue
                 e = classify(root, p, listed=True)
                 if e is not None:

@@ -78,24 +78,31 @@ def test_destinations_that_are_one_place_are_refused(tmp_path: Path, make: Calla
     assert not (tmp_path / "state").exists() and not (tmp_path / "lake-b" / "state").exists()
 
 
-def test_a_bind_mount_of_another_destination_is_refused(tmp_path: Path) -> None:
-    """Paths cannot tell; device and inode can (in a private mount namespace, when one can be made)."""
+@pytest.mark.parametrize("source, other, why", [
+    ("lake-a", "destinations.a.path", "same device and inode"),
+    ("buf/night", "rules.daq.directory", "through a bind mount"),     # shows a directory INSIDE the buffer
+    ("lake-a/inner", "destinations.a.path", "through a bind mount"),
+])
+def test_a_bind_mount_of_another_place_or_of_a_directory_inside_it_is_refused(
+        tmp_path: Path, source: str, other: str, why: str) -> None:
+    """Paths cannot tell; device and inode, and mountinfo, can (in a private mount namespace, when
+    one can be made)."""
     unshare = shutil.which("unshare")
     if unshare is None or subprocess.run([unshare, "-rm", "true"], capture_output=True,
                                          check=False).returncode != 0:
         pytest.skip("no private mount namespace here (unshare -rm)")
-    for d in ("buf", "lake-a", "lake-b"):
-        (tmp_path / d).mkdir()
+    for d in ("buf/night", "lake-a/inner", "lake-b"):
+        (tmp_path / d).mkdir(parents=True)
     cfg = tmp_path / "agent.toml"
     cfg.write_text(GOOD.format(tmp=tmp_path))
     assert edge("check-config", str(cfg)).returncode == 0
     for cmd in (f"check-config {cfg}", f"-c {cfg} run"):
-        script = (f"mount --bind {tmp_path / 'lake-a'} {tmp_path / 'lake-b'} && "
+        script = (f"mount --bind {tmp_path / source} {tmp_path / 'lake-b'} && "
                   f"exec {sys.executable} -m edge_agent {cmd}")
         r = subprocess.run([unshare, "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=60,
                            check=False, cwd=ROOT)
         assert r.returncode == 2, (cmd, r.stdout, r.stderr)
-        assert "destinations.b.path" in r.stderr and "same device and inode" in r.stderr, r.stderr
+        assert "destinations.b.path" in r.stderr and other in r.stderr and why in r.stderr, r.stderr
     assert not (tmp_path / "state").exists()
 
 
@@ -118,3 +125,42 @@ def test_a_second_agent_on_the_same_buffer_refuses_and_names_the_first(
     second.start()
     assert second.stop() == 0
     assert os.path.exists(first.rule_dir() / ".edge-agent-buffer.lock")
+
+
+def test_an_agent_on_a_directory_inside_another_agents_buffer_refuses_to_start(
+        agent: Callable[..., Daemon]) -> None:
+    """The outer agent walks its tree recursively: both would take in the inner directory's files."""
+    outer = agent()
+    inner = agent(rules={"daq": {"directory": str(outer.rule_dir() / "cam2")}})
+    outer.start()
+    inner.start(wait=False)
+    assert inner.proc is not None and inner.proc.wait(60) == 2
+    log = inner.log.read_text()
+    assert f"lies inside {outer.rule_dir()}" in log, log
+    assert f"pid {outer.proc.pid}" in log and str(outer.state) in log, log   # type: ignore[union-attr]
+    assert not (inner.state / "ledger.sqlite").exists()                    # refused before any work
+    assert outer.stop() == 0
+
+
+def test_a_subdirectory_another_agent_holds_is_left_to_it(agent: Callable[..., Daemon]) -> None:
+    """The other order: the agent on daq/cam2 started first. The agent on daq skips that subtree
+    (found by its walk, and by events there), says so naming the holder, and never takes a file in
+    it; the agent on cam2 handles them."""
+    outer = agent()
+    cam2 = outer.rule_dir() / "cam2"
+    inner = agent(rules={"daq": {"directory": str(cam2)}})
+    (cam2 / "early.fits").write_bytes(b"e" * 1000)     # there before the outer agent starts: its walk
+    inner.start()
+    outer.start()
+    (outer.rule_dir() / "top.fits").write_bytes(b"t" * 1000)
+    (cam2 / "night").mkdir()
+    (cam2 / "night" / "late.fits").write_bytes(b"l" * 1000)   # written while both run: events
+    inner.wait_for(lambda: inner.counts().get("deleted") == 2, 60, "the inner agent's 2 files delivered")
+    outer.wait_for(lambda: outer.counts().get("deleted") == 1, 60, "the outer agent's own file delivered")
+    assert [f["relpath"] for f in outer.files()] == ["top.fits"]     # no row of any state under cam2
+    said = [e for e in outer.events() if e.get("event") == "not handled" and e.get("path") == "cam2"]
+    assert len(said) == 1 and str(inner.state) in said[0]["why"], said                  # once, naming it
+    assert sorted(f["relpath"] for f in inner.files()) == ["early.fits", "night/late.fits"]
+    copies = [p for lake in outer.lake_files().values() for p in lake]
+    assert len(copies) == 2 and all(p.endswith("top.fits") for p in copies), copies
+    assert outer.stop() == 0 and inner.stop() == 0

@@ -225,3 +225,130 @@ def test_an_agent_whose_buffer_is_taken_over_stops_with_the_holder_named(
     with pytest.raises(BufferHeld, match="host daq2"):
         agent.run()
     assert read_record(daq).host == "daq2"  # type: ignore[union-attr]   # not removed: not ours
+
+
+# ------------------------------------------------------------ a buffer inside another agent's buffer
+
+def test_a_directory_inside_a_buffer_another_agent_holds_is_refused(tmp_path: Path, daq: Path,
+                                                                     clock: Any) -> None:
+    """The outer agent walks its tree recursively: it would ingest the inner directory's files too."""
+    (daq / "cam2").mkdir()
+    outer = locks(tmp_path, clock, state="outer-state")
+    outer.claim_all()
+    inner = BufferLocks({"cam2": daq / "cam2"}, tmp_path / "inner-state", clock=clock)
+    with pytest.raises(BufferHeld) as exc:
+        inner.claim_all()
+    msg = str(exc.value)
+    assert "rules.cam2.directory" in msg and f"lies inside {daq}," in msg, msg
+    assert f"pid {os.getpid()}" in msg and str(tmp_path / "outer-state") in msg and "stop that agent" in msg
+    assert read_record(daq / "cam2") is None                 # refused before anything was written
+    outer.release()
+    inner.claim_all()                                        # the lock file stays, nobody holds it
+    assert read_record(daq / "cam2").state_dir == str(tmp_path / "inner-state")  # type: ignore[union-attr]
+    inner.release()
+
+
+def test_a_directory_inside_a_buffer_of_another_host_is_refused_while_its_heartbeat_is_fresh(
+        tmp_path: Path, daq: Path, clock: Any) -> None:
+    (daq / "cam2").mkdir()
+    (daq / LOCK_NAME).touch()
+    record(daq, heartbeat_at=clock() - 60)                   # a shared mount: flock does not reach daq2
+    inner = BufferLocks({"cam2": daq / "cam2"}, tmp_path / "state", clock=clock, stale_seconds=300)
+    with pytest.raises(BufferHeld) as exc:
+        inner.claim_all()
+    assert "host daq2" in str(exc.value) and str(daq / RECORD_NAME) in str(exc.value)
+    record(daq, heartbeat_at=clock() - 301)
+    inner.claim_all()
+    inner.release()
+
+
+def test_held_by_another_names_a_foreign_holder_and_never_this_agent(tmp_path: Path, daq: Path,
+                                                                      clock: Any) -> None:
+    (daq / "cam2").mkdir()
+    mine = locks(tmp_path, clock)
+    mine.claim_all()
+    cam2 = os.fsencode(daq / "cam2")
+    assert mine.held_by_another(cam2) is None                # no lock file there
+    assert mine.held_by_another(os.fsencode(daq)) is None    # our own lock
+    # the other agent, started first, holds cam2 (as when the outer agent was stopped meanwhile)
+    other = BufferLocks({"cam2": daq / "cam2"}, tmp_path / "other-state", clock=clock)
+    other._fds["cam2"] = fd = os.open(daq / "cam2" / LOCK_NAME, os.O_RDWR | os.O_CREAT)
+    import fcntl
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    who = mine.held_by_another(cam2)
+    assert who is not None and "no holder record" in who
+    bufferlock._write_record(daq / "cam2", other.me)
+    who = mine.held_by_another(cam2)
+    assert who is not None and "other-state" in who and "ago" not in who   # the same text every rescan
+    assert other.held_by_another(cam2) is None               # its own
+    other.release()
+    assert mine.held_by_another(cam2) is None                # stopped: the lock file stays, nobody holds it
+    record(daq / "cam2", heartbeat_at=clock() - 10)          # another host, fresh
+    assert "host daq2" in (mine.held_by_another(cam2) or "")
+    mine.release()
+
+
+class _Pools:
+    """Records what would be run instead of running it."""
+
+    def __init__(self) -> None:
+        self.submitted: list[Any] = []
+
+    def submit(self, fn: Any, *args: Any) -> None:
+        self.submitted.append(args[0] if args else fn)
+
+    def shutdown(self, **kw: Any) -> None:
+        pass
+
+
+def test_a_subdirectory_another_agent_holds_is_left_to_it(runner: Any, tmp_path: Path, clock: Any) -> None:
+    """The other order: the inner agent started first. The outer one's walk leaves the inner tree
+    out (one notice, naming the holder), events there are ignored, and rows there from an earlier
+    run are never hashed, copied or deleted; once the inner agent stops, its files are taken in."""
+    from edge_agent.core.lifecycle import Event, State
+    daq = tmp_path / "daq"
+    (daq / "cam2" / "night").mkdir(parents=True)
+    (daq / "f.fits").write_bytes(b"x")
+    (daq / "cam2" / "g.fits").write_bytes(b"y")
+    (daq / "cam2" / "night" / "h.fits").write_bytes(b"z")
+    inner = BufferLocks({"cam2": daq / "cam2"}, tmp_path / "inner-state", clock=clock)
+    inner.claim_all()
+    mine = locks(tmp_path, clock)
+    mine.claim_all()
+    runner.may_scan = mine.claim
+    runner.held_by_another = mine.held_by_another
+    # a row of an earlier run of this agent (before the inner agent started), due for hashing
+    st = (daq / "cam2" / "night" / "h.fits").stat()
+    old = runner.ledger.discover("r", os.fsencode(daq / "cam2" / "night" / "h.fits"), "cam2/night/h.fits",
+                                 st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, 0)
+    runner.ledger.transition(old.id, State.DISCOVERED, Event.COMPLETED, next_at=0)
+    pools = runner.pools = {"hash": _Pools(), "transfer": _Pools(), "lake": _Pools()}
+    runner.capacity["hash"] = 10
+    runner.dispatch(clock())                                 # before any rescan: asked of the filesystem
+    assert pools["hash"].submitted == []
+    runner.rescan("r")
+    assert [rec.relpath for rec in runner.ledger.iter_all()] == ["cam2/night/h.fits", "f.fits"]
+    [notice] = runner.ledger.notices(10)
+    assert notice["relpath"] == str(daq / "cam2") and notice["kind"] == "held-elsewhere"
+    assert "inner-state" in notice["detail"]
+    runner.rescan("r")
+    assert runner.ledger.notices(10)[0]["count"] == 2 and len(runner.ledger.notices(10)) == 1
+    runner.dirty.add(os.fsencode(daq / "cam2" / "new.fits"), "r")      # an event there
+    (daq / "cam2" / "new.fits").write_bytes(b"n")
+    runner.process_events()
+    assert len(list(runner.ledger.iter_all())) == 2
+    clock.advance(3600)
+    runner.dispatch(clock())
+    assert [rec.relpath for rec in pools["hash"].submitted] == ["f.fits"]   # its own files go ahead
+    assert runner.ledger.get(old.id).next_at > clock()      # out of the way of the others meanwhile
+    # the inner agent stops: the next rescan takes its files in, the notice goes
+    inner.release()
+    runner.rescan("r")
+    assert sorted(rec.relpath for rec in runner.ledger.iter_all()) == [
+        "cam2/g.fits", "cam2/new.fits", "cam2/night/h.fits", "f.fits"]
+    assert runner.ledger.notices(10) == []
+    clock.advance(3600)
+    runner.in_flight.clear()
+    runner.dispatch(clock())
+    assert old.id in [rec.id for rec in pools["hash"].submitted]
+    mine.release()

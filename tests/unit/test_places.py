@@ -5,7 +5,11 @@ lake counts one physical file once whatever destinations reach it."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -124,6 +128,88 @@ def test_a_bind_mount_of_the_watched_tree_or_state_dir_is_refused_at_start(
     _aliasing(monkeypatch, tmp_path / "mnt", tmp_path / "lake-b")           # state_dir inside lake-b
     [problem] = places.problems(s)
     assert "state_dir" in problem and "destinations.b.path" in problem and "overlaps" in problem
+
+
+def _mountinfo(tmp_path: Path, *mounts: tuple[str, str, str]) -> str:
+    """A mountinfo file: the root filesystem on 8:1, then (major:minor, root, mount point) each."""
+    esc = str.maketrans({" ": "\\040", "\t": "\\011", "\n": "\\012", "\\": "\\134"})
+    lines = ["21 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw"]
+    lines += [f"{30 + i} 21 {dev} {root.translate(esc)} {point.translate(esc)} rw,relatime - ext4 /dev/x rw"
+              for i, (dev, root, point) in enumerate(mounts)]
+    path = tmp_path / "mountinfo"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_a_bind_mount_of_a_directory_inside_the_watched_tree_is_refused(
+        tmp_path: Path, settings_data: Callable[..., Any]) -> None:
+    """Device and inode see only a path's own directories; mountinfo says what a bind mount shows."""
+    for d in ("daq/night 1", "lake-a", "lake-b"):
+        (tmp_path / d).mkdir(parents=True)
+    s = Settings(**settings_data(tmp_path))
+    info = _mountinfo(tmp_path, ("8:1", str(tmp_path / "daq" / "night 1"), str(tmp_path / "lake-b")))
+    [problem] = places.problems(s, mountinfo=info)
+    assert problem.startswith("destinations.b.path") and "rules.r.directory" in problem, problem
+    assert str(tmp_path / "daq" / "night 1") in problem and "bind mount" in problem
+    # the same directory name on another filesystem is another place
+    assert places.problems(s, mountinfo=_mountinfo(
+        tmp_path, ("8:2", str(tmp_path / "daq" / "night 1"), str(tmp_path / "lake-b")))) == []
+    # a mount stacked on top hides the one below
+    assert places.problems(s, mountinfo=_mountinfo(
+        tmp_path, ("8:1", str(tmp_path / "daq" / "night 1"), str(tmp_path / "lake-b")),
+        ("0:40", "/", str(tmp_path / "lake-b")))) == []
+
+
+def test_a_bind_mount_of_a_directory_inside_another_destination_or_the_state_dir_is_refused(
+        tmp_path: Path, settings_data: Callable[..., Any]) -> None:
+    for d in ("daq", "lake-a/inner", "lake-b", "state/sub"):
+        (tmp_path / d).mkdir(parents=True)
+    s = Settings(**settings_data(tmp_path, state_dir=str(tmp_path / "state")))
+    [problem] = places.problems(s, mountinfo=_mountinfo(
+        tmp_path, ("8:1", str(tmp_path / "lake-a" / "inner"), str(tmp_path / "lake-b"))))
+    assert "destinations.b.path" in problem and "destinations.a.path" in problem, problem
+    [problem] = places.problems(s, mountinfo=_mountinfo(
+        tmp_path, ("8:1", str(tmp_path / "state" / "sub"), str(tmp_path / "lake-b"))))
+    assert problem.startswith("destinations.b.path") and "state_dir" in problem, problem
+    # the other way round: the destination's filesystem root mounted, the watched tree inside it
+    # (a destination that contains the buffer through another mount of its filesystem)
+    [problem] = places.problems(s, mountinfo=_mountinfo(
+        tmp_path, ("0:50", "/export", str(tmp_path / "lake-b")),
+        ("0:50", "/export/lake/daq", str(tmp_path / "daq"))))
+    assert problem.startswith("destinations.b.path") and "rules.r.directory" in problem, problem
+
+
+def test_without_mountinfo_the_other_checks_still_run(tmp_path: Path, settings_data: Callable[..., Any],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    for d in ("daq", "lake-a", "lake-b"):
+        (tmp_path / d).mkdir()
+    s = Settings(**settings_data(tmp_path))
+    assert places.problems(s, mountinfo=str(tmp_path / "no-such-file")) == []
+    _aliasing(monkeypatch, tmp_path / "lake-b", tmp_path / "lake-a")
+    [problem] = places.problems(s, mountinfo=str(tmp_path / "no-such-file"))
+    assert "same device" in problem
+
+
+def test_a_real_bind_mount_of_a_subdirectory_of_the_watched_tree_is_refused(
+        tmp_path: Path, settings_data: Callable[..., Any]) -> None:
+    """The reviewer's reproduction, in a private mount namespace where one can be made."""
+    unshare = shutil.which("unshare")
+    if unshare is None or subprocess.run([unshare, "-rm", "true"], capture_output=True,
+                                         check=False).returncode != 0:
+        pytest.skip("no private mount namespace here (unshare -rm)")
+    for d in ("daq/sub", "lake-a", "lake-b"):
+        (tmp_path / d).mkdir(parents=True)
+    data = settings_data(tmp_path)
+    code = ("import json, sys; from edge_agent import places; from edge_agent.settings import Settings; "
+            "print(json.dumps(places.problems(Settings(**json.loads(sys.argv[1])))))")
+    script = (f"mount --bind {tmp_path / 'daq' / 'sub'} {tmp_path / 'lake-b'} && "
+              f'exec {sys.executable} -c "$0" "$1"')
+    r = subprocess.run([unshare, "-rm", "sh", "-c", script, code, json.dumps(data, default=str)],
+                       capture_output=True, text=True, timeout=60, check=False,
+                       env={**os.environ, "PYTHONPATH": str(Path(places.__file__).parents[1])})
+    assert r.returncode == 0, r.stderr
+    [problem] = json.loads(r.stdout.splitlines()[-1])
+    assert problem.startswith("destinations.b.path") and "rules.r.directory" in problem, problem
 
 
 def test_a_destination_not_mounted_yet_does_not_prevent_the_start(
