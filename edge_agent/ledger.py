@@ -570,9 +570,13 @@ class Ledger:
                 return False
             if row[1] == "removing":
                 return True
-            other = db.execute("SELECT id FROM files WHERE scope = ? AND name = ? AND id != ? AND "
-                               "state != 'superseded' ORDER BY state = 'deleted' DESC, id LIMIT 1",
-                               (scope, name, file_id)).fetchone()
+            # a version that ended after it was confirmed, or after it wrote or counted a copy of
+            # the name, relies on those copies as much as a live one: the lake lists them for it
+            other = db.execute(
+                "SELECT id FROM files f WHERE scope = ? AND name = ? AND id != ? AND (state != 'superseded' "
+                "OR confirmed_at IS NOT NULL OR EXISTS (SELECT 1 FROM replicas r WHERE r.file_id = f.id "
+                "AND r.state IN ('written', 'writing', 'bad', 'lost'))) "
+                "ORDER BY state = 'deleted' DESC, id LIMIT 1", (scope, name, file_id)).fetchone()
             if other is not None:
                 db.execute("UPDATE names SET owner = ?, at = ? WHERE scope = ? AND name = ?",
                            (other[0], self._clock(), scope, name))
@@ -724,6 +728,10 @@ class Ledger:
                    **{k: v for k, v in updates.items() if k in ("scope", "name", "blake3")}}
             if got["scope"] and got["name"] and got["blake3"]:
                 self._bind_name(db, file_id, got["scope"], got["name"], got["blake3"])
+                # a name an earlier attempt reserved and this version did not take: free for others
+                # (anything written there stays, and is decided by content by whoever wants it)
+                db.execute("DELETE FROM names WHERE owner = ? AND state = 'writing' AND NOT (scope = ? AND name = ?)",
+                           (file_id, got["scope"], got["name"]))
         sets = ", ".join(f"{k} = ?" for k in updates)
         db.execute(f"UPDATE files SET {sets} WHERE id = ?", [*updates.values(), file_id])
         self._event(db, file_id, expect, new, event.value, detail)

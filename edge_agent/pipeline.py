@@ -29,6 +29,7 @@ import structlog
 from .core import policy
 from .core.lifecycle import FINAL, Event, State
 from .errors import (
+    DestinationOccupied,
     ChecksumMismatch,
     FileChanged,
     FileVanished,
@@ -186,12 +187,12 @@ class Pipeline:
             elif before is State.CONFIRMED and (rule := self.s.rules.get(rec.rule)) and rule.inject == "register":
                 # its copies were confirmed: the buffer copy goes as at its deletion (the DAQ's new
                 # file under that path is another version and is never reached)
-                self._release(rec)
+                self._release(rec, path_unlinked=False)
         except Exception as exc:  # noqa: BLE001 - best effort: a stale link is space, not loss
             log.warning("could not drop the buffer copy of an ended version", file_id=rec.id, error=str(exc))
         if before is State.CONFIRMED:
             self._finish_deleting(rec)
-        for scope, name, state, first_url in self.ledger.names_owned(rec.id):
+        for scope, name, state, _ in self.ledger.names_owned(rec.id):
             rows = [r for r in self.ledger.replicas(rec.id) if r["state"] == "sent"]
             if state == "bound" and not rows:
                 continue      # nothing of its own left unregistered: the name stays bound
@@ -204,15 +205,16 @@ class Pipeline:
             f = LakeFile.unhashed(rec.rule, scope, name, rec.size or 0, rule.copies, tuple(rule.destinations),
                                   rec.fspath)
             try:
-                targets = self.lake.targets(f)
-                # an unbound reservation may have left a partial first copy at the one URL it reserved
-                # (found empty then); a bound name its 'sent' copy
-                urls = {r["url"] for r in rows} if rows else {first_url} if first_url else set()
-                for t in targets:
-                    if t.url in urls:
+                # Only a copy this version is known to have written (recorded 'sent' after its put)
+                # is removed, and never one the catalogue lists (another agent's version may have
+                # counted and registered the same bytes). An unbound reservation removes nothing:
+                # whatever lies at its URL may be another writer's (a crash mid-put leaves dark data).
+                urls = {r["url"] for r in rows}
+                recorded = self.lake.recorded_locations(scope, name) if urls else set()
+                for t in self.lake.targets(f):
+                    if t.url in urls and t.location not in recorded:
                         t.transport.delete(t.url)
-                        if rows:
-                            self.ledger.record_replica(rec.id, t.location, t.url, None, None, "removed")
+                        self.ledger.record_replica(rec.id, t.location, t.url, None, None, "removed")
             except Exception as exc:  # noqa: BLE001 - best effort: the name stays 'removing' and is retried
                 log.warning("could not remove an unregistered first copy", file_id=rec.id, error=str(exc))
                 continue
@@ -302,10 +304,16 @@ class Pipeline:
                 raise PermanentError(f"dataset {problem} (from dataset_template {rule.dataset_template!r})")
         scan = FitsScan() if rule.fits == "auto" and rec.relpath.lower().endswith(FITS_SUFFIXES) else None
         first = self._first_target(rec, name, before.size)
-        if first is None:
+        d = None
+        if first is not None:
+            try:
+                d = self._send_first(rec, first, before.size, scan)
+            except DestinationOccupied:
+                # bytes appeared at the URL after it was found empty (another writer): never replaced;
+                # the name is decided by content instead
+                first = None
+        if d is None:
             d = self._read(rec, scan)
-        else:
-            d = self._send_first(rec, first, before.size, scan)
         try:
             after = local.stat()
             if after != before or d.size != before.size:
@@ -332,11 +340,6 @@ class Pipeline:
         except NameConflict as exc:
             # another version took the name between the look and the commit: decided again
             raise RetryableError(f"the name {rule.scope}:{name} was taken meanwhile ({exc})") from None
-        for scope, held, state, _ in self.ledger.names_owned(rec.id):
-            if state == "writing" and held != name:
-                # reserved by an earlier attempt, not taken after all: free for others (anything
-                # written there stays, and is never taken for another version's copy)
-                self.ledger.drop_reservation(scope, held, rec.id)
 
     def _link_in_place(self, rec: FileRecord, local: LocalFile) -> None:
         """Register in place: the version gets the agent's own name in the buffer before it is hashed
@@ -352,9 +355,19 @@ class Pipeline:
                                      "a buffer filesystem with hard links that the agent may write") from None
             raise RetryableError(f"cannot link {rec.relpath} in place: {exc.strerror}") from None
 
-    def _release(self, rec: FileRecord) -> None:
-        """The lake forgets the buffer copy (register in place), then the agent's own name for it goes."""
-        self.lake.release(self.lake_file(rec))
+    def _release(self, rec: FileRecord, path_unlinked: bool = True) -> None:
+        """The lake forgets the buffer copy (register in place), then the agent's own name for it goes.
+
+        A version registered at the DAQ's own path (hashed by an older agent, without its own name)
+        is released only once that path was unlinked by the guarded unlink: released with a new file
+        at the path, the reaper would remove that file."""
+        f = self.lake_file(rec)
+        rule = self.s.rules.get(rec.rule)
+        if rule is not None and rule.inject == "register" and f.buffer_path is None and not path_unlinked:
+            log.warning("buffer replica kept: it is registered at the DAQ's own path, where a new file lies",
+                        file_id=rec.id, did=rec.did, path=rec.relpath)
+            return
+        self.lake.release(f)
         hit("after_release")
         self._unlink_in_place(rec)
 
@@ -388,9 +401,10 @@ class Pipeline:
         first = targets[0]
         if resumed:
             assert hold is not None
-            # only the URL found empty when the name was reserved is this version's own: the
-            # destinations may have changed since (a restart with another configuration)
-            return first if hold.first_url == first.url else None
+            # the URL must be the one reserved (the destinations may have changed since) and still
+            # empty: a reservation proves nothing about who wrote there (another agent may share the
+            # lake's namespace); what lies there is decided by content, after hashing alone
+            return first if hold.first_url == first.url and not first.transport.exists(first.url) else None
         if not self.lake.name_free(rule.scope, name) or any(t.transport.exists(t.url) for t in targets):
             return None
         if not self.ledger.reserve_name(rule.scope, name, rec.id, first.url):
@@ -406,8 +420,9 @@ class Pipeline:
             if hold is not None:
                 if hold.owner == rec.id and hold.state == "writing":
                     # reserved by this version before an earlier attempt failed: still only where no
-                    # destination holds other bytes (the configuration may have changed since)
-                    if not self._destinations_hold_other(rec, scope, name, d, mine=hold.first_url):
+                    # destination holds other bytes (whoever wrote them: a crash of this version mid-put
+                    # and another writer look the same)
+                    if not self._destinations_hold_other(rec, scope, name, d):
                         return name
                     continue
                 if hold.state == "bound" and hold.blake3 == d.blake3:
@@ -420,16 +435,13 @@ class Pipeline:
                 return name
         raise PermanentError(f"no free name for {rec.relpath} among the versions of {scope}:{base}")
 
-    def _destinations_hold_other(self, rec: FileRecord, scope: str, name: str, d: Digests,
-                                 mine: str | None = None) -> bool:
+    def _destinations_hold_other(self, rec: FileRecord, scope: str, name: str, d: Digests) -> bool:
         """Does a destination already hold other bytes under scope:name (something this ledger never
-        gave that name: a lost catalogue, another agent)? Those bytes are never replaced. `mine`: the
-        URL this version reserved for its first copy (what lies there is its own)."""
+        gave that name: a lost catalogue, another agent, a partial copy)? Those bytes are never
+        replaced."""
         rule = self.s.rules[rec.rule]
         f = LakeFile.unhashed(rec.rule, scope, name, d.size, rule.copies, tuple(rule.destinations), rec.fspath)
         for t in self.lake.targets(f):
-            if t.url == mine:
-                continue
             there = t.transport.stat(t.url)
             if there is None:
                 continue
@@ -463,7 +475,7 @@ class Pipeline:
 
         started = self.clock()
         try:
-            d = t.transport.put(self._local(rec), t.url, Expected(size, None, want_md5=rule.md5, may_replace=True),
+            d = t.transport.put(self._local(rec), t.url, Expected(size, None, want_md5=rule.md5),
                                 pace_and_count, also=[scan] if scan else [])
         except SourceUnreadable as exc:
             raise PermanentError(f"{exc} (fix the permissions, then `edge-agent retry {rec.id}`)") from None
@@ -619,7 +631,8 @@ class Pipeline:
         rewrite: dict[str, tuple[str, str, str]] = {}     # location -> (url, replica state, why)
         for r, why in c.bad:
             if r.location in own and r.location not in good and r.available and r.size is not None:
-                rewrite[r.location] = (r.url or own[r.location], "bad", why)
+                # the URL the agent writes to (a catalogue's PFN for it may be spelled otherwise)
+                rewrite[r.location] = (own[r.location], "bad", why)
         # gone: listed, but the storage says it holds nothing; or (the local lake) not there at all.
         # A storage that did not answer proves nothing either way: waited for, never rewritten.
         listed = {r.location: r for r in (*c.good, *(r for r, _ in c.bad))}
@@ -628,7 +641,7 @@ class Pipeline:
             r = listed.get(loc)
             if row["state"] == "written" and loc in own and loc not in good and loc not in rewrite \
                     and (r is None or r.gone):
-                rewrite[loc] = (row["url"], "lost", "the copy is gone from the destination")
+                rewrite[loc] = (own[loc], "lost", "the copy is gone from the destination")
         if not rewrite:
             return False
         why = "; ".join(f"{loc}: {w}" for loc, (_, _, w) in sorted(rewrite.items()))
@@ -735,7 +748,7 @@ class Pipeline:
             hit("after_unlink")
             if outcome == "changed":
                 # this version is confirmed in the lake: its own buffer copy may go, the new file stays
-                self._release(rec)
+                self._release(rec, path_unlinked=False)
                 raise FileChanged("the local file changed just before deletion; kept")
             self._release(rec)
             self._move(rec, Event.DELETED, {**evidence, "outcome": outcome, "why": why})

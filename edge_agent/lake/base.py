@@ -97,6 +97,11 @@ class Catalogue(abc.ABC):
     def replicas(self, f: LakeFile) -> list[Replica]:
         """The copies the lake holds now (never the buffer's own), with size and adler32 as verified."""
 
+    def recorded_locations(self, scope: str, name: str) -> set[str]:
+        """The locations (destinations, RSEs) where the catalogue records a replica of scope:name.
+        A copy recorded there is never removed as an unregistered one: someone registered it."""
+        return set()
+
     def release(self, f: LakeFile) -> None:
         """Just before the local file is deleted: drop the lake's record of the buffer copy
         (register-in-place). Idempotent; a record already gone is success."""

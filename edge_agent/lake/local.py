@@ -116,6 +116,11 @@ class LocalLake(Catalogue):
             self._db.execute("INSERT OR REPLACE INTO replicas VALUES (?,?,?,?,?,?,?)",
                              (f.scope, f.name, location, url, f.size, f.adler32, time.time()))
 
+    def recorded_locations(self, scope: str, name: str) -> set[str]:
+        with self._lock, _catalogue_errors():
+            rows = self._db.execute("SELECT location FROM replicas WHERE scope=? AND name=?", (scope, name)).fetchall()
+        return {r[0] for r in rows}
+
     def request_copies(self, f: LakeFile) -> str | None:
         """The agent writes every copy itself: nothing to ask."""
         return None

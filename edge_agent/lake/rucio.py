@@ -150,6 +150,11 @@ class RucioLake(Catalogue):
             return True
         return False
 
+    def recorded_locations(self, scope: str, name: str) -> set[str]:
+        rows = self.client.list_replicas([(scope, name)])
+        row = next((x for x in rows if x.get("scope") == scope and x.get("name") == name), None)
+        return set((row or {}).get("states") or {})
+
     def register(self, f: LakeFile) -> None:
         rule = self._rule(f)
         pfn = self.buffer_pfn(f) if rule.inject == "register" else None

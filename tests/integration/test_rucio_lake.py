@@ -282,11 +282,13 @@ def test_a_storage_that_lies_about_a_checksum_keeps_the_file(agent, lake) -> Non
     data = bytearray(stored.read_bytes())
     data[100] ^= 0xFF
     stored.write_bytes(bytes(data))
-    time.sleep(15)                                         # past keep_hours: it would be deleted now
+    # past keep_hours the agent looks again before deleting: the copy is bad, so the file is kept,
+    # the problem reported, and the copy written again from the buffer (the agent wrote it)
+    d.wait_for(lambda: any(e.get("event") == "replica_lost" for e in d.status()["recent_errors"]), 60,
+               "the bad copy reported")
     assert (d.rule_dir() / "f000.fits").read_bytes() == files["f000.fits"]
-    assert d.counts().get("deleted") is None
-    doc = d.status()
-    assert any(name in (a.get("did") or "") for a in doc["attention"]), doc["attention"]
+    d.wait_for(lambda: d.counts().get("deleted") == 1, 90, "deleted once the copy was written again")
+    assert stored.read_bytes() == files["f000.fits"]
 
 
 def test_agent_uploads_to_several_rses_itself_over_http_and_root(agent, lake) -> None:

@@ -440,3 +440,14 @@ def test_a_ledger_of_an_older_agent_gains_the_ctime_column(tmp_path: Path, clock
         assert led.transition(fid, S.COMPLETE, E.HASHED, ctime_ns=42).ctime_ns == 42
     finally:
         led.close()
+
+
+def test_a_version_that_ended_after_counting_a_copy_still_protects_it(ledger: Ledger) -> None:
+    """Review 2, finding 3: c shared a's name (same bytes), was confirmed on its copies, then was
+    superseded (its local file rewritten): its bytes live only in those copies; a, ending, must not
+    remove them."""
+    a = _hashed(ledger, b"/daq/a", "AAAA")
+    c = _hashed(ledger, b"/daq/c", "AAAA")
+    walk(ledger, c.id, E.REGISTERED, E.TRANSFERRED, E.CONFIRMED, E.SUPERSEDED)
+    ledger.transition(a.id, S.HASHED, E.SUPERSEDED)
+    assert not ledger.begin_removal("s", "n", a.id)

@@ -23,7 +23,7 @@ from edge_agent.lake.base import Catalogue, LakeFile, Target
 from edge_agent.ledger import FileRecord, Ledger
 from edge_agent.localfs import Source, is_agent_temp
 from edge_agent.pipeline import MAX_BAD_COPIES, MAX_UNEXPECTED, Hooks, Pipeline
-from edge_agent.settings import Settings
+from edge_agent.settings import DeletePolicy, Settings
 from edge_agent.transfer.posix import PosixTransport
 
 S, E = State, Event
@@ -928,15 +928,29 @@ def test_a_file_changing_during_the_first_copy_leaves_no_copy(env: Env, monkeypa
     assert env.ledger.replicas(rec.id) == []
 
 
-def test_a_stale_first_copy_from_a_crash_is_replaced(env: Env) -> None:
+def test_bytes_at_a_reserved_url_are_never_taken_for_the_files_copy_nor_replaced(env: Env) -> None:
+    """A name reserved before a crash (or by a version of another agent sharing the lake): what lies
+    at its URL may be a partial copy of this version or another writer's copy; nothing proves which,
+    so it is never overwritten and the name is decided by content (review 2, finding 1)."""
     rec = env.add()
-    # the name was reserved (committed) before the crash: whatever lies under it is this version's
     stale = env.roots["a"] / "test" / "run42" / "f1.fits"
     assert env.ledger.reserve_name("test", "run42/f1.fits", rec.id, str(stale))
     stale.parent.mkdir(parents=True)
-    stale.write_bytes(b"half of it")          # what a crash in the middle of the first copy leaves
-    rec = env.step(rec.id)
-    assert stale.read_bytes() == DATA and rec.state is S.HASHED and rec.name == "run42/f1.fits"
+    stale.write_bytes(b"half of it, or someone else's")
+    end = env.drive(rec.id)
+    assert stale.read_bytes() == b"half of it, or someone else's"
+    assert end.state is S.DELETED and end.name == "run42/f1.fits.v2" and env.copy("a", end).read_bytes() == DATA
+    assert env.ledger.name_hold("test", "run42/f1.fits") is None      # the reservation not taken is freed
+
+
+def test_a_reserved_url_holding_the_same_bytes_keeps_the_name(env: Env) -> None:
+    rec = env.add()
+    there = env.roots["a"] / "test" / "run42" / "f1.fits"
+    assert env.ledger.reserve_name("test", "run42/f1.fits", rec.id, str(there))
+    there.parent.mkdir(parents=True)
+    there.write_bytes(DATA)                 # a first copy whose 'sent' record a crash prevented
+    end = env.drive(rec.id)
+    assert end.state is S.DELETED and end.name == "run42/f1.fits" and there.read_bytes() == DATA
 
 
 def test_bytes_at_a_destination_that_no_version_wrote_are_never_replaced(env: Env) -> None:
@@ -1098,7 +1112,9 @@ def test_what_a_crash_left_of_an_ended_version_is_cleaned_up_at_start(env: Env) 
     env.ledger.transition(b.id, S.COMPLETE, E.SUPERSEDED, {"reason": "vanished"}, reason="vanished")
     assert env.ledger.ended_holders() == [a.id, b.id]
     Runner.finish_cleanups(types.SimpleNamespace(ledger=env.ledger, pipeline=env.pipeline))  # type: ignore[arg-type]
-    assert not env.copy("a", a).exists() and not url.exists()
+    # a's copy is proven its own ('sent'): removed; what lies at b's reserved URL is not proven to be
+    # b's (another writer's copy looks the same): kept, as dark data at worst (review 2, finding 2)
+    assert not env.copy("a", a).exists() and url.read_bytes() == b"partial first copy"
     assert env.ledger.name_hold("test", a.name or "") is None and env.ledger.name_hold("test", "run2/b.dat") is None
     assert env.ledger.ended_holders() == []
 
@@ -1206,3 +1222,80 @@ def test_a_dry_run_puts_an_ended_versions_leftover_back(env: Env, monkeypatch: p
     env.pipeline.discard_unregistered(v1)
     assert agent_names(env) == []
     assert (env.daq / f"f.restored-{v1.inode}.dat").read_bytes() == DATA
+
+
+def test_a_copy_registered_for_another_version_is_never_removed(env: Env) -> None:
+    """Review 2, finding 3: c (same bytes as a) counted a's first copy, registered it and was
+    confirmed, then was superseded (rewritten during its keep period); a then ends: the copy stays,
+    since c's bytes now live only there."""
+    env.s.rules["r"].name_template = "{filename}"
+    env.s.rules["r"].delete = DeletePolicy.NEVER
+    a = env.step(env.add("run1/img.dat").id)
+    # a's registration fails for good: it waits for a person (and no longer writes the name's copies)
+    a = env.ledger.transition(a.id, S.HASHED, E.FAILED_PERMANENT, {"reason": "refused"}, reason="refused")
+    c = env.drive(env.add("run2/img.dat").id)
+    assert c.state is S.CONFIRMED and c.name == "img.dat"
+    env.ledger.transition(c.id, S.CONFIRMED, E.SUPERSEDED, {"reason": "rewritten"}, reason="rewritten")
+    a = env.ledger.transition(a.id, S.QUARANTINED, E.SUPERSEDED, {"reason": "vanished"}, reason="vanished")
+    env.pipeline.discard_unregistered(env.ledger.get(a.id))
+    assert env.copy("a", c).read_bytes() == DATA and env.copy("b", c).read_bytes() == DATA
+
+
+def register_env(make_env: Any) -> Env:
+    env = make_env(rule={"inject": "register", "buffer_rse": "BUF", "buffer_url": "root://daq//buf/",
+                         "rse_expression": "lake=true", "destinations": [], "copies": 2},
+                   lake={"kind": "rucio", "rucio": {"url": "http://rucio.test", "account": "root",
+                                                    "auth": {"type": "userpass", "username": "u", "password": "p"}}},
+                   destinations={})
+    env.lake.writes_copies = False       # the lake replicates from the buffer; two copies it says are good
+    env.lake.replicas = lambda f: [Replica(loc, f.size, f.adler32, True, f"root://{loc}/x")  # type: ignore[method-assign]
+                                   for loc in ("L1", "L2")]
+    return env
+
+
+def test_register_in_place_releases_after_the_daqs_name_is_gone(make_env: Any) -> None:
+    env = register_env(make_env)
+    rec = env.step(env.add().id)
+    link = env.daq / ".edge-agent-inplace" / f"{rec.id}.edge-agent-inplace"
+    assert os.path.samefile(link, rec.fspath)          # the agent's own name, made before hashing
+    assert env.pipeline.lake_file(rec).buffer_path == str(link)
+    order: list[str] = []
+    env.lake.release = lambda f: order.append(f"DAQ name there: {os.path.exists(rec.fspath)}")  # type: ignore[method-assign]
+    end = env.drive(rec.id)
+    assert end.state is S.DELETED and order == ["DAQ name there: False"]
+    assert not link.exists() and not Path(rec.fspath).exists()
+
+
+def test_a_version_registered_at_the_daqs_own_path_is_not_released_with_a_new_file_there(make_env: Any) -> None:
+    """Review 2, finding 4: a row hashed by an older agent (no in-place name) is registered at the
+    DAQ's path: with a new file there, releasing it would let the reaper remove the new file."""
+    env = register_env(make_env)
+    env.s.rules["r"].delete = DeletePolicy.NEVER
+    rec = env.step(env.add().id)
+    # as an older agent left it: no in-place name, no ctime recorded
+    (env.daq / ".edge-agent-inplace" / f"{rec.id}.edge-agent-inplace").unlink()
+    env.ledger._db.execute("UPDATE files SET ctime_ns = NULL WHERE id = ?", (rec.id,))
+    rec = env.drive(rec.id)
+    assert rec.state is S.CONFIRMED
+    Path(rec.fspath).unlink()
+    Path(rec.fspath).write_bytes(b"the next file")     # the DAQ publishes the next file under the path
+    # what the runner does when the rescan finds the new file: the version ends, its record as it was
+    env.ledger.transition(rec.id, S.CONFIRMED, E.SUPERSEDED, {"reason": "changed"}, reason="changed")
+    env.pipeline.discard_unregistered(rec)
+    assert env.lake.released == [] and Path(rec.fspath).read_bytes() == b"the next file"
+
+
+def test_a_bad_copy_is_rewritten_whatever_the_catalogue_calls_its_url(make_env: Any, clock: Any) -> None:
+    """Found by the real-lake test: Rucio lists a replica by a PFN spelled otherwise than the URL the
+    agent writes (another scheme, '//'): the copy is still the agent's own to write again."""
+    env = make_env(rule={"delete": "keep", "keep_hours": 1})
+    rec = env.drive(env.add().id)
+    assert rec.state is S.CONFIRMED
+    env.lake.lie = lambda r: dataclasses.replace(r, url="root://elsewhere//" + r.url.lstrip("/"))
+    env.copy("b", rec).write_bytes(b"rotted" + DATA[6:])
+    clock.advance(3600)
+    rec = env.step(rec.id)
+    assert rec.state is S.RETRY_WAIT
+    env.retry_due(rec.id)
+    rec = env.drive(rec.id)
+    assert rec.state is S.CONFIRMED and env.copy("b", rec).read_bytes() == DATA
