@@ -303,6 +303,7 @@ class Pipeline:
             if problem:
                 raise PermanentError(f"dataset {problem} (from dataset_template {rule.dataset_template!r})")
         scan = FitsScan() if rule.fits == "auto" and rec.relpath.lower().endswith(FITS_SUFFIXES) else None
+        rendered = name
         first = self._first_target(rec, name, before.size)
         d = None
         if first is not None:
@@ -319,7 +320,7 @@ class Pipeline:
             if after != before or d.size != before.size:
                 raise FileChanged(f"{rec.relpath} changed while it was being read")
             if first is None:
-                name = self._decide_name(rec, rule.scope, name, d)
+                name = self._decide_name(rec, rule.scope, rendered, d)
             meta = {**rule.metadata, **self._fits_metadata(rec, scan), **self._sidecar(rec)}
         except BaseException:
             if first is not None:
@@ -332,14 +333,20 @@ class Pipeline:
         # ctime (which nobody can set back) and device identify this version from now on, with
         # inode, size and mtime: the deletion compares them all
         assert after is not None
-        try:
-            self._move(rec, Event.HASHED, {"blake3": d.blake3, "adler32": d.adler32, "size": d.size},
-                       blake3=d.blake3, adler32=d.adler32, md5=d.md5, size=d.size, scope=rule.scope,
-                       name=name, dataset=dataset, metadata=json.dumps(meta), attempts=0,
-                       ctime_ns=after.ctime_ns, dev=after.dev)
-        except NameConflict as exc:
-            # another version took the name between the look and the commit: decided again
-            raise RetryableError(f"the name {rule.scope}:{name} was taken meanwhile ({exc})") from None
+        for attempt in range(5):
+            try:
+                self._move(rec, Event.HASHED, {"blake3": d.blake3, "adler32": d.adler32, "size": d.size},
+                           blake3=d.blake3, adler32=d.adler32, md5=d.md5, size=d.size, scope=rule.scope,
+                           name=name, dataset=dataset, metadata=json.dumps(meta), attempts=0,
+                           ctime_ns=after.ctime_ns, dev=after.dev)
+                return
+            except NameConflict as exc:
+                # another version took the name between the look and the commit (files hashed side
+                # by side whose templates render one name): decided again with the digests in hand,
+                # without reading the file again
+                if first is not None or attempt == 4:
+                    raise RetryableError(f"the name {rule.scope}:{name} was taken meanwhile ({exc})") from None
+                name = self._decide_name(rec, rule.scope, rendered, d)
 
     def _link_in_place(self, rec: FileRecord, local: LocalFile) -> None:
         """Register in place: the version gets the agent's own name in the buffer before it is hashed

@@ -1299,3 +1299,27 @@ def test_a_bad_copy_is_rewritten_whatever_the_catalogue_calls_its_url(make_env: 
     env.retry_due(rec.id)
     rec = env.drive(rec.id)
     assert rec.state is S.CONFIRMED and env.copy("b", rec).read_bytes() == DATA
+
+
+def test_a_name_taken_between_the_decision_and_the_commit_is_decided_again_without_a_second_read(
+        env: Env, monkeypatch: Any) -> None:
+    """Files hashed side by side whose templates render one name: one may bind the versioned name the
+    other just chose; the other decides again with its digests in hand (seen in the lake storm)."""
+    env.s.rules["r"].name_template = "{filename}"
+    env.drive(env.add("run1/img.dat", b"first").id)                    # holds img.dat
+    rival = env.ledger.transition(env.add("run3/img.dat", b"rival").id, S.COMPLETE, E.FAILED_RETRYABLE)
+    real = env.pipeline._decide_name
+    calls: list[str] = []
+
+    def racing(rec: FileRecord, scope: str, base: str, d: Any) -> str:
+        name = real(rec, scope, base, d)
+        if not calls:                                                  # the rival commits first
+            env.ledger._db.execute("INSERT INTO names (scope, name, owner, blake3, state, at) "
+                                   "VALUES (?, ?, ?, 'rival', 'bound', 0)", (scope, name, rival.id))
+        calls.append(name)
+        return name
+    monkeypatch.setattr(env.pipeline, "_decide_name", racing)
+    before = sum(env.hashed)
+    rec = env.step(env.add("run2/img.dat", b"second").id)
+    assert rec.state is S.HASHED and calls == ["img.dat.v2", "img.dat.v3"] and rec.name == "img.dat.v3"
+    assert sum(env.hashed) - before == len(b"second")                 # one read
