@@ -789,6 +789,12 @@ class Ledger:
                            "DO UPDATE SET url=excluded.url, state=excluded.state, at=excluded.at",
                            (file_id, location, url, state, now))
 
+    def copy_written(self, scope: str, name: str, location: str) -> bool:
+        """Has a version given scope:name (so: these very bytes) written a copy at `location`?"""
+        return bool(self._query(
+            "SELECT 1 FROM replicas r JOIN files f ON f.id = r.file_id WHERE f.scope = ? AND f.name = ? "
+            "AND r.location = ? AND r.state IN ('sent', 'written') LIMIT 1", (scope, name, location)))
+
     def names_owned(self, file_id: int) -> list[tuple[str, str, str, str | None]]:
         """(scope, name, state, first_url) of the names this version holds."""
         return [(r[0], r[1], r[2], r[3]) for r in self._query(

@@ -313,6 +313,8 @@ class Pipeline:
                 # bytes appeared at the URL after it was found empty (another writer): never replaced;
                 # the name is decided by content instead
                 first = None
+                if scan is not None:
+                    scan.reset()
         if d is None:
             d = self._read(rec, scan)
         try:
@@ -449,13 +451,11 @@ class Pipeline:
         rule = self.s.rules[rec.rule]
         f = LakeFile.unhashed(rec.rule, scope, name, d.size, rule.copies, tuple(rule.destinations), rec.fspath)
         for t in self.lake.targets(f):
-            there = t.transport.stat(t.url)
-            if there is None:
-                continue
-            if there.size != d.size or (there.adler32 is not None and there.adler32 != d.adler32) \
-                    or (there.md5 is not None and d.md5 is not None and there.md5 != d.md5):
-                log.warning("name in use at a destination by other bytes; taking another", file_id=rec.id,
-                            did=f"{scope}:{name}", location=t.location)
+            # a match on size and adler32 alone proves nothing (adler32 collides easily on small
+            # files): bytes nobody in this ledger wrote count as these only by a strong digest
+            if t.transport.exists(t.url) and not t.transport.same_bytes(t.url, d):
+                log.warning("name in use at a destination by bytes not known to be these; taking another",
+                            file_id=rec.id, did=f"{scope}:{name}", location=t.location)
                 return True
         return False
 
@@ -564,12 +564,15 @@ class Pipeline:
         # crash mid-write) or found it empty and recorded so before writing: anything else there is
         # never replaced (an identical copy counts; other bytes are DestinationOccupied).
         own = {t.location for t in todo if (r := recorded.get(t.location)) is not None and r["url"] == t.url}
-        empty = [t for t in todo if t.location not in own and not t.transport.exists(t.url)]
-        if empty:
-            self.ledger.record_replicas(rec.id, [(t.location, t.url) for t in empty], "writing")
-            own.update(t.location for t in empty)
         for t in todo:
-            expected = Expected(f.size, f.blake3, f.adler32, f.md5, may_replace=t.location in own)
+            if t.location not in own and not t.transport.exists(t.url):
+                # asked right before its own upload (an earlier one may have taken minutes)
+                self.ledger.record_replicas(rec.id, [(t.location, t.url)], "writing")
+                own.add(t.location)
+            # what a version with these bytes wrote there (the name's writer) is recognised by size and
+            # adler32; anything else only by a strong digest, or it is DestinationOccupied
+            expected = Expected(f.size, f.blake3, f.adler32, f.md5, may_replace=t.location in own,
+                                known_writer=self.ledger.copy_written(f.scope, f.name, t.location))
             started = self.clock()
             got = t.transport.put(self._local(rec), t.url, expected, self._pacer(rec.rule, t.location))
             hit("after_put")

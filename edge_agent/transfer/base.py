@@ -28,6 +28,11 @@ class Expected:
     # while the URL was empty, or wrote that copy itself): a copy of another version, or of an
     # older night whose catalogue entry was lost, is never overwritten (DestinationOccupied).
     may_replace: bool = False
+    # Was an object already at the URL written by a version with these very bytes (the ledger
+    # says so)? Then size and adler32 recognise it. Otherwise a match on those alone is no proof
+    # (adler32 collides easily on small files): only a strong digest is (blake3 read back, an S3
+    # ETag equal to the md5), and anything else is DestinationOccupied.
+    known_writer: bool = False
 
     @property
     def known(self) -> bool:
@@ -99,6 +104,11 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def delete(self, url: str) -> None:
         """Remove `url`; a missing object is success."""
+
+    def same_bytes(self, url: str, d: Digests) -> bool:
+        """Does `url` hold exactly the bytes digested in `d`, by a strong digest (not size and adler32
+        alone)? False where the storage cannot say (the object is then someone else's)."""
+        return False
 
     def exists(self, url: str) -> bool:
         """Does `url` hold anything at all? (No checksum asked: the cheap question asked before a

@@ -291,7 +291,7 @@ class HttpTransport(Transport):
         if self._already_there(wire, shown, expected):
             return expected.digests()
         got = self._upload(source, wire, shown, expected, pace, also)
-        self._check_copy(wire, shown, got)
+        self._check_copy(wire, shown, got, keep=not expected.may_replace)
         return got
 
     def stat(self, url: str, verify: str = "reread") -> RemoteStat | None:
@@ -324,7 +324,9 @@ class HttpTransport(Transport):
             remote = self._digest_head(wire, shown)
             if remote is None:
                 return False
-            if remote.size == expected.size and remote.adler32 == expected.adler32:
+            if remote.size == expected.size and remote.adler32 == expected.adler32 \
+                    and (expected.may_replace or expected.known_writer):
+                # size + adler32 recognise a copy only where the ledger knows who wrote it
                 log.debug("identical copy already there", url=shown)
                 return True
         if not expected.may_replace:
@@ -343,7 +345,7 @@ class HttpTransport(Transport):
                 # a resent body (parents made, redirect) is read again: `also` is reset for each pass
                 r, h = self._put_once(source, target, shown, expected, pace, also=also)
             except BaseException:
-                self._discard(wire, shown)
+                self._discard(wire, shown, keep=not expected.may_replace)
                 raise
             if r.status_code in (404, 409) and not made_parents:
                 # a WebDAV server that does not create parents (XRootD does; nginx, some dCache don't)
@@ -358,14 +360,14 @@ class HttpTransport(Transport):
                 log.debug("PUT redirected", url=shown, to=shown_url(target))
                 continue
             if r.status_code not in _OK:
-                self._discard(wire, shown)
+                self._discard(wire, shown, keep=not expected.may_replace)
                 raise status_error(r.status_code, f"PUT {shown}", r.reason_phrase)
             break
         got = h.digests()
         try:
             expected.check(source, got)
         except FileChanged:
-            self._discard(wire, shown)
+            self._discard(wire, shown, keep=not expected.may_replace)
             raise
         return got
 
@@ -397,20 +399,20 @@ class HttpTransport(Transport):
                               headers={"Content-Length": str(expected.size)})
         return r, h
 
-    def _check_copy(self, wire: str, shown: str, got: Digests) -> None:
+    def _check_copy(self, wire: str, shown: str, got: Digests, keep: bool = False) -> None:
         """Ask the storage what it now holds; anything but the bytes sent is never success."""
         try:
             remote = self._digest_head(wire, shown)
         except BaseException:
             # an unverified copy must not stay behind to be mistaken for a good one
-            self._discard(wire, shown)
+            self._discard(wire, shown, keep)
             raise
         problem = copy_problem(remote, got, self.verify_upload, shown,
                                "Want-Digest: adler32 (no adler32 Digest on HEAD)")
         if problem:
             error, discard = problem
             if discard:
-                self._discard(wire, shown)
+                self._discard(wire, shown, keep)
             raise error
 
     def _digest_head(self, wire: str, shown: str) -> RemoteStat | None:
@@ -461,8 +463,16 @@ class HttpTransport(Transport):
             return
         raise status_error(r.status_code, f"DELETE {shown}", r.reason_phrase)
 
-    def _discard(self, wire: str, shown: str) -> None:
-        """Best-effort removal of a partial or unverified copy; the caller's error is what matters."""
+    def _discard(self, wire: str, shown: str, keep: bool = False) -> None:
+        """Best-effort removal of a partial or unverified copy; the caller's error is what matters.
+
+        `keep`: the URL was not this version's to replace (found empty, but another writer may have
+        put its object there since): whatever lies there now is left alone. A partial copy never
+        counts (confirmation wants the size and adler32), and a later attempt decides by content."""
+        if keep:
+            log.warning("a failed upload's URL is left as it is: what lies there may be another writer's",
+                        url=shown)
+            return
         try:
             self._delete(wire, shown)
         except Exception as exc:  # noqa: BLE001 - best effort: the next attempt deletes it first anyway

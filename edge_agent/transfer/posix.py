@@ -190,6 +190,9 @@ class PosixTransport(Transport):
     def exists(self, url: str) -> bool:
         return os.path.lexists(url_to_path(url))
 
+    def same_bytes(self, url: str, d: Digests) -> bool:
+        return self._identical(url_to_path(url), Expected(d.size, d.blake3, d.adler32, d.md5))
+
     def delete(self, url: str) -> None:
         path = url_to_path(url)
         try:

@@ -119,13 +119,17 @@ class S3Transport(HttpTransport):
             raise DestinationOccupied(f"{shown} holds another object that this file version did not write; "
                                       "it is never replaced")
         got = self._upload_signed(source, url, shown, expected, pace, also)
-        self._check_object(url, shown, got)
+        self._check_object(url, shown, got, keep=not expected.may_replace)
         return got
 
     def stat(self, url: str, verify: str = "reread") -> RemoteStat | None:
         """Size and ETag-MD5 of the object (adler32 None: S3 has none)."""
         url = unsigned_url(url)
         return self._read_stat(url, shown_url(url))
+
+    def same_bytes(self, url: str, d: Digests) -> bool:
+        there = self.stat(url)
+        return there is not None and d.md5 is not None and there.size == d.size and there.md5 == d.md5
 
     def exists(self, url: str) -> bool:
         # through a signed read of the first byte, as every S3 request here (a plain HEAD is unsigned)
@@ -192,28 +196,28 @@ class S3Transport(HttpTransport):
             try:
                 r, h = self._put_once(source, signed, shown, expected, pace, md5=True, also=also)
             except BaseException:
-                self._discard_signed(url, shown)
+                self._discard_signed(url, shown, keep=not expected.may_replace)
                 raise
             if r.status_code == 403 and attempt == 1:
                 log.info("signed PUT refused (expired?), signing again", url=shown)
                 continue
             if r.status_code not in (200, 201, 204):
-                self._discard_signed(url, shown)
+                self._discard_signed(url, shown, keep=not expected.may_replace)
                 raise status_error(r.status_code, f"PUT {shown}", r.reason_phrase)
             break
         got = h.digests()
         try:
             expected.check(source, got)
         except FileChanged:
-            self._discard_signed(url, shown)
+            self._discard_signed(url, shown, keep=not expected.may_replace)
             raise
         return got
 
-    def _check_object(self, url: str, shown: str, got: Digests) -> None:
+    def _check_object(self, url: str, shown: str, got: Digests, keep: bool = False) -> None:
         try:
             remote = self._read_stat(url, shown)
         except BaseException:
-            self._discard_signed(url, shown)
+            self._discard_signed(url, shown, keep)
             raise
         if remote is None:
             raise RetryableError(f"{shown} is not there right after a successful upload")
@@ -223,11 +227,16 @@ class S3Transport(HttpTransport):
         elif remote.md5 != got.md5:
             problem = f"{shown}: ETag {remote.md5 or '(not an MD5)'} is not the MD5 {got.md5} of the bytes sent"
         if problem:
-            self._discard_signed(url, shown)
+            self._discard_signed(url, shown, keep)
             raise ChecksumMismatch(problem)
 
-    def _discard_signed(self, url: str, shown: str) -> None:
-        """Best-effort removal of a failed or unverified object; the caller's error is what matters."""
+    def _discard_signed(self, url: str, shown: str, keep: bool = False) -> None:
+        """Best-effort removal of a failed or unverified object; the caller's error is what matters.
+        `keep`: the URL was not this version's to replace; what lies there may be another writer's."""
+        if keep:
+            log.warning("a failed upload's URL is left as it is: what lies there may be another writer's",
+                        url=shown)
+            return
         try:
             self.delete(url)
         except Exception as exc:  # noqa: BLE001 - best effort: the next attempt overwrites it anyway

@@ -369,7 +369,7 @@ class XRootTransport(Transport):
             return expected.digests()
         with self._gates.shared(server):
             got = self._upload(source, url, server, path, expected, pace, also)
-        self._check_copy(server, path, got)
+        self._check_copy(server, path, got, keep=not expected.may_replace)
         return got
 
     def stat(self, url: str, verify: str = "reread") -> RemoteStat | None:
@@ -405,7 +405,9 @@ class XRootTransport(Transport):
             remote = self._remote(server, path)
             if remote is None:
                 return False
-            if remote.size == expected.size and remote.adler32 == expected.adler32:
+            if remote.size == expected.size and remote.adler32 == expected.adler32 \
+                    and (expected.may_replace or expected.known_writer):
+                # size + adler32 recognise a copy only where the ledger knows who wrote it
                 log.debug("identical copy already there", url=f"{server}/{shown_url(path)}")
                 return True
         if not expected.may_replace:
@@ -446,24 +448,29 @@ class XRootTransport(Transport):
         except BaseException:
             if writer is not None:
                 writer.abort()
-            self._discard(server, path)
+            self._discard(server, path, keep=not expected.may_replace)
             raise
 
-    def _check_copy(self, server: str, path: str, got: Digests) -> None:
+    def _check_copy(self, server: str, path: str, got: Digests, keep: bool = False) -> None:
         shown = f"{server}/{shown_url(path)}"
         try:
             remote = self._remote(server, path)
         except BaseException:
-            self._discard(server, path)
+            self._discard(server, path, keep)
             raise
         problem = copy_problem(remote, got, self.verify_upload, shown, "an adler32 checksum query")
         if problem:
             error, discard = problem
             if discard:
-                self._discard(server, path)
+                self._discard(server, path, keep)
             raise error
 
-    def _discard(self, server: str, path: str) -> None:
+    def _discard(self, server: str, path: str, keep: bool = False) -> None:
+        if keep:
+            # not this version's URL to clear: what lies there may be another writer's (see http.py)
+            log.warning("a failed upload's URL is left as it is: what lies there may be another writer's",
+                        url=f"{server}/{shown_url(path)}")
+            return
         try:
             self._client.rm(server, path)
         except Exception as exc:  # noqa: BLE001 - best effort: the next attempt removes it first anyway

@@ -389,8 +389,17 @@ def test_a_first_read_of_a_file_that_grew_is_file_changed(make, dav: FakeDav, sr
 def test_a_first_read_lied_about_is_a_mismatch(make, dav: FakeDav, src: Path) -> None:
     dav.digest = "lie"
     with pytest.raises(ChecksumMismatch):
-        make().put(str(src), URL, Expected(len(DATA), None), Pace())
+        make().put(str(src), URL, Expected(len(DATA), None, may_replace=True), Pace())
     assert KEY not in dav.files
+
+
+def test_a_failed_upload_to_a_url_not_this_versions_own_deletes_nothing(make, dav: FakeDav, src: Path) -> None:
+    """Review 3: the URL was found empty, but what lies there after a failed PUT or a failed check
+    may be another writer's object: it is never deleted (a partial copy never counts anyway)."""
+    dav.digest = "lie"
+    with pytest.raises(ChecksumMismatch):
+        make().put(str(src), URL, Expected(len(DATA), None), Pace())
+    assert "DELETE" not in dav.methods() and KEY in dav.files
 
 
 def test_a_resent_body_starts_the_consumers_over(make, dav: FakeDav, src: Path) -> None:
@@ -728,3 +737,21 @@ def test_exists_is_one_plain_head(make, dav: FakeDav) -> None:
     assert t.exists(URL) is True
     assert dav.methods() == ["HEAD", "HEAD"]
     assert not [r for r in dav.requests if "want-digest" in {k.lower() for k in r.headers}]
+
+
+def test_size_and_adler32_alone_never_make_another_writers_object_this_files_copy(make, dav: FakeDav,
+                                                                                  tmp_path: Path) -> None:
+    """Review 3: adler32 collides easily on small files ("run 121 ok" and "run 202 ok": 11 bytes,
+    adler32 1486030e both). An object nobody in the ledger wrote is not taken for this file's copy."""
+    mine, theirs = b"run 121 ok\n", b"run 202 ok\n"
+    assert adler(mine) == adler(theirs)
+    src = tmp_path / "mine"
+    src.write_bytes(mine)
+    dav.files[KEY] = theirs
+    with pytest.raises(DestinationOccupied):
+        make().put(str(src), URL, expected_for(mine, may_replace=False), Pace())
+    assert dav.files[KEY] == theirs
+    # written by a version with these very bytes (the ledger says so): recognised by size and adler32
+    dav.files[KEY] = mine
+    exp = Expected(len(mine), blake3.blake3(mine).hexdigest(), adler(mine), known_writer=True)
+    assert make().put(str(src), URL, exp, Pace()).blake3 == exp.blake3

@@ -1323,3 +1323,21 @@ def test_a_name_taken_between_the_decision_and_the_commit_is_decided_again_witho
     rec = env.step(env.add("run2/img.dat", b"second").id)
     assert rec.state is S.HASHED and calls == ["img.dat.v2", "img.dat.v3"] and rec.name == "img.dat.v3"
     assert sum(env.hashed) - before == len(b"second")                 # one read
+
+
+class WeakTransport(PosixTransport):
+    """A storage that answers size and adler32 but no strong digest (XRootD, WebDAV)."""
+
+    def same_bytes(self, url: str, d: Any) -> bool:
+        return False
+
+
+def test_bytes_at_a_destination_that_cannot_be_proven_these_get_another_name(env: Env) -> None:
+    """Review 3: the same size and adler32 prove nothing about bytes nobody in the ledger wrote."""
+    env.lake.transport = WeakTransport(fsync=False)
+    env.lake.free_names = False               # hashed alone: the name is decided by content
+    there = env.roots["a"] / "test" / "run42" / "f1.fits"
+    there.parent.mkdir(parents=True)
+    there.write_bytes(DATA)                   # the very bytes, but nothing says who wrote them
+    end = env.drive(env.add().id)
+    assert end.state is S.DELETED and end.name == "run42/f1.fits.v2" and there.read_bytes() == DATA

@@ -78,9 +78,10 @@ class FakeS3:
         return [r.method for r in self.requests]
 
 
-def expected_of(data: bytes, md5: bool = True) -> Expected:
+def expected_of(data: bytes, md5: bool = True, may_replace: bool = True) -> Expected:
+    # may_replace: the pipeline's word that the URL is this version's own (found empty, or its bad copy)
     return Expected(len(data), blake3.blake3(data).hexdigest(), f"{zlib.adler32(data) & 0xFFFFFFFF:08x}",
-                    hashlib.md5(data).hexdigest() if md5 else None)
+                    hashlib.md5(data).hexdigest() if md5 else None, may_replace=may_replace)
 
 
 @pytest.fixture
@@ -243,3 +244,11 @@ def test_object_size_reads_content_range() -> None:
     assert object_size(r) == 123
     assert object_size(httpx.Response(416, headers={"Content-Range": "bytes */0"})) == 0
     assert object_size(httpx.Response(206, headers={"Content-Range": "garbage"})) is None
+
+
+def test_a_failed_put_to_a_url_not_this_versions_own_deletes_nothing(tmp_path: Path, s3: FakeS3) -> None:
+    data = b"q" * 100
+    s3.put_status = 503
+    with pytest.raises(RetryableError):
+        transport(s3).put(write(tmp_path, data), PFN, expected_of(data, may_replace=False), lambda n: None)
+    assert "DELETE" not in s3.methods()
