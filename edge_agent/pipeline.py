@@ -15,6 +15,7 @@ out a backoff, permanent ones quarantine the file with the reason.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -192,7 +193,7 @@ class Pipeline:
             log.warning("could not drop the buffer copy of an ended version", file_id=rec.id, error=str(exc))
         if before is State.CONFIRMED:
             self._finish_deleting(rec)
-        for scope, name, state, _ in self.ledger.names_owned(rec.id):
+        for scope, name, state, first_url in self.ledger.names_owned(rec.id):
             rows = [r for r in self.ledger.replicas(rec.id) if r["state"] == "sent"]
             if state == "bound" and not rows:
                 continue      # nothing of its own left unregistered: the name stays bound
@@ -210,11 +211,16 @@ class Pipeline:
                 # counted and registered the same bytes). An unbound reservation removes nothing:
                 # whatever lies at its URL may be another writer's (a crash mid-put leaves dark data).
                 urls = {r["url"] for r in rows}
-                recorded = self.lake.recorded_locations(scope, name) if urls else set()
+                recorded = self.lake.recorded_locations(scope, name) if urls or first_url else set()
                 for t in self.lake.targets(f):
                     if t.url in urls and t.location not in recorded:
                         t.transport.delete(t.url)
                         self.ledger.record_replica(rec.id, t.location, t.url, None, None, "removed")
+                    elif not rows and t.url == first_url and t.transport.leaves_partials \
+                            and t.location not in recorded:
+                        # a first upload cut short may have left a partial object at the one URL
+                        # this version reserved: nobody records it, nobody counts it
+                        t.transport.delete(t.url)
             except Exception as exc:  # noqa: BLE001 - best effort: the name stays 'removing' and is retried
                 log.warning("could not remove an unregistered first copy", file_id=rec.id, error=str(exc))
                 continue
@@ -410,16 +416,30 @@ class Pipeline:
         first = targets[0]
         if resumed:
             assert hold is not None
-            # the URL must be the one reserved (the destinations may have changed since) and still
-            # empty: a reservation proves nothing about who wrote there (another agent may share the
-            # lake's namespace); what lies there is decided by content, after hashing alone
-            return first if hold.first_url == first.url and not first.transport.exists(first.url) else None
+            # the URL must be the one reserved (the destinations may have changed since); what lies
+            # there now is this version's to replace only if it is a leftover: nothing, or, on a
+            # storage where an upload cut short leaves a partial object, an object the lake's
+            # catalogue does not record (another writer registers what it counts). Else it is
+            # decided by content, after hashing alone.
+            if hold.first_url != first.url:
+                return None
+            if first.transport.exists(first.url):
+                if not self._leftover_at(first, rule.scope, name):
+                    return None
+                return dataclasses.replace(first, replace_leftover=True)
+            return first
         if not self.lake.name_free(rule.scope, name) or any(t.transport.exists(t.url) for t in targets):
             return None
         if not self.ledger.reserve_name(rule.scope, name, rec.id, first.url):
             return None
         # reserved while its URL was empty: whatever lies there now is this version's own
         return first
+
+    def _leftover_at(self, t: Target, scope: str, name: str) -> bool:
+        """Is what lies at `t.url` (reserved by this version for its first copy) a leftover of an
+        upload cut short? Only where the storage can leave one, and the catalogue records no copy
+        of the name there."""
+        return t.transport.leaves_partials and t.location not in self.lake.recorded_locations(scope, name)
 
     def _decide_name(self, rec: FileRecord, scope: str, base: str, d: Digests) -> str:
         """The name of a version hashed alone: the rendered one if it is free or holds these very
@@ -482,7 +502,10 @@ class Pipeline:
 
         started = self.clock()
         try:
-            d = t.transport.put(self._local(rec), t.url, Expected(size, None, want_md5=rule.md5),
+            # reserved while its URL was empty: only a leftover of this version's own upload cut short
+            # (_first_target told) is replaced; anything else there now is DestinationOccupied
+            d = t.transport.put(self._local(rec), t.url,
+                                Expected(size, None, want_md5=rule.md5, may_replace=t.replace_leftover),
                                 pace_and_count, also=[scan] if scan else [])
         except SourceUnreadable as exc:
             raise PermanentError(f"{exc} (fix the permissions, then `edge-agent retry {rec.id}`)") from None

@@ -53,6 +53,9 @@ class Target:
     location: str
     url: str
     transport: Transport
+    # the pipeline's word, for a first copy resumed after a cut-short upload: the object at `url`
+    # is a leftover of that upload (nobody records it), to be replaced
+    replace_leftover: bool = False
 
 
 class Catalogue(abc.ABC):

@@ -81,6 +81,9 @@ class Transport(abc.ABC):
     """Moves one local file to one URL and tells what a URL holds."""
 
     scheme: str = ""
+    # Can a failed or killed upload leave a partial object under the final name? (HTTP and XRootD
+    # can; a posix copy is published whole by a link; an S3 PUT is atomic.)
+    leaves_partials: bool = False
 
     @abc.abstractmethod
     def put(self, source: Source, url: str, expected: Expected, pace: Pacer,

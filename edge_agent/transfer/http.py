@@ -242,6 +242,7 @@ class HttpTransport(Transport):
     """
 
     scheme = "https"
+    leaves_partials = True
     schemes = SCHEMES
 
     def __init__(self, *, verify: bool | str | ssl.SSLContext = True, cert: str | None = None,

@@ -90,6 +90,8 @@ class S3Transport(HttpTransport):
     max_object_bytes: the largest file one PUT may carry (S3: 5 GiB).
     """
 
+    leaves_partials = False   # a PUT is atomic: nothing partial is ever under the name
+
     def __init__(self, sign: Signer, *, verify: bool | str | ssl.SSLContext = True, timeout: float = 60.0,
                  chunk_size: int = CHUNK, max_connections: int = 8, max_object_bytes: int = MAX_SINGLE_PUT,
                  transport: httpx.BaseTransport | None = None) -> None:

@@ -342,6 +342,7 @@ class XRootTransport(Transport):
     """
 
     scheme = "root"
+    leaves_partials = True
     schemes = SCHEMES
 
     def __init__(self, *, timeout: float = 60.0, digest_timeout: float = 600.0,

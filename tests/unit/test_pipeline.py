@@ -1341,3 +1341,30 @@ def test_bytes_at_a_destination_that_cannot_be_proven_these_get_another_name(env
     there.write_bytes(DATA)                   # the very bytes, but nothing says who wrote them
     end = env.drive(env.add().id)
     assert end.state is S.DELETED and end.name == "run42/f1.fits.v2" and there.read_bytes() == DATA
+
+
+class PartialsTransport(PosixTransport):
+    """A storage where an upload cut short leaves a partial object under the final name (WebDAV, XRootD)."""
+    leaves_partials = True
+
+
+@pytest.mark.parametrize("recorded", [False, True])
+def test_a_partial_first_copy_left_by_a_cut_short_upload_is_replaced_unless_the_lake_records_it(
+        env: Env, recorded: bool) -> None:
+    """A kill -9 in the middle of the first copy's PUT leaves a partial object at the reserved URL: the
+    resumed version replaces it (no dark data, the name kept); an object the lake's catalogue records
+    is someone's copy and is never replaced."""
+    env.lake.transport = PartialsTransport(fsync=False)
+    rec = env.add()
+    partial = env.roots["a"] / "test" / "run42" / "f1.fits"
+    assert env.ledger.reserve_name("test", "run42/f1.fits", rec.id, str(partial))
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(DATA[:1000])
+    if recorded:
+        env.lake.recorded_locations = lambda scope, name: {"a"}      # type: ignore[method-assign]
+    end = env.drive(rec.id)
+    assert end.state is S.DELETED
+    if recorded:
+        assert end.name == "run42/f1.fits.v2" and partial.read_bytes() == DATA[:1000]
+    else:
+        assert end.name == "run42/f1.fits" and partial.read_bytes() == DATA
