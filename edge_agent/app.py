@@ -127,7 +127,7 @@ class Agent:
             raise
         self.lake = build_lake(settings)
         self.runner = Runner(settings, self.ledger, self.lake)
-        self.runner.may_scan = self.buffers.claim   # a directory that appears later is claimed first
+        self.runner.may_scan = self._may_scan   # a directory that appears later is claimed first
         self.runner.held_by_another = self.buffers.held_by_another   # a buffer inside ours is left alone
         self.runner.scheduler.add_job(self._heartbeat, "interval", seconds=HEARTBEAT_SECONDS, id="buffer-lock",
                                       max_instances=1, coalesce=True)
@@ -155,9 +155,21 @@ class Agent:
     def stop(self) -> None:
         self.runner.stop()
 
+    def _may_scan(self, rule: str) -> str | None:
+        refused = self.buffers.claim(rule)
+        if self.buffers.lost:
+            # a buffer this agent held is refused now (its lock file was removed and another agent
+            # claimed it): the same as a takeover seen by the heartbeat
+            self._lose(self.buffers.lost)
+        return refused
+
     def _heartbeat(self) -> None:
         lost = self.buffers.heartbeat()
-        if lost and not self.lost:
+        if lost:
+            self._lose(lost)
+
+    def _lose(self, lost: str) -> None:
+        if not self.lost:
             # two agents on one buffer would both delete its files: this one gives way
             self.lost = lost
             log.error("buffer lost to another agent; stopping", why=lost)

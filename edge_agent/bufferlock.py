@@ -115,6 +115,8 @@ class BufferLocks:
         self.me = Holder(host or socket.gethostname(), machine_id or identity.machine_id(), os.getpid(),
                          str(state_dir), now, now)
         self._fds: dict[str, int] = {}
+        self._held: set[str] = set()   # rules this agent has held: a refusal for one of them is a loss
+        self.lost: str | None = None   # why this agent lost a buffer it held; it must stop
         self._mutex = threading.Lock()
 
     def claim_all(self) -> None:
@@ -126,57 +128,66 @@ class BufferLocks:
 
     def claim(self, rule: str) -> str | None:
         """Hold `rule`'s directory. None when held (or when it does not exist: nothing to hold, and
-        nothing to take from it); otherwise why not, naming the holder and how to take over."""
+        nothing to take from it); otherwise why not, naming the holder and how to take over. A refusal
+        for a directory this agent held before is a loss: it is kept in `lost` as well."""
         with self._mutex:
-            directory = self.directories[rule]
-            fd = self._fds.get(rule)
-            if fd is not None:
-                if _same_file(fd, directory / LOCK_NAME):
-                    return None
-                os.close(self._fds.pop(rule))   # the directory was re-created: claim the new one
-            if not directory.is_dir():
+            refused = self._claim(rule)
+            if refused and rule in self._held and self.lost is None:
+                self.lost = refused
+            return refused
+
+    def _claim(self, rule: str) -> str | None:
+        # called with the mutex held
+        directory = self.directories[rule]
+        fd = self._fds.get(rule)
+        if fd is not None:
+            if _same_file(fd, directory / LOCK_NAME):
                 return None
-            try:
-                fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            except OSError as exc:
-                # an agent that cannot create a file in its buffer cannot delete any there either
-                log.warning("buffer not locked: cannot create the lock file", rule=rule,
-                            directory=str(directory), error=exc.strerror)
-                return None
-            now = self.clock()
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(fd)
-                held = read_record(directory)
-                who = held.describe(now) if held else UNNAMED
-                return self._refusal(rule, directory, who, running_here=True)
-            held = read_record(directory)
-            if held is not None and not held.same_host(self.me) and now - held.heartbeat_at < self.stale_seconds:
-                os.close(fd)
-                return self._refusal(rule, directory, held.describe(now), running_here=False)
-            # only now, holding our own lock (see the module's docstring for why in this order)
-            own = self._own() | {_fd_identity(fd)}
-            for above in Path(os.path.realpath(directory)).parents:
-                taken, holder = self._holder(os.fsencode(above), own, now)
-                if taken:
-                    os.close(fd)
-                    running_here = holder is None or holder.same_host(self.me)
-                    return self._refusal(rule, directory, holder.describe(now) if holder else UNNAMED,
-                                         running_here, held_dir=above)
-            try:
-                _write_record(directory, Holder(**{**asdict(self.me), "heartbeat_at": now}))
-            except OSError as exc:
-                log.warning("buffer locked, but its holder record cannot be written", rule=rule,
-                            directory=str(directory), error=exc.strerror)
-            self._fds[rule] = fd
-            if held is None or held.same_agent(self.me) or (held.same_host(self.me)
-                                                             and held.state_dir == self.me.state_dir):
-                log.info("buffer locked", rule=rule, directory=str(directory))
-            else:
-                log.warning("buffer taken over from an agent that stopped or went silent", rule=rule,
-                            directory=str(directory), previous=held.describe(now))
+            os.close(self._fds.pop(rule))   # the directory was re-created: claim the new one
+        if not directory.is_dir():
             return None
+        try:
+            fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            # an agent that cannot create a file in its buffer cannot delete any there either
+            log.warning("buffer not locked: cannot create the lock file", rule=rule,
+                        directory=str(directory), error=exc.strerror)
+            return None
+        now = self.clock()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            held = read_record(directory)
+            who = held.describe(now) if held else UNNAMED
+            return self._refusal(rule, directory, who, running_here=True)
+        held = read_record(directory)
+        if held is not None and not held.same_host(self.me) and now - held.heartbeat_at < self.stale_seconds:
+            os.close(fd)
+            return self._refusal(rule, directory, held.describe(now), running_here=False)
+        # only now, holding our own lock (see the module's docstring for why in this order)
+        own = self._own() | {_fd_identity(fd)}
+        for above in Path(os.path.realpath(directory)).parents:
+            taken, holder = self._holder(os.fsencode(above), own, now)
+            if taken:
+                os.close(fd)
+                running_here = holder is None or holder.same_host(self.me)
+                return self._refusal(rule, directory, holder.describe(now) if holder else UNNAMED,
+                                     running_here, held_dir=above)
+        try:
+            _write_record(directory, Holder(**{**asdict(self.me), "heartbeat_at": now}))
+        except OSError as exc:
+            log.warning("buffer locked, but its holder record cannot be written", rule=rule,
+                        directory=str(directory), error=exc.strerror)
+        self._fds[rule] = fd
+        self._held.add(rule)
+        if held is None or held.same_agent(self.me) or (held.same_host(self.me)
+                                                         and held.state_dir == self.me.state_dir):
+            log.info("buffer locked", rule=rule, directory=str(directory))
+        else:
+            log.warning("buffer taken over from an agent that stopped or went silent", rule=rule,
+                        directory=str(directory), previous=held.describe(now))
+        return None
 
     def _refusal(self, rule: str, directory: Path, who: str, running_here: bool,
                  held_dir: Path | None = None) -> str:
@@ -224,13 +235,25 @@ class BufferLocks:
 
     def heartbeat(self) -> str | None:
         """Rewrite heartbeat_at in every held record. Returns why this agent lost a buffer (another
-        host took it over, believing this agent gone), or None."""
+        host took it over, believing this agent gone; or its lock file was removed or replaced and
+        another agent holds it now), or None."""
         with self._mutex:
+            if self.lost:
+                return self.lost
             now = self.clock()
-            for rule, fd in self._fds.items():
+            for rule, fd in list(self._fds.items()):
                 directory = self.directories[rule]
                 if not _same_file(fd, directory / LOCK_NAME):
-                    continue   # the directory was re-created: the next rescan claims it again
+                    # The lock file was removed (a cleanup of old files) or replaced, or the directory
+                    # re-created: until it is taken again another agent could claim this buffer while
+                    # this one goes on. Take it again now; if another agent has it, this one lost it.
+                    log.warning("buffer lock file gone or replaced; taking it again", rule=rule,
+                                directory=str(directory))
+                    refused = self._claim(rule)
+                    if refused:
+                        self.lost = refused
+                        return refused
+                    continue   # held again (its record just written), or the directory is gone
                 held = read_record(directory)
                 if held is not None and not held.same_agent(self.me):
                     return (f"rules.{rule}.directory {directory}: another edge-agent took this buffer over: "

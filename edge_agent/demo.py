@@ -20,6 +20,7 @@ from pathlib import Path
 
 from . import logs
 from .localfs import is_agent_temp
+from .places import PLACE_NAME
 from .settings import load_settings
 
 CONFIG = """\
@@ -187,7 +188,7 @@ def run_demo(directory: str | None, nfiles: int, port: int) -> int:
         show_log(log_reader)
         log_reader.close()
     print()
-    lake_files = sorted(p for p in (root / "lake").rglob("*") if p.is_file())
+    lake_files = sorted(p for p in (root / "lake").rglob("*") if p.is_file() and p.name != PLACE_NAME)
     left = sorted(p for p in (root / "buffer").rglob("*") if p.is_file() and not is_agent_temp(p.name))
     print(f"lake now holds {len(lake_files)} copies of {len(made)} files (2 each):")
     for p in lake_files[:8]:

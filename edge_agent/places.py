@@ -12,12 +12,19 @@ destination, or the state directory) has an inode of its own. So each place is a
 /proc/self/mountinfo, to where it lies on its filesystem (device major:minor, and the mount's root
 within that filesystem joined with the rest of the path below the mount point), and two places on
 one device overlap when one of these physical paths lies inside the other.
+
+Neither sees one filesystem reached through mounts that report different devices (an overlayfs
+merged view and its upper directory, two NFS mounts of one export that share no superblock, a bind
+mount made after start). So each posix destination's root holds a place token, PLACE_NAME: a
+random id, created once and never rewritten. Two destinations showing the same token are one place:
+refused at start, and counted once per copy in the local lake (`LocalLake.replicas`).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import secrets
 from pathlib import Path
 
 import structlog
@@ -29,6 +36,8 @@ Identity = tuple[int, int]   # (st_dev, st_ino)
 Physical = tuple[str, str]   # (major:minor, the path within that filesystem)
 
 MOUNTINFO = "/proc/self/mountinfo"
+PLACE_NAME = ".edge-agent-place"   # in each posix destination's root; carries the agent mark: never data
+_TOKEN_MAX = 256
 
 log = structlog.get_logger("edge_agent.places")
 
@@ -103,6 +112,54 @@ def _physical(path: Path, mounts: list[tuple[str, str, str]]) -> Physical | None
     return dev, os.path.normpath(os.path.join(root, rest)) if rest else root
 
 
+def token(root: Path) -> str | None:
+    """The place token in destination root `root`, created if it has none (exclusively: a token
+    is never overwritten, two agents creating it at once agree on the first). None if it cannot be
+    read or created (the root missing, not writable, the file empty or unreadable)."""
+    path = os.path.join(root, PLACE_NAME)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o444)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        log.warning("destination place token cannot be created", root=str(root), error=exc.strerror)
+        return None
+    else:
+        try:
+            os.write(fd, (secrets.token_hex(16) + "\n").encode())
+            os.fsync(fd)
+        except OSError as exc:
+            log.warning("destination place token cannot be written", root=str(root), error=exc.strerror)
+            return None
+        finally:
+            os.close(fd)
+        _fsync_dir(root)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            raw = os.read(fd, _TOKEN_MAX)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        log.warning("destination place token cannot be read", root=str(root), error=exc.strerror)
+        return None
+    found = raw.decode("ascii", "replace").strip()
+    return found or None   # empty: being written by another process, or truncated; not a place yet
+
+
+def _fsync_dir(root: Path) -> None:
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass   # the token file itself is synced; a lost name is made again, and then differs: safe
+    finally:
+        os.close(fd)
+
+
 def _places(settings: Settings) -> list[tuple[str, Path, bool]]:
     """(key, path, is a destination) of every place the settings name."""
     out = [(f"destinations.{n}.path", d.path, True) for n, d in settings.destinations.items()
@@ -119,9 +176,11 @@ def problems(settings: Settings, mountinfo: str = MOUNTINFO) -> list[str]:
     mounts = _mounts(mountinfo)
     places = [(key, path, dest, *_chain(path), _physical(path, mounts) if mounts else None)
               for key, path, dest in _places(settings)]
+    # a destination not there (yet) has no token to show: the lake reads it per copy
+    tokens = [token(path) if dest and own is not None else None for _, path, dest, own, *_ in places]
     found = []
     for i, (ka, pa, da, own_a, around_a, phys_a) in enumerate(places):
-        for kb, pb, db, own_b, around_b, phys_b in places[i + 1:]:
+        for j, (kb, pb, db, own_b, around_b, phys_b) in enumerate(places[i + 1:], i + 1):
             if not (da or db):
                 continue   # rules and the state dir among themselves: the settings check them by path
             if own_a is not None and own_a == own_b:
@@ -136,6 +195,10 @@ def problems(settings: Settings, mountinfo: str = MOUNTINFO) -> list[str]:
                     ((ka, pa, phys_a), (kb, pb, phys_b))   # the destination first: it is the one to change
                 found.append(f"{k1} = {p1}: overlaps {k2} = {p2} (on device {f1[0]} they are {f1[1]} and "
                              f"{f2[1]}: one lies inside the other through a bind mount)")
+            elif tokens[i] is not None and tokens[i] == tokens[j]:
+                found.append(f"{kb} = {pb}: the same place as {ka} = {pa} (its {PLACE_NAME} holds the same "
+                             "token: one filesystem through two mounts, e.g. an overlay and its upper "
+                             "directory, or two mounts of one NFS export)")
     return found
 
 

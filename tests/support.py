@@ -201,10 +201,11 @@ class Daemon:
                              + self.log.read_text()[-3000:])
 
     def lake_files(self) -> dict[str, dict[str, bytes]]:
-        """{lake: {relative path: content}} of everything in the lake directories."""
+        """{lake: {relative path: content}} of everything in the lake directories but the place token."""
         out: dict[str, dict[str, bytes]] = {}
         for name, root in self.lakes.items():
-            out[name] = {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+            out[name] = {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*")
+                         if p.is_file() and p != root / ".edge-agent-place"}
         return out
 
     def events(self) -> list[dict[str, Any]]:

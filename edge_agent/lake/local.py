@@ -18,6 +18,7 @@ from typing import Iterator
 
 import structlog
 
+from .. import places
 from ..core.policy import Replica
 from ..errors import PermanentError, RetryableError
 from ..settings import DestinationSettings
@@ -128,8 +129,21 @@ class LocalLake(Catalogue):
     def replicas(self, f: LakeFile) -> list[Replica]:
         out = []
         seen: dict[tuple[int, int], str] = {}
+        tokens: dict[str, str] = {}
         for loc in f.destinations:
             url = self.url(loc, f)
+            # One filesystem seen through mounts with different devices (an overlay and its upper
+            # directory, two mounts of one NFS export) shows the same place token in both roots. It
+            # is read afresh at each count: a mount made since the last one is seen.
+            tok = places.token(self._root(loc))
+            if tok is None:
+                log.warning("destination without a readable place token: its copy does not count",
+                            destination=loc, root=str(self._root(loc)))
+                continue
+            if tok in tokens:
+                log.warning("two destinations are one place (same place token): their copies count once",
+                            destination=loc, same_as=tokens[tok], url=url)
+                continue
             # Copies are counted per physical file: a destination that became an alias of another
             # after start (a bind mount, a symlink swapped in) must not turn one file into two copies.
             ident = _identity(url)
@@ -141,6 +155,7 @@ class LocalLake(Catalogue):
             if st is not None:
                 if ident is not None:
                     seen[ident] = loc
+                tokens[tok] = loc
                 out.append(Replica(loc, st.size, st.adler32, True, url))
         return out
 

@@ -24,6 +24,7 @@ from pathlib import Path
 FINAL = ("deleted", "superseded")
 IN_FLIGHT = ("complete", "hashed", "registered", "transferred")
 TEMP_MARK = ".edge-agent-"     # how the agent names its temporary files (documented in localfs.py)
+PLACE_NAME = ".edge-agent-place"   # the place token in each destination's root (places.py): no copy
 
 
 def adler32_of(data: bytes) -> str:
@@ -166,6 +167,6 @@ def check(manifest: Manifest, ledger: Path, lakes: dict[str, Path], catalogue: P
     for lake, lroot in lakes.items():
         for dirpath, _dirs, names in os.walk(lroot):
             for n in names:
-                if TEMP_MARK in n:
+                if TEMP_MARK in n and not (n == PLACE_NAME and dirpath == os.fspath(lroot)):   # the place token
                     problems.append(f"{lake}: partial copy left behind: {os.path.join(dirpath, n)}")
     return problems

@@ -352,3 +352,55 @@ def test_a_subdirectory_another_agent_holds_is_left_to_it(runner: Any, tmp_path:
     runner.dispatch(clock())
     assert old.id in [rec.id for rec in pools["hash"].submitted]
     mine.release()
+
+
+# ------------------------------------------------------------ the lock file removed under a running agent
+
+def test_a_removed_lock_file_taken_by_another_agent_is_reported_as_lost(tmp_path: Path, daq: Path,
+                                                                       clock: Any) -> None:
+    a = locks(tmp_path, clock, "state-a")
+    a.claim_all()
+    os.unlink(daq / LOCK_NAME)               # a cleanup of old files (the lock file's mtime never changes)
+    b = locks(tmp_path, clock, "state-b")
+    b.me = bufferlock.Holder(**{**b.me.__dict__, "pid": b.me.pid + 1})   # another agent of this host
+    b.claim_all()                            # a new lock file, nobody flocks it: b holds the buffer
+    lost = a.heartbeat()
+    assert lost is not None and f"state_dir {tmp_path / 'state-b'}" in lost
+    assert a.heartbeat() == lost             # and stays lost
+    assert read_record(daq).state_dir == str(tmp_path / "state-b")  # type: ignore[union-attr]
+    b.release()
+    a.release()
+
+
+def test_a_removed_lock_file_nobody_else_took_is_taken_again(tmp_path: Path, daq: Path, clock: Any) -> None:
+    a = locks(tmp_path, clock, "state-a")
+    a.claim_all()
+    os.unlink(daq / LOCK_NAME)
+    (daq / RECORD_NAME).unlink()
+    clock.advance(30)
+    assert a.heartbeat() is None and a.lost is None
+    assert (daq / LOCK_NAME).exists() and read_record(daq).heartbeat_at == clock()  # type: ignore[union-attr]
+    b = locks(tmp_path, clock, "state-b")
+    b.me = bufferlock.Holder(**{**b.me.__dict__, "pid": b.me.pid + 1})
+    with pytest.raises(BufferHeld):          # the new lock file is flock'ed by a again
+        b.claim_all()
+    assert a.claim("r") is None and a.heartbeat() is None
+    a.release()
+
+
+def test_a_rescan_refused_a_buffer_it_held_stops_the_agent(
+        tmp_path: Path, daq: Path, settings_data: Callable[..., Any], clock: Any) -> None:
+    from edge_agent.app import Agent
+    for d in ("lake-a", "lake-b"):
+        (tmp_path / d).mkdir()
+    agent = Agent(Settings(**settings_data(tmp_path, status={"enabled": False})))
+    os.unlink(daq / LOCK_NAME)
+    b = locks(tmp_path, clock, "state-b")
+    b.me = bufferlock.Holder(**{**b.me.__dict__, "pid": b.me.pid + 1})
+    b.claim_all()
+    rule = next(iter(agent.settings.rules))
+    agent.runner.rescan(rule)                # the claim is refused: the buffer was this agent's
+    assert agent.lost is not None and agent.runner.stopping.is_set()
+    with pytest.raises(BufferHeld, match="state-b"):
+        agent.run()
+    b.release()

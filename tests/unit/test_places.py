@@ -259,3 +259,84 @@ def test_the_local_lake_counts_one_physical_file_once(tmp_path: Path) -> None:
         assert [r.location for r in lake.replicas(f2)] == ["a", "c"]
     finally:
         lake.close()
+
+
+# ------------------------------------------------------------ place tokens: one filesystem, two devices
+
+def _same_token(tmp_path: Path, how: str) -> None:
+    """Make lake-b show lake-a's place token, as two mounts of one filesystem do."""
+    assert places.token(tmp_path / "lake-a") is not None
+    (tmp_path / "lake-b" / places.PLACE_NAME).unlink(missing_ok=True)
+    if how == "link":
+        os.link(tmp_path / "lake-a" / places.PLACE_NAME, tmp_path / "lake-b" / places.PLACE_NAME)
+    else:
+        shutil.copyfile(tmp_path / "lake-a" / places.PLACE_NAME, tmp_path / "lake-b" / places.PLACE_NAME)
+
+
+@pytest.mark.parametrize("how", ["link", "copy"])
+def test_two_destinations_showing_one_place_token_are_refused_at_start(
+        tmp_path: Path, settings_data: Callable[..., Any], how: str) -> None:
+    for d in ("daq", "lake-a", "lake-b"):
+        (tmp_path / d).mkdir()
+    s = Settings(**settings_data(tmp_path))
+    assert places.problems(s) == []                     # each root now has a token of its own
+    first = (tmp_path / "lake-a" / places.PLACE_NAME).read_bytes()
+    assert places.problems(s) == [] and (tmp_path / "lake-a" / places.PLACE_NAME).read_bytes() == first
+    _same_token(tmp_path, how)
+    [problem] = places.problems(s)
+    assert "destinations.b.path" in problem and "destinations.a.path" in problem and places.PLACE_NAME in problem
+    with pytest.raises(ConfigError, match="destinations.b.path"):
+        places.check(s)
+
+
+def test_the_local_lake_counts_copies_in_one_place_once(tmp_path: Path) -> None:
+    for n in "abc":
+        (tmp_path / f"lake-{n}" / "test" / "n1").mkdir(parents=True)
+        (tmp_path / f"lake-{n}" / "test" / "n1" / "f.fits").write_bytes(b"abc")   # each its own inode
+    dests = {n: DestinationSettings(path=tmp_path / f"lake-{n}", fsync=False) for n in "abc"}
+    lake = LocalLake(tmp_path / "catalog.sqlite", dests, r".*")
+    try:
+        f = LakeFile(rule="r", scope="test", name="n1/f.fits", dataset=None, size=3, adler32="024d0127",
+                     md5=None, blake3="x", copies=2, destinations=("a", "b"), local_path="/daq/f.fits")
+        assert [r.location for r in lake.replicas(f)] == ["a", "b"]
+        _same_token(tmp_path, "copy")                    # read afresh at each count: seen at once
+        assert [r.location for r in lake.replicas(f)] == ["a"]
+        # a root whose token cannot be read: its copy does not count
+        (tmp_path / "lake-c" / places.PLACE_NAME).mkdir()
+        f3 = dataclasses.replace(f, destinations=("a", "c"))
+        assert [r.location for r in lake.replicas(f3)] == ["a"]
+    finally:
+        lake.close()
+
+
+def test_an_overlay_and_its_upper_directory_are_one_place(tmp_path: Path, settings_data: Callable[..., Any]) -> None:
+    """The reviewer's reproduction: one inode number, two devices; both checks see the one token."""
+    unshare = shutil.which("unshare")
+    if unshare is None or subprocess.run([unshare, "-rm", "true"], capture_output=True,
+                                         check=False).returncode != 0:
+        pytest.skip("no private mount namespace here (unshare -rm)")
+    for d in ("l", "u/lake", "w", "m", "daq"):
+        (tmp_path / d).mkdir(parents=True)
+    data = settings_data(tmp_path)
+    data["destinations"]["a"]["path"] = str(tmp_path / "m" / "lake")
+    data["destinations"]["b"]["path"] = str(tmp_path / "u" / "lake")
+    code = ("import json, os, sys; from edge_agent import places; from edge_agent.settings import Settings; "
+            "from edge_agent.lake.local import LocalLake; from edge_agent.lake.base import LakeFile; "
+            "s = Settings(**json.loads(sys.argv[1])); p = places.problems(s); "
+            "os.makedirs(sys.argv[2] + '/m/lake/test'); open(sys.argv[2] + '/m/lake/test/f', 'wb').write(b'abc'); "
+            "lk = LocalLake(s.state_dir / 'c.sqlite', s.destinations, '.*'); "
+            "f = LakeFile(rule='r', scope='test', name='f', dataset=None, size=3, adler32='024d0127', md5=None, "
+            "blake3='x', copies=2, destinations=('a', 'b'), local_path='/daq/f'); "
+            "print(json.dumps([p, [r.location for r in lk.replicas(f)]]))")
+    script = (f"mount -t overlay overlay -o lowerdir={tmp_path / 'l'},upperdir={tmp_path / 'u'},"
+              f"workdir={tmp_path / 'w'} {tmp_path / 'm'} || exit 77; "
+              f'exec {sys.executable} -c "$0" "$1" "$2"')
+    r = subprocess.run([unshare, "-rm", "sh", "-c", script, code, json.dumps(data, default=str), str(tmp_path)],
+                       capture_output=True, text=True, timeout=60, check=False,
+                       env={**os.environ, "PYTHONPATH": str(Path(places.__file__).parents[1])})
+    if r.returncode == 77:
+        pytest.skip(f"no overlayfs in a private mount namespace here: {r.stderr.strip()}")
+    assert r.returncode == 0, r.stderr
+    problems, counted = json.loads(r.stdout.splitlines()[-1])
+    assert len(problems) == 1 and "destinations.b.path" in problems[0] and "destinations.a.path" in problems[0]
+    assert counted == ["a"]
