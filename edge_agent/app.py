@@ -127,8 +127,8 @@ class Agent:
             raise
         self.lake = build_lake(settings)
         self.runner = Runner(settings, self.ledger, self.lake)
-        self.runner.may_scan = self._may_scan   # a directory that appears later is claimed first
-        self.runner.held_by_another = self.buffers.held_by_another   # a buffer inside ours is left alone
+        self.runner.discovery.may_scan = self._may_scan   # a directory that appears later is claimed first
+        self.runner.discovery.held_by_another = self.buffers.held_by_another   # a buffer inside ours is left alone
         self.runner.scheduler.add_job(self._heartbeat, "interval", seconds=HEARTBEAT_SECONDS, id="buffer-lock",
                                       max_instances=1, coalesce=True)
         self.lost: str | None = None

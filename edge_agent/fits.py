@@ -271,8 +271,10 @@ class FitsResult:
                 out[key] = source[key]
         return out
 
-    def problems(self) -> list[str]:
-        """Human-readable integrity problems; empty for a sound FITS file and for non-FITS files."""
+    def problems(self, tolerate_trailing: bool = False) -> list[str]:
+        """Human-readable integrity problems; empty for a sound FITS file and for non-FITS files.
+        `tolerate_trailing`: bytes after the last HDU that do not start an extension (padding some
+        writers leave) are not a problem."""
         if not self.is_fits:
             return []
         out = []
@@ -291,7 +293,7 @@ class FitsResult:
             out.append(self.error)
         if self.truncated:
             out.append(f"file is truncated: {self.truncation}")
-        if self.trailing_bytes:
+        if self.trailing_bytes and not tolerate_trailing:
             last = self.hdus[-1].index if self.hdus else 0
             out.append(f"{self.trailing_bytes} bytes after HDU {last} do not start a FITS extension")
         return out

@@ -9,6 +9,7 @@ the `events` table so each file's history can be replayed.
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import sqlite3
@@ -18,12 +19,31 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from .core.lifecycle import FINAL, State, Event, next_state
+from .core.lifecycle import (
+    BINDS_NAME,
+    COPIES_WRITTEN,
+    FINAL,
+    PROBLEMS,
+    CopyState,
+    Event,
+    NameState,
+    State,
+    apply,
+)
 from .errors import LedgerUnwritable
 
 SCHEMA_VERSION = 1
+
+
+def _sql_list(values: Iterable[enum.Enum]) -> str:
+    """An SQL list of enum values, for a query or an index (values are code, never input)."""
+    return "(" + ", ".join(f"'{v.value}'" for v in values) + ")"
+
+
 # events shown as "recent errors"; a partial index covers exactly these
-_PROBLEM_EVENTS = "('failed_retryable', 'failed_permanent', 'stuck', 'replica_lost', 'superseded')"
+_PROBLEM_EVENTS = _sql_list(PROBLEMS)
+# a version's copies that another version relies on as it does: written, or being written or rewritten
+_COUNTED_BY_OWNER = (CopyState.WRITTEN, CopyState.WRITING, CopyState.BAD, CopyState.LOST)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -100,6 +120,13 @@ CREATE INDEX IF NOT EXISTS events_problems ON events(id) WHERE event IN {problem
 """.format(problems=_PROBLEM_EVENTS)
 
 
+@dataclass(frozen=True)
+class _Here:
+    """A row's place in the lifecycle, as lifecycle.apply() reads it."""
+    state: State
+    resume_state: State | None
+
+
 class StaleTransition(Exception):
     """The row was not in the expected state: someone else moved it (or it was superseded)."""
 
@@ -112,7 +139,7 @@ class NameConflict(Exception):
 class NameHold:
     """What the ledger says of one lake name: who holds it, in which state, for which content."""
     owner: int
-    state: str            # 'writing' | 'bound' | 'removing'
+    state: NameState
     blake3: str | None
     owner_final: bool     # the owner version has ended (superseded or deleted)
     first_url: str | None = None   # 'writing': the URL of the first copy, found empty when reserved
@@ -256,6 +283,11 @@ class Ledger:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
         self._migrate()
+        old = self._db.execute("SELECT sql FROM sqlite_master WHERE name = 'events_problems'").fetchone()
+        if old is not None and _PROBLEM_EVENTS not in old[0]:
+            # the problem events changed since the index was made: a query no longer matching its
+            # WHERE would read every event
+            self._db.execute("DROP INDEX events_problems")
         self._db.executescript(_INDEXES)
         self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
@@ -511,7 +543,7 @@ class Ledger:
         if not rows:
             return None
         owner, state, blake3, owner_state, first_url = rows[0]
-        return NameHold(owner, state, blake3, owner_state is None or State(owner_state) in FINAL, first_url)
+        return NameHold(owner, NameState(state), blake3, owner_state is None or State(owner_state) in FINAL, first_url)
 
     def reserve_name(self, scope: str, name: str, file_id: int, first_url: str | None = None) -> bool:
         """Reserve a name nobody holds for `file_id`'s first copy (to be written at `first_url`, found
@@ -522,9 +554,9 @@ class Ledger:
             row = db.execute("SELECT owner, state FROM names WHERE scope = ? AND name = ?",
                              (scope, name)).fetchone()
             if row is not None:
-                return bool(row[0] == file_id and row[1] == "writing")
+                return bool(row[0] == file_id and row[1] == NameState.WRITING)
             db.execute("INSERT INTO names (scope, name, owner, blake3, state, at, first_url) "
-                       "VALUES (?,?,?,NULL,'writing',?,?)", (scope, name, file_id, self._clock(), first_url))
+                       f"VALUES (?,?,?,NULL,'{NameState.WRITING.value}',?,?)", (scope, name, file_id, self._clock(), first_url))
             return True
 
     def claim_writer(self, scope: str, name: str, file_id: int) -> int:
@@ -533,7 +565,7 @@ class Ledger:
         waits for a person (quarantined). Two versions never write one URL at the same time."""
         with self._tx() as db:
             row = db.execute("SELECT n.owner, f.state FROM names n LEFT JOIN files f ON f.id = n.owner "
-                             "WHERE n.scope = ? AND n.name = ? AND n.state = 'bound'", (scope, name)).fetchone()
+                             f"WHERE n.scope = ? AND n.name = ? AND n.state = '{NameState.BOUND.value}'", (scope, name)).fetchone()
             if row is None or row[0] == file_id:
                 return file_id
             if row[1] is None or row[1] in ("superseded", "deleted", "quarantined"):
@@ -548,20 +580,20 @@ class Ledger:
         row = db.execute("SELECT owner, state, blake3 FROM names WHERE scope = ? AND name = ?",
                          (scope, name)).fetchone()
         if row is None:
-            db.execute("INSERT INTO names (scope, name, owner, blake3, state, at) VALUES (?,?,?,?,'bound',?)",
+            db.execute(f"INSERT INTO names (scope, name, owner, blake3, state, at) VALUES (?,?,?,?,'{NameState.BOUND.value}',?)",
                        (scope, name, file_id, blake3, self._clock()))
-        elif row[0] == file_id and row[1] == "writing":
-            db.execute("UPDATE names SET blake3 = ?, state = 'bound', first_url = NULL, at = ? "
+        elif row[0] == file_id and row[1] == NameState.WRITING:
+            db.execute(f"UPDATE names SET blake3 = ?, state = '{NameState.BOUND.value}', first_url = NULL, at = ? "
                        "WHERE scope = ? AND name = ?",
                        (blake3, self._clock(), scope, name))
-        elif not (row[1] == "bound" and row[2] == blake3):
+        elif not (row[1] == NameState.BOUND and row[2] == blake3):
             raise NameConflict(f"{scope}:{name} is held by file {row[0]} ({row[1]})")
 
     def drop_reservation(self, scope: str, name: str, file_id: int) -> None:
         """Give up a reservation whose content was never bound (the first read failed and the
         copy it may have left was removed): the name is free again."""
         with self._tx() as db:
-            db.execute("DELETE FROM names WHERE scope = ? AND name = ? AND owner = ? AND state = 'writing'",
+            db.execute(f"DELETE FROM names WHERE scope = ? AND name = ? AND owner = ? AND state = '{NameState.WRITING.value}'",
                        (scope, name, file_id))
 
     def begin_removal(self, scope: str, name: str, file_id: int) -> bool:
@@ -574,27 +606,27 @@ class Ledger:
                              (scope, name)).fetchone()
             if row is None or row[0] != file_id:
                 return False
-            if row[1] == "removing":
+            if row[1] == NameState.REMOVING:
                 return True
             # a version that ended after it was confirmed, or after it wrote or counted a copy of
             # the name, relies on those copies as much as a live one: the lake lists them for it
             other = db.execute(
                 "SELECT id FROM files f WHERE scope = ? AND name = ? AND id != ? AND (state != 'superseded' "
                 "OR confirmed_at IS NOT NULL OR EXISTS (SELECT 1 FROM replicas r WHERE r.file_id = f.id "
-                "AND r.state IN ('written', 'writing', 'bad', 'lost'))) "
+                f"AND r.state IN {_sql_list(_COUNTED_BY_OWNER)})) "
                 "ORDER BY state = 'deleted' DESC, id LIMIT 1", (scope, name, file_id)).fetchone()
             if other is not None:
                 db.execute("UPDATE names SET owner = ?, at = ? WHERE scope = ? AND name = ?",
                            (other[0], self._clock(), scope, name))
                 return False
-            db.execute("UPDATE names SET state = 'removing', at = ? WHERE scope = ? AND name = ?",
+            db.execute(f"UPDATE names SET state = '{NameState.REMOVING.value}', at = ? WHERE scope = ? AND name = ?",
                        (self._clock(), scope, name))
             return True
 
     def finish_removal(self, scope: str, name: str, file_id: int) -> None:
         """The copies under scope:name are removed: the name is free again."""
         with self._tx() as db:
-            db.execute("DELETE FROM names WHERE scope = ? AND name = ? AND owner = ? AND state = 'removing'",
+            db.execute(f"DELETE FROM names WHERE scope = ? AND name = ? AND owner = ? AND state = '{NameState.REMOVING.value}'",
                        (scope, name, file_id))
 
     def ended_holders(self) -> list[int]:
@@ -670,7 +702,7 @@ class Ledger:
              priority, now, now, now))
         fid = cur.lastrowid
         assert fid is not None
-        self._event(db, fid, None, State.DISCOVERED, "discovered",
+        self._event(db, fid, None, State.DISCOVERED, Event.DISCOVERED,
                     {"size": size, "inode": inode, "mtime_ns": mtime_ns, "version": prev + 1})
         return fid
 
@@ -705,46 +737,32 @@ class Ledger:
 
     def _transition(self, db: sqlite3.Connection, file_id: int, expect: State, event: Event,
                     detail: dict[str, Any] | None, updates: dict[str, Any]) -> None:
-        now = self._clock()
+        """Store the move lifecycle.apply() computes (what the caller passes overrides its columns)."""
         row = db.execute("SELECT state, resume_state FROM files WHERE id = ?", (file_id,)).fetchone()
         if row is None or row["state"] != expect.value:
             raise StaleTransition(f"file {file_id}: expected {expect}, found {row and row['state']}")
-        resume = State(row["resume_state"]) if row["resume_state"] else None
-        new = next_state(expect, event, resume)
-        updates.setdefault("updated_at", now)
-        updates["state"] = new.value
-        if new in (State.RETRY_WAIT, State.QUARANTINED):
-            updates.setdefault("resume_state", (resume if expect in (State.RETRY_WAIT, State.QUARANTINED)
-                                                else expect).value)
-        elif event in (Event.RETRY_DUE, Event.OPERATOR_RETRY, Event.CHANGED) or new in FINAL:
-            updates.setdefault("resume_state", None)
-        if event is Event.OPERATOR_RETRY:
-            updates.setdefault("attempts", 0)
-            updates.setdefault("next_at", 0)
-        if new is State.CONFIRMED:
-            updates.setdefault("confirmed_at", now)
-        if new is State.DELETED:
-            updates.setdefault("deleted_at", now)
-        if not (new in (State.RETRY_WAIT, State.QUARANTINED) or new is State.SUPERSEDED):
-            updates.setdefault("reason", None)
-        for k, v in updates.items():
+        here = _Here(State(row["state"]), State(row["resume_state"]) if row["resume_state"] else None)
+        new, changes = apply(here, event, self._clock())
+        changes.update(updates)
+        changes["state"] = new
+        for k, v in changes.items():
             if k not in _COLS:
                 raise KeyError(k)
-            if isinstance(v, State):
-                updates[k] = v.value
-        if new is State.HASHED:
+            if isinstance(v, enum.Enum):
+                changes[k] = v.value
+        if new is BINDS_NAME:
             # the name is bound to this content in the transition's own transaction
             got = {**dict(db.execute("SELECT scope, name, blake3 FROM files WHERE id = ?", (file_id,)).fetchone()),
-                   **{k: v for k, v in updates.items() if k in ("scope", "name", "blake3")}}
+                   **{k: v for k, v in changes.items() if k in ("scope", "name", "blake3")}}
             if got["scope"] and got["name"] and got["blake3"]:
                 self._bind_name(db, file_id, got["scope"], got["name"], got["blake3"])
                 # a name an earlier attempt reserved and this version did not take: free for others
                 # (anything written there stays, and is decided by content by whoever wants it)
-                db.execute("DELETE FROM names WHERE owner = ? AND state = 'writing' AND NOT (scope = ? AND name = ?)",
-                           (file_id, got["scope"], got["name"]))
-        sets = ", ".join(f"{k} = ?" for k in updates)
-        db.execute(f"UPDATE files SET {sets} WHERE id = ?", [*updates.values(), file_id])
-        self._event(db, file_id, expect, new, event.value, detail)
+                db.execute("DELETE FROM names WHERE owner = ? AND state = ? AND NOT (scope = ? AND name = ?)",
+                           (file_id, NameState.WRITING.value, got["scope"], got["name"]))
+        sets = ", ".join(f"{k} = ?" for k in changes)
+        db.execute(f"UPDATE files SET {sets} WHERE id = ?", [*changes.values(), file_id])
+        self._event(db, file_id, expect, new, event, detail)
 
     def set_next_at(self, file_id: int, next_at: float) -> None:
         """Reschedule a step that is waiting on the lake (not a failure: no event)."""
@@ -772,13 +790,13 @@ class Ledger:
         with self._tx() as db:
             db.execute("UPDATE files SET reason = ? WHERE id = ?", (reason, file_id))
 
-    def note(self, file_id: int, state: State, what: str, detail: dict[str, Any] | None = None) -> None:
+    def note(self, file_id: int, state: State, what: Event, detail: dict[str, Any] | None = None) -> None:
         """An event in a file's history that does not change its state (e.g. 'copy written')."""
         with self._tx() as db:
             self._event(db, file_id, state, state, what, detail)
 
     def record_replica(self, file_id: int, location: str, url: str, size: int | None,
-                       adler32: str | None, state: str, note: tuple[State, str, dict[str, Any]] | None = None
+                       adler32: str | None, state: CopyState, note: tuple[State, Event, dict[str, Any]] | None = None
                        ) -> None:
         """Remember a copy the agent wrote (or found bad); `note` adds its history event in the same commit."""
         with self._tx() as db:
@@ -787,9 +805,9 @@ class Ledger:
             db.execute("INSERT INTO replicas VALUES (?,?,?,?,?,?,?) ON CONFLICT (file_id, location) DO UPDATE "
                        "SET url=excluded.url, size=excluded.size, adler32=excluded.adler32, "
                        "state=excluded.state, at=excluded.at",
-                       (file_id, location, url, size, adler32, state, self._clock()))
+                       (file_id, location, url, size, adler32, CopyState(state).value, self._clock()))
 
-    def record_replicas(self, file_id: int, places: Sequence[tuple[str, str]], state: str) -> None:
+    def record_replicas(self, file_id: int, places: Sequence[tuple[str, str]], state: CopyState) -> None:
         """Several copies' state in one commit, (location, url) each: e.g. 'writing', recorded before
         the bytes go to URLs found empty, so a crash mid-write leaves a URL known to be this version's."""
         now = self._clock()
@@ -797,17 +815,17 @@ class Ledger:
             for location, url in places:
                 db.execute("INSERT INTO replicas VALUES (?,?,?,NULL,NULL,?,?) ON CONFLICT (file_id, location) "
                            "DO UPDATE SET url=excluded.url, state=excluded.state, at=excluded.at",
-                           (file_id, location, url, state, now))
+                           (file_id, location, url, CopyState(state).value, now))
 
     def copy_written(self, scope: str, name: str, location: str) -> bool:
         """Has a version given scope:name (so: these very bytes) written a copy at `location`?"""
         return bool(self._query(
             "SELECT 1 FROM replicas r JOIN files f ON f.id = r.file_id WHERE f.scope = ? AND f.name = ? "
-            "AND r.location = ? AND r.state IN ('sent', 'written') LIMIT 1", (scope, name, location)))
+            f"AND r.location = ? AND r.state IN {_sql_list(COPIES_WRITTEN)} LIMIT 1", (scope, name, location)))
 
-    def names_owned(self, file_id: int) -> list[tuple[str, str, str, str | None]]:
+    def names_owned(self, file_id: int) -> list[tuple[str, str, NameState, str | None]]:
         """(scope, name, state, first_url) of the names this version holds."""
-        return [(r[0], r[1], r[2], r[3]) for r in self._query(
+        return [(r[0], r[1], NameState(r[2]), r[3]) for r in self._query(
             "SELECT scope, name, state, first_url FROM names WHERE owner = ?", (file_id,))]
 
     def notice(self, rule: str, path: bytes, kind: str, detail: str) -> bool:
@@ -824,10 +842,10 @@ class Ledger:
         with self._tx() as db:
             db.execute("DELETE FROM notices WHERE path = ?", (path,))
 
-    def _event(self, db: sqlite3.Connection, file_id: int, frm: State | None, to: State, event: str,
+    def _event(self, db: sqlite3.Connection, file_id: int, frm: State | None, to: State, event: Event,
                detail: dict[str, Any] | None) -> None:
         db.execute("INSERT INTO events (file_id, at, from_state, to_state, event, detail) VALUES (?,?,?,?,?,?)",
-                   (file_id, self._clock(), frm.value if frm else None, to.value, event,
+                   (file_id, self._clock(), frm.value if frm else None, to.value, Event(event).value,
                     json.dumps(detail, default=str) if detail else None))
 
     def iter_all(self) -> Iterator[FileRecord]:

@@ -18,16 +18,16 @@ if TYPE_CHECKING:
 
 class _Collector:
     def __init__(self, runner: "Runner") -> None:
-        self.r = runner
+        self.runner = runner
 
     def collect(self) -> Iterator[Metric]:
-        r = self.r
+        runner = self.runner
         now = time.time()
         files = GaugeMetricFamily("edge_agent_files", "Files per rule and lifecycle state", labels=["rule", "state"])
         nbytes = GaugeMetricFamily("edge_agent_file_bytes", "Bytes of files per rule and state",
                                    labels=["rule", "state"])
-        seen: dict[tuple[str, str], tuple[int, int]] = {(rule, s): (0, 0) for rule in r.s.rules for s in STATE_ORDER}
-        for rule, state, n, b in r.ledger.counts():
+        seen: dict[tuple[str, str], tuple[int, int]] = {(rule, s): (0, 0) for rule in runner.settings.rules for s in STATE_ORDER}
+        for rule, state, n, b in runner.ledger.counts():
             seen[(rule, state)] = (n, b)
         for (rule, state), (n, b) in sorted(seen.items()):
             files.add_metric([rule, state], n)
@@ -40,7 +40,7 @@ class _Collector:
         bl_bytes = GaugeMetricFamily("edge_agent_backlog_bytes", "Bytes of edge_agent_backlog_files",
                                      labels=["rule"])
         backlog = {s.value for s in BACKLOG}
-        for rule in r.s.rules:
+        for rule in runner.settings.rules:
             rows = [v for (ru, st), v in seen.items() if ru == rule and st in backlog]
             bl_files.add_metric([rule], sum(n for n, _ in rows))
             bl_bytes.add_metric([rule], sum(b for _, b in rows))
@@ -48,33 +48,33 @@ class _Collector:
         yield bl_bytes
         sent = CounterMetricFamily("edge_agent_sent_bytes", "Bytes streamed to destinations",
                                    labels=["rule", "destination"])
-        for (rule, loc), n in sorted(r.counters.sent_by_location.items()):
+        for (rule, loc), n in sorted(runner.counters.sent_by_location.items()):
             sent.add_metric([rule, loc], n)
         yield sent
         hashed = CounterMetricFamily("edge_agent_hashed_bytes", "Bytes read for hashing", labels=["rule"])
-        for rule, rate in r.counters.hashed.items():
+        for rule, rate in runner.counters.hashed.items():
             hashed.add_metric([rule], rate.total)
         yield hashed
         trans = CounterMetricFamily("edge_agent_transitions", "Lifecycle transitions since start",
                                     labels=["rule", "to_state"])
-        for (rule, state), n in sorted(r.counters.transitions.items()):
+        for (rule, state), n in sorted(runner.counters.transitions.items()):
             trans.add_metric([rule, state], n)
         yield trans
-        oldest = r.ledger.oldest_unconfirmed()
+        oldest = runner.ledger.oldest_unconfirmed()
         yield GaugeMetricFamily("edge_agent_oldest_unconfirmed_age_seconds",
                                 "Age of the oldest file not yet confirmed in the lake",
                                 value=0 if oldest is None else now - oldest.first_seen)
-        attention = sum(1 for rec in r.ledger.in_states([State.TRANSFERRED, State.CONFIRMED]) if rec.reason)
+        attention = sum(1 for rec in runner.ledger.in_states([State.TRANSFERRED, State.CONFIRMED]) if rec.reason)
         yield GaugeMetricFamily("edge_agent_attention_files", "Files held back with a warning: replication "
                                 "stuck or overdue, or a replica that failed verification (see /status "
                                 "'attention')", value=attention)
         yield GaugeMetricFamily("edge_agent_lake_up", "1 if the lake answered its last health check",
-                                value=0 if r.lake_problem else 1)
+                                value=0 if runner.lake_problem else 1)
         used = GaugeMetricFamily("edge_agent_buffer_used_ratio", "Used fraction of the buffer filesystem",
                                  labels=["rule"])
         ttf = GaugeMetricFamily("edge_agent_buffer_seconds_to_full",
                                 "Forecast seconds until the buffer is full (-1: not filling)", labels=["rule"])
-        for rule, d in r.disks.items():
+        for rule, d in runner.disks.items():
             if d.last:
                 used.add_metric([rule], d.last.used_fraction)
                 ttf.add_metric([rule], -1 if d.last.seconds_to_full is None else d.last.seconds_to_full)
@@ -83,15 +83,15 @@ class _Collector:
         # exported so that an alert compares against the agent's own configuration, not a copy of it
         marks = GaugeMetricFamily("edge_agent_buffer_watermark_ratio", "Configured buffer watermarks "
                                   "(fraction of the filesystem)", labels=["rule", "level"])
-        for rule, cfg in r.s.rules.items():
+        for rule, cfg in runner.settings.rules.items():
             marks.add_metric([rule, "warning"], cfg.watermark_warn_percent / 100)
             marks.add_metric([rule, "critical"], cfg.watermark_critical_percent / 100)
         yield marks
         yield GaugeMetricFamily("edge_agent_notices", "Entries in watched trees the agent will not handle",
-                                value=len(r.ledger.notices(10_000)))
+                                value=len(runner.ledger.notices(10_000)))
         yield CounterMetricFamily("edge_agent_event_overflows", "inotify queue overflows: events were lost "
-                                  "and every rule was rescanned", value=r.watcher.overflows)
-        yield GaugeMetricFamily("edge_agent_steps_in_flight", "Steps running now", value=len(r.in_flight))
+                                  "and every rule was rescanned", value=runner.discovery.watcher.overflows)
+        yield GaugeMetricFamily("edge_agent_steps_in_flight", "Steps running now", value=len(runner.in_flight))
         info = GaugeMetricFamily("edge_agent_info", "Build information", labels=["version"])
         info.add_metric([__version__], 1)
         yield info

@@ -81,7 +81,7 @@ def readiness(runner: "Runner", now: float) -> list[str]:
         why.append(f"lake: {runner.lake_problem}")
     if runner.last_tick and now - runner.last_tick > HEALTH_STALL_S:
         why.append(f"main loop stalled for {now - runner.last_tick:.0f}s")
-    for rule, problem in runner.watch_problems.items():
+    for rule, problem in runner.discovery.watch_problems.items():
         why.append(f"rules.{rule}: {problem}")
     for rule, d in runner.disks.items():
         if d.last and d.last.level == "critical":
@@ -92,7 +92,7 @@ def readiness(runner: "Runner", now: float) -> list[str]:
 def full(runner: "Runner") -> dict[str, Any]:
     now = time.time()
     t0 = time.perf_counter()
-    doc = from_ledger(runner.s, runner.ledger, now)
+    doc = from_ledger(runner.settings, runner.ledger, now)
     rate = runner.throttle.rate()
     doc["agent"] = {"pid": os.getpid(), "started_at": runner.started_at,
                     "uptime_s": round(now - runner.started_at, 1),
@@ -102,7 +102,7 @@ def full(runner: "Runner") -> dict[str, Any]:
     why = readiness(runner, now)
     doc["ready"] = not why
     doc["not_ready_because"] = why
-    doc["lake"] = {"kind": runner.s.lake.kind, "problem": runner.lake_problem}
+    doc["lake"] = {"kind": runner.settings.lake.kind, "problem": runner.lake_problem}
     for name, r in doc["rules"].items():
         r["throughput"] = {
             "sent_bytes_per_s_1m": round(runner.counters.sent[name].per_second(60)),
@@ -113,11 +113,11 @@ def full(runner: "Runner") -> dict[str, Any]:
         r["disk"] = None if d is None else {
             "path": d.path, "total_bytes": d.total, "used_bytes": d.used, "free_bytes": d.free,
             "used_percent": round(100 * d.used_fraction, 2), "level": d.level,
-            "warn_percent": runner.s.rules[name].watermark_warn_percent,
-            "critical_percent": runner.s.rules[name].watermark_critical_percent,
+            "warn_percent": runner.settings.rules[name].watermark_warn_percent,
+            "critical_percent": runner.settings.rules[name].watermark_critical_percent,
             "fill_rate_bytes_per_s": None if d.fill_rate_bps is None else round(d.fill_rate_bps),
             "hours_to_full": None if d.seconds_to_full is None else round(d.seconds_to_full / 3600, 2)}
-        r["watch_problem"] = runner.watch_problems.get(name)
+        r["watch_problem"] = runner.discovery.watch_problems.get(name)
         r["history"] = history(runner, name)
     # what this document cost; the page polls less often when it is dear (a very large ledger)
     doc["build_s"] = round(time.perf_counter() - t0, 4)

@@ -112,7 +112,7 @@ def failures(ledger: Path) -> list[tuple[str, str]]:
     db = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)
     try:
         return [(e, d or "") for e, d in db.execute(
-            "SELECT event, detail FROM events WHERE event IN ('failed_permanent', 'failed_retryable')")]
+            "SELECT event, detail FROM events WHERE event IN ('failed_permanent', 'failed_retryable', 'rewrite_copies')")]
     finally:
         db.close()
 

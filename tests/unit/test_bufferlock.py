@@ -189,12 +189,12 @@ def test_a_buffer_held_elsewhere_is_not_looked_into(runner: Any, tmp_path: Path,
     other = locks(tmp_path, clock, state="other-state")
     other.claim_all()
     mine = locks(tmp_path, clock)
-    runner.may_scan = mine.claim
-    runner.rescan("r")
+    runner.discovery.may_scan = mine.claim
+    runner.discovery.rescan("r")
     assert list(runner.ledger.iter_all()) == []
-    assert "other-state" in runner.watch_problems["r"]
+    assert "other-state" in runner.discovery.watch_problems["r"]
     other.release()
-    runner.rescan("r")
+    runner.discovery.rescan("r")
     assert [rec.relpath for rec in runner.ledger.iter_all()] == ["f.fits"]
     mine.release()
 
@@ -206,7 +206,7 @@ def test_an_old_lock_file_is_never_reported_as_a_stale_temporary_file(runner: An
     (tmp_path / "daq" / ".half-written").write_bytes(b"x")
     for name in (LOCK_NAME, RECORD_NAME, ".half-written"):
         os.utime(tmp_path / "daq" / name, (clock() - 3600, clock() - 3600))
-    runner.rescan("r")
+    runner.discovery.rescan("r")
     assert [os.path.basename(n["relpath"]) for n in runner.ledger.notices(10)] == [".half-written"]
     b.release()
 
@@ -315,8 +315,8 @@ def test_a_subdirectory_another_agent_holds_is_left_to_it(runner: Any, tmp_path:
     inner.claim_all()
     mine = locks(tmp_path, clock)
     mine.claim_all()
-    runner.may_scan = mine.claim
-    runner.held_by_another = mine.held_by_another
+    runner.discovery.may_scan = mine.claim
+    runner.discovery.held_by_another = mine.held_by_another
     # a row of an earlier run of this agent (before the inner agent started), due for hashing
     st = (daq / "cam2" / "night" / "h.fits").stat()
     old = runner.ledger.discover("r", os.fsencode(daq / "cam2" / "night" / "h.fits"), "cam2/night/h.fits",
@@ -326,16 +326,16 @@ def test_a_subdirectory_another_agent_holds_is_left_to_it(runner: Any, tmp_path:
     runner.capacity["hash"] = 10
     runner.dispatch(clock())                                 # before any rescan: asked of the filesystem
     assert pools["hash"].submitted == []
-    runner.rescan("r")
+    runner.discovery.rescan("r")
     assert [rec.relpath for rec in runner.ledger.iter_all()] == ["cam2/night/h.fits", "f.fits"]
     [notice] = runner.ledger.notices(10)
     assert notice["relpath"] == str(daq / "cam2") and notice["kind"] == "held-elsewhere"
     assert "inner-state" in notice["detail"]
-    runner.rescan("r")
+    runner.discovery.rescan("r")
     assert runner.ledger.notices(10)[0]["count"] == 2 and len(runner.ledger.notices(10)) == 1
-    runner.dirty.add(os.fsencode(daq / "cam2" / "new.fits"), "r")      # an event there
+    runner.discovery.dirty.add(os.fsencode(daq / "cam2" / "new.fits"), "r")      # an event there
     (daq / "cam2" / "new.fits").write_bytes(b"n")
-    runner.process_events()
+    runner.discovery.process_events()
     assert len(list(runner.ledger.iter_all())) == 2
     clock.advance(3600)
     runner.dispatch(clock())
@@ -343,7 +343,7 @@ def test_a_subdirectory_another_agent_holds_is_left_to_it(runner: Any, tmp_path:
     assert runner.ledger.get(old.id).next_at > clock()      # out of the way of the others meanwhile
     # the inner agent stops: the next rescan takes its files in, the notice goes
     inner.release()
-    runner.rescan("r")
+    runner.discovery.rescan("r")
     assert sorted(rec.relpath for rec in runner.ledger.iter_all()) == [
         "cam2/g.fits", "cam2/new.fits", "cam2/night/h.fits", "f.fits"]
     assert runner.ledger.notices(10) == []
@@ -399,7 +399,7 @@ def test_a_rescan_refused_a_buffer_it_held_stops_the_agent(
     b.me = bufferlock.Holder(**{**b.me.__dict__, "pid": b.me.pid + 1})
     b.claim_all()
     rule = next(iter(agent.settings.rules))
-    agent.runner.rescan(rule)                # the claim is refused: the buffer was this agent's
+    agent.runner.discovery.rescan(rule)                # the claim is refused: the buffer was this agent's
     assert agent.lost is not None and agent.runner.stopping.is_set()
     with pytest.raises(BufferHeld, match="state-b"):
         agent.run()

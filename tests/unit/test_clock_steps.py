@@ -17,7 +17,8 @@ from edge_agent.app import build_lake
 from edge_agent.core.lifecycle import Event, State
 from edge_agent.errors import LedgerUnwritable
 from edge_agent.ledger import FileRecord, Ledger
-from edge_agent.runner import CLOSED_FALLBACK_S, Runner
+from edge_agent.runner import Runner
+from edge_agent.watch.discovery import CLOSED_FALLBACK_S
 from edge_agent.settings import Settings
 
 HOURS = 3 * 3600.0
@@ -82,13 +83,13 @@ def test_a_step_forward_does_not_make_a_paused_writers_file_stable(make_runner: 
     f = tmp_path / "daq" / "f.fits"
     write(f, b"first half", clock())             # the writer pauses here
     rec = discover(r, f)
-    r.check_completion(clock())
+    r.discovery.check_completion(clock())
     clock.advance(HOURS)                         # NTP steps the wall clock forward by hours
     mono.now += 1
-    r.check_completion(clock())
+    r.discovery.check_completion(clock())
     assert state(r, rec) is State.DISCOVERED     # old mtime, wall hours later: only 1 s seen quiet
     mono.now += 5
-    r.check_completion(clock())
+    r.discovery.check_completion(clock())
     assert state(r, rec) is State.COMPLETE       # quiet for stable_seconds of monotonic time
 
 
@@ -103,7 +104,7 @@ def test_a_growing_file_is_never_stable_however_the_wall_clock_jumps(make_runner
         mono.now += 4
         write(f, b"more", clock() - 4)
         mono.now += 4
-        r.check_completion(clock())
+        r.discovery.check_completion(clock())
         assert state(r, rec) is State.DISCOVERED
 
 
@@ -112,10 +113,10 @@ def test_a_step_back_does_not_hold_files_back(make_runner: Any, tmp_path: Path, 
     f = tmp_path / "daq" / "f.fits"
     write(f, b"done", clock())
     rec = discover(r, f)
-    r.check_completion(clock())
+    r.discovery.check_completion(clock())
     clock.advance(-HOURS)                        # mtime and discovery now lie hours "in the future"
     mono.now += 5
-    r.check_completion(clock())
+    r.discovery.check_completion(clock())
     assert state(r, rec) is State.COMPLETE
 
 
@@ -124,52 +125,52 @@ def test_after_a_restart_the_wait_starts_again(make_runner: Any, tmp_path: Path,
     f = tmp_path / "daq" / "f.fits"
     write(f, b"first half", clock())
     rec = discover(first, f)
-    first.check_completion(clock())
+    first.discovery.check_completion(clock())
     clock.advance(HOURS)                          # down for a while (or the clock stepped meanwhile)
     mono.now = 3.0                                # a reboot: the monotonic clock starts again
     again = make_runner(completion=["stable"], stable_seconds=5)
-    again.check_completion(clock())
+    again.discovery.check_completion(clock())
     mono.now += 4.9
-    again.check_completion(clock())
+    again.discovery.check_completion(clock())
     assert state(again, rec) is State.DISCOVERED
     mono.now += 1
-    again.check_completion(clock())
+    again.discovery.check_completion(clock())
     assert state(again, rec) is State.COMPLETE
 
 
 def test_the_closed_fallback_runs_on_the_monotonic_clock(make_runner: Any, tmp_path: Path, clock: Any,
                                                          mono: Mono) -> None:
     r = make_runner(completion=["closed"])
-    r.writers.writers = lambda dev, ino: None    # type: ignore[method-assign]   # writers cannot be seen
+    r.discovery.writers.writers = lambda dev, ino: None    # type: ignore[method-assign]   # writers cannot be seen
     f = tmp_path / "daq" / "f.fits"
     write(f, b"no close event seen", clock())
     rec = discover(r, f)
-    r.check_completion(clock())
+    r.discovery.check_completion(clock())
     clock.advance(HOURS)
     mono.now += 1
-    r.check_completion(clock())
+    r.discovery.check_completion(clock())
     assert state(r, rec) is State.DISCOVERED
     mono.now += CLOSED_FALLBACK_S
-    r.check_completion(clock())
+    r.discovery.check_completion(clock())
     assert state(r, rec) is State.COMPLETE
 
 
 def test_a_close_counts_only_while_the_file_is_as_it_was_at_the_close(make_runner: Any, tmp_path: Path,
                                                                        clock: Any, mono: Mono) -> None:
     r = make_runner(completion=["closed"])
-    r.writers.writers = lambda dev, ino: None    # type: ignore[method-assign]
+    r.discovery.writers.writers = lambda dev, ino: None    # type: ignore[method-assign]
     f = tmp_path / "daq" / "f.fits"
     write(f, b"part one", time.time())
     rec = discover(r, f)
-    r.dirty.closed(os.fsencode(f), "r")          # close-after-write
+    r.discovery.dirty.closed(os.fsencode(f), "r")          # close-after-write
     write(f, b" and part two", time.time() - HOURS)   # reopened after a step back: an mtime "before" the close
-    r.check_completion(clock())
+    r.discovery.check_completion(clock())
     mono.now += 1
-    r.check_completion(clock())
+    r.discovery.check_completion(clock())
     assert state(r, rec) is State.DISCOVERED     # that close was before this write
-    r.dirty.closed(os.fsencode(f), "r")
+    r.discovery.dirty.closed(os.fsencode(f), "r")
     mono.now += 1
-    r.check_completion(clock())
+    r.discovery.check_completion(clock())
     assert state(r, rec) is State.COMPLETE
 
 
@@ -247,7 +248,7 @@ def test_a_step_back_while_the_ledger_cannot_be_written_is_seen_once_it_can(
 def test_a_backoff_beyond_the_longest_one_is_due_at_start(make_runner: Any, tmp_path: Path, clock: Any) -> None:
     """The clock stepped back while the agent was down: no process saw the step."""
     r = make_runner()
-    near = backing_off(r, tmp_path, clock, r.s.retry.max_seconds)
+    near = backing_off(r, tmp_path, clock, r.settings.retry.max_seconds)
     g = tmp_path / "daq" / "g.fits"
     g.write_bytes(b"y")
     far = r.ledger.transition(discover(r, g).id, State.DISCOVERED, Event.COMPLETED)

@@ -9,13 +9,17 @@ import pytest
 from edge_agent.core.lifecycle import (
     ACTIVE,
     FINAL,
+    NOTES,
+    RESUME,
     RESUMABLE,
+    STEPS,
     TRANSITIONS,
     Event,
     IllegalTransition,
     State,
-    may_delete_local,
+    apply,
     next_state,
+    states_of_pool,
 )
 
 S, E = State, Event
@@ -41,12 +45,17 @@ SPEC: dict[tuple[State, Event], State] = {
     (S.COMPLETE, E.CHANGED): S.DISCOVERED,
     (S.RETRY_WAIT, E.CHANGED): S.DISCOVERED,
     (S.QUARANTINED, E.CHANGED): S.DISCOVERED,
+    # a copy found bad or gone after it was written: wait, then write it again
+    (S.TRANSFERRED, E.REWRITE_COPIES): S.RETRY_WAIT,
+    (S.CONFIRMED, E.REWRITE_COPIES): S.RETRY_WAIT,
 }
 RESUMING = (E.RETRY_DUE, E.OPERATOR_RETRY)
+# resuming edges: back to the state recorded when the wait was entered
+RESUMES = {(S.RETRY_WAIT, E.RETRY_DUE), (S.RETRY_WAIT, E.OPERATOR_RETRY), (S.QUARANTINED, E.OPERATOR_RETRY)}
 
 
 def test_table_is_exactly_the_spec() -> None:
-    assert TRANSITIONS == SPEC
+    assert TRANSITIONS == {**SPEC, **{k: RESUME for k in RESUMES}}
 
 
 @pytest.mark.parametrize(("state", "event"), sorted(SPEC, key=str))
@@ -138,15 +147,63 @@ def test_every_state_reachable_from_discovered() -> None:
     while frontier:
         s = frontier.pop()
         for (a, _), b in TRANSITIONS.items():
-            if a is s and b not in reach:
+            if a is s and b is not RESUME and b not in reach:
                 reach.add(b)
                 frontier.append(b)
     assert reach == set(State)
 
 
-@pytest.mark.parametrize("state", list(State))
-def test_only_confirmed_may_lose_its_local_copy(state: State) -> None:
-    assert may_delete_local(state) is (state is S.CONFIRMED)
+def test_every_working_state_has_one_step_and_each_pool_has_work() -> None:
+    assert set(STEPS) == {S.COMPLETE, S.HASHED, S.REGISTERED, S.TRANSFERRED, S.CONFIRMED}
+    for state, step in STEPS.items():
+        assert TRANSITIONS[(state, step.done)] is step.to
+    assert states_of_pool("hash") == [S.COMPLETE]
+    assert states_of_pool("transfer") == [S.REGISTERED]
+    assert states_of_pool("lake") == [S.HASHED, S.TRANSFERRED, S.CONFIRMED]
+
+
+def test_notes_never_move_a_file() -> None:
+    assert not [k for k in TRANSITIONS if k[1] in NOTES]
+
+
+class Row:
+    def __init__(self, state: State, resume_state: State | None = None) -> None:
+        self.state, self.resume_state = state, resume_state
+
+
+def test_apply_entering_a_wait_remembers_where_to_resume() -> None:
+    new, upd = apply(Row(S.REGISTERED), E.FAILED_RETRYABLE, 10.0)
+    assert new is S.RETRY_WAIT and upd["resume_state"] is S.REGISTERED and "reason" not in upd
+    # quarantined after waiting: still resumes where the failure happened
+    new, upd = apply(Row(S.RETRY_WAIT, S.REGISTERED), E.FAILED_PERMANENT, 11.0)
+    assert new is S.QUARANTINED and upd["resume_state"] is S.REGISTERED
+
+
+def test_apply_a_rewrite_resumes_at_registered() -> None:
+    for state in (S.TRANSFERRED, S.CONFIRMED):
+        new, upd = apply(Row(state), E.REWRITE_COPIES, 1.0)
+        assert new is S.RETRY_WAIT and upd["resume_state"] is S.REGISTERED
+    new, upd = apply(Row(S.RETRY_WAIT, S.REGISTERED), E.RETRY_DUE, 2.0)
+    assert new is S.REGISTERED and upd["resume_state"] is None and upd["reason"] is None
+
+
+def test_apply_operator_retry_resets_attempts_and_is_due_now() -> None:
+    new, upd = apply(Row(S.QUARANTINED, S.TRANSFERRED), E.OPERATOR_RETRY, 5.0)
+    assert new is S.TRANSFERRED
+    assert upd == {"state": S.TRANSFERRED, "updated_at": 5.0, "resume_state": None, "attempts": 0,
+                   "next_at": 0, "reason": None}
+
+
+def test_apply_stamps_confirmation_and_deletion_and_ends_keep_their_reason() -> None:
+    assert apply(Row(S.TRANSFERRED), E.CONFIRMED, 7.0)[1]["confirmed_at"] == 7.0
+    assert apply(Row(S.CONFIRMED), E.DELETED, 8.0)[1]["deleted_at"] == 8.0
+    new, upd = apply(Row(S.HASHED), E.SUPERSEDED, 9.0)
+    assert new is S.SUPERSEDED and "reason" not in upd and upd["resume_state"] is None
+
+
+def test_apply_refuses_a_move_not_in_the_table() -> None:
+    with pytest.raises(IllegalTransition):
+        apply(Row(S.HASHED), E.DELETED, 1.0)
 
 
 def test_str_is_the_value() -> None:

@@ -1,4 +1,4 @@
-"""The pipeline's steps with a real ledger, real files and real posix copies, behind a FAKE catalogue.
+"""The steps with a real ledger, real files and real posix copies, behind a FAKE catalogue.
 
 The fake catalogue keeps its state in dicts, writes through PosixTransport into tmp_path,
 and can be told to fail or to lie about the replicas it holds.
@@ -22,7 +22,9 @@ from edge_agent.errors import PermanentError, RetryableError, SymlinkInPath
 from edge_agent.lake.base import Catalogue, LakeFile, Target
 from edge_agent.ledger import FileRecord, Ledger
 from edge_agent.localfs import Source, is_agent_temp
-from edge_agent.pipeline import MAX_BAD_COPIES, MAX_UNEXPECTED, Hooks, Pipeline
+from edge_agent import steps
+from edge_agent.steps import Hooks, StepContext
+from edge_agent.steps.failures import MAX_BAD_COPIES, MAX_UNEXPECTED
 from edge_agent.settings import DeletePolicy, Settings
 from edge_agent.transfer.posix import PosixTransport
 
@@ -118,8 +120,8 @@ class Env:
         self.sent: dict[str, int] = {}
         hooks = Hooks(bytes_hashed=lambda rule, n: self.hashed.append(n),
                       bytes_sent=lambda rule, loc, n: self.sent.__setitem__(loc, self.sent.get(loc, 0) + n))
-        self.pipeline = Pipeline(settings, self.ledger, self.lake, pace=lambda n: None, hooks=hooks,
-                                 clock=clock, rand=lambda: 0.5, monotonic=clock)
+        self.ctx = StepContext(settings, self.ledger, self.lake, pace=lambda n: None, hooks=hooks,
+                               clock=clock, rand=lambda: 0.5, monotonic=clock)
 
     def add(self, rel: str = "run42/f1.fits", data: bytes = DATA) -> FileRecord:
         """A file the watcher found and judged complete."""
@@ -131,7 +133,7 @@ class Env:
         return self.ledger.transition(rec.id, S.DISCOVERED, E.COMPLETED)
 
     def step(self, fid: int) -> FileRecord:
-        self.pipeline.run_step(self.ledger.get(fid))
+        steps.run([self.ledger.get(fid)], self.ctx)
         return self.ledger.get(fid)
 
     def drive(self, fid: int, max_steps: int = 12) -> FileRecord:
@@ -216,7 +218,7 @@ def test_a_crash_after_a_copy_repeats_only_what_is_missing(env: Env) -> None:
     rec = env.drive(env.add().id, max_steps=2)
     assert rec.state is S.REGISTERED
     # as if the agent died after writing copy a and recording it
-    f = env.pipeline.lake_file(rec)
+    f = env.ctx.lake_file(rec)
     env.roots["a"].joinpath("test/run42").mkdir(parents=True, exist_ok=True)
     env.copy("a", rec).write_bytes(DATA)
     env.lake.add_replica(f, "a", str(env.copy("a", rec)))
@@ -279,7 +281,7 @@ def test_a_lying_storage_is_never_trusted(env: Env) -> None:
 
 
 def test_a_lying_storage_is_rewritten_a_bounded_number_of_times(env: Env) -> None:
-    # pipeline.py: "A destination that keeps handing back a wrong checksum is not tried forever"
+    # steps/failures.py: "A destination that keeps handing back a wrong checksum is not tried forever"
     env.lake.lie = lambda r: dataclasses.replace(r, adler32="deadbeef")
     rec = env.add()
     for _ in range(MAX_BAD_COPIES + 3):
@@ -629,8 +631,8 @@ class Mono:
 
 def keep_env(make_env: Any, clock: Any, mono: Mono) -> Env:
     env = make_env(rule={"delete": "keep", "keep_hours": 2})
-    env.pipeline = Pipeline(env.s, env.ledger, env.lake, pace=lambda n: None, clock=clock, rand=lambda: 0.5,
-                            monotonic=mono)
+    env.ctx = StepContext(env.s, env.ledger, env.lake, pace=lambda n: None, clock=clock, rand=lambda: 0.5,
+                          monotonic=mono)
     return env
 
 
@@ -665,8 +667,8 @@ def test_keep_after_a_restart_counts_the_time_down_by_the_wall_clock(make_env: A
     rec = env.drive(env.add().id)
     clock.advance(3600)                          # down for an hour
     mono.now = 7.0                               # after a reboot, the monotonic clock starts again
-    env.pipeline = Pipeline(env.s, env.ledger, env.lake, pace=lambda n: None, clock=clock, rand=lambda: 0.5,
-                            monotonic=mono)
+    env.ctx = StepContext(env.s, env.ledger, env.lake, pace=lambda n: None, clock=clock, rand=lambda: 0.5,
+                          monotonic=mono)
     rec = env.step(rec.id)
     assert rec.state is S.CONFIRMED and rec.next_at == clock.now + 3600
     clock.advance(-3 * 3600)                     # a step back after the restart: no longer kept for it
@@ -676,8 +678,8 @@ def test_keep_after_a_restart_counts_the_time_down_by_the_wall_clock(make_env: A
 
 def test_a_file_still_open_for_writing_is_not_deleted(env: Env, clock: Any) -> None:
     writers: dict[tuple[int, int], int] = {}
-    env.pipeline = Pipeline(env.s, env.ledger, env.lake, pace=lambda n: None, clock=clock, rand=lambda: 0.5,
-                            open_writers=lambda dev, ino: writers.get((dev, ino), 0))
+    env.ctx = StepContext(env.s, env.ledger, env.lake, pace=lambda n: None, clock=clock, rand=lambda: 0.5,
+                          open_writers=lambda dev, ino: writers.get((dev, ino), 0))
     rec = env.add()
     st = os.stat(rec.fspath)
     writers[(st.st_dev, st.st_ino)] = 1
@@ -726,7 +728,7 @@ def test_confirming_under_an_ok_rule_is_one_clean_step(env: Env) -> None:
     log line's own `rule` field. It did: the transition was committed, then logging it raised
     TypeError, the step was reported as an unexpected error and the deletion waited a tick."""
     seen: list[State] = []
-    env.pipeline.hooks.transition = lambda rec: seen.append(rec.state)
+    env.ctx.hooks.transition = lambda rec: seen.append(rec.state)
     env.lake.rule_state = "OK"
     rec = env.drive(env.add().id, max_steps=3)
     assert rec.state is S.TRANSFERRED and rec.lake_ref == "rule-1"
@@ -814,18 +816,19 @@ def test_a_bad_copy_the_lake_made_is_reported_not_rewritten(env: Env, clock: Any
     rec = env.step(rec.id)
     assert rec.state is S.TRANSFERRED                      # waits; nothing rewritten, nothing deleted
     assert rec.reason and "b:" in rec.reason and "adler32" in rec.reason
-    assert "replica_lost" in env.events(rec.id) and "failed_retryable" not in env.events(rec.id)
+    assert "replica_lost" in env.events(rec.id)
+    assert "failed_retryable" not in env.events(rec.id) and "rewrite_copies" not in env.events(rec.id)
     assert Path(rec.fspath).exists()
 
 
 def test_a_file_that_may_not_be_deleted_is_quarantined_with_a_reason_an_operator_can_act_on(
         env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-    import edge_agent.pipeline as pipeline_mod
+    import edge_agent.steps.delete as delete_step
 
     def refuse(path: Any, expected: Any, recheck: Any = None) -> str:
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(pipeline_mod, "guarded_unlink", refuse)
+    monkeypatch.setattr(delete_step, "guarded_unlink", refuse)
     rec = env.drive(env.add().id)
     assert rec.state is S.QUARANTINED and rec.resume_state is S.CONFIRMED
     assert rec.reason == ("cannot delete run42/f1.fits: Permission denied (the agent needs write permission on "
@@ -845,7 +848,7 @@ def test_a_ledger_that_cannot_record_a_step_is_not_asked_to_record_the_failure(
 
     monkeypatch.setattr(env.ledger, "transition", full)
     with pytest.raises(LedgerUnwritable):
-        env.pipeline.run_step(rec)        # the runner pauses; not an "unexpected error" with retries
+        steps.run([rec], env.ctx)        # the runner pauses; not an "unexpected error" with retries
     monkeypatch.undo()
     assert env.ledger.get(rec.id).state is S.COMPLETE and env.ledger.get(rec.id).attempts == 0
     assert env.drive(rec.id).state is S.DELETED       # the repeated step goes through afterwards
@@ -992,7 +995,7 @@ def test_a_superseded_version_removes_its_unregistered_first_copy(env: Env) -> N
     assert rec.state is S.HASHED and env.copy("a", rec).exists()
     # what the runner does when the watcher sees the file rewritten before its registration
     env.ledger.transition(rec.id, S.HASHED, E.SUPERSEDED, {"reason": "changed"}, reason="changed")
-    env.pipeline.discard_unregistered(rec)
+    steps.discard_unregistered(rec, env.ctx)
     assert not env.copy("a", rec).exists()
     assert [(r["location"], r["state"]) for r in env.ledger.replicas(rec.id)] == [("a", "removed")]
 
@@ -1010,9 +1013,9 @@ def test_two_files_rendering_one_name_never_share_a_url(make_env: Any) -> None:
     def pace(n: int) -> None:              # a's first copy is in flight: b's hash step runs now
         if not inside:
             inside.append(env.step(b.id))
-    env.pipeline.pace = pace
+    env.ctx.pace = pace
     a_hashed = env.step(a.id)
-    env.pipeline.pace = lambda n: None
+    env.ctx.pace = lambda n: None
     # b waits: a's bytes are not known yet, and b's may be the same
     assert a_hashed.name == "img.dat" and inside and inside[0].state is S.RETRY_WAIT
     assert not any("img.dat" in p.name and p.name != "img.dat" for p in env.roots["a"].rglob("*"))
@@ -1037,7 +1040,7 @@ def test_a_copy_another_version_counts_is_never_removed(env: Env) -> None:
     # a still writes the copies under the name: b waits for them, writing nothing itself
     assert b.name == a.name and b.state is S.RETRY_WAIT and "being written by file" in (b.reason or "")
     env.ledger.transition(a.id, S.HASHED, E.SUPERSEDED, {"reason": "changed"}, reason="changed")
-    env.pipeline.discard_unregistered(a)
+    steps.discard_unregistered(a, env.ctx)
     assert env.copy("a", b).read_bytes() == DATA
     hold = env.ledger.name_hold("test", "img.dat")
     assert hold is not None and hold.owner == b.id
@@ -1111,7 +1114,7 @@ def test_what_a_crash_left_of_an_ended_version_is_cleaned_up_at_start(env: Env) 
     url.write_bytes(b"partial first copy")
     env.ledger.transition(b.id, S.COMPLETE, E.SUPERSEDED, {"reason": "vanished"}, reason="vanished")
     assert env.ledger.ended_holders() == [a.id, b.id]
-    Runner.finish_cleanups(types.SimpleNamespace(ledger=env.ledger, pipeline=env.pipeline))  # type: ignore[arg-type]
+    Runner.finish_cleanups(types.SimpleNamespace(ledger=env.ledger, context=env.ctx))  # type: ignore[arg-type]
     # a's copy is proven its own ('sent'): removed; what lies at b's reserved URL is not proven to be
     # b's (another writer's copy looks the same): kept, as dark data at worst (review 2, finding 2)
     assert not env.copy("a", a).exists() and url.read_bytes() == b"partial first copy"
@@ -1152,9 +1155,9 @@ def test_a_deletion_cut_short_and_a_new_file_under_the_path_never_block_each_oth
     new version is deleted on its own evidence."""
     v1 = crash_between_the_rename_and_the_unlink(env, monkeypatch, env.add("f.dat").id)
     Path(v1.fspath).write_bytes(b"second content " * 100)       # the DAQ, while the agent was down
-    # the restart's rescan finds another inode at the live row's path (what runner.evaluate does)
+    # the restart's rescan finds another inode at the live row's path (what runner.discovery.evaluate does)
     env.ledger.transition(v1.id, v1.state, E.SUPERSEDED, {"reason": "changed"}, reason="changed")
-    env.pipeline.discard_unregistered(v1)
+    steps.discard_unregistered(v1, env.ctx)
     assert agent_names(env) == []                 # v1's confirmed bytes: deleted, not kept forever
     st = os.stat(v1.fspath)
     v2 = env.ledger.discover("r", os.fsencode(v1.fspath), "f.dat", st.st_dev, st.st_ino, st.st_size,
@@ -1182,13 +1185,13 @@ def test_a_deletion_failing_right_after_confirmation_is_recorded_by_that_step(
         env: Env, monkeypatch: pytest.MonkeyPatch, failure: Any, end: State) -> None:
     """confirm records the confirmation, then deletes at once: a failure of the deletion is recorded
     on the row as it is now (confirmed), not lost on the one the step started from."""
-    import edge_agent.pipeline as pipeline_mod
+    import edge_agent.steps.delete as delete_step
 
     def unlink(path: Any, expected: Any, recheck: Any = None) -> str:
         if isinstance(failure, BaseException):
             raise failure
         return str(failure)
-    monkeypatch.setattr(pipeline_mod, "guarded_unlink", unlink)
+    monkeypatch.setattr(delete_step, "guarded_unlink", unlink)
     rec = env.add()
     for _ in range(3):
         rec = env.step(rec.id)
@@ -1216,10 +1219,10 @@ def test_a_leftover_that_is_not_the_confirmed_version_comes_back_under_a_name_th
 
 def test_a_dry_run_puts_an_ended_versions_leftover_back(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     v1 = crash_between_the_rename_and_the_unlink(env, monkeypatch, env.add("f.dat").id)
-    env.pipeline.s = env.s.model_copy(update={"dry_run": True})     # restarted with dry_run = true
+    env.ctx.settings = env.s.model_copy(update={"dry_run": True})     # restarted with dry_run = true
     Path(v1.fspath).write_bytes(b"second content " * 100)
     env.ledger.transition(v1.id, v1.state, E.SUPERSEDED, {"reason": "changed"}, reason="changed")
-    env.pipeline.discard_unregistered(v1)
+    steps.discard_unregistered(v1, env.ctx)
     assert agent_names(env) == []
     assert (env.daq / f"f.restored-{v1.inode}.dat").read_bytes() == DATA
 
@@ -1237,7 +1240,7 @@ def test_a_copy_registered_for_another_version_is_never_removed(env: Env) -> Non
     assert c.state is S.CONFIRMED and c.name == "img.dat"
     env.ledger.transition(c.id, S.CONFIRMED, E.SUPERSEDED, {"reason": "rewritten"}, reason="rewritten")
     a = env.ledger.transition(a.id, S.QUARANTINED, E.SUPERSEDED, {"reason": "vanished"}, reason="vanished")
-    env.pipeline.discard_unregistered(env.ledger.get(a.id))
+    steps.discard_unregistered(env.ledger.get(a.id), env.ctx)
     assert env.copy("a", c).read_bytes() == DATA and env.copy("b", c).read_bytes() == DATA
 
 
@@ -1258,7 +1261,7 @@ def test_register_in_place_releases_after_the_daqs_name_is_gone(make_env: Any) -
     rec = env.step(env.add().id)
     link = env.daq / ".edge-agent-inplace" / f"{rec.id}.edge-agent-inplace"
     assert os.path.samefile(link, rec.fspath)          # the agent's own name, made before hashing
-    assert env.pipeline.lake_file(rec).buffer_path == str(link)
+    assert env.ctx.lake_file(rec).buffer_path == str(link)
     order: list[str] = []
     env.lake.release = lambda f: order.append(f"DAQ name there: {os.path.exists(rec.fspath)}")  # type: ignore[method-assign]
     end = env.drive(rec.id)
@@ -1281,7 +1284,7 @@ def test_a_version_registered_at_the_daqs_own_path_is_not_released_with_a_new_fi
     Path(rec.fspath).write_bytes(b"the next file")     # the DAQ publishes the next file under the path
     # what the runner does when the rescan finds the new file: the version ends, its record as it was
     env.ledger.transition(rec.id, S.CONFIRMED, E.SUPERSEDED, {"reason": "changed"}, reason="changed")
-    env.pipeline.discard_unregistered(rec)
+    steps.discard_unregistered(rec, env.ctx)
     assert env.lake.released == [] and Path(rec.fspath).read_bytes() == b"the next file"
 
 
@@ -1308,17 +1311,18 @@ def test_a_name_taken_between_the_decision_and_the_commit_is_decided_again_witho
     env.s.rules["r"].name_template = "{filename}"
     env.drive(env.add("run1/img.dat", b"first").id)                    # holds img.dat
     rival = env.ledger.transition(env.add("run3/img.dat", b"rival").id, S.COMPLETE, E.FAILED_RETRYABLE)
-    real = env.pipeline._decide_name
+    import edge_agent.steps.naming as naming
+    real = naming.decide_name
     calls: list[str] = []
 
-    def racing(rec: FileRecord, scope: str, base: str, d: Any) -> str:
-        name = real(rec, scope, base, d)
+    def racing(rec: FileRecord, ctx: Any, scope: str, base: str, d: Any) -> str:
+        name = real(rec, ctx, scope, base, d)
         if not calls:                                                  # the rival commits first
             env.ledger._db.execute("INSERT INTO names (scope, name, owner, blake3, state, at) "
                                    "VALUES (?, ?, ?, 'rival', 'bound', 0)", (scope, name, rival.id))
         calls.append(name)
         return name
-    monkeypatch.setattr(env.pipeline, "_decide_name", racing)
+    monkeypatch.setattr(naming, "decide_name", racing)
     before = sum(env.hashed)
     rec = env.step(env.add("run2/img.dat", b"second").id)
     assert rec.state is S.HASHED and calls == ["img.dat.v2", "img.dat.v3"] and rec.name == "img.dat.v3"

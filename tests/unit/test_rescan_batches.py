@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import pytest
 
-from edge_agent import runner as runner_mod
+from edge_agent.watch import discovery as discovery_mod
 from edge_agent.app import build_lake
 from edge_agent.core.lifecycle import Event, State
 from edge_agent.ledger import Ledger
@@ -22,7 +22,7 @@ def runner(tmp_path: Path, clock: Any, settings_data: Callable[..., Any],
            monkeypatch: pytest.MonkeyPatch) -> Any:
     for d in ("daq", "lake-a", "lake-b"):
         (tmp_path / d).mkdir()
-    monkeypatch.setattr(runner_mod, "RESCAN_BATCH", 3)    # 10 files make 4 batches
+    monkeypatch.setattr(discovery_mod, "RESCAN_BATCH", 3)    # 10 files make 4 batches
     s = Settings(**settings_data(tmp_path, rule={"completion": ["renamed"]}))
     ledger = Ledger(s.ledger_path, clock=clock, synchronous="normal")
     r = Runner(s, ledger, build_lake(s), clock=clock)
@@ -52,12 +52,12 @@ def test_a_rescan_in_batches_finds_every_file_once_and_dispatches_before_the_wal
     seen_at_dispatch: list[tuple[int, int]] = []     # (rows in the ledger, rows complete) at each dispatch
     monkeypatch.setattr(runner, "dispatch", lambda now: seen_at_dispatch.append(
         (len(states(runner)), sum(1 for s in states(runner).values() if s is State.COMPLETE))))
-    runner.rescan("r")
+    runner.discovery.rescan("r")
     assert sorted(states(runner)) == sorted(names)
     # the first dispatch came after the first batch, with its files already complete
     assert seen_at_dispatch[0] == (3, 3)
     assert len(seen_at_dispatch) == 4
-    runner.rescan("r")                     # nothing new: no second version of anything
+    runner.discovery.rescan("r")                     # nothing new: no second version of anything
     assert len(list(runner.ledger.iter_all())) == 10
 
 
@@ -65,9 +65,9 @@ def test_a_file_removed_before_hashing_is_superseded_by_the_next_rescan(
         runner: Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     make(tmp_path, 5)
     monkeypatch.setattr(runner, "dispatch", lambda now: None)
-    runner.rescan("r")
+    runner.discovery.rescan("r")
     os.unlink(tmp_path / "daq" / "run0" / "f02.fits")
-    runner.rescan("r")
+    runner.discovery.rescan("r")
     st = states(runner)
     assert st["run0/f02.fits"] is State.SUPERSEDED
     assert sum(1 for s in st.values() if s is State.SUPERSEDED) == 1
@@ -77,10 +77,10 @@ def test_a_file_that_changed_since_discovery_is_looked_at_again_by_a_rescan(
         runner: Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     make(tmp_path, 4)
     monkeypatch.setattr(runner, "dispatch", lambda now: None)
-    monkeypatch.setattr(runner, "check_completion", lambda now, budget=0: None)
-    runner.rescan("r")
+    monkeypatch.setattr(runner.discovery, "check_completion", lambda now, budget=0: None)
+    runner.discovery.rescan("r")
     (tmp_path / "daq" / "run1" / "f01.fits").write_bytes(b"longer now")
-    runner.rescan("r")
+    runner.discovery.rescan("r")
     rec = next(r for r in runner.ledger.iter_all() if r.relpath == "run1/f01.fits")
     assert rec.state is State.DISCOVERED and rec.size == len(b"longer now")
     assert len(list(runner.ledger.iter_all())) == 4
@@ -95,10 +95,10 @@ def test_completion_pages_through_a_backlog_and_wraps_around(runner: Runner, tmp
                                st.st_ino, st.st_size, st.st_mtime_ns, 0)
     done = []
     for _ in range(3):
-        runner.check_completion(clock(), budget=2)
+        runner.discovery.check_completion(clock(), budget=2)
         done.append(sum(1 for s in states(runner).values() if s is State.COMPLETE))
     assert done == [2, 4, 5]
-    assert runner._completion_cursor == 0
+    assert runner.discovery._completion_cursor == 0
 
 
 def test_ledger_batch_calls(tmp_path: Path, clock: Any) -> None:

@@ -80,7 +80,7 @@ def test_history_holds_the_last_hour_of_sent_bytes_and_backlog(runner: Runner, c
 
 
 def test_from_ledger_reports_the_backlog_without_a_running_daemon(runner: Runner) -> None:
-    doc = report.from_ledger(runner.s, runner.ledger)
+    doc = report.from_ledger(runner.settings, runner.ledger)
     assert doc["rules"]["r"]["backlog"] == {"files": 2, "bytes": 30}
 
 

@@ -1,0 +1,91 @@
+"""transferred --confirm--> confirmed: the lake holds at least N replicas, in N distinct places, whose
+size and adler32 equal the local file's (and the lake's request for copies is done). Not yet: look
+again later, loudly once overdue or stuck. A copy the agent wrote that went bad or missing is
+written again from the buffer, a bounded number of rounds."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import structlog
+
+from ..core import policy
+from ..core.lifecycle import Event
+from ..lake.base import LakeFile
+from ..ledger import FileRecord
+from . import delete, rewrite
+from .context import StepContext
+from .failures import guarded
+
+log = structlog.get_logger("edge_agent.steps")
+
+
+def run(batch: Sequence[FileRecord], ctx: StepContext) -> None:
+    for rec in batch:
+        confirmed = guarded(rec, ctx, confirm_one)
+        if confirmed is not None:
+            # the delete step runs at once on the evidence just taken (lifecycle.AT_ONCE): the lake
+            # is not asked twice
+            now, c = confirmed
+            guarded(now, ctx, lambda r, x, c=c: delete.decide(r, x, c))
+
+
+def confirm_one(rec: FileRecord, ctx: StepContext) -> tuple[FileRecord, policy.Confirmation] | None:
+    """After it the version is CONFIRMED (returned with the evidence), or still TRANSFERRED with its
+    next look scheduled and any warning (stuck, overdue, a replica that does not verify) recorded,
+    or sent back to write a bad or lost copy again."""
+    f = ctx.lake_file(rec)
+    state = ctx.catalogue.copies_state(f, rec.lake_ref)
+    if state == "MISSING":
+        # the rule expired or was deleted before the copies were confirmed: ask again
+        ref = ctx.catalogue.request_copies(f)
+        ctx.ledger.set_lake_ref(rec.id, ref)
+        ctx.ledger.note(rec.id, rec.state, Event.RULE_RECREATED, {"old": rec.lake_ref, "new": ref})
+        log.warning("replication rule gone; asked again", file_id=rec.id, did=rec.did, old=rec.lake_ref,
+                    new=ref)
+        rec = ctx.ledger.get(rec.id)
+        state = ctx.catalogue.copies_state(f, ref)
+    c = policy.judge_replicas(ctx.catalogue.replicas(f), f.size, f.adler32)
+    evidence: dict[str, Any] = {
+        "replicas": [{"location": r.location, "size": r.size, "adler32": r.adler32,
+                      "adler32_from_catalogue": r.adler32_from_catalogue} for r in c.good],
+        "not_counted": [{"location": r.location, "why": why} for r, why in c.bad]}
+    if rec.lake_ref:
+        evidence["rule"] = {"id": rec.lake_ref, "state": state}
+    if state not in (None, "OK"):
+        _not_yet(rec, ctx, f, c, state, evidence)
+        return None
+    if c.count >= f.copies:
+        return ctx.move(rec, Event.CONFIRMED, evidence, attempts=0, reason=None), c
+    if rewrite.reseed(rec, ctx, f, c):
+        return None
+    _not_yet(rec, ctx, f, c, state, evidence)
+    return None
+
+
+def _not_yet(rec: FileRecord, ctx: StepContext, f: LakeFile, c: policy.Confirmation, state: str | None,
+             evidence: dict[str, Any]) -> None:
+    """Not confirmed yet: look again later, and say so loudly once it is overdue or stuck."""
+    s = ctx.settings
+    now = ctx.clock()
+    ctx.ledger.set_next_at(rec.id, now + s.confirm_interval_seconds)
+    deadline = (s.lake.rucio.stuck_after_hours if s.lake.rucio else s.lake.stuck_after_hours) * 3600
+    overdue = now - rec.updated_at > deadline
+    mismatched = [f"{r.location}: {w}" for r, w in c.bad if r.available and r.size is not None]
+    if mismatched:
+        why = "a replica does not match the local file: " + "; ".join(mismatched)
+        if rec.reason != why:
+            ctx.ledger.flag(rec.id, why)
+            ctx.ledger.note(rec.id, rec.state, Event.REPLICA_LOST, {"reason": why, **evidence})
+            log.warning("replica does not verify; local file kept", file_id=rec.id, did=rec.did, reason=why)
+    elif state in ("STUCK", "SUSPENDED") or overdue:
+        why = (f"rule {rec.lake_ref} is {state}" if state in ("STUCK", "SUSPENDED") else
+               f"rule {rec.lake_ref} still {state or 'not OK'} after {(now - rec.updated_at) / 3600:.1f} h")
+        why += f"; {c.count} of {f.copies} replicas confirmed"
+        if rec.reason != why:
+            ctx.ledger.flag(rec.id, why)
+            ctx.ledger.note(rec.id, rec.state, Event.STUCK, {"reason": why, **evidence})
+            log.warning("replication stuck", file_id=rec.id, did=rec.did, reason=why)
+    else:
+        log.info("waiting for replicas", file_id=rec.id, did=rec.did, confirmed=c.count, copies=f.copies,
+                 rule_state=state, not_counted=evidence["not_counted"])

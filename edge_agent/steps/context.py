@@ -1,0 +1,121 @@
+"""What every step works with: the settings, the ledger, the catalogue, the transports, the clocks,
+and the few moves they all make (a committed transition, the file's lake view, its recorded stat)."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Callable
+
+import structlog
+
+from ..core import policy
+from ..core.lifecycle import Event
+from ..lake.base import Catalogue, LakeFile, Target
+from ..hashing import hash_stream
+from ..ledger import FileRecord, Ledger
+from ..localfs import LocalFile, inplace_link
+from ..settings import RuleSettings, Settings
+from ..transfer.base import Pacer, Transport
+
+log = structlog.get_logger("edge_agent.steps")
+
+
+@dataclass
+class Hooks:
+    """What the steps tell the outside world (metrics, throughput); all optional."""
+    bytes_hashed: Callable[[str, int], None] = lambda rule, n: None
+    bytes_sent: Callable[[str, str, int], None] = lambda rule, loc, n: None
+    transition: Callable[[FileRecord], None] = lambda rec: None
+
+
+@dataclass
+class StepContext:
+    """The parts a step may touch. Built once by the runner (or a test) and shared by every worker."""
+    settings: Settings
+    ledger: Ledger
+    catalogue: Catalogue
+    pace: Pacer                       # blocks to honour the bandwidth cap; raises ShuttingDown
+    hooks: Hooks = field(default_factory=Hooks)
+    clock: Callable[[], float] = time.time             # wall time: what is persisted
+    monotonic: Callable[[], float] = time.monotonic    # durations in this process
+    rand: Callable[[], float] = random.random          # backoff jitter
+    # (dev, inode) -> how many processes hold the file open for writing (None: unknown)
+    open_writers: Callable[[int, int], int | None] = lambda dev, ino: None
+    # (file id, confirmed_at) -> monotonic time of its confirmation, for the `keep` policy
+    confirmed_mono: dict[tuple[int, float | None], float] = field(default_factory=dict)
+
+    def rule(self, rec: FileRecord) -> RuleSettings:
+        return self.settings.rules[rec.rule]
+
+    def transport(self, target: Target) -> Transport:
+        """The transport that writes and reads `target`'s URL."""
+        return target.transport
+
+    def move(self, rec: FileRecord, event: Event, detail: dict[str, Any] | None = None,
+             **updates: Any) -> FileRecord:
+        """Commit `event` for `rec` (StaleTransition if it moved meanwhile), log it, tell the hooks.
+        Returns the record as it is now."""
+        new = self.ledger.transition(rec.id, rec.state, event, detail, **updates)
+        fields = {"file_id": rec.id, "rule": rec.rule, "path": rec.relpath, "state": str(new.state),
+                  "did": new.name and new.did}
+        # a detail key may name something else than the line's own field (the evidence's "rule" is the
+        # lake's replication rule): it is logged as detail_<key>, since a clash would raise after the commit
+        fields.update({(f"detail_{k}" if k in fields else k): v for k, v in (detail or {}).items()})
+        log.info(str(event), **fields)
+        self.hooks.transition(new)
+        return new
+
+    def pacer(self, rule: str, location: str) -> Pacer:
+        """The pace of bytes sent to `location`, counted for the throughput figures."""
+        def pace(n: int) -> None:
+            self.pace(n)
+            self.hooks.bytes_sent(rule, location, n)
+        return pace
+
+    def lake_file(self, rec: FileRecord) -> LakeFile:
+        """A hashed version as the lake sees it."""
+        rule = self.rule(rec)
+        assert rec.scope and rec.name and rec.adler32 and rec.blake3 and rec.size is not None
+        container = None
+        if rule.container_template and rec.mtime_ns is not None:
+            container = policy.render(rule.container_template, policy.naming_fields(
+                rec.relpath, rec.mtime_ns / 1e9, rec.rule, rule.night_rollover_hour, rule.tz))
+        buffer_path = None
+        if rule.inject == "register":
+            link = inplace_link(rule.directory, rec.id)
+            if link.stat() is not None:
+                buffer_path = os.fsdecode(link.path)
+        return LakeFile(rule=rec.rule, scope=rec.scope, name=rec.name, dataset=rec.dataset, size=rec.size,
+                        adler32=rec.adler32, md5=rec.md5, blake3=rec.blake3, copies=rule.copies,
+                        destinations=tuple(rule.destinations), local_path=rec.fspath, metadata=rec.meta,
+                        container=container, buffer_path=buffer_path)
+
+    def unhashed_file(self, rec: FileRecord, scope: str, name: str, size: int) -> LakeFile:
+        """A version whose bytes are still to be read, under a candidate name: enough to ask where
+        its copies would go."""
+        rule = self.rule(rec)
+        return LakeFile.unhashed(rec.rule, scope, name, size, rule.copies, tuple(rule.destinations), rec.fspath)
+
+    def recorded_stat(self, rec: FileRecord) -> policy.LocalStat:
+        """The stat recorded when the version was hashed: what identifies it on the buffer."""
+        assert rec.inode is not None and rec.size is not None and rec.mtime_ns is not None
+        # ctime_ns is None for a row hashed by an older agent: compared as before, without it
+        return policy.LocalStat(rec.inode, rec.size, rec.mtime_ns, rec.ctime_ns, rec.dev)
+
+    def local(self, rec: FileRecord) -> LocalFile:
+        """The file, reached from its rule's directory without following a symlink below it."""
+        return LocalFile.below(self.rule(rec).directory, rec.path)
+
+    def recheck(self, rec: FileRecord) -> Callable[[BinaryIO], bool] | None:
+        """With recheck_before_delete: a reader that tells whether the file about to be deleted still
+        hashes to what was recorded (a rewrite that kept size and times is kept). None otherwise."""
+        if not self.rule(rec).recheck_before_delete:
+            return None
+
+        def same_content(fh: BinaryIO) -> bool:
+            d = hash_stream(fh, chunk_size=self.settings.chunk_mb << 20)
+            return (d.size, d.blake3) == (rec.size, rec.blake3)
+        return same_content

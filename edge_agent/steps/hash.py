@@ -1,0 +1,202 @@
+"""complete --hash--> hashed: the file is read once. blake3, adler32 (and md5) are taken with the
+stat they belong to; where the agent writes the copies, the first copy is written in the same pass
+(a file is read once per upload, the first one included). The version's lake name is decided and
+bound to its content in the same commit, with its FITS header and sidecar metadata."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+import structlog
+
+from ..core import policy
+from ..core.lifecycle import CopyState, Event
+from ..errors import (
+    DestinationOccupied,
+    FileChanged,
+    FileVanished,
+    PermanentError,
+    RetryableError,
+    SourceUnreadable,
+)
+from ..failpoints import hit
+from ..fits import FitsScan
+from ..hashing import Digests, hash_stream
+from ..lake.base import Target
+from ..ledger import FileRecord, NameConflict
+from ..settings import Completion
+from ..transfer.base import Expected
+from . import inplace, naming
+from .context import StepContext
+from .failures import guarded
+
+log = structlog.get_logger("edge_agent.steps")
+
+FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.fz")
+
+
+def run(batch: Sequence[FileRecord], ctx: StepContext) -> None:
+    for rec in batch:
+        guarded(rec, ctx, hash_one)
+
+
+def hash_one(rec: FileRecord, ctx: StepContext) -> None:
+    """After it the version is HASHED: its digests, stat, name and metadata are committed (and its
+    first copy, if written in the pass, recorded 'sent')."""
+    rule = ctx.rule(rec)
+    local = ctx.local(rec)
+    if rule.inject == "register":
+        inplace.link(rec, ctx, local)
+    before = local.stat()
+    if before is None:
+        raise FileVanished(f"{rec.relpath} is gone or no longer a regular file")
+    if not ctx.recorded_stat(rec).same_file(before):
+        raise FileChanged(f"{rec.relpath} changed after it was judged complete")
+    if before.size == 0 and not rule.allow_empty:
+        raise PermanentError("zero-byte file: a failed write? (set allow_empty = true for this rule "
+                             f"to upload empty files, then `edge-agent retry {rec.id}`)")
+    fields = policy.naming_fields(rec.relpath, before.mtime_ns / 1e9, rec.rule,
+                                  rule.night_rollover_hour, rule.tz)
+    name = policy.render(rule.name_template, fields)
+    problem = policy.name_problem(name, ctx.catalogue.name_pattern)
+    if problem:
+        raise PermanentError(f"{problem} (from name_template {rule.name_template!r}); rename the "
+                             "file or change the template")
+    dataset = policy.render(rule.dataset_template, fields) if rule.dataset_template else None
+    if dataset:
+        problem = policy.name_problem(dataset, ctx.catalogue.name_pattern)
+        if problem:
+            raise PermanentError(f"dataset {problem} (from dataset_template {rule.dataset_template!r})")
+    scan = FitsScan() if rule.fits == "auto" and rec.relpath.lower().endswith(FITS_SUFFIXES) else None
+    rendered = name
+    first = naming.first_target(rec, ctx, name, before.size)
+    d = None
+    if first is not None:
+        try:
+            d = _send_first(rec, ctx, first, before.size, scan)
+        except DestinationOccupied:
+            # bytes appeared at the URL after it was found empty (another writer): never replaced;
+            # the name is decided by content instead
+            first = None
+            if scan is not None:
+                scan.reset()
+    if d is None:
+        d = _read(rec, ctx, scan)
+    try:
+        after = local.stat()
+        if after != before or d.size != before.size:
+            raise FileChanged(f"{rec.relpath} changed while it was being read")
+        if first is None:
+            name = naming.decide_name(rec, ctx, rule.scope, rendered, d)
+        meta = {**rule.metadata, **_fits_metadata(rec, ctx, scan), **_sidecar(rec, ctx)}
+    except BaseException:
+        if first is not None:
+            _discard_first(rec, ctx, rule.scope, name, first)
+        raise
+    if first is not None:
+        ctx.ledger.record_replica(rec.id, first.location, first.url, d.size, d.adler32, CopyState.SENT, note=(
+            rec.state, Event.COPY_WRITTEN, {"location": first.location, "url": first.url, "with_hashing": True}))
+    # ctime (which nobody can set back) and device identify this version from now on, with
+    # inode, size and mtime: the deletion compares them all
+    assert after is not None
+    for attempt in range(5):
+        try:
+            ctx.move(rec, Event.HASHED, {"blake3": d.blake3, "adler32": d.adler32, "size": d.size},
+                     blake3=d.blake3, adler32=d.adler32, md5=d.md5, size=d.size, scope=rule.scope,
+                     name=name, dataset=dataset, metadata=json.dumps(meta), attempts=0,
+                     ctime_ns=after.ctime_ns, dev=after.dev)
+            return
+        except NameConflict as exc:
+            # another version took the name between the look and the commit (files hashed side
+            # by side whose templates render one name): decided again with the digests in hand,
+            # without reading the file again
+            if first is not None or attempt == 4:
+                raise RetryableError(f"the name {rule.scope}:{name} was taken meanwhile ({exc})") from None
+            name = naming.decide_name(rec, ctx, rule.scope, rendered, d)
+
+
+def _read(rec: FileRecord, ctx: StepContext, scan: FitsScan | None) -> Digests:
+    """Hash without sending: the lake copies from the buffer, or the name must be decided first."""
+    rule = ctx.rule(rec)
+    try:
+        with ctx.local(rec).open() as fh:
+            return hash_stream(fh, md5=rule.md5, chunk_size=ctx.settings.chunk_mb << 20,
+                               on_chunk=lambda n: ctx.hooks.bytes_hashed(rec.rule, n),
+                               also=[scan] if scan else [])
+    except SourceUnreadable as exc:
+        raise PermanentError(f"{exc} (fix the permissions, then `edge-agent retry {rec.id}`)") from None
+    except OSError as exc:
+        raise RetryableError(f"reading {rec.relpath} failed: {exc.strerror}") from None
+
+
+def _send_first(rec: FileRecord, ctx: StepContext, t: Target, size: int, scan: FitsScan | None) -> Digests:
+    rule = ctx.rule(rec)
+    pace = ctx.pacer(rec.rule, t.location)
+
+    def pace_and_count(n: int) -> None:
+        pace(n)
+        ctx.hooks.bytes_hashed(rec.rule, n)
+
+    started = ctx.clock()
+    try:
+        # reserved while its URL was empty: only a leftover of this version's own upload cut short
+        # (naming.first_target told) is replaced; anything else there now is DestinationOccupied
+        d = ctx.transport(t).put(ctx.local(rec), t.url,
+                                 Expected(size, None, want_md5=rule.md5, may_replace=t.replace_leftover),
+                                 pace_and_count, also=[scan] if scan else [])
+    except SourceUnreadable as exc:
+        raise PermanentError(f"{exc} (fix the permissions, then `edge-agent retry {rec.id}`)") from None
+    hit("after_first_put")
+    took = max(ctx.clock() - started, 1e-6)
+    log.debug("first copy written while hashing", file_id=rec.id, location=t.location,
+              mb_per_s=round(d.size / took / 1e6, 1))
+    return d
+
+
+def _discard_first(rec: FileRecord, ctx: StepContext, scope: str, name: str, t: Target) -> None:
+    """A first copy of bytes that will not be hashed into a version (changed, corrupt): removed
+    and the reservation given up; if the removal fails the name stays reserved (nobody else
+    writes under it; a later attempt of this version replaces it)."""
+    try:
+        ctx.transport(t).delete(t.url)
+    except Exception as exc:  # noqa: BLE001 - the name stays this version's: nobody counts it
+        log.warning("could not remove a first copy that will not be registered", file_id=rec.id,
+                    location=t.location, error=str(exc))
+        return
+    ctx.ledger.drop_reservation(scope, name, rec.id)
+
+
+def _fits_metadata(rec: FileRecord, ctx: StepContext, scan: FitsScan | None) -> dict[str, Any]:
+    """Header keywords as metadata; a FITS file whose own checksums fail is corrupt at the source."""
+    if scan is None:
+        return {}
+    res = scan.result()
+    if not res.is_fits:
+        return {}
+    rule = ctx.rule(rec)
+    corrupt = res.problems(tolerate_trailing=True)
+    if corrupt and rule.fits_verify:
+        raise PermanentError("FITS file fails its own verification (corrupt at the source, not sent): "
+                             + "; ".join(corrupt[:3]) + f" (`edge-agent retry {rec.id}` after fixing it, "
+                             "or fits_verify = false)")
+    if corrupt:
+        log.warning("FITS verification failed; sent anyway (fits_verify = false)", file_id=rec.id,
+                    path=rec.relpath, problems=corrupt[:3])
+    return {k.lower(): v for k, v in res.metadata(rule.fits_keywords).items()}
+
+
+def _sidecar(rec: FileRecord, ctx: StepContext) -> dict[str, Any]:
+    rule = ctx.rule(rec)
+    if Completion.SIDECAR not in rule.completion:
+        return {}
+    try:
+        with open(rec.fspath + rule.sidecar_suffix, "rb") as fh:
+            data = json.load(fh)
+    except FileNotFoundError:
+        raise FileChanged("the sidecar file vanished") from None
+    except (OSError, ValueError) as exc:
+        raise RetryableError(f"sidecar unreadable: {exc}") from None
+    if not isinstance(data, dict):
+        raise PermanentError("the sidecar is JSON but not an object")
+    return {str(k): v for k, v in data.items()}

@@ -1,0 +1,79 @@
+"""registered --transfer--> transferred: the copies the agent writes itself are written (each one
+read from the buffer and checked in the same pass), recorded in the catalogue, and the lake is
+asked for the copies it makes (a replication rule)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from ..core.lifecycle import CopyState, Event
+from ..errors import RetryableError
+from ..failpoints import hit
+from ..lake.base import Target
+from ..ledger import FileRecord
+from ..transfer.base import Expected
+from .context import StepContext
+from .failures import guarded
+
+
+def run(batch: Sequence[FileRecord], ctx: StepContext) -> None:
+    for rec in batch:
+        guarded(rec, ctx, transfer_one)
+
+
+def transfer_one(rec: FileRecord, ctx: StepContext) -> None:
+    """After it the version is TRANSFERRED: every copy the agent writes is written, verified and
+    recorded in the catalogue, and the lake's request for copies is made (its id kept)."""
+    f = ctx.lake_file(rec)
+    recorded = {r["location"]: r for r in ctx.ledger.replicas(rec.id)}
+    targets = ctx.catalogue.targets(f)
+
+    def recorded_as(t: Target, state: CopyState) -> bool:
+        r = recorded.get(t.location)
+        return r is not None and r["state"] == state and r["url"] == t.url
+
+    sent = [t for t in targets if recorded_as(t, CopyState.SENT)]
+    todo = [t for t in targets if t not in sent and not recorded_as(t, CopyState.WRITTEN)]
+    if todo:
+        writer = ctx.ledger.claim_writer(f.scope, f.name, rec.id)
+        if writer != rec.id:
+            # another version with these very bytes writes the copies under this name: they count
+            # for this one too once written; meanwhile nothing is written (nor removed) here
+            for t in todo:
+                there = ctx.transport(t).stat(t.url)
+                if there is None or there.size != f.size or there.adler32 != f.adler32:
+                    raise RetryableError(f"the copies of {f.did} are being written by file {writer} "
+                                         "(the same bytes); they count for this file once written")
+    # A URL is this version's to overwrite only where it wrote before (a bad or lost copy, a
+    # crash mid-write) or found it empty and recorded so before writing: anything else there is
+    # never replaced (an identical copy counts; other bytes are DestinationOccupied).
+    own = {t.location for t in todo if (r := recorded.get(t.location)) is not None and r["url"] == t.url}
+    for t in todo:
+        transport = ctx.transport(t)
+        if t.location not in own and not transport.exists(t.url):
+            # asked right before its own upload (an earlier one may have taken minutes)
+            ctx.ledger.record_replicas(rec.id, [(t.location, t.url)], CopyState.WRITING)
+            own.add(t.location)
+        # what a version with these bytes wrote there (the name's writer) is recognised by size and
+        # adler32; anything else only by a strong digest, or it is DestinationOccupied
+        expected = Expected(f.size, f.blake3, f.adler32, f.md5, may_replace=t.location in own,
+                            known_writer=ctx.ledger.copy_written(f.scope, f.name, t.location))
+        started = ctx.clock()
+        got = transport.put(ctx.local(rec), t.url, expected, ctx.pacer(rec.rule, t.location))
+        hit("after_put")
+        ctx.catalogue.add_replica(f, t.location, t.url)
+        hit("after_add_replica")
+        took = max(ctx.clock() - started, 1e-6)
+        ctx.ledger.record_replica(rec.id, t.location, t.url, got.size, got.adler32, CopyState.WRITTEN, note=(
+            rec.state, Event.COPY_WRITTEN, {"location": t.location, "url": t.url, "seconds": round(took, 3),
+                                            "mb_per_s": round(got.size / took / 1e6, 1)}))
+    for t in sent:
+        # written in the hashing pass, before the DID existed; recorded in the lake once the other
+        # copies are written too (a file that vanishes meanwhile leaves no half-copied DID behind)
+        r = recorded[t.location]
+        ctx.catalogue.add_replica(f, t.location, t.url)
+        hit("after_add_replica")
+        ctx.ledger.record_replica(rec.id, t.location, t.url, r["size"], r["adler32"], CopyState.WRITTEN)
+    ref = ctx.catalogue.request_copies(f)
+    hit("after_rule")
+    ctx.move(rec, Event.TRANSFERRED, {"lake_ref": ref} if ref else None, attempts=0, next_at=0, lake_ref=ref)
