@@ -84,6 +84,12 @@ class Tee:
             self.expected.check(str(self.source), got)
         return got
 
+    def drain(self) -> Digests:
+        """The hashing pass without a destination: read every chunk, then `digests()`."""
+        for _ in self.chunks():
+            pass
+        return self.digests()
+
     def _read(self) -> Iterator[bytes | memoryview]:
         fh, size = self._fh, self._chunk_size
         buf = None if self._fresh else bytearray(size)
