@@ -470,9 +470,8 @@ def test_open_streams_through_xrdcp_and_a_missing_file_is_object_missing(make, x
     with t.open(URL + "?authz=secret") as fh:
         assert fh.read() == DATA
     assert xrd.lines()[-1] == f"xrdcp --nopbar {PATH}?authz=secret -"   # the token travels with the URL
-    with pytest.raises(ObjectMissing) as e:
-        with t.open(URL.replace("f1", "none") + "?authz=secret") as fh:
-            fh.read()
+    with pytest.raises(ObjectMissing) as e, t.open(URL.replace("f1", "none") + "?authz=secret") as fh:
+        fh.read()
     assert "secret" not in str(e.value)
 
 
