@@ -32,22 +32,22 @@ import os
 import shutil
 import sqlite3
 import ssl
-import subprocess
 import sys
 import tempfile
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Generator, Iterator, Self, Sequence
-from urllib.parse import unquote, urlsplit
+from typing import Any, Callable, Generator, Iterator, Literal, Self, Sequence
+from urllib.parse import urlsplit
 
 import httpx
 import structlog
 
 from . import logs
-from .errors import ChecksumMismatch, EdgeAgentError, PermanentError, RetryableError
-from .transfer.http import shown_url, ssl_context, status_error, wire_url
+from .errors import ChecksumMismatch, EdgeAgentError, ObjectMissing, PermanentError, RetryableError
+from .transfer.base import Transport
+from .transfer.http import HttpTransport, shown_url, ssl_context, wire_url
 
 __all__ = ["ChecksumMismatch", "FileInfo", "Lake", "NoReachableReplica", "ObjectMissing", "ReplicaInfo", "Resolver",
            "VerifiedStream", "direct_url", "signing_resolver"]
@@ -59,10 +59,6 @@ DEFAULT_SCHEMES = ("https", "davs", "http", "root", "file")
 # (pfn, rse) -> a URL that can be read with GET (http/https), xrdcp (root) or open() (file), or
 # None when this resolver cannot read that replica (it is then skipped).
 Resolver = Callable[[str, str], "str | None"]
-
-
-class ObjectMissing(PermanentError):
-    """The storage holds nothing at the URL (HTTP 404, XRootD 3011, no such file)."""
 
 
 class NoReachableReplica(EdgeAgentError):
@@ -106,84 +102,51 @@ def split_did(did: str) -> tuple[str, str]:
 
 
 # ------------------------------------------------------------------ reading a URL
-class Reader:
-    """Streams the bytes of a URL in chunks: http(s) with httpx, root:// with xrdcp, file:// with open()."""
+ReadScheme = Literal["http", "root", "file"]
+_READ_SCHEMES: dict[str, ReadScheme] = {"http": "http", "https": "http", "root": "root", "roots": "root",
+                                         "xroot": "root", "xroots": "root", "file": "file"}
 
-    def __init__(self, http: httpx.Client, timeout: float = 60.0) -> None:
+
+class Reader:
+    """Streams the bytes of a URL in chunks through the transport for its scheme (Transport.open):
+    http(s) over the httpx client given (its TLS, token and redirects), root:// with xrdcp,
+    file:// from the filesystem. A missing object raises ObjectMissing.
+
+    `transport_for`: the transport that reads a URL (e.g. a registry's for_url); by default one
+    per kind of URL, made on first use with `http` and `timeout`.
+    """
+
+    def __init__(self, http: httpx.Client, timeout: float = 60.0,
+                 transport_for: Callable[[str], Transport] | None = None) -> None:
         self.http = http
         self.timeout = timeout
+        self._transport_for = transport_for or self._made_for
+        self._made: dict[ReadScheme, Transport] = {}
+
+    def _made_for(self, url: str) -> Transport:
+        scheme = urlsplit(url).scheme
+        kind = _READ_SCHEMES.get(scheme)
+        if kind is None:
+            raise PermanentError(f"cannot read {shown_url(url)}: no reader for {scheme!r}")
+        if kind not in self._made:
+            self._made[kind] = self._make(kind)
+        return self._made[kind]
+
+    def _make(self, kind: ReadScheme) -> Transport:
+        if kind == "http":
+            # no per-server gates: reads went out side by side before there were transports
+            return HttpTransport(client=self.http, isolate_requests=False, chunk_size=CHUNK)
+        if kind == "root":
+            from .transfer.xroot import XRootTransport
+            return XRootTransport(backend="cli", timeout=self.timeout, chunk_size=CHUNK)
+        from .transfer.posix import PosixTransport
+        return PosixTransport(chunk_size=CHUNK)
 
     @contextmanager
     def chunks(self, url: str) -> Iterator[Iterator[bytes]]:
-        scheme = urlsplit(url).scheme
-        if scheme in ("http", "https"):
-            with self._http(url) as it:
-                yield it
-        elif scheme in ("root", "roots", "xroot", "xroots"):
-            with self._xrdcp(url) as it:
-                yield it
-        elif scheme == "file":
-            path = unquote(urlsplit(url).path)
-            try:
-                fh = open(path, "rb")  # noqa: SIM115 - closed by the `with` below, once it is known to exist
-            except FileNotFoundError:
-                raise ObjectMissing(f"{path}: not found") from None
-            except OSError as exc:
-                raise RetryableError(f"{path}: {exc.strerror}") from None
-            with fh:
-                yield iter(lambda: fh.read(CHUNK), b"")
-        else:
-            raise PermanentError(f"cannot read {shown_url(url)}: no reader for {scheme!r}")
-
-    @contextmanager
-    def _http(self, url: str) -> Iterator[Iterator[bytes]]:
-        try:
-            with self.http.stream("GET", url) as r:
-                if r.status_code == 404:
-                    raise ObjectMissing(f"GET {shown_url(url)}: HTTP 404 (nothing there)")
-                if r.status_code != 200:
-                    raise status_error(r.status_code, f"GET {shown_url(url)}", r.reason_phrase)
-
-                def body() -> Iterator[bytes]:
-                    try:   # a connection lost mid-file is the taxonomy's retryable, wherever it is read
-                        yield from r.iter_bytes(CHUNK)
-                    except httpx.HTTPError as exc:
-                        raise RetryableError(f"GET {shown_url(url)}: {type(exc).__name__}") from None
-                yield body()
-        except httpx.HTTPError as exc:
-            raise RetryableError(f"GET {shown_url(url)}: {type(exc).__name__}: {exc}") from None
-
-    @contextmanager
-    def _xrdcp(self, url: str) -> Iterator[Iterator[bytes]]:
-        exe = shutil.which("xrdcp")
-        if exe is None:
-            raise PermanentError("root:// needs xrdcp (Debian: xrootd-client)")
-        t = str(max(1, int(self.timeout)))
-        env = {**os.environ, "XRD_CONNECTIONWINDOW": t, "XRD_CONNECTIONRETRY": "1", "XRD_REQUESTTIMEOUT": t}
-        errs = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below; a file, not a pipe: a chatty stderr cannot block the copy
-        proc = subprocess.Popen([exe, "--nopbar", url, "-"], stdout=subprocess.PIPE, stderr=errs,
-                                stdin=subprocess.DEVNULL, env=env)
-        assert proc.stdout is not None
-        out = proc.stdout
-
-        def gen() -> Iterator[bytes]:
-            yield from iter(lambda: out.read(CHUNK), b"")
-            rc = proc.wait()
-            if rc != 0:   # a failure after some bytes must not look like a short file
-                errs.seek(0)
-                err = errs.read().decode(errors="replace").replace(url, shown_url(url)).strip()
-                if "[3011]" in err:
-                    raise ObjectMissing(f"xrdcp {shown_url(url)}: no such file")
-                raise RetryableError(f"xrdcp {shown_url(url)}: exit {rc}: {err[-300:]}")
-
-        try:
-            yield gen()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-            out.close()
-            errs.close()
+        """The bytes `url` holds, as an iterator of chunks valid inside the `with`."""
+        with self._transport_for(url).open(url) as fh:
+            yield iter(lambda: fh.read(CHUNK), b"")
 
 
 def digest_of(chunks: Iterator[bytes]) -> tuple[int, str]:

@@ -22,6 +22,11 @@ class SourceUnreadable(PermanentError):
     """The local file cannot be read (permissions): the operator's to fix, then `edge-agent retry`."""
 
 
+class ObjectMissing(PermanentError):
+    """The storage holds nothing at the URL (HTTP 404, XRootD 3011, no such file): what
+    Transport.open raises, so a caller tells a missing object from a fault by type."""
+
+
 class DestinationOccupied(PermanentError):
     """Other bytes lie at a copy's URL, written by nobody this version knows: never replaced."""
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import abc
+import io
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, BinaryIO
 
 from ..errors import ChecksumMismatch, FileChanged, PermanentError, RetryableError
 from ..hashing import Consumer, Digests
@@ -108,6 +111,17 @@ class Transport(abc.ABC):
     def delete(self, url: str) -> None:
         """Remove `url`; a missing object is success."""
 
+    def open(self, url: str) -> AbstractContextManager[BinaryIO]:
+        """A streaming read of what `url` holds: a context manager giving a binary file object
+        (read it to its end; leaving the `with` closes the connection or process behind it).
+
+        Raises ObjectMissing if nothing is there, RetryableError / PermanentError for storage
+        faults, when opening or while reading: a read that fails midway raises, it never looks
+        like the end of a shorter object. Nothing is verified here (see access.VerifiedStream).
+        The default: this transport cannot read (PermanentError).
+        """
+        raise PermanentError(f"the {self.scheme or type(self).__name__} transport cannot read what a URL holds")
+
     def same_bytes(self, url: str, d: Digests) -> bool:
         """Does `url` hold exactly the bytes digested in `d`, by a strong digest (not size and adler32
         alone)? False where the storage cannot say (the object is then someone else's)."""
@@ -138,3 +152,35 @@ def copy_problem(remote: RemoteStat | None, got: Digests, verify_upload: str, sh
     if remote.adler32 != got.adler32:
         return ChecksumMismatch(f"{shown}: storage reports adler32 {remote.adler32}, {got.adler32} was sent"), True
     return None
+
+
+class ChunkStream(io.RawIOBase):
+    """A read-only binary stream over an iterator of byte chunks (what Transport.open gives when
+    the storage hands out chunks: an HTTP body, xrdcp's output). The iterator's own errors pass
+    through; closing the stream closes the iterator."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        super().__init__()
+        self._chunks = chunks
+        self._buf = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while not self._buf:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return 0
+            self._buf = memoryview(chunk)
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            close = getattr(self._chunks, "close", None)
+            if close is not None:
+                close()
+        super().close()

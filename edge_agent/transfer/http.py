@@ -31,19 +31,21 @@ import base64
 import binascii
 import contextlib
 import os
+import re
 import ssl
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Literal, Self
+from typing import BinaryIO, Literal, Self
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import structlog
 
-from ..errors import DestinationOccupied, FileChanged, PermanentError, RetryableError
-from ..hashing import CHUNK, Consumer, Digests, MultiHash
-from ..localfs import Source, open_source
-from .base import Expected, Pacer, RemoteStat, Transport, copy_problem
+from ..errors import DestinationOccupied, FileChanged, ObjectMissing, PermanentError, RetryableError
+from ..hashing import CHUNK, Consumer, Digests
+from ..localfs import Source
+from .base import ChunkStream, Expected, Pacer, RemoteStat, Transport, copy_problem
+from .tee import Tee, read_once
 
 log = structlog.get_logger("edge_agent.transfer.http")
 
@@ -213,17 +215,6 @@ class HostGates:
                 g.cond.notify_all()
 
 
-def _source_chunks(fh: object, chunk_size: int) -> Iterator[bytes]:
-    # A fresh bytes object per chunk (read, not readinto a shared buffer): a consumer that keeps
-    # a chunk a little longer (h11 does, MockTransport joins them all) never sees it overwritten.
-    read = fh.read  # type: ignore[attr-defined]
-    while True:
-        chunk = read(chunk_size)
-        if not chunk:
-            return
-        yield chunk
-
-
 # ------------------------------------------------------------------ the transport
 class HttpTransport(Transport):
     """Uploads over HTTP(S)/WebDAV with one shared, thread-safe connection pool.
@@ -239,6 +230,9 @@ class HttpTransport(Transport):
               and at most puts_per_server PUTs at once (0: any number). The defaults, one request
               at a time per server, are what XRootD 5.5 survives; see the module's docstring.
     transport: an httpx transport (httpx.MockTransport in tests); then used for every request.
+    client:   an httpx client to send every request through instead of the two made here (its TLS,
+              auth, redirects and timeouts then apply, and it is not closed here): the access API
+              reads with the client it was given. Verification HEADs then share its connections.
     """
 
     scheme = "https"
@@ -250,7 +244,7 @@ class HttpTransport(Transport):
                  digest_timeout: float = 600.0, verify_upload: VerifyUpload = "adler32",
                  chunk_size: int = CHUNK, max_connections: int = 8, isolate_requests: bool = True,
                  puts_per_server: int = 1,
-                 transport: httpx.BaseTransport | None = None) -> None:
+                 transport: httpx.BaseTransport | None = None, client: httpx.Client | None = None) -> None:
         if verify_upload not in ("adler32", "size"):
             raise ValueError(f"verify_upload must be 'adler32' or 'size', not {verify_upload!r}")
         self.verify_upload = verify_upload
@@ -259,6 +253,10 @@ class HttpTransport(Transport):
         self.digest_timeout = digest_timeout
         self._token = token
         self._gates = HostGates(isolate_requests, puts_per_server)
+        self._owns_clients = client is None
+        if client is not None:
+            self._pool = self._fresh = client
+            return
         tls = ssl_context(verify, cert, key)
         common = {"timeout": httpx.Timeout(timeout), "follow_redirects": False, "trust_env": False}
         # Uploads, deletes and plain HEADs share a pool; verification HEADs go out on a client
@@ -276,8 +274,9 @@ class HttpTransport(Transport):
                                    **common)  # type: ignore[arg-type]
 
     def close(self) -> None:
-        self._pool.close()
-        self._fresh.close()
+        if self._owns_clients:
+            self._pool.close()
+            self._fresh.close()
 
     def __enter__(self) -> Self:
         return self
@@ -312,7 +311,41 @@ class HttpTransport(Transport):
             raise status_error(r.status_code, f"HEAD {shown}", r.reason_phrase)
         return True
 
+    @contextlib.contextmanager
+    def open(self, url: str) -> Iterator[BinaryIO]:
+        """What `url` holds, streamed by a GET (redirects followed). With isolate_requests the GET
+        holds the server alone until the stream is closed, as every request but a PUT does."""
+        wire, shown = wire_url(url), shown_url(url)
+        with self._gates.exclusive(urlsplit(wire).netloc), self._get(lambda: wire, shown) as r, \
+                ChunkStream(body_chunks(r, shown, self.chunk_size)) as stream:
+            yield stream  # type: ignore[misc]
+
     # ------------------------------------------------------------ steps
+    @contextlib.contextmanager
+    def _get(self, url: Callable[[], str], shown: str, again_on_403: bool = False) -> Iterator[httpx.Response]:
+        """A streamed GET answered 200; ObjectMissing for 404, the taxonomy for any other answer.
+        `url` gives the URL to ask (a signed one is made afresh); `again_on_403`: a 403 is asked
+        once more with a new URL (a signature may expire between signing and sending)."""
+        try:
+            with contextlib.ExitStack() as stack:
+                for attempt in (1, 2):
+                    r = stack.enter_context(self._pool.stream("GET", url(), headers=self._auth({}),
+                                                              follow_redirects=True))
+                    if r.status_code != 403 or not again_on_403 or attempt == 2:
+                        break
+                    r.close()
+                    log.info("signed URL refused (expired?), signing again", url=shown)
+                if r.status_code == 404:
+                    raise ObjectMissing(f"GET {shown}: HTTP 404 (nothing there)")
+                if r.status_code != 200:
+                    raise status_error(r.status_code, f"GET {shown}", r.reason_phrase)
+                yield r
+        except httpx.HTTPError as exc:
+            # an exception's text may quote a signed URL: its query (the credential) is left out
+            raise RetryableError(f"GET {shown}: {type(exc).__name__}: {_no_query(str(exc))}") from None
+        except ssl.SSLError as exc:
+            raise RetryableError(f"GET {shown}: TLS: {exc}") from None
+
     def _already_there(self, wire: str, shown: str, expected: Expected) -> bool:
         """True if an identical copy is there; anything else under the name is deleted."""
         r = self._request("HEAD", wire, shown, "HEAD", client=self._pool)
@@ -364,41 +397,23 @@ class HttpTransport(Transport):
                 self._discard(wire, shown, keep=not expected.may_replace)
                 raise status_error(r.status_code, f"PUT {shown}", r.reason_phrase)
             break
-        got = h.digests()
         try:
-            expected.check(source, got)
+            got = h.digests()
         except FileChanged:
             self._discard(wire, shown, keep=not expected.may_replace)
             raise
         return got
 
     def _put_once(self, source: Source, wire: str, shown: str, expected: Expected, pace: Pacer,
-                  md5: bool | None = None, also: Sequence[Consumer] = ()) -> tuple[httpx.Response, MultiHash]:
-        fh = open_source(source)   # closed by the with below
-        # md5: also hash md5 in the pass (default: when one was recorded)
-        h = MultiHash(md5=expected.hash_md5 if md5 is None else md5)
-        for c in also:
-            c.reset()
-
-        def body() -> Iterator[bytes]:
-            for chunk in _source_chunks(fh, self.chunk_size):
-                expected.too_long(source, h.size + len(chunk))
-                pace(len(chunk))
-                h.update(chunk)
-                for c in also:
-                    c.update(chunk)
-                yield chunk
-            if h.size != expected.size:
-                expected.check(source, h.digests())
-
-        with fh:
-            if hasattr(os, "posix_fadvise"):
-                with contextlib.suppress(OSError):
-                    os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                  md5: bool | None = None, also: Sequence[Consumer] = ()) -> tuple[httpx.Response, Tee]:
+        # md5: also hash md5 in the pass (default: when one was recorded). Fresh chunks: h11 (and
+        # httpx.MockTransport, which joins them) keep a chunk after asking for the next one.
+        with read_once(source, expected, md5=md5, pace=pace, also=also, chunk_size=self.chunk_size,
+                       fresh=True) as tee:
             # Content-Length set explicitly: httpx then never falls back to chunked encoding
-            r = self._request("PUT", wire, shown, "PUT", client=self._pool, content=body(),
+            r = self._request("PUT", wire, shown, "PUT", client=self._pool, content=tee.chunks(),
                               headers={"Content-Length": str(expected.size)})
-        return r, h
+        return r, tee
 
     def _check_copy(self, wire: str, shown: str, got: Digests, keep: bool = False) -> None:
         """Ask the storage what it now holds; anything but the bytes sent is never success."""
@@ -479,9 +494,9 @@ class HttpTransport(Transport):
         except Exception as exc:  # noqa: BLE001 - best effort: the next attempt deletes it first anyway
             log.warning("could not remove a partial or bad copy", url=shown, error=str(exc))
 
-    def _request(self, method: str, url: str, shown: str, what: str, client: httpx.Client,
-                 headers: dict[str, str] | None = None, **kw: object) -> httpx.Response:
-        hdrs = dict(headers or {})
+    def _auth(self, headers: dict[str, str]) -> dict[str, str]:
+        """`headers` and the bearer token, if there is one (never logged)."""
+        hdrs = dict(headers)
         if self._token is not None:
             try:
                 tok = self._token()
@@ -489,6 +504,11 @@ class HttpTransport(Transport):
                 raise RetryableError(f"cannot read the bearer token: {exc.strerror or exc}") from None
             if tok:
                 hdrs["Authorization"] = f"Bearer {tok}"
+        return hdrs
+
+    def _request(self, method: str, url: str, shown: str, what: str, client: httpx.Client,
+                 headers: dict[str, str] | None = None, **kw: object) -> httpx.Response:
+        hdrs = self._auth(headers or {})
         gate = self._gates.shared if method == "PUT" else self._gates.exclusive
         try:
             with gate(urlsplit(url).netloc):
@@ -501,6 +521,17 @@ class HttpTransport(Transport):
             raise RetryableError(f"{what} {shown}: {type(exc).__name__}: {exc}") from None
         except ssl.SSLError as exc:
             raise RetryableError(f"{what} {shown}: TLS: {exc}") from None
+
+
+def body_chunks(r: httpx.Response, shown: str, chunk_size: int) -> Iterator[bytes]:
+    try:   # a connection lost mid-object is the taxonomy's retryable, wherever it is read
+        yield from r.iter_bytes(chunk_size)
+    except httpx.HTTPError as exc:
+        raise RetryableError(f"GET {shown}: {type(exc).__name__}") from None
+
+
+def _no_query(text: str) -> str:
+    return re.sub(r"[?]\S*", "", text)
 
 
 def _content_length(r: httpx.Response) -> int | None:

@@ -6,7 +6,7 @@ import datetime as dt
 import math
 import threading
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from ..core.policy import Window, bandwidth_cap
 

@@ -18,10 +18,11 @@ from collections.abc import Iterator, Sequence
 from typing import BinaryIO
 from urllib.parse import unquote, urlparse
 
-from ..errors import DestinationOccupied, PermanentError, RetryableError
-from ..hashing import CHUNK, Consumer, Digests, MultiHash, adler32_of, hash_file, read_chunks
-from ..localfs import Source, fsync_dir, open_source, sibling_temp
-from .base import Expected, Pacer, RemoteStat, Transport
+from ..errors import DestinationOccupied, ObjectMissing, PermanentError, RetryableError
+from ..hashing import CHUNK, Consumer, Digests, adler32_of, hash_file
+from ..localfs import Source, fsync_dir, sibling_temp
+from .base import ChunkStream, Expected, Pacer, RemoteStat, Transport
+from .tee import read_once
 
 XATTR = "user.edge_agent.adler32"
 # Disk full, quota, I/O trouble, a stale NFS handle: the storage may recover.
@@ -109,23 +110,15 @@ class PosixTransport(Transport):
             os.makedirs(os.path.dirname(final), exist_ok=True)
         except OSError as exc:
             raise _storage_error(exc, f"cannot create {os.path.dirname(final)}") from None
-        src = open_source(source)
-        h = MultiHash(md5=expected.hash_md5)
-        for c in also:
-            c.reset()
+        tee = read_once(source, expected, pace=pace, also=also, chunk_size=self.chunk_size, whole=True)
         try:
-            with src, _locked_temp(tmp) as dst:
-                for chunk in read_chunks(src, self.chunk_size):
-                    pace(len(chunk))
-                    h.update(chunk)
-                    for c in also:
-                        c.update(chunk)
+            with tee, _locked_temp(tmp) as dst:
+                for chunk in tee.chunks():
                     dst.write(chunk)
                 dst.flush()
                 if self.fsync:
                     os.fsync(dst.fileno())
-                got = h.digests()
-                expected.check(source, got)
+                got = tee.digests()
                 self._record(tmp, got)
                 self._publish(tmp, final, expected, got)
                 if self.fsync:
@@ -189,6 +182,29 @@ class PosixTransport(Transport):
 
     def exists(self, url: str) -> bool:
         return os.path.lexists(url_to_path(url))
+
+    @contextlib.contextmanager
+    def open(self, url: str) -> Iterator[BinaryIO]:
+        """The file at `url` (a path or file:// URL), read in chunks; read errors in the taxonomy."""
+        path = url_to_path(url)
+        try:
+            fh = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by the `with` below
+        except FileNotFoundError:
+            raise ObjectMissing(f"{path}: not found") from None
+        except OSError as exc:
+            raise _storage_error(exc, f"cannot read {path}") from None
+
+        def chunks() -> Iterator[bytes]:
+            while True:
+                try:
+                    chunk = fh.read(self.chunk_size)
+                except OSError as exc:
+                    raise _storage_error(exc, f"reading {path} failed") from None
+                if not chunk:
+                    return
+                yield chunk
+        with fh, ChunkStream(chunks()) as stream:
+            yield stream  # type: ignore[misc]
 
     def same_bytes(self, url: str, d: Digests) -> bool:
         return self._identical(url_to_path(url), Expected(d.size, d.blake3, d.adler32, d.md5))

@@ -23,17 +23,18 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Sequence
-from typing import IO, Any, Literal
+from collections.abc import Iterator, Sequence
+from typing import IO, Any, BinaryIO, Literal
 from urllib.parse import urlsplit
 
 import structlog
 
-from ..errors import DestinationOccupied, PermanentError, RetryableError
-from ..hashing import CHUNK, Consumer, Digests, MultiHash
-from ..localfs import Source, open_source
-from .base import Expected, Pacer, RemoteStat, Transport, copy_problem
+from ..errors import DestinationOccupied, ObjectMissing, PermanentError, RetryableError
+from ..hashing import CHUNK, Consumer, Digests
+from ..localfs import Source
+from .base import ChunkStream, Expected, Pacer, RemoteStat, Transport, copy_problem
 from .http import HostGates, VerifyUpload
+from .tee import read_once
 
 log = structlog.get_logger("edge_agent.transfer.xroot")
 
@@ -48,6 +49,7 @@ _PERMANENT = {3000, 3001, 3002, 3006, 3013, 3015, 3016, 3022, 3023, 3026, 3031}
 _UNSUPPORTED = 3013
 _ERRNO_RE = re.compile(r"\[(3\d{3})\]")
 _SIZE_RE = re.compile(r"^\s*Size:\s*(\d+)\s*$", re.MULTILINE)
+_READ_CHUNK = 1 << 20   # a read hands on bytes as they come, not 8 MiB at a time
 
 
 # ------------------------------------------------------------------ pure helpers
@@ -131,6 +133,10 @@ class _Client(abc.ABC):
     @abc.abstractmethod
     def writer(self, url: str) -> _Writer: ...
 
+    @abc.abstractmethod
+    def reader(self, url: str) -> contextlib.AbstractContextManager[BinaryIO]:
+        """What `url` holds, streamed (see Transport.open); ObjectMissing if nothing is there."""
+
 
 class CliClient(_Client):
     """xrdcp / xrdfs, one process per operation. They sometimes take ~5 s extra to exit, hence
@@ -192,6 +198,47 @@ class CliClient(_Client):
 
     def writer(self, url: str) -> _Writer:
         return _CliWriter(self, url)
+
+    @contextlib.contextmanager
+    def reader(self, url: str) -> Iterator[BinaryIO]:
+        """`xrdcp URL -`: the object on xrdcp's stdout. Its exit status is read at the end of the
+        stream, so a copy that fails after some bytes raises there instead of looking short."""
+        shown = shown_url(url)
+        # stderr to a file, not a pipe: a chatty xrdcp must never block while we read its stdout
+        err = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below
+        try:
+            proc = subprocess.Popen([self.xrdcp, "--nopbar", url, "-"], stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=err, env=self.env)
+        except FileNotFoundError:
+            err.close()
+            raise PermanentError(f"{self.xrdcp} not found: install the XRootD client (Debian: "
+                                 "xrootd-client) or the XRootD Python bindings") from None
+        assert proc.stdout is not None
+        out = proc.stdout
+
+        def chunks() -> Iterator[bytes]:
+            yield from iter(lambda: out.read(_READ_CHUNK), b"")
+            try:
+                rc = proc.wait(self.timeout + 30)
+            except subprocess.TimeoutExpired:
+                raise RetryableError(f"xrdcp from {shown} did not finish") from None
+            if rc != 0:
+                err.seek(0)
+                # the message may quote the URL with its token (?authz=): shown without it
+                msg = err.read().decode(errors="replace").replace(url, shown).strip()
+                code = parse_errno(msg)
+                if code == NOT_FOUND:
+                    raise ObjectMissing(f"xrdcp {shown}: no such file")
+                raise error_for(code, msg or f"xrdcp exit status {rc}", f"xrdcp from {shown}")
+        try:
+            with ChunkStream(chunks()) as stream:
+                yield stream  # type: ignore[misc]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            out.close()
+            err.close()
 
 
 class _CliWriter(_Writer):
@@ -297,6 +344,33 @@ class PythonClient(_Client):
             raise _status_error(st, f"open {shown_url(url)} for writing")
         return _PythonWriter(f, url, self.timeout)
 
+    @contextlib.contextmanager
+    def reader(self, url: str) -> Iterator[BinaryIO]:
+        shown = shown_url(url)
+        f = self._client.File()
+        st, _ = f.open(url, self._open.READ, timeout=self.timeout)
+        if not st.ok:
+            if st.errno == NOT_FOUND:
+                raise ObjectMissing(f"open {shown}: no such file")
+            raise _status_error(st, f"open {shown} for reading")
+
+        def chunks() -> Iterator[bytes]:
+            offset = 0
+            while True:
+                st, data = f.read(offset, _READ_CHUNK, timeout=self.timeout)
+                if not st.ok:
+                    raise _status_error(st, f"read {shown}")
+                if not data:
+                    return
+                offset += len(data)
+                yield data
+        try:
+            with ChunkStream(chunks()) as stream:
+                yield stream  # type: ignore[misc]
+        finally:
+            with contextlib.suppress(Exception):
+                f.close(timeout=self.timeout)
+
 
 class _PythonWriter(_Writer):
     def __init__(self, f: Any, url: str, timeout: int) -> None:
@@ -385,6 +459,12 @@ class XRootTransport(Transport):
         server, path = split_url(url)
         return self._client.size(server, path) is not None
 
+    def open(self, url: str) -> contextlib.AbstractContextManager[BinaryIO]:
+        """What `url` holds, through the same XRootD client the uploads use (xrdcp to stdout, or
+        the bindings). Not gated: a read is no checksum query, and the old reader was never gated."""
+        split_url(url)   # PermanentError for a URL that is not root://
+        return self._client.reader(url)
+
     # ------------------------------------------------------------ steps
     def _remote(self, server: str, path: str) -> RemoteStat | None:
         size = self._client.size(server, path)
@@ -420,29 +500,15 @@ class XRootTransport(Transport):
 
     def _upload(self, source: Source, url: str, server: str, path: str, expected: Expected,
                 pace: Pacer, also: Sequence[Consumer] = ()) -> Digests:
-        fh = open_source(source)   # closed by the with below
-        h = MultiHash(md5=expected.hash_md5)
-        for c in also:
-            c.reset()
+        # fresh chunks: the bindings' write may still hold a chunk when the next is read
+        tee = read_once(source, expected, pace=pace, also=also, chunk_size=self.chunk_size, fresh=True)
         writer: _Writer | None = None
         try:
-            with fh:
-                if hasattr(os, "posix_fadvise"):
-                    with contextlib.suppress(OSError):
-                        os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            with tee:
                 writer = self._client.writer(url)
-                while True:
-                    chunk = fh.read(self.chunk_size)
-                    if not chunk:
-                        break
-                    expected.too_long(source, h.size + len(chunk))
-                    pace(len(chunk))
-                    h.update(chunk)
-                    for c in also:
-                        c.update(chunk)
-                    writer.write(chunk)
-                got = h.digests()
-                expected.check(source, got)
+                for chunk in tee.chunks():
+                    writer.write(chunk)  # type: ignore[arg-type]  # fresh: bytes
+                got = tee.digests()
                 w, writer = writer, None
                 w.close()
             return got

@@ -111,6 +111,11 @@ class FakeDav:
             d = self.parent(d)
         return httpx.Response(201)
 
+    def do_GET(self, request: httpx.Request, path: str) -> httpx.Response:
+        if path not in self.files:
+            return httpx.Response(404)
+        return httpx.Response(200, content=self.files[path])
+
     def do_DELETE(self, request: httpx.Request, path: str) -> httpx.Response:
         if self.files.pop(path, None) is None:
             return httpx.Response(404)
@@ -755,3 +760,27 @@ def test_size_and_adler32_alone_never_make_another_writers_object_this_files_cop
     dav.files[KEY] = mine
     exp = Expected(len(mine), blake3.blake3(mine).hexdigest(), adler(mine), known_writer=True)
     assert make().put(str(src), URL, exp, Pace()).blake3 == exp.blake3
+
+
+def test_open_streams_what_the_url_holds_and_a_missing_object_is_its_own_type(make, dav: FakeDav, src: Path) -> None:
+    from edge_agent.errors import ObjectMissing
+    t = make(token=lambda: "tok")
+    t.put(str(src), URL, expected_for(DATA), Pace())
+    with t.open(URL.replace("https://", "davs://")) as fh:
+        assert fh.read() == DATA
+    assert dav.requests[-1].method == "GET" and dav.requests[-1].headers["Authorization"] == "Bearer tok"
+    with pytest.raises(ObjectMissing):
+        t.open(URL + ".nothing").__enter__()
+    dav.status_for["GET"] = 503
+    with pytest.raises(RetryableError, match="HTTP 503"):
+        t.open(URL).__enter__()
+
+
+def test_open_through_a_client_given_uses_it_and_does_not_close_it(dav: FakeDav, src: Path) -> None:
+    dav.files["/data/lake1/f"] = DATA
+    with httpx.Client(transport=httpx.MockTransport(dav)) as client:
+        t = HttpTransport(client=client, isolate_requests=False)
+        with t.open("https://xrd.example/data/lake1/f") as fh:
+            assert fh.read() == DATA
+        t.close()
+        assert not client.is_closed

@@ -299,3 +299,14 @@ def test_a_temporary_name_still_linked_to_a_published_copy_never_truncates_it(sr
     with _locked_temp(tmp) as fh:
         fh.write(b"another copy")
     assert final.read_bytes() == DATA and not os.path.lexists(tmp)
+
+
+def test_open_reads_a_path_or_file_url_and_a_missing_file_is_object_missing(src: Path, dest: Path) -> None:
+    from edge_agent.errors import ObjectMissing
+    t = PosixTransport()
+    with t.open(str(src)) as fh:
+        assert fh.read() == DATA
+    with t.open("file://" + str(src)) as fh:
+        assert fh.read() == DATA
+    with pytest.raises(ObjectMissing):
+        t.open(str(dest / "none")).__enter__()

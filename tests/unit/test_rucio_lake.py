@@ -17,13 +17,12 @@ from structlog.testing import capture_logs
 
 from edge_agent.core.policy import Replica
 from edge_agent.errors import PermanentError, RetryableError
-from edge_agent.hashing import Digests
 from edge_agent.lake.base import LakeFile
 from edge_agent.lake.rucio import RucioLake
 from edge_agent.lake.rucio_client import RucioClient
-from edge_agent.localfs import Source
 from edge_agent.settings import Settings
-from edge_agent.transfer.base import Expected, Pacer, RemoteStat, Transport
+from edge_agent.transfer.base import RemoteStat
+from edge_agent.transfer.mock import MockTransport
 
 PASSWORD = "pw-lake-secret"
 STATES = {"A": "AVAILABLE", "C": "COPYING", "U": "UNAVAILABLE", "B": "BEING_DELETED", "D": "BAD",
@@ -267,28 +266,6 @@ class FakeRucio:
         return sum(1 for m, p, _ in self.calls if (m, p) == (method, path))
 
 
-class FakeTransport(Transport):
-    """Storage by URL: what each URL holds (size, adler32 or None), or an error to raise."""
-
-    def __init__(self, scheme: str) -> None:
-        self.scheme = scheme
-        self.objects: dict[str, RemoteStat] = {}
-        self.error: Exception | None = None
-        self.stats: list[str] = []
-
-    def put(self, source: Source, url: str, expected: Expected, pace: Pacer) -> Digests:
-        raise NotImplementedError
-
-    def stat(self, url: str, verify: str = "reread") -> RemoteStat | None:
-        self.stats.append(url)
-        if self.error:
-            raise self.error
-        return self.objects.get(url)
-
-    def delete(self, url: str) -> None:
-        self.objects.pop(url, None)
-
-
 def make_settings(tmp: Path, **rucio: Any) -> Settings:
     return Settings(
         state_dir=str(tmp / "state"),
@@ -326,12 +303,12 @@ def rucio() -> FakeRucio:
 
 
 @pytest.fixture
-def transports() -> dict[str, FakeTransport]:
-    return {"http": FakeTransport("http"), "root": FakeTransport("root")}
+def transports() -> dict[str, MockTransport]:
+    return {"http": MockTransport("http"), "root": MockTransport("root")}
 
 
 @pytest.fixture
-def make_lake(tmp_path: Path, rucio: FakeRucio, transports: dict[str, FakeTransport]) -> Any:
+def make_lake(tmp_path: Path, rucio: FakeRucio, transports: dict[str, MockTransport]) -> Any:
     def make(**rucio_settings: Any) -> RucioLake:
         s = make_settings(tmp_path, **rucio_settings)
         assert s.lake.rucio is not None
@@ -505,7 +482,7 @@ def test_metadata_trouble_that_passes_is_retried(lake: RucioLake, rucio: FakeRuc
 
 # ---------------------------------------------------------------- targets and replicas written
 
-def test_targets_use_lfns2pfns_with_the_first_usable_scheme(lake: RucioLake, transports: dict[str, FakeTransport],
+def test_targets_use_lfns2pfns_with_the_first_usable_scheme(lake: RucioLake, transports: dict[str, MockTransport],
                                                             tmp_path: Path) -> None:
     # LAKE1 offers http and root; preference davs, https, root, http; transports http and root: root
     [t] = lake.targets(lake_file(tmp_path))
@@ -613,21 +590,21 @@ def test_replicas_of_an_unknown_did_are_none(lake: RucioLake, tmp_path: Path) ->
 
 
 def test_replicas_are_verified_on_their_storage(lake: RucioLake, rucio: FakeRucio,
-                                                transports: dict[str, FakeTransport], tmp_path: Path) -> None:
+                                                transports: dict[str, MockTransport], tmp_path: Path) -> None:
     f = registered_in_place(lake, rucio, tmp_path)
     rucio.replicas[("test", "f1", "LAKE2")]["state"] = "AVAILABLE"
     root = transports["root"]
-    root.objects["root://xrd:1094//data/lake1/test/f1"] = RemoteStat(10, "0000000a")
-    root.objects["root://xrd:1094//data/lake2/test/f1"] = RemoteStat(10, "0badbad0")   # the storage disagrees
+    root.lie("root://xrd:1094//data/lake1/test/f1", RemoteStat(10, "0000000a"))
+    root.lie("root://xrd:1094//data/lake2/test/f1", RemoteStat(10, "0badbad0"))   # the storage disagrees
     assert lake.replicas(f) == [Replica("LAKE1", 10, "0000000a", True, "root://xrd:1094//data/lake1/test/f1"),
                                 Replica("LAKE2", 10, "0badbad0", True, "root://xrd:1094//data/lake2/test/f1")]
-    assert "root://xrd:1094//data/buf/night1/f1.fits" not in root.stats     # the buffer is never asked
+    assert "root://xrd:1094//data/buf/night1/f1.fits" not in root.asked("stat")     # the buffer is never asked
 
 
 def test_a_storage_without_adler32_counts_only_when_size_is_enough(make_lake: Any, rucio: FakeRucio,
-                                                                   transports: dict[str, FakeTransport],
+                                                                   transports: dict[str, MockTransport],
                                                                    tmp_path: Path) -> None:
-    transports["root"].objects["root://xrd:1094//data/lake1/test/f1"] = RemoteStat(10, None)
+    transports["root"].lie("root://xrd:1094//data/lake1/test/f1", RemoteStat(10, None))
     strict = make_lake()
     f = registered_in_place(strict, rucio, tmp_path)
     assert strict.replicas(f)[0] == Replica("LAKE1", 10, None, True, "root://xrd:1094//data/lake1/test/f1")
@@ -635,7 +612,7 @@ def test_a_storage_without_adler32_counts_only_when_size_is_enough(make_lake: An
     # the agent's own registered adler32 stands in for the storage's, and the evidence says so
     assert lenient.replicas(f)[0] == Replica("LAKE1", 10, "0000000a", True, "root://xrd:1094//data/lake1/test/f1",
                                              adler32_from_catalogue=True)
-    transports["root"].objects["root://xrd:1094//data/lake1/test/f1"] = RemoteStat(10, "0000000a")
+    transports["root"].lie("root://xrd:1094//data/lake1/test/f1", RemoteStat(10, "0000000a"))
     assert lenient.replicas(f)[0].adler32_from_catalogue is False     # a storage that answers is asked
 
 
@@ -651,25 +628,25 @@ def test_size_only_verification_is_warned_at_start_for_each_destination(make_lak
 
 
 def test_unverifiable_replicas_count_neither_way(lake: RucioLake, rucio: FakeRucio,
-                                                 transports: dict[str, FakeTransport], tmp_path: Path) -> None:
+                                                 transports: dict[str, MockTransport], tmp_path: Path) -> None:
     f = registered_in_place(lake, rucio, tmp_path)
     # nothing on the storage: gone (a copy the agent wrote is written again)
     assert lake.replicas(f)[0] == Replica("LAKE1", None, None, True, "root://xrd:1094//data/lake1/test/f1",
                                           gone=True)
     # the storage cannot be asked now: not gone either
-    transports["root"].error = RetryableError("xrootd: connection refused")
+    transports["root"].fail("stat", times=None, error=RetryableError("xrootd: connection refused"))
     r = lake.replicas(f)[0]
     assert r.size is None and r.adler32 is None and not r.gone
 
 
 def test_a_replica_without_a_transport_for_its_scheme_is_unverified(make_lake: Any, rucio: FakeRucio,
-                                                                    transports: dict[str, FakeTransport],
+                                                                    transports: dict[str, MockTransport],
                                                                     tmp_path: Path) -> None:
     del transports["root"]
     lake = make_lake()
     f = registered_in_place(lake, rucio, tmp_path)
     # LAKE1 has an http PFN: verified over http; none of the others is available
-    transports["http"].objects["http://xrd:8080/data/lake1/test/f1"] = RemoteStat(10, "0000000a")
+    transports["http"].lie("http://xrd:8080/data/lake1/test/f1", RemoteStat(10, "0000000a"))
     assert lake.replicas(f)[0] == Replica("LAKE1", 10, "0000000a", True, "http://xrd:8080/data/lake1/test/f1")
     rucio.rses["LAKE1"]["schemes"] = ["root"]
     with capture_logs() as captured:

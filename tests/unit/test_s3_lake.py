@@ -21,9 +21,10 @@ from edge_agent.lake.rucio_client import RucioClient
 from edge_agent.lake.signed_reads import SignedReadResolver
 from edge_agent.settings import Settings, load_settings
 from edge_agent.transfer.base import Expected
+from edge_agent.transfer.mock import MockTransport
 from edge_agent.transfer.s3 import S3Transport
 
-from .test_rucio_lake import PASSWORD, FakeRucio, FakeTransport, err
+from .test_rucio_lake import PASSWORD, FakeRucio, err
 from .test_s3_transport import FakeS3
 
 S3_HOST = "https://s3.test:7443/bucket"
@@ -93,7 +94,7 @@ def lake(tmp_path: Path, client: RucioClient, store: FakeS3) -> RucioLake:
     def sign(op: str, url: str) -> str:
         return client.signed_url("S3", op, url, 60)
     s3 = S3Transport(sign, transport=httpx.MockTransport(store))
-    return RucioLake(settings(tmp_path), {"http": FakeTransport("http")}, client, s3={"S3": s3})
+    return RucioLake(settings(tmp_path), {"http": MockTransport("http")}, client, s3={"S3": s3})
 
 
 def local_file(tmp: Path, data: bytes, size: int | None = None) -> LakeFile:
@@ -224,6 +225,6 @@ def test_an_s3_rse_not_configured_as_such_is_refused_with_the_fix(tmp_path: Path
                  destinations={"s3": {"kind": "rse", "rse": "S3"}},
                  rules={"push": {"directory": str(tmp_path / "daq"), "scope": "test", "destinations": ["s3"],
                                  "copies": 1}})
-    lake = RucioLake(s, {"https": FakeTransport("https")}, client)
+    lake = RucioLake(s, {"https": MockTransport("https")}, client)
     with pytest.raises(PermanentError, match='sign_url = "s3"'):
         lake.targets(local_file(tmp_path, b"x"))

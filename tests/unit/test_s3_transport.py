@@ -252,3 +252,15 @@ def test_a_failed_put_to_a_url_not_this_versions_own_deletes_nothing(tmp_path: P
     with pytest.raises(RetryableError):
         transport(s3).put(write(tmp_path, data), PFN, expected_of(data, may_replace=False), lambda n: None)
     assert "DELETE" not in s3.methods()
+
+
+def test_open_reads_through_a_signed_url_renewed_once_if_refused(s3: FakeS3) -> None:
+    from edge_agent.errors import ObjectMissing
+    s3.objects["/bucket/k"] = b"hello" * 3000
+    s3.etags["/bucket/k"] = hashlib.md5(s3.objects["/bucket/k"]).hexdigest()
+    s3.expired = {1}
+    with transport(s3).open("https://s3.test:7443/bucket/k?X-Amz-Signature=old") as fh:
+        assert fh.read() == b"hello" * 3000
+    assert s3.issued == [("read", "https://s3.test:7443/bucket/k")] * 2    # signed afresh, unsigned PFN
+    with pytest.raises(ObjectMissing):
+        transport(s3).open("https://s3.test:7443/bucket/none").__enter__()

@@ -130,6 +130,16 @@ elif cmd == "query":
 FAKE_XRDCP = r'''
 import json, os, sys
 conf = json.load(open(os.environ["FAKE_XRD_CONF"]))
+if sys.argv[-1] == "-":          # xrdcp URL -: the object to stdout
+    path = "/" + sys.argv[-2].split("//", 2)[2].lstrip("/")
+    with open(conf["log"], "a") as f:
+        f.write(" ".join(["xrdcp"] + sys.argv[1:-2] + [path, "-"]) + "\n")
+    local = conf["root"] + path.split("?")[0]
+    if not os.path.isfile(local):
+        sys.stderr.write(f"[ERROR] Server responded with an error: [3011] Unable to open {sys.argv[-2]}\n")
+        sys.exit(54)
+    sys.stdout.buffer.write(open(local, "rb").read())
+    sys.exit(0)
 url = sys.argv[-1]
 path = "/" + url.split("//", 2)[2].lstrip("/")
 with open(conf["log"], "a") as f:
@@ -387,8 +397,13 @@ def _fake_bindings() -> types.ModuleType:
         def open(self, url: str, flags: int = 0, timeout: int = 0) -> tuple[_Status, None]:
             self.path = "/" + url.split("//", 2)[2].lstrip("/")
             self.flags = flags
+            if flags == 1:   # READ
+                return (_Status(), None) if self.path in store.files else (nf(self.path), None)
             store.files[self.path] = b""
             return _Status(), None
+
+        def read(self, offset: int = 0, size: int = 0, timeout: int = 0) -> tuple[_Status, bytes]:
+            return _Status(), store.files[self.path][offset:offset + size]
 
         def write(self, buffer: bytes, offset: int = 0, size: int = 0, timeout: int = 0) -> tuple[_Status, None]:
             assert isinstance(buffer, bytes)            # the real bindings refuse memoryviews
@@ -400,7 +415,7 @@ def _fake_bindings() -> types.ModuleType:
             return _Status(), None
 
     flags = types.ModuleType("XRootD.client.flags")
-    flags.OpenFlags = types.SimpleNamespace(DELETE=2, MAKEPATH=256, POSC=128)  # type: ignore[attr-defined]
+    flags.OpenFlags = types.SimpleNamespace(READ=1, DELETE=2, MAKEPATH=256, POSC=128)  # type: ignore[attr-defined]
     flags.QueryCode = types.SimpleNamespace(CHECKSUM=3)  # type: ignore[attr-defined]
     client = types.ModuleType("XRootD.client")
     client.FileSystem = FileSystem  # type: ignore[attr-defined]
@@ -446,3 +461,25 @@ def test_python_bindings_mismatch_and_changed_source(bindings: type[_FakeStorage
     with pytest.raises(FileChanged):
         t.put(str(src), URL, recorded, Pace())
     assert PATH not in bindings.files
+
+
+def test_open_streams_through_xrdcp_and_a_missing_file_is_object_missing(make, xrd: FakeXrd) -> None:
+    from edge_agent.errors import ObjectMissing
+    xrd.put(DATA)
+    t = make()
+    with t.open(URL + "?authz=secret") as fh:
+        assert fh.read() == DATA
+    assert xrd.lines()[-1] == f"xrdcp --nopbar {PATH}?authz=secret -"   # the token travels with the URL
+    with pytest.raises(ObjectMissing) as e, t.open(URL.replace("f1", "none") + "?authz=secret") as fh:
+        fh.read()
+    assert "secret" not in str(e.value)
+
+
+def test_open_through_the_python_bindings(bindings: type[_FakeStorage]) -> None:
+    from edge_agent.errors import ObjectMissing
+    bindings.files[PATH] = DATA * 5
+    t = XRootTransport(backend="python")
+    with t.open(URL) as fh:
+        assert fh.read() == DATA * 5
+    with pytest.raises(ObjectMissing):
+        t.open(URL.replace("f1", "none")).__enter__()
