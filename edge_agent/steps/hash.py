@@ -22,11 +22,12 @@ from ..errors import (
 )
 from ..failpoints import hit
 from ..fits import FitsScan
-from ..hashing import Digests, hash_stream
+from ..hashing import Digests
 from ..lake.base import Target
 from ..ledger import FileRecord, NameConflict
 from ..settings import Completion
 from ..transfer.base import Expected
+from ..transfer.tee import read_once
 from . import inplace, naming
 from .context import StepContext
 from .failures import guarded
@@ -120,13 +121,12 @@ def _read(rec: FileRecord, ctx: StepContext, scan: FitsScan | None) -> Digests:
     """Hash without sending: the lake copies from the buffer, or the name must be decided first."""
     rule = ctx.rule(rec)
     try:
-        with ctx.local(rec).open() as fh:
-            return hash_stream(fh, md5=rule.md5, chunk_size=ctx.settings.chunk_mb << 20,
-                               on_chunk=lambda n: ctx.hooks.bytes_hashed(rec.rule, n),
-                               also=[scan] if scan else [])
+        with read_once(ctx.local(rec), md5=rule.md5, chunk_size=ctx.settings.chunk_mb << 20,
+                       pace=lambda n: ctx.hooks.bytes_hashed(rec.rule, n), also=[scan] if scan else []) as tee:
+            return tee.drain()
     except SourceUnreadable as exc:
         raise PermanentError(f"{exc} (fix the permissions, then `edge-agent retry {rec.id}`)") from None
-    except OSError as exc:
+    except OSError as exc:   # opening: the way to the file failed (a read error is already RetryableError)
         raise RetryableError(f"reading {rec.relpath} failed: {exc.strerror}") from None
 
 
