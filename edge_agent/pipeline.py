@@ -43,7 +43,7 @@ from .errors import (
 from .failpoints import hit
 from .fits import FitsScan
 from .hashing import Digests, hash_stream
-from .lake.base import Catalogue, LakeFile, Target
+from .lake.base import Catalogue, CopiesState, LakeFile, Target
 from .ledger import FileRecord, Ledger, NameConflict, StaleTransition
 from .localfs import (
     INPLACE_DIR,
@@ -57,6 +57,8 @@ from .localfs import (
 )
 from .settings import Completion, DeletePolicy, Settings
 from .transfer.base import Expected, Pacer
+from .transfer.registry import Transports
+from .verify import Checks, replicas
 
 log = structlog.get_logger("edge_agent.pipeline")
 
@@ -76,7 +78,7 @@ class Hooks:
 
 
 class Pipeline:
-    def __init__(self, settings: Settings, ledger: Ledger, lake: Catalogue, pace: Pacer,
+    def __init__(self, settings: Settings, ledger: Ledger, lake: Catalogue, transports: Transports, pace: Pacer,
                  hooks: Hooks | None = None, clock: Callable[[], float] = time.time,
                  rand: Callable[[], float] = random.random,
                  open_writers: Callable[[int, int], int | None] = lambda dev, ino: None,
@@ -84,6 +86,7 @@ class Pipeline:
         self.s = settings
         self.ledger = ledger
         self.lake = lake
+        self.transports = transports
         self.pace = pace
         self.hooks = hooks or Hooks()
         self.clock = clock
@@ -214,13 +217,13 @@ class Pipeline:
                 recorded = self.lake.recorded_locations(scope, name) if urls or first_url else set()
                 for t in self.lake.targets(f):
                     if t.url in urls and t.location not in recorded:
-                        t.transport.delete(t.url)
+                        self.transports.for_url(t.url).delete(t.url)
                         self.ledger.record_replica(rec.id, t.location, t.url, None, None, "removed")
-                    elif not rows and t.url == first_url and t.transport.leaves_partials \
+                    elif not rows and t.url == first_url and self.transports.for_url(t.url).leaves_partials \
                             and t.location not in recorded:
                         # a first upload cut short may have left a partial object at the one URL
                         # this version reserved: nobody records it, nobody counts it
-                        t.transport.delete(t.url)
+                        self.transports.for_url(t.url).delete(t.url)
             except Exception as exc:  # noqa: BLE001 - best effort: the name stays 'removing' and is retried
                 log.warning("could not remove an unregistered first copy", file_id=rec.id, error=str(exc))
                 continue
@@ -270,6 +273,10 @@ class Pipeline:
                         adler32=rec.adler32, md5=rec.md5, blake3=rec.blake3, copies=rule.copies,
                         destinations=tuple(rule.destinations), local_path=rec.fspath, metadata=rec.meta,
                         container=container, buffer_path=buffer_path)
+
+    def replicas(self, f: LakeFile) -> list[policy.Replica]:
+        """The copies of `f` the catalogue records, as their storage holds them (verify.replicas)."""
+        return replicas(self.lake.recorded(f), f, self.transports, Checks.of(self.s))
 
     def _recorded_stat(self, rec: FileRecord) -> policy.LocalStat:
         assert rec.inode is not None and rec.size is not None and rec.mtime_ns is not None
@@ -423,12 +430,12 @@ class Pipeline:
             # decided by content, after hashing alone.
             if hold.first_url != first.url:
                 return None
-            if first.transport.exists(first.url):
+            if self.transports.for_url(first.url).exists(first.url):
                 if not self._leftover_at(first, rule.scope, name):
                     return None
                 return dataclasses.replace(first, replace_leftover=True)
             return first
-        if not self.lake.name_free(rule.scope, name) or any(t.transport.exists(t.url) for t in targets):
+        if not self.lake.name_free(rule.scope, name) or any(self.transports.for_url(t.url).exists(t.url) for t in targets):
             return None
         if not self.ledger.reserve_name(rule.scope, name, rec.id, first.url):
             return None
@@ -439,7 +446,7 @@ class Pipeline:
         """Is what lies at `t.url` (reserved by this version for its first copy) a leftover of an
         upload cut short? Only where the storage can leave one, and the catalogue records no copy
         of the name there."""
-        return t.transport.leaves_partials and t.location not in self.lake.recorded_locations(scope, name)
+        return self.transports.for_url(t.url).leaves_partials and t.location not in self.lake.recorded_locations(scope, name)
 
     def _decide_name(self, rec: FileRecord, scope: str, base: str, d: Digests) -> str:
         """The name of a version hashed alone: the rendered one if it is free or holds these very
@@ -473,7 +480,8 @@ class Pipeline:
         for t in self.lake.targets(f):
             # a match on size and adler32 alone proves nothing (adler32 collides easily on small
             # files): bytes nobody in this ledger wrote count as these only by a strong digest
-            if t.transport.exists(t.url) and not t.transport.same_bytes(t.url, d):
+            transport = self.transports.for_url(t.url)
+            if transport.exists(t.url) and not transport.same_bytes(t.url, d):
                 log.warning("name in use at a destination by bytes not known to be these; taking another",
                             file_id=rec.id, did=f"{scope}:{name}", location=t.location)
                 return True
@@ -504,7 +512,7 @@ class Pipeline:
         try:
             # reserved while its URL was empty: only a leftover of this version's own upload cut short
             # (_first_target told) is replaced; anything else there now is DestinationOccupied
-            d = t.transport.put(self._local(rec), t.url,
+            d = self.transports.for_url(t.url).put(self._local(rec), t.url,
                                 Expected(size, None, want_md5=rule.md5, may_replace=t.replace_leftover),
                                 pace_and_count, also=[scan] if scan else [])
         except SourceUnreadable as exc:
@@ -520,7 +528,7 @@ class Pipeline:
         and the reservation given up; if the removal fails the name stays reserved (nobody else
         writes under it; a later attempt of this version replaces it)."""
         try:
-            t.transport.delete(t.url)
+            self.transports.for_url(t.url).delete(t.url)
         except Exception as exc:  # noqa: BLE001 - the name stays this version's: nobody counts it
             log.warning("could not remove a first copy that will not be registered", file_id=rec.id,
                         location=t.location, error=str(exc))
@@ -579,7 +587,7 @@ class Pipeline:
                 # another version with these very bytes writes the copies under this name: they count
                 # for this one too once written; meanwhile nothing is written (nor removed) here
                 for t in todo:
-                    there = t.transport.stat(t.url)
+                    there = self.transports.for_url(t.url).stat(t.url)
                     if there is None or there.size != f.size or there.adler32 != f.adler32:
                         raise RetryableError(f"the copies of {f.did} are being written by file {writer} "
                                              "(the same bytes); they count for this file once written")
@@ -588,7 +596,7 @@ class Pipeline:
         # never replaced (an identical copy counts; other bytes are DestinationOccupied).
         own = {t.location for t in todo if (r := recorded.get(t.location)) is not None and r["url"] == t.url}
         for t in todo:
-            if t.location not in own and not t.transport.exists(t.url):
+            if t.location not in own and not self.transports.for_url(t.url).exists(t.url):
                 # asked right before its own upload (an earlier one may have taken minutes)
                 self.ledger.record_replicas(rec.id, [(t.location, t.url)], "writing")
                 own.add(t.location)
@@ -597,7 +605,7 @@ class Pipeline:
             expected = Expected(f.size, f.blake3, f.adler32, f.md5, may_replace=t.location in own,
                                 known_writer=self.ledger.copy_written(f.scope, f.name, t.location))
             started = self.clock()
-            got = t.transport.put(self._local(rec), t.url, expected, self._pacer(rec.rule, t.location))
+            got = self.transports.for_url(t.url).put(self._local(rec), t.url, expected, self._pacer(rec.rule, t.location))
             hit("after_put")
             self.lake.add_replica(f, t.location, t.url)
             hit("after_add_replica")
@@ -626,7 +634,7 @@ class Pipeline:
     def confirm(self, rec: FileRecord) -> None:
         f = self.lake_file(rec)
         state = self.lake.copies_state(f, rec.lake_ref)
-        if state == "MISSING":
+        if state is CopiesState.MISSING:
             # the rule expired or was deleted before the copies were confirmed: ask again
             ref = self.lake.request_copies(f)
             self.ledger.set_lake_ref(rec.id, ref)
@@ -635,13 +643,13 @@ class Pipeline:
                         new=ref)
             rec = self.ledger.get(rec.id)
             state = self.lake.copies_state(f, ref)
-        c = policy.judge_replicas(self.lake.replicas(f), f.size, f.adler32)
+        c = policy.judge_replicas(self.replicas(f), f.size, f.adler32)
         evidence = {"replicas": [{"location": r.location, "size": r.size, "adler32": r.adler32,
                                   "adler32_from_catalogue": r.adler32_from_catalogue} for r in c.good],
                     "not_counted": [{"location": r.location, "why": why} for r, why in c.bad]}
         if rec.lake_ref:
             evidence["rule"] = {"id": rec.lake_ref, "state": state}
-        if state not in (None, "OK"):
+        if state not in (None, CopiesState.OK):
             self._not_yet(rec, f, c, state, evidence)
             return
         if c.count >= f.copies:
@@ -693,7 +701,7 @@ class Pipeline:
         self._fail(rec, Event.FAILED_RETRYABLE, f"{lead}: {why}", resume_state=State.REGISTERED)
         return True
 
-    def _not_yet(self, rec: FileRecord, f: LakeFile, c: policy.Confirmation, state: str | None,
+    def _not_yet(self, rec: FileRecord, f: LakeFile, c: policy.Confirmation, state: CopiesState | None,
                  evidence: dict[str, Any]) -> None:
         """Not confirmed yet: look again later, and say so loudly once it is overdue or stuck."""
         now = self.clock()
@@ -707,8 +715,8 @@ class Pipeline:
                 self.ledger.flag(rec.id, why)
                 self.ledger.note(rec.id, rec.state, "replica_lost", {"reason": why, **evidence})
                 log.warning("replica does not verify; local file kept", file_id=rec.id, did=rec.did, reason=why)
-        elif state in ("STUCK", "SUSPENDED") or overdue:
-            why = (f"rule {rec.lake_ref} is {state}" if state in ("STUCK", "SUSPENDED") else
+        elif state in (CopiesState.STUCK, CopiesState.SUSPENDED) or overdue:
+            why = (f"rule {rec.lake_ref} is {state}" if state in (CopiesState.STUCK, CopiesState.SUSPENDED) else
                    f"rule {rec.lake_ref} still {state or 'not OK'} after {(now - rec.updated_at) / 3600:.1f} h")
             why += f"; {c.count} of {f.copies} replicas confirmed"
             if rec.reason != why:
@@ -722,11 +730,11 @@ class Pipeline:
     def delete(self, rec: FileRecord) -> None:
         """A confirmed file whose deletion was deferred: the lake is asked again right before."""
         f = self.lake_file(rec)
-        c = policy.judge_replicas(self.lake.replicas(f), f.size, f.adler32)
+        c = policy.judge_replicas(self.replicas(f), f.size, f.adler32)
         state = self.lake.copies_state(f, rec.lake_ref)
-        if state not in (None, "OK"):
+        if state not in (None, CopiesState.OK):
             c = policy.Confirmation((), tuple((r, f"rule is {state}") for r in c.good))
-        if c.count < f.copies and state in (None, "OK") and self._reseed(rec, f, c):
+        if c.count < f.copies and state in (None, CopiesState.OK) and self._reseed(rec, f, c):
             return
         if c.count < f.copies:
             why = (f"held: {c.count} of {f.copies} replicas confirmed now, after confirmation earlier; "

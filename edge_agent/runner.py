@@ -30,6 +30,7 @@ from .pipeline import Hooks, Pipeline
 from .settings import Completion, Settings
 from .status.gauges import DiskWatch, Rate, Series
 from .transfer.pacing import Throttle
+from .transfer.registry import Transports
 from .watch.events import DirtyPaths, Watcher
 from .watch.filters import RuleFilter
 from .watch.scanner import Entry, classify, relpath_of, walk
@@ -64,12 +65,16 @@ class Counters:
 
 
 class Runner:
-    def __init__(self, settings: Settings, ledger: Ledger, lake: Catalogue,
+    def __init__(self, settings: Settings, ledger: Ledger, lake: Catalogue, transports: Transports | None = None,
                  clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self.s = settings
         self.ledger = ledger
         self.lake = lake
+        if transports is None:
+            from .app import build_transports  # the wiring's own, when the caller brings none
+            transports = build_transports(settings)
+        self.transports = transports
         self.clock = clock              # wall time: what is persisted and shown
         self.monotonic = monotonic      # durations in this process: immune to clock steps
         self._clock_offset = clock() - monotonic()
@@ -84,7 +89,7 @@ class Runner:
         self._lock = threading.Lock()
         self.throttle = Throttle(settings.bandwidth_mbps, settings.windows_policy())
         self.writers = WriterTable()
-        self.pipeline = Pipeline(settings, ledger, lake, self._pace, Hooks(
+        self.pipeline = Pipeline(settings, ledger, lake, transports, self._pace, Hooks(
             bytes_hashed=self._on_hashed, bytes_sent=self._on_sent, transition=self._on_transition),
             clock=clock, monotonic=monotonic, open_writers=self.writers.writers)
         self.filters = {name: RuleFilter(rule) for name, rule in settings.rules.items()}

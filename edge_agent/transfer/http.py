@@ -43,6 +43,7 @@ import structlog
 from ..errors import DestinationOccupied, FileChanged, PermanentError, RetryableError
 from ..hashing import CHUNK, Consumer, Digests, MultiHash
 from ..localfs import Source, open_source
+from ..urls import shown_url
 from .base import Expected, Pacer, RemoteStat, Transport, copy_problem
 
 log = structlog.get_logger("edge_agent.transfer.http")
@@ -59,17 +60,6 @@ def wire_url(url: str) -> str:
     if url.startswith("davs://"):
         return "https://" + url[len("davs://"):]
     return url
-
-
-def shown_url(url: str) -> str:
-    """A URL fit for a message: no user:password@, no query string, no fragment."""
-    p = urlsplit(url)
-    netloc = p.hostname or ""
-    if ":" in netloc:
-        netloc = f"[{netloc}]"
-    if p.port:
-        netloc += f":{p.port}"
-    return urlunsplit((p.scheme, netloc, p.path, "", ""))
 
 
 def parse_digests(header: str | None) -> dict[str, str]:
