@@ -66,7 +66,7 @@ class Transports:
         with self._lock:
             pending = [m for m in self._later if url.startswith(m[0])]
         for item in pending:
-            under, find, transport = item
+            _under, find, transport = item
             prefixes = find()
             with self._lock:
                 for p in prefixes:
