@@ -5,6 +5,8 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 import structlog
@@ -13,38 +15,88 @@ from . import identity, places
 from .bufferlock import HEARTBEAT_SECONDS, BufferHeld, BufferLocks
 from .errors import ConfigError
 from .lake.base import Catalogue
-from .lake.local import LocalLake
+from .lake.local import LocalCatalogue
 from .ledger import Ledger
 from .runner import Runner
-from .settings import Settings
+from .settings import DestinationSettings, Settings
 from .status.server import StatusServer
 from .transfer.base import Transport
+from .transfer.registry import Transports
 
 if TYPE_CHECKING:
     from .lake.rucio_client import RucioClient
     from .transfer.s3 import S3Transport, Signer
 
 
-def build_lake(settings: Settings) -> Catalogue:
+def build(settings: Settings) -> tuple[Catalogue, Transports]:
+    """The lake's catalogue and the transports that reach its storage, sharing one Rucio client."""
     if settings.lake.kind == "local":
-        return LocalLake(settings.lake_catalog_path, settings.destinations, settings.lake.effective_name_pattern)
-    return build_rucio_lake(settings)
+        return build_lake(settings), local_transports(settings.destinations)
+    from .lake.rucio import RucioCatalogue
+    from .lake.rucio_client import RucioClient
+    assert settings.lake.rucio is not None, "settings validation guarantees [lake.rucio] for kind = 'rucio'"
+    client = RucioClient(settings.lake.rucio)
+    s3 = build_s3_transports(settings, client)
+    transports = rucio_transports(settings, client)
+    catalogue = RucioCatalogue(settings, client, schemes=[*RUCIO_SCHEMES],
+                               max_bytes={rse: t.max_object_bytes for rse, t in s3.items()})
+    mount_s3(transports, s3, catalogue.storage_prefixes)
+    return catalogue, transports
 
 
-def build_rucio_lake(settings: Settings) -> Catalogue:
-    from .lake.rucio import RucioLake
-    client, transports = build_rucio_parts(settings)
-    return RucioLake(settings, transports, client=client, s3=build_s3_transports(settings, client))
+def build_lake(settings: Settings) -> Catalogue:
+    """The lake's catalogue alone (the transports: build_transports)."""
+    if settings.lake.kind == "local":
+        return LocalCatalogue(settings.lake_catalog_path, settings.destinations,
+                              settings.lake.effective_name_pattern)
+    return build(settings)[0]
 
 
-def build_rucio_parts(settings: Settings) -> tuple[RucioClient, dict[str, Transport]]:
+def build_transports(settings: Settings) -> Transports:
+    """The transports the configured lake's storage is reached with (a Rucio client of their own)."""
+    if settings.lake.kind == "local":
+        return local_transports(settings.destinations)
+    return build(settings)[1]
+
+
+def local_transports(destinations: dict[str, DestinationSettings]) -> Transports:
+    """The local lake's: each posix destination's directory mounted with its own fsync setting."""
+    from .transfer.posix import PosixTransport
+    transports = Transports()
+    for d in destinations.values():
+        if d.kind == "posix" and d.path is not None:
+            transports.mount(str(d.path), PosixTransport(fsync=d.fsync))
+    return transports
+
+
+# the URL schemes a Rucio lake's storage is written and asked through (lake.rucio.schemes picks among them)
+RUCIO_SCHEMES = ("http", "https", "davs", "root")
+
+
+def rucio_transports(settings: Settings, client: RucioClient) -> Transports:
+    """HTTP/WebDAV and XRootD, mounted by scheme, with the identity Rucio knows."""
+    transports = Transports()
+    for scheme, transport in build_rucio_parts(settings, client)[1].items():
+        transports.mount(f"{scheme}://", transport)
+    return transports
+
+
+def mount_s3(transports: Transports, s3: dict[str, S3Transport], prefixes: Callable[[str], list[str]]) -> None:
+    """Each S3 RSE's signing transport, mounted at its https endpoints (`prefixes(rse)`, Rucio's to
+    say: asked when an https URL is first looked up, since Rucio may be unreachable at start)."""
+    for rse, transport in s3.items():
+        transports.mount_later("https://", partial(prefixes, rse), transport)
+
+
+def build_rucio_parts(settings: Settings, client: RucioClient | None = None
+                      ) -> tuple[RucioClient, dict[str, Transport]]:
     """The Rucio client and the storage transports by URL scheme (the agent's, and the audit's)."""
     from .lake.rucio_client import RucioClient
     from .transfer.http import HttpTransport
     from .transfer.xroot import XRootTransport
     r = settings.lake.rucio
     assert r is not None, "settings validation guarantees [lake.rucio] for kind = 'rucio'"
-    client = RucioClient(r)
+    client = client or RucioClient(r)
     verify: bool | str = str(r.ca_cert) if r.ca_cert else r.tls_verify
     # Storage is reached with the identity Rucio knows: the X.509 certificate or proxy, or the
     # OIDC bearer token (WLCG token-based storage); userpass has no storage credential.
@@ -125,8 +177,8 @@ class Agent:
             self.buffers.release()
             os.close(self._lock_fd)
             raise
-        self.lake = build_lake(settings)
-        self.runner = Runner(settings, self.ledger, self.lake)
+        self.catalogue, self.transports = build(settings)
+        self.runner = Runner(settings, self.ledger, self.catalogue, self.transports)
         self.runner.discovery.may_scan = self._may_scan   # a directory that appears later is claimed first
         self.runner.discovery.held_by_another = self.buffers.held_by_another   # a buffer inside ours is left alone
         self.runner.scheduler.add_job(self._heartbeat, "interval", seconds=HEARTBEAT_SECONDS, id="buffer-lock",
@@ -145,7 +197,8 @@ class Agent:
         finally:
             if self.status:
                 self.status.stop()
-            self.lake.close()
+            self.catalogue.close()
+            self.transports.close()
             self.ledger.close()
             self.buffers.release()
             os.close(self._lock_fd)

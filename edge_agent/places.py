@@ -4,7 +4,7 @@ The settings compare paths with symlinks resolved; a bind mount (or a second mou
 export) is invisible to paths and shows only in the filesystem: the same device and inode. This
 check runs at start and in `check-config`. A place that does not exist yet (a destination not
 mounted) is compared by the part of its path that exists, and again, per copy, in the local lake
-(`LocalLake.replicas` counts one physical file once).
+(the confirm step, `verify.replicas`, counts one physical file once).
 
 Device and inode see a place and the directories it lies in, never what a bind mount shows: a
 destination that is a bind mount of a directory INSIDE the watched tree (or inside another
@@ -17,7 +17,7 @@ Neither sees one filesystem reached through mounts that report different devices
 merged view and its upper directory, two NFS mounts of one export that share no superblock, a bind
 mount made after start). So each posix destination's root holds a place token, PLACE_NAME: a
 random id, created once and never rewritten. Two destinations showing the same token are one place:
-refused at start, and counted once per copy in the local lake (`LocalLake.replicas`).
+refused at start, and counted once per copy in the local lake (`LocalCatalogue.recorded` names the places, `verify.replicas` counts each once).
 """
 
 from __future__ import annotations

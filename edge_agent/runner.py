@@ -29,6 +29,7 @@ from .ledger import FileRecord, Ledger, StaleTransition
 from .settings import Settings
 from .status.gauges import DiskWatch, Rate, Series
 from .transfer.pacing import Throttle
+from .transfer.registry import Transports
 from .watch import discovery
 from .watch.discovery import Discovery
 
@@ -55,12 +56,16 @@ class Runner:
     """The main loop: ticks, hands work to the step pools by the lifecycle's table, pauses while the
     ledger cannot be written, and samples what the status page shows."""
 
-    def __init__(self, settings: Settings, ledger: Ledger, catalogue: Catalogue,
+    def __init__(self, settings: Settings, ledger: Ledger, catalogue: Catalogue, transports: Transports | None = None,
                  clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.ledger = ledger
         self.catalogue = catalogue
+        if transports is None:
+            from .app import build_transports  # the wiring's own, when the caller brings none (tests)
+            transports = build_transports(settings)
+        self.transports = transports
         self.clock = clock              # wall time: what is persisted and shown
         self.monotonic = monotonic      # durations in this process: immune to clock steps
         self._clock_offset = clock() - monotonic()
@@ -79,7 +84,7 @@ class Runner:
                                    busy=lambda fid: fid in self.in_flight, superseded=self._superseded,
                                    between_batches=self._between_batches, wake=self.wake.set)
         self.context = steps.StepContext(
-            settings, ledger, catalogue, self._pace,
+            settings, ledger, catalogue, transports, self._pace,
             steps.Hooks(bytes_hashed=self._on_hashed, bytes_sent=self._on_sent, transition=self._on_transition),
             clock=clock, monotonic=monotonic, open_writers=self.discovery.writers.writers)
         workers = {"hash": settings.hash_workers, "transfer": settings.transfer_workers,

@@ -1,4 +1,6 @@
-"""The catalogue seam. The local-directory lake implements it now; Rucio later, unchanged callers.
+"""The catalogue seam: what the lake records about files (DIDs, replicas, where copies go) and what
+it is asked to do with them. The local-directory lake, Rucio and the in-memory catalogue implement it.
+Storage is not the catalogue's: no module here imports edge_agent.transfer.
 
 Every method is idempotent: doing it again after a crash is success, and an effect that
 already exists (a DID, an attachment, a replica, a rule) is not an error.
@@ -7,11 +9,10 @@ already exists (a DID, an attachment, a replica, a rule) is not an error.
 from __future__ import annotations
 
 import abc
+import enum
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
-
-from ..core.policy import Replica
-from ..transfer.base import Transport
 
 
 @dataclass(frozen=True)
@@ -49,13 +50,42 @@ class LakeFile:
 
 @dataclass(frozen=True)
 class Target:
-    """A place the agent itself writes a copy to, and the transport that writes it."""
+    """A place the agent itself writes a copy to; the transport that writes it is the URL's
+    (transfer.registry.Transports.for_url)."""
     location: str
     url: str
-    transport: Transport
     # the pipeline's word, for a first copy resumed after a cut-short upload: the object at `url`
     # is a leftover of that upload (nobody records it), to be replaced
     replace_leftover: bool = False
+
+
+@dataclass(frozen=True)
+class RecordedReplica:
+    """A copy as the catalogue records it: where it lies and what the catalogue says of it. What the
+    storage holds there is the confirm step's to ask (edge_agent.steps.verify)."""
+    location: str                 # destination or RSE name
+    url: str                      # where the storage holds it ("" when the catalogue has no usable URL)
+    size: int | None = None       # the catalogue's size and adler32 (the agent's own numbers, registered)
+    adler32: str | None = None
+    available: bool = True        # the catalogue lists it as usable (Rucio: AVAILABLE)
+    # True: the catalogue records a copy there, so nothing at the URL is a copy lost. False: it only
+    # says where a copy goes (the local lake counts what lies there): nothing there is no replica.
+    listed: bool = True
+    # keys naming the physical place the copy lies in (a filesystem's place token, a file's dev/ino):
+    # a copy in a place that a copy counted before it holds counts once
+    places: tuple[tuple[str, Hashable], ...] = ()
+    # how the storage is asked: "reread" the copy, or trust the adler32 recorded with it while its
+    # size and mtime are unchanged ("recorded": a posix destination's verify setting)
+    verify: str = "reread"
+
+
+class CopiesState(enum.StrEnum):
+    """Where the copies asked for by request_copies stand (Rucio: the replication rule's state)."""
+    OK = "OK"                     # every copy asked for is made
+    REPLICATING = "REPLICATING"   # still being made (or waiting to be)
+    STUCK = "STUCK"               # the lake tried and gave up for now: a person may be needed
+    SUSPENDED = "SUSPENDED"       # the lake stopped making them
+    MISSING = "MISSING"           # the request is gone (expired, deleted): to be asked again
 
 
 class Catalogue(abc.ABC):
@@ -91,14 +121,15 @@ class Catalogue(abc.ABC):
         every copy itself. A rule that already exists is success: its id is returned.
         """
 
-    def copies_state(self, f: LakeFile, ref: str | None) -> str | None:
-        """The state of what request_copies asked for: "OK", "REPLICATING", "STUCK", "SUSPENDED"...;
-        None where there is no such thing (the agent made every copy)."""
+    def copies_state(self, f: LakeFile, ref: str | None) -> CopiesState | None:
+        """The state of what request_copies asked for (`ref`); None where there is no such thing
+        (the agent made every copy)."""
         return None
 
     @abc.abstractmethod
-    def replicas(self, f: LakeFile) -> list[Replica]:
-        """The copies the lake holds now (never the buffer's own), with size and adler32 as verified."""
+    def recorded(self, f: LakeFile) -> list[RecordedReplica]:
+        """The copies the catalogue records now (never the buffer's own), as it records them:
+        nothing here was asked of the storage."""
 
     def recorded_locations(self, scope: str, name: str) -> set[str]:
         """The locations (destinations, RSEs) where the catalogue records a replica of scope:name.
@@ -114,4 +145,4 @@ class Catalogue(abc.ABC):
         """None when the lake is usable now, else why not (for /readyz)."""
 
     def close(self) -> None:
-        pass
+        """The catalogue's connections are closed (the transports are not its own)."""

@@ -19,14 +19,15 @@ from typing import Iterator
 import structlog
 
 from .. import places
-from ..core.policy import Replica
 from ..errors import PermanentError, RetryableError
 from ..settings import DestinationSettings
-from ..transfer.base import Transport
-from ..transfer.posix import PosixTransport
-from .base import Catalogue, LakeFile, Target
+from .base import Catalogue, LakeFile, RecordedReplica, Target
 
 log = structlog.get_logger("edge_agent.lake.local")
+
+# the kinds of RecordedReplica.places the local lake names: two copies sharing one count once
+PLACE_TOKEN = "place token"       # one filesystem (places.token), whatever device it shows
+PHYSICAL_FILE = "file"            # one file (device, inode), whatever path reaches it
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS dids (
@@ -52,12 +53,14 @@ def _catalogue_errors() -> Iterator[None]:
         raise RetryableError(f"local lake catalogue: {exc}") from None
 
 
-class LocalLake(Catalogue):
+class LocalCatalogue(Catalogue):
+    """The embedded lake's catalogue: copies go to `destinations` (directories), below each at
+    scope/name; the catalogue records them in a SQLite file at `catalog_path`."""
+
     def __init__(self, catalog_path: Path, destinations: dict[str, DestinationSettings],
-                 name_pattern: str, transports: dict[str, Transport] | None = None) -> None:
+                 name_pattern: str) -> None:
         self.name_pattern = name_pattern
-        self._dest = destinations
-        self._transports = transports or {n: PosixTransport(fsync=d.fsync) for n, d in destinations.items()}
+        self.destinations = destinations
         catalog_path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(catalog_path), check_same_thread=False, isolation_level=None,
@@ -68,7 +71,7 @@ class LocalLake(Catalogue):
         self._db.executescript(_SCHEMA)
 
     def _root(self, location: str) -> Path:
-        path = self._dest[location].path
+        path = self.destinations[location].path
         assert path is not None, "settings validation guarantees a path for posix destinations"
         return path
 
@@ -110,7 +113,7 @@ class LocalLake(Catalogue):
             problem = self._problem(loc)
             if problem:
                 raise RetryableError(problem)
-        return [Target(loc, self.url(loc, f), self._transports[loc]) for loc in f.destinations]
+        return [Target(loc, self.url(loc, f)) for loc in f.destinations]
 
     def add_replica(self, f: LakeFile, location: str, url: str) -> None:
         with self._lock, _catalogue_errors():
@@ -126,10 +129,10 @@ class LocalLake(Catalogue):
         """The agent writes every copy itself: nothing to ask."""
         return None
 
-    def replicas(self, f: LakeFile) -> list[Replica]:
+    def recorded(self, f: LakeFile) -> list[RecordedReplica]:
+        """Where each destination's copy lies (whatever the catalogue's table says: the copies are
+        what counts), with the keys of the place it lies in; nothing there is no replica."""
         out = []
-        seen: dict[tuple[int, int], str] = {}
-        tokens: dict[str, str] = {}
         for loc in f.destinations:
             url = self.url(loc, f)
             # One filesystem seen through mounts with different devices (an overlay and its upper
@@ -140,27 +143,18 @@ class LocalLake(Catalogue):
                 log.warning("destination without a readable place token: its copy does not count",
                             destination=loc, root=str(self._root(loc)))
                 continue
-            if tok in tokens:
-                log.warning("two destinations are one place (same place token): their copies count once",
-                            destination=loc, same_as=tokens[tok], url=url)
-                continue
             # Copies are counted per physical file: a destination that became an alias of another
             # after start (a bind mount, a symlink swapped in) must not turn one file into two copies.
             ident = _identity(url)
-            if ident is not None and ident in seen:
-                log.warning("one file reached through two destinations counts once", destination=loc,
-                            same_as=seen[ident], url=url)
-                continue
-            st = self._transports[loc].stat(url, verify=self._dest[loc].verify)
-            if st is not None:
-                if ident is not None:
-                    seen[ident] = loc
-                tokens[tok] = loc
-                out.append(Replica(loc, st.size, st.adler32, True, url))
+            keys: tuple[tuple[str, object], ...] = ((PLACE_TOKEN, tok),)
+            if ident is not None:
+                keys += ((PHYSICAL_FILE, ident),)
+            out.append(RecordedReplica(loc, url, f.size, f.adler32, listed=False, places=keys,
+                                       verify=self.destinations[loc].verify))
         return out
 
     def health(self) -> str | None:
-        for name in self._dest:
+        for name in self.destinations:
             problem = self._problem(name)
             if problem:
                 return problem
@@ -169,7 +163,7 @@ class LocalLake(Catalogue):
     def _problem(self, name: str) -> str | None:
         # The destination root is never created by the agent: an unmounted mount point
         # must not quietly fill the DAQ host's own disk.
-        d, root = self._dest[name], self._root(name)
+        d, root = self.destinations[name], self._root(name)
         if not root.is_dir():
             return f"destination {name}: {root} is not a directory (not mounted?)"
         if d.require_file and not (root / d.require_file).exists():

@@ -8,31 +8,31 @@ Two ways in, per rule:
             file is deleted, the buffer replica is tombstoned (the reaper removes the row).
 
 The catalogue is never taken on trust for the delete decision: with verify_replicas each
-AVAILABLE replica's storage is asked for its size and adler32 through a transport.
+AVAILABLE replica's storage is asked for its size and adler32 (edge_agent.steps.verify, at confirmation).
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
 
-from ..core.policy import Replica, normalise_adler32
+from ..core.policy import normalise_adler32
 from ..errors import EdgeAgentError, PermanentError, RetryableError
 from ..settings import RuleSettings, Settings
-from ..transfer.base import Transport
-from ..transfer.http import shown_url
-from ..transfer.s3 import S3Transport
-from ..transfer.s3 import unsigned_url as _unsigned
-from .base import Catalogue, LakeFile, Target
+from ..urls import unsigned_url
+from .base import Catalogue, CopiesState, LakeFile, RecordedReplica, Target
 from .rucio_client import NotFound, RucioClient, RucioPermanent
 
 log = structlog.get_logger("edge_agent.lake.rucio")
-# what _verified answers for a copy its storage says it does not hold (not: could not be asked)
-_GONE = "the storage holds nothing under this replica's URL"
+# the URL schemes the agent has transports for, unless told otherwise (app.build_transports)
+WRITABLE_SCHEMES = ("http", "https", "davs", "root")
+# Rucio's rule states, as the generic pipeline sees them (a state not named here: not done yet)
+_RULE_STATES = {"OK": CopiesState.OK, "STUCK": CopiesState.STUCK, "SUSPENDED": CopiesState.SUSPENDED}
 
 # Metadata keys that are columns of Rucio's DID table with a meaning of their own: setting them
 # through /meta would rewrite the file's size or checksum, its lifetime or its visibility.
@@ -51,21 +51,23 @@ META_REFUSALS = frozenset({"InvalidMetadata", "KeyNotFound", "InvalidValueForKey
 _UNSAFE_IN_PFN = set("?#%\\") | {chr(c) for c in range(32)} | {chr(127)}
 
 
-class RucioLake(Catalogue):
-    """Catalogue on a Rucio server; `transports` maps URL schemes (http, https, davs, root) to the
-    transports that write and stat those URLs."""
+class RucioCatalogue(Catalogue):
+    """Catalogue on a Rucio server. `schemes`: the URL schemes the agent has transports for (a
+    copy is written, and a replica's PFN chosen, only in one of them); `max_bytes`: the largest
+    file a destination RSE's storage takes (an S3 RSE: one signed PUT), refused before registering."""
 
-    def __init__(self, settings: Settings, transports: dict[str, Transport],
-                 client: RucioClient | None = None, s3: dict[str, S3Transport] | None = None) -> None:
+    def __init__(self, settings: Settings, client: RucioClient | None = None, *,
+                 schemes: Iterable[str] = WRITABLE_SCHEMES, max_bytes: dict[str, int] | None = None) -> None:
         if settings.lake.rucio is None:
-            raise ValueError("RucioLake needs settings.lake.rucio")
+            raise ValueError("RucioCatalogue needs settings.lake.rucio")
         self.s = settings
         self.r = settings.lake.rucio
         self.client = client or RucioClient(self.r)
         self.name_pattern = settings.lake.effective_name_pattern
-        self._transports = dict(transports)
+        self._writable = list(dict.fromkeys(schemes))
         # S3 RSEs (sign_url = "s3"): their https PFNs are reached only through URLs Rucio signs
-        self._s3 = dict(s3 or {})
+        self._s3 = {d.rse for d in settings.destinations.values() if d.sign_url == "s3" and d.rse}
+        self._max_bytes = dict(max_bytes or {})
         self._lock = threading.Lock()
         self._known: set[tuple[str, str]] = set()        # datasets/containers seen to exist
         self._unmanaged_keys: set[str] = set()           # metadata keys this server refused
@@ -178,11 +180,11 @@ class RucioLake(Catalogue):
             self._metadata(f)
 
     def _refuse_oversize(self, f: LakeFile, rse: str) -> None:
-        s3 = self._s3.get(rse)
-        if s3 is not None and f.size > s3.max_object_bytes:
+        limit = self._max_bytes.get(rse)
+        if limit is not None and f.size > limit:
             raise PermanentError(
                 f"{f.local_path} has {f.size} bytes, more than one signed PUT may carry to the S3 RSE "
-                f"{rse} ({s3.max_object_bytes} bytes; Rucio signs whole-object operations only). "
+                f"{rse} ({limit} bytes; Rucio signs whole-object operations only). "
                 "Not registered: send such files through a rule without S3 destinations")
 
     def _ensure(self, scope: str, name: str, did_type: str) -> None:
@@ -263,17 +265,17 @@ class RucioLake(Catalogue):
         out = []
         for rse, want in self._dest_rses(f):
             self._refuse_oversize(f, rse)       # before a byte is read for it
-            s3 = self._s3.get(rse)
+            s3 = rse in self._s3
             # an S3 RSE's protocol is https (Rucio signs the https PFN), whatever else it offers
             scheme = "https" if s3 else self._scheme_for(rse, want)
-            if s3 is None and scheme in ("https", "davs") and self._signs_s3(rse):
+            if not s3 and scheme in ("https", "davs") and self._signs_s3(rse):
                 raise PermanentError(
                     f"RSE {rse} is S3 storage (Rucio attribute sign_url=s3): unsigned uploads are refused there. "
                     f"Set sign_url = \"s3\" on its destination (and md5 = true on rule {f.rule})")
             url = self.client.lfns2pfns(rse, [f.did], scheme, "write").get(f.did)
             if not url:
                 raise RetryableError(f"Rucio gave no {scheme} URL for {f.did} on {rse}")
-            out.append(Target(rse, url, s3 or self._transports[scheme]))
+            out.append(Target(rse, url))
         return out
 
     def _signs_s3(self, rse: str) -> bool:
@@ -292,11 +294,11 @@ class RucioLake(Catalogue):
                 offered.append(p["scheme"])
         prefs = [wanted] if wanted else list(self.r.schemes)
         for scheme in prefs:
-            if scheme in offered and scheme in self._transports:
+            if scheme in offered and scheme in self._writable:
                 return scheme
         raise PermanentError(f"no way to upload to RSE {rse}: it offers {offered or 'no writable protocol'}, the "
                              f"agent may use {prefs} ({'the destination scheme' if wanted else 'lake.rucio.schemes'})"
-                             f" and has transports for {sorted(self._transports)}")
+                             f" and has transports for {sorted(self._writable)}")
 
     def add_replica(self, f: LakeFile, location: str, url: str) -> None:
         try:
@@ -313,22 +315,40 @@ class RucioLake(Catalogue):
         return self.client.add_rule(f.scope, f.name, f.copies, expression, lifetime=rule.rule_lifetime_seconds,
                                     activity=rule.activity, grouping=rule.grouping)
 
-    def copies_state(self, f: LakeFile, ref: str | None) -> str | None:
+    def copies_state(self, f: LakeFile, ref: str | None) -> CopiesState | None:
         if not ref:
             return None
         try:
-            return str(self.client.get_rule(ref).get("state") or "UNKNOWN")
+            state = str(self.client.get_rule(ref).get("state") or "UNKNOWN")
         except NotFound:
-            return "MISSING"
+            return CopiesState.MISSING
+        # REPLICATING, and what Rucio says of a rule not started yet (WAITING_APPROVAL, INJECT)
+        return _RULE_STATES.get(state, CopiesState.REPLICATING)
+
+    def storage_prefixes(self, rse: str, scheme: str = "https") -> list[str]:
+        """The URL prefixes under which Rucio builds `rse`'s PFNs in `scheme` (scheme://host:port/prefix/),
+        where a transport for that storage alone is mounted (an S3 RSE's signing transport)."""
+        out: list[str] = []
+        for p in self.client.rse_protocols(rse):
+            if p.get("scheme") != scheme or not p.get("hostname"):
+                continue
+            path = "/" + str(p.get("prefix") or "").strip("/")
+            path = path if path.endswith("/") else path + "/"
+            host = str(p["hostname"])
+            for netloc in (f"{host}:{p['port']}", host) if p.get("port") else (host,):
+                out.append(f"{scheme}://{netloc}{path}")
+        if not out:
+            log.warning("Rucio lists no storage endpoint for this RSE", rse=rse, scheme=scheme)
+        return out
 
     def _schemes(self) -> list[str]:
-        ordered = [s for s in self.r.schemes if s in self._transports]
-        ordered += [s for s in self._transports if s not in ordered]
+        ordered = [s for s in self.r.schemes if s in self._writable]
+        ordered += [s for s in self._writable if s not in ordered]
         if self._s3 and "https" not in ordered:
             ordered.append("https")      # the S3 RSEs' protocol
         return ordered
 
-    def replicas(self, f: LakeFile) -> list[Replica]:
+    def recorded(self, f: LakeFile) -> list[RecordedReplica]:
         rule = self._rule(f)
         schemes = self._schemes()
         rows = self.client.list_replicas([(f.scope, f.name)], schemes=schemes or None)
@@ -340,45 +360,10 @@ class RucioLake(Catalogue):
             if rse == rule.buffer_rse:
                 continue
             url = self._pick_pfn((row.get("rses") or {}).get(rse) or [], schemes)
-            size, adler = row.get("bytes"), row.get("adler32")
-            available = state == "AVAILABLE"
-            problem = None
-            gone = False
-            from_catalogue = adler is not None
-            if self.r.verify_replicas and available and rse in self._s3:
-                size, adler, problem = self._verified_s3(f, rse, url, adler)   # S3 has no adler32 of its own
-                gone = problem is _GONE
-            elif self.r.verify_replicas and available:
-                size, adler, from_catalogue = self._verified(f, rse, url, adler)
-                gone = adler is _GONE
-            if gone:
-                size, adler, problem = None, None, None
             # an S3 PFN may come signed (a credential): never kept
-            out.append(Replica(rse, size, adler, available, _unsigned(url) if rse in self._s3 else url, problem,
-                               adler32_from_catalogue=from_catalogue and adler is not None, gone=gone))
+            out.append(RecordedReplica(rse, unsigned_url(url) if rse in self._s3 else url, row.get("bytes"),
+                                       row.get("adler32"), state == "AVAILABLE"))
         return out
-
-    def _verified_s3(self, f: LakeFile, rse: str, url: str, catalogue_adler: str | None
-                     ) -> tuple[int | None, str | None, str | None]:
-        """(size, adler32, problem) of an S3 copy: S3 has no adler32, so the copy counts with the
-        agent's own adler32 only when its size matches and its ETag is the file's MD5."""
-        if not url.startswith("https://"):
-            log.warning("cannot verify S3 replica: Rucio lists no https PFN for it", did=f.did, rse=rse)
-            return None, None, None
-        try:
-            st = self._s3[rse].stat(url)
-        except (RetryableError, PermanentError) as exc:
-            log.warning("cannot verify S3 replica now", did=f.did, rse=rse, url=_unsigned(url), error=str(exc))
-            return None, None, None
-        if st is None:
-            log.warning("replica listed AVAILABLE but its S3 bucket holds nothing", did=f.did, rse=rse,
-                        url=_unsigned(url))
-            return None, None, _GONE
-        if not f.md5:
-            return st.size, None, "no MD5 recorded for this file, so its S3 ETag cannot be checked (md5 = true)"
-        if st.md5 != f.md5.lower():
-            return st.size, None, f"S3 ETag {st.md5 or '(not an MD5)'} != local md5 {f.md5}"
-        return st.size, catalogue_adler, None
 
     @staticmethod
     def _pick_pfn(pfns: list[str], schemes: list[str]) -> str:
@@ -388,31 +373,6 @@ class RucioLake(Catalogue):
                 if urlsplit(p).scheme == scheme:
                     return p
         return pfns[0] if pfns else ""
-
-    def _verified(self, f: LakeFile, rse: str, url: str, catalogue_adler: str | None
-                  ) -> tuple[int | None, str | None, bool]:
-        """(size, adler32, adler32 from the catalogue?) as the storage says them; (None, None, False)
-        when it cannot be asked now, which counts neither as a good copy nor as a bad one to rewrite;
-        (None, _GONE, False) when the storage answers that it holds nothing there."""
-        transport = self._transports.get(urlsplit(url).scheme) if url else None
-        if transport is None:
-            log.warning("cannot verify replica: no transport for its URL", did=f.did, rse=rse,
-                        url=shown_url(url),
-                        transports=sorted(self._transports))
-            return None, None, False
-        try:
-            st = transport.stat(url)
-        except (RetryableError, PermanentError) as exc:
-            log.warning("cannot verify replica now", did=f.did, rse=rse, url=shown_url(url), error=str(exc))
-            return None, None, False
-        if st is None:
-            log.warning("replica listed AVAILABLE but its storage holds nothing", did=f.did, rse=rse,
-                        url=shown_url(url))
-            return None, _GONE, False
-        if st.adler32 is None and self.r.verify_upload == "size":
-            # the storage vouches for the size only; the adler32 is the one the agent registered
-            return st.size, catalogue_adler, True
-        return st.size, st.adler32, False
 
     def release(self, f: LakeFile) -> None:
         rule = self._rule(f)
@@ -438,8 +398,6 @@ class RucioLake(Catalogue):
         return None
 
     def close(self) -> None:
-        """Close the Rucio client and the transports this lake was built with."""
+        """The Rucio client's connections are closed."""
         self.client.close()
-        for t in {id(t): t for t in [*self._transports.values(), *self._s3.values()]}.values():
-            getattr(t, "close", lambda: None)()
 

@@ -7,7 +7,7 @@ agent never writes to resolve too. Other RSEs' PFNs are returned unchanged.
 
 from __future__ import annotations
 
-from ..transfer.s3 import unsigned_url
+from ..urls import unsigned_url
 from .rucio_client import RucioClient
 
 

@@ -11,7 +11,7 @@ import structlog
 
 from ..core import policy
 from ..core.lifecycle import Event
-from ..lake.base import LakeFile
+from ..lake.base import CopiesState, LakeFile
 from ..ledger import FileRecord
 from . import delete, rewrite
 from .context import StepContext
@@ -36,7 +36,7 @@ def confirm_one(rec: FileRecord, ctx: StepContext) -> tuple[FileRecord, policy.C
     or sent back to write a bad or lost copy again."""
     f = ctx.lake_file(rec)
     state = ctx.catalogue.copies_state(f, rec.lake_ref)
-    if state == "MISSING":
+    if state is CopiesState.MISSING:
         # the rule expired or was deleted before the copies were confirmed: ask again
         ref = ctx.catalogue.request_copies(f)
         ctx.ledger.set_lake_ref(rec.id, ref)
@@ -45,14 +45,14 @@ def confirm_one(rec: FileRecord, ctx: StepContext) -> tuple[FileRecord, policy.C
                     new=ref)
         rec = ctx.ledger.get(rec.id)
         state = ctx.catalogue.copies_state(f, ref)
-    c = policy.judge_replicas(ctx.catalogue.replicas(f), f.size, f.adler32)
+    c = policy.judge_replicas(ctx.replicas(f), f.size, f.adler32)
     evidence: dict[str, Any] = {
         "replicas": [{"location": r.location, "size": r.size, "adler32": r.adler32,
                       "adler32_from_catalogue": r.adler32_from_catalogue} for r in c.good],
         "not_counted": [{"location": r.location, "why": why} for r, why in c.bad]}
     if rec.lake_ref:
         evidence["rule"] = {"id": rec.lake_ref, "state": state}
-    if state not in (None, "OK"):
+    if state not in (None, CopiesState.OK):
         _not_yet(rec, ctx, f, c, state, evidence)
         return None
     if c.count >= f.copies:
@@ -63,7 +63,7 @@ def confirm_one(rec: FileRecord, ctx: StepContext) -> tuple[FileRecord, policy.C
     return None
 
 
-def _not_yet(rec: FileRecord, ctx: StepContext, f: LakeFile, c: policy.Confirmation, state: str | None,
+def _not_yet(rec: FileRecord, ctx: StepContext, f: LakeFile, c: policy.Confirmation, state: CopiesState | None,
              evidence: dict[str, Any]) -> None:
     """Not confirmed yet: look again later, and say so loudly once it is overdue or stuck."""
     s = ctx.settings
@@ -78,8 +78,8 @@ def _not_yet(rec: FileRecord, ctx: StepContext, f: LakeFile, c: policy.Confirmat
             ctx.ledger.flag(rec.id, why)
             ctx.ledger.note(rec.id, rec.state, Event.REPLICA_LOST, {"reason": why, **evidence})
             log.warning("replica does not verify; local file kept", file_id=rec.id, did=rec.did, reason=why)
-    elif state in ("STUCK", "SUSPENDED") or overdue:
-        why = (f"rule {rec.lake_ref} is {state}" if state in ("STUCK", "SUSPENDED") else
+    elif state in (CopiesState.STUCK, CopiesState.SUSPENDED) or overdue:
+        why = (f"rule {rec.lake_ref} is {state}" if state in (CopiesState.STUCK, CopiesState.SUSPENDED) else
                f"rule {rec.lake_ref} still {state or 'not OK'} after {(now - rec.updated_at) / 3600:.1f} h")
         why += f"; {c.count} of {f.copies} replicas confirmed"
         if rec.reason != why:

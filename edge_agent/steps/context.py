@@ -19,6 +19,8 @@ from ..ledger import FileRecord, Ledger
 from ..localfs import LocalFile, inplace_link
 from ..settings import RuleSettings, Settings
 from ..transfer.base import Pacer, Transport
+from ..transfer.registry import Transports
+from . import verify
 
 log = structlog.get_logger("edge_agent.steps")
 
@@ -37,6 +39,7 @@ class StepContext:
     settings: Settings
     ledger: Ledger
     catalogue: Catalogue
+    transports: Transports            # the transport of each URL, by scheme and prefix
     pace: Pacer                       # blocks to honour the bandwidth cap; raises ShuttingDown
     hooks: Hooks = field(default_factory=Hooks)
     clock: Callable[[], float] = time.time             # wall time: what is persisted
@@ -52,7 +55,11 @@ class StepContext:
 
     def transport(self, target: Target) -> Transport:
         """The transport that writes and reads `target`'s URL."""
-        return target.transport
+        return self.transports.for_url(target.url)
+
+    def replicas(self, f: LakeFile) -> list[policy.Replica]:
+        """The copies of `f` the catalogue records, each as its storage holds it now."""
+        return verify.replicas(self.catalogue.recorded(f), f, self.transports, verify.Checks.of(self.settings))
 
     def move(self, rec: FileRecord, event: Event, detail: dict[str, Any] | None = None,
              **updates: Any) -> FileRecord:

@@ -12,6 +12,7 @@ from ..core import policy
 from ..core.lifecycle import Event
 from ..errors import FileChanged, FileVanished, PermanentError
 from ..failpoints import hit
+from ..lake.base import CopiesState
 from ..ledger import FileRecord
 from ..localfs import guarded_unlink, leftover
 from ..settings import Completion, DeletePolicy
@@ -30,11 +31,11 @@ def run(batch: Sequence[FileRecord], ctx: StepContext) -> None:
 def delete_one(rec: FileRecord, ctx: StepContext) -> None:
     """A confirmed file whose deletion was deferred: the lake is asked again right before."""
     f = ctx.lake_file(rec)
-    c = policy.judge_replicas(ctx.catalogue.replicas(f), f.size, f.adler32)
+    c = policy.judge_replicas(ctx.replicas(f), f.size, f.adler32)
     state = ctx.catalogue.copies_state(f, rec.lake_ref)
-    if state not in (None, "OK"):
+    if state not in (None, CopiesState.OK):
         c = policy.Confirmation((), tuple((r, f"rule is {state}") for r in c.good))
-    if c.count < f.copies and state in (None, "OK") and rewrite.reseed(rec, ctx, f, c):
+    if c.count < f.copies and state in (None, CopiesState.OK) and rewrite.reseed(rec, ctx, f, c):
         return
     if c.count < f.copies:
         why = (f"held: {c.count} of {f.copies} replicas confirmed now, after confirmation earlier; "

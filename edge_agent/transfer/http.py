@@ -44,6 +44,7 @@ import structlog
 from ..errors import DestinationOccupied, FileChanged, ObjectMissing, PermanentError, RetryableError
 from ..hashing import CHUNK, Consumer, Digests
 from ..localfs import Source
+from ..urls import shown_url
 from .base import ChunkStream, Expected, Pacer, RemoteStat, Transport, copy_problem
 from .tee import Tee, read_once
 
@@ -61,17 +62,6 @@ def wire_url(url: str) -> str:
     if url.startswith("davs://"):
         return "https://" + url[len("davs://"):]
     return url
-
-
-def shown_url(url: str) -> str:
-    """A URL fit for a message: no user:password@, no query string, no fragment."""
-    p = urlsplit(url)
-    netloc = p.hostname or ""
-    if ":" in netloc:
-        netloc = f"[{netloc}]"
-    if p.port:
-        netloc += f":{p.port}"
-    return urlunsplit((p.scheme, netloc, p.path, "", ""))
 
 
 def parse_digests(header: str | None) -> dict[str, str]:

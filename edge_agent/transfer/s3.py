@@ -28,7 +28,6 @@ import re
 import ssl
 from collections.abc import Callable, Iterator, Sequence
 from typing import BinaryIO, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import structlog
@@ -36,8 +35,9 @@ import structlog
 from ..errors import ChecksumMismatch, DestinationOccupied, FileChanged, PermanentError, RetryableError
 from ..hashing import CHUNK, Consumer, Digests
 from ..localfs import Source
+from ..urls import shown_url, unsigned_url
 from .base import ChunkStream, Expected, Pacer, RemoteStat
-from .http import HttpTransport, body_chunks, shown_url, status_error
+from .http import HttpTransport, body_chunks, status_error
 
 log = structlog.get_logger("edge_agent.transfer.s3")
 
@@ -70,13 +70,6 @@ def object_size(r: httpx.Response) -> int | None:
         return int(r.headers["Content-Length"])
     except (KeyError, ValueError):
         return None
-
-
-def unsigned_url(url: str) -> str:
-    """A PFN without its query string: Rucio's list_replicas gives accounts allowed to sign a
-    signed (credential-bearing) PFN of an S3 RSE; the agent signs afresh and never keeps one."""
-    p = urlsplit(url)
-    return urlunsplit((p.scheme, p.netloc, p.path, "", "")) if p.query else url
 
 
 def _no_query(text: str) -> str:
@@ -252,3 +245,13 @@ class S3Transport(HttpTransport):
             self.delete(url)
         except Exception as exc:  # noqa: BLE001 - best effort: the next attempt overwrites it anyway
             log.warning("could not remove a failed or bad object", url=shown, error=str(exc))
+
+
+def etag_problem(st: RemoteStat, md5: str | None) -> str | None:
+    """Why an S3 object does not vouch for a file whose md5 is `md5` (None: it does). S3 has no
+    adler32: a copy counts when its ETag (a single PUT's is the MD5 of the bytes) is the file's MD5."""
+    if not md5:
+        return "no MD5 recorded for this file, so its S3 ETag cannot be checked (md5 = true)"
+    if st.md5 != md5.lower():
+        return f"S3 ETag {st.md5 or '(not an MD5)'} != local md5 {md5}"
+    return None

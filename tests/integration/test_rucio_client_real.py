@@ -1,4 +1,4 @@
-"""RucioClient and RucioLake against the real Rucio 41.5.1 + XRootD lake (tests/lake.py).
+"""RucioClient and RucioCatalogue against the real Rucio 41.5.1 + XRootD lake (tests/lake.py).
 
 Every test uses DID names of its own (uuid), so it can run next to other tests on the same lake.
 A crash is simulated by doing each step twice: the second time must be success, and change nothing.
@@ -20,11 +20,12 @@ import pytest
 from edge_agent.errors import PermanentError, RetryableError
 from edge_agent.hashing import Digests
 from edge_agent.lake.base import LakeFile
-from edge_agent.lake.rucio import RucioLake
 from edge_agent.lake.rucio_client import AuthFailed, NotFound, RucioClient, _Token
 from edge_agent.localfs import Source
 from edge_agent.settings import Settings
 from edge_agent.transfer.base import Expected, Pacer, RemoteStat, Transport
+
+from ..unit.test_rucio_lake import CheckedCatalogue
 
 pytestmark = pytest.mark.lake
 
@@ -101,8 +102,8 @@ def http_transport() -> Transport:
 
 
 @pytest.fixture
-def rlake(settings: Settings, client: RucioClient) -> RucioLake:
-    return RucioLake(settings, {"http": http_transport()}, client)
+def rlake(settings: Settings, client: RucioClient) -> CheckedCatalogue:
+    return CheckedCatalogue(settings, {"http": http_transport()}, client)
 
 
 def lake_file(lake: Any, rule: str, data: bytes, local_path: str, **kw: Any) -> LakeFile:
@@ -137,7 +138,7 @@ def test_wrong_password_is_retryable_clear_and_secret_free(lake: Any, tmp_path: 
     assert str(ei.value).startswith("Rucio rejected the credentials of account root (userpass): 401 "
                                     "CannotAuthenticate: Cannot authenticate to account root")
     assert wrong not in str(ei.value)
-    problem = RucioLake(s, {}, c).health()
+    problem = CheckedCatalogue(s, {}, c).health()
     assert problem is not None and "rejected the credentials of account root (userpass)" in problem
     assert wrong not in problem
 
@@ -166,7 +167,7 @@ def test_a_token_near_its_end_is_renewed_before_use(settings: Settings, lake: An
 
 # ---------------------------------------------------------------- push, replicate, confirm
 
-def test_push_flow_is_idempotent_and_confirms(rlake: RucioLake, client: RucioClient, lake: Any,
+def test_push_flow_is_idempotent_and_confirms(rlake: CheckedCatalogue, client: RucioClient, lake: Any,
                                               tmp_path: Path) -> None:
     data = os.urandom(65536)
     local = tmp_path / "daq" / "f.fits"
@@ -183,10 +184,11 @@ def test_push_flow_is_idempotent_and_confirms(rlake: RucioLake, client: RucioCli
 
     [t] = rlake.targets(f)
     assert t.location == lake.lake_rses[0] and t.url.startswith(lake.http_url + "/data/lake1/")
-    if isinstance(t.transport, HttpStat):
+    transport = rlake.transports.for_url(t.url)
+    if isinstance(transport, HttpStat):
         put_bytes(t.url, data)
     else:
-        t.transport.put(f.local_path, t.url, Expected(f.size, f.blake3, f.adler32), lambda n: None)
+        transport.put(f.local_path, t.url, Expected(f.size, f.blake3, f.adler32), lambda n: None)
     rlake.add_replica(f, t.location, t.url)
     rlake.add_replica(f, t.location, t.url)
     ref = rlake.request_copies(f)
@@ -201,7 +203,7 @@ def test_push_flow_is_idempotent_and_confirms(rlake: RucioLake, client: RucioCli
     assert all(r.url.startswith(lake.http_url) for r in reps)
 
 
-def test_the_same_name_with_other_content_is_permanent(rlake: RucioLake, lake: Any, tmp_path: Path) -> None:
+def test_the_same_name_with_other_content_is_permanent(rlake: CheckedCatalogue, lake: Any, tmp_path: Path) -> None:
     data = os.urandom(1000)
     f = lake_file(lake, "push", data, str(tmp_path / "daq" / "f.fits"))
     rlake.register(f)
@@ -211,7 +213,7 @@ def test_the_same_name_with_other_content_is_permanent(rlake: RucioLake, lake: A
     assert lake.replicas(f.scope, f.name)["adler32"] == adler(data)
 
 
-def test_metadata_the_sqlite_server_cannot_keep_is_a_warning(rlake: RucioLake, lake: Any, tmp_path: Path) -> None:
+def test_metadata_the_sqlite_server_cannot_keep_is_a_warning(rlake: CheckedCatalogue, lake: Any, tmp_path: Path) -> None:
     data = os.urandom(100)
     f = lake_file(lake, "push", data, str(tmp_path / "daq" / "f.fits"),
                   metadata={"instrument": "cam", "exptime": 3.5, "datatype": "RAW"})
@@ -222,7 +224,7 @@ def test_metadata_the_sqlite_server_cannot_keep_is_a_warning(rlake: RucioLake, l
 
 # ---------------------------------------------------------------- register in place, release
 
-def test_register_in_place_replicate_confirm_release(rlake: RucioLake, client: RucioClient, lake: Any,
+def test_register_in_place_replicate_confirm_release(rlake: CheckedCatalogue, client: RucioClient, lake: Any,
                                                      buf_dir: Path) -> None:
     data = os.urandom(32768)
     rel = f"night-{uid()}/run 1/f.fits"
@@ -255,7 +257,7 @@ def test_register_in_place_replicate_confirm_release(rlake: RucioLake, client: R
     assert client.tombstone(lake.buf_rse, f.scope, "edge.none." + uid()) is False
 
 
-def test_unknown_rse_and_scope_are_permanent(rlake: RucioLake, client: RucioClient, lake: Any,
+def test_unknown_rse_and_scope_are_permanent(rlake: CheckedCatalogue, client: RucioClient, lake: Any,
                                              tmp_path: Path) -> None:
     with pytest.raises(PermanentError, match="RSENotFound"):
         client.rse_protocols("EDGE_NOPE")
@@ -264,5 +266,5 @@ def test_unknown_rse_and_scope_are_permanent(rlake: RucioLake, client: RucioClie
     assert rlake.copies_state(lake_file(lake, "push", b"x", str(tmp_path / "daq" / "x")), "0" * 32) == "MISSING"
 
 
-def test_health(rlake: RucioLake) -> None:
+def test_health(rlake: CheckedCatalogue) -> None:
     assert rlake.health() is None

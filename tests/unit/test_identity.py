@@ -109,7 +109,7 @@ def test_a_ledger_written_before_identities_gains_one_on_first_start(tmp_path: P
 
 def _close(agent: Agent) -> None:
     agent.ledger.close()
-    agent.lake.close()
+    agent.catalogue.close()
     agent.buffers.release()
     os.close(agent._lock_fd)
 

@@ -11,12 +11,14 @@ from pathlib import Path
 import blake3
 import pytest
 
+from edge_agent.app import local_transports
 from edge_agent.core.policy import PATH_NAME_RE, Replica
 from edge_agent.errors import PermanentError, RetryableError
 from edge_agent.lake.base import LakeFile
-from edge_agent.lake.local import LocalLake
+from edge_agent.lake.local import LocalCatalogue
 from edge_agent.settings import DestinationSettings
 from edge_agent.transfer.base import Expected
+from edge_agent.steps.verify import replicas
 
 DATA = b"0123456789" * 1000
 
@@ -41,17 +43,22 @@ def dests(tmp_path: Path) -> dict[str, DestinationSettings]:
 
 
 @pytest.fixture
-def lake(tmp_path: Path, dests: dict[str, DestinationSettings]) -> LocalLake:
-    lk = LocalLake(tmp_path / "state" / "catalog.sqlite", dests, PATH_NAME_RE)
+def lake(tmp_path: Path, dests: dict[str, DestinationSettings]) -> LocalCatalogue:
+    lk = LocalCatalogue(tmp_path / "state" / "catalog.sqlite", dests, PATH_NAME_RE)
     yield lk
     lk.close()
+
+
+def replicas_of(lake: LocalCatalogue, f: LakeFile) -> list[Replica]:
+    """What the confirm step counts: the catalogue's places, each copy read back through its transport."""
+    return replicas(lake.recorded(f), f, local_transports(lake.destinations))
 
 
 def catalogue(tmp_path: Path) -> sqlite3.Connection:
     return sqlite3.connect(tmp_path / "state" / "catalog.sqlite")
 
 
-def test_register_is_idempotent(lake: LocalLake, tmp_path: Path) -> None:
+def test_register_is_idempotent(lake: LocalCatalogue, tmp_path: Path) -> None:
     f = lake_file()
     lake.register(f)
     lake.register(f)
@@ -62,12 +69,12 @@ def test_register_is_idempotent(lake: LocalLake, tmp_path: Path) -> None:
     assert db.execute("SELECT * FROM contents").fetchall() == [("test", "r.20240310", "test", "run42/f1.fits")]
 
 
-def test_register_without_dataset(lake: LocalLake, tmp_path: Path) -> None:
+def test_register_without_dataset(lake: LocalCatalogue, tmp_path: Path) -> None:
     lake.register(lake_file(dataset=None))
     assert catalogue(tmp_path).execute("SELECT COUNT(*) FROM dids").fetchone() == (1,)
 
 
-def test_register_with_other_content_is_permanent(lake: LocalLake, tmp_path: Path) -> None:
+def test_register_with_other_content_is_permanent(lake: LocalCatalogue, tmp_path: Path) -> None:
     lake.register(lake_file())
     with pytest.raises(PermanentError) as ei:
         lake.register(lake_file(data=DATA + b"x", dataset="r.other"))
@@ -78,33 +85,33 @@ def test_register_with_other_content_is_permanent(lake: LocalLake, tmp_path: Pat
     lake.register(lake_file())   # and the lake is still usable
 
 
-def test_targets_and_urls(lake: LocalLake, tmp_path: Path) -> None:
+def test_targets_and_urls(lake: LocalCatalogue, tmp_path: Path) -> None:
     ts = lake.targets(lake_file())
     assert [(t.location, t.url) for t in ts] == [
         ("a", str(tmp_path / "lake-a" / "test" / "run42" / "f1.fits")),
         ("b", str(tmp_path / "lake-b" / "test" / "run42" / "f1.fits"))]
 
 
-def test_replicas_are_read_from_the_copies(lake: LocalLake, tmp_path: Path) -> None:
+def test_replicas_are_read_from_the_copies(lake: LocalCatalogue, tmp_path: Path) -> None:
     f = lake_file()
-    assert lake.replicas(f) == []
+    assert replicas_of(lake, f) == []
     src = tmp_path / "src.fits"
     src.write_bytes(DATA)
     for t in lake.targets(f):
-        t.transport.put(str(src), t.url, Expected(len(DATA), blake3.blake3(DATA).hexdigest(), adler(DATA)),
-                        lambda n: None)
+        local_transports(lake.destinations).for_url(t.url).put(
+            str(src), t.url, Expected(len(DATA), blake3.blake3(DATA).hexdigest(), adler(DATA)), lambda n: None)
         lake.add_replica(f, t.location, t.url)
-    reps = lake.replicas(f)
+    reps = replicas_of(lake, f)
     assert [(r.location, r.size, r.adler32, r.available) for r in reps] == [
         ("a", len(DATA), adler(DATA), True), ("b", len(DATA), adler(DATA), True)]
     # the catalogue is never trusted: a copy that rots shows up as what it now is
     Path(reps[0].url).write_bytes(b"rotten")
-    assert lake.replicas(f)[0] == Replica("a", 6, adler(b"rotten"), True, reps[0].url)
+    assert replicas_of(lake, f)[0] == Replica("a", 6, adler(b"rotten"), True, reps[0].url)
     os.unlink(reps[1].url)
-    assert [r.location for r in lake.replicas(f)] == ["a"]
+    assert [r.location for r in replicas_of(lake, f)] == ["a"]
 
 
-def test_add_replica_is_idempotent(lake: LocalLake, tmp_path: Path) -> None:
+def test_add_replica_is_idempotent(lake: LocalCatalogue, tmp_path: Path) -> None:
     f = lake_file()
     lake.add_replica(f, "a", "/x")
     lake.add_replica(f, "a", "/y")
@@ -113,7 +120,7 @@ def test_add_replica_is_idempotent(lake: LocalLake, tmp_path: Path) -> None:
 
 def test_unmounted_destination(tmp_path: Path, dests: dict[str, DestinationSettings]) -> None:
     os.rmdir(tmp_path / "lake-b")
-    lk = LocalLake(tmp_path / "state" / "catalog.sqlite", dests, PATH_NAME_RE)
+    lk = LocalCatalogue(tmp_path / "state" / "catalog.sqlite", dests, PATH_NAME_RE)
     try:
         problem = lk.health()
         assert problem is not None and "destination b" in problem and "not a directory" in problem
@@ -131,7 +138,7 @@ def only_a(f: LakeFile) -> LakeFile:
 def test_require_file_guards_a_mount_point(tmp_path: Path) -> None:
     (tmp_path / "mnt").mkdir()
     dests = {"a": DestinationSettings(path=tmp_path / "mnt", require_file=".lake-mounted")}
-    lk = LocalLake(tmp_path / "state" / "catalog.sqlite", dests, PATH_NAME_RE)
+    lk = LocalCatalogue(tmp_path / "state" / "catalog.sqlite", dests, PATH_NAME_RE)
     try:
         assert ".lake-mounted" in (lk.health() or "")
         with pytest.raises(RetryableError):
@@ -143,5 +150,5 @@ def test_require_file_guards_a_mount_point(tmp_path: Path) -> None:
         lk.close()
 
 
-def test_healthy(lake: LocalLake) -> None:
+def test_healthy(lake: LocalCatalogue) -> None:
     assert lake.health() is None

@@ -1,7 +1,8 @@
 """The steps with a real ledger, real files and real posix copies, behind a FAKE catalogue.
 
-The fake catalogue keeps its state in dicts, writes through PosixTransport into tmp_path,
-and can be told to fail or to lie about the replicas it holds.
+The fake catalogue keeps its state in dicts; its copies go through PosixTransport into tmp_path
+(mounted at each destination's directory), and it can be told to fail or to lie about the
+replicas the confirm step finds.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pytest
 from edge_agent.core.lifecycle import Event, State
 from edge_agent.core.policy import PATH_NAME_RE, Replica
 from edge_agent.errors import PermanentError, RetryableError, SymlinkInPath
-from edge_agent.lake.base import Catalogue, LakeFile, Target
+from edge_agent.lake.base import Catalogue, CopiesState, LakeFile, RecordedReplica, Target
 from edge_agent.ledger import FileRecord, Ledger
 from edge_agent.localfs import Source, is_agent_temp
 from edge_agent import steps
@@ -27,6 +28,8 @@ from edge_agent.steps import Hooks, StepContext
 from edge_agent.steps.failures import MAX_BAD_COPIES, MAX_UNEXPECTED
 from edge_agent.settings import DeletePolicy, Settings
 from edge_agent.transfer.posix import PosixTransport
+from edge_agent.transfer.registry import Transports
+from edge_agent.steps.verify import replicas
 
 S, E = State, Event
 WORKING = (S.COMPLETE, S.HASHED, S.REGISTERED, S.TRANSFERRED, S.CONFIRMED)
@@ -37,8 +40,19 @@ def adler(data: bytes) -> str:
     return f"{zlib.adler32(data) & 0xFFFFFFFF:08x}"
 
 
+class CurrentTransport:
+    """Whatever transport the fake lake holds now (a test swaps it for a counting or lying one)."""
+
+    def __init__(self, lake: FakeLake) -> None:
+        self._lake = lake
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._lake.transport, name)
+
+
 class FakeLake(Catalogue):
-    """A catalogue in memory; the agent writes the copies (into tmp dirs) like the local lake."""
+    """A catalogue in memory; the agent writes the copies (into tmp dirs) like the local lake.
+    `replicas` is what the confirm step finds (each recorded copy stat-ed), told to lie by `lie`."""
 
     name_pattern = PATH_NAME_RE
 
@@ -53,8 +67,11 @@ class FakeLake(Catalogue):
         self.register_error: Exception | None = None
         self.lie: Callable[[Replica], Replica] | None = None
         self.calls: list[str] = []
-        self.rule_state: str | None = None   # None: no replication rule (the agent writes every copy)
+        self.rule_state: CopiesState | None = None   # None: no replication rule (the agent writes every copy)
         self.free_names = True
+        self.transports = Transports()
+        for root in roots.values():
+            self.transports.mount(str(root), CurrentTransport(self))  # type: ignore[arg-type]
 
     def name_free(self, scope: str, name: str) -> bool:
         # a free name lets the pipeline write the first copy while hashing (one read per upload)
@@ -75,7 +92,7 @@ class FakeLake(Catalogue):
     def targets(self, f: LakeFile) -> list[Target]:
         if not self.writes_copies:
             return []
-        return [Target(loc, self.url(loc, f), self.transport) for loc in f.destinations]
+        return [Target(loc, self.url(loc, f)) for loc in f.destinations]
 
     def add_replica(self, f: LakeFile, location: str, url: str) -> None:
         self.calls.append(f"add_replica {location}")
@@ -85,19 +102,16 @@ class FakeLake(Catalogue):
         self.requested.append(f.did)
         return None if self.rule_state is None else f"rule-{len(self.requested)}"
 
-    def copies_state(self, f: LakeFile, ref: str | None) -> str | None:
+    def copies_state(self, f: LakeFile, ref: str | None) -> CopiesState | None:
         return self.rule_state
 
+    def recorded(self, f: LakeFile) -> list[RecordedReplica]:
+        urls = [(loc, self.replica_urls.get((f.did, loc))) for loc in f.destinations]
+        return [RecordedReplica(loc, url, listed=False) for loc, url in urls if url]
+
     def replicas(self, f: LakeFile) -> list[Replica]:
-        out = []
-        for loc in f.destinations:
-            url = self.replica_urls.get((f.did, loc))
-            st = self.transport.stat(url) if url else None
-            if st is None:
-                continue
-            r = Replica(loc, st.size, st.adler32, True, url or "")
-            out.append(self.lie(r) if self.lie else r)
-        return out
+        found = replicas(self.recorded(f), f, self.transports)
+        return [self.lie(r) for r in found] if self.lie else found
 
     def release(self, f: LakeFile) -> None:
         self.released.append(f.did)
@@ -120,8 +134,10 @@ class Env:
         self.sent: dict[str, int] = {}
         hooks = Hooks(bytes_hashed=lambda rule, n: self.hashed.append(n),
                       bytes_sent=lambda rule, loc, n: self.sent.__setitem__(loc, self.sent.get(loc, 0) + n))
-        self.ctx = StepContext(settings, self.ledger, self.lake, pace=lambda n: None, hooks=hooks,
+        self.ctx = StepContext(settings, self.ledger, self.lake, self.lake.transports, pace=lambda n: None, hooks=hooks,
                                clock=clock, rand=lambda: 0.5, monotonic=clock)
+        # the confirm step's view of the copies: the fake's, so a test can make it lie
+        self.ctx.replicas = lambda f: self.lake.replicas(f)  # type: ignore[method-assign]
 
     def add(self, rel: str = "run42/f1.fits", data: bytes = DATA) -> FileRecord:
         """A file the watcher found and judged complete."""
@@ -631,7 +647,7 @@ class Mono:
 
 def keep_env(make_env: Any, clock: Any, mono: Mono) -> Env:
     env = make_env(rule={"delete": "keep", "keep_hours": 2})
-    env.ctx = StepContext(env.s, env.ledger, env.lake, pace=lambda n: None, clock=clock, rand=lambda: 0.5,
+    env.ctx = StepContext(env.s, env.ledger, env.lake, env.lake.transports, pace=lambda n: None, clock=clock, rand=lambda: 0.5,
                           monotonic=mono)
     return env
 
@@ -667,7 +683,7 @@ def test_keep_after_a_restart_counts_the_time_down_by_the_wall_clock(make_env: A
     rec = env.drive(env.add().id)
     clock.advance(3600)                          # down for an hour
     mono.now = 7.0                               # after a reboot, the monotonic clock starts again
-    env.ctx = StepContext(env.s, env.ledger, env.lake, pace=lambda n: None, clock=clock, rand=lambda: 0.5,
+    env.ctx = StepContext(env.s, env.ledger, env.lake, env.lake.transports, pace=lambda n: None, clock=clock, rand=lambda: 0.5,
                           monotonic=mono)
     rec = env.step(rec.id)
     assert rec.state is S.CONFIRMED and rec.next_at == clock.now + 3600
@@ -678,7 +694,7 @@ def test_keep_after_a_restart_counts_the_time_down_by_the_wall_clock(make_env: A
 
 def test_a_file_still_open_for_writing_is_not_deleted(env: Env, clock: Any) -> None:
     writers: dict[tuple[int, int], int] = {}
-    env.ctx = StepContext(env.s, env.ledger, env.lake, pace=lambda n: None, clock=clock, rand=lambda: 0.5,
+    env.ctx = StepContext(env.s, env.ledger, env.lake, env.lake.transports, pace=lambda n: None, clock=clock, rand=lambda: 0.5,
                           open_writers=lambda dev, ino: writers.get((dev, ino), 0))
     rec = env.add()
     st = os.stat(rec.fspath)
@@ -711,12 +727,12 @@ def test_one_copy_rule(make_env: Any) -> None:
 # ---------------------------------------------------------------- a lake that replicates by rule
 
 def test_replicas_do_not_confirm_while_the_rule_is_not_ok(env: Env, clock: Any) -> None:
-    env.lake.rule_state = "REPLICATING"
+    env.lake.rule_state = CopiesState.REPLICATING
     rec = env.drive(env.add().id)
     assert rec.state is S.TRANSFERRED and rec.lake_ref == "rule-1"
     assert rec.next_at == clock.now + env.s.confirm_interval_seconds
     assert Path(rec.fspath).exists()
-    env.lake.rule_state = "OK"
+    env.lake.rule_state = CopiesState.OK
     clock.advance(env.s.confirm_interval_seconds)
     rec = env.drive(rec.id)
     assert rec.state is S.DELETED
@@ -729,7 +745,7 @@ def test_confirming_under_an_ok_rule_is_one_clean_step(env: Env) -> None:
     TypeError, the step was reported as an unexpected error and the deletion waited a tick."""
     seen: list[State] = []
     env.ctx.hooks.transition = lambda rec: seen.append(rec.state)
-    env.lake.rule_state = "OK"
+    env.lake.rule_state = CopiesState.OK
     rec = env.drive(env.add().id, max_steps=3)
     assert rec.state is S.TRANSFERRED and rec.lake_ref == "rule-1"
     rec = env.step(rec.id)
@@ -739,7 +755,7 @@ def test_confirming_under_an_ok_rule_is_one_clean_step(env: Env) -> None:
 
 
 def test_a_stuck_rule_is_flagged_once_and_nothing_is_deleted(env: Env, clock: Any) -> None:
-    env.lake.rule_state = "STUCK"
+    env.lake.rule_state = CopiesState.STUCK
     rec = env.drive(env.add().id)
     assert rec.state is S.TRANSFERRED
     assert rec.reason and "rule-1 is STUCK" in rec.reason
@@ -751,10 +767,10 @@ def test_a_stuck_rule_is_flagged_once_and_nothing_is_deleted(env: Env, clock: An
 
 def test_no_deletion_when_the_rule_falls_back_from_ok(make_env: Any, clock: Any) -> None:
     env = make_env(rule={"delete": "keep", "keep_hours": 1})
-    env.lake.rule_state = "OK"
+    env.lake.rule_state = CopiesState.OK
     rec = env.drive(env.add().id)
     assert rec.state is S.CONFIRMED
-    env.lake.rule_state = "SUSPENDED"
+    env.lake.rule_state = CopiesState.SUSPENDED
     clock.advance(3600)
     rec = env.step(rec.id)
     assert rec.state is S.CONFIRMED and Path(rec.fspath).exists()
@@ -765,7 +781,7 @@ def test_a_rule_that_disappeared_is_requested_again(env: Env) -> None:
     assert rec.state is S.TRANSFERRED
     calls = []
     orig = env.lake.request_copies
-    env.lake.copies_state = lambda f, ref: "MISSING" if ref in (None, "r-old") else "OK"  # type: ignore[method-assign]
+    env.lake.copies_state = lambda f, ref: CopiesState.MISSING if ref in (None, "r-old") else CopiesState.OK  # type: ignore[method-assign]
     env.lake.request_copies = lambda f: (calls.append(f), "r-new")[1]  # type: ignore[method-assign]
     env.ledger.set_lake_ref(rec.id, "r-old")
     rec = env.step(rec.id)

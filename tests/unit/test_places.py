@@ -17,11 +17,18 @@ from typing import Any
 import pytest
 
 from edge_agent import places
+from edge_agent.app import local_transports
+from edge_agent.core.policy import Replica
 from edge_agent.errors import ConfigError
 from edge_agent.lake.base import LakeFile
-from edge_agent.lake.local import LocalLake
+from edge_agent.lake.local import LocalCatalogue
 from edge_agent.settings import DestinationSettings, Settings, load_settings
+from edge_agent.steps.verify import replicas
 
+
+def replicas_of(lake: LocalCatalogue, f: LakeFile) -> list[Replica]:
+    """What the confirm step counts: the catalogue's places, each copy read back through its transport."""
+    return replicas(lake.recorded(f), f, local_transports(lake.destinations))
 
 def _refused(data: dict[str, Any], *words: str) -> str:
     with pytest.raises(ValueError) as exc:
@@ -242,21 +249,21 @@ def test_the_local_lake_counts_one_physical_file_once(tmp_path: Path) -> None:
     (tmp_path / "lake-c").mkdir()
     (tmp_path / "lake-b").symlink_to(tmp_path / "lake-a")
     dests = {n: DestinationSettings(path=tmp_path / f"lake-{n}", fsync=False) for n in "abc"}
-    lake = LocalLake(tmp_path / "catalog.sqlite", dests, r".*")
+    lake = LocalCatalogue(tmp_path / "catalog.sqlite", dests, r".*")
     try:
         f = LakeFile(rule="r", scope="test", name="n1/f.fits", dataset=None, size=3, adler32="024d0127",
                      md5=None, blake3="x", copies=2, destinations=("a", "b"), local_path="/daq/f.fits")
         (tmp_path / "lake-a" / "test" / "n1").mkdir(parents=True)
         (tmp_path / "lake-a" / "test" / "n1" / "f.fits").write_bytes(b"abc")
-        assert [r.location for r in lake.replicas(f)] == ["a"]
+        assert [r.location for r in replicas_of(lake, f)] == ["a"]
         os.link(tmp_path / "lake-a" / "test" / "n1" / "f.fits", tmp_path / "f-hardlink")
         (tmp_path / "lake-c" / "test" / "n1").mkdir(parents=True)
         os.link(tmp_path / "f-hardlink", tmp_path / "lake-c" / "test" / "n1" / "f.fits")
         f2 = dataclasses.replace(f, destinations=("a", "c"))
-        assert [r.location for r in lake.replicas(f2)] == ["a"]    # a hard link is one file too
+        assert [r.location for r in replicas_of(lake, f2)] == ["a"]    # a hard link is one file too
         (tmp_path / "lake-c" / "test" / "n1" / "f.fits").unlink()
         (tmp_path / "lake-c" / "test" / "n1" / "f.fits").write_bytes(b"abc")
-        assert [r.location for r in lake.replicas(f2)] == ["a", "c"]
+        assert [r.location for r in replicas_of(lake, f2)] == ["a", "c"]
     finally:
         lake.close()
 
@@ -294,17 +301,17 @@ def test_the_local_lake_counts_copies_in_one_place_once(tmp_path: Path) -> None:
         (tmp_path / f"lake-{n}" / "test" / "n1").mkdir(parents=True)
         (tmp_path / f"lake-{n}" / "test" / "n1" / "f.fits").write_bytes(b"abc")   # each its own inode
     dests = {n: DestinationSettings(path=tmp_path / f"lake-{n}", fsync=False) for n in "abc"}
-    lake = LocalLake(tmp_path / "catalog.sqlite", dests, r".*")
+    lake = LocalCatalogue(tmp_path / "catalog.sqlite", dests, r".*")
     try:
         f = LakeFile(rule="r", scope="test", name="n1/f.fits", dataset=None, size=3, adler32="024d0127",
                      md5=None, blake3="x", copies=2, destinations=("a", "b"), local_path="/daq/f.fits")
-        assert [r.location for r in lake.replicas(f)] == ["a", "b"]
+        assert [r.location for r in replicas_of(lake, f)] == ["a", "b"]
         _same_token(tmp_path, "copy")                    # read afresh at each count: seen at once
-        assert [r.location for r in lake.replicas(f)] == ["a"]
+        assert [r.location for r in replicas_of(lake, f)] == ["a"]
         # a root whose token cannot be read: its copy does not count
         (tmp_path / "lake-c" / places.PLACE_NAME).mkdir()
         f3 = dataclasses.replace(f, destinations=("a", "c"))
-        assert [r.location for r in lake.replicas(f3)] == ["a"]
+        assert [r.location for r in replicas_of(lake, f3)] == ["a"]
     finally:
         lake.close()
 
@@ -321,13 +328,13 @@ def test_an_overlay_and_its_upper_directory_are_one_place(tmp_path: Path, settin
     data["destinations"]["a"]["path"] = str(tmp_path / "m" / "lake")
     data["destinations"]["b"]["path"] = str(tmp_path / "u" / "lake")
     code = ("import json, os, sys; from edge_agent import places; from edge_agent.settings import Settings; "
-            "from edge_agent.lake.local import LocalLake; from edge_agent.lake.base import LakeFile; "
+            "from edge_agent.lake.local import LocalCatalogue; from edge_agent.app import local_transports; from edge_agent.steps.verify import replicas; from edge_agent.lake.base import LakeFile; "
             "s = Settings(**json.loads(sys.argv[1])); p = places.problems(s); "
             "os.makedirs(sys.argv[2] + '/m/lake/test'); open(sys.argv[2] + '/m/lake/test/f', 'wb').write(b'abc'); "
-            "lk = LocalLake(s.state_dir / 'c.sqlite', s.destinations, '.*'); "
+            "lk = LocalCatalogue(s.state_dir / 'c.sqlite', s.destinations, '.*'); "
             "f = LakeFile(rule='r', scope='test', name='f', dataset=None, size=3, adler32='024d0127', md5=None, "
             "blake3='x', copies=2, destinations=('a', 'b'), local_path='/daq/f'); "
-            "print(json.dumps([p, [r.location for r in lk.replicas(f)]]))")
+            "print(json.dumps([p, [r.location for r in replicas(lk.recorded(f), f, local_transports(s.destinations))]]))")
     script = (f"mount -t overlay overlay -o lowerdir={tmp_path / 'l'},upperdir={tmp_path / 'u'},"
               f"workdir={tmp_path / 'w'} {tmp_path / 'm'} || exit 77; "
               f'exec {sys.executable} -c "$0" "$1" "$2"')

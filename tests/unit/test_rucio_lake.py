@@ -1,4 +1,4 @@
-"""RucioLake against a fake Rucio (httpx.MockTransport) that keeps the catalogue the way 41.5.1 does,
+"""CheckedCatalogue against a fake Rucio (httpx.MockTransport) that keeps the catalogue the way 41.5.1 does,
 quirks included: a duplicate replica is accepted silently, PUT of an unknown replica is a 500,
 metadata keys outside the DID columns are refused when the JSON plugin is off (SQLite)."""
 
@@ -18,11 +18,13 @@ from structlog.testing import capture_logs
 from edge_agent.core.policy import Replica
 from edge_agent.errors import PermanentError, RetryableError
 from edge_agent.lake.base import LakeFile
-from edge_agent.lake.rucio import RucioLake
+from edge_agent.lake.rucio import RucioCatalogue
 from edge_agent.lake.rucio_client import RucioClient
 from edge_agent.settings import Settings
-from edge_agent.transfer.base import RemoteStat
+from edge_agent.transfer.base import RemoteStat, Transport
 from edge_agent.transfer.mock import MockTransport
+from edge_agent.transfer.registry import Transports
+from edge_agent.steps.verify import Checks, replicas
 
 PASSWORD = "pw-lake-secret"
 STATES = {"A": "AVAILABLE", "C": "COPYING", "U": "UNAVAILABLE", "B": "BEING_DELETED", "D": "BAD",
@@ -266,6 +268,21 @@ class FakeRucio:
         return sum(1 for m, p, _ in self.calls if (m, p) == (method, path))
 
 
+class CheckedCatalogue(RucioCatalogue):
+    """The Rucio catalogue with the transports the agent would have (`transports` by scheme), and
+    its replicas as the confirm step sees them: what Rucio records, each asked of its storage."""
+
+    def __init__(self, settings: Settings, transports: dict[str, Transport], client: RucioClient,
+                 max_bytes: dict[str, int] | None = None) -> None:
+        super().__init__(settings, client, schemes=list(transports), max_bytes=max_bytes)
+        self.transports = Transports()
+        for scheme, transport in transports.items():
+            self.transports.mount(f"{scheme}://", transport)
+
+    def replicas(self, f: LakeFile) -> list[Replica]:
+        return replicas(self.recorded(f), f, self.transports, Checks.of(self.s))
+
+
 def make_settings(tmp: Path, **rucio: Any) -> Settings:
     return Settings(
         state_dir=str(tmp / "state"),
@@ -309,22 +326,22 @@ def transports() -> dict[str, MockTransport]:
 
 @pytest.fixture
 def make_lake(tmp_path: Path, rucio: FakeRucio, transports: dict[str, MockTransport]) -> Any:
-    def make(**rucio_settings: Any) -> RucioLake:
+    def make(**rucio_settings: Any) -> CheckedCatalogue:
         s = make_settings(tmp_path, **rucio_settings)
         assert s.lake.rucio is not None
         client = RucioClient(s.lake.rucio, transport=httpx.MockTransport(rucio), sleep=lambda t: None)
-        return RucioLake(s, dict(transports), client)
+        return CheckedCatalogue(s, dict(transports), client)
     return make
 
 
 @pytest.fixture
-def lake(make_lake: Any) -> RucioLake:
+def lake(make_lake: Any) -> CheckedCatalogue:
     return make_lake()
 
 
 # ---------------------------------------------------------------- register
 
-def test_push_register_creates_did_replica_dataset_and_is_idempotent(lake: RucioLake, rucio: FakeRucio,
+def test_push_register_creates_did_replica_dataset_and_is_idempotent(lake: CheckedCatalogue, rucio: FakeRucio,
                                                                      tmp_path: Path) -> None:
     f = lake_file(tmp_path)
     lake.register(f)
@@ -337,7 +354,7 @@ def test_push_register_creates_did_replica_dataset_and_is_idempotent(lake: Rucio
     assert lake.name_pattern == r"^[A-Za-z0-9][A-Za-z0-9.\-_]{1,250}$"
 
 
-def test_register_again_after_upload_keeps_the_replica_available(lake: RucioLake, rucio: FakeRucio,
+def test_register_again_after_upload_keeps_the_replica_available(lake: CheckedCatalogue, rucio: FakeRucio,
                                                                  tmp_path: Path) -> None:
     f = lake_file(tmp_path)
     lake.register(f)
@@ -346,7 +363,7 @@ def test_register_again_after_upload_keeps_the_replica_available(lake: RucioLake
     assert rucio.replicas[("test", "f1", "LAKE1")]["state"] == "AVAILABLE"
 
 
-def test_a_did_with_other_content_is_permanent_and_gets_no_replica(lake: RucioLake, rucio: FakeRucio,
+def test_a_did_with_other_content_is_permanent_and_gets_no_replica(lake: CheckedCatalogue, rucio: FakeRucio,
                                                                    tmp_path: Path) -> None:
     rucio.dids[("test", "f1")] = {"type": "FILE", "bytes": 11, "adler32": "0000000b", "meta": {}}
     with pytest.raises(PermanentError, match=r"already holds test:f1 with other content \(11 bytes, adler32 "
@@ -355,7 +372,7 @@ def test_a_did_with_other_content_is_permanent_and_gets_no_replica(lake: RucioLa
     assert rucio.replicas == {}
 
 
-def test_a_duplicate_replica_silently_accepted_with_other_checksum_is_caught(lake: RucioLake, rucio: FakeRucio,
+def test_a_duplicate_replica_silently_accepted_with_other_checksum_is_caught(lake: CheckedCatalogue, rucio: FakeRucio,
                                                                              tmp_path: Path) -> None:
     # someone registers the same name between our look and our POST: Rucio answers 201 for ours
     def race() -> None:
@@ -366,31 +383,31 @@ def test_a_duplicate_replica_silently_accepted_with_other_checksum_is_caught(lak
     assert rucio.contents == set()         # not attached to our dataset
 
 
-def test_md5_mismatch_is_other_content(lake: RucioLake, rucio: FakeRucio, tmp_path: Path) -> None:
+def test_md5_mismatch_is_other_content(lake: CheckedCatalogue, rucio: FakeRucio, tmp_path: Path) -> None:
     rucio.dids[("test", "f1")] = {"type": "FILE", "bytes": 10, "adler32": "0000000A", "md5": "f" * 32, "meta": {}}
     with pytest.raises(PermanentError, match="other content"):
         lake.register(lake_file(tmp_path))
 
 
-def test_same_content_registered_before_is_fine(lake: RucioLake, rucio: FakeRucio, tmp_path: Path) -> None:
+def test_same_content_registered_before_is_fine(lake: CheckedCatalogue, rucio: FakeRucio, tmp_path: Path) -> None:
     rucio.dids[("test", "f1")] = {"type": "FILE", "bytes": 10, "adler32": "0000000A", "md5": None, "meta": {}}
     lake.register(lake_file(tmp_path))
     assert ("test", "f1", "LAKE1") in rucio.replicas
 
 
-def test_a_name_taken_by_a_dataset_is_permanent(lake: RucioLake, rucio: FakeRucio, tmp_path: Path) -> None:
+def test_a_name_taken_by_a_dataset_is_permanent(lake: CheckedCatalogue, rucio: FakeRucio, tmp_path: Path) -> None:
     rucio.dids[("test", "f1")] = {"type": "DATASET", "meta": {}}
     with pytest.raises(PermanentError, match="as a DATASET"):
         lake.register(lake_file(tmp_path))
 
 
-def test_unknown_scope_is_permanent(lake: RucioLake, rucio: FakeRucio, tmp_path: Path) -> None:
+def test_unknown_scope_is_permanent(lake: CheckedCatalogue, rucio: FakeRucio, tmp_path: Path) -> None:
     rucio.fail[("POST", "/replicas")] = err(404, "ScopeNotFound", "Scope not found!")
     with pytest.raises(PermanentError, match="POST /replicas .*404 ScopeNotFound"):
         lake.register(lake_file(tmp_path))
 
 
-def test_register_in_place_builds_the_pfn_and_the_container(lake: RucioLake, rucio: FakeRucio,
+def test_register_in_place_builds_the_pfn_and_the_container(lake: CheckedCatalogue, rucio: FakeRucio,
                                                             tmp_path: Path) -> None:
     f = lake_file(tmp_path, "reg", rel="night1/run 42/f1.fits", container="cont.20261125")
     assert lake.buffer_pfn(f) == "root://daq.example:1094//data/buf/night1/run 42/f1.fits"
@@ -411,27 +428,27 @@ def test_buffer_url_without_trailing_slash(make_lake: Any, tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("rel", ["run?1/f.fits", "f#1.fits", "50%.fits", "bad\nname"])
-def test_register_in_place_refuses_paths_a_url_cannot_carry(lake: RucioLake, rucio: FakeRucio, tmp_path: Path,
+def test_register_in_place_refuses_paths_a_url_cannot_carry(lake: CheckedCatalogue, rucio: FakeRucio, tmp_path: Path,
                                                             rel: str) -> None:
     with pytest.raises(PermanentError, match="cannot register .* in place"):
         lake.register(lake_file(tmp_path, "reg", rel=rel))
     assert rucio.calls == []               # refused before asking anything
 
 
-def test_register_in_place_refuses_files_outside_the_directory(lake: RucioLake, tmp_path: Path) -> None:
+def test_register_in_place_refuses_files_outside_the_directory(lake: CheckedCatalogue, tmp_path: Path) -> None:
     f = lake_file(tmp_path, "reg", local_path=str(tmp_path / "elsewhere" / "f1.fits"))
     with pytest.raises(PermanentError, match="not below the rule's directory"):
         lake.register(f)
 
 
-def test_the_dataset_is_created_once_per_lake(lake: RucioLake, rucio: FakeRucio, tmp_path: Path) -> None:
+def test_the_dataset_is_created_once_per_lake(lake: CheckedCatalogue, rucio: FakeRucio, tmp_path: Path) -> None:
     lake.register(lake_file(tmp_path, name="f1"))
     lake.register(lake_file(tmp_path, name="f2", rel="run42/f2.fits"))
     assert rucio.count("POST", "/dids/test/ds.20261125") == 1
     assert {c[3] for c in rucio.contents} == {"f1", "f2"}
 
 
-def test_a_dataset_removed_behind_our_back_is_created_again(lake: RucioLake, rucio: FakeRucio,
+def test_a_dataset_removed_behind_our_back_is_created_again(lake: CheckedCatalogue, rucio: FakeRucio,
                                                             tmp_path: Path) -> None:
     lake.register(lake_file(tmp_path, name="f1"))
     del rucio.dids[("test", "ds.20261125")]
@@ -440,20 +457,20 @@ def test_a_dataset_removed_behind_our_back_is_created_again(lake: RucioLake, ruc
     assert ("test", "ds.20261125", "test", "f2") in rucio.contents
 
 
-def test_no_dataset_no_attachment(lake: RucioLake, rucio: FakeRucio, tmp_path: Path) -> None:
+def test_no_dataset_no_attachment(lake: CheckedCatalogue, rucio: FakeRucio, tmp_path: Path) -> None:
     lake.register(lake_file(tmp_path, dataset=None))
     assert rucio.count("POST", "/dids/attachments") == 0
 
 
 # ---------------------------------------------------------------- metadata
 
-def test_metadata_the_server_accepts_is_set(lake: RucioLake, rucio: FakeRucio, tmp_path: Path) -> None:
+def test_metadata_the_server_accepts_is_set(lake: CheckedCatalogue, rucio: FakeRucio, tmp_path: Path) -> None:
     rucio.json_meta = True
     lake.register(lake_file(tmp_path, metadata={"instrument": "cam", "exptime": 3.5, "run_number": 42}))
     assert rucio.dids[("test", "f1")]["meta"] == {"instrument": "cam", "exptime": 3.5, "run_number": 42}
 
 
-def test_refused_metadata_keys_are_a_warning_and_skipped_afterwards(lake: RucioLake, rucio: FakeRucio,
+def test_refused_metadata_keys_are_a_warning_and_skipped_afterwards(lake: CheckedCatalogue, rucio: FakeRucio,
                                                                     tmp_path: Path) -> None:
     with capture_logs() as captured:
         lake.register(lake_file(tmp_path, metadata={"instrument": "cam", "run_number": 42}))
@@ -466,7 +483,7 @@ def test_refused_metadata_keys_are_a_warning_and_skipped_afterwards(lake: RucioL
     assert meta_calls == [("POST", "/dids/test/f2/meta", {"meta": {"run_number": 43}})]
 
 
-def test_metadata_never_rewrites_size_or_checksum(lake: RucioLake, rucio: FakeRucio, tmp_path: Path) -> None:
+def test_metadata_never_rewrites_size_or_checksum(lake: CheckedCatalogue, rucio: FakeRucio, tmp_path: Path) -> None:
     with capture_logs() as captured:
         lake.register(lake_file(tmp_path, metadata={"adler32": "ffffffff", "bytes": 1, "project": "p"}))
     d = rucio.dids[("test", "f1")]
@@ -474,7 +491,7 @@ def test_metadata_never_rewrites_size_or_checksum(lake: RucioLake, rucio: FakeRu
     assert any("adler32" in e.get("keys", []) for e in captured)
 
 
-def test_metadata_trouble_that_passes_is_retried(lake: RucioLake, rucio: FakeRucio, tmp_path: Path) -> None:
+def test_metadata_trouble_that_passes_is_retried(lake: CheckedCatalogue, rucio: FakeRucio, tmp_path: Path) -> None:
     rucio.fail[("POST", "/dids/test/f1/meta")] = err(503, "DatabaseException", "too many requests")
     with pytest.raises(RetryableError):
         lake.register(lake_file(tmp_path, metadata={"project": "p"}))
@@ -482,14 +499,15 @@ def test_metadata_trouble_that_passes_is_retried(lake: RucioLake, rucio: FakeRuc
 
 # ---------------------------------------------------------------- targets and replicas written
 
-def test_targets_use_lfns2pfns_with_the_first_usable_scheme(lake: RucioLake, transports: dict[str, MockTransport],
+def test_targets_use_lfns2pfns_with_the_first_usable_scheme(lake: CheckedCatalogue, transports: dict[str, MockTransport],
                                                             tmp_path: Path) -> None:
     # LAKE1 offers http and root; preference davs, https, root, http; transports http and root: root
     [t] = lake.targets(lake_file(tmp_path))
-    assert (t.location, t.url, t.transport) == ("LAKE1", "root://xrd:1094//data/lake1/test/f1", transports["root"])
+    assert (t.location, t.url, lake.transports.for_url(t.url)) == ("LAKE1", "root://xrd:1094//data/lake1/test/f1",
+                                                                   transports["root"])
 
 
-def test_targets_honour_a_destination_scheme(lake: RucioLake, tmp_path: Path) -> None:
+def test_targets_honour_a_destination_scheme(lake: CheckedCatalogue, tmp_path: Path) -> None:
     lake.s.destinations["lake1"].scheme = "http"
     ts = lake.targets(lake_file(tmp_path, "both"))
     assert [(t.location, t.url) for t in ts] == [("LAKE1", "http://xrd:8080/data/lake1/test/f1"),
@@ -502,13 +520,13 @@ def test_no_common_scheme_is_permanent_and_says_why(make_lake: Any, tmp_path: Pa
         lake.targets(lake_file(tmp_path))
 
 
-def test_unknown_rse_is_permanent(lake: RucioLake, rucio: FakeRucio, tmp_path: Path) -> None:
+def test_unknown_rse_is_permanent(lake: CheckedCatalogue, rucio: FakeRucio, tmp_path: Path) -> None:
     del rucio.rses["LAKE1"]
     with pytest.raises(PermanentError, match="RSENotFound"):
         lake.targets(lake_file(tmp_path))
 
 
-def test_add_replica_marks_available_and_creates_a_missing_one(lake: RucioLake, rucio: FakeRucio,
+def test_add_replica_marks_available_and_creates_a_missing_one(lake: CheckedCatalogue, rucio: FakeRucio,
                                                                tmp_path: Path) -> None:
     f = lake_file(tmp_path, "both")
     lake.register(f)
@@ -524,7 +542,7 @@ def test_add_replica_marks_available_and_creates_a_missing_one(lake: RucioLake, 
 
 # ---------------------------------------------------------------- rules
 
-def test_request_copies_makes_one_rule_and_returns_its_id_again(lake: RucioLake, rucio: FakeRucio,
+def test_request_copies_makes_one_rule_and_returns_its_id_again(lake: CheckedCatalogue, rucio: FakeRucio,
                                                                 tmp_path: Path) -> None:
     f = lake_file(tmp_path)
     lake.register(f)
@@ -535,7 +553,7 @@ def test_request_copies_makes_one_rule_and_returns_its_id_again(lake: RucioLake,
                                         "activity": "Raw Data"}
 
 
-def test_request_copies_defaults_to_the_destinations(lake: RucioLake, rucio: FakeRucio, tmp_path: Path) -> None:
+def test_request_copies_defaults_to_the_destinations(lake: CheckedCatalogue, rucio: FakeRucio, tmp_path: Path) -> None:
     f = lake_file(tmp_path, "both")
     lake.register(f)
     ref = lake.request_copies(f)
@@ -543,7 +561,7 @@ def test_request_copies_defaults_to_the_destinations(lake: RucioLake, rucio: Fak
     assert rucio.rules[ref]["rse_expression"] == "LAKE1|LAKE2" and rucio.rules[ref]["body"]["grouping"] == "DATASET"
 
 
-def test_copies_state(lake: RucioLake, rucio: FakeRucio, tmp_path: Path) -> None:
+def test_copies_state(lake: CheckedCatalogue, rucio: FakeRucio, tmp_path: Path) -> None:
     f = lake_file(tmp_path)
     lake.register(f)
     ref = lake.request_copies(f)
@@ -556,7 +574,7 @@ def test_copies_state(lake: RucioLake, rucio: FakeRucio, tmp_path: Path) -> None
     assert lake.copies_state(f, None) is None
 
 
-def test_insufficient_quota_is_permanent_with_the_rucio_message(lake: RucioLake, rucio: FakeRucio,
+def test_insufficient_quota_is_permanent_with_the_rucio_message(lake: CheckedCatalogue, rucio: FakeRucio,
                                                                 tmp_path: Path) -> None:
     rucio.fail[("POST", "/rules/")] = err(409, "InsufficientAccountLimit", "there is insufficient quota on RSE X")
     with pytest.raises(PermanentError, match=r"Rucio refused POST /rules/ \(test:f1, 2 copies on lake=true\): 409 "
@@ -566,7 +584,7 @@ def test_insufficient_quota_is_permanent_with_the_rucio_message(lake: RucioLake,
 
 # ---------------------------------------------------------------- replicas (confirmation)
 
-def registered_in_place(lake: RucioLake, rucio: FakeRucio, tmp: Path) -> LakeFile:
+def registered_in_place(lake: CheckedCatalogue, rucio: FakeRucio, tmp: Path) -> LakeFile:
     f = lake_file(tmp, "reg", rel="night1/f1.fits")
     lake.register(f)
     for rse, state in (("LAKE1", "AVAILABLE"), ("LAKE2", "COPYING")):
@@ -585,11 +603,11 @@ def test_replicas_exclude_the_buffer_and_come_from_the_catalogue(make_lake: Any,
     assert body == {"dids": [{"scope": "test", "name": "f1"}], "all_states": True, "schemes": ["root", "http"]}
 
 
-def test_replicas_of_an_unknown_did_are_none(lake: RucioLake, tmp_path: Path) -> None:
+def test_replicas_of_an_unknown_did_are_none(lake: CheckedCatalogue, tmp_path: Path) -> None:
     assert lake.replicas(lake_file(tmp_path)) == []
 
 
-def test_replicas_are_verified_on_their_storage(lake: RucioLake, rucio: FakeRucio,
+def test_replicas_are_verified_on_their_storage(lake: CheckedCatalogue, rucio: FakeRucio,
                                                 transports: dict[str, MockTransport], tmp_path: Path) -> None:
     f = registered_in_place(lake, rucio, tmp_path)
     rucio.replicas[("test", "f1", "LAKE2")]["state"] = "AVAILABLE"
@@ -627,7 +645,7 @@ def test_size_only_verification_is_warned_at_start_for_each_destination(make_lak
         ("warning", "lake1", "LAKE1"), ("warning", "lake2", "LAKE2")]
 
 
-def test_unverifiable_replicas_count_neither_way(lake: RucioLake, rucio: FakeRucio,
+def test_unverifiable_replicas_count_neither_way(lake: CheckedCatalogue, rucio: FakeRucio,
                                                  transports: dict[str, MockTransport], tmp_path: Path) -> None:
     f = registered_in_place(lake, rucio, tmp_path)
     # nothing on the storage: gone (a copy the agent wrote is written again)
@@ -656,7 +674,7 @@ def test_a_replica_without_a_transport_for_its_scheme_is_unverified(make_lake: A
 
 # ---------------------------------------------------------------- release
 
-def test_release_tombstones_the_buffer_replica_idempotently(lake: RucioLake, rucio: FakeRucio,
+def test_release_tombstones_the_buffer_replica_idempotently(lake: CheckedCatalogue, rucio: FakeRucio,
                                                             tmp_path: Path) -> None:
     f = registered_in_place(lake, rucio, tmp_path)
     lake.release(f)
@@ -665,14 +683,14 @@ def test_release_tombstones_the_buffer_replica_idempotently(lake: RucioLake, ruc
     lake.release(f)
 
 
-def test_release_of_a_locked_buffer_replica_says_why(lake: RucioLake, rucio: FakeRucio, tmp_path: Path) -> None:
+def test_release_of_a_locked_buffer_replica_says_why(lake: CheckedCatalogue, rucio: FakeRucio, tmp_path: Path) -> None:
     f = registered_in_place(lake, rucio, tmp_path)
     rucio.locked.add(("test", "f1", "BUF"))
     with pytest.raises(PermanentError, match="a replication rule locks it .*'lake=true' match the buffer RSE"):
         lake.release(f)
 
 
-def test_release_does_nothing_for_push(lake: RucioLake, rucio: FakeRucio, tmp_path: Path) -> None:
+def test_release_does_nothing_for_push(lake: CheckedCatalogue, rucio: FakeRucio, tmp_path: Path) -> None:
     lake.release(lake_file(tmp_path))
     assert rucio.calls == []
 

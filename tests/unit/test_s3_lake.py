@@ -13,10 +13,10 @@ import blake3
 import httpx
 import pytest
 
+from edge_agent.app import mount_s3
 from edge_agent.core.policy import judge_replicas
 from edge_agent.errors import ConfigError, PermanentError, RetryableError
 from edge_agent.lake.base import LakeFile
-from edge_agent.lake.rucio import RucioLake
 from edge_agent.lake.rucio_client import RucioClient
 from edge_agent.lake.signed_reads import SignedReadResolver
 from edge_agent.settings import Settings, load_settings
@@ -24,7 +24,7 @@ from edge_agent.transfer.base import Expected
 from edge_agent.transfer.mock import MockTransport
 from edge_agent.transfer.s3 import S3Transport
 
-from .test_rucio_lake import PASSWORD, FakeRucio, err
+from .test_rucio_lake import PASSWORD, CheckedCatalogue, FakeRucio, err
 from .test_s3_transport import FakeS3
 
 S3_HOST = "https://s3.test:7443/bucket"
@@ -46,6 +46,12 @@ class FakeRucioS3(FakeRucio):
             return f"{S3_HOST}/{scope}/{name}"
         return super().pfn(scheme, rse, scope, name)
 
+    def protocols(self, request: httpx.Request, body: Any, rse: str) -> httpx.Response:
+        if rse != "S3":
+            return super().protocols(request, body, rse)
+        return httpx.Response(200, json=[{"scheme": "https", "hostname": "s3.test", "port": 7443, "prefix": "/bucket/",
+                                          "domains": {"wan": {"read": 1, "write": 1, "delete": 1}}}])
+
     def attrs(self, request: httpx.Request, body: Any, rse: str) -> httpx.Response:
         if rse not in self.rses:
             return err(404, "RSENotFound", f"RSE '{rse}' cannot be found in vo 'def'")
@@ -59,7 +65,8 @@ class FakeRucioS3(FakeRucio):
         return httpx.Response(200, text=self.store.sign(q["op"], q["url"]),
                               headers={"Content-Type": "application/octet-stream"})
 
-    ROUTES: ClassVar[list[tuple[str, Any]]] = [(r"GET /rses/([^/]+)/attr/", attrs), (r"GET /credentials/signurl", signurl), *FakeRucio.ROUTES]
+    ROUTES: ClassVar[list[tuple[str, Any]]] = [(r"GET /rses/([^/]+)/attr/", attrs), (r"GET /credentials/signurl", signurl),
+                                               (r"GET /rses/([^/]+)/protocols", protocols), *FakeRucio.ROUTES]
 
 
 def settings(tmp: Path, md5: bool = True) -> Settings:
@@ -90,11 +97,14 @@ def client(tmp_path: Path, rucio: FakeRucioS3) -> RucioClient:
 
 
 @pytest.fixture
-def lake(tmp_path: Path, client: RucioClient, store: FakeS3) -> RucioLake:
+def lake(tmp_path: Path, client: RucioClient, store: FakeS3) -> CheckedCatalogue:
     def sign(op: str, url: str) -> str:
         return client.signed_url("S3", op, url, 60)
     s3 = S3Transport(sign, transport=httpx.MockTransport(store))
-    return RucioLake(settings(tmp_path), {"http": MockTransport("http")}, client, s3={"S3": s3})
+    lake = CheckedCatalogue(settings(tmp_path), {"http": MockTransport("http")}, client,
+                            max_bytes={"S3": s3.max_object_bytes})
+    mount_s3(lake.transports, {"S3": s3}, lake.storage_prefixes)
+    return lake
 
 
 def local_file(tmp: Path, data: bytes, size: int | None = None) -> LakeFile:
@@ -106,15 +116,15 @@ def local_file(tmp: Path, data: bytes, size: int | None = None) -> LakeFile:
                     blake3=blake3.blake3(data).hexdigest(), copies=1, destinations=("s3",), local_path=str(p))
 
 
-def push(lake: RucioLake, f: LakeFile) -> str:
+def push(lake: CheckedCatalogue, f: LakeFile) -> str:
     lake.register(f)
     (t,) = lake.targets(f)
-    t.transport.put(f.local_path, t.url, Expected(f.size, f.blake3, f.adler32, f.md5), lambda n: None)
+    lake.transports.for_url(t.url).put(f.local_path, t.url, Expected(f.size, f.blake3, f.adler32, f.md5), lambda n: None)
     lake.add_replica(f, t.location, t.url)
     return t.url
 
 
-def test_an_s3_destination_is_written_through_signed_urls(lake: RucioLake, rucio: FakeRucioS3,
+def test_an_s3_destination_is_written_through_signed_urls(lake: CheckedCatalogue, rucio: FakeRucioS3,
                                                          store: FakeS3, tmp_path: Path) -> None:
     data = b"night" * 1000
     f = local_file(tmp_path, data)
@@ -130,7 +140,7 @@ def test_an_s3_destination_is_written_through_signed_urls(lake: RucioLake, rucio
     assert judge_replicas([rep], f.size, f.adler32).count == 1
 
 
-def test_an_overwritten_object_is_not_counted(lake: RucioLake, store: FakeS3, tmp_path: Path) -> None:
+def test_an_overwritten_object_is_not_counted(lake: CheckedCatalogue, store: FakeS3, tmp_path: Path) -> None:
     data = b"a" * 4096
     f = local_file(tmp_path, data)
     push(lake, f)
@@ -143,7 +153,7 @@ def test_an_overwritten_object_is_not_counted(lake: RucioLake, store: FakeS3, tm
     assert c.count == 0 and "ETag" in c.bad[0][1]
 
 
-def test_a_signed_pfn_from_the_catalogue_is_signed_afresh(lake: RucioLake, rucio: FakeRucioS3,
+def test_a_signed_pfn_from_the_catalogue_is_signed_afresh(lake: CheckedCatalogue, rucio: FakeRucioS3,
                                                          store: FakeS3, tmp_path: Path) -> None:
     data = b"c" * 100
     f = local_file(tmp_path, data)
@@ -157,7 +167,7 @@ def test_a_signed_pfn_from_the_catalogue_is_signed_afresh(lake: RucioLake, rucio
     assert rucio.signed[-1]["url"] == f"{S3_HOST}/test/f1"
 
 
-def test_a_file_larger_than_one_put_is_refused_before_it_is_registered(lake: RucioLake, rucio: FakeRucioS3,
+def test_a_file_larger_than_one_put_is_refused_before_it_is_registered(lake: CheckedCatalogue, rucio: FakeRucioS3,
                                                                        tmp_path: Path) -> None:
     f = local_file(tmp_path, b"x", size=(5 << 30) + 1)
     with pytest.raises(PermanentError, match="more than one signed PUT"):
@@ -225,6 +235,6 @@ def test_an_s3_rse_not_configured_as_such_is_refused_with_the_fix(tmp_path: Path
                  destinations={"s3": {"kind": "rse", "rse": "S3"}},
                  rules={"push": {"directory": str(tmp_path / "daq"), "scope": "test", "destinations": ["s3"],
                                  "copies": 1}})
-    lake = RucioLake(s, {"https": MockTransport("https")}, client)
+    lake = CheckedCatalogue(s, {"https": MockTransport("https")}, client)
     with pytest.raises(PermanentError, match='sign_url = "s3"'):
         lake.targets(local_file(tmp_path, b"x"))
