@@ -2,39 +2,105 @@
 MockTransport): it keeps DIDs, replicas and copy requests in dicts, says where copies go (a
 directory or URL prefix per destination) and implements lake/base.py's interface with the same
 promises as the real ones. Nothing is kept across processes; nothing here touches storage.
+
+Knobs make it behave as a real catalogue does when things go wrong, and show what it was told:
+
+    lake = MemoryCatalogue({"a": "/data/lake-a", "b": "root://xrd//lake-b"})
+    lake.fail("register", times=2)             # the next two registers raise RetryableError
+    lake.fail("register", times=None, error=PermanentError("refused"))   # every one, until heal()
+    lake.free_names = False                    # name_free is never sure (the first copy waits for the hash)
+    lake.rule_state = CopiesState.STUCK        # what copies_state says of the copies requested
+    lake.calls                                 # [Call("register", "s:n"), Call("add_replica", "s:n", "a"), ...]
+    lake.asked("register")                     # the register calls, in order
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
 
-from ..errors import PermanentError
+from ..errors import PermanentError, RetryableError
 from .base import Catalogue, CopiesState, LakeFile, RecordedReplica, Target
+
+Operation = Literal["register", "name_free", "targets", "add_replica", "request_copies", "copies_state",
+                    "recorded", "recorded_locations", "release", "health"]
+# the operations that change what the catalogue records: the ones `calls` keeps
+EFFECTS: frozenset[Operation] = frozenset({"register", "add_replica", "request_copies", "release"})
+
+
+class Call(NamedTuple):
+    """One effect asked of the catalogue: which, for which DID, at which location (add_replica)."""
+    operation: Operation
+    did: str
+    location: str | None = None
+
+
+@dataclass
+class _Fault:
+    operation: Operation
+    times: int | None            # None: every time, until heal()
+    error: Exception | None
 
 
 class MemoryCatalogue(Catalogue):
     """`roots` maps each destination to where its copies go: an absolute directory or a URL prefix;
-    a copy of scope:name lies at root/scope/name. `writes_copies` False: the lake makes the copies
-    itself (targets is empty, and each request_copies returns a rule id whose state is `rule_state`)."""
+    a copy of scope:name lies at root/scope/name; a destination without a root is one whose copy
+    the lake makes itself (targets leaves it out). `writes_copies` False: the lake makes the copies
+    itself (targets is empty, and each request_copies returns a rule id whose state is `rule_state`).
+
+    listed:     True (as Rucio): recorded() says the catalogue records each copy added, with the
+                DID's size and adler32, so nothing at its URL is a copy lost. False (as the local
+                lake): it only says where each added copy lies; the storage alone says whether a
+                copy is there (nothing there is no replica).
+    unavailable: locations whose copies recorded() lists as not usable yet (Rucio: a replica still
+                COPYING); with `listed` only (the local lake has no such word).
+    free_names: False: name_free answers "not sure" (False) for every name, as a catalogue that
+                cannot tell; True: a name is free while no DID holds it.
+    """
 
     def __init__(self, roots: dict[str, str], name_pattern: str = r".+", *, writes_copies: bool = True,
-                 rule_state: CopiesState | None = None) -> None:
+                 rule_state: CopiesState | None = None, listed: bool = True) -> None:
         self.name_pattern = name_pattern
         self.roots = dict(roots)
         self.writes_copies = writes_copies
         self.rule_state = rule_state        # None: no copies are requested (the agent writes every one)
+        self.listed = listed
+        self.unavailable: set[str] = set()
+        self.free_names = True
         self.dids: dict[str, LakeFile] = {}
         self.replica_urls: dict[tuple[str, str], str] = {}     # (did, location) -> url
         self.rules: dict[str, str] = {}                        # rule id -> did
         self.released: list[str] = []
         self.problem: str | None = None     # what health() answers
+        self.calls: list[Call] = []         # the effects asked (EFFECTS), in order, failed ones included
+        self._faults: list[_Fault] = []
         self._lock = threading.Lock()
+
+    # ------------------------------------------------------------ knobs
+    def fail(self, operation: Operation, times: int | None = 1, error: Exception | None = None) -> None:
+        """The next `times` calls of `operation` (None: every call until heal()) raise `error`
+        (default: a RetryableError) before doing anything; an effect is still recorded in `calls`."""
+        with self._lock:
+            self._faults.append(_Fault(operation, times, error))
+
+    def heal(self) -> None:
+        """Forget every fault still to come."""
+        with self._lock:
+            self._faults.clear()
+
+    def asked(self, operation: Operation) -> list[Call]:
+        """The calls of `operation` (one of EFFECTS) recorded so far, in order."""
+        with self._lock:
+            return [c for c in self.calls if c.operation == operation]
 
     def url(self, location: str, f: LakeFile) -> str:
         """Where `location`'s copy of `f` lies."""
         return f"{self.roots[location].rstrip('/')}/{f.scope}/{f.name}"
 
+    # ------------------------------------------------------------ the interface
     def register(self, f: LakeFile) -> None:
+        self._enter("register", f.did)
         with self._lock:
             old = self.dids.get(f.did)
             if old is not None and (old.size, old.adler32) != (f.size, f.adler32):
@@ -44,19 +110,24 @@ class MemoryCatalogue(Catalogue):
             self.dids.setdefault(f.did, f)
 
     def name_free(self, scope: str, name: str) -> bool:
+        self._enter("name_free", f"{scope}:{name}")
         with self._lock:
-            return f"{scope}:{name}" not in self.dids
+            return self.free_names and f"{scope}:{name}" not in self.dids
 
     def targets(self, f: LakeFile) -> list[Target]:
+        self._enter("targets", f.did)
         if not self.writes_copies:
             return []
-        return [Target(loc, self.url(loc, f)) for loc in f.destinations]
+        # a destination without a root is not the agent's to write: the lake makes that copy
+        return [Target(loc, self.url(loc, f)) for loc in f.destinations if loc in self.roots]
 
     def add_replica(self, f: LakeFile, location: str, url: str) -> None:
+        self._enter("add_replica", f.did, location)
         with self._lock:
             self.replica_urls[(f.did, location)] = url
 
     def request_copies(self, f: LakeFile) -> str | None:
+        self._enter("request_copies", f.did)
         if self.rule_state is None:
             return None
         with self._lock:
@@ -68,26 +139,47 @@ class MemoryCatalogue(Catalogue):
             return ref
 
     def copies_state(self, f: LakeFile, ref: str | None) -> CopiesState | None:
+        self._enter("copies_state", f.did)
         if not ref:
             return None
         with self._lock:
             return self.rule_state if ref in self.rules else CopiesState.MISSING
 
     def recorded(self, f: LakeFile) -> list[RecordedReplica]:
+        self._enter("recorded", f.did)
         with self._lock:
             dids = self.dids.get(f.did)
             rows = sorted((loc, url) for (did, loc), url in self.replica_urls.items() if did == f.did)
+        if not self.listed:
+            return [RecordedReplica(loc, url, listed=False) for loc, url in rows]
         size, adler = (dids.size, dids.adler32) if dids else (None, None)
-        return [RecordedReplica(loc, url, size, adler) for loc, url in rows]
+        return [RecordedReplica(loc, url, size, adler, available=loc not in self.unavailable) for loc, url in rows]
 
     def recorded_locations(self, scope: str, name: str) -> set[str]:
+        self._enter("recorded_locations", f"{scope}:{name}")
         with self._lock:
             return {loc for (did, loc) in self.replica_urls if did == f"{scope}:{name}"}
 
     def release(self, f: LakeFile) -> None:
+        self._enter("release", f.did)
         with self._lock:
             if f.did not in self.released:
                 self.released.append(f.did)
 
     def health(self) -> str | None:
+        self._enter("health", "")
         return self.problem
+
+    # ------------------------------------------------------------ inside
+    def _enter(self, operation: Operation, did: str, location: str | None = None) -> None:
+        """Record an effect, then raise the fault planned for `operation`, if any."""
+        with self._lock:
+            if operation in EFFECTS:
+                self.calls.append(Call(operation, did, location))
+            fault = next((f for f in self._faults if f.operation == operation), None)
+            if fault is not None and fault.times is not None:
+                fault.times -= 1
+                if fault.times <= 0:
+                    self._faults.remove(fault)
+        if fault is not None:
+            raise fault.error if fault.error is not None else RetryableError(f"{operation} {did}: injected fault")

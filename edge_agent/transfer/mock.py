@@ -12,6 +12,7 @@ would. Knobs make it misbehave as real storage does:
     mock.fail("put", after_bytes=4096)          # a put cut short: a partial object stays
     mock.lose(url)                              # the object vanishes behind the agent's back
     mock.calls                                  # [("put", url), ("stat", url), ...]
+    mock.puts                                   # [(url, Expected), ...]: what each put was told
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ class MockTransport(Transport):
         self.chunk_size = chunk_size
         self.objects: dict[str, bytes] = {}
         self.calls: list[tuple[Operation, str]] = []
+        # each put's URL and Expected, in order: a test tells a copy written while hashing (nothing
+        # known yet) from one checked against the recorded digests
+        self.puts: list[tuple[str, Expected]] = []
         self._lies: dict[str, RemoteStat | None] = {}
         self._faults: list[_Fault] = []
         self._lock = threading.Lock()
@@ -114,6 +118,8 @@ class MockTransport(Transport):
         """See Transport.put. The object appears whole at the end (or, with leaves_partials, as the
         bytes arrive); a failed put leaves nothing, unless a partial is asked for (see fail)."""
         fault = self._call("put", url)
+        with self._lock:
+            self.puts.append((url, expected))
         if fault is not None and fault.after_bytes is None:
             raise self._error(fault, url)
         if expected.known and self._identical(url, expected):

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from edge_agent.errors import PermanentError
+from edge_agent.errors import PermanentError, RetryableError
 from edge_agent.lake.base import CopiesState, LakeFile, RecordedReplica, Target
-from edge_agent.lake.memory import MemoryCatalogue
+from edge_agent.lake.memory import Call, MemoryCatalogue
 
 
 def lake_file(size: int = 3, adler32: str = "024d0127", name: str = "n1/f.fits") -> LakeFile:
@@ -63,3 +63,64 @@ def test_release_and_health() -> None:
     assert lake.health() is None
     lake.problem = "down"
     assert lake.health() == "down"
+
+
+def test_calls_keep_the_effects_asked_in_order_and_queries_are_not_kept() -> None:
+    lake = MemoryCatalogue({"a": "/lake-a"}, rule_state=CopiesState.OK)
+    f = lake_file()
+    lake.name_free("test", "n1/f.fits")
+    lake.targets(f)
+    lake.register(f)
+    lake.add_replica(f, "a", "/lake-a/test/n1/f.fits")
+    ref = lake.request_copies(f)
+    lake.copies_state(f, ref)
+    lake.recorded(f)
+    lake.release(f)
+    lake.release(f)
+    assert lake.calls == [Call("register", f.did), Call("add_replica", f.did, "a"), Call("request_copies", f.did),
+                          Call("release", f.did), Call("release", f.did)]
+    assert lake.asked("release") == [Call("release", f.did)] * 2 and lake.released == [f.did]
+
+
+def test_fail_raises_before_the_effect_and_heal_ends_it() -> None:
+    lake = MemoryCatalogue({})
+    f = lake_file()
+    lake.fail("register", times=2)
+    for _ in range(2):
+        with pytest.raises(RetryableError):
+            lake.register(f)
+    assert lake.dids == {}                                    # nothing was done
+    lake.register(f)
+    assert f.did in lake.dids and len(lake.asked("register")) == 3   # failed calls are recorded
+    lake.fail("recorded", times=None, error=PermanentError("gone for good"))
+    for _ in range(3):
+        with pytest.raises(PermanentError, match="gone for good"):
+            lake.recorded(f)
+    lake.heal()
+    assert lake.recorded(f) == []
+
+
+def test_free_names_false_makes_every_name_unsure() -> None:
+    lake = MemoryCatalogue({})
+    lake.free_names = False
+    assert not lake.name_free("test", "never/seen.fits")
+
+
+def test_a_destination_without_a_root_is_the_lakes_to_copy() -> None:
+    lake = MemoryCatalogue({"a": "/lake-a"})
+    assert lake.targets(lake_file()) == [Target("a", "/lake-a/test/n1/f.fits")]
+
+
+def test_unlisted_copies_are_only_where_they_lie_and_unavailable_ones_are_said_so() -> None:
+    f = lake_file()
+    local = MemoryCatalogue({"a": "/lake-a"}, listed=False)
+    local.register(f)
+    local.add_replica(f, "a", "/lake-a/test/n1/f.fits")
+    assert local.recorded(f) == [RecordedReplica("a", "/lake-a/test/n1/f.fits", listed=False)]
+    lake = MemoryCatalogue({"a": "/lake-a", "b": "/lake-b"})
+    lake.register(f)
+    lake.add_replica(f, "a", "/lake-a/test/n1/f.fits")
+    lake.add_replica(f, "b", "/lake-b/test/n1/f.fits")
+    lake.unavailable = {"a"}
+    assert lake.recorded(f) == [RecordedReplica("a", "/lake-a/test/n1/f.fits", 3, "024d0127", available=False),
+                                RecordedReplica("b", "/lake-b/test/n1/f.fits", 3, "024d0127")]

@@ -66,6 +66,17 @@ def test_is_a_transport_that_stores_and_reads_back(src: str) -> None:
     assert t.asked("delete") == [URL, URL]
 
 
+def test_each_put_is_kept_with_what_it_was_told_to_expect(src: str) -> None:
+    t = mock()
+    first = Expected(len(DATA), None, None)                 # written while hashing: nothing known yet
+    t.put(src, URL, first, no_pace)
+    t.fail("put")
+    with pytest.raises(RetryableError):
+        t.put(src, URL + ".2", expected_for(), no_pace)    # a failed put is kept too
+    assert t.puts == [(URL, first), (URL + ".2", expected_for())]
+    assert [e.known for _, e in t.puts] == [False, True]
+
+
 def test_an_identical_copy_is_success_without_writing(src: str) -> None:
     t = mock()
     t.objects[URL] = DATA

@@ -1,8 +1,10 @@
-"""The steps with a real ledger, real files and real posix copies, behind a FAKE catalogue.
+"""The steps with a real ledger and real files, behind the shipped in-memory catalogue.
 
-The fake catalogue keeps its state in dicts; its copies go through PosixTransport into tmp_path
-(mounted at each destination's directory), and it can be told to fail or to lie about the
-replicas the confirm step finds.
+The catalogue is lake/memory.py's MemoryCatalogue, as the local lake: the agent writes the copies
+(roots in tmp_path), and only the storage says whether a copy is there. Copies go through a real
+PosixTransport mounted at each destination's directory where a test looks at files on disk (posix
+no-clobber, temp files); a test about what storage answers (a lying stat, a partial object, bytes
+no one can prove) mounts the shipped MockTransport there instead and tells it how to misbehave.
 """
 
 from __future__ import annotations
@@ -13,111 +15,37 @@ import os
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
+from edge_agent import steps
 from edge_agent.core.lifecycle import Event, State
-from edge_agent.core.policy import PATH_NAME_RE, Replica
+from edge_agent.core.policy import PATH_NAME_RE
 from edge_agent.errors import PermanentError, RetryableError, SymlinkInPath
-from edge_agent.lake.base import Catalogue, CopiesState, LakeFile, RecordedReplica, Target
+from edge_agent.lake.base import CopiesState, LakeFile
+from edge_agent.lake.memory import Call, MemoryCatalogue
 from edge_agent.ledger import FileRecord, Ledger
 from edge_agent.localfs import Source, is_agent_temp
-from edge_agent import steps
+from edge_agent.settings import DeletePolicy, Settings
 from edge_agent.steps import Hooks, StepContext
 from edge_agent.steps.failures import MAX_BAD_COPIES, MAX_UNEXPECTED
-from edge_agent.settings import DeletePolicy, Settings
+from edge_agent.transfer.base import RemoteStat, Transport
+from edge_agent.transfer.mock import MockTransport
 from edge_agent.transfer.posix import PosixTransport
 from edge_agent.transfer.registry import Transports
-from edge_agent.steps.verify import replicas
 
 S, E = State, Event
 WORKING = (S.COMPLETE, S.HASHED, S.REGISTERED, S.TRANSFERRED, S.CONFIRMED)
 DATA = b"DAQ frame: not a real FITS file, just bytes to move\n" * 500
+DID = "test:run42/f1.fits"
+T = TypeVar("T", bound=Transport)
+RUCIO: dict[str, Any] = {"kind": "rucio", "rucio": {"url": "http://rucio.test", "account": "root",
+                                                     "auth": {"type": "userpass", "username": "u", "password": "p"}}}
 
 
 def adler(data: bytes) -> str:
     return f"{zlib.adler32(data) & 0xFFFFFFFF:08x}"
-
-
-class CurrentTransport:
-    """Whatever transport the fake lake holds now (a test swaps it for a counting or lying one)."""
-
-    def __init__(self, lake: FakeLake) -> None:
-        self._lake = lake
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._lake.transport, name)
-
-
-class FakeLake(Catalogue):
-    """A catalogue in memory; the agent writes the copies (into tmp dirs) like the local lake.
-    `replicas` is what the confirm step finds (each recorded copy stat-ed), told to lie by `lie`."""
-
-    name_pattern = PATH_NAME_RE
-
-    def __init__(self, roots: dict[str, Path], writes_copies: bool = True) -> None:
-        self.roots = roots
-        self.writes_copies = writes_copies
-        self.transport = PosixTransport(fsync=False)
-        self.dids: dict[str, LakeFile] = {}
-        self.replica_urls: dict[tuple[str, str], str] = {}
-        self.released: list[str] = []
-        self.requested: list[str] = []
-        self.register_error: Exception | None = None
-        self.lie: Callable[[Replica], Replica] | None = None
-        self.calls: list[str] = []
-        self.rule_state: CopiesState | None = None   # None: no replication rule (the agent writes every copy)
-        self.free_names = True
-        self.transports = Transports()
-        for root in roots.values():
-            self.transports.mount(str(root), CurrentTransport(self))  # type: ignore[arg-type]
-
-    def name_free(self, scope: str, name: str) -> bool:
-        # a free name lets the pipeline write the first copy while hashing (one read per upload)
-        return self.free_names and f"{scope}:{name}" not in self.dids
-
-    def register(self, f: LakeFile) -> None:
-        self.calls.append("register")
-        if self.register_error is not None:
-            raise self.register_error
-        old = self.dids.get(f.did)
-        if old is not None and (old.size, old.adler32) != (f.size, f.adler32):
-            raise PermanentError(f"DID {f.did} already exists with other content")
-        self.dids[f.did] = f
-
-    def url(self, location: str, f: LakeFile) -> str:
-        return str(self.roots[location] / f.scope / f.name)
-
-    def targets(self, f: LakeFile) -> list[Target]:
-        if not self.writes_copies:
-            return []
-        return [Target(loc, self.url(loc, f)) for loc in f.destinations]
-
-    def add_replica(self, f: LakeFile, location: str, url: str) -> None:
-        self.calls.append(f"add_replica {location}")
-        self.replica_urls[(f.did, location)] = url
-
-    def request_copies(self, f: LakeFile) -> str | None:
-        self.requested.append(f.did)
-        return None if self.rule_state is None else f"rule-{len(self.requested)}"
-
-    def copies_state(self, f: LakeFile, ref: str | None) -> CopiesState | None:
-        return self.rule_state
-
-    def recorded(self, f: LakeFile) -> list[RecordedReplica]:
-        urls = [(loc, self.replica_urls.get((f.did, loc))) for loc in f.destinations]
-        return [RecordedReplica(loc, url, listed=False) for loc, url in urls if url]
-
-    def replicas(self, f: LakeFile) -> list[Replica]:
-        found = replicas(self.recorded(f), f, self.transports)
-        return [self.lie(r) for r in found] if self.lie else found
-
-    def release(self, f: LakeFile) -> None:
-        self.released.append(f.did)
-
-    def health(self) -> str | None:
-        return None
 
 
 class Env:
@@ -129,15 +57,23 @@ class Env:
         for r in self.roots.values():
             r.mkdir(exist_ok=True)
         self.ledger = Ledger(settings.ledger_path, clock=clock)
-        self.lake = FakeLake(self.roots)
+        # as the local lake: copies go to root/scope/name, and the storage alone says a copy is there
+        self.lake = MemoryCatalogue({loc: str(root) for loc, root in self.roots.items()}, PATH_NAME_RE,
+                                    listed=False)
+        self.transports = Transports()
+        self.use(PosixTransport(fsync=False))
         self.hashed: list[int] = []
         self.sent: dict[str, int] = {}
         hooks = Hooks(bytes_hashed=lambda rule, n: self.hashed.append(n),
                       bytes_sent=lambda rule, loc, n: self.sent.__setitem__(loc, self.sent.get(loc, 0) + n))
-        self.ctx = StepContext(settings, self.ledger, self.lake, self.lake.transports, pace=lambda n: None, hooks=hooks,
+        self.ctx = StepContext(settings, self.ledger, self.lake, self.transports, pace=lambda n: None, hooks=hooks,
                                clock=clock, rand=lambda: 0.5, monotonic=clock)
-        # the confirm step's view of the copies: the fake's, so a test can make it lie
-        self.ctx.replicas = lambda f: self.lake.replicas(f)  # type: ignore[method-assign]
+
+    def use(self, transport: T) -> T:
+        """From now on every destination's copies go through `transport` (mounted at its root)."""
+        for root in self.roots.values():
+            self.transports.mount(str(root), transport)
+        return transport
 
     def add(self, rel: str = "run42/f1.fits", data: bytes = DATA) -> FileRecord:
         """A file the watcher found and judged complete."""
@@ -173,6 +109,10 @@ class Env:
 
     def copy(self, loc: str, rec: FileRecord) -> Path:
         return self.roots[loc] / str(rec.scope) / str(rec.name)
+
+    def url(self, loc: str, rec: FileRecord) -> str:
+        """The URL of `loc`'s copy, as the catalogue names it (a key of a MockTransport's objects)."""
+        return str(self.copy(loc, rec))
 
     def events(self, fid: int) -> list[str]:
         return [h["event"] for h in self.ledger.history(fid)]
@@ -216,7 +156,9 @@ def test_happy_path_complete_to_deleted(env: Env, clock: Any) -> None:
                                                                                  ("b", "written")]
     assert set(env.lake.dids) == {"test:run42/f1.fits"}
     assert env.lake.dids["test:run42/f1.fits"].dataset and env.lake.dids["test:run42/f1.fits"].dataset.startswith("r.")
-    assert env.lake.released == ["test:run42/f1.fits"] and env.lake.requested == ["test:run42/f1.fits"]
+    assert env.lake.released == [DID]
+    assert env.lake.asked("release") == [Call("release", DID)]               # asked once each
+    assert env.lake.asked("request_copies") == [Call("request_copies", DID)]
     assert sum(env.hashed) == len(DATA) and env.sent == {"a": len(DATA), "b": len(DATA)}
     # the deletion is recorded with its evidence
     deleted = env.ledger.history(rec.id)[-1]["detail"]
@@ -264,12 +206,18 @@ def test_a_rewritten_file_gets_a_versioned_name(env: Env) -> None:
     assert env.copy("a", first).read_bytes() == b"first night"   # the first version's copy is intact
 
 
-def test_the_evidence_says_where_each_adler32_came_from(env: Env) -> None:
+def test_the_evidence_says_where_each_adler32_came_from(make_env: Any) -> None:
     # verify_upload = "size": a storage without checksums vouches for the size; the adler32 that
     # counts is the catalogue's, i.e. the agent's own number. The copy counts as before; the
     # confirmation and the deletion record which copies stood on that.
-    env.lake.lie = lambda r: dataclasses.replace(r, adler32_from_catalogue=r.location == "b")
-    rec = env.add()
+    env = make_env(lake=RUCIO | {"rucio": RUCIO["rucio"] | {"verify_upload": "size"}},
+                   destinations={"a": {"kind": "rse", "rse": "A"}, "b": {"kind": "rse", "rse": "B"}})
+    env.lake.listed = True                    # as Rucio: each copy recorded with the agent's size and adler32
+    b = MockTransport(verify_upload="size")
+    env.transports.mount(str(env.roots["b"]), b)
+    rec = env.drive(env.add().id, max_steps=3)
+    assert rec.state is S.TRANSFERRED
+    b.lie(env.url("b", rec), RemoteStat(len(DATA), None))    # b's storage answers the size alone
     assert env.drive(rec.id).state is S.DELETED
     details = {h["event"]: h["detail"] for h in env.ledger.history(rec.id)}
     for event in ("confirmed", "deleted"):
@@ -279,9 +227,18 @@ def test_the_evidence_says_where_each_adler32_came_from(env: Env) -> None:
 
 # ---------------------------------------------------------------- evidence that does not hold
 
+def lie_about_both_copies(env: Env, stat: Callable[[int, str], RemoteStat]) -> FileRecord:
+    """Both copies written, then their storage answers `stat(size, adler32)` for each, for good."""
+    storage = env.use(MockTransport())
+    rec = env.drive(env.add().id, max_steps=3)
+    assert rec.state is S.TRANSFERRED and {r["state"] for r in env.ledger.replicas(rec.id)} == {"written"}
+    for loc in ("a", "b"):
+        storage.lie(env.url(loc, rec), stat(len(DATA), adler(DATA)))
+    return rec
+
+
 def test_a_lying_storage_is_never_trusted(env: Env) -> None:
-    env.lake.lie = lambda r: dataclasses.replace(r, adler32="deadbeef")
-    rec = env.add()
+    rec = lie_about_both_copies(env, lambda size, _: RemoteStat(size, "deadbeef"))
     local = Path(rec.fspath)
     for _ in range(10):
         rec = env.drive(rec.id)
@@ -298,8 +255,7 @@ def test_a_lying_storage_is_never_trusted(env: Env) -> None:
 
 def test_a_lying_storage_is_rewritten_a_bounded_number_of_times(env: Env) -> None:
     # steps/failures.py: "A destination that keeps handing back a wrong checksum is not tried forever"
-    env.lake.lie = lambda r: dataclasses.replace(r, adler32="deadbeef")
-    rec = env.add()
+    rec = lie_about_both_copies(env, lambda size, _: RemoteStat(size, "deadbeef"))
     for _ in range(MAX_BAD_COPIES + 3):
         rec = env.drive(rec.id)
         if rec.state is not S.RETRY_WAIT:
@@ -311,9 +267,7 @@ def test_a_lying_storage_is_rewritten_a_bounded_number_of_times(env: Env) -> Non
 
 
 def test_a_lying_lake_that_replicates_itself_makes_the_file_wait(env: Env, clock: Any) -> None:
-    env.lake.lie = lambda r: dataclasses.replace(r, size=(r.size or 0) + 1)
-    rec = env.drive(env.add().id, max_steps=3)
-    assert rec.state is S.TRANSFERRED
+    rec = lie_about_both_copies(env, lambda size, adler32: RemoteStat(size + 1, adler32))
     env.lake.writes_copies = False            # e.g. Rucio: the lake makes the copies, nothing to rewrite
     rec = env.step(rec.id)
     assert rec.state is S.TRANSFERRED
@@ -369,7 +323,8 @@ def test_copies_that_keep_vanishing_end_in_quarantine(env: Env) -> None:
 
 
 def test_the_local_lake_has_a_deadline(env: Env, clock: Any) -> None:
-    env.lake.lie = lambda r: dataclasses.replace(r, available=False) if r.location == "a" else r
+    env.lake.listed = True
+    env.lake.unavailable = {"a"}              # the catalogue lists a's copy as not usable (yet)
     rec = env.add()
     for _ in range(4):
         rec = env.step(rec.id)
@@ -392,7 +347,7 @@ def test_a_file_modified_after_hashing_is_superseded(env: Env) -> None:
     # no copy was left in the lake under the final name: the first copy, written while hashing,
     # was never recorded in the lake and is removed with the version it belonged to
     assert not env.copy("a", rec).exists() and not env.copy("b", rec).exists()
-    assert not [c for c in env.lake.calls if c.startswith("add_replica")]
+    assert env.lake.asked("add_replica") == []
     assert env.ledger.live("r", rec.path) is None             # the watcher will discover a new version
 
 
@@ -535,7 +490,7 @@ def test_a_file_gone_before_its_copies_is_superseded_and_reported(env: Env) -> N
 # ---------------------------------------------------------------- failures
 
 def test_retryable_register_error_waits_with_backoff(env: Env, clock: Any) -> None:
-    env.lake.register_error = RetryableError("lake answered 503")
+    env.lake.fail("register", times=None, error=RetryableError("lake answered 503"))
     rec = env.drive(env.add().id)
     assert rec.state is S.RETRY_WAIT
     assert (rec.resume_state, rec.attempts, rec.reason) == (S.HASHED, 1, "lake answered 503")
@@ -547,27 +502,27 @@ def test_retryable_register_error_waits_with_backoff(env: Env, clock: Any) -> No
     rec = env.step(rec.id)
     assert rec.attempts == 2 and rec.next_at == clock.now + 2 * env.s.retry.base_seconds
     # the lake is back
-    env.lake.register_error = None
+    env.lake.heal()
     env.retry_due(rec.id)
     rec = env.drive(rec.id)
     assert rec.state is S.DELETED and rec.attempts == 0 and rec.reason is None
 
 
 def test_permanent_register_error_quarantines_with_the_reason(env: Env) -> None:
-    env.lake.register_error = PermanentError("DID test:run42/f1.fits exists with other content")
+    env.lake.fail("register", times=None, error=PermanentError("DID test:run42/f1.fits exists with other content"))
     rec = env.drive(env.add().id)
     assert rec.state is S.QUARANTINED
     assert rec.reason == "DID test:run42/f1.fits exists with other content"
     assert rec.resume_state is S.HASHED
     assert Path(rec.fspath).read_bytes() == DATA
     # the operator fixes it and retries
-    env.lake.register_error = None
+    env.lake.heal()
     env.ledger.transition(rec.id, S.QUARANTINED, E.OPERATOR_RETRY)
     assert env.drive(rec.id).state is S.DELETED
 
 
 def test_unexpected_errors_are_retried_then_quarantined(env: Env) -> None:
-    env.lake.register_error = ZeroDivisionError("a bug")
+    env.lake.fail("register", times=None, error=ZeroDivisionError("a bug"))
     rec = env.add()
     for _ in range(MAX_UNEXPECTED + 2):
         rec = env.drive(rec.id)
@@ -576,7 +531,7 @@ def test_unexpected_errors_are_retried_then_quarantined(env: Env) -> None:
         env.retry_due(rec.id)
     assert rec.state is S.QUARANTINED
     assert rec.reason and "unexpected ZeroDivisionError: a bug" in rec.reason
-    assert env.lake.calls.count("register") == MAX_UNEXPECTED
+    assert len(env.lake.asked("register")) == MAX_UNEXPECTED
 
 
 def test_zero_byte_file_is_quarantined(env: Env) -> None:
@@ -647,7 +602,7 @@ class Mono:
 
 def keep_env(make_env: Any, clock: Any, mono: Mono) -> Env:
     env = make_env(rule={"delete": "keep", "keep_hours": 2})
-    env.ctx = StepContext(env.s, env.ledger, env.lake, env.lake.transports, pace=lambda n: None, clock=clock, rand=lambda: 0.5,
+    env.ctx = StepContext(env.s, env.ledger, env.lake, env.transports, pace=lambda n: None, clock=clock, rand=lambda: 0.5,
                           monotonic=mono)
     return env
 
@@ -683,7 +638,7 @@ def test_keep_after_a_restart_counts_the_time_down_by_the_wall_clock(make_env: A
     rec = env.drive(env.add().id)
     clock.advance(3600)                          # down for an hour
     mono.now = 7.0                               # after a reboot, the monotonic clock starts again
-    env.ctx = StepContext(env.s, env.ledger, env.lake, env.lake.transports, pace=lambda n: None, clock=clock, rand=lambda: 0.5,
+    env.ctx = StepContext(env.s, env.ledger, env.lake, env.transports, pace=lambda n: None, clock=clock, rand=lambda: 0.5,
                           monotonic=mono)
     rec = env.step(rec.id)
     assert rec.state is S.CONFIRMED and rec.next_at == clock.now + 3600
@@ -694,7 +649,7 @@ def test_keep_after_a_restart_counts_the_time_down_by_the_wall_clock(make_env: A
 
 def test_a_file_still_open_for_writing_is_not_deleted(env: Env, clock: Any) -> None:
     writers: dict[tuple[int, int], int] = {}
-    env.ctx = StepContext(env.s, env.ledger, env.lake, env.lake.transports, pace=lambda n: None, clock=clock, rand=lambda: 0.5,
+    env.ctx = StepContext(env.s, env.ledger, env.lake, env.transports, pace=lambda n: None, clock=clock, rand=lambda: 0.5,
                           open_writers=lambda dev, ino: writers.get((dev, ino), 0))
     rec = env.add()
     st = os.stat(rec.fspath)
@@ -779,15 +734,12 @@ def test_no_deletion_when_the_rule_falls_back_from_ok(make_env: Any, clock: Any)
 def test_a_rule_that_disappeared_is_requested_again(env: Env) -> None:
     rec = env.drive(env.add().id, max_steps=3)
     assert rec.state is S.TRANSFERRED
-    calls = []
-    orig = env.lake.request_copies
-    env.lake.copies_state = lambda f, ref: CopiesState.MISSING if ref in (None, "r-old") else CopiesState.OK  # type: ignore[method-assign]
-    env.lake.request_copies = lambda f: (calls.append(f), "r-new")[1]  # type: ignore[method-assign]
+    asked_before = len(env.lake.asked("request_copies"))
+    env.lake.rule_state = CopiesState.OK      # the lake replicates now; its rule r-old is gone (expired)
     env.ledger.set_lake_ref(rec.id, "r-old")
     rec = env.step(rec.id)
-    assert calls and env.ledger.get(rec.id).lake_ref == "r-new"
+    assert len(env.lake.asked("request_copies")) > asked_before and env.ledger.get(rec.id).lake_ref == "rule-1"
     assert "rule_recreated" in env.events(rec.id)
-    env.lake.request_copies = orig  # type: ignore[method-assign]
 
 
 def _fits_bytes(flip: int | None = None) -> bytes:
@@ -817,18 +769,18 @@ def test_fits_headers_become_metadata(env: Env) -> None:
 def test_a_fits_file_failing_its_own_datasum_is_quarantined_never_sent(env: Env) -> None:
     rec = env.drive(env.add("run1/bad.fits", _fits_bytes(flip=2880 + 100)).id)
     assert rec.state is S.QUARANTINED and "DATASUM" in (rec.reason or "")
-    assert not [c for c in env.lake.calls if c.startswith(("register", "add_replica"))]
+    assert env.lake.asked("register") == [] and env.lake.asked("add_replica") == []
     # the copy written in the same read was removed: nothing of it is left in the lake
     assert not any(p.is_file() for root in env.roots.values() for p in root.rglob("*"))
 
 
 def test_a_bad_copy_the_lake_made_is_reported_not_rewritten(env: Env, clock: Any) -> None:
     """Only copies at places the agent writes are rewritten; a lake-made bad copy is flagged."""
+    storage = env.use(MockTransport())
     rec = env.drive(env.add().id, max_steps=3)
     assert rec.state is S.TRANSFERRED
-    env.lake.lie = lambda r: dataclasses.replace(r, adler32="deadbeef") if r.location == "b" else r
-    own = env.lake.targets
-    env.lake.targets = lambda f: [t for t in own(f) if t.location == "a"]  # type: ignore[method-assign]
+    storage.lie(env.url("b", rec), RemoteStat(len(DATA), "deadbeef"))
+    del env.lake.roots["b"]                       # from now on b's copy is the lake's own to make
     rec = env.step(rec.id)
     assert rec.state is S.TRANSFERRED                      # waits; nothing rewritten, nothing deleted
     assert rec.reason and "b:" in rec.reason and "adler32" in rec.reason
@@ -872,33 +824,21 @@ def test_a_ledger_that_cannot_record_a_step_is_not_asked_to_record_the_failure(
 
 # ---------------------------------------------------------------- one read per upload
 
-class CountingTransport(PosixTransport):
-    """Counts the bytes each put reads from the source."""
-
-    def __init__(self) -> None:
-        super().__init__(fsync=False)
-        self.puts: list[tuple[str, bool]] = []
-
-    def put(self, source: Source, url: str, expected: Any, pace: Any, also: Any = ()) -> Any:
-        self.puts.append((url, expected.known))
-        return super().put(source, url, expected, pace, also)
-
-
 def test_the_first_copy_is_written_in_the_hashing_pass(env: Env) -> None:
     rec = env.add()
-    env.lake.transport = CountingTransport()
+    storage = env.use(MockTransport())
     rec = env.step(rec.id)
     assert rec.state is S.HASHED and rec.adler32 == adler(DATA)
     # before the DID exists, copy a is written: read once, hashed in that read
-    assert env.copy("a", rec).read_bytes() == DATA and not env.copy("b", rec).exists()
+    assert storage.objects == {env.url("a", rec): DATA}
     assert sum(env.hashed) == len(DATA) and env.sent == {"a": len(DATA)}
     assert [(r["location"], r["state"]) for r in env.ledger.replicas(rec.id)] == [("a", "sent")]
     assert env.lake.calls == []
     end = env.drive(rec.id)
     assert end.state is S.DELETED
     # b is written with the recorded hashes checked; a is recorded in the lake after it
-    assert env.lake.calls[:3] == ["register", "add_replica b", "add_replica a"]
-    assert [known for _, known in env.lake.transport.puts] == [False, True]
+    assert env.lake.calls[:3] == [Call("register", DID), Call("add_replica", DID, "b"), Call("add_replica", DID, "a")]
+    assert [(url, e.known) for url, e in storage.puts] == [(env.url("a", rec), False), (env.url("b", rec), True)]
     assert sum(env.hashed) == len(DATA) and env.sent == {"a": len(DATA), "b": len(DATA)}
 
 
@@ -912,22 +852,23 @@ def test_without_a_free_name_the_file_is_hashed_alone_first(env: Env) -> None:
 
 
 def test_a_name_held_by_another_version_is_decided_by_content_after_hashing(env: Env) -> None:
+    storage = env.use(MockTransport())
     first = env.drive(env.add("f1.fits", b"first night").id)
-    env.lake.transport = CountingTransport()
+    storage.puts.clear()
     second = env.step(env.add("f1.fits", b"second, different night").id)
     # no copy may be written under f1.fits before the content is known: it is the first version's
-    assert env.lake.transport.puts == [] and second.name == "f1.fits.v2"
-    assert env.copy("a", first).read_bytes() == b"first night"
+    assert storage.puts == [] and second.name == "f1.fits.v2"
+    assert storage.objects[env.url("a", first)] == b"first night"
 
 
 def test_a_lake_that_holds_the_name_already_gets_no_first_copy(env: Env) -> None:
     rec = env.add()
-    env.lake.dids["test:run42/f1.fits"] = dataclasses.replace(
+    env.lake.dids[DID] = dataclasses.replace(
         LakeFile.unhashed("r", "test", "run42/f1.fits", len(DATA), 2, ("a", "b"), rec.fspath),
         adler32=adler(DATA), blake3="x")
-    env.lake.transport = CountingTransport()
+    storage = env.use(MockTransport())
     rec = env.step(rec.id)
-    assert rec.state is S.HASHED and env.lake.transport.puts == []
+    assert rec.state is S.HASHED and storage.puts == []
 
 
 def test_a_file_changing_during_the_first_copy_leaves_no_copy(env: Env, monkeypatch: Any) -> None:
@@ -1263,12 +1204,14 @@ def test_a_copy_registered_for_another_version_is_never_removed(env: Env) -> Non
 def register_env(make_env: Any) -> Env:
     env = make_env(rule={"inject": "register", "buffer_rse": "BUF", "buffer_url": "root://daq//buf/",
                          "rse_expression": "lake=true", "destinations": [], "copies": 2},
-                   lake={"kind": "rucio", "rucio": {"url": "http://rucio.test", "account": "root",
-                                                    "auth": {"type": "userpass", "username": "u", "password": "p"}}},
-                   destinations={})
-    env.lake.writes_copies = False       # the lake replicates from the buffer; two copies it says are good
-    env.lake.replicas = lambda f: [Replica(loc, f.size, f.adler32, True, f"root://{loc}/x")  # type: ignore[method-assign]
-                                   for loc in ("L1", "L2")]
+                   lake=RUCIO, destinations={})
+    # the lake replicates from the buffer: two copies it records, and their storage holds the bytes
+    env.lake.writes_copies, env.lake.listed = False, True
+    storage = MockTransport("root")
+    env.transports.mount("root://", storage)
+    for loc in ("L1", "L2"):
+        env.lake.replica_urls[(DID, loc)] = storage_url = f"root://{loc}//lake/{DID}"
+        storage.objects[storage_url] = DATA
     return env
 
 
@@ -1310,7 +1253,12 @@ def test_a_bad_copy_is_rewritten_whatever_the_catalogue_calls_its_url(make_env: 
     env = make_env(rule={"delete": "keep", "keep_hours": 1})
     rec = env.drive(env.add().id)
     assert rec.state is S.CONFIRMED
-    env.lake.lie = lambda r: dataclasses.replace(r, url="root://elsewhere//" + r.url.lstrip("/"))
+    # the catalogue lists b's copy under another spelling of the same place, whose storage answers
+    elsewhere = "root://elsewhere//" + env.url("b", rec).lstrip("/")
+    env.lake.replica_urls[(DID, "b")] = elsewhere
+    storage = MockTransport("root")
+    storage.objects[elsewhere] = b"rotted" + DATA[6:]
+    env.transports.mount("root://elsewhere/", storage)
     env.copy("b", rec).write_bytes(b"rotted" + DATA[6:])
     clock.advance(3600)
     rec = env.step(rec.id)
@@ -1345,27 +1293,15 @@ def test_a_name_taken_between_the_decision_and_the_commit_is_decided_again_witho
     assert sum(env.hashed) - before == len(b"second")                 # one read
 
 
-class WeakTransport(PosixTransport):
-    """A storage that answers size and adler32 but no strong digest (XRootD, WebDAV)."""
-
-    def same_bytes(self, url: str, d: Any) -> bool:
-        return False
-
-
 def test_bytes_at_a_destination_that_cannot_be_proven_these_get_another_name(env: Env) -> None:
     """Review 3: the same size and adler32 prove nothing about bytes nobody in the ledger wrote."""
-    env.lake.transport = WeakTransport(fsync=False)
+    # a storage that answers size and adler32 but no strong digest (XRootD, WebDAV)
+    storage = env.use(MockTransport(recognises="adler32"))
     env.lake.free_names = False               # hashed alone: the name is decided by content
-    there = env.roots["a"] / "test" / "run42" / "f1.fits"
-    there.parent.mkdir(parents=True)
-    there.write_bytes(DATA)                   # the very bytes, but nothing says who wrote them
+    there = str(env.roots["a"] / "test" / "run42" / "f1.fits")
+    storage.objects[there] = DATA             # the very bytes, but nothing says who wrote them
     end = env.drive(env.add().id)
-    assert end.state is S.DELETED and end.name == "run42/f1.fits.v2" and there.read_bytes() == DATA
-
-
-class PartialsTransport(PosixTransport):
-    """A storage where an upload cut short leaves a partial object under the final name (WebDAV, XRootD)."""
-    leaves_partials = True
+    assert end.state is S.DELETED and end.name == "run42/f1.fits.v2" and storage.objects[there] == DATA
 
 
 @pytest.mark.parametrize("recorded", [False, True])
@@ -1374,17 +1310,17 @@ def test_a_partial_first_copy_left_by_a_cut_short_upload_is_replaced_unless_the_
     """A kill -9 in the middle of the first copy's PUT leaves a partial object at the reserved URL: the
     resumed version replaces it (no dark data, the name kept); an object the lake's catalogue records
     is someone's copy and is never replaced."""
-    env.lake.transport = PartialsTransport(fsync=False)
+    # a storage where an upload cut short leaves a partial object under the final name (WebDAV, XRootD)
+    storage = env.use(MockTransport(leaves_partials=True))
     rec = env.add()
-    partial = env.roots["a"] / "test" / "run42" / "f1.fits"
-    assert env.ledger.reserve_name("test", "run42/f1.fits", rec.id, str(partial))
-    partial.parent.mkdir(parents=True)
-    partial.write_bytes(DATA[:1000])
-    if recorded:
-        env.lake.recorded_locations = lambda scope, name: {"a"}      # type: ignore[method-assign]
+    partial = str(env.roots["a"] / "test" / "run42" / "f1.fits")
+    assert env.ledger.reserve_name("test", "run42/f1.fits", rec.id, partial)
+    storage.objects[partial] = DATA[:1000]
+    if recorded:                              # someone's copy, recorded in the catalogue
+        env.lake.replica_urls[(DID, "a")] = partial
     end = env.drive(rec.id)
     assert end.state is S.DELETED
     if recorded:
-        assert end.name == "run42/f1.fits.v2" and partial.read_bytes() == DATA[:1000]
+        assert end.name == "run42/f1.fits.v2" and storage.objects[partial] == DATA[:1000]
     else:
-        assert end.name == "run42/f1.fits" and partial.read_bytes() == DATA
+        assert end.name == "run42/f1.fits" and storage.objects[partial] == DATA

@@ -10,17 +10,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge_agent.core.lifecycle import Event, State
+from edge_agent.lake.memory import MemoryCatalogue
 from edge_agent.ledger import Ledger
 from edge_agent.runner import Runner
 from edge_agent.settings import Settings
 from edge_agent.status import metrics, report
-
-
-class HealthyLake:
-    """Only what the runner asks of a lake before any file moves."""
-
-    def health(self) -> str | None:
-        return None
 
 
 @pytest.fixture
@@ -35,7 +29,7 @@ def runner(tmp_path: Path, clock: Any, settings_data: Callable[..., dict[str, An
             rec = ledger.transition(rec.id, State.DISCOVERED, Event.COMPLETED)
         if name == "c":
             ledger.transition(rec.id, State.COMPLETE, Event.FAILED_PERMANENT, {"reason": "zero-byte file"})
-    r = Runner(s, ledger, HealthyLake(), clock=clock)  # type: ignore[arg-type]
+    r = Runner(s, ledger, MemoryCatalogue({}), clock=clock)   # healthy; no file moves here
     yield r
     for pool in r.pools.values():
         pool.shutdown()
