@@ -112,3 +112,51 @@ def test_a_url_is_chosen_by_scheme_in_one_place() -> None:
     assert pick_url([], ["https"]) == ""
     assert scheme_rank("/data/f", ["https", "file"]) == 1         # a bare path is a file
     assert scheme_rank("s3://b/k", ["https", "file"]) == 2
+
+
+def test_the_audit_reads_the_local_lake_through_its_catalogue_and_the_transports(tmp_path: Path) -> None:
+    from edge_agent.audit import build
+    from edge_agent.settings import load_settings
+    (tmp_path / "buf").mkdir()
+    (tmp_path / "l1").mkdir()
+    s = load_settings(None, state_dir=tmp_path / "state", destinations={"l1": {"path": str(tmp_path / "l1")}},
+                      rules={"daq": {"directory": str(tmp_path / "buf"), "scope": "s", "destinations": ["l1"], "copies": 1}})
+    with pytest.raises(NoCatalogue):
+        build(s)
+    writer = LocalCatalogue(s.lake_catalog_path, s.destinations, ".+")
+    f = lake_file("f1")
+    writer.register(f)
+    writer.add_replica(f, "l1", str(tmp_path / "l1" / "s" / "f1"))
+    writer.close()
+    (tmp_path / "l1" / "s").mkdir()
+    (tmp_path / "l1" / "s" / "f1").write_bytes(b"0123456789")
+    (tmp_path / "elsewhere").write_bytes(b"01234")
+    lake = build(s)
+    try:
+        assert lake.schemes == ()
+        assert [x.name for x in lake.records.dataset_files("s", "night1")] == ["f1"]
+        assert lake.probe("l1", str(tmp_path / "l1" / "s" / "f1"), False).size == 10    # type: ignore[union-attr]
+        # a copy recorded outside every destination named today is still asked
+        assert lake.probe("old", str(tmp_path / "elsewhere"), True).size == 5           # type: ignore[union-attr]
+        assert lake.probe("l1", str(tmp_path / "l1" / "s" / "gone"), False) is None
+    finally:
+        lake.close()
+
+
+def test_the_audit_asks_rucio_storage_in_http_first(tmp_path: Path) -> None:
+    from edge_agent.audit import build
+    from edge_agent.lake.rucio import RucioRecords
+    from edge_agent.settings import load_settings
+    (tmp_path / "buf").mkdir()
+    s = load_settings(None, state_dir=tmp_path / "state",
+                      lake={"kind": "rucio", "rucio": {"url": "http://rucio.invalid", "account": "a",
+                                                       "schemes": ["root", "davs"],
+                                                       "auth": {"type": "userpass", "username": "u", "password": "p"}}},
+                      destinations={"l1": {"kind": "rse", "rse": "L1"}},
+                      rules={"daq": {"directory": str(tmp_path / "buf"), "scope": "s", "destinations": ["l1"], "copies": 1}})
+    lake = build(s)                       # nothing is asked of Rucio until the audit runs
+    try:
+        assert isinstance(lake.records, RucioRecords)
+        assert lake.schemes == ("davs", "http", "https", "root")
+    finally:
+        lake.close()
