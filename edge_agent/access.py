@@ -30,7 +30,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import sqlite3
 import ssl
 import sys
 import tempfile
@@ -46,8 +45,10 @@ import structlog
 
 from . import logs
 from .errors import ChecksumMismatch, EdgeAgentError, ObjectMissing, PermanentError, RetryableError
+from .lake.base import Records, UnknownDid
 from .transfer.base import Transport
 from .transfer.http import HttpTransport, shown_url, ssl_context, wire_url
+from .urls import scheme_rank
 
 __all__ = ["ChecksumMismatch", "FileInfo", "Lake", "NoReachableReplica", "ObjectMissing", "ReplicaInfo", "Resolver",
            "VerifiedStream", "direct_url", "signing_resolver"]
@@ -271,78 +272,11 @@ def signing_resolver(sign: Callable[[str, str], str], inner: Resolver = direct_u
     return resolve
 
 
-# ------------------------------------------------------------------ catalogues
-class _Catalogue:
-    def files(self, scope: str, dataset: str) -> list[FileInfo]:
-        raise NotImplementedError
-
-    def file(self, scope: str, name: str) -> tuple[FileInfo, list[ReplicaInfo]]:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-
-class _RucioCatalogue(_Catalogue):
-    def __init__(self, client: Any) -> None:
-        self.client = client
-
-    def files(self, scope: str, dataset: str) -> list[FileInfo]:
-        out = []
-        for c in self.client.list_content(scope, dataset):
-            if str(c.get("type", "FILE")).upper() == "FILE":
-                out.append(FileInfo(c["scope"], c["name"], c.get("bytes"), c.get("adler32")))
-            else:   # a container: its datasets' files
-                out.extend(self.files(c["scope"], c["name"]))
-        return sorted(out, key=lambda f: f.did)
-
-    def file(self, scope: str, name: str) -> tuple[FileInfo, list[ReplicaInfo]]:
-        rows = self.client.list_replicas([(scope, name)], schemes=None)
-        row = next((r for r in rows if r.get("scope") == scope and r.get("name") == name), None)
-        if row is None:
-            did = self.client.get_did(scope, name)      # raises NotFound for an unknown DID
-            return FileInfo(scope, name, did.get("bytes"), did.get("adler32")), []
-        states = row.get("states") or {}
-        reps = [ReplicaInfo(rse, pfn, states.get(rse, "UNKNOWN"))
-                for rse, pfns in sorted((row.get("rses") or {}).items()) for pfn in pfns]
-        return FileInfo(scope, name, row.get("bytes"), row.get("adler32")), reps
-
-    def close(self) -> None:
-        self.client.close()
-
-
-class _LocalCatalogue(_Catalogue):
-    """The local lake's SQLite catalogue, opened read-only."""
-
-    def __init__(self, path: Path) -> None:
-        if not path.exists():
-            raise PermanentError(f"no local lake catalogue at {path}")
-        self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
-
-    def files(self, scope: str, dataset: str) -> list[FileInfo]:
-        rows = self.db.execute(
-            "SELECT d.scope, d.name, d.bytes, d.adler32 FROM contents c JOIN dids d ON d.scope = c.child_scope "
-            "AND d.name = c.child_name WHERE c.scope = ? AND c.name = ? ORDER BY d.name", (scope, dataset))
-        return [FileInfo(*r) for r in rows]
-
-    def file(self, scope: str, name: str) -> tuple[FileInfo, list[ReplicaInfo]]:
-        row = self.db.execute("SELECT bytes, adler32 FROM dids WHERE scope = ? AND name = ?",
-                              (scope, name)).fetchone()
-        if row is None:
-            raise PermanentError(f"the lake has no DID {scope}:{name}")
-        reps = self.db.execute("SELECT location, url FROM replicas WHERE scope = ? AND name = ? ORDER BY location",
-                               (scope, name)).fetchall()
-        return FileInfo(scope, name, row[0], row[1]), [ReplicaInfo(loc, url, "AVAILABLE") for loc, url in reps]
-
-    def close(self) -> None:
-        self.db.close()
-
-
 # ------------------------------------------------------------------ the API
 class Lake:
     """The lake as an analysis sees it: datasets, files, replicas, and verified bytes."""
 
-    def __init__(self, catalogue: _Catalogue, http: httpx.Client, *, resolver: Resolver = direct_url,
+    def __init__(self, catalogue: Records, http: httpx.Client, *, resolver: Resolver = direct_url,
                  schemes: Sequence[str] = DEFAULT_SCHEMES, timeout: float = 60.0) -> None:
         if not structlog.is_configured():
             # analysis code did not set logging up: warnings only (TLS off, ...), redacted, on stderr;
@@ -363,8 +297,9 @@ class Lake:
         from .settings import load_settings
         s = load_settings(path)
         if s.lake.kind == "local":
-            return cls(_LocalCatalogue(s.lake_catalog_path), httpx.Client(timeout=60), resolver=resolver,
-                       schemes=schemes)
+            from .lake.local import LocalCatalogue
+            catalogue = LocalCatalogue.read_only(s.lake_catalog_path, s.destinations, s.lake.effective_name_pattern)
+            return cls(catalogue, httpx.Client(timeout=60), resolver=resolver, schemes=schemes)
         assert s.lake.rucio is not None
         s3_cas = [str(d.ca_cert) for d in s.destinations.values() if d.sign_url and d.ca_cert]
         return cls._rucio(s.lake.rucio, resolver, schemes, s3_cas)
@@ -385,13 +320,14 @@ class Lake:
 
     @classmethod
     def _rucio(cls, r: Any, resolver: Resolver, schemes: Sequence[str], extra_cas: Sequence[str] = ()) -> Lake:
+        from .lake.rucio import RucioRecords
         from .lake.rucio_client import RucioClient
         from .lake.signed_reads import SignedReadResolver
         client = RucioClient(r)
         if resolver is direct_url:
             # replicas on S3 RSEs (Rucio's sign_url=s3) are read through URLs Rucio signs
             resolver = signing_resolver(SignedReadResolver(client))
-        return cls(_RucioCatalogue(client), storage_client(r, client, extra_cas), resolver=resolver,
+        return cls(RucioRecords(client), storage_client(r, client, extra_cas), resolver=resolver,
                    schemes=schemes, timeout=r.timeout_seconds)
 
     def close(self) -> None:
@@ -407,17 +343,26 @@ class Lake:
     # -------------------------------------------------------------- catalogue
     def list_files(self, dataset: str) -> list[FileInfo]:
         """The files of a dataset (or of a container's datasets), by DID."""
-        return self._cat.files(*split_did(dataset))
+        return [FileInfo(f.scope, f.name, f.size, f.adler32) for f in self._cat.dataset_files(*split_did(dataset))]
 
     def info(self, did: str) -> FileInfo:
-        return self._cat.file(*split_did(did))[0]
+        return self._file(did)[0]
 
     def replicas(self, did: str) -> list[ReplicaInfo]:
         """Every replica the catalogue lists, whatever its state."""
-        return self._cat.file(*split_did(did))[1]
+        return self._file(did)[1]
+
+    def _file(self, did: str) -> tuple[FileInfo, list[ReplicaInfo]]:
+        """The file and each URL of each of its replicas; raises UnknownDid when the lake has no such file."""
+        scope, name = split_did(did)
+        found = self._cat.lookup([(scope, name)]).get((scope, name))
+        if found is None:
+            raise UnknownDid(f"the lake has no DID {scope}:{name}")
+        return (FileInfo(scope, name, found.size, found.adler32),
+                [ReplicaInfo(r.location, url, r.state) for r in found.replicas for url in r.urls])
 
     def _candidates(self, did: str, rse: str | None) -> tuple[FileInfo, list[tuple[ReplicaInfo, str]]]:
-        info, reps = self._cat.file(*split_did(did))
+        info, reps = self._file(did)
         out = []
         for r in reps:
             if r.state != "AVAILABLE" or (rse and r.rse != rse):
@@ -425,8 +370,7 @@ class Lake:
             url = self.resolver(r.pfn, r.rse)
             if url is not None:
                 out.append((r, url))
-        rank = {s: i for i, s in enumerate(self.schemes)}
-        out.sort(key=lambda x: (rank.get(urlsplit(x[0].pfn).scheme or "file", len(rank)), x[0].rse))
+        out.sort(key=lambda x: (scheme_rank(x[0].pfn, self.schemes), x[0].rse))
         return info, out
 
     # -------------------------------------------------------------- bytes

@@ -8,24 +8,22 @@ verdicts come from core/audit.py; this module gathers what they are made of.
 from __future__ import annotations
 
 import os
-import sqlite3
 import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Callable, Iterable, Protocol
 
 from .core import audit as core
 from .core import policy
 from .core.lifecycle import State
-from .errors import ConfigError, EdgeAgentError, PermanentError
+from .errors import ConfigError, EdgeAgentError
+from .lake.base import ListedFile, Records, UnknownDid
 from .ledger import FileRecord, Ledger
 from .settings import RuleSettings, Settings
 from .transfer.base import RemoteStat
-
-if TYPE_CHECKING:
-    from .lake.rucio_client import RucioClient
+from .urls import pick_url, shown_url
 
 
 @dataclass(frozen=True)
@@ -62,33 +60,27 @@ class Selection:
         return not self.dataset or dataset == self.dataset
 
 
-@dataclass(frozen=True)
-class Listed:
-    """One file DID as the catalogue lists it, with its replicas (location, state, url)."""
-    size: int | None
-    adler32: str | None
-    replicas: tuple[tuple[str, str, str], ...]
-    md5: str | None = None
-
-
-class CatalogueReader(Protocol):
-    """The catalogue side of the audit: read-only listings."""
-
-    def dataset_files(self, scope: str, name: str) -> list[tuple[str, str]]: ...
-
-    def lookup(self, dids: list[tuple[str, str]]) -> dict[tuple[str, str], Listed]: ...
-
-
 # (location, url, deep) -> what the storage holds there (None: nothing); raises EdgeAgentError when it
 # cannot say. The location (RSE) matters: an S3 RSE's objects are read through URLs Rucio signs for it.
 Probe = Callable[[str, str, bool], "RemoteStat | None"]
 
 
+@dataclass(frozen=True)
+class AuditedLake:
+    """What the audit reads the configured lake with (build), closed by `close`."""
+    records: Records              # the catalogue's read side
+    probe: Probe                  # its storage, asked through the transports registry
+    schemes: tuple[str, ...]      # the URL schemes a replica is asked in, preferred first (() any)
+    close: Callable[[], None]
+
+
 # ------------------------------------------------------------------ the audit
-def run_audit(settings: Settings, ledger: Ledger, cat: CatalogueReader, probe: Probe, sel: Selection,
-              deep: bool = False, now: float | None = None, workers: int = 1) -> core.Report:
+def run_audit(settings: Settings, ledger: Ledger, cat: Records, probe: Probe, sel: Selection,
+              deep: bool = False, now: float | None = None, workers: int = 1,
+              schemes: Sequence[str] = ()) -> core.Report:
     """Judge every selected file. `workers` storages are asked at once (each transport still
-    keeps its own per-server limits: XRootD answers one checksum query at a time)."""
+    keeps its own per-server limits: XRootD answers one checksum query at a time). `schemes`:
+    each replica is asked at its URL in the first of these the catalogue lists (() any)."""
     now = time.time() if now is None else now
     if sel.rule and sel.rule not in settings.rules:
         raise ConfigError(f"--rule {sel.rule}: no such rule (have {sorted(settings.rules)})")
@@ -101,15 +93,16 @@ def run_audit(settings: Settings, ledger: Ledger, cat: CatalogueReader, probe: P
         (r.scope, r.dataset) for r in rows if r.scope and r.dataset}
     extra: list[tuple[str, str]] = []
     for scope, name in sorted(datasets):
-        for d in cat.dataset_files(scope, name):
-            if d not in dids:
-                extra.append(d)
-    listed = cat.lookup(sorted(set(dids) | set(extra)))
+        for f in _dataset_files(cat, scope, name):
+            if (f.scope, f.name) not in dids:
+                extra.append((f.scope, f.name))
+    listed = cat.lookup(sorted(set(dids) | set(extra)), list(schemes) or None)
     buffer_rses = {r.buffer_rse for r in settings.rules.values() if r.buffer_rse}
 
     every = sorted(set(dids) | set(extra))
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix="audit") as pool:
-        views = dict(zip(every, pool.map(lambda d: _catalogue_view(listed.get(d), probe, deep, buffer_rses), every)))
+        views = dict(zip(every, pool.map(lambda d: _catalogue_view(listed.get(d), probe, deep, buffer_rses, schemes),
+                                         every)))
     left = _superseded_by_did(ledger)
     for scope, name in every:
         rec = dids.get((scope, name))
@@ -127,6 +120,13 @@ def run_audit(settings: Settings, ledger: Ledger, cat: CatalogueReader, probe: P
                                         rec.relpath)])
     report.add(_unknown_in_buffer(settings, ledger, sel, now))
     return report
+
+
+def _dataset_files(cat: Records, scope: str, name: str) -> list[ListedFile]:
+    try:
+        return cat.dataset_files(scope, name)
+    except UnknownDid:
+        return []      # a dataset the lake does not hold lists nothing: the ledger's files are judged alone
 
 
 def _selected_rows(settings: Settings, ledger: Ledger, sel: Selection) -> list[FileRecord]:
@@ -155,13 +155,14 @@ def _ledger_view(settings: Settings, rec: FileRecord) -> core.LedgerView:
                            rule.copies if rule else 1, rec.reason, rec.md5)
 
 
-def _catalogue_view(item: Listed | None, probe: Probe, deep: bool, buffer_rses: set[str]) -> core.CatalogueView | None:
+def _catalogue_view(item: ListedFile | None, probe: Probe, deep: bool, buffer_rses: set[str],
+                    schemes: Sequence[str]) -> core.CatalogueView | None:
     """Ask the storage behind each AVAILABLE replica what it holds (others are in flight: not asked)."""
     if item is None:
         return None
-    from .transfer.http import shown_url
     copies = []
-    for location, state, url in item.replicas:
+    for replica in item.replicas:
+        location, state, url = replica.location, replica.state, pick_url(replica.urls, schemes)
         shown = shown_url(url) if "://" in url else url   # a query string may carry a signature
         check = partial(core.CopyCheck, location, shown, state, is_buffer=location in buffer_rses)
         if state != "AVAILABLE":
@@ -202,101 +203,48 @@ def _unknown_in_buffer(settings: Settings, ledger: Ledger, sel: Selection, now: 
 
 
 # ------------------------------------------------------------------ the lake kinds
-class RucioReader:
-    """Rucio's listings: dataset contents, and replicas with the PFN of the first scheme in `schemes`."""
-
-    def __init__(self, client: RucioClient, schemes: list[str]) -> None:
-        self.client = client
-        self.schemes = schemes
-
-    def dataset_files(self, scope: str, name: str) -> list[tuple[str, str]]:
-        from .lake.rucio_client import NotFound
-        try:
-            kids = self.client.list_content(scope, name)
-        except NotFound:
-            return []
-        out = []
-        for k in kids:
-            if str(k.get("type", "FILE")).upper() == "FILE":
-                out.append((k["scope"], k["name"]))
-            else:
-                out.extend(self.dataset_files(k["scope"], k["name"]))
-        return out
-
-    def lookup(self, dids: list[tuple[str, str]]) -> dict[tuple[str, str], Listed]:
-        from urllib.parse import urlsplit
-        rows = self.client.list_replicas(dids, schemes=self.schemes or None)
-        out = {}
-        for row in rows:
-            reps = []
-            for rse, state in sorted((row.get("states") or {}).items()):
-                pfns = (row.get("rses") or {}).get(rse) or []
-                url = next((p for s in self.schemes for p in pfns if urlsplit(p).scheme == s), pfns[0] if pfns else "")
-                reps.append((rse, state, url))
-            out[(row["scope"], row["name"])] = Listed(row.get("bytes"), row.get("adler32"), tuple(reps),
-                                                      row.get("md5"))
-        # a DID with no replica at all is not listed by /replicas/list: ask for it by name
-        for scope, name in dids:
-            if (scope, name) not in out:
-                try:
-                    did = self.client.get_did(scope, name)
-                except EdgeAgentError:
-                    continue
-                out[(scope, name)] = Listed(did.get("bytes"), did.get("adler32"), (), did.get("md5"))
-        return out
-
-
-class LocalReader:
-    """The local lake's catalogue (SQLite), opened read-only."""
-
-    def __init__(self, path: os.PathLike[str] | str) -> None:
-        if not os.path.exists(path):
-            raise ConfigError(f"no local lake catalogue at {path}: the agent has not registered anything yet")
-        self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
-
-    def dataset_files(self, scope: str, name: str) -> list[tuple[str, str]]:
-        return [(r[0], r[1]) for r in self.db.execute(
-            "SELECT child_scope, child_name FROM contents WHERE scope = ? AND name = ?", (scope, name))]
-
-    def lookup(self, dids: list[tuple[str, str]]) -> dict[tuple[str, str], Listed]:
-        out = {}
-        for scope, name in dids:
-            row = self.db.execute("SELECT bytes, adler32 FROM dids WHERE scope = ? AND name = ? AND type = 'FILE'",
-                                  (scope, name)).fetchone()
-            if row is None:
-                continue
-            reps = self.db.execute("SELECT location, url FROM replicas WHERE scope = ? AND name = ? ORDER BY location",
-                                   (scope, name)).fetchall()
-            out[(scope, name)] = Listed(row[0], row[1], tuple((loc, "AVAILABLE", url) for loc, url in reps))
-        return out
-
-    def close(self) -> None:
-        self.db.close()
-
-
-def build(settings: Settings) -> tuple[CatalogueReader, Probe, Callable[[], None]]:
-    """The catalogue reader and the storage probe for the configured lake, and how to close them."""
-    from urllib.parse import urlsplit
-
-    from .access import ObjectMissing, Reader, digest_of, storage_client, storage_tls
+def build(settings: Settings) -> AuditedLake:
+    """The configured lake's catalogue, read-only, and its storage's probe (through the transports
+    registry the agent builds), and how to close them."""
     if settings.lake.kind == "local":
-        from .transfer.posix import PosixTransport
-        reader = LocalReader(settings.lake_catalog_path)
-        posix = PosixTransport()
-        verify_of = {str(d.path): d.verify for d in settings.destinations.values() if d.path}
+        return _local(settings)
+    return _rucio(settings)
 
-        def local_probe(location: str, url: str, deep: bool) -> RemoteStat | None:
-            how = "reread" if deep else next((v for p, v in verify_of.items() if url.startswith(p + os.sep)),
-                                             "reread")
-            return posix.stat(url, verify=how)
-        return reader, local_probe, reader.close
 
-    from .app import build_rucio_parts, build_s3_transports
+def _local(settings: Settings) -> AuditedLake:
+    from .app import build_transports
+    from .lake.local import LocalCatalogue
+    from .transfer.posix import PosixTransport
+    records = LocalCatalogue.read_only(settings.lake_catalog_path, settings.destinations,
+                                       settings.lake.effective_name_pattern)
+    transports = build_transports(settings)
+    # a copy recorded under a directory no destination names any more is asked all the same
+    transports.mount("/", PosixTransport())
+    verify_of = {str(d.path): d.verify for d in settings.destinations.values() if d.path}
+
+    def local_probe(location: str, url: str, deep: bool) -> RemoteStat | None:
+        how = "reread" if deep else next((v for p, v in verify_of.items() if url.startswith(p + os.sep)),
+                                         "reread")
+        return transports.for_url(url).stat(url, verify=how)
+
+    def close() -> None:
+        records.close()
+        transports.close()
+    return AuditedLake(records, local_probe, (), close)
+
+
+def _rucio(settings: Settings) -> AuditedLake:
+    from .access import ObjectMissing, Reader, digest_of, storage_client, storage_tls
+    from .app import RUCIO_SCHEMES, build_s3_transports, rucio_transports
+    from .lake.rucio import RucioRecords
+    from .lake.rucio_client import RucioClient
     from .lake.signed_reads import SignedReadResolver
     from .transfer.s3 import S3Transport
-    client, transports = build_rucio_parts(settings)
     rucio = settings.lake.rucio
     assert rucio is not None
+    client = RucioClient(rucio)
+    records = RucioRecords(client)
+    transports = rucio_transports(settings, client)
     # S3 RSEs (Rucio's sign_url=s3): their objects answer only URLs Rucio signs, and hold no adler32.
     # The agent's S3 destinations come with their CA files; an S3 RSE the agent never writes to
     # (a copy the lake made) gets a transport of its own, trusting the same CAs.
@@ -315,7 +263,7 @@ def build(settings: Settings) -> tuple[CatalogueReader, Probe, Callable[[], None
     # HTTP first: one HEAD with Want-Digest per copy, where root:// costs two xrdfs processes
     # (stat, then query checksum): 80 replicas on XRootD 5.5 took 3.6 s instead of 12-28 s (loaded 2-core
     # machine). Same storage, same checksum cache, same answer.
-    known = [s for s in rucio.schemes if s in transports] + [s for s in transports if s not in rucio.schemes]
+    known = [s for s in rucio.schemes if s in RUCIO_SCHEMES] + [s for s in RUCIO_SCHEMES if s not in rucio.schemes]
     schemes = [s for s in known if s in ("davs", "https", "http")] + [s for s in known if s not in ("davs", "https", "http")]
     http = storage_client(rucio, client, s3_cas)
     reader_ = Reader(http, rucio.timeout_seconds)
@@ -333,14 +281,12 @@ def build(settings: Settings) -> tuple[CatalogueReader, Probe, Callable[[], None
             except ObjectMissing:
                 return None
             return RemoteStat(size, adler)
-        transport = transports.get(urlsplit(url).scheme)
-        if transport is None:
-            raise PermanentError(f"no transport for {urlsplit(url).scheme}:// URLs")
-        return transport.stat(url)
+        return transports.for_url(url).stat(url)
 
     def close() -> None:
         http.close()
-        client.close()
-        for t in {id(t): t for t in [*transports.values(), *s3.values()]}.values():
+        transports.close()
+        for t in s3.values():
             getattr(t, "close", lambda: None)()
-    return RucioReader(client, schemes), rucio_probe, close
+        records.close()
+    return AuditedLake(records, rucio_probe, tuple(schemes), close)

@@ -321,9 +321,10 @@ def audit(settings: Settings, args: argparse.Namespace) -> int:
     from .errors import EdgeAgentError
     sel = audit_io.Selection(dataset=args.dataset, night=args.night, rule=args.rule)
     ledger = _open_ledger(settings)
-    reader, probe, close = audit_io.build(settings)
+    lake = audit_io.build(settings)
     try:
-        report = audit_io.run_audit(settings, ledger, reader, probe, sel, deep=args.deep, workers=args.workers)
+        report = audit_io.run_audit(settings, ledger, lake.records, lake.probe, sel, deep=args.deep,
+                                    workers=args.workers, schemes=lake.schemes)
     except ConfigError:
         raise
     except EdgeAgentError as exc:
@@ -331,7 +332,7 @@ def audit(settings: Settings, args: argparse.Namespace) -> int:
         print(f"edge-agent: the audit could not run: {exc}", file=sys.stderr)
         return 2
     finally:
-        close()
+        lake.close()
         ledger.close()
     if args.json:
         print(json.dumps(report.to_json(), indent=2))

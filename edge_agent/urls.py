@@ -6,6 +6,7 @@ neither imports the other for it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 
@@ -25,3 +26,22 @@ def unsigned_url(url: str) -> str:
     signed (credential-bearing) PFN of an S3 RSE; the agent signs afresh and never keeps one."""
     p = urlsplit(url)
     return urlunsplit((p.scheme, p.netloc, p.path, "", "")) if p.query else url
+
+
+def scheme_of(url: str) -> str:
+    """The URL's scheme; a bare path is a file."""
+    return urlsplit(url).scheme or "file"
+
+
+def scheme_rank(url: str, schemes: Sequence[str]) -> int:
+    """Where `url`'s scheme stands in `schemes` (the preferred first); len(schemes) when not there."""
+    scheme = scheme_of(url)
+    return schemes.index(scheme) if scheme in schemes else len(schemes)
+
+
+def pick_url(urls: Sequence[str], schemes: Sequence[str]) -> str:
+    """The one URL a copy is reached at, of the URLs (PFNs) a catalogue lists for it: the first in
+    the first of `schemes` that any has, else the first listed; "" when none is listed. The one
+    place a URL is chosen by scheme (the confirm step's Rucio replicas, `audit`; the access API
+    orders its candidates by scheme_rank)."""
+    return min(urls, key=lambda u: scheme_rank(u, schemes), default="")

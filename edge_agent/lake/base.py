@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from ..errors import ConfigError, PermanentError
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,60 @@ class CopiesState(enum.StrEnum):
     STUCK = "STUCK"               # the lake tried and gave up for now: a person may be needed
     SUSPENDED = "SUSPENDED"       # the lake stopped making them
     MISSING = "MISSING"           # the request is gone (expired, deleted): to be asked again
+
+
+class UnknownDid(PermanentError):
+    """The catalogue holds no such DID (file, dataset or container)."""
+
+
+class NoCatalogue(ConfigError, PermanentError):
+    """There is no catalogue to read (the local lake's file was never written)."""
+
+
+@dataclass(frozen=True)
+class ListedReplica:
+    """A replica as the catalogue lists it when asked by DID: where, in what state, at which URLs."""
+    location: str                 # destination or RSE name
+    state: str                    # the catalogue's word: AVAILABLE, COPYING, ... (the local lake: AVAILABLE)
+    urls: tuple[str, ...] = ()    # every URL (PFN) it lists the copy under, in its order; urls.pick_url chooses
+
+
+@dataclass(frozen=True)
+class ListedFile:
+    """A file DID as the catalogue records it: its size and checksums (the agent's own, registered)
+    and, when asked by DID (Records.lookup), every replica listed, whatever its state."""
+    scope: str
+    name: str
+    size: int | None
+    adler32: str | None
+    md5: str | None = None
+    replicas: tuple[ListedReplica, ...] = ()
+
+    @property
+    def did(self) -> str:
+        return f"{self.scope}:{self.name}"
+
+
+class Records(abc.ABC):
+    """The catalogue's read side: what it records about files, asked by dataset or by DID, never
+    asked of storage. `audit` and the access API read the lake through it; the catalogues' own
+    `recorded` (the confirm step's) is built on the same reads. Read-only: nothing changes."""
+
+    @abc.abstractmethod
+    def dataset_files(self, scope: str, name: str) -> list[ListedFile]:
+        """The files of dataset scope:name (of a container: its datasets' files), sorted by DID,
+        with size and checksums and no replicas. Raises UnknownDid where the catalogue can tell
+        that it holds no such dataset (Rucio, the in-memory one); the local lake lists none."""
+
+    @abc.abstractmethod
+    def lookup(self, dids: Sequence[tuple[str, str]],
+               schemes: Sequence[str] | None = None) -> dict[tuple[str, str], ListedFile]:
+        """Each of `dids` the catalogue holds, by (scope, name), with every replica it lists (in
+        location order); a DID it does not hold is left out. `schemes`: list only URLs in these
+        schemes (a bare path is "file"; None: every URL). Raises what asking costs (RetryableError)."""
+
+    def close(self) -> None:
+        """The connections the reads used are closed."""
 
 
 class Catalogue(abc.ABC):

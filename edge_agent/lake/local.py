@@ -13,15 +13,16 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator
 
 import structlog
 
 from .. import places
 from ..errors import PermanentError, RetryableError
 from ..settings import DestinationSettings
-from .base import Catalogue, LakeFile, RecordedReplica, Target
+from ..urls import scheme_of
+from .base import Catalogue, LakeFile, ListedFile, ListedReplica, NoCatalogue, RecordedReplica, Records, Target
 
 log = structlog.get_logger("edge_agent.lake.local")
 
@@ -53,22 +54,65 @@ def _catalogue_errors() -> Iterator[None]:
         raise RetryableError(f"local lake catalogue: {exc}") from None
 
 
-class LocalCatalogue(Catalogue):
+class LocalCatalogue(Catalogue, Records):
     """The embedded lake's catalogue: copies go to `destinations` (directories), below each at
-    scope/name; the catalogue records them in a SQLite file at `catalog_path`."""
+    scope/name; the catalogue records them in a SQLite file at `catalog_path`.
+
+    The only place that knows the catalogue's schema: `audit` and the access API read it through
+    `read_only` (Records), never with SQL of their own."""
 
     def __init__(self, catalog_path: Path, destinations: dict[str, DestinationSettings],
-                 name_pattern: str) -> None:
+                 name_pattern: str, *, read_only: bool = False) -> None:
         self.name_pattern = name_pattern
         self.destinations = destinations
-        catalog_path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        if read_only:
+            if not catalog_path.exists():
+                raise NoCatalogue(f"no local lake catalogue at {catalog_path}: the agent has not registered "
+                                  "anything yet")
+            self._db = sqlite3.connect(f"file:{catalog_path}?mode=ro", uri=True, check_same_thread=False)
+            return
+        catalog_path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(catalog_path), check_same_thread=False, isolation_level=None,
                                    timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         # a record for auditing, never the evidence for deletion (copies are read back): NORMAL is enough
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+
+    @classmethod
+    def read_only(cls, catalog_path: Path, destinations: dict[str, DestinationSettings] | None = None,
+                  name_pattern: str = ".+") -> LocalCatalogue:
+        """The catalogue at `catalog_path` opened for reading only (`audit`, the access API, even
+        while the agent runs): nothing is created, the file is never written. Raises NoCatalogue
+        (a ConfigError) when there is no catalogue there yet."""
+        return cls(catalog_path, dict(destinations or {}), name_pattern, read_only=True)
+
+    # ------------------------------------------------------------ Records
+    def dataset_files(self, scope: str, name: str) -> list[ListedFile]:
+        with self._lock, _catalogue_errors():
+            rows = self._db.execute(
+                "SELECT d.scope, d.name, d.bytes, d.adler32, d.md5 FROM contents c JOIN dids d "
+                "ON d.scope = c.child_scope AND d.name = c.child_name WHERE c.scope = ? AND c.name = ? "
+                "ORDER BY d.scope, d.name", (scope, name)).fetchall()
+        return [ListedFile(*row) for row in rows]
+
+    def lookup(self, dids: Sequence[tuple[str, str]],
+               schemes: Sequence[str] | None = None) -> dict[tuple[str, str], ListedFile]:
+        out = {}
+        with self._lock, _catalogue_errors():
+            for scope, name in dids:
+                row = self._db.execute("SELECT bytes, adler32, md5 FROM dids WHERE scope = ? AND name = ? "
+                                       "AND type = 'FILE'", (scope, name)).fetchone()
+                if row is None:
+                    continue
+                reps = self._db.execute("SELECT location, url FROM replicas WHERE scope = ? AND name = ? "
+                                        "ORDER BY location", (scope, name)).fetchall()
+                # every replica the local lake records is usable: it is written before it is recorded
+                listed = tuple(ListedReplica(loc, "AVAILABLE", (url,) if not schemes or scheme_of(url) in schemes
+                                             else ()) for loc, url in reps)
+                out[(scope, name)] = ListedFile(scope, name, row[0], row[1], row[2], listed)
+        return out
 
     def _root(self, location: str) -> Path:
         path = self.destinations[location].path

@@ -1,7 +1,8 @@
 """A catalogue in memory, shipped for tests and for people writing plugins (as httpx ships a
 MockTransport): it keeps DIDs, replicas and copy requests in dicts, says where copies go (a
-directory or URL prefix per destination) and implements lake/base.py's interface with the same
-promises as the real ones. Nothing is kept across processes; nothing here touches storage.
+directory or URL prefix per destination) and implements lake/base.py's interfaces (Catalogue, and
+its read side Records) with the same promises as the real ones. Nothing is kept across processes;
+nothing here touches storage.
 
 Knobs make it behave as a real catalogue does when things go wrong, and show what it was told:
 
@@ -10,18 +11,32 @@ Knobs make it behave as a real catalogue does when things go wrong, and show wha
     lake.fail("register", times=None, error=PermanentError("refused"))   # every one, until heal()
     lake.free_names = False                    # name_free is never sure (the first copy waits for the hash)
     lake.rule_state = CopiesState.STUCK        # what copies_state says of the copies requested
+    lake.list_replica("s:n", "c", "root://c//s/n", state="COPYING")   # a replica the lake made
     lake.calls                                 # [Call("register", "s:n"), Call("add_replica", "s:n", "a"), ...]
     lake.asked("register")                     # the register calls, in order
+    lake.looked_up                             # the DIDs the read side was asked about
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 from ..errors import PermanentError, RetryableError
-from .base import Catalogue, CopiesState, LakeFile, RecordedReplica, Target
+from ..urls import scheme_of
+from .base import (
+    Catalogue,
+    CopiesState,
+    LakeFile,
+    ListedFile,
+    ListedReplica,
+    RecordedReplica,
+    Records,
+    Target,
+    UnknownDid,
+)
 
 Operation = Literal["register", "name_free", "targets", "add_replica", "request_copies", "copies_state",
                     "recorded", "recorded_locations", "release", "health"]
@@ -43,7 +58,7 @@ class _Fault:
     error: Exception | None
 
 
-class MemoryCatalogue(Catalogue):
+class MemoryCatalogue(Catalogue, Records):
     """`roots` maps each destination to where its copies go: an absolute directory or a URL prefix;
     a copy of scope:name lies at root/scope/name; a destination without a root is one whose copy
     the lake makes itself (targets leaves it out). `writes_copies` False: the lake makes the copies
@@ -57,7 +72,9 @@ class MemoryCatalogue(Catalogue):
                 COPYING); with `listed` only (the local lake has no such word).
     free_names: False: name_free answers "not sure" (False) for every name, as a catalogue that
                 cannot tell; True: a name is free while no DID holds it.
-    """
+
+    What it was asked is kept for tests (as MockTransport keeps it): `calls` (the effects),
+    `looked_up` (the DIDs each lookup was asked about, in order)."""
 
     def __init__(self, roots: dict[str, str], name_pattern: str = r".+", *, writes_copies: bool = True,
                  rule_state: CopiesState | None = None, listed: bool = True) -> None:
@@ -69,7 +86,10 @@ class MemoryCatalogue(Catalogue):
         self.unavailable: set[str] = set()
         self.free_names = True
         self.dids: dict[str, LakeFile] = {}
-        self.replica_urls: dict[tuple[str, str], str] = {}     # (did, location) -> url
+        self.replicas: dict[tuple[str, str], ListedReplica] = {}   # (did, location) -> the replica listed
+        # (scope, dataset or container) -> its children (scope, name), in the order attached
+        self.contents: dict[tuple[str, str], list[tuple[str, str]]] = {}
+        self.looked_up: list[tuple[str, str]] = []
         self.rules: dict[str, str] = {}                        # rule id -> did
         self.released: list[str] = []
         self.problem: str | None = None     # what health() answers
@@ -108,6 +128,15 @@ class MemoryCatalogue(Catalogue):
                                      f"({old.size} bytes, adler32 {old.adler32}); local file has {f.size} bytes, "
                                      f"adler32 {f.adler32}")
             self.dids.setdefault(f.did, f)
+            if f.dataset:
+                self._attach((f.scope, f.dataset), (f.scope, f.name))
+                if f.container:
+                    self._attach((f.scope, f.container), (f.scope, f.dataset))
+
+    def _attach(self, parent: tuple[str, str], child: tuple[str, str]) -> None:
+        kids = self.contents.setdefault(parent, [])
+        if child not in kids:
+            kids.append(child)
 
     def name_free(self, scope: str, name: str) -> bool:
         self._enter("name_free", f"{scope}:{name}")
@@ -124,7 +153,14 @@ class MemoryCatalogue(Catalogue):
     def add_replica(self, f: LakeFile, location: str, url: str) -> None:
         self._enter("add_replica", f.did, location)
         with self._lock:
-            self.replica_urls[(f.did, location)] = url
+            self.replicas[(f.did, location)] = ListedReplica(location, "AVAILABLE", (url,))
+
+    def list_replica(self, did: str, location: str, *urls: str, state: str = "AVAILABLE") -> None:
+        """After it the catalogue lists a replica of `did` at `location` in `state`, under `urls` (in
+        that order, as Rucio lists one PFN per protocol): a copy the lake made, or one in a state the
+        agent never sets (COPYING, ...)."""
+        with self._lock:
+            self.replicas[(did, location)] = ListedReplica(location, state, tuple(urls))
 
     def request_copies(self, f: LakeFile) -> str | None:
         self._enter("request_copies", f.did)
@@ -149,16 +185,56 @@ class MemoryCatalogue(Catalogue):
         self._enter("recorded", f.did)
         with self._lock:
             dids = self.dids.get(f.did)
-            rows = sorted((loc, url) for (did, loc), url in self.replica_urls.items() if did == f.did)
+            reps = self._replicas_of(f.did)
         if not self.listed:
-            return [RecordedReplica(loc, url, listed=False) for loc, url in rows]
+            return [RecordedReplica(r.location, r.urls[0] if r.urls else "", listed=False) for r in reps]
         size, adler = (dids.size, dids.adler32) if dids else (None, None)
-        return [RecordedReplica(loc, url, size, adler, available=loc not in self.unavailable) for loc, url in rows]
+        return [RecordedReplica(r.location, r.urls[0] if r.urls else "", size, adler,
+                                available=r.state == "AVAILABLE" and r.location not in self.unavailable)
+                for r in reps]
+
+    def _replicas_of(self, did: str) -> list[ListedReplica]:
+        return sorted((r for (d, _), r in self.replicas.items() if d == did), key=lambda r: r.location)
 
     def recorded_locations(self, scope: str, name: str) -> set[str]:
         self._enter("recorded_locations", f"{scope}:{name}")
         with self._lock:
-            return {loc for (did, loc) in self.replica_urls if did == f"{scope}:{name}"}
+            return {loc for (did, loc) in self.replicas if did == f"{scope}:{name}"}
+
+    # ------------------------------------------------------------ Records
+    def dataset_files(self, scope: str, name: str) -> list[ListedFile]:
+        with self._lock:
+            if (scope, name) not in self.contents:
+                raise UnknownDid(f"the lake has no dataset {scope}:{name}")
+            files = self._files_below((scope, name))
+        return sorted(files, key=lambda f: f.did)
+
+    def _files_below(self, parent: tuple[str, str]) -> list[ListedFile]:
+        out = []
+        for child in self.contents.get(parent, []):
+            if child in self.contents:            # a dataset in a container
+                out.extend(self._files_below(child))
+                continue
+            f = self.dids.get(f"{child[0]}:{child[1]}")
+            if f is not None:
+                out.append(ListedFile(f.scope, f.name, f.size, f.adler32 or None, f.md5))
+        return out
+
+    def lookup(self, dids: Sequence[tuple[str, str]],
+               schemes: Sequence[str] | None = None) -> dict[tuple[str, str], ListedFile]:
+        out = {}
+        with self._lock:
+            self.looked_up.extend(dids)
+            for scope, name in dids:
+                f = self.dids.get(f"{scope}:{name}")
+                if f is None:
+                    continue
+                reps = self._replicas_of(f.did)
+                if schemes:
+                    reps = [ListedReplica(r.location, r.state, tuple(u for u in r.urls if scheme_of(u) in schemes))
+                            for r in reps]
+                out[(scope, name)] = ListedFile(scope, name, f.size, f.adler32 or None, f.md5, tuple(reps))
+        return out
 
     def release(self, f: LakeFile) -> None:
         self._enter("release", f.did)

@@ -15,17 +15,26 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
 import structlog
 
 from ..core.policy import normalise_adler32
 from ..errors import EdgeAgentError, PermanentError, RetryableError
 from ..settings import RuleSettings, Settings
-from ..urls import unsigned_url
-from .base import Catalogue, CopiesState, LakeFile, RecordedReplica, Target
+from ..urls import pick_url, unsigned_url
+from .base import (
+    Catalogue,
+    CopiesState,
+    LakeFile,
+    ListedFile,
+    ListedReplica,
+    RecordedReplica,
+    Records,
+    Target,
+    UnknownDid,
+)
 from .rucio_client import NotFound, RucioClient, RucioPermanent
 
 log = structlog.get_logger("edge_agent.lake.rucio")
@@ -51,7 +60,64 @@ META_REFUSALS = frozenset({"InvalidMetadata", "KeyNotFound", "InvalidValueForKey
 _UNSAFE_IN_PFN = set("?#%\\") | {chr(c) for c in range(32)} | {chr(127)}
 
 
-class RucioCatalogue(Catalogue):
+class RucioRecords(Records):
+    """What a Rucio server records, read through `client` alone: no agent settings needed (the
+    access API's Lake.connect has none). RucioCatalogue reads through these same methods."""
+
+    def __init__(self, client: RucioClient) -> None:
+        self.client = client
+
+    def dataset_files(self, scope: str, name: str) -> list[ListedFile]:
+        try:
+            kids = self.client.list_content(scope, name)
+        except NotFound as exc:
+            raise UnknownDid(str(exc)) from None
+        out = []
+        for k in kids:
+            if str(k.get("type", "FILE")).upper() == "FILE":
+                out.append(ListedFile(k["scope"], k["name"], k.get("bytes"), k.get("adler32"), k.get("md5")))
+                continue
+            try:    # a container: its datasets' files
+                out.extend(self.dataset_files(k["scope"], k["name"]))
+            except UnknownDid:
+                continue    # removed since the container was listed: it holds no files
+        return sorted(out, key=lambda f: f.did)
+
+    def lookup(self, dids: Sequence[tuple[str, str]],
+               schemes: Sequence[str] | None = None) -> dict[tuple[str, str], ListedFile]:
+        out = self._listed(dids, schemes)
+        # a DID with no replica at all is not listed by /replicas/list: ask for it by name
+        for scope, name in dids:
+            if (scope, name) in out:
+                continue
+            try:
+                did = self.client.get_did(scope, name)
+            except NotFound:
+                continue
+            out[(scope, name)] = ListedFile(scope, name, did.get("bytes"), did.get("adler32"), did.get("md5"))
+        return out
+
+    def _listed(self, dids: Sequence[tuple[str, str]], schemes: Sequence[str] | None) -> dict[tuple[str, str], ListedFile]:
+        """The asked DIDs that have replicas, as /replicas/list gives them (every state)."""
+        asked = set(dids)
+        out: dict[tuple[str, str], ListedFile] = {}
+        for row in self.client.list_replicas(list(dids), schemes=list(schemes) if schemes else None):
+            key = (row.get("scope"), row.get("name"))
+            if key not in asked or key in out:   # a dataset asked for lists its files: not asked
+                continue
+            states = row.get("states") or {}
+            pfns = row.get("rses") or {}
+            replicas = tuple(ListedReplica(rse, str(states.get(rse, "UNKNOWN")), tuple(pfns.get(rse) or ()))
+                             for rse in sorted({*states, *pfns}))
+            out[key] = ListedFile(key[0], key[1], row.get("bytes"), row.get("adler32"), row.get("md5"), replicas)
+        return out
+
+    def close(self) -> None:
+        """The Rucio client's connections are closed."""
+        self.client.close()
+
+
+class RucioCatalogue(RucioRecords, Catalogue):
     """Catalogue on a Rucio server. `schemes`: the URL schemes the agent has transports for (a
     copy is written, and a replica's PFN chosen, only in one of them); `max_bytes`: the largest
     file a destination RSE's storage takes (an S3 RSE: one signed PUT), refused before registering."""
@@ -62,7 +128,7 @@ class RucioCatalogue(Catalogue):
             raise ValueError("RucioCatalogue needs settings.lake.rucio")
         self.s = settings
         self.r = settings.lake.rucio
-        self.client = client or RucioClient(self.r)
+        super().__init__(client or RucioClient(self.r))
         self.name_pattern = settings.lake.effective_name_pattern
         self._writable = list(dict.fromkeys(schemes))
         # S3 RSEs (sign_url = "s3"): their https PFNs are reached only through URLs Rucio signs
@@ -153,9 +219,8 @@ class RucioCatalogue(Catalogue):
         return False
 
     def recorded_locations(self, scope: str, name: str) -> set[str]:
-        rows = self.client.list_replicas([(scope, name)])
-        row = next((x for x in rows if x.get("scope") == scope and x.get("name") == name), None)
-        return set((row or {}).get("states") or {})
+        listed = self._listed([(scope, name)], None).get((scope, name))
+        return {r.location for r in listed.replicas} if listed else set()
 
     def register(self, f: LakeFile) -> None:
         rule = self._rule(f)
@@ -351,28 +416,19 @@ class RucioCatalogue(Catalogue):
     def recorded(self, f: LakeFile) -> list[RecordedReplica]:
         rule = self._rule(f)
         schemes = self._schemes()
-        rows = self.client.list_replicas([(f.scope, f.name)], schemes=schemes or None)
-        row = next((x for x in rows if x.get("scope") == f.scope and x.get("name") == f.name), None)
-        if row is None:
+        listed = self._listed([(f.scope, f.name)], schemes).get((f.scope, f.name))
+        if listed is None:
             return []
         out = []
-        for rse, state in sorted((row.get("states") or {}).items()):
-            if rse == rule.buffer_rse:
+        for r in listed.replicas:
+            if r.location == rule.buffer_rse:
                 continue
-            url = self._pick_pfn((row.get("rses") or {}).get(rse) or [], schemes)
+            # PFNs are never compared as strings (the same file's differ by scheme and by '//'): only chosen
+            url = pick_url(r.urls, schemes)
             # an S3 PFN may come signed (a credential): never kept
-            out.append(RecordedReplica(rse, unsigned_url(url) if rse in self._s3 else url, row.get("bytes"),
-                                       row.get("adler32"), state == "AVAILABLE"))
+            out.append(RecordedReplica(r.location, unsigned_url(url) if r.location in self._s3 else url,
+                                       listed.size, listed.adler32, r.state == "AVAILABLE"))
         return out
-
-    @staticmethod
-    def _pick_pfn(pfns: list[str], schemes: list[str]) -> str:
-        # never compared as strings (the same file's PFNs differ by scheme and by '//'): only chosen
-        for scheme in schemes:
-            for p in pfns:
-                if urlsplit(p).scheme == scheme:
-                    return p
-        return pfns[0] if pfns else ""
 
     def release(self, f: LakeFile) -> None:
         rule = self._rule(f)
@@ -397,7 +453,4 @@ class RucioCatalogue(Catalogue):
             return str(exc)
         return None
 
-    def close(self) -> None:
-        """The Rucio client's connections are closed."""
-        self.client.close()
 

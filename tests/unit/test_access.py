@@ -16,12 +16,14 @@ from edge_agent.access import (
     NoReachableReplica,
     ReplicaInfo,
     VerifiedStream,
-    _Catalogue,
     _Bearer,
     direct_url,
     signing_resolver,
     storage_client,
 )
+from edge_agent.errors import PermanentError
+from edge_agent.lake.base import LakeFile
+from edge_agent.lake.memory import MemoryCatalogue
 from edge_agent.settings import RucioAuthSettings, RucioSettings
 
 DATA = bytes(range(256)) * 4000   # ~1 MB: more than one chunk
@@ -36,16 +38,28 @@ def _structlog_as_it_was():  # type: ignore[no-untyped-def]
     structlog.reset_defaults()
 
 
-class FakeCatalogue(_Catalogue):
-    def __init__(self, replicas: list[ReplicaInfo], size: int = len(DATA), adler: str = ADLER) -> None:
-        self.reps = replicas
-        self.info = FileInfo("s", "f.fits", size, adler)
+def catalogue(replicas: list[ReplicaInfo], size: int = len(DATA), adler: str | None = ADLER) -> MemoryCatalogue:
+    """The shipped in-memory catalogue holding s:f.fits with `replicas` (one URL each, several on one RSE)."""
+    cat = MemoryCatalogue({})
+    cat.register(LakeFile(rule="r", scope="s", name="f.fits", dataset="ds", size=size, adler32=adler or "", md5=None,
+                          blake3="", copies=1, destinations=(), local_path="/daq/f.fits"))
+    by_rse: dict[str, list[ReplicaInfo]] = {}
+    for r in replicas:
+        by_rse.setdefault(r.rse, []).append(r)
+    for rse, reps in by_rse.items():
+        cat.list_replica("s:f.fits", rse, *(r.pfn for r in reps), state=reps[0].state)
+    return cat
 
-    def files(self, scope: str, dataset: str) -> list[FileInfo]:
-        return [self.info]
 
-    def file(self, scope: str, name: str) -> tuple[FileInfo, list[ReplicaInfo]]:
-        return self.info, self.reps
+def test_the_catalogue_is_read_as_the_api_says() -> None:
+    lk, _ = lake({}, [rep("B", "b"), rep("A", "a", "COPYING"), rep("A", "a", "COPYING", "root")], size=7, adler="0000000f")
+    assert lk.list_files("s:ds") == [FileInfo("s", "f.fits", 7, "0000000f")]
+    assert lk.info("s:f.fits") == FileInfo("s", "f.fits", 7, "0000000f")
+    assert lk.replicas("s:f.fits") == [ReplicaInfo("A", "https://a/data/f.fits", "COPYING"),
+                                       ReplicaInfo("A", "root://a/data/f.fits", "COPYING"),
+                                       ReplicaInfo("B", "https://b/data/f.fits", "AVAILABLE")]
+    with pytest.raises(PermanentError, match="no DID s:other.fits"):
+        lk.info("s:other.fits")
 
 
 def lake(storage: dict[str, object], reps: list[ReplicaInfo], **kw) -> tuple[Lake, list[str]]:
@@ -61,7 +75,7 @@ def lake(storage: dict[str, object], reps: list[ReplicaInfo], **kw) -> tuple[Lak
             return httpx.Response(what)
         return httpx.Response(200, content=what)
     cat_kw = {k: kw.pop(k) for k in ("size", "adler") if k in kw}
-    return Lake(FakeCatalogue(reps, **cat_kw), httpx.Client(transport=httpx.MockTransport(handler)), **kw), asked
+    return Lake(catalogue(reps, **cat_kw), httpx.Client(transport=httpx.MockTransport(handler)), **kw), asked
 
 
 def rep(rse: str, host: str, state: str = "AVAILABLE", scheme: str = "https") -> ReplicaInfo:
@@ -214,7 +228,7 @@ def test_a_connection_lost_mid_file_is_a_retryable_error_not_an_end() -> None:
         yield DATA * 2   # more than one chunk arrives before the connection drops
         raise httpx.ReadError("connection reset")
 
-    lk = Lake(FakeCatalogue([rep("A", "a")]), httpx.Client(transport=httpx.MockTransport(
+    lk = Lake(catalogue([rep("A", "a")]), httpx.Client(transport=httpx.MockTransport(
         lambda req: httpx.Response(200, content=body()))))
     with lk.open("s:f.fits") as fh, pytest.raises(RetryableError, match="GET https://a/data/f.fits: ReadError"):
         fh.read()

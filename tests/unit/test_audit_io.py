@@ -1,5 +1,5 @@
-"""audit.run_audit with a real ledger and buffer, a fake catalogue and a fake storage: what is
-selected, what the lake is asked, and what is found in the buffer."""
+"""audit.run_audit with a real ledger and buffer, the in-memory catalogue and a fake storage: what
+is selected, what the lake is asked, and what is found in the buffer."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.audit import Listed, Selection, run_audit
+from edge_agent.audit import Selection, run_audit
 from edge_agent.core.lifecycle import Event as E
 from edge_agent.core.lifecycle import State as S
 from edge_agent.errors import ConfigError, RetryableError
+from edge_agent.lake.base import LakeFile
+from edge_agent.lake.memory import MemoryCatalogue
 from edge_agent.ledger import Ledger
 from edge_agent.settings import Settings, load_settings
 from edge_agent.transfer.base import RemoteStat
@@ -23,18 +25,19 @@ NIGHT_24 = dt.datetime(2026, 11, 25, 3, 0, tzinfo=dt.timezone.utc).timestamp()  
 NIGHT_23 = dt.datetime(2026, 11, 24, 3, 0, tzinfo=dt.timezone.utc).timestamp()
 
 
-class FakeLake:
+class FakeLake(MemoryCatalogue):
+    """The shipped in-memory catalogue; `asked`: the DIDs it was looked up for."""
+
     def __init__(self) -> None:
-        self.datasets: dict[tuple[str, str], list[tuple[str, str]]] = {}
-        self.files: dict[tuple[str, str], Listed] = {}
-        self.asked: list[tuple[str, str]] = []
+        super().__init__({})
+        self.asked = self.looked_up
 
-    def dataset_files(self, scope: str, name: str) -> list[tuple[str, str]]:
-        return self.datasets.get((scope, name), [])
-
-    def lookup(self, dids: list[tuple[str, str]]) -> dict[tuple[str, str], Listed]:
-        self.asked.extend(dids)
-        return {d: self.files[d] for d in dids if d in self.files}
+    def holds(self, name: str, size: int = 100, adler: str = A, state: str = "AVAILABLE",
+              dataset: str | None = None) -> None:
+        """s:name registered (in `dataset`), with one replica on l1 at /lake/name in `state`."""
+        self.register(LakeFile(rule="daq", scope="s", name=name, dataset=dataset, size=size, adler32=adler,
+                               md5=None, blake3="b", copies=1, destinations=("l1",), local_path=f"/buf/{name}"))
+        self.list_replica(f"s:{name}", "l1", f"/lake/{name}", state=state)
 
 
 def storage(answers: dict[str, RemoteStat | None | Exception]):  # type: ignore[no-untyped-def]
@@ -74,16 +77,13 @@ def ingested(led: Ledger, buf: Path, name: str, mtime: float, state: S = S.DELET
     return rec.id
 
 
-def listed(name: str, size: int = 100, adler: str = A) -> Listed:
-    return Listed(size, adler, (("l1", "AVAILABLE", f"/lake/{name}"),))
-
-
 def test_night_selects_by_the_rules_night_and_asks_the_lake_only_about_it(env) -> None:  # type: ignore[no-untyped-def]
     s, led, buf = env
     ingested(led, buf, "a.fits", NIGHT_24)
     ingested(led, buf, "b.fits", NIGHT_23)
     lake = FakeLake()
-    lake.files = {("s", "a.fits"): listed("a.fits"), ("s", "b.fits"): listed("b.fits")}
+    lake.holds("a.fits")
+    lake.holds("b.fits")
     good = storage({"/lake/a.fits": RemoteStat(100, A), "/lake/b.fits": RemoteStat(100, A)})
     r = run_audit(s, led, lake, good, Selection(night="2026-11-24"), now=NOW)
     assert [f.did for f in r.files] == ["s:a.fits"] and r.ok and lake.asked == [("s", "a.fits")]
@@ -96,8 +96,8 @@ def test_dataset_brings_in_what_the_lake_holds_that_the_ledger_does_not(env) -> 
     s, led, buf = env
     ingested(led, buf, "a.fits", NIGHT_24)
     lake = FakeLake()
-    lake.datasets[("s", "daq.20261124")] = [("s", "a.fits"), ("s", "ghost.fits")]
-    lake.files = {("s", "a.fits"): listed("a.fits"), ("s", "ghost.fits"): listed("ghost.fits")}
+    lake.holds("a.fits", dataset="daq.20261124")
+    lake.holds("ghost.fits", dataset="daq.20261124")
     r = run_audit(s, led, lake, storage({"/lake/a.fits": RemoteStat(100, A)}),
                   Selection(dataset="s:daq.20261124"), now=NOW)
     verdicts = {f.did: f.verdict.value for f in r.files}
@@ -110,9 +110,8 @@ def test_a_dangling_did_left_by_a_superseded_version_says_so(env) -> None:  # ty
     old = ingested(led, buf, "old.fits", NIGHT_24, state=S.REGISTERED)
     led.transition(old, S.REGISTERED, E.SUPERSEDED, reason="changed after hashing")
     lake = FakeLake()
-    lake.datasets[("s", "daq.20261124")] = [("s", "a.fits"), ("s", "old.fits")]
-    lake.files = {("s", "a.fits"): listed("a.fits"),
-                  ("s", "old.fits"): Listed(100, A, (("l1", "COPYING", "/lake/old.fits"),))}
+    lake.holds("a.fits", dataset="daq.20261124")
+    lake.holds("old.fits", state="COPYING", dataset="daq.20261124")
     r = run_audit(s, led, lake, storage({"/lake/a.fits": RemoteStat(100, A)}), Selection(), now=NOW)
     dangling = next(f for f in r.files if f.did == "s:old.fits")
     assert dangling.verdict.value == "registered_without_file"
@@ -123,7 +122,7 @@ def test_a_storage_that_does_not_answer_is_unverifiable(env) -> None:  # type: i
     s, led, buf = env
     ingested(led, buf, "a.fits", NIGHT_24)
     lake = FakeLake()
-    lake.files = {("s", "a.fits"): listed("a.fits")}
+    lake.holds("a.fits")
     r = run_audit(s, led, lake, storage({"/lake/a.fits": RetryableError("HEAD timed out")}), Selection(), now=NOW)
     assert r.files[0].verdict.value == "unverifiable" and "timed out" in r.files[0].findings[0].detail
 

@@ -1210,7 +1210,8 @@ def register_env(make_env: Any) -> Env:
     storage = MockTransport("root")
     env.transports.mount("root://", storage)
     for loc in ("L1", "L2"):
-        env.lake.replica_urls[(DID, loc)] = storage_url = f"root://{loc}//lake/{DID}"
+        storage_url = f"root://{loc}//lake/{DID}"
+        env.lake.list_replica(DID, loc, storage_url)
         storage.objects[storage_url] = DATA
     return env
 
@@ -1255,7 +1256,7 @@ def test_a_bad_copy_is_rewritten_whatever_the_catalogue_calls_its_url(make_env: 
     assert rec.state is S.CONFIRMED
     # the catalogue lists b's copy under another spelling of the same place, whose storage answers
     elsewhere = "root://elsewhere//" + env.url("b", rec).lstrip("/")
-    env.lake.replica_urls[(DID, "b")] = elsewhere
+    env.lake.list_replica(DID, "b", elsewhere)
     storage = MockTransport("root")
     storage.objects[elsewhere] = b"rotted" + DATA[6:]
     env.transports.mount("root://elsewhere/", storage)
@@ -1317,7 +1318,7 @@ def test_a_partial_first_copy_left_by_a_cut_short_upload_is_replaced_unless_the_
     assert env.ledger.reserve_name("test", "run42/f1.fits", rec.id, partial)
     storage.objects[partial] = DATA[:1000]
     if recorded:                              # someone's copy, recorded in the catalogue
-        env.lake.replica_urls[(DID, "a")] = partial
+        env.lake.list_replica(DID, "a", partial)
     end = env.drive(rec.id)
     assert end.state is S.DELETED
     if recorded:

@@ -17,8 +17,8 @@ from structlog.testing import capture_logs
 
 from edge_agent.core.policy import Replica
 from edge_agent.errors import PermanentError, RetryableError
-from edge_agent.lake.base import LakeFile
-from edge_agent.lake.rucio import RucioCatalogue
+from edge_agent.lake.base import LakeFile, ListedFile, ListedReplica, UnknownDid
+from edge_agent.lake.rucio import RucioCatalogue, RucioRecords
 from edge_agent.lake.rucio_client import RucioClient
 from edge_agent.settings import Settings
 from edge_agent.transfer.base import RemoteStat, Transport
@@ -102,6 +102,14 @@ class FakeRucio:
             return err(404, "DataIdentifierNotFound", f"Data identifier '{scope}:{name}' not found")
         return httpx.Response(200, json={"scope": scope, "name": name, "type": d["type"], "bytes": d.get("bytes"),
                                          "adler32": d.get("adler32"), "md5": d.get("md5")})
+
+    def list_content(self, request: httpx.Request, body: Any, scope: str, name: str) -> httpx.Response:
+        if (scope, name) not in self.dids:
+            return err(404, "DataIdentifierNotFound", f"Data identifier '{scope}:{name}' not found")
+        rows = [{"scope": cs, "name": cn, "type": self.dids[(cs, cn)]["type"], "bytes": self.dids[(cs, cn)].get("bytes"),
+                 "adler32": self.dids[(cs, cn)].get("adler32")}
+                for s, n, cs, cn in sorted(self.contents) if (s, n) == (scope, name)]
+        return httpx.Response(200, text="".join(json.dumps(r) + "\n" for r in rows))
 
     def add_did(self, request: httpx.Request, body: Any, scope: str, name: str) -> httpx.Response:
         if scope != "test":
@@ -250,6 +258,7 @@ class FakeRucio:
     ROUTES: ClassVar[list[tuple[str, Any]]] = [
         (r"POST /dids/attachments", attach),
         (r"GET /dids/([^/]+)/([^/]+)/rules", did_rules),
+        (r"GET /dids/([^/]+)/([^/]+)/dids", list_content),
         (r"POST /dids/([^/]+)/([^/]+)/meta/([^/]+)", set_meta_key),
         (r"POST /dids/([^/]+)/([^/]+)/meta", set_meta),
         (r"GET /dids/([^/]+)/([^/]+)", get_did),
@@ -710,3 +719,29 @@ def test_health(make_lake: Any, rucio: FakeRucio) -> None:
         "Rucio rejected the credentials of account root (userpass): 401 CannotAuthenticate")
     assert PASSWORD not in problem
     lake.close()
+
+
+def test_the_read_side_lists_what_rucio_records(lake: CheckedCatalogue, rucio: FakeRucio, tmp_path: Path) -> None:
+    """RucioRecords (the read side `audit` and the access API share) through the client alone."""
+    lake.register(lake_file(tmp_path, rule="both"))
+    lake.register(lake_file(tmp_path, rule="reg", name="f2", size=20, adler32="00000014", container="cont.n"))
+    rucio.dids[("test", "bare")] = {"type": "FILE", "bytes": 5, "adler32": "00000005", "meta": {}}   # no replica
+    records = RucioRecords(lake.client)
+    f1 = ListedFile("test", "f1", 10, "0000000a")
+    f2 = ListedFile("test", "f2", 20, "00000014")
+    assert records.dataset_files("test", "ds.20261125") == [f1, f2]
+    assert records.dataset_files("test", "cont.n") == [f1, f2]            # a container: its datasets' files
+    with pytest.raises(UnknownDid, match="DataIdentifierNotFound"):
+        records.dataset_files("test", "nothing")
+    found = records.lookup([("test", "f1"), ("test", "f2"), ("test", "bare"), ("test", "nope")])
+    md5 = "0123456789abcdef0123456789abcdef"
+    assert found == {
+        ("test", "f1"): ListedFile("test", "f1", 10, "0000000a", md5,
+                                   (ListedReplica("LAKE1", "COPYING", ("http://xrd:8080/data/lake1/test/f1",)),)),
+        ("test", "f2"): ListedFile("test", "f2", 20, "00000014", md5,
+                                   (ListedReplica("BUF", "AVAILABLE", ("root://xrd:1094//data/buf/run42/f1.fits",)),)),
+        ("test", "bare"): ListedFile("test", "bare", 5, "00000005")}
+    assert records.lookup([("test", "f1")], schemes=["root"])[("test", "f1")].replicas == (
+        ListedReplica("LAKE1", "COPYING", ("root://xrd:1094//data/lake1/test/f1",)),)
+    body = [b for m, p, b in rucio.calls if p == "/replicas/list"][-1]
+    assert body["schemes"] == ["root"]
