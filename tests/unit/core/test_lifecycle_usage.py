@@ -8,7 +8,7 @@ from pathlib import Path
 
 from edge_agent.core.lifecycle import NOTES, STEPS, TRANSITIONS, Event, State
 
-PACKAGE = Path(__file__).resolve().parents[2] / "edge_agent"
+PACKAGE = Path(__file__).resolve().parents[3] / "edge_agent"
 EVENTS_IN_TABLE = {e for _, e in TRANSITIONS}
 
 

@@ -24,8 +24,8 @@ from edge_agent.transfer.base import Expected
 from edge_agent.transfer.mock import MockTransport
 from edge_agent.transfer.s3 import S3Transport
 
-from .test_rucio_lake import PASSWORD, CheckedCatalogue, FakeRucio, err
-from .test_s3_transport import FakeS3
+from .test_rucio import PASSWORD, CheckedCatalogue, FakeRucio, err
+from ..transfer.test_s3 import FakeS3
 
 S3_HOST = "https://s3.test:7443/bucket"
 
