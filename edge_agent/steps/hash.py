@@ -6,7 +6,7 @@ bound to its content in the same commit, with its FITS header and sidecar metada
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from typing import Sequence
 
 import structlog
 
@@ -25,17 +25,13 @@ from ..fits import FitsScan
 from ..hashing import Digests
 from ..lake.base import Target
 from ..ledger import FileRecord, NameConflict
-from ..settings import Completion
 from ..transfer.base import Expected
 from ..transfer.tee import read_once
-from . import inplace, naming
+from . import inplace, metadata, naming
 from .context import StepContext
 from .failures import guarded
 
 log = structlog.get_logger("edge_agent.steps")
-
-FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.fz")
-
 
 def run(batch: Sequence[FileRecord], ctx: StepContext) -> None:
     for rec in batch:
@@ -69,7 +65,7 @@ def hash_one(rec: FileRecord, ctx: StepContext) -> None:
         problem = policy.name_problem(dataset, ctx.catalogue.name_pattern)
         if problem:
             raise PermanentError(f"dataset {problem} (from dataset_template {rule.dataset_template!r})")
-    scan = FitsScan() if rule.fits == "auto" and rec.relpath.lower().endswith(FITS_SUFFIXES) else None
+    scan = metadata.fits_scan(rec, ctx)
     rendered = name
     first = naming.first_target(rec, ctx, name, before.size)
     d = None
@@ -90,7 +86,7 @@ def hash_one(rec: FileRecord, ctx: StepContext) -> None:
             raise FileChanged(f"{rec.relpath} changed while it was being read")
         if first is None:
             name = naming.decide_name(rec, ctx, rule.scope, rendered, d)
-        meta = {**rule.metadata, **_fits_metadata(rec, ctx, scan), **_sidecar(rec, ctx)}
+        meta = metadata.gather(rec, ctx, scan)
     except BaseException:
         if first is not None:
             _discard_first(rec, ctx, rule.scope, name, first)
@@ -165,38 +161,3 @@ def _discard_first(rec: FileRecord, ctx: StepContext, scope: str, name: str, t: 
                     location=t.location, error=str(exc))
         return
     ctx.ledger.drop_reservation(scope, name, rec.id)
-
-
-def _fits_metadata(rec: FileRecord, ctx: StepContext, scan: FitsScan | None) -> dict[str, Any]:
-    """Header keywords as metadata; a FITS file whose own checksums fail is corrupt at the source."""
-    if scan is None:
-        return {}
-    res = scan.result()
-    if not res.is_fits:
-        return {}
-    rule = ctx.rule(rec)
-    corrupt = res.problems(tolerate_trailing=True)
-    if corrupt and rule.fits_verify:
-        raise PermanentError("FITS file fails its own verification (corrupt at the source, not sent): "
-                             + "; ".join(corrupt[:3]) + f" (`edge-agent retry {rec.id}` after fixing it, "
-                             "or fits_verify = false)")
-    if corrupt:
-        log.warning("FITS verification failed; sent anyway (fits_verify = false)", file_id=rec.id,
-                    path=rec.relpath, problems=corrupt[:3])
-    return {k.lower(): v for k, v in res.metadata(rule.fits_keywords).items()}
-
-
-def _sidecar(rec: FileRecord, ctx: StepContext) -> dict[str, Any]:
-    rule = ctx.rule(rec)
-    if Completion.SIDECAR not in rule.completion:
-        return {}
-    try:
-        with open(rec.fspath + rule.sidecar_suffix, "rb") as fh:
-            data = json.load(fh)
-    except FileNotFoundError:
-        raise FileChanged("the sidecar file vanished") from None
-    except (OSError, ValueError) as exc:
-        raise RetryableError(f"sidecar unreadable: {exc}") from None
-    if not isinstance(data, dict):
-        raise PermanentError("the sidecar is JSON but not an object")
-    return {str(k): v for k, v in data.items()}
