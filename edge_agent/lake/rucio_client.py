@@ -67,15 +67,15 @@ class RucioAnswer(EdgeAgentError):
 
 
 class RucioAlreadyDone(RucioAnswer, AlreadyDone):
-    pass
+    """Rucio answered that the effect exists already (success for an idempotent call)."""
 
 
 class RucioRetryable(RucioAnswer, RetryableError):
-    pass
+    """Rucio could not answer now (a timeout, a 5xx): worth asking again."""
 
 
 class RucioPermanent(RucioAnswer, PermanentError):
-    pass
+    """Rucio refused, and asking again will not change that."""
 
 
 class NotFound(RucioPermanent):

@@ -264,6 +264,7 @@ class HttpTransport(Transport):
                                    **common)  # type: ignore[arg-type]
 
     def close(self) -> None:
+        """The HTTP clients this transport made are closed (clients handed to it are left open)."""
         if self._owns_clients:
             self._pool.close()
             self._fresh.close()
