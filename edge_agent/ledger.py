@@ -355,44 +355,44 @@ class Ledger:
     # ------------------------------------------------------------ plumbing
     class _Tx:
         def __init__(self, ledger: "Ledger") -> None:
-            self.l = ledger
+            self.ledger = ledger
 
         def __enter__(self) -> sqlite3.Connection:
-            self.l._lock.acquire()
+            self.ledger._lock.acquire()
             try:
-                self.l._db.execute("BEGIN IMMEDIATE")
+                self.ledger._db.execute("BEGIN IMMEDIATE")
             except BaseException as exc:
-                self.l._lock.release()
+                self.ledger._lock.release()
                 if _is_corrupt(exc):
-                    raise self.l._damaged(exc) from exc
+                    raise self.ledger._damaged(exc) from exc
                 if isinstance(exc, sqlite3.OperationalError) and _is_storage_error(exc):
-                    raise _unwritable(self.l.path, exc) from exc
+                    raise _unwritable(self.ledger.path, exc) from exc
                 raise
-            return self.l._db
+            return self.ledger._db
 
         def __exit__(self, et: Any, ev: Any, tb: Any) -> None:
             try:
                 if et is None:
                     try:
-                        self.l._db.execute("COMMIT")
+                        self.ledger._db.execute("COMMIT")
                     except sqlite3.Error as exc:
                         # a COMMIT that failed (disk full, I/O error) may leave the transaction
                         # open, and every later BEGIN would then fail even once space is freed
                         self._rollback()
-                        raise (self.l._damaged(exc) if _is_corrupt(exc) else _unwritable(self.l.path, exc)) from exc
+                        raise (self.ledger._damaged(exc) if _is_corrupt(exc) else _unwritable(self.ledger.path, exc)) from exc
                 else:
                     self._rollback()
                     if _is_corrupt(ev):
-                        raise self.l._damaged(ev) from ev
+                        raise self.ledger._damaged(ev) from ev
                     if isinstance(ev, sqlite3.OperationalError) and _is_storage_error(ev):
-                        raise _unwritable(self.l.path, ev) from ev
+                        raise _unwritable(self.ledger.path, ev) from ev
             finally:
-                self.l._lock.release()
+                self.ledger._lock.release()
 
         def _rollback(self) -> None:
-            if self.l._db.in_transaction:
+            if self.ledger._db.in_transaction:
                 try:
-                    self.l._db.execute("ROLLBACK")
+                    self.ledger._db.execute("ROLLBACK")
                 except sqlite3.Error:
                     pass   # SQLite already rolled it back itself
 

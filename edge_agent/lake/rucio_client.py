@@ -190,7 +190,7 @@ class RucioClient:
 
     def __init__(self, settings: RucioSettings, *, transport: httpx.BaseTransport | None = None,
                  clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep) -> None:
-        self.s = settings
+        self.settings = settings
         self.url = settings.url
         self.auth_url = settings.auth_url or settings.url
         self.account = settings.account
@@ -217,7 +217,7 @@ class RucioClient:
 
     # ------------------------------------------------------------ TLS
     def _tls_context(self) -> ssl.SSLContext | bool:
-        s = self.s
+        s = self.settings
         if s.ca_cert is None and s.tls_verify:
             return True
         ctx = self._base_context()
@@ -227,7 +227,7 @@ class RucioClient:
         return ctx
 
     def _base_context(self) -> ssl.SSLContext:
-        s = self.s
+        s = self.settings
         ca = s.ca_cert
         try:
             if ca is not None:
@@ -260,12 +260,12 @@ class RucioClient:
                 self._token = None
 
     def _authenticate(self) -> _Token:
-        kind = self.s.auth.type
+        kind = self.settings.auth.type
         if kind == "userpass":
             t = self._auth_userpass()
         elif kind == "x509":
             t = self._auth_x509()
-        elif self.s.auth.token_file is not None:
+        elif self.settings.auth.token_file is not None:
             t = self._auth_token_file()
         else:
             t = self._auth_client_credentials()
@@ -281,8 +281,8 @@ class RucioClient:
 
     def _auth_headers(self) -> dict[str, str]:
         h = {"X-Rucio-Account": self.account, "X-Rucio-AppID": "edge-agent"}
-        if self.s.vo:
-            h["X-Rucio-VO"] = self.s.vo
+        if self.settings.vo:
+            h["X-Rucio-VO"] = self.settings.vo
         return h
 
     def _rucio_token(self, r: httpx.Response, call: str) -> _Token:
@@ -310,7 +310,7 @@ class RucioClient:
         return _Token(value, _renew_at(now, lifetime), now + lifetime)
 
     def _auth_userpass(self) -> _Token:
-        a = self.s.auth
+        a = self.settings.auth
         assert a.username and a.password, "settings validation guarantees them"
         call = "GET /auth/userpass"
         r = self._raw("GET", self.auth_url + "/auth/userpass", call, headers={
@@ -321,7 +321,7 @@ class RucioClient:
     def _auth_x509(self) -> _Token:
         # a fresh TLS context per authentication: a proxy renewed on disk (voms-proxy-init, a
         # cron job) is presented as it is now, on a connection of its own
-        a = self.s.auth
+        a = self.settings.auth
         assert a.cert is not None
         call = "GET /auth/x509"
         try:
@@ -339,8 +339,8 @@ class RucioClient:
         return self._rucio_token(r, call)
 
     def _token_file_changed(self) -> bool:
-        path = self.s.auth.token_file
-        if self.s.auth.type != "oidc" or path is None:
+        path = self.settings.auth.token_file
+        if self.settings.auth.type != "oidc" or path is None:
             return False
         return self._file_sig(path) != self._token_file_sig
 
@@ -353,7 +353,7 @@ class RucioClient:
         return (st.st_ino, st.st_size, st.st_mtime_ns)
 
     def _auth_token_file(self) -> _Token:
-        path = self.s.auth.token_file
+        path = self.settings.auth.token_file
         assert path is not None
         sig = self._file_sig(path)
         try:
@@ -376,7 +376,7 @@ class RucioClient:
         return _Token(value, _renew_at(now, exp - now), exp)
 
     def _auth_client_credentials(self) -> _Token:
-        a = self.s.auth
+        a = self.settings.auth
         assert a.token_url and a.client_id and a.client_secret
         call = f"POST {a.token_url} (client credentials of {a.client_id})"
         r = self._raw("POST", a.token_url, call, service="token issuer", data={
@@ -469,7 +469,7 @@ class RucioClient:
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
     def _batches(self, items: Sequence[Any]) -> Iterator[Sequence[Any]]:
-        n = self.s.batch_size
+        n = self.settings.batch_size
         for i in range(0, len(items), n):
             yield items[i:i + n]
 
