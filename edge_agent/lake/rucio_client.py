@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -37,6 +37,7 @@ OPAQUE_TOKEN_RECHECK_S = 60.0    # a token file whose token has no readable expi
 PROTOCOLS_TTL_S = 600.0          # an RSE's protocols are looked up again after this long
 BUSY_RETRY_DELAYS_S = (0.5, 1.5)  # a server that says "busy" (database locked, 503) is asked again at once
 MAX_MESSAGE = 500                # Rucio's messages can hold a whole RSE description
+_T = TypeVar("_T")   # what a cached RSE answer parses to
 
 # ---------------------------------------------------------------- errors
 
@@ -563,17 +564,9 @@ class RucioClient:
 
     def rse_protocols(self, rse: str) -> list[dict[str, Any]]:
         """The protocols of `rse` (cached for a few minutes)."""
-        now = self._clock()
-        with self._cache_lock:
-            hit = self._protocols.get(rse)
-            if hit is not None and now - hit[0] < PROTOCOLS_TTL_S:
-                return hit[1]
-        r = self.request("GET", f"/rses/{_q(rse)}/protocols", f"GET /rses/{rse}/protocols")
-        data = r.json()
-        protocols: list[dict[str, Any]] = data if isinstance(data, list) else list(data.get("protocols", []))
-        with self._cache_lock:
-            self._protocols[rse] = (now, protocols)
-        return protocols
+        def parse(data: Any) -> list[dict[str, Any]]:
+            return data if isinstance(data, list) else list(data.get("protocols", []))
+        return self._cached_rse_get(self._protocols, rse, "protocols", parse)
 
     def add_rule(self, scope: str, name: str, copies: int, rse_expression: str, *,
                  lifetime: int | None = None, activity: str | None = None, grouping: str = "DATASET") -> str:
@@ -620,17 +613,22 @@ class RucioClient:
 
     def rse_attributes(self, rse: str) -> dict[str, Any]:
         """The attributes of `rse` ({"sign_url": "s3", "lake": True, ...}), cached like the protocols."""
+        return self._cached_rse_get(self._attributes, rse, "attr/", lambda data: data if isinstance(data, dict) else {})
+
+    def _cached_rse_get(self, cache: dict[str, tuple[float, _T]], rse: str, what: str,
+                        parse: Callable[[Any], _T]) -> _T:
+        """GET /rses/<rse>/<what>, parsed, from `cache` while younger than PROTOCOLS_TTL_S (an RSE's
+        protocols and attributes change rarely, and are asked for every copy)."""
         now = self._clock()
         with self._cache_lock:
-            hit = self._attributes.get(rse)
+            hit = cache.get(rse)
             if hit is not None and now - hit[0] < PROTOCOLS_TTL_S:
                 return hit[1]
-        r = self.request("GET", f"/rses/{_q(rse)}/attr/", f"GET /rses/{rse}/attr/")
-        data = r.json()
-        attrs: dict[str, Any] = data if isinstance(data, dict) else {}
+        r = self.request("GET", f"/rses/{_q(rse)}/{what}", f"GET /rses/{rse}/{what}")
+        value = parse(r.json())
         with self._cache_lock:
-            self._attributes[rse] = (now, attrs)
-        return attrs
+            cache[rse] = (now, value)
+        return value
 
     def signed_url(self, rse: str, operation: str, url: str, lifetime: int = 600, service: str = "s3") -> str:
         """A URL that Rucio signs with the RSE's own keys (rse-accounts.cfg) for one whole-object
