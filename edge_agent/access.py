@@ -78,6 +78,7 @@ def direct_url(pfn: str, rse: str) -> str | None:
 
 @dataclass(frozen=True)
 class FileInfo:
+    """A file DID of a dataset as the lake records it: its size and adler32 (the agent's own)."""
     scope: str
     name: str
     bytes: int | None
@@ -90,6 +91,7 @@ class FileInfo:
 
 @dataclass(frozen=True)
 class ReplicaInfo:
+    """One copy of a file: the RSE (or destination) holding it, its PFN, and the catalogue's state of it."""
     rse: str
     pfn: str
     state: str          # Rucio's: AVAILABLE, COPYING, UNAVAILABLE...; the local lake: AVAILABLE

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 def build(settings: Settings) -> tuple[Catalogue, Transports]:
     """The lake's catalogue and the transports that reach its storage, sharing one Rucio client."""
     if settings.lake.kind == "local":
-        return build_lake(settings), local_transports(settings.destinations)
+        return build_catalogue(settings), local_transports(settings.destinations)
     from .lake.rucio import RucioCatalogue
     from .lake.rucio_client import RucioClient
     assert settings.lake.rucio is not None, "settings validation guarantees [lake.rucio] for kind = 'rucio'"
@@ -44,7 +44,7 @@ def build(settings: Settings) -> tuple[Catalogue, Transports]:
     return catalogue, transports
 
 
-def build_lake(settings: Settings) -> Catalogue:
+def build_catalogue(settings: Settings) -> Catalogue:
     """The lake's catalogue alone (the transports: build_transports)."""
     if settings.lake.kind == "local":
         return LocalCatalogue(settings.lake_catalog_path, settings.destinations,

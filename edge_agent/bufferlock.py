@@ -56,6 +56,7 @@ class BufferHeld(ConfigError):
 
 @dataclass(frozen=True)
 class Holder:
+    """Who holds a buffer: the agent (host, machine, pid, state directory) and when it last said so."""
     host: str
     machine_id: str
     pid: int

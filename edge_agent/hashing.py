@@ -21,6 +21,7 @@ CHUNK = 8 * 1024 * 1024
 
 @dataclass(frozen=True)
 class Digests:
+    """What one pass over a file's bytes gives: its size and checksums."""
     size: int
     blake3: str
     adler32: str          # 8 lower-case hex digits, as Rucio and XRootD write it
@@ -43,6 +44,7 @@ def _md5_pool() -> concurrent.futures.ThreadPoolExecutor:
 
 
 class MultiHash:
+    """blake3, adler32 and (optionally) md5 of a byte stream fed chunk by chunk, in one pass."""
     def __init__(self, md5: bool = False) -> None:
         self._b3 = blake3.blake3()
         self._adler = 1

@@ -147,6 +147,7 @@ class NameHold:
 
 @dataclass(frozen=True)
 class FileRecord:
+    """One version of one file, as the ledger holds it (a row of `files`)."""
     id: int
     rule: str
     path: bytes
@@ -238,6 +239,8 @@ def _is_corrupt(exc: BaseException) -> bool:
 
 
 class Ledger:
+    """The agent's durable memory (SQLite): every file version, its state and history, the names it
+    owns and the notices for operators. A transition is committed before its effect is acknowledged."""
     def __init__(self, path: str | os.PathLike[str], clock: Any = time.time, synchronous: str = "full",
                  readonly: bool = False) -> None:
         self.path = Path(path)
@@ -312,14 +315,17 @@ class Ledger:
             self._db.execute("COMMIT")
 
     def close(self) -> None:
+        """The database connection is closed."""
         with self._lock:
             self._db.close()
 
     def meta(self, key: str) -> str | None:
+        """The value stored under `key` in the meta table (None if none)."""
         rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
         return rows[0][0] if rows else None
 
     def set_meta(self, key: str, value: str) -> None:
+        """After this, meta `key` holds `value`."""
         with self._tx() as db:
             db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
@@ -349,44 +355,44 @@ class Ledger:
     # ------------------------------------------------------------ plumbing
     class _Tx:
         def __init__(self, ledger: "Ledger") -> None:
-            self.l = ledger
+            self.ledger = ledger
 
         def __enter__(self) -> sqlite3.Connection:
-            self.l._lock.acquire()
+            self.ledger._lock.acquire()
             try:
-                self.l._db.execute("BEGIN IMMEDIATE")
+                self.ledger._db.execute("BEGIN IMMEDIATE")
             except BaseException as exc:
-                self.l._lock.release()
+                self.ledger._lock.release()
                 if _is_corrupt(exc):
-                    raise self.l._damaged(exc) from exc
+                    raise self.ledger._damaged(exc) from exc
                 if isinstance(exc, sqlite3.OperationalError) and _is_storage_error(exc):
-                    raise _unwritable(self.l.path, exc) from exc
+                    raise _unwritable(self.ledger.path, exc) from exc
                 raise
-            return self.l._db
+            return self.ledger._db
 
         def __exit__(self, et: Any, ev: Any, tb: Any) -> None:
             try:
                 if et is None:
                     try:
-                        self.l._db.execute("COMMIT")
+                        self.ledger._db.execute("COMMIT")
                     except sqlite3.Error as exc:
                         # a COMMIT that failed (disk full, I/O error) may leave the transaction
                         # open, and every later BEGIN would then fail even once space is freed
                         self._rollback()
-                        raise (self.l._damaged(exc) if _is_corrupt(exc) else _unwritable(self.l.path, exc)) from exc
+                        raise (self.ledger._damaged(exc) if _is_corrupt(exc) else _unwritable(self.ledger.path, exc)) from exc
                 else:
                     self._rollback()
                     if _is_corrupt(ev):
-                        raise self.l._damaged(ev) from ev
+                        raise self.ledger._damaged(ev) from ev
                     if isinstance(ev, sqlite3.OperationalError) and _is_storage_error(ev):
-                        raise _unwritable(self.l.path, ev) from ev
+                        raise _unwritable(self.ledger.path, ev) from ev
             finally:
-                self.l._lock.release()
+                self.ledger._lock.release()
 
         def _rollback(self) -> None:
-            if self.l._db.in_transaction:
+            if self.ledger._db.in_transaction:
                 try:
-                    self.l._db.execute("ROLLBACK")
+                    self.ledger._db.execute("ROLLBACK")
                 except sqlite3.Error:
                     pass   # SQLite already rolled it back itself
 
@@ -404,12 +410,14 @@ class Ledger:
 
     # ------------------------------------------------------------ reading
     def get(self, file_id: int) -> FileRecord:
+        """The row of `file_id` (KeyError if there is none)."""
         rows = self._query("SELECT * FROM files WHERE id = ?", (file_id,))
         if not rows:
             raise KeyError(file_id)
         return _row(rows[0])
 
     def live(self, rule: str, path: bytes) -> FileRecord | None:
+        """The live (neither deleted nor superseded) version of `path` under `rule`, or None."""
         rows = self._query("SELECT * FROM files WHERE rule = ? AND path = ? AND state NOT IN "
                            "('deleted', 'superseded')", (rule, path))
         return _row(rows[0]) if rows else None
@@ -450,6 +458,7 @@ class Ledger:
         return rows[:limit]
 
     def live_paths(self, rule: str) -> dict[bytes, FileRecord]:
+        """Every live version under `rule`, by path."""
         rows = self._query("SELECT * FROM files WHERE rule = ? AND state NOT IN ('deleted', 'superseded')",
                            (rule,))
         return {r["path"]: _row(r) for r in rows}
@@ -511,6 +520,7 @@ class Ledger:
         return [_row(r) for r in rows]
 
     def recent(self, limit: int = 50, state: State | None = None) -> list[FileRecord]:
+        """The last `limit` rows changed (in `state` only, if given), newest first."""
         if state:
             rows = self._query("SELECT * FROM files WHERE state = ? ORDER BY updated_at DESC LIMIT ?",
                                (state.value, limit))
@@ -519,6 +529,7 @@ class Ledger:
         return [_row(r) for r in rows]
 
     def history(self, file_id: int) -> list[dict[str, Any]]:
+        """Every event of `file_id`, oldest first, with its detail decoded."""
         rows = self._query("SELECT at, from_state, to_state, event, detail FROM events WHERE file_id = ? "
                            "ORDER BY id", (file_id,))
         return [{**dict(r), "detail": json.loads(r["detail"]) if r["detail"] else None} for r in rows]
@@ -642,14 +653,18 @@ class Ledger:
             "WHERE n.owner = r.file_id) ORDER BY 1")]
 
     def replicas(self, file_id: int) -> list[dict[str, Any]]:
+        """The copies recorded for `file_id`, by location."""
         return [dict(r) for r in self._query("SELECT * FROM replicas WHERE file_id = ? ORDER BY location",
                                              (file_id,))]
 
     def notices(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The latest notices for operators (paths that are not taken), newest first."""
         rows = self._query("SELECT * FROM notices ORDER BY last_seen DESC LIMIT ?", (limit,))
         return [{**{k: r[k] for k in r.keys() if k != "path"}} for r in rows]
 
     def recent_errors(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The latest problem events (lifecycle.PROBLEMS: failures, stuck or lost copies, versions
+        superseded), newest first."""
         rows = self._query(
             "SELECT e.at, e.event, e.to_state, e.detail, f.id, f.rule, f.relpath FROM events e "
             f"JOIN files f ON f.id = e.file_id WHERE e.event IN {_PROBLEM_EVENTS} ORDER BY e.id DESC LIMIT ?",
@@ -662,6 +677,7 @@ class Ledger:
         return out
 
     def deleted_bytes_since(self, since: float) -> list[tuple[float, int]]:
+        """(deleted_at, size) of every file deleted from the buffer since `since`."""
         rows = self._query("SELECT deleted_at, size FROM files WHERE state = 'deleted' AND deleted_at >= ?",
                            (since,))
         return [(r[0], r[1]) for r in rows]
@@ -782,6 +798,7 @@ class Ledger:
             return cur.rowcount
 
     def set_lake_ref(self, file_id: int, ref: str | None) -> None:
+        """After this, `file_id`'s lake reference (the replication rule's id) is `ref`."""
         with self._tx() as db:
             db.execute("UPDATE files SET lake_ref = ? WHERE id = ?", (ref, file_id))
 
@@ -839,6 +856,7 @@ class Ledger:
         return row is None or (row["kind"], row["detail"]) != (kind, detail)
 
     def clear_notice(self, path: bytes) -> None:
+        """After this, no notice is held for `path`."""
         with self._tx() as db:
             db.execute("DELETE FROM notices WHERE path = ?", (path,))
 
@@ -849,5 +867,6 @@ class Ledger:
                     json.dumps(detail, default=str) if detail else None))
 
     def iter_all(self) -> Iterator[FileRecord]:
+        """Every row, in id order."""
         for r in self._query("SELECT * FROM files ORDER BY id"):
             yield _row(r)

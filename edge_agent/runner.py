@@ -42,6 +42,7 @@ CLOCK_STEP_S = 1.0
 
 @dataclass
 class Counters:
+    """What the status page and metrics count in this process: bytes, transitions, recent history."""
     hashed: dict[str, Rate] = field(default_factory=dict)
     sent: dict[str, Rate] = field(default_factory=dict)
     sent_by_location: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -130,6 +131,8 @@ class Runner:
 
     # ------------------------------------------------------------ life
     def start(self) -> None:
+        """Work left by the last run is due, discovery watches, and the periodic jobs (rescans, disk,
+        backlog, lake and ledger checks) run; the loop itself is not started (run_forever or tick)."""
         woken = self.ledger.wake([State.TRANSFERRED, State.CONFIRMED])
         if woken:
             log.info("resuming", files_waiting_on_the_lake=woken)
@@ -159,6 +162,7 @@ class Runner:
         log.info("started", rules=list(self.settings.rules), dry_run=self.settings.dry_run)
 
     def run_forever(self) -> None:
+        """Start, then tick until stop(); returns after shutdown."""
         self.start()
         try:
             while not self.stopping.is_set():
@@ -175,10 +179,13 @@ class Runner:
             self.shutdown()
 
     def stop(self) -> None:
+        """Ask the loop to end: run_forever returns after its shutdown."""
         self.stopping.set()
         self.wake.set()
 
     def shutdown(self, grace_s: float = 30.0) -> None:
+        """No new work is taken, discovery and the jobs are stopped, and steps running are given up
+        to `grace_s` seconds to finish (what they leave is repeated at the next start)."""
         self.stopping.set()
         try:
             self.scheduler.shutdown(wait=False)
@@ -194,6 +201,8 @@ class Runner:
 
     # ------------------------------------------------------------ the loop
     def tick(self) -> None:
+        """One pass of the loop: events and rescans looked at, completion checked, waits that are due
+        resumed, due work handed to the pools. Nothing but the probe while the ledger cannot be written."""
         now = self.clock()
         if self.ledger_problem and not self._ledger_back(now):
             self.last_tick = now   # alive, but not ready: /readyz says why
@@ -250,6 +259,7 @@ class Runner:
                 self.pools["lake"].submit(steps.discard_unregistered, rec, self.context)
 
     def resume_due(self, now: float) -> None:
+        """Every file whose retry wait is over by `now` is back in the state it resumes."""
         for rec in self.ledger.due([State.RETRY_WAIT], now, 200):
             try:
                 self.ledger.transition(rec.id, State.RETRY_WAIT, Event.RETRY_DUE, None, next_at=0)
@@ -328,6 +338,7 @@ class Runner:
 
     # ------------------------------------------------------------ periodic checks
     def sample_disks(self) -> None:
+        """Each buffer disk sampled; a change of its level is logged."""
         for name, d in self.disks.items():
             rep = d.sample()
             if rep is None:
@@ -340,6 +351,7 @@ class Runner:
                 self._disk_levels[name] = rep.level
 
     def sample_backlog(self) -> None:
+        """The backlog (files and bytes not yet confirmed) of each rule is added to its history."""
         files = {rule: 0 for rule in self.settings.rules}
         nbytes = dict(files)
         for rule, state, n, b in self.ledger.counts():
@@ -351,6 +363,8 @@ class Runner:
             self.counters.backlog_bytes_history[rule].put(nbytes[rule])
 
     def check_lake(self) -> None:
+        """`lake_problem` says why the catalogue is unusable now (None: it is usable); when it comes back,
+        files waiting out a backoff are due at once."""
         try:
             problem = self.catalogue.health()
         except Exception as exc:  # noqa: BLE001 - a health probe reports, it never raises

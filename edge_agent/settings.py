@@ -44,6 +44,7 @@ class Completion(str, enum.Enum):
 
 
 class DeletePolicy(str, enum.Enum):
+    """When a confirmed file is deleted from the buffer."""
     AFTER_CONFIRM = "after_confirm"
     KEEP = "keep"          # keep keep_hours after confirmation, then delete
     NEVER = "never"
@@ -57,12 +58,14 @@ class WindowSettings(_Section):
 
 
 class RetrySettings(_Section):
+    """The backoff between attempts of a step that failed with a retryable error."""
     base_seconds: float = Field(10.0, gt=0)
     max_seconds: float = Field(600.0, gt=0)
     jitter: float = Field(0.2, ge=0, le=1)
 
 
 class StatusSettings(_Section):
+    """The status server: where it listens and who may ask it."""
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(8787, ge=0, le=65535)
@@ -78,6 +81,7 @@ class StatusSettings(_Section):
 
 
 class LogSettings(_Section):
+    """How much is logged, and in which format."""
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
 
@@ -110,6 +114,7 @@ class RucioAuthSettings(_Section):
 
 
 class RucioSettings(_Section):
+    """The Rucio server, the account the agent uses, and how it talks to it."""
     url: str = Field(description="Rucio server, e.g. https://rucio.example.org")
     auth_url: str | None = Field(None, description="authentication server if not url")
     account: str
@@ -138,6 +143,7 @@ class RucioSettings(_Section):
 
 
 class LakeSettings(_Section):
+    """Which catalogue the agent registers files in (the local lake or Rucio), and its knobs."""
     kind: Literal["local", "rucio"] = "local"
     catalog: Path | None = Field(None, description="local lake catalogue (SQLite); default STATE_DIR/lake-catalog.sqlite")
     name_pattern: str | None = Field(None, description="regular expression DID names must match; default: "

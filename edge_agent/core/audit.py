@@ -16,7 +16,7 @@ from .policy import normalise_adler32
 
 
 class Verdict(str, enum.Enum):
-    # in order of severity: a file's verdict is the first that applies
+    """What an audit concludes about a file, most severe first: a file gets the first that applies."""
     CHECKSUM_MISMATCH = "checksum_mismatch"          # a copy holds other bytes than were registered
     REGISTERED_WITHOUT_FILE = "registered_without_file"  # the catalogue names it, no storage holds it
     MISSING_REPLICA = "missing_replica"              # fewer good copies than the rule asks, or a listed copy is gone
@@ -80,6 +80,7 @@ class CatalogueView:
 
 @dataclass(frozen=True)
 class Finding:
+    """One thing an audit found about a file (at `location`, when it is about one copy)."""
     verdict: Verdict
     detail: str
     location: str | None = None
@@ -87,6 +88,7 @@ class Finding:
 
 @dataclass(frozen=True)
 class FileAudit:
+    """A file's audit: its verdict, the findings behind it, and the copies that count."""
     did: str                      # scope:name, or the buffer path of an unknown file
     verdict: Verdict
     findings: tuple[Finding, ...]

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 
 class State(str, enum.Enum):
+    """Where a file version is in its life (the ledger's `state` column)."""
     DISCOVERED = "discovered"    # seen, not yet complete by the rule's completion policy
     COMPLETE = "complete"        # the writer is done; ready to hash
     HASHED = "hashed"            # blake3/adler32(/md5) and the stat they belong to are recorded
@@ -168,7 +169,7 @@ _RESUMES_AT = {Event.REWRITE_COPIES: State.REGISTERED}
 
 
 class IllegalTransition(Exception):
-    pass
+    """An event that the transition table does not allow in the file's state."""
 
 
 class Position(Protocol):

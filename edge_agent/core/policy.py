@@ -141,6 +141,7 @@ class Replica:
 
 @dataclass(frozen=True)
 class Confirmation:
+    """The copies of a file that count toward its N, and those that do not (with why)."""
     good: tuple[Replica, ...]
     bad: tuple[tuple[Replica, str], ...]   # copies that do not count, with why
 
@@ -262,6 +263,7 @@ def deletion_verdict(policy: str, keep_hours: float, kept_s: float,
 
 @dataclass(frozen=True)
 class Window:
+    """A daily period with its own bandwidth cap."""
     start: dt.time
     end: dt.time            # may be before start: the window crosses midnight
     bandwidth_mbps: float   # 0 means paused

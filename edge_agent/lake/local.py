@@ -120,6 +120,7 @@ class LocalCatalogue(Catalogue, Records):
         return path
 
     def url(self, location: str, f: LakeFile) -> str:
+        """Where `location`'s copy of `f` lies."""
         return os.path.join(str(self._root(location)), f.scope, f.name)
 
     def name_free(self, scope: str, name: str) -> bool:

@@ -6,15 +6,15 @@ nothing here touches storage.
 
 Knobs make it behave as a real catalogue does when things go wrong, and show what it was told:
 
-    lake = MemoryCatalogue({"a": "/data/lake-a", "b": "root://xrd//lake-b"})
-    lake.fail("register", times=2)             # the next two registers raise RetryableError
-    lake.fail("register", times=None, error=PermanentError("refused"))   # every one, until heal()
-    lake.free_names = False                    # name_free is never sure (the first copy waits for the hash)
-    lake.rule_state = CopiesState.STUCK        # what copies_state says of the copies requested
-    lake.list_replica("s:n", "c", "root://c//s/n", state="COPYING")   # a replica the lake made
-    lake.calls                                 # [Call("register", "s:n"), Call("add_replica", "s:n", "a"), ...]
-    lake.asked("register")                     # the register calls, in order
-    lake.looked_up                             # the DIDs the read side was asked about
+    catalogue = MemoryCatalogue({"a": "/data/lake-a", "b": "root://xrd//lake-b"})
+    catalogue.fail("register", times=2)        # the next two registers raise RetryableError
+    catalogue.fail("register", times=None, error=PermanentError("refused"))   # every one, until heal()
+    catalogue.free_names = False               # name_free is never sure (the first copy waits for the hash)
+    catalogue.rule_state = CopiesState.STUCK   # what copies_state says of the copies requested
+    catalogue.list_replica("s:n", "c", "root://c//s/n", state="COPYING")   # a replica the lake made
+    catalogue.calls                            # [Call("register", "s:n"), Call("add_replica", "s:n", "a"), ...]
+    catalogue.asked("register")                # the register calls, in order
+    catalogue.looked_up                        # the DIDs the read side was asked about
 """
 
 from __future__ import annotations

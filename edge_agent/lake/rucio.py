@@ -126,9 +126,9 @@ class RucioCatalogue(RucioRecords, Catalogue):
                  schemes: Iterable[str] = WRITABLE_SCHEMES, max_bytes: dict[str, int] | None = None) -> None:
         if settings.lake.rucio is None:
             raise ValueError("RucioCatalogue needs settings.lake.rucio")
-        self.s = settings
-        self.r = settings.lake.rucio
-        super().__init__(client or RucioClient(self.r))
+        self.settings = settings
+        self.rucio = settings.lake.rucio
+        super().__init__(client or RucioClient(self.rucio))
         self.name_pattern = settings.lake.effective_name_pattern
         self._writable = list(dict.fromkeys(schemes))
         # S3 RSEs (sign_url = "s3"): their https PFNs are reached only through URLs Rucio signs
@@ -137,7 +137,7 @@ class RucioCatalogue(RucioRecords, Catalogue):
         self._lock = threading.Lock()
         self._known: set[tuple[str, str]] = set()        # datasets/containers seen to exist
         self._unmanaged_keys: set[str] = set()           # metadata keys this server refused
-        if self.r.verify_upload == "size":
+        if self.rucio.verify_upload == "size":
             # said once at start, since the evidence for deleting a file is weaker there
             for name, d in sorted(settings.destinations.items()):
                 if d.kind == "rse" and not d.sign_url:
@@ -147,13 +147,13 @@ class RucioCatalogue(RucioRecords, Catalogue):
 
     # ------------------------------------------------------------ helpers
     def _rule(self, f: LakeFile) -> RuleSettings:
-        return self.s.rules[f.rule]
+        return self.settings.rules[f.rule]
 
     def _dest_rses(self, f: LakeFile) -> list[tuple[str, str | None]]:
         """(RSE, scheme or None) of each destination of the file's rule, in order, once each."""
         out: dict[str, str | None] = {}
         for d in f.destinations:
-            dest = self.s.destinations[d]
+            dest = self.settings.destinations[d]
             if dest.rse and dest.rse not in out:
                 out[dest.rse] = dest.scheme
         return list(out.items())
@@ -357,7 +357,7 @@ class RucioCatalogue(RucioRecords, Catalogue):
             writable = not domains or any((ops or {}).get("write") for ops in domains.values())
             if writable and p.get("scheme") and p["scheme"] not in offered:
                 offered.append(p["scheme"])
-        prefs = [wanted] if wanted else list(self.r.schemes)
+        prefs = [wanted] if wanted else list(self.rucio.schemes)
         for scheme in prefs:
             if scheme in offered and scheme in self._writable:
                 return scheme
@@ -407,7 +407,7 @@ class RucioCatalogue(RucioRecords, Catalogue):
         return out
 
     def _schemes(self) -> list[str]:
-        ordered = [s for s in self.r.schemes if s in self._writable]
+        ordered = [s for s in self.rucio.schemes if s in self._writable]
         ordered += [s for s in self._writable if s not in ordered]
         if self._s3 and "https" not in ordered:
             ordered.append("https")      # the S3 RSEs' protocol

@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -37,6 +37,7 @@ OPAQUE_TOKEN_RECHECK_S = 60.0    # a token file whose token has no readable expi
 PROTOCOLS_TTL_S = 600.0          # an RSE's protocols are looked up again after this long
 BUSY_RETRY_DELAYS_S = (0.5, 1.5)  # a server that says "busy" (database locked, 503) is asked again at once
 MAX_MESSAGE = 500                # Rucio's messages can hold a whole RSE description
+_T = TypeVar("_T")   # what a cached RSE answer parses to
 
 # ---------------------------------------------------------------- errors
 
@@ -67,15 +68,15 @@ class RucioAnswer(EdgeAgentError):
 
 
 class RucioAlreadyDone(RucioAnswer, AlreadyDone):
-    pass
+    """Rucio answered that the effect exists already (success for an idempotent call)."""
 
 
 class RucioRetryable(RucioAnswer, RetryableError):
-    pass
+    """Rucio could not answer now (a timeout, a 5xx): worth asking again."""
 
 
 class RucioPermanent(RucioAnswer, PermanentError):
-    pass
+    """Rucio refused, and asking again will not change that."""
 
 
 class NotFound(RucioPermanent):
@@ -190,7 +191,7 @@ class RucioClient:
 
     def __init__(self, settings: RucioSettings, *, transport: httpx.BaseTransport | None = None,
                  clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep) -> None:
-        self.s = settings
+        self.settings = settings
         self.url = settings.url
         self.auth_url = settings.auth_url or settings.url
         self.account = settings.account
@@ -217,7 +218,7 @@ class RucioClient:
 
     # ------------------------------------------------------------ TLS
     def _tls_context(self) -> ssl.SSLContext | bool:
-        s = self.s
+        s = self.settings
         if s.ca_cert is None and s.tls_verify:
             return True
         ctx = self._base_context()
@@ -227,7 +228,7 @@ class RucioClient:
         return ctx
 
     def _base_context(self) -> ssl.SSLContext:
-        s = self.s
+        s = self.settings
         ca = s.ca_cert
         try:
             if ca is not None:
@@ -260,12 +261,12 @@ class RucioClient:
                 self._token = None
 
     def _authenticate(self) -> _Token:
-        kind = self.s.auth.type
+        kind = self.settings.auth.type
         if kind == "userpass":
             t = self._auth_userpass()
         elif kind == "x509":
             t = self._auth_x509()
-        elif self.s.auth.token_file is not None:
+        elif self.settings.auth.token_file is not None:
             t = self._auth_token_file()
         else:
             t = self._auth_client_credentials()
@@ -281,8 +282,8 @@ class RucioClient:
 
     def _auth_headers(self) -> dict[str, str]:
         h = {"X-Rucio-Account": self.account, "X-Rucio-AppID": "edge-agent"}
-        if self.s.vo:
-            h["X-Rucio-VO"] = self.s.vo
+        if self.settings.vo:
+            h["X-Rucio-VO"] = self.settings.vo
         return h
 
     def _rucio_token(self, r: httpx.Response, call: str) -> _Token:
@@ -310,7 +311,7 @@ class RucioClient:
         return _Token(value, _renew_at(now, lifetime), now + lifetime)
 
     def _auth_userpass(self) -> _Token:
-        a = self.s.auth
+        a = self.settings.auth
         assert a.username and a.password, "settings validation guarantees them"
         call = "GET /auth/userpass"
         r = self._raw("GET", self.auth_url + "/auth/userpass", call, headers={
@@ -321,7 +322,7 @@ class RucioClient:
     def _auth_x509(self) -> _Token:
         # a fresh TLS context per authentication: a proxy renewed on disk (voms-proxy-init, a
         # cron job) is presented as it is now, on a connection of its own
-        a = self.s.auth
+        a = self.settings.auth
         assert a.cert is not None
         call = "GET /auth/x509"
         try:
@@ -339,8 +340,8 @@ class RucioClient:
         return self._rucio_token(r, call)
 
     def _token_file_changed(self) -> bool:
-        path = self.s.auth.token_file
-        if self.s.auth.type != "oidc" or path is None:
+        path = self.settings.auth.token_file
+        if self.settings.auth.type != "oidc" or path is None:
             return False
         return self._file_sig(path) != self._token_file_sig
 
@@ -353,7 +354,7 @@ class RucioClient:
         return (st.st_ino, st.st_size, st.st_mtime_ns)
 
     def _auth_token_file(self) -> _Token:
-        path = self.s.auth.token_file
+        path = self.settings.auth.token_file
         assert path is not None
         sig = self._file_sig(path)
         try:
@@ -376,7 +377,7 @@ class RucioClient:
         return _Token(value, _renew_at(now, exp - now), exp)
 
     def _auth_client_credentials(self) -> _Token:
-        a = self.s.auth
+        a = self.settings.auth
         assert a.token_url and a.client_id and a.client_secret
         call = f"POST {a.token_url} (client credentials of {a.client_id})"
         r = self._raw("POST", a.token_url, call, service="token issuer", data={
@@ -469,7 +470,7 @@ class RucioClient:
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
     def _batches(self, items: Sequence[Any]) -> Iterator[Sequence[Any]]:
-        n = self.s.batch_size
+        n = self.settings.batch_size
         for i in range(0, len(items), n):
             yield items[i:i + n]
 
@@ -563,17 +564,9 @@ class RucioClient:
 
     def rse_protocols(self, rse: str) -> list[dict[str, Any]]:
         """The protocols of `rse` (cached for a few minutes)."""
-        now = self._clock()
-        with self._cache_lock:
-            hit = self._protocols.get(rse)
-            if hit is not None and now - hit[0] < PROTOCOLS_TTL_S:
-                return hit[1]
-        r = self.request("GET", f"/rses/{_q(rse)}/protocols", f"GET /rses/{rse}/protocols")
-        data = r.json()
-        protocols: list[dict[str, Any]] = data if isinstance(data, list) else list(data.get("protocols", []))
-        with self._cache_lock:
-            self._protocols[rse] = (now, protocols)
-        return protocols
+        def parse(data: Any) -> list[dict[str, Any]]:
+            return data if isinstance(data, list) else list(data.get("protocols", []))
+        return self._cached_rse_get(self._protocols, rse, "protocols", parse)
 
     def add_rule(self, scope: str, name: str, copies: int, rse_expression: str, *,
                  lifetime: int | None = None, activity: str | None = None, grouping: str = "DATASET") -> str:
@@ -620,17 +613,22 @@ class RucioClient:
 
     def rse_attributes(self, rse: str) -> dict[str, Any]:
         """The attributes of `rse` ({"sign_url": "s3", "lake": True, ...}), cached like the protocols."""
+        return self._cached_rse_get(self._attributes, rse, "attr/", lambda data: data if isinstance(data, dict) else {})
+
+    def _cached_rse_get(self, cache: dict[str, tuple[float, _T]], rse: str, what: str,
+                        parse: Callable[[Any], _T]) -> _T:
+        """GET /rses/<rse>/<what>, parsed, from `cache` while younger than PROTOCOLS_TTL_S (an RSE's
+        protocols and attributes change rarely, and are asked for every copy)."""
         now = self._clock()
         with self._cache_lock:
-            hit = self._attributes.get(rse)
+            hit = cache.get(rse)
             if hit is not None and now - hit[0] < PROTOCOLS_TTL_S:
                 return hit[1]
-        r = self.request("GET", f"/rses/{_q(rse)}/attr/", f"GET /rses/{rse}/attr/")
-        data = r.json()
-        attrs: dict[str, Any] = data if isinstance(data, dict) else {}
+        r = self.request("GET", f"/rses/{_q(rse)}/{what}", f"GET /rses/{rse}/{what}")
+        value = parse(r.json())
         with self._cache_lock:
-            self._attributes[rse] = (now, attrs)
-        return attrs
+            cache[rse] = (now, value)
+        return value
 
     def signed_url(self, rse: str, operation: str, url: str, lifetime: int = 600, service: str = "s3") -> str:
         """A URL that Rucio signs with the RSE's own keys (rse-accounts.cfg) for one whole-object

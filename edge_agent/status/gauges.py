@@ -45,6 +45,7 @@ class Rate:
 
 @dataclass
 class DiskReport:
+    """One sample of a buffer disk: its use, how fast it fills, and the level that makes it."""
     path: str
     total: int
     used: int

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Iterator
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -46,20 +47,13 @@ class _Collector:
             bl_bytes.add_metric([rule], sum(b for _, b in rows))
         yield bl_files
         yield bl_bytes
-        sent = CounterMetricFamily("edge_agent_sent_bytes", "Bytes streamed to destinations",
-                                   labels=["rule", "destination"])
-        for (rule, loc), n in sorted(runner.counters.sent_by_location.items()):
-            sent.add_metric([rule, loc], n)
-        yield sent
-        hashed = CounterMetricFamily("edge_agent_hashed_bytes", "Bytes read for hashing", labels=["rule"])
-        for rule, rate in runner.counters.hashed.items():
-            hashed.add_metric([rule], rate.total)
-        yield hashed
-        trans = CounterMetricFamily("edge_agent_transitions", "Lifecycle transitions since start",
-                                    labels=["rule", "to_state"])
-        for (rule, state), n in sorted(runner.counters.transitions.items()):
-            trans.add_metric([rule, state], n)
-        yield trans
+        counters = runner.counters
+        yield _counter("edge_agent_sent_bytes", "Bytes streamed to destinations", ["rule", "destination"],
+                       sorted(counters.sent_by_location.items()))
+        yield _counter("edge_agent_hashed_bytes", "Bytes read for hashing", ["rule"],
+                       [((rule,), rate.total) for rule, rate in counters.hashed.items()])
+        yield _counter("edge_agent_transitions", "Lifecycle transitions since start", ["rule", "to_state"],
+                       sorted(counters.transitions.items()))
         oldest = runner.ledger.oldest_unconfirmed()
         yield GaugeMetricFamily("edge_agent_oldest_unconfirmed_age_seconds",
                                 "Age of the oldest file not yet confirmed in the lake",
@@ -95,6 +89,15 @@ class _Collector:
         info = GaugeMetricFamily("edge_agent_info", "Build information", labels=["version"])
         info.add_metric([__version__], 1)
         yield info
+
+
+def _counter(name: str, documentation: str, labels: list[str],
+             samples: Iterable[tuple[tuple[str, ...], float]]) -> CounterMetricFamily:
+    """A counter family with one sample per (label values, value)."""
+    family = CounterMetricFamily(name, documentation, labels=labels)
+    for values, n in samples:
+        family.add_metric(list(values), n)
+    return family
 
 
 def registry_for(runner: "Runner") -> CollectorRegistry:

@@ -59,6 +59,7 @@ def host_allowed(header: str | None, bind: str, allowed: Sequence[str] = ()) -> 
 
 
 class StatusServer:
+    """The HTTP status server (health, JSON status, Prometheus metrics, the page) of a runner."""
     def __init__(self, runner: "Runner", host: str, port: int, allowed_hosts: Sequence[str] = ()) -> None:
         self.runner = runner
         self.allowed_hosts = tuple(_host_name(h) if h != "*" else h for h in allowed_hosts)
@@ -71,14 +72,17 @@ class StatusServer:
 
     @property
     def address(self) -> tuple[str, int]:
+        """The (host, port) the server listens on (the port chosen when 0 was asked)."""
         host, port = self.httpd.server_address[:2]
         return str(host), int(port)
 
     def start(self) -> None:
+        """The server answers requests, on a thread of its own."""
         self.thread.start()
         log.info("status server listening", url=f"http://{self.address[0]}:{self.address[1]}/status")
 
     def stop(self) -> None:
+        """The server no longer answers and its socket is closed."""
         self.httpd.shutdown()
         self.httpd.server_close()
 

@@ -51,6 +51,7 @@ class StepContext:
     confirmed_mono: dict[tuple[int, float | None], float] = field(default_factory=dict)
 
     def rule(self, rec: FileRecord) -> RuleSettings:
+        """The settings of `rec`'s rule."""
         return self.settings.rules[rec.rule]
 
     def transport(self, target: Target) -> Transport:

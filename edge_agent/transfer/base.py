@@ -71,6 +71,7 @@ class Expected:
 
 @dataclass(frozen=True)
 class RemoteStat:
+    """What a storage answers about the object at a URL."""
     size: int
     adler32: str | None   # None: the storage cannot say (the copy then does not count)
     md5: str | None = None  # what an S3 ETag says (a single-PUT object's ETag is its MD5)

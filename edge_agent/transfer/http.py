@@ -119,6 +119,16 @@ def status_error(status: int, what: str, reason: str = "") -> Exception:
     return PermanentError(detail)
 
 
+def digests_or_discard(tee: Tee, discard: Callable[[], None]) -> Digests:
+    """The digests of what `tee` sent. A source that changed while it was read (FileChanged) has
+    the copy just uploaded discarded before the error goes on: it holds bytes nobody recorded."""
+    try:
+        return tee.digests()
+    except FileChanged:
+        discard()
+        raise
+
+
 def ssl_context(verify: bool | str | ssl.SSLContext = True, cert: str | None = None,
                 key: str | None = None) -> ssl.SSLContext:
     """A client TLS context: `verify` is on/off, a CA file or directory (e.g. /etc/grid-security/
@@ -264,6 +274,7 @@ class HttpTransport(Transport):
                                    **common)  # type: ignore[arg-type]
 
     def close(self) -> None:
+        """The HTTP clients this transport made are closed (clients handed to it are left open)."""
         if self._owns_clients:
             self._pool.close()
             self._fresh.close()
@@ -362,6 +373,8 @@ class HttpTransport(Transport):
 
     def _upload(self, source: Source, wire: str, shown: str, expected: Expected, pace: Pacer,
                 also: Sequence[Consumer] = ()) -> Digests:
+        def discard() -> None:
+            self._discard(wire, shown, keep=not expected.may_replace)
         made_parents = redirected = False
         target = wire
         while True:
@@ -369,7 +382,7 @@ class HttpTransport(Transport):
                 # a resent body (parents made, redirect) is read again: `also` is reset for each pass
                 r, h = self._put_once(source, target, shown, expected, pace, also=also)
             except BaseException:
-                self._discard(wire, shown, keep=not expected.may_replace)
+                discard()
                 raise
             if r.status_code in (404, 409) and not made_parents:
                 # a WebDAV server that does not create parents (XRootD does; nginx, some dCache don't)
@@ -384,15 +397,10 @@ class HttpTransport(Transport):
                 log.debug("PUT redirected", url=shown, to=shown_url(target))
                 continue
             if r.status_code not in _OK:
-                self._discard(wire, shown, keep=not expected.may_replace)
+                discard()
                 raise status_error(r.status_code, f"PUT {shown}", r.reason_phrase)
             break
-        try:
-            got = h.digests()
-        except FileChanged:
-            self._discard(wire, shown, keep=not expected.may_replace)
-            raise
-        return got
+        return digests_or_discard(h, discard)
 
     def _put_once(self, source: Source, wire: str, shown: str, expected: Expected, pace: Pacer,
                   md5: bool | None = None, also: Sequence[Consumer] = ()) -> tuple[httpx.Response, Tee]:

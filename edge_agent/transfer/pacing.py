@@ -12,6 +12,8 @@ from ..core.policy import Window, bandwidth_cap
 
 
 class Throttle:
+    """A Pacer: blocks before each chunk so that bytes go out no faster than the cap of the
+    bandwidth window in force (0: paused)."""
     def __init__(self, default_mbps: float, windows: Sequence[Window],
                  clock: Callable[[], float] = time.monotonic,
                  local_time: Callable[[], dt.time] = lambda: dt.datetime.now().time(),

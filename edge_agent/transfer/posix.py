@@ -91,6 +91,8 @@ def _locked_temp(tmp: str) -> Iterator[BinaryIO]:
 
 
 class PosixTransport(Transport):
+    """Copies to a local or mounted directory: written under a temporary name, fsynced, published
+    whole by a link."""
     scheme = "file"
 
     def __init__(self, fsync: bool = True, chunk_size: int = CHUNK) -> None:

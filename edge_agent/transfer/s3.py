@@ -32,12 +32,12 @@ from typing import BinaryIO, Literal
 import httpx
 import structlog
 
-from ..errors import ChecksumMismatch, DestinationOccupied, FileChanged, PermanentError, RetryableError
+from ..errors import ChecksumMismatch, DestinationOccupied, PermanentError, RetryableError
 from ..hashing import CHUNK, Consumer, Digests
 from ..localfs import Source
 from ..urls import shown_url, unsigned_url
 from .base import ChunkStream, Expected, Pacer, RemoteStat
-from .http import HttpTransport, body_chunks, status_error
+from .http import HttpTransport, body_chunks, digests_or_discard, status_error
 
 log = structlog.get_logger("edge_agent.transfer.s3")
 
@@ -196,26 +196,23 @@ class S3Transport(HttpTransport):
 
     def _upload_signed(self, source: Source, url: str, shown: str, expected: Expected, pace: Pacer,
                        also: Sequence[Consumer] = ()) -> Digests:
+        def discard() -> None:
+            self._discard_signed(url, shown, keep=not expected.may_replace)
         for attempt in (1, 2):
             signed = self._sign("write", url)
             try:
                 r, h = self._put_once(source, signed, shown, expected, pace, md5=True, also=also)
             except BaseException:
-                self._discard_signed(url, shown, keep=not expected.may_replace)
+                discard()
                 raise
             if r.status_code == 403 and attempt == 1:
                 log.info("signed PUT refused (expired?), signing again", url=shown)
                 continue
             if r.status_code not in (200, 201, 204):
-                self._discard_signed(url, shown, keep=not expected.may_replace)
+                discard()
                 raise status_error(r.status_code, f"PUT {shown}", r.reason_phrase)
             break
-        try:
-            got = h.digests()
-        except FileChanged:
-            self._discard_signed(url, shown, keep=not expected.may_replace)
-            raise
-        return got
+        return digests_or_discard(h, discard)
 
     def _check_object(self, url: str, shown: str, got: Digests, keep: bool = False) -> None:
         try:

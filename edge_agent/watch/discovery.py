@@ -89,6 +89,7 @@ class Discovery:
         self.watcher.start()
 
     def stop(self) -> None:
+        """Filesystem events are no longer watched."""
         self.watcher.stop()
 
     def _events_lost(self, overflows: int) -> None:
@@ -310,6 +311,7 @@ class Discovery:
 
     # ------------------------------------------------------------ buffers held by another agent
     def in_held_subtree(self, rule: str, path: bytes) -> bool:
+        """Is `path` below a subdirectory of `rule` that the last walk found held by another agent?"""
         return any(path.startswith(d + b"/") for d in self.held_subtrees.get(rule, ()))
 
     def held_elsewhere(self, rec: FileRecord) -> bool:

@@ -25,6 +25,8 @@ warnings.filterwarnings("ignore", message="Callback with id", category=RuntimeWa
 
 
 class DirtyPaths:
+    """The paths filesystem events named since the last take, with their rule (bounded: past
+    `limit` they are dropped and `overflowed` says a rescan must find them), and the closes-after-write seen."""
     def __init__(self, limit: int = 100_000) -> None:
         self.limit = limit
         self._lock = threading.Lock()

@@ -17,12 +17,15 @@ from ..settings import Completion, RuleSettings
 
 @dataclass(frozen=True)
 class Skip:
+    """Why a path is not taken as a data file, and whether an operator should hear of it."""
     reason: str
     report: bool = False   # True: an operator should hear about it (a notice in the ledger)
     writing: bool = False  # a name being written: reported if it stays unchanged too long (stale_temp_seconds)
 
 
 class RuleFilter:
+    """Which paths under a rule's directory are its data files (include, exclude, temporary names,
+    companions)."""
     def __init__(self, rule: RuleSettings) -> None:
         self.include = list(rule.include)
         self.exclude = list(rule.exclude)

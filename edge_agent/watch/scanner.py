@@ -21,6 +21,7 @@ from ..localfs import LocalFile
 
 @dataclass(frozen=True)
 class Entry:
+    """One path a rescan walked past: a regular file with its lstat, or why it cannot be taken."""
     path: bytes
     relpath: str                 # for people and templates; undecodable bytes shown as \x escapes
     st: os.stat_result | None    # lstat of a regular file; None when `problem` is set

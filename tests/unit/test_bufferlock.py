@@ -170,14 +170,14 @@ def test_stale_seconds_leave_room_for_several_heartbeats() -> None:
 
 @pytest.fixture
 def runner(tmp_path: Path, clock: Any, settings_data: Callable[..., Any]) -> Any:
-    from edge_agent.app import build_lake
+    from edge_agent.app import build_catalogue
     from edge_agent.ledger import Ledger
     from edge_agent.runner import Runner
     for d in ("daq", "lake-a", "lake-b"):
         (tmp_path / d).mkdir(exist_ok=True)
     s = Settings(**settings_data(tmp_path, rule={"completion": ["renamed"]}, stale_temp_seconds=1))
     ledger = Ledger(s.ledger_path, clock=clock, synchronous="normal")
-    r = Runner(s, ledger, build_lake(s), clock=clock)
+    r = Runner(s, ledger, build_catalogue(s), clock=clock)
     yield r
     for pool in r.pools.values():
         pool.shutdown()

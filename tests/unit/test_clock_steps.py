@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from edge_agent.app import build_lake
+from edge_agent.app import build_catalogue
 from edge_agent.core.lifecycle import Event, State
 from edge_agent.errors import LedgerUnwritable
 from edge_agent.ledger import FileRecord, Ledger
@@ -47,7 +47,7 @@ def make_runner(tmp_path: Path, clock: Any, mono: Mono, settings_data: Callable[
 
     def make(**rule: Any) -> Runner:
         s = Settings(**settings_data(tmp_path, rule=rule))
-        r = Runner(s, Ledger(s.ledger_path, clock=clock, synchronous="normal"), build_lake(s), clock=clock,
+        r = Runner(s, Ledger(s.ledger_path, clock=clock, synchronous="normal"), build_catalogue(s), clock=clock,
                    monotonic=mono)
         r.dispatch = lambda now: None    # type: ignore[method-assign]   # decisions only, no steps run
         made.append(r)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from edge_agent.app import build_lake
+from edge_agent.app import build_catalogue
 from edge_agent.core.lifecycle import State
 from edge_agent.errors import LedgerUnwritable
 from edge_agent.ledger import Ledger, LedgerDamaged
@@ -94,7 +94,7 @@ def make_runner(tmp_path: Path, clock: Any, settings_data: Callable[..., Any]) -
         for d in ("daq", "lake-a", "lake-b"):
             (tmp_path / d).mkdir(exist_ok=True)
         s = Settings(**settings_data(tmp_path))
-        r = Runner(s, Ledger(s.ledger_path, clock=clock), build_lake(s), clock=clock)
+        r = Runner(s, Ledger(s.ledger_path, clock=clock), build_catalogue(s), clock=clock)
         made.append(r)
         return r
     yield make

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import pytest
 
-from edge_agent.app import build_lake
+from edge_agent.app import build_catalogue
 from edge_agent.core.lifecycle import State
 from edge_agent.errors import LedgerUnwritable
 from edge_agent.ledger import Ledger
@@ -22,7 +22,7 @@ def runner(tmp_path: Path, clock: Any, settings_data: Callable[..., Any]) -> Any
         (tmp_path / d).mkdir()
     s = Settings(**settings_data(tmp_path))
     ledger = Ledger(s.ledger_path, clock=clock)
-    r = Runner(s, ledger, build_lake(s), clock=clock, monotonic=clock)
+    r = Runner(s, ledger, build_catalogue(s), clock=clock, monotonic=clock)
     yield r
     for pool in r.pools.values():
         pool.shutdown()

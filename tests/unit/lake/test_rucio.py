@@ -289,7 +289,7 @@ class CheckedCatalogue(RucioCatalogue):
             self.transports.mount(f"{scheme}://", transport)
 
     def replicas(self, f: LakeFile) -> list[Replica]:
-        return replicas(self.recorded(f), f, self.transports, Checks.of(self.s))
+        return replicas(self.recorded(f), f, self.transports, Checks.of(self.settings))
 
 
 def make_settings(tmp: Path, **rucio: Any) -> Settings:
@@ -432,7 +432,7 @@ def test_register_in_place_builds_the_pfn_and_the_container(lake: CheckedCatalog
 
 def test_buffer_url_without_trailing_slash(make_lake: Any, tmp_path: Path) -> None:
     lake = make_lake()
-    lake.s.rules["reg"].buffer_url = "http://daq.example/buf"
+    lake.settings.rules["reg"].buffer_url = "http://daq.example/buf"
     assert lake.buffer_pfn(lake_file(tmp_path, "reg", rel="a/b.fits")) == "http://daq.example/buf/a/b.fits"
 
 
@@ -517,7 +517,7 @@ def test_targets_use_lfns2pfns_with_the_first_usable_scheme(lake: CheckedCatalog
 
 
 def test_targets_honour_a_destination_scheme(lake: CheckedCatalogue, tmp_path: Path) -> None:
-    lake.s.destinations["lake1"].scheme = "http"
+    lake.settings.destinations["lake1"].scheme = "http"
     ts = lake.targets(lake_file(tmp_path, "both"))
     assert [(t.location, t.url) for t in ts] == [("LAKE1", "http://xrd:8080/data/lake1/test/f1"),
                                                   ("LAKE2", "root://xrd:1094//data/lake2/test/f1")]

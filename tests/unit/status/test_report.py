@@ -105,3 +105,15 @@ def test_history_is_all_known_once_the_agent_has_run_an_hour(runner: Runner, clo
     clock.advance(3 * 3600 + 30)
     sent = report.full(runner)["rules"]["r"]["history"]["sent_bytes"]
     assert sent == [0] * 60
+
+
+def test_metrics_export_the_runners_byte_and_transition_counters(runner: Runner) -> None:
+    runner.counters.sent_by_location.update({("r", "lake2"): 7, ("r", "lake1"): 5})
+    runner.counters.hashed["r"].add(12)
+    runner.counters.transitions.update({("r", "hashed"): 2, ("r", "deleted"): 1})
+    m = scrape(runner)
+    assert m[("edge_agent_sent_bytes_total", (("destination", "lake1"), ("rule", "r")))] == 5
+    assert m[("edge_agent_sent_bytes_total", (("destination", "lake2"), ("rule", "r")))] == 7
+    assert m[("edge_agent_hashed_bytes_total", (("rule", "r"),))] == 12
+    assert m[("edge_agent_transitions_total", (("rule", "r"), ("to_state", "hashed")))] == 2
+    assert m[("edge_agent_transitions_total", (("rule", "r"), ("to_state", "deleted")))] == 1

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import pytest
 
 from edge_agent.watch import discovery as discovery_mod
-from edge_agent.app import build_lake
+from edge_agent.app import build_catalogue
 from edge_agent.core.lifecycle import Event, State
 from edge_agent.ledger import Ledger
 from edge_agent.runner import Runner
@@ -25,7 +25,7 @@ def runner(tmp_path: Path, clock: Any, settings_data: Callable[..., Any],
     monkeypatch.setattr(discovery_mod, "RESCAN_BATCH", 3)    # 10 files make 4 batches
     s = Settings(**settings_data(tmp_path, rule={"completion": ["renamed"]}))
     ledger = Ledger(s.ledger_path, clock=clock, synchronous="normal")
-    r = Runner(s, ledger, build_lake(s), clock=clock)
+    r = Runner(s, ledger, build_catalogue(s), clock=clock)
     yield r
     for pool in r.pools.values():
         pool.shutdown()
