@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import structlog
 
 from ..core import policy
-from ..core.lifecycle import Event
+from ..core.lifecycle import AT_ONCE, Event
 from ..lake.base import CopiesState, LakeFile
 from ..ledger import FileRecord
 from . import delete, rewrite
@@ -23,9 +23,8 @@ log = structlog.get_logger("edge_agent.steps")
 def run(batch: Sequence[FileRecord], ctx: StepContext) -> None:
     for rec in batch:
         confirmed = guarded(rec, ctx, confirm_one)
-        if confirmed is not None:
-            # the delete step runs at once on the evidence just taken (lifecycle.AT_ONCE): the lake
-            # is not asked twice
+        if confirmed is not None and confirmed[0].state in AT_ONCE:
+            # the delete step runs at once on the evidence just taken: the lake is not asked twice
             now, c = confirmed
             guarded(now, ctx, lambda r, x, c=c: delete.decide(r, x, c))
 
