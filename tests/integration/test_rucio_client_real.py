@@ -25,7 +25,7 @@ from edge_agent.localfs import Source
 from edge_agent.settings import Settings
 from edge_agent.transfer.base import Expected, Pacer, RemoteStat, Transport
 
-from ..unit.test_rucio_lake import CheckedCatalogue
+from ..unit.lake.test_rucio import CheckedCatalogue
 
 pytestmark = pytest.mark.lake
 
