@@ -573,7 +573,8 @@ class RucioClient:
                  source_replica_expression: str | None = None) -> str:
         """A replication rule on one DID; its id. An identical rule (same DID, account,
         expression and copies: Rucio's uniqueness) that exists already gives its id.
-        `source_replica_expression`: the only RSEs the rule's transfers may read from."""
+        `source_replica_expression`: the only RSEs the rule's transfers may read from (not part of
+        that uniqueness: a rule found so may have other sources, and still asks the same copies)."""
         body: dict[str, Any] = {"dids": [{"scope": scope, "name": name}], "account": self.account,
                                 "copies": copies, "rse_expression": rse_expression, "grouping": grouping}
         if lifetime is not None:
