@@ -257,6 +257,9 @@ class RuleSettings(_Section):
     buffer_rse: str | None = Field(None, description="register: the RSE serving the buffer")
     buffer_url: str | None = Field(None, description="register: the URL of `directory` on buffer_rse, "
                                    "e.g. root://daq.example.org:1094//data/buffer/")
+    uplink_once: bool = Field(True, description="register: the lake makes one copy from the buffer and the "
+                              "rest from that copy (two rules), so each byte leaves the site once; false: one "
+                              "rule of `copies`, each copy pulled from the buffer")
     delete: DeletePolicy = DeletePolicy.AFTER_CONFIRM
     keep_hours: float = Field(0.0, ge=0)
     recheck_before_delete: bool = Field(False, description="read the file once more right before deleting "

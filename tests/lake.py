@@ -96,12 +96,13 @@ class Lake:
         return self.data_dir / path.lstrip("/")
 
     # ------------------------------------------------------------ the lake's own machinery
-    def play_fts(self, scope: str, name: str, dest_rse: str) -> None:
-        """Do what FTS would: copy the file to dest_rse from an AVAILABLE replica, verify its
-        adler32 on the storage, and mark the destination replica AVAILABLE."""
+    def play_fts(self, scope: str, name: str, dest_rse: str, source_rse: str | None = None) -> None:
+        """Do what FTS would: copy the file to dest_rse from an AVAILABLE replica (on source_rse if
+        given), verify its adler32 on the storage, and mark the destination replica AVAILABLE."""
         info = self.replicas(scope, name)
         src = next(p for p, meta in info["pfns"].items()
-                   if info["states"].get(meta["rse"]) == "AVAILABLE" and p.startswith("http"))
+                   if info["states"].get(meta["rse"]) == "AVAILABLE" and p.startswith("http")
+                   and source_rse in (None, meta["rse"]))
         data = httpx.get(src, timeout=120).content
         assert f"{zlib.adler32(data) & 0xFFFFFFFF:08x}" == info["adler32"], "source replica corrupt"
         dst = self.pfn(dest_rse, scope, name)

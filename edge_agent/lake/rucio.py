@@ -60,6 +60,25 @@ META_REFUSALS = frozenset({"InvalidMetadata", "KeyNotFound", "InvalidValueForKey
 _UNSAFE_IN_PFN = set("?#%\\") | {chr(c) for c in range(32)} | {chr(127)}
 
 
+# Between the rule ids of one request for copies in the ledger's lake_ref ("id1,id2"; one id: one rule)
+RULE_REF_SEPARATOR = ","
+
+
+def offsite_sources(expression: str, buffer_rse: str) -> str:
+    """The RSE expression of the copies the lake may copy from once the buffer's copy exists: the
+    rule's RSEs, never the buffer (even if the expression matched it)."""
+    return f"({expression})\\{buffer_rse}"
+
+
+def _rule_state(rule: dict[str, Any], *, waits_for_source: bool) -> CopiesState:
+    state = str(rule.get("state") or "UNKNOWN")
+    if waits_for_source and state == "STUCK" and rule.get("error") == "MissingSourceReplica":
+        # a rule sourced off-site, placed before its source existed: the judge-repairer starts it
+        return CopiesState.REPLICATING
+    # REPLICATING, and what Rucio says of a rule not started yet (WAITING_APPROVAL, INJECT)
+    return _RULE_STATES.get(state, CopiesState.REPLICATING)
+
+
 class RucioRecords(Records):
     """What a Rucio server records, read through `client` alone: no agent settings needed (the
     access API's Lake.connect has none). RucioCatalogue reads through these same methods."""
@@ -373,22 +392,52 @@ class RucioCatalogue(RucioRecords, Catalogue):
             self.client.add_replicas(location, [self._file_entry(f, "A", url)])
 
     def request_copies(self, f: LakeFile) -> str | None:
+        """The rule(s) asking the lake for `copies`; their ids as one ref (RULE_REF_SEPARATOR between).
+
+        Register mode with uplink_once: a rule of N copies would pull N copies from the buffer across
+        the site's uplink. Instead, as CTAO's ingest does, one rule of 1 copy (its only source is the
+        buffer), then one rule of N copies on the same expression whose transfers may read only from
+        the expression's RSEs, never the buffer (source_replica_expression). Rucio places the second
+        rule's first copy on the first rule's replica (it prefers RSEs already holding the file), so
+        it adds N-1 transfers, all from off-site. Those have no source until the first copy is
+        AVAILABLE: Rucio makes the second rule STUCK (MissingSourceReplica) and its judge-repairer
+        starts them later (copies_state reports that wait as REPLICATING). Asked in this order
+        (the first rule's replica must exist when the second is placed), each idempotently."""
         rule = self._rule(f)
         expression = rule.rse_expression or "|".join(rse for rse, _ in self._dest_rses(f))
         if not expression:
             raise PermanentError(f"rule {f.rule}: no rse_expression and no RSE destinations to ask copies on")
-        return self.client.add_rule(f.scope, f.name, f.copies, expression, lifetime=rule.rule_lifetime_seconds,
-                                    activity=rule.activity, grouping=rule.grouping)
+
+        def ask(copies: int, sources: str | None = None) -> str:
+            return self.client.add_rule(f.scope, f.name, copies, expression, lifetime=rule.rule_lifetime_seconds,
+                                        activity=rule.activity, grouping=rule.grouping,
+                                        source_replica_expression=sources)
+
+        if rule.inject != "register" or not rule.uplink_once or f.copies == 1:
+            return ask(f.copies)
+        assert rule.buffer_rse is not None
+        first = ask(1)
+        rest = ask(f.copies, offsite_sources(expression, rule.buffer_rse))
+        return RULE_REF_SEPARATOR.join((first, rest))
 
     def copies_state(self, f: LakeFile, ref: str | None) -> CopiesState | None:
+        """The state of the rule(s) in `ref`: MISSING if one is gone (request_copies asks again, and
+        finds the one still there), OK when all are OK. While the buffer's copy (the first rule) is
+        being made, its state alone; the later rules are asked only once it is OK."""
         if not ref:
             return None
+        first, *rest = ref.split(RULE_REF_SEPARATOR)
         try:
-            state = str(self.client.get_rule(ref).get("state") or "UNKNOWN")
+            state = _rule_state(self.client.get_rule(first), waits_for_source=False)
+            if state is not CopiesState.OK:
+                return state
+            states = [_rule_state(self.client.get_rule(rid), waits_for_source=True) for rid in rest]
         except NotFound:
             return CopiesState.MISSING
-        # REPLICATING, and what Rucio says of a rule not started yet (WAITING_APPROVAL, INJECT)
-        return _RULE_STATES.get(state, CopiesState.REPLICATING)
+        for worst in (CopiesState.SUSPENDED, CopiesState.STUCK, CopiesState.REPLICATING):
+            if worst in states:
+                return worst
+        return CopiesState.OK
 
     def storage_prefixes(self, rse: str, scheme: str = "https") -> list[str]:
         """The URL prefixes under which Rucio builds `rse`'s PFNs in `scheme` (scheme://host:port/prefix/),

@@ -569,15 +569,20 @@ class RucioClient:
         return self._cached_rse_get(self._protocols, rse, "protocols", parse)
 
     def add_rule(self, scope: str, name: str, copies: int, rse_expression: str, *,
-                 lifetime: int | None = None, activity: str | None = None, grouping: str = "DATASET") -> str:
+                 lifetime: int | None = None, activity: str | None = None, grouping: str = "DATASET",
+                 source_replica_expression: str | None = None) -> str:
         """A replication rule on one DID; its id. An identical rule (same DID, account,
-        expression and copies: Rucio's uniqueness) that exists already gives its id."""
+        expression and copies: Rucio's uniqueness) that exists already gives its id.
+        `source_replica_expression`: the only RSEs the rule's transfers may read from (not part of
+        that uniqueness: a rule found so may have other sources, and still asks the same copies)."""
         body: dict[str, Any] = {"dids": [{"scope": scope, "name": name}], "account": self.account,
                                 "copies": copies, "rse_expression": rse_expression, "grouping": grouping}
         if lifetime is not None:
             body["lifetime"] = lifetime
         if activity is not None:
             body["activity"] = activity
+        if source_replica_expression is not None:
+            body["source_replica_expression"] = source_replica_expression
         call = f"POST /rules/ ({scope}:{name}, {copies} copies on {rse_expression})"
         try:
             r = self.request("POST", "/rules/", call, json_body=body)

@@ -130,7 +130,8 @@ def test_register_in_place_the_released_buffer_copy_is_no_false_alarm(agent, lak
     d = rucio_agent(agent, lake, {"daq": {
         "directory": str(bufdir), "inject": "register", "buffer_rse": lake.buf_rse,
         "buffer_url": f"{lake.root_url}//data/buf/{u}/", "copies": 2, "rse_expression": "lake=true",
-        "name_template": f"{u}.{{filename}}", "dataset_template": f"{u}.night"}}, destinations={})
+        "name_template": f"{u}.{{filename}}", "dataset_template": f"{u}.night",
+        "uplink_once": False}}, destinations={})     # FtsPlayer plays no judge-repairer
     d.start()
     files = write_files(d, 2, size=30_000)
     names = sorted(f"{u}.{k}" for k in files)

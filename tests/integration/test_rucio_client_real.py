@@ -81,7 +81,8 @@ def settings(lake: Any, tmp_path: Path, buf_dir: Path) -> Settings:
                         "copies": 2, "rse_expression": "lake=true"},
                "reg": {"directory": str(buf_dir), "scope": lake.scope, "inject": "register",
                        "buffer_rse": lake.buf_rse, "buffer_url": lake.root_url + "//data/buf/",
-                       "rse_expression": "lake=true", "copies": 2}})
+                       "rse_expression": "lake=true", "copies": 2,
+                       "uplink_once": False}})     # one rule of 2: the tests play FTS, not the judge-repairer
 
 
 @pytest.fixture

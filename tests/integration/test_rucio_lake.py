@@ -14,6 +14,7 @@ import uuid
 import zlib
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -124,6 +125,7 @@ def test_push_night_copies_two_and_deletes_only_after_both_are_confirmed(agent, 
 
 
 def test_register_in_place_the_magic_setup(agent, lake) -> None:
+    """One rule of 2 copies, both pulled from the buffer (uplink_once = false: the way before issue 14)."""
     u = uid()
     bufdir = lake.data_dir / "data" / "buf" / u
     bufdir.mkdir(parents=True)
@@ -131,7 +133,8 @@ def test_register_in_place_the_magic_setup(agent, lake) -> None:
     d = rucio_agent(agent, lake, {"daq": {
         "directory": str(bufdir), "inject": "register", "buffer_rse": lake.buf_rse,
         "buffer_url": f"{lake.root_url}//data/buf/{u}/", "copies": 2, "rse_expression": "lake=true",
-        "name_template": f"{u}.{{filename}}", "dataset_template": f"{u}.night"}}, destinations={})
+        "name_template": f"{u}.{{filename}}", "dataset_template": f"{u}.night", "uplink_once": False}},
+                    destinations={})
     d.start()
     files = write_files(d, 5)
     names = {f"{u}.{k}": v for k, v in files.items()}
@@ -153,6 +156,89 @@ def test_register_in_place_the_magic_setup(agent, lake) -> None:
         assert lake.buf_rse not in lake.replicas(lake.scope, n)["states"]
 
 
+def transfer_requests(lake, name: str) -> dict[str, dict[str, Any]]:
+    """The transfer requests Rucio holds for one file, by destination RSE (GET /requests/...)."""
+    out = {}
+    for rse in lake.lake_rses:
+        r = lake.call("GET", f"/requests/{lake.scope}/{name}/{rse}", ok=(200, 404))
+        if r.status_code == 200:
+            req = r.json()
+            if isinstance(req.get("attributes"), str):
+                req["attributes"] = json.loads(req["attributes"] or "{}")
+            out[rse] = req
+    return out
+
+
+def test_register_in_place_each_byte_crosses_the_uplink_once(agent, lake) -> None:
+    """Issue 14 item 5: with the buffer an RSE, the lake makes ONE copy from it per file and the
+    other from that copy. Shown by Rucio's own records: the rules' source_replica_expression and
+    the transfer requests, before and after its judge-repairer started the second copies."""
+    assert len(lake.lake_rses) == 2
+    u = uid()
+    bufdir = lake.data_dir / "data" / "buf" / u
+    bufdir.mkdir(parents=True)
+    os.chmod(bufdir, 0o755)
+    d = rucio_agent(agent, lake, {"daq": {          # uplink_once: the default
+        "directory": str(bufdir), "inject": "register", "buffer_rse": lake.buf_rse,
+        "buffer_url": f"{lake.root_url}//data/buf/{u}/", "copies": 2, "rse_expression": "lake=true",
+        "name_template": f"{u}.{{filename}}", "dataset_template": f"{u}.night"}}, destinations={})
+    d.start()
+    files = write_files(d, 3, size=40_000)
+    names = {f"{u}.{k}": v for k, v in files.items()}
+    d.wait_for(lambda: d.counts().get("transferred") == 3, 60, "3 registered in place with rules")
+    # Rucio's daemons below write to its database: the agent waits meanwhile (it is asked again after)
+    assert d.stop() == 0
+    offsite = f"(lake=true)\\{lake.buf_rse}"
+    readable = {x["rse"] for x in lake.lines(lake.call("GET", "/rses/?expression=" + quote(offsite, safe="")))}
+    assert readable == set(lake.lake_rses), readable            # the buffer is not among them
+
+    first_rse: dict[str, str] = {}
+    second_rule: dict[str, str] = {}
+    for n in names:
+        rules = {r["copies"]: r for r in lake.lines(lake.call("GET", f"/dids/{lake.scope}/{n}/rules"))}
+        assert sorted(rules) == [1, 2], rules
+        assert rules[1]["source_replica_expression"] is None     # one copy: its only source is the buffer
+        assert rules[2]["source_replica_expression"] == offsite  # the rest: never from the buffer
+        assert (rules[2]["state"], rules[2]["error"]) == ("STUCK", "MissingSourceReplica")
+        second_rule[n] = rules[2]["id"]
+        # one transfer requested per file, by the first rule; the second rule's copy waits for a source
+        [(rse, req)] = transfer_requests(lake, n).items()
+        assert req["rule_id"] == rules[1]["id"] and not req["attributes"].get("source_replica_expression")
+        other = next(r for r in lake.lake_rses if r != rse)
+        assert lake.replicas(lake.scope, n)["states"] == {lake.buf_rse: "AVAILABLE", rse: "COPYING",
+                                                          other: "UNAVAILABLE"}
+        first_rse[n] = rse
+        lake.play_fts(lake.scope, n, rse, source_rse=lake.buf_rse)   # FTS: the one copy across the uplink
+
+    # the judge-repairer (a daemon every Rucio runs) starts the second copies, now that they have a source
+    deadline = time.monotonic() + 180
+    while any(lake.rule(second_rule[n])["state"] == "STUCK" for n in names):
+        assert time.monotonic() < deadline, "the judge-repairer did not start the second copies"
+        lake.daemon("rucio-judge-repairer")
+    for n in names:
+        reqs = transfer_requests(lake, n)
+        other = next(r for r in lake.lake_rses if r != first_rse[n])
+        assert set(reqs) == set(lake.lake_rses), reqs
+        # exactly one of the file's transfers may read the buffer: the first rule's
+        assert reqs[first_rse[n]]["rule_id"] != second_rule[n]
+        assert reqs[other]["rule_id"] == second_rule[n]
+        assert reqs[other]["attributes"]["source_replica_expression"] == offsite
+        assert [r for r in reqs.values() if not r["attributes"].get("source_replica_expression")] == \
+            [reqs[first_rse[n]]]
+        assert lake.replicas(lake.scope, n)["states"][other] == "COPYING"
+        lake.play_fts(lake.scope, n, other, source_rse=first_rse[n])   # FTS, from the off-site copy
+
+    d.start()
+    d.wait_for(lambda: d.counts().get("deleted") == 3, 90, "buffer files deleted once both rules are OK")
+    assert buffer_names(bufdir) == []
+    check_in_lake(lake, names, lake.lake_rses)
+    for n in names:
+        assert lake.rule(second_rule[n])["state"] == "OK"
+    # the wait for a source was never reported as a stuck replication
+    assert not [e for e in d.events() if e.get("event") == "replication stuck"]
+    assert d.stop() == 0
+
+
 def test_register_in_place_never_lets_the_reaper_reach_a_file_published_under_the_same_path(agent, lake) -> None:
     """Issue 12 item 4: the DAQ publishes a new file under the path of one just deleted, before the
     buffer replica of the old one is released. The reaper, run at once, must not remove the new file:
@@ -161,10 +247,12 @@ def test_register_in_place_never_lets_the_reaper_reach_a_file_published_under_th
     bufdir = lake.data_dir / "data" / "buf" / u
     bufdir.mkdir(parents=True)
     os.chmod(bufdir, 0o755)
+    # every copy from the buffer: FtsPlayer plays FTS, not the judge-repairer that uplink_once needs
     d = rucio_agent(agent, lake, {"daq": {
         "directory": str(bufdir), "inject": "register", "buffer_rse": lake.buf_rse,
         "buffer_url": f"{lake.root_url}//data/buf/{u}/", "copies": 2, "rse_expression": "lake=true",
-        "name_template": f"{u}.{{filename}}", "dataset_template": f"{u}.night"}}, destinations={})
+        "name_template": f"{u}.{{filename}}", "dataset_template": f"{u}.night", "uplink_once": False}},
+                    destinations={})
     d.env = {"EDGE_AGENT_FAILPOINTS": "after_unlink"}
     d.start(wait=False)
     files = write_files(d, 1)

@@ -245,9 +245,16 @@ class FakeRucio:
                     (did["scope"], did["name"], body["account"], body["rse_expression"], body["copies"]):
                 return err(409, "DuplicateRule", "UNIQUE constraint failed: rules.scope, rules.name, ...")
         rid = f"{next(self._ids):032x}"
+        sources = body.get("source_replica_expression")
         self.rules[rid] = {"id": rid, "scope": did["scope"], "name": did["name"], "account": body["account"],
                            "rse_expression": body["rse_expression"], "copies": body["copies"],
-                           "state": "REPLICATING", "body": body}
+                           "source_replica_expression": sources, "state": "REPLICATING", "error": None,
+                           "body": body}
+        offsite = [rse for (s, n, rse), r in self.replicas.items()
+                   if (s, n) == (did["scope"], did["name"]) and self.rses[rse]["deterministic"]
+                   and r["state"] == "AVAILABLE"]
+        if sources and not offsite:     # what 41.5.1 does when the rule's sources hold no copy yet
+            self.rules[rid].update(state="STUCK", error="MissingSourceReplica")
         return httpx.Response(201, text=json.dumps([rid]))
 
     def get_rule(self, request: httpx.Request, body: Any, rid: str) -> httpx.Response:
@@ -581,6 +588,90 @@ def test_copies_state(lake: CheckedCatalogue, rucio: FakeRucio, tmp_path: Path) 
     del rucio.rules[ref]
     assert lake.copies_state(f, ref) == "MISSING"
     assert lake.copies_state(f, None) is None
+
+
+def rule_calls(rucio: FakeRucio) -> list[tuple[int, str | None]]:
+    """(copies, source_replica_expression) of each POST /rules/, in order."""
+    return [(b["copies"], b.get("source_replica_expression")) for m, p, b in rucio.calls if (m, p) == ("POST", "/rules/")]
+
+
+def test_register_asks_one_copy_from_the_buffer_then_the_rest_from_that_copy(lake: CheckedCatalogue,
+                                                                              rucio: FakeRucio,
+                                                                              tmp_path: Path) -> None:
+    f = lake_file(tmp_path, "reg", rel="night1/f1.fits")
+    lake.register(f)
+    ref = lake.request_copies(f)
+    assert ref is not None
+    first, rest = ref.split(",")
+    # first one copy: its only source is the buffer; then all copies, read only off-site
+    assert rule_calls(rucio) == [(1, None), (2, "(lake=true)\\BUF")]
+    assert rucio.rules[first]["body"] == {"dids": [{"scope": "test", "name": "f1"}], "account": "root", "copies": 1,
+                                          "rse_expression": "lake=true", "grouping": "DATASET"}
+    assert rucio.rules[rest]["body"] == {**rucio.rules[first]["body"], "copies": 2,
+                                         "source_replica_expression": "(lake=true)\\BUF"}
+    # asked again (a crash before the ref was kept): the same two rules, found
+    assert lake.request_copies(f) == ref and len(rucio.rules) == 2
+
+
+def test_register_copies_state_waits_for_the_buffer_copy_then_for_the_rest(lake: CheckedCatalogue,
+                                                                           rucio: FakeRucio,
+                                                                           tmp_path: Path) -> None:
+    f = lake_file(tmp_path, "reg", rel="night1/f1.fits")
+    lake.register(f)
+    ref = lake.request_copies(f)
+    assert ref is not None
+    first, rest = ref.split(",")
+    # Rucio placed the second rule before its source existed: STUCK, which is no problem yet
+    assert (rucio.rules[rest]["state"], rucio.rules[rest]["error"]) == ("STUCK", "MissingSourceReplica")
+    before = rucio.count("GET", f"/rules/{rest}")
+    assert lake.copies_state(f, ref) == "REPLICATING"
+    assert rucio.count("GET", f"/rules/{rest}") == before      # not asked while the first is not OK
+    rucio.rules[first]["state"] = "STUCK"                        # the uplink transfer failed: that is news
+    assert lake.copies_state(f, ref) == "STUCK"
+    rucio.rules[first]["state"] = "OK"
+    assert lake.copies_state(f, ref) == "REPLICATING"          # the judge-repairer has not come by yet
+    rucio.rules[rest].update(state="STUCK", error="transfer failed")
+    assert lake.copies_state(f, ref) == "STUCK"
+    rucio.rules[rest].update(state="SUSPENDED", error=None)
+    assert lake.copies_state(f, ref) == "SUSPENDED"
+    rucio.rules[rest]["state"] = "REPLICATING"
+    assert lake.copies_state(f, ref) == "REPLICATING"
+    rucio.rules[rest]["state"] = "OK"
+    assert lake.copies_state(f, ref) == "OK"                   # OK only when both are
+
+
+@pytest.mark.parametrize("gone", [0, 1])
+def test_register_either_rule_gone_is_missing_and_asked_again(lake: CheckedCatalogue, rucio: FakeRucio,
+                                                              tmp_path: Path, gone: int) -> None:
+    f = lake_file(tmp_path, "reg", rel="night1/f1.fits")
+    lake.register(f)
+    ref = lake.request_copies(f)
+    assert ref is not None
+    ids = ref.split(",")
+    for rid in ids:
+        rucio.rules[rid]["state"] = "OK"
+    del rucio.rules[ids[gone]]
+    assert lake.copies_state(f, ref) == "MISSING"
+    again = lake.request_copies(f)
+    assert again is not None
+    new = again.split(",")
+    # the rule still there is found (DuplicateRule), the one gone made again, in the same order
+    assert new[1 - gone] == ids[1 - gone] and new[gone] not in ids and len(rucio.rules) == 2
+    assert [rucio.rules[r]["copies"] for r in new] == [1, 2]
+    assert lake.copies_state(f, again) == "REPLICATING"
+
+
+def test_register_one_rule_when_asked_so_or_for_one_copy(lake: CheckedCatalogue, rucio: FakeRucio,
+                                                          tmp_path: Path) -> None:
+    lake.register(lake_file(tmp_path, "reg", rel="night1/f1.fits"))
+    ref = lake.request_copies(lake_file(tmp_path, "reg", rel="night1/f1.fits", copies=1))
+    assert ref is not None and "," not in ref and rule_calls(rucio) == [(1, None)]
+    lake.settings.rules["reg"].uplink_once = False       # each copy pulled from the buffer, as before
+    lake.register(lake_file(tmp_path, "reg", name="f2", rel="night1/f2.fits"))
+    ref = lake.request_copies(lake_file(tmp_path, "reg", name="f2", rel="night1/f2.fits"))
+    assert ref is not None and "," not in ref and rule_calls(rucio) == [(1, None), (2, None)]
+    rucio.rules[ref]["state"] = "OK"
+    assert lake.copies_state(lake_file(tmp_path, "reg", name="f2"), ref) == "OK"
 
 
 def test_insufficient_quota_is_permanent_with_the_rucio_message(lake: CheckedCatalogue, rucio: FakeRucio,
