@@ -290,11 +290,9 @@ class Runner:
                     self.ledger.set_next_at(rec.id, now + self.settings.rescan_seconds)
                     continue
                 key: tuple[object, ...] = (rec.state, rec.rule, rec.dataset) if STEPS[rec.state].batched else (rec.id,)
-                group = jobs.setdefault(key, [])
-                if len(group) >= per_job:
-                    continue      # this group's batch is full: the rest wait for the next one
-                group.append(rec)
-            for batch in list(jobs.values())[:free]:
+                jobs.setdefault(key, []).append(rec)
+            batches = [group[i:i + per_job] for group in jobs.values() for i in range(0, len(group), per_job)]
+            for batch in batches[:free]:
                 with self._lock:
                     self.jobs[pool] += 1
                     for rec in batch:
