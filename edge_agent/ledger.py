@@ -15,7 +15,7 @@ import os
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -125,6 +125,17 @@ class _Here:
     """A row's place in the lifecycle, as lifecycle.apply() reads it."""
     state: State
     resume_state: State | None
+
+
+@dataclass(frozen=True)
+class Move:
+    """One file's move in a group commit: from `expect`, by `event`, with its history detail and the
+    columns it sets."""
+    file_id: int
+    expect: State
+    event: Event
+    detail: dict[str, Any] | None = None
+    updates: dict[str, Any] = field(default_factory=dict)
 
 
 class StaleTransition(Exception):
@@ -750,6 +761,30 @@ class Ledger:
                     continue
                 moved.append(fid)
         return moved
+
+    def transition_group(self, moves: Sequence[Move]) -> list[FileRecord]:
+        """Many files' moves (each its own event, detail and columns) in one commit: a batch step's
+        outcome, acknowledged together. A file no longer where its move expects it is skipped.
+        Returns the records moved, as they are now, in the order given."""
+        moved: list[int] = []
+        with self._tx() as db:
+            for m in moves:
+                try:
+                    self._transition(db, m.file_id, m.expect, m.event, m.detail, dict(m.updates))
+                except StaleTransition:
+                    continue
+                moved.append(m.file_id)
+        return self.get_many(moved)
+
+    def get_many(self, file_ids: Sequence[int]) -> list[FileRecord]:
+        """The records of `file_ids`, in that order (ids unknown to the ledger left out)."""
+        rows: dict[int, FileRecord] = {}
+        ids = list(file_ids)
+        for i in range(0, len(ids), 500):
+            part = ids[i:i + 500]
+            for r in self._query(f"SELECT * FROM files WHERE id IN ({','.join('?' * len(part))})", part):
+                rows[r["id"]] = _row(r)
+        return [rows[i] for i in ids if i in rows]
 
     def _transition(self, db: sqlite3.Connection, file_id: int, expect: State, event: Event,
                     detail: dict[str, Any] | None, updates: dict[str, Any]) -> None:

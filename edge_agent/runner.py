@@ -22,7 +22,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from . import steps
 from .core import policy
-from .core.lifecycle import BACKLOG, POOLS, Event, State, states_of_pool
+from .core.lifecycle import BACKLOG, POOLS, STEPS, Event, State, states_of_pool
 from .errors import LedgerUnwritable, ShuttingDown
 from .lake.base import Catalogue
 from .ledger import FileRecord, Ledger, StaleTransition
@@ -80,7 +80,8 @@ class Runner:
                                  backlog_bytes_history={r: Series(clock=clock) for r in settings.rules})
         self._lock = threading.Lock()
         self.throttle = Throttle(settings.bandwidth_mbps, settings.windows_policy())
-        self.in_flight: dict[int, str] = {}
+        self.in_flight: dict[int, str] = {}      # file id -> the pool its step runs in
+        self.jobs = {pool: 0 for pool in POOLS}   # steps (a file, or a batch) running per pool
         self.discovery = Discovery(settings, ledger, clock, monotonic, self.stopping,
                                    busy=lambda fid: fid in self.in_flight, superseded=self._superseded,
                                    between_batches=self._between_batches, wake=self.wake.set)
@@ -267,17 +268,20 @@ class Runner:
                 pass
 
     def dispatch(self, now: float) -> None:
-        """Hand due work to each pool, as many files as it has free workers."""
+        """Hand due work to each pool, as many jobs as it has free workers: one file each for a step
+        that works file by file, up to lake_batch_files of one rule and dataset for a batched one."""
         if self.stopping.is_set():
             return
         for pool in POOLS:
             with self._lock:
-                busy = sum(1 for p in self.in_flight.values() if p == pool)
+                free = self.capacity[pool] - self.jobs[pool]
                 exclude = list(self.in_flight)
-            free = self.capacity[pool] - busy
             if free <= 0:
                 continue
-            for rec in self.ledger.due(states_of_pool(pool), now, free, exclude):
+            states = states_of_pool(pool)
+            per_job = self.settings.lake_batch_files if any(STEPS[s].batched for s in states) else 1
+            jobs: dict[tuple[object, ...], list[FileRecord]] = {}
+            for rec in self.ledger.due(states, now, free * per_job, exclude):
                 if rec.rule not in self.settings.rules:
                     continue  # a rule removed from the config: its files wait for it to come back
                 if self.discovery.held_elsewhere(rec):
@@ -285,20 +289,28 @@ class Runner:
                     # later (the other agent may stop), and meanwhile out of the way of the others
                     self.ledger.set_next_at(rec.id, now + self.settings.rescan_seconds)
                     continue
+                key: tuple[object, ...] = (rec.state, rec.rule, rec.dataset) if STEPS[rec.state].batched else (rec.id,)
+                jobs.setdefault(key, []).append(rec)
+            batches = [group[i:i + per_job] for group in jobs.values() for i in range(0, len(group), per_job)]
+            for batch in batches[:free]:
                 with self._lock:
-                    self.in_flight[rec.id] = pool
-                self.pools[pool].submit(self._run, rec)
+                    self.jobs[pool] += 1
+                    for rec in batch:
+                        self.in_flight[rec.id] = pool
+                self.pools[pool].submit(self._run, pool, batch)
 
-    def _run(self, rec: FileRecord) -> None:
+    def _run(self, pool: str, batch: list[FileRecord]) -> None:
         try:
-            steps.run([rec], self.context)
+            steps.run(batch, self.context)
         except ShuttingDown:
             pass
         except LedgerUnwritable as exc:
             self._ledger_down(str(exc))   # the step's effect is repeated once the ledger can record it
         finally:
             with self._lock:
-                self.in_flight.pop(rec.id, None)
+                self.jobs[pool] -= 1
+                for rec in batch:
+                    self.in_flight.pop(rec.id, None)
             self.wake.set()
 
     # ------------------------------------------------------------ a ledger that cannot be written

@@ -352,6 +352,9 @@ class Settings(BaseSettings):
     hash_workers: int = Field(2, ge=1, le=64)
     transfer_workers: int = Field(4, ge=1, le=64)
     lake_workers: int = Field(3, ge=1, le=64, description="workers for catalogue calls: register, confirm, delete")
+    lake_batch_files: int = Field(200, ge=1, le=1000, description="files a catalogue step (register, confirm, "
+                                  "delete) takes at once, of one rule and dataset: one bulk call and one "
+                                  "commit for them all")
     chunk_mb: int = Field(8, ge=1, le=256)
     bandwidth_mbps: float = Field(0.0, ge=0, description="transfer cap in MB/s; 0 = none")
     windows: list[WindowSettings] = []

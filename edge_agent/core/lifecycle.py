@@ -117,20 +117,23 @@ UNHASHED = (State.DISCOVERED, State.COMPLETE, State.RETRY_WAIT, State.QUARANTINE
 @dataclass(frozen=True)
 class Step:
     """The work that leads a file out of a state: its name (a module of edge_agent.steps), the
-    worker pool it runs in, the event it ends with when it succeeds and the state that leads to."""
+    worker pool it runs in, the event it ends with when it succeeds and the state that leads to.
+    `batched`: the step takes many files of one rule and dataset at once (catalogue calls in bulk,
+    its moves committed together); otherwise one file at a time (storage I/O)."""
     name: str
     pool: str
     done: Event
     to: State
+    batched: bool = False
 
 
 POOLS = ("hash", "transfer", "lake")
 STEPS: dict[State, Step] = {
     State.COMPLETE: Step("hash", "hash", Event.HASHED, State.HASHED),
-    State.HASHED: Step("register", "lake", Event.REGISTERED, State.REGISTERED),
+    State.HASHED: Step("register", "lake", Event.REGISTERED, State.REGISTERED, batched=True),
     State.REGISTERED: Step("transfer", "transfer", Event.TRANSFERRED, State.TRANSFERRED),
-    State.TRANSFERRED: Step("confirm", "lake", Event.CONFIRMED, State.CONFIRMED),
-    State.CONFIRMED: Step("delete", "lake", Event.DELETED, State.DELETED),
+    State.TRANSFERRED: Step("confirm", "lake", Event.CONFIRMED, State.CONFIRMED, batched=True),
+    State.CONFIRMED: Step("delete", "lake", Event.DELETED, State.DELETED, batched=True),
 }
 
 # The step entered by a success that hands its evidence to the next step at once, in the same

@@ -187,6 +187,30 @@ class Catalogue(abc.ABC):
         """The copies the catalogue records now (never the buffer's own), as it records them:
         nothing here was asked of the storage."""
 
+    # ------------------------------------------------------------ in batches
+    # A batch step asks these once for many files (of one rule and dataset). The defaults ask file by
+    # file; a catalogue with bulk calls overrides them. Each is as idempotent as its single form.
+    def register_many(self, files: Sequence[LakeFile]) -> list[Exception | None]:
+        """register() for each file: after it, each file whose entry is None is registered; the others
+        carry why not (PermanentError for that file alone, RetryableError...), and nothing of theirs
+        was left half-made that a repeat would not finish."""
+        out: list[Exception | None] = []
+        for f in files:
+            try:
+                self.register(f)
+                out.append(None)
+            except Exception as exc:  # noqa: BLE001 - each file's own outcome, sorted by the step
+                out.append(exc)
+        return out
+
+    def copies_states(self, asked: Sequence[tuple[LakeFile, str | None]]) -> list[CopiesState | None]:
+        """copies_state() of each (file, reference), in order."""
+        return [self.copies_state(f, ref) for f, ref in asked]
+
+    def recorded_many(self, files: Sequence[LakeFile]) -> list[list[RecordedReplica]]:
+        """recorded() of each file, in order."""
+        return [self.recorded(f) for f in files]
+
     def recorded_locations(self, scope: str, name: str) -> set[str]:
         """The locations (destinations, RSEs) where the catalogue records a replica of scope:name.
         A copy recorded there is never removed as an unregistered one: someone registered it."""

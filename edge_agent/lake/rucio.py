@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import structlog
@@ -210,24 +210,60 @@ class RucioCatalogue(RucioRecords, Catalogue):
             e["pfn"] = pfn
         return e
 
-    def _same_content(self, f: LakeFile, must_exist: bool) -> None:
-        """Raise PermanentError if the lake holds scope:name as something other than this file."""
-        try:
-            did = self.client.get_did(f.scope, f.name)
-        except NotFound:
+    def _content_problem(self, f: LakeFile, row: Mapping[str, Any] | None, must_exist: bool) -> Exception | None:
+        """Why the lake's DID row `row` (None: no such DID) is not this file, or None."""
+        if row is None:
             if must_exist:
-                raise RetryableError(f"Rucio did not keep {f.did} after registering it; will try again") from None
-            return
-        kind = str(did.get("type", "FILE")).upper()
-        size, adler, md5 = did.get("bytes"), did.get("adler32"), did.get("md5")
+                return RetryableError(f"Rucio did not keep {f.did} after registering it; will try again")
+            return None
+        kind = str(row.get("did_type") or row.get("type") or "FILE").upper()
+        size, adler, md5 = row.get("bytes"), row.get("adler32"), row.get("md5")
         if kind != "FILE":
-            raise PermanentError(f"{f.did} already exists in the lake as a {kind}; change name_template "
-                                 "(or the dataset/container templates) so that names do not collide")
+            return PermanentError(f"{f.did} already exists in the lake as a {kind}; change name_template "
+                                  "(or the dataset/container templates) so that names do not collide")
         if size != f.size or normalise_adler32(adler) != normalise_adler32(f.adler32) \
                 or (md5 and f.md5 and str(md5).lower() != f.md5.lower()):
-            raise PermanentError(f"the lake already holds {f.did} with other content ({size} bytes, adler32 "
-                                 f"{adler}); the local file has {f.size} bytes, adler32 {f.adler32}. The local "
-                                 "file is kept: rename it or change name_template")
+            return PermanentError(f"the lake already holds {f.did} with other content ({size} bytes, adler32 "
+                                  f"{adler}); the local file has {f.size} bytes, adler32 {f.adler32}. The local "
+                                  "file is kept: rename it or change name_template")
+        return None
+
+    def _check_content(self, files: Sequence[LakeFile], idx: list[int], out: list[Exception | None],
+                       must_exist: bool) -> None:
+        """For each file of `idx`: the lake holds nothing under its name (unless `must_exist`) or
+        exactly this file; otherwise its outcome is why not. One bulk lookup for them all."""
+        if not idx:
+            return
+        try:
+            rows = {(r.get("scope"), r.get("name")): r for r in self.client.bulk_meta(
+                [(files[i].scope, files[i].name) for i in idx])}
+        except Exception as exc:  # noqa: BLE001 - the lookup failed: every file waits for it
+            for i in idx:
+                out[i] = exc
+            return
+        for i in idx:
+            out[i] = self._content_problem(files[i], rows.get((files[i].scope, files[i].name)), must_exist)
+
+    @staticmethod
+    def _narrowed(idx: list[int], call: Callable[[list[int]], None], out: list[Exception | None]) -> None:
+        """Make `call` for the files of `idx` at once. Rucio's bulk writes are one transaction that
+        fails whole without naming the file at fault: a refusal is narrowed down by halves until
+        each file at fault carries it alone and every other file went through. A failure that may
+        pass (5xx, a timeout) is every file's outcome: they are all tried again later."""
+        if not idx:
+            return
+        try:
+            call(idx)
+        except RetryableError as exc:
+            for i in idx:
+                out[i] = exc
+        except PermanentError as exc:
+            if len(idx) == 1:
+                out[idx[0]] = exc
+                return
+            half = len(idx) // 2
+            RucioCatalogue._narrowed(idx[:half], call, out)
+            RucioCatalogue._narrowed(idx[half:], call, out)
 
     # ------------------------------------------------------------ Catalogue
     def name_free(self, scope: str, name: str) -> bool:
@@ -242,26 +278,61 @@ class RucioCatalogue(RucioRecords, Catalogue):
         return {r.location for r in listed.replicas} if listed else set()
 
     def register(self, f: LakeFile) -> None:
-        rule = self._rule(f)
-        pfn = self.buffer_pfn(f) if rule.inject == "register" else None
+        problem = self.register_many([f])[0]
+        if problem is not None:
+            raise problem
+
+    def register_many(self, files: Sequence[LakeFile]) -> list[Exception | None]:
+        """The files' DIDs, replicas (the buffer's, in place; else the first destination's, COPYING
+        until uploaded), dataset attachments and metadata, in bulk calls: a name the lake holds with
+        other content is refused before and after (Rucio accepts a replica of an existing DID
+        silently, whatever its bytes); a bulk call refused whole is narrowed down to the file at fault."""
+        out: list[Exception | None] = [None] * len(files)
+        entries: dict[int, tuple[str, dict[str, Any]]] = {}
+        for i, f in enumerate(files):
+            try:
+                entries[i] = self._replica_entry(f)
+            except Exception as exc:  # noqa: BLE001 - this file's own outcome
+                out[i] = exc
+
+        def going() -> list[int]:
+            return [i for i in entries if out[i] is None]
+
         # look first: a conflicting DID must not get a replica row pointing at our bytes
-        self._same_content(f, must_exist=False)
+        self._check_content(files, going(), out, must_exist=False)
+        by_rse: dict[str, list[int]] = {}
+        for i in going():
+            by_rse.setdefault(entries[i][0], []).append(i)
+        for rse, idx in by_rse.items():
+            self._narrowed(idx, lambda part, rse=rse: self.client.add_replicas(rse, [entries[i][1] for i in part]),
+                           out)
+        self._check_content(files, going(), out, must_exist=True)
+        by_dataset: dict[tuple[str, str, str | None], list[int]] = {}
+        for i in going():
+            f = files[i]
+            if f.dataset:
+                by_dataset.setdefault((f.scope, f.dataset, f.container), []).append(i)
+        for idx in by_dataset.values():
+            self._narrowed(idx, lambda part: self._collections([files[i] for i in part]), out)
+        with_meta = [i for i in going() if files[i].metadata]
+        if with_meta:
+            self._metadata_many([files[i] for i in with_meta], with_meta, out)
+        return out
+
+    def _replica_entry(self, f: LakeFile) -> tuple[str, dict[str, Any]]:
+        """(RSE, replica entry) under which `f` is registered; raises PermanentError for a file this
+        rule cannot register (no RSE, too large for an S3 RSE, a path a URL cannot carry)."""
+        rule = self._rule(f)
         if rule.inject == "register":
             assert rule.buffer_rse is not None
-            self.client.add_replicas(rule.buffer_rse, [self._file_entry(f, "A", pfn)])
-        else:
-            rses = self._dest_rses(f)
-            if not rses:
-                raise PermanentError(f"rule {f.rule} pushes but names no RSE destination")
-            for rse, _ in rses:
-                self._refuse_oversize(f, rse)
-            # COPYING until the upload is verified, as `rucio upload` does
-            self.client.add_replicas(rses[0][0], [self._file_entry(f, "C")])
-        # Rucio accepts a replica of an existing DID silently whatever its bytes: look again
-        self._same_content(f, must_exist=True)
-        self._collections(f)
-        if f.metadata:
-            self._metadata(f)
+            return rule.buffer_rse, self._file_entry(f, "A", self.buffer_pfn(f))
+        rses = self._dest_rses(f)
+        if not rses:
+            raise PermanentError(f"rule {f.rule} pushes but names no RSE destination")
+        for rse, _ in rses:
+            self._refuse_oversize(f, rse)
+        # COPYING until the upload is verified, as `rucio upload` does
+        return rses[0][0], self._file_entry(f, "C")
 
     def _refuse_oversize(self, f: LakeFile, rse: str) -> None:
         limit = self._max_bytes.get(rse)
@@ -279,13 +350,15 @@ class RucioCatalogue(RucioRecords, Catalogue):
         with self._lock:
             self._known.add((scope, name))
 
-    def _collections(self, f: LakeFile) -> None:
+    def _collections(self, files: Sequence[LakeFile]) -> None:
+        """Attach files of one dataset (and that dataset to its container), creating them if missing."""
+        f = files[0]
         if not f.dataset:
             return
         attachments: list[tuple[str, str, list[tuple[str, str]]]] = []
         for attempt in (1, 2):
             self._ensure(f.scope, f.dataset, "DATASET")
-            attachments = [(f.scope, f.dataset, [(f.scope, f.name)])]
+            attachments = [(f.scope, f.dataset, [(g.scope, g.name) for g in files])]
             if f.container:
                 self._ensure(f.scope, f.container, "CONTAINER")
                 attachments.insert(0, (f.scope, f.container, [(f.scope, f.dataset)]))
@@ -300,6 +373,32 @@ class RucioCatalogue(RucioRecords, Catalogue):
                     self._known.discard((f.scope, f.dataset))
                     if f.container:
                         self._known.discard((f.scope, f.container))
+
+    def _metadata_many(self, files: Sequence[LakeFile], idx: list[int], out: list[Exception | None]) -> None:
+        """Set many files' metadata in one call; if it is refused (one key or value refuses the whole
+        call), file by file, where a refused key is a warning (_metadata)."""
+        with self._lock:
+            skip = set(self._unmanaged_keys)
+        entries = []
+        for f in files:
+            meta = {k: v for k, v in f.metadata.items() if k not in PROTECTED_META_KEYS and k not in skip}
+            if meta:
+                entries.append((f.scope, f.name, meta))
+        if entries and not any(k in PROTECTED_META_KEYS for f in files for k in f.metadata):
+            try:
+                self.client.bulk_set_metadata(entries)
+                return
+            except RucioPermanent:
+                pass      # which key, or which file, is told file by file
+            except RetryableError as exc:
+                for i in idx:
+                    out[i] = exc
+                return
+        for i, f in zip(idx, files, strict=True):
+            try:
+                self._metadata(f)
+            except Exception as exc:  # noqa: BLE001 - this file's own outcome
+                out[i] = exc
 
     def _metadata(self, f: LakeFile) -> None:
         """Set the file's metadata; a key the server refuses is a warning, never a lost file.
@@ -463,9 +562,26 @@ class RucioCatalogue(RucioRecords, Catalogue):
         return ordered
 
     def recorded(self, f: LakeFile) -> list[RecordedReplica]:
+        return self.recorded_many([f])[0]
+
+    def recorded_many(self, files: Sequence[LakeFile]) -> list[list[RecordedReplica]]:
+        """The replicas Rucio records for each file (never the buffer's), one bulk list for them all."""
+        listed = self._listed([(f.scope, f.name) for f in files], self._schemes()) if files else {}
+        return [self._recorded_of(f, listed.get((f.scope, f.name))) for f in files]
+
+    def copies_states(self, asked: Sequence[tuple[LakeFile, str | None]]) -> list[CopiesState | None]:
+        """Each rule asked about once, however many files of the batch share it."""
+        seen: dict[str, CopiesState | None] = {}
+        out = []
+        for f, ref in asked:
+            if ref and ref not in seen:
+                seen[ref] = self.copies_state(f, ref)
+            out.append(seen[ref] if ref else None)
+        return out
+
+    def _recorded_of(self, f: LakeFile, listed: ListedFile | None) -> list[RecordedReplica]:
         rule = self._rule(f)
         schemes = self._schemes()
-        listed = self._listed([(f.scope, f.name)], schemes).get((f.scope, f.name))
         if listed is None:
             return []
         out = []

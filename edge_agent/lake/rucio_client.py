@@ -489,6 +489,23 @@ class RucioClient:
         data: dict[str, Any] = r.json()
         return data
 
+    def bulk_meta(self, dids: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
+        """The DID rows (scope, name, did_type, bytes, adler32, md5...) of those of `dids` that exist,
+        in bulk (POST /dids/bulkmeta): a missing DID is simply not listed."""
+        out: list[dict[str, Any]] = []
+        for batch in self._batches(list(dids)):
+            r = self.request("POST", "/dids/bulkmeta", f"POST /dids/bulkmeta ({_names(batch)})",
+                             json_body={"dids": [{"scope": s, "name": n} for s, n in batch], "plugin": "DID_COLUMN"})
+            out.extend(x for x in self.lines(r) if isinstance(x, dict))
+        return out
+
+    def bulk_set_metadata(self, entries: Sequence[tuple[str, str, Mapping[str, Any]]]) -> None:
+        """Set the metadata of many DIDs, one transaction per call (POST /dids/bulkdidsmeta): a key
+        or value refused for one DID refuses the whole call."""
+        for batch in self._batches(list(entries)):
+            self.request("POST", "/dids/bulkdidsmeta", f"POST /dids/bulkdidsmeta ({len(batch)} DIDs)",
+                         json_body={"dids": [{"scope": s, "name": n, "meta": dict(m)} for s, n, m in batch]})
+
     def list_content(self, scope: str, name: str) -> list[dict[str, Any]]:
         """The children of a dataset or container: scope, name, type, bytes, adler32. Raises NotFound."""
         r = self.request("GET", f"/dids/{_q(scope)}/{_q(name)}/dids", f"GET /dids/{scope}/{name}/dids")

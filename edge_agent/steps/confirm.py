@@ -11,9 +11,9 @@ import structlog
 
 from ..core import policy
 from ..core.lifecycle import AT_ONCE, Event
-from ..lake.base import CopiesState, LakeFile
+from ..lake.base import CopiesState, LakeFile, RecordedReplica
 from ..ledger import FileRecord
-from . import delete, rewrite
+from . import delete, lookup, rewrite
 from .context import StepContext
 from .failures import guarded
 
@@ -21,20 +21,35 @@ log = structlog.get_logger("edge_agent.steps")
 
 
 def run(batch: Sequence[FileRecord], ctx: StepContext) -> None:
+    """After it each file of the batch is CONFIRMED (and handed to the delete step at once), or still
+    TRANSFERRED with its next look scheduled, or failed into its wait. The catalogue is asked once for
+    the batch; the confirmations are committed together."""
+    asked = lookup.ask(batch, ctx)
+    confirmed: dict[int, policy.Confirmation] = {}
+    moves: list[tuple[FileRecord, Event, dict[str, Any] | None, dict[str, Any]]] = []
     for rec in batch:
-        confirmed = guarded(rec, ctx, confirm_one)
-        if confirmed is not None and confirmed[0].state in AT_ONCE:
+        if rec.id not in asked:
+            continue
+        f, state, recorded = asked[rec.id]
+        out = guarded(rec, ctx, lambda r, x, f=f, state=state, recorded=recorded: judge(r, x, f, state, recorded))
+        if out is not None:
+            evidence, c = out
+            moves.append((rec, Event.CONFIRMED, evidence, {"attempts": 0, "reason": None}))
+            confirmed[rec.id] = c
+    now = ctx.move_many(moves)
+    for rec, *_ in moves:
+        new = now.get(rec.id)
+        if new is not None and new.state in AT_ONCE:
             # the delete step runs at once on the evidence just taken: the lake is not asked twice
-            now, c = confirmed
-            guarded(now, ctx, lambda r, x, c=c: delete.decide(r, x, c))
+            guarded(new, ctx, lambda r, x, c=confirmed[rec.id]: delete.decide(r, x, c))
 
 
-def confirm_one(rec: FileRecord, ctx: StepContext) -> tuple[FileRecord, policy.Confirmation] | None:
-    """After it the version is CONFIRMED (returned with the evidence), or still TRANSFERRED with its
-    next look scheduled and any warning (stuck, overdue, a replica that does not verify) recorded,
-    or sent back to write a bad or lost copy again."""
-    f = ctx.lake_file(rec)
-    state = ctx.catalogue.copies_state(f, rec.lake_ref)
+def judge(rec: FileRecord, ctx: StepContext, f: LakeFile, state: CopiesState | None,
+          recorded: list[RecordedReplica]) -> tuple[dict[str, Any], policy.Confirmation] | None:
+    """The confirmation of one file, from what the catalogue said: (evidence, confirmation) when it
+    holds at least N verified replicas (the caller commits it), else None, with the file's next look
+    scheduled and any warning (stuck, overdue, a replica that does not verify) recorded, or the file
+    sent back to write a bad or lost copy again."""
     if state is CopiesState.MISSING:
         # the rule expired or was deleted before the copies were confirmed: ask again
         ref = ctx.catalogue.request_copies(f)
@@ -44,7 +59,8 @@ def confirm_one(rec: FileRecord, ctx: StepContext) -> tuple[FileRecord, policy.C
                     new=ref)
         rec = ctx.ledger.get(rec.id)
         state = ctx.catalogue.copies_state(f, ref)
-    c = policy.judge_replicas(ctx.replicas(f), f.size, f.adler32)
+        recorded = ctx.catalogue.recorded(f)
+    c = policy.judge_replicas(ctx.replicas(f, recorded), f.size, f.adler32)
     evidence: dict[str, Any] = {
         "replicas": [{"location": r.location, "size": r.size, "adler32": r.adler32,
                       "adler32_from_catalogue": r.adler32_from_catalogue} for r in c.good],
@@ -55,7 +71,7 @@ def confirm_one(rec: FileRecord, ctx: StepContext) -> tuple[FileRecord, policy.C
         _not_yet(rec, ctx, f, c, state, evidence)
         return None
     if c.count >= f.copies:
-        return ctx.move(rec, Event.CONFIRMED, evidence, attempts=0, reason=None), c
+        return evidence, c
     if rewrite.reseed(rec, ctx, f, c):
         return None
     _not_yet(rec, ctx, f, c, state, evidence)

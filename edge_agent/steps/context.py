@@ -13,9 +13,9 @@ import structlog
 
 from ..core import policy
 from ..core.lifecycle import Event
-from ..lake.base import Catalogue, LakeFile, Target
+from ..lake.base import Catalogue, LakeFile, RecordedReplica, Target
 from ..hashing import hash_stream
-from ..ledger import FileRecord, Ledger
+from ..ledger import FileRecord, Ledger, Move
 from ..localfs import LocalFile, inplace_link
 from ..settings import RuleSettings, Settings
 from ..transfer.base import Pacer, Transport
@@ -58,15 +58,40 @@ class StepContext:
         """The transport that writes and reads `target`'s URL."""
         return self.transports.for_url(target.url)
 
-    def replicas(self, f: LakeFile) -> list[policy.Replica]:
-        """The copies of `f` the catalogue records, each as its storage holds it now."""
-        return verify.replicas(self.catalogue.recorded(f), f, self.transports, verify.Checks.of(self.settings))
+    def replicas(self, f: LakeFile, recorded: list[RecordedReplica] | None = None) -> list[policy.Replica]:
+        """The copies of `f` the catalogue records (`recorded`: as already asked, in a batch), each as
+        its storage holds it now."""
+        if recorded is None:
+            recorded = self.catalogue.recorded(f)
+        return verify.replicas(recorded, f, self.transports, verify.Checks.of(self.settings))
 
     def move(self, rec: FileRecord, event: Event, detail: dict[str, Any] | None = None,
              **updates: Any) -> FileRecord:
         """Commit `event` for `rec` (StaleTransition if it moved meanwhile), log it, tell the hooks.
         Returns the record as it is now."""
         new = self.ledger.transition(rec.id, rec.state, event, detail, **updates)
+        self._told(rec, new, event, detail)
+        return new
+
+    def move_many(self, moves: list[tuple[FileRecord, Event, dict[str, Any] | None, dict[str, Any]]]
+                  ) -> dict[int, FileRecord]:
+        """Commit many files' moves in one transaction (a batch step's outcome), then log each and
+        tell the hooks. A file moved meanwhile by someone else is skipped. Returns the moved records
+        by id, as they are now."""
+        if not moves:
+            return {}
+        new = self.ledger.transition_group([Move(rec.id, rec.state, event, detail, updates)
+                                            for rec, event, detail, updates in moves])
+        by_id = {r.id: r for r in new}
+        for rec, event, detail, _ in moves:
+            now = by_id.get(rec.id)
+            if now is None:
+                log.info("step outdated", file_id=rec.id, rule=rec.rule, path=rec.relpath)
+                continue
+            self._told(rec, now, event, detail)
+        return by_id
+
+    def _told(self, rec: FileRecord, new: FileRecord, event: Event, detail: dict[str, Any] | None) -> None:
         fields = {"file_id": rec.id, "rule": rec.rule, "path": rec.relpath, "state": str(new.state),
                   "did": new.name and new.did}
         # a detail key may name something else than the line's own field (the evidence's "rule" is the
@@ -74,7 +99,6 @@ class StepContext:
         fields.update({(f"detail_{k}" if k in fields else k): v for k, v in (detail or {}).items()})
         log.info(str(event), **fields)
         self.hooks.transition(new)
-        return new
 
     def pacer(self, rule: str, location: str) -> Pacer:
         """The pace of bytes sent to `location`, counted for the throughput figures."""

@@ -12,11 +12,11 @@ from ..core import policy
 from ..core.lifecycle import Event
 from ..errors import FileChanged, FileVanished, PermanentError
 from ..failpoints import hit
-from ..lake.base import CopiesState
+from ..lake.base import CopiesState, LakeFile, RecordedReplica
 from ..ledger import FileRecord
 from ..localfs import guarded_unlink, leftover
 from ..settings import Completion, DeletePolicy
-from . import inplace, rewrite
+from . import inplace, lookup, rewrite
 from .context import StepContext
 from .failures import changed, guarded
 
@@ -24,15 +24,19 @@ log = structlog.get_logger("edge_agent.steps")
 
 
 def run(batch: Sequence[FileRecord], ctx: StepContext) -> None:
+    """Confirmed files whose deletion was deferred: the lake is asked again (in bulk) right before."""
+    asked = lookup.ask(batch, ctx)
     for rec in batch:
-        guarded(rec, ctx, delete_one)
+        if rec.id in asked:
+            f, state, recorded = asked[rec.id]
+            guarded(rec, ctx, lambda r, x, f=f, state=state, recorded=recorded: recheck_and_decide(r, x, f, state, recorded))
 
 
-def delete_one(rec: FileRecord, ctx: StepContext) -> None:
-    """A confirmed file whose deletion was deferred: the lake is asked again right before."""
-    f = ctx.lake_file(rec)
-    c = policy.judge_replicas(ctx.replicas(f), f.size, f.adler32)
-    state = ctx.catalogue.copies_state(f, rec.lake_ref)
+def recheck_and_decide(rec: FileRecord, ctx: StepContext, f: LakeFile, state: CopiesState | None,
+                       recorded: list[RecordedReplica]) -> None:
+    """A confirmed file whose deletion was deferred, with what the catalogue says now: its replicas
+    are verified again and the deletion decided on them."""
+    c = policy.judge_replicas(ctx.replicas(f, recorded), f.size, f.adler32)
     if state not in (None, CopiesState.OK):
         c = policy.Confirmation((), tuple((r, f"rule is {state}") for r in c.good))
     if c.count < f.copies and state in (None, CopiesState.OK) and rewrite.reseed(rec, ctx, f, c):

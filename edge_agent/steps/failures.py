@@ -73,6 +73,14 @@ def guarded(rec: FileRecord, ctx: StepContext, work: Callable[[FileRecord, StepC
     return None
 
 
+def raising(problem: Exception) -> Callable[[FileRecord, StepContext], None]:
+    """A piece of work that fails with `problem` (an outcome a bulk call gave for one file of a batch),
+    for guarded() to turn into that file's move."""
+    def fail(rec: FileRecord, ctx: StepContext) -> None:
+        raise problem
+    return fail
+
+
 def fail(rec: FileRecord, ctx: StepContext, event: Event, reason: str, **updates: Any) -> None:
     """Record a failure (`event`: failed_retryable with a backoff, failed_permanent, or a rewrite of
     copies) with its reason and the attempt count."""

@@ -1,25 +1,39 @@
 """hashed --register--> registered: the DID, its dataset (and container) and metadata exist in the
-lake's catalogue. Idempotent: a DID that exists with these bytes is success."""
+lake's catalogue. A batch of files (one rule, one dataset) is registered by the catalogue in bulk and
+their moves committed together; a file the catalogue refuses fails alone. Idempotent: a DID that
+exists with these bytes is success."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 from ..core.lifecycle import Event
 from ..failpoints import hit
+from ..lake.base import LakeFile
 from ..ledger import FileRecord
 from .context import StepContext
-from .failures import guarded
+from .failures import guarded, raising
 
 
 def run(batch: Sequence[FileRecord], ctx: StepContext) -> None:
+    """After it each file of the batch is REGISTERED, or failed into its wait with its own reason."""
+    files: dict[int, LakeFile] = {}
     for rec in batch:
-        guarded(rec, ctx, register_one)
-
-
-def register_one(rec: FileRecord, ctx: StepContext) -> None:
-    """After it the version is REGISTERED (the catalogue raises PermanentError for a DID that holds
-    other bytes)."""
-    ctx.catalogue.register(ctx.lake_file(rec))
+        f = guarded(rec, ctx, lambda r, c: c.lake_file(r))
+        if f is not None:
+            files[rec.id] = f
+    todo = [rec for rec in batch if rec.id in files]
+    if not todo:
+        return
+    try:
+        outcomes = ctx.catalogue.register_many([files[rec.id] for rec in todo])
+    except Exception as exc:  # noqa: BLE001 - the whole call failed: each file fails with it
+        outcomes = [exc] * len(todo)
     hit("after_register")
-    ctx.move(rec, Event.REGISTERED, attempts=0)
+    moves: list[tuple[FileRecord, Event, dict[str, Any] | None, dict[str, Any]]] = []
+    for rec, problem in zip(todo, outcomes, strict=True):
+        if problem is None:
+            moves.append((rec, Event.REGISTERED, None, {"attempts": 0}))
+        else:
+            guarded(rec, ctx, raising(problem))
+    ctx.move_many(moves)

@@ -295,7 +295,7 @@ class _Pools:
         self.submitted: list[Any] = []
 
     def submit(self, fn: Any, *args: Any) -> None:
-        self.submitted.append(args[0] if args else fn)
+        self.submitted.extend(args[1])     # (pool, batch): the files of the step handed over
 
     def shutdown(self, **kw: Any) -> None:
         pass

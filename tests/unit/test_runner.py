@@ -8,7 +8,7 @@ from typing import Any, Callable
 import pytest
 
 from edge_agent.app import build_catalogue
-from edge_agent.core.lifecycle import State
+from edge_agent.core.lifecycle import Event, State
 from edge_agent.errors import LedgerUnwritable
 from edge_agent.ledger import Ledger
 from edge_agent.runner import Runner
@@ -53,3 +53,47 @@ def test_the_runner_pauses_while_the_ledger_cannot_be_written_and_resumes_after(
     runner.tick()
     assert runner.ledger_problem is None and readiness(runner, clock()) == []
     assert [r.relpath for r in runner.ledger.in_states([State.DISCOVERED])] == ["f.fits"]
+
+
+class Pool:
+    """Records the jobs handed over instead of running them."""
+
+    def __init__(self) -> None:
+        self.jobs: list[list[Any]] = []
+
+    def submit(self, fn: Any, pool: str, batch: list[Any]) -> None:
+        self.jobs.append(batch)
+
+    def shutdown(self, **kw: Any) -> None:
+        pass
+
+
+def hashed(ledger: Ledger, tmp_path: Path, name: str, dataset: str) -> None:
+    rec = ledger.discover("r", str(tmp_path / "daq" / name).encode(), name, 1, 1, 1, 1, 0)
+    ledger.transition(rec.id, State.DISCOVERED, Event.COMPLETED)
+    ledger.transition(rec.id, State.COMPLETE, Event.HASHED, blake3=name, adler32="00000001", size=1,
+                      scope="test", name=name, dataset=dataset)
+
+
+def test_catalogue_work_goes_in_batches_of_one_dataset(tmp_path: Path, clock: Any,
+                                                       settings_data: Callable[..., Any]) -> None:
+    for d in ("daq", "lake-a", "lake-b"):
+        (tmp_path / d).mkdir()
+    s = Settings(**settings_data(tmp_path, lake_batch_files=2, lake_workers=3))
+    ledger = Ledger(s.ledger_path, clock=clock)
+    r = Runner(s, ledger, build_catalogue(s), clock=clock, monotonic=clock)
+    for pool in r.pools.values():
+        pool.shutdown()
+    r.pools = {name: Pool() for name in r.pools}   # type: ignore[misc]
+    for i in range(5):
+        hashed(ledger, tmp_path, f"a{i}", "ds.a")
+    hashed(ledger, tmp_path, "b0", "ds.b")
+    r.dispatch(clock())
+    jobs = r.pools["lake"].jobs                    # type: ignore[attr-defined]
+    # three workers: three jobs, each of one dataset, none over lake_batch_files
+    assert len(jobs) == 3 and r.jobs["lake"] == 3
+    assert all(len(j) <= 2 and len({rec.dataset for rec in j}) == 1 for j in jobs)
+    assert len(r.in_flight) == sum(len(j) for j in jobs)
+    r.dispatch(clock())                            # every worker busy: nothing more is handed over
+    assert len(r.pools["lake"].jobs) == 3          # type: ignore[attr-defined]
+    ledger.close()

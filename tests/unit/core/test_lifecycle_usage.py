@@ -51,16 +51,21 @@ def test_every_event_the_code_names_is_an_edge_or_a_note() -> None:
 
 
 def test_each_step_module_moves_only_along_its_own_edges() -> None:
-    """A step module's ctx.move(rec, Event.X) leaves the state the table gives that step."""
+    """A step module's moves (ctx.move(rec, Event.X), or (rec, Event.X, ...) for ctx.move_many) leave
+    the state the table gives that step."""
     for state, step in STEPS.items():
         tree = ast.parse((PACKAGE / "steps" / f"{step.name}.py").read_text())
-        moves = [call for call in ast.walk(tree) if isinstance(call, ast.Call)
-                 and isinstance(call.func, ast.Attribute) and call.func.attr == "move"]
-        assert moves, step.name
-        for call in moves:
-            name = _member(call.args[1], "Event") if len(call.args) > 1 else None
-            assert name is not None, f"steps/{step.name}.py:{call.lineno}: the event is not written out"
-            assert (state, Event[name]) in TRANSITIONS, f"steps/{step.name}.py:{call.lineno}: {Event[name]} in {state}"
+        events: list[tuple[int, str | None]] = []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "move":
+                events.append((node.lineno, _member(node.args[1], "Event") if len(node.args) > 1 else None))
+            elif isinstance(node, ast.Tuple) and len(node.elts) >= 2 and _member(node.elts[1], "Event") \
+                    and Event[_member(node.elts[1], "Event") or ""] not in NOTES:
+                events.append((node.lineno, _member(node.elts[1], "Event")))
+        assert events, step.name
+        for line, name in events:
+            assert name is not None, f"steps/{step.name}.py:{line}: the event is not written out"
+            assert (state, Event[name]) in TRANSITIONS, f"steps/{step.name}.py:{line}: {Event[name]} in {state}"
 
 
 def test_history_notes_are_notes() -> None:

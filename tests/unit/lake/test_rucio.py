@@ -58,6 +58,7 @@ class FakeRucio:
         self.down = False
         self.password = PASSWORD
         self.before_add_replicas: Any = None
+        self.refuse_attach: set[str] = set()      # names whose attachment refuses the whole call
         self.fail: dict[tuple[str, str], httpx.Response] = {}
         self._ids = itertools.count(1)
 
@@ -103,6 +104,26 @@ class FakeRucio:
         return httpx.Response(200, json={"scope": scope, "name": name, "type": d["type"], "bytes": d.get("bytes"),
                                          "adler32": d.get("adler32"), "md5": d.get("md5")})
 
+    def bulk_meta(self, request: httpx.Request, body: Any) -> httpx.Response:
+        rows = []
+        for d in body["dids"]:
+            row = self.dids.get((d["scope"], d["name"]))
+            if row is not None:      # a missing DID is not listed (Rucio's DID_COLUMN plugin)
+                rows.append({"scope": d["scope"], "name": d["name"], "did_type": row["type"],
+                             "bytes": row.get("bytes"), "adler32": row.get("adler32"), "md5": row.get("md5")})
+        return httpx.Response(200, text="".join(json.dumps(r) + "\n" for r in rows))
+
+    def bulk_set_meta(self, request: httpx.Request, body: Any) -> httpx.Response:
+        for d in body["dids"]:          # one transaction: nothing is set unless every entry is taken
+            if (d["scope"], d["name"]) not in self.dids:
+                return err(404, "DataIdentifierNotFound", f"Data identifier '{d['scope']}:{d['name']}' not found")
+            unmanaged = [k for k in d["meta"] if k not in COLUMN_KEYS and not self.json_meta]
+            if unmanaged:
+                return err(400, "InvalidMetadata", f"No plugin manages metadata keys {unmanaged}")
+        for d in body["dids"]:
+            self.dids[(d["scope"], d["name"])]["meta"].update(d["meta"])
+        return httpx.Response(201, text="Created")
+
     def list_content(self, request: httpx.Request, body: Any, scope: str, name: str) -> httpx.Response:
         if (scope, name) not in self.dids:
             return err(404, "DataIdentifierNotFound", f"Data identifier '{scope}:{name}' not found")
@@ -120,6 +141,10 @@ class FakeRucio:
         return httpx.Response(201, text="Created")
 
     def attach(self, request: httpx.Request, body: Any) -> httpx.Response:
+        for a in body["attachments"]:
+            for c in a["dids"]:
+                if c["name"] in self.refuse_attach:     # one transaction: the whole call is refused
+                    return err(409, "UnsupportedOperation", "a file of this call cannot be attached")
         for a in body["attachments"]:
             for key in [(a["scope"], a["name"])] + [(c["scope"], c["name"]) for c in a["dids"]]:
                 if key not in self.dids:
@@ -264,6 +289,8 @@ class FakeRucio:
 
     ROUTES: ClassVar[list[tuple[str, Any]]] = [
         (r"POST /dids/attachments", attach),
+        (r"POST /dids/bulkmeta", bulk_meta),
+        (r"POST /dids/bulkdidsmeta", bulk_set_meta),
         (r"GET /dids/([^/]+)/([^/]+)/rules", did_rules),
         (r"GET /dids/([^/]+)/([^/]+)/dids", list_content),
         (r"POST /dids/([^/]+)/([^/]+)/meta/([^/]+)", set_meta_key),
@@ -495,8 +522,10 @@ def test_refused_metadata_keys_are_a_warning_and_skipped_afterwards(lake: Checke
     assert any(e["log_level"] == "warning" and e.get("key") == "instrument" for e in captured)
     before = len(rucio.calls)
     lake.register(lake_file(tmp_path, name="f2", metadata={"instrument": "cam", "run_number": 43}))
-    meta_calls = [(m, p, b) for m, p, b in rucio.calls[before:] if "/meta" in p]
-    assert meta_calls == [("POST", "/dids/test/f2/meta", {"meta": {"run_number": 43}})]
+    meta_calls = [(m, p, b) for m, p, b in rucio.calls[before:] if "meta" in p and p != "/dids/bulkmeta"]
+    # the refused key is not sent again: one bulk call with the managed key alone
+    assert meta_calls == [("POST", "/dids/bulkdidsmeta", {"dids": [{"scope": "test", "name": "f2",
+                                                                    "meta": {"run_number": 43}}]})]
 
 
 def test_metadata_never_rewrites_size_or_checksum(lake: CheckedCatalogue, rucio: FakeRucio, tmp_path: Path) -> None:
@@ -509,6 +538,7 @@ def test_metadata_never_rewrites_size_or_checksum(lake: CheckedCatalogue, rucio:
 
 def test_metadata_trouble_that_passes_is_retried(lake: CheckedCatalogue, rucio: FakeRucio, tmp_path: Path) -> None:
     rucio.fail[("POST", "/dids/test/f1/meta")] = err(503, "DatabaseException", "too many requests")
+    rucio.fail[("POST", "/dids/bulkdidsmeta")] = err(503, "DatabaseException", "too many requests")
     with pytest.raises(RetryableError):
         lake.register(lake_file(tmp_path, metadata={"project": "p"}))
 
@@ -836,3 +866,68 @@ def test_the_read_side_lists_what_rucio_records(lake: CheckedCatalogue, rucio: F
         ListedReplica("LAKE1", "COPYING", ("root://xrd:1094//data/lake1/test/f1",)),)
     body = [b for m, p, b in rucio.calls if p == "/replicas/list"][-1]
     assert body["schemes"] == ["root"]
+
+
+# ---------------------------------------------------------------- batches
+def batch(tmp: Path, n: int, rule: str = "push") -> list[LakeFile]:
+    return [lake_file(tmp, rule=rule, name=f"b{i}", rel=f"run42/b{i}.fits", size=10 + i, adler32=f"{10 + i:08x}")
+            for i in range(n)]
+
+
+def test_a_batch_is_registered_in_bulk_calls(lake: CheckedCatalogue, rucio: FakeRucio, tmp_path: Path) -> None:
+    files = batch(tmp_path, 6)
+    before = len(rucio.calls)
+    assert lake.register_many(files) == [None] * 6
+    calls = [(m, p) for m, p, _ in rucio.calls[before:] if p != "/auth/userpass"]
+    # look, add the replicas, look again, make the dataset, attach: whatever the batch's size
+    assert calls == [("POST", "/dids/bulkmeta"), ("POST", "/replicas"), ("POST", "/dids/bulkmeta"),
+                     ("POST", "/dids/test/ds.20261125"), ("POST", "/dids/attachments")]
+    for f in files:
+        assert rucio.dids[("test", f.name)]["bytes"] == f.size
+        assert ("test", f.name, "LAKE1") in rucio.replicas
+        assert ("test", "ds.20261125", "test", f.name) in rucio.contents
+    assert lake.register_many(files) == [None] * 6          # again (a batch repeated after a crash)
+
+
+def test_a_file_whose_name_holds_other_content_fails_alone(lake: CheckedCatalogue, rucio: FakeRucio,
+                                                           tmp_path: Path) -> None:
+    files = batch(tmp_path, 5)
+    rucio.dids[("test", "b2")] = {"type": "FILE", "bytes": 999, "adler32": "deadbeef", "meta": {}}
+    out = lake.register_many(files)
+    assert [o is None for o in out] == [True, True, False, True, True]
+    assert isinstance(out[2], PermanentError) and "other content" in str(out[2])
+    assert ("test", "b2", "LAKE1") not in rucio.replicas                 # no replica row on other bytes
+    assert ("test", "ds.20261125", "test", "b2") not in rucio.contents
+    assert all(("test", "ds.20261125", "test", f.name) in rucio.contents for i, f in enumerate(files) if i != 2)
+
+
+def test_a_bulk_call_refused_whole_is_narrowed_to_the_file_at_fault(lake: CheckedCatalogue, rucio: FakeRucio,
+                                                                    tmp_path: Path) -> None:
+    files = batch(tmp_path, 7)
+    rucio.refuse_attach = {"b5"}
+    out = lake.register_many(files)
+    assert [o is None for o in out] == [True, True, True, True, True, False, True]
+    assert isinstance(out[5], PermanentError)
+    attached = {cn for s, n, cs, cn in rucio.contents if n == "ds.20261125"}
+    assert attached == {f.name for f in files} - {"b5"}
+
+
+def test_a_bulk_call_that_may_pass_later_fails_every_file_for_a_retry(lake: CheckedCatalogue, rucio: FakeRucio,
+                                                                       tmp_path: Path) -> None:
+    rucio.fail[("POST", "/replicas")] = err(503, "DatabaseException", "too many requests")
+    out = lake.register_many(batch(tmp_path, 3))
+    assert all(isinstance(o, RetryableError) for o in out)
+
+
+def test_a_batch_s_replicas_and_rules_are_asked_once(lake: CheckedCatalogue, rucio: FakeRucio, tmp_path: Path) -> None:
+    files = batch(tmp_path, 4)
+    assert lake.register_many(files) == [None] * 4
+    before = len(rucio.calls)
+    recorded = lake.recorded_many(files)
+    assert [len(r) for r in recorded] == [1, 1, 1, 1] and all(r[0].location == "LAKE1" for r in recorded)
+    assert [p for _, p, _ in rucio.calls[before:]] == ["/replicas/list"]
+    ref = lake.request_copies(files[0])
+    before = len(rucio.calls)
+    states = lake.copies_states([(f, ref) for f in files] + [(files[0], None)])
+    assert states[:4] == [states[0]] * 4 and states[4] is None
+    assert [p for _, p, _ in rucio.calls[before:]] == [f"/rules/{ref}"]

@@ -1325,3 +1325,77 @@ def test_a_partial_first_copy_left_by_a_cut_short_upload_is_replaced_unless_the_
         assert end.name == "run42/f1.fits.v2" and storage.objects[partial] == DATA[:1000]
     else:
         assert end.name == "run42/f1.fits" and storage.objects[partial] == DATA
+
+
+# ---------------------------------------------------------------- batches
+def to_state(env: Env, n: int, state: State) -> list[FileRecord]:
+    """n files of one dataset moved file by file up to `state`."""
+    recs = []
+    for i in range(n):
+        rec = env.add(f"run42/b{i}.fits", DATA + bytes([i]))
+        while rec.state is not state:
+            rec = env.step(rec.id)
+        recs.append(rec)
+    return recs
+
+
+def spy(monkeypatch: pytest.MonkeyPatch, obj: Any, name: str) -> list[Any]:
+    seen: list[Any] = []
+    real = getattr(obj, name)
+
+    def call(*a: Any, **kw: Any) -> Any:
+        seen.append(a)
+        return real(*a, **kw)
+    monkeypatch.setattr(obj, name, call)
+    return seen
+
+
+def test_a_batch_is_registered_by_one_catalogue_call_and_one_commit(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    recs = to_state(env, 4, S.HASHED)
+    asked = spy(monkeypatch, env.lake, "register_many")
+    commits = spy(monkeypatch, env.ledger, "transition_group")
+    steps.run(recs, env.ctx)
+    assert [env.ledger.get(r.id).state for r in recs] == [S.REGISTERED] * 4
+    assert len(asked) == 1 and len(asked[0][0]) == 4
+    assert len(commits) == 1 and len(commits[0][0]) == 4
+
+
+def test_a_file_the_catalogue_refuses_fails_alone_and_the_batch_goes_on(env: Env,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    recs = to_state(env, 3, S.HASHED)
+    real = env.lake.register_many
+
+    def refuse_second(files: Any) -> list[Exception | None]:
+        out = real([f for i, f in enumerate(files) if i != 1])
+        return [out[0], PermanentError("the lake holds this name with other content"), out[1]]
+    monkeypatch.setattr(env.lake, "register_many", refuse_second)
+    steps.run(recs, env.ctx)
+    states = [env.ledger.get(r.id) for r in recs]
+    assert [r.state for r in states] == [S.REGISTERED, S.QUARANTINED, S.REGISTERED]
+    assert states[1].reason == "the lake holds this name with other content"
+
+
+def test_a_whole_catalogue_call_that_fails_sends_every_file_of_the_batch_to_wait(env: Env) -> None:
+    recs = to_state(env, 3, S.HASHED)
+    env.lake.fail("register", times=None)
+    steps.run(recs, env.ctx)
+    assert [env.ledger.get(r.id).state for r in recs] == [S.RETRY_WAIT] * 3
+
+
+def test_a_batch_is_confirmed_on_one_question_to_the_catalogue_and_deleted(env: Env,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    recs = to_state(env, 3, S.TRANSFERRED)
+    asked = spy(monkeypatch, env.lake, "recorded_many")
+    commits = spy(monkeypatch, env.ledger, "transition_group")
+    steps.run(recs, env.ctx)
+    assert [env.ledger.get(r.id).state for r in recs] == [S.DELETED] * 3
+    assert len(asked) == 1 and len(asked[0][0]) == 3
+    assert len(commits) == 1 and [m.event for m in commits[0][0]] == [E.CONFIRMED] * 3
+    for r in recs:
+        assert not Path(r.fspath).exists()
+
+
+def test_a_batch_holds_one_state(env: Env) -> None:
+    a, b = to_state(env, 1, S.HASHED)[0], env.add("run42/other.fits")
+    with pytest.raises(ValueError):
+        steps.run([a, b], env.ctx)
