@@ -37,9 +37,9 @@ def build(settings: Settings) -> tuple[Catalogue, Transports]:
     assert settings.lake.rucio is not None, "settings validation guarantees [lake.rucio] for kind = 'rucio'"
     client = RucioClient(settings.lake.rucio)
     s3 = build_s3_transports(settings, client)
-    transports = rucio_transports(settings, client)
     catalogue = RucioCatalogue(settings, client, schemes=[*RUCIO_SCHEMES],
                                max_bytes={rse: t.max_object_bytes for rse, t in s3.items()})
+    transports = rucio_transports(settings, client, catalogue.storage_prefixes)
     mount_s3(transports, s3, catalogue.storage_prefixes)
     return catalogue, transports
 
@@ -73,12 +73,45 @@ def local_transports(destinations: dict[str, DestinationSettings]) -> Transports
 RUCIO_SCHEMES = ("http", "https", "davs", "root")
 
 
-def rucio_transports(settings: Settings, client: RucioClient) -> Transports:
-    """HTTP/WebDAV and XRootD, mounted by scheme, with the identity Rucio knows."""
+# (rse, scheme) -> the URL prefixes under which Rucio builds that RSE's PFNs in that scheme
+StoragePrefixes = Callable[[str, str], list[str]]
+# (isolate_requests, puts_per_server) -> the storage transports by URL scheme, with those gates
+StorageMaker = Callable[[bool, int | None], dict[str, Transport]]
+
+
+def rucio_transports(settings: Settings, client: RucioClient, prefixes: StoragePrefixes | None = None
+                     ) -> Transports:
+    """HTTP/WebDAV and XRootD with the identity Rucio knows, mounted by scheme with the default
+    gates (XRootD 5.5.3's limits) for any storage. Given `prefixes`, each rse destination also gets
+    transports of its own, with its isolate_requests and puts_per_server, mounted at its storage's
+    URL prefixes (asked of Rucio when a URL in that scheme is first looked up: Rucio may be
+    unreachable at start). All of them share one gate per server, so two destinations on one
+    XRootD server (or a destination and a copy the lake made there) still keep its limits."""
+    make = storage_maker(settings, client)
     transports = Transports()
-    for scheme, transport in build_rucio_parts(settings, client)[1].items():
+    for scheme, transport in make(True, None).items():
         transports.mount(f"{scheme}://", transport)
+    if prefixes is not None:
+        for d in settings.destinations.values():
+            if d.kind != "rse" or not d.rse or d.sign_url:
+                continue
+            for scheme, transport in make(d.isolate_requests, d.puts_per_server).items():
+                find = partial(destination_prefixes, client, prefixes, d.rse, scheme)
+                transports.mount_later(f"{scheme}://", find, transport)
     return transports
+
+
+def destination_prefixes(client: RucioClient, prefixes: StoragePrefixes, rse: str, scheme: str) -> list[str]:
+    """`rse`'s storage prefixes in `scheme`, none if the RSE does not offer it. Each also with the
+    path's leading '//' (Rucio writes root:// PFNs so: root://host:1094//data/...)."""
+    if not any(p.get("scheme") == scheme for p in client.rse_protocols(rse)):
+        return []
+    out: list[str] = []
+    for prefix in prefixes(rse, scheme):
+        head, _, rest = prefix.partition("://")
+        netloc, _, path = rest.partition("/")
+        out += [prefix, f"{head}://{netloc}//{path.lstrip('/')}"]
+    return out
 
 
 def mount_s3(transports: Transports, s3: dict[str, S3Transport], prefixes: Callable[[str], list[str]]) -> None:
@@ -88,28 +121,32 @@ def mount_s3(transports: Transports, s3: dict[str, S3Transport], prefixes: Calla
         transports.mount_later("https://", partial(prefixes, rse), transport)
 
 
-def build_rucio_parts(settings: Settings, client: RucioClient | None = None
-                      ) -> tuple[RucioClient, dict[str, Transport]]:
-    """The Rucio client and the storage transports by URL scheme (the agent's, and the audit's)."""
-    from .lake.rucio_client import RucioClient
-    from .transfer.http import HttpTransport
+def storage_maker(settings: Settings, client: RucioClient) -> StorageMaker:
+    """Makes the storage transports by URL scheme for one destination's gate settings
+    (puts_per_server None: 1 over HTTP/WebDAV, any number over root://). What one maker makes
+    shares each server's gate (one GateBoard for HTTP, one for root://)."""
+    from .transfer.http import GateBoard, HttpTransport
     from .transfer.xroot import XRootTransport
     r = settings.lake.rucio
     assert r is not None, "settings validation guarantees [lake.rucio] for kind = 'rucio'"
-    client = client or RucioClient(r)
     verify: bool | str = str(r.ca_cert) if r.ca_cert else r.tls_verify
     # Storage is reached with the identity Rucio knows: the X.509 certificate or proxy, or the
     # OIDC bearer token (WLCG token-based storage); userpass has no storage credential.
     cert = str(r.auth.cert) if r.auth.type == "x509" and r.auth.cert else None
     key = str(r.auth.key) if r.auth.type == "x509" and r.auth.key else None
     token = client.token if r.auth.type == "oidc" else None
-    http = HttpTransport(verify=verify, cert=cert, key=key, token=token, timeout=r.timeout_seconds,
-                         verify_upload=r.verify_upload, chunk_size=settings.chunk_mb << 20,
-                         max_connections=max(2, settings.transfer_workers))
-    root = XRootTransport(timeout=r.timeout_seconds, verify_upload=r.verify_upload,
-                          chunk_size=settings.chunk_mb << 20)
-    transports: dict[str, Transport] = {"http": http, "https": http, "davs": http, "root": root}
-    return client, transports
+    http_gates, root_gates = GateBoard(), GateBoard()
+
+    def make(isolate: bool, puts: int | None) -> dict[str, Transport]:
+        http = HttpTransport(verify=verify, cert=cert, key=key, token=token, timeout=r.timeout_seconds,
+                             verify_upload=r.verify_upload, chunk_size=settings.chunk_mb << 20,
+                             max_connections=max(2, settings.transfer_workers), isolate_requests=isolate,
+                             puts_per_server=1 if puts is None else puts, gate_board=http_gates)
+        root = XRootTransport(timeout=r.timeout_seconds, verify_upload=r.verify_upload,
+                              chunk_size=settings.chunk_mb << 20, isolate_verification=isolate,
+                              puts_per_server=0 if puts is None else puts, gate_board=root_gates)
+        return {"http": http, "https": http, "davs": http, "root": root}
+    return make
 
 
 def build_s3_transports(settings: Settings, client: RucioClient) -> dict[str, S3Transport]:

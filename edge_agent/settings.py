@@ -201,6 +201,12 @@ class DestinationSettings(_Section):
                                  "gateway's TLS certificate; default: the system's CAs (never unverified)")
     signed_url_lifetime_seconds: int = Field(600, ge=5, le=7 * 86400, description="sign_url: how long each "
                                              "signed URL is valid; an expired one is signed again once")
+    isolate_requests: bool = Field(True, description="rse: per storage server, every request but an upload "
+                                   "(HEAD, DELETE, MKCOL, a checksum query) runs alone, never beside an upload "
+                                   "or another request, as XRootD 5.5.3 needs; false: everything overlaps")
+    puts_per_server: int | None = Field(None, ge=0, le=64, description="rse, with isolate_requests: uploads to "
+                                        "one storage server side by side (0: any number); not set: 1 over "
+                                        "HTTP/WebDAV, any number over root://")
 
     @field_validator("path")
     @classmethod
@@ -428,6 +434,7 @@ class Settings(BaseSettings):
                     problems.append(f"rules.{b}.directory = {rb.directory}: overlaps rules.{a}.directory "
                                     f"{ra.directory}; a file must belong to one rule")
         problems += self._distinct_destinations()
+        problems += self._storage_gates()
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -449,6 +456,25 @@ class Settings(BaseSettings):
                 if da.rse and db.rse and da.rse.upper() == db.rse.upper():
                     problems.append(f"destinations.{b}.rse = {db.rse!r}: the same RSE as destinations.{a}.rse; "
                                     "one replica there would count as two copies")
+        return problems
+
+    def _storage_gates(self) -> list[str]:
+        """isolate_requests and puts_per_server shape the requests to an HTTP/WebDAV or root://
+        server: a key set where it cannot act is refused rather than silently ignored."""
+        problems: list[str] = []
+        for dname, dest in self.destinations.items():
+            given = [k for k in ("isolate_requests", "puts_per_server") if k in dest.model_fields_set]
+            for key in given:
+                if dest.kind != "rse":
+                    problems.append(f"destinations.{dname}.{key}: only for rse destinations (storage servers "
+                                    "reached over HTTP/WebDAV or root://); a posix destination has none")
+                elif dest.sign_url:
+                    problems.append(f"destinations.{dname}.{key}: not for an S3 destination (sign_url), "
+                                    "whose requests never wait for each other")
+            if dest.kind == "rse" and not dest.sign_url and not dest.isolate_requests \
+                    and dest.puts_per_server is not None:
+                problems.append(f"destinations.{dname}.puts_per_server = {dest.puts_per_server}: limits uploads "
+                                "only with isolate_requests = true; with false nothing waits (remove one of them)")
         return problems
 
     @classmethod

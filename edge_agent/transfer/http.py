@@ -17,7 +17,9 @@ threads upload small files with HEADs and DELETEs in between, with or without ke
 even when no HEAD/DELETE overlaps a PUT on the client's side; only PUTs alone, or HEADs alone,
 were safe side by side. One thread, or this gate, went through 15,000 files without a fault.
 `puts_per_server` lets PUTs run side by side (other requests still run alone) and
-`isolate_requests=False` lifts the rule, for storages without these faults.
+`isolate_requests=False` lifts the rule, for storages without these faults; both are set per
+destination (destinations.NAME.isolate_requests, .puts_per_server). Transports that reach the
+same server share its gate (GateBoard).
 A failed or abandoned upload is followed by a best-effort DELETE: XRootD keeps a partial file
 that HEAD answers 200 for, so a replica is never counted by its existence.
 
@@ -151,40 +153,55 @@ def ssl_context(verify: bool | str | ssl.SSLContext = True, cert: str | None = N
     return ctx
 
 
+class _Gate:
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.uploads = 0
+        self.verifying = False
+        self.waiting = 0
+
+
+class GateBoard:
+    """The gate of each server (host:port), shared by every transport that reaches it: two
+    destinations on one XRootD server (two RSEs under one daemon), or a destination's transport
+    and the fallback one, then keep to the rules together instead of each keeping them alone."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._gates: dict[str, _Gate] = {}
+
+    def gate(self, host: str) -> _Gate:
+        with self._lock:
+            return self._gates.setdefault(host, _Gate())
+
+    def wait(self, gate: _Gate) -> None:
+        """Block until the gate changes (called holding gate.cond); the one place a holder waits."""
+        gate.cond.wait()
+
+
 class HostGates:
     """Per server (host:port): shared holders (uploads) side by side, or one exclusive holder alone.
 
     An exclusive holder waits for the shared ones in flight to end, and shared ones that arrive
     meanwhile wait for it (so a steady stream of uploads cannot starve verification). At most
-    max_shared shared holders at once (0: any number). With isolate=False nothing waits.
+    max_shared shared holders at once (0: any number), counting those of every HostGates on the
+    same `board`. With isolate=False nothing waits (nor is counted).
     """
 
-    class _Gate:
-        def __init__(self) -> None:
-            self.cond = threading.Condition()
-            self.uploads = 0
-            self.verifying = False
-            self.waiting = 0
-
-    def __init__(self, isolate: bool = True, max_shared: int = 0) -> None:
+    def __init__(self, isolate: bool = True, max_shared: int = 0, board: GateBoard | None = None) -> None:
         self.isolate = isolate
         self.max_shared = max_shared   # 0: no limit
-        self._lock = threading.Lock()
-        self._gates: dict[str, HostGates._Gate] = {}
-
-    def _gate(self, host: str) -> _Gate:
-        with self._lock:
-            return self._gates.setdefault(host, HostGates._Gate())
+        self.board = board if board is not None else GateBoard()
 
     @contextlib.contextmanager
     def shared(self, host: str) -> Iterator[None]:
         if not self.isolate:
             yield
             return
-        g = self._gate(host)
+        g = self.board.gate(host)
         with g.cond:
             while g.verifying or g.waiting or (self.max_shared and g.uploads >= self.max_shared):
-                g.cond.wait()
+                self.board.wait(g)
             g.uploads += 1
         try:
             yield
@@ -198,12 +215,12 @@ class HostGates:
         if not self.isolate:
             yield
             return
-        g = self._gate(host)
+        g = self.board.gate(host)
         with g.cond:
             g.waiting += 1
             try:
                 while g.verifying or g.uploads:
-                    g.cond.wait()
+                    self.board.wait(g)
             finally:
                 g.waiting -= 1
             g.verifying = True
@@ -229,6 +246,9 @@ class HttpTransport(Transport):
     isolate_requests: per server, run HEAD/DELETE/MKCOL alone, never beside a PUT or each other,
               and at most puts_per_server PUTs at once (0: any number). The defaults, one request
               at a time per server, are what XRootD 5.5 survives; see the module's docstring.
+              Off, verification HEADs also reuse kept-alive connections (XRootD defect 4 is why
+              they otherwise go out on a fresh one).
+    gate_board: the servers' gates, shared with other transports that reach the same servers.
     transport: an httpx transport (httpx.MockTransport in tests); then used for every request.
     client:   an httpx client to send every request through instead of the two made here (its TLS,
               auth, redirects and timeouts then apply, and it is not closed here): the access API
@@ -243,7 +263,7 @@ class HttpTransport(Transport):
                  key: str | None = None, token: TokenProvider | None = None, timeout: float = 60.0,
                  digest_timeout: float = 600.0, verify_upload: VerifyUpload = "adler32",
                  chunk_size: int = CHUNK, max_connections: int = 8, isolate_requests: bool = True,
-                 puts_per_server: int = 1,
+                 puts_per_server: int = 1, gate_board: GateBoard | None = None,
                  transport: httpx.BaseTransport | None = None, client: httpx.Client | None = None) -> None:
         if verify_upload not in ("adler32", "size"):
             raise ValueError(f"verify_upload must be 'adler32' or 'size', not {verify_upload!r}")
@@ -252,8 +272,10 @@ class HttpTransport(Transport):
         self.timeout = timeout
         self.digest_timeout = digest_timeout
         self._token = token
-        self._gates = HostGates(isolate_requests, puts_per_server)
+        self._gates = HostGates(isolate_requests, puts_per_server, gate_board)
         self._owns_clients = client is None
+        # verification HEADs on a connection of their own only where XRootD's defects are feared
+        self._fresh_verify = isolate_requests
         if client is not None:
             self._pool = self._fresh = client
             return
@@ -268,16 +290,19 @@ class HttpTransport(Transport):
                                   limits=httpx.Limits(max_connections=max_connections,
                                                       max_keepalive_connections=keep),
                                   **common)  # type: ignore[arg-type]
-        self._fresh = httpx.Client(verify=tls, transport=transport,
-                                   limits=httpx.Limits(max_connections=max_connections,
-                                                       max_keepalive_connections=0),
-                                   **common)  # type: ignore[arg-type]
+        self._fresh = self._pool
+        if self._fresh_verify:
+            self._fresh = httpx.Client(verify=tls, transport=transport,
+                                       limits=httpx.Limits(max_connections=max_connections,
+                                                           max_keepalive_connections=0),
+                                       **common)  # type: ignore[arg-type]
 
     def close(self) -> None:
         """The HTTP clients this transport made are closed (clients handed to it are left open)."""
         if self._owns_clients:
             self._pool.close()
-            self._fresh.close()
+            if self._fresh is not self._pool:
+                self._fresh.close()
 
     def __enter__(self) -> Self:
         return self
@@ -430,8 +455,10 @@ class HttpTransport(Transport):
             raise error
 
     def _digest_head(self, wire: str, shown: str) -> RemoteStat | None:
-        r = self._request("HEAD", wire, shown, "HEAD", client=self._fresh,
-                          headers={"Want-Digest": "adler32", "Connection": "close"},
+        headers = {"Want-Digest": "adler32"}
+        if self._fresh_verify:
+            headers["Connection"] = "close"
+        r = self._request("HEAD", wire, shown, "HEAD", client=self._fresh, headers=headers,
                           timeout=httpx.Timeout(self.timeout, read=self.digest_timeout))
         if r.status_code == 404:
             return None

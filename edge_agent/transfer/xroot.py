@@ -33,7 +33,7 @@ from ..errors import DestinationOccupied, ObjectMissing, PermanentError, Retryab
 from ..hashing import CHUNK, Consumer, Digests
 from ..localfs import Source
 from .base import ChunkStream, Expected, Pacer, RemoteStat, Transport, copy_problem
-from .http import HostGates, VerifyUpload
+from .http import GateBoard, HostGates, VerifyUpload
 from .tee import read_once
 
 log = structlog.get_logger("edge_agent.transfer.xroot")
@@ -413,6 +413,11 @@ class XRootTransport(Transport):
     timeout: seconds for each request; digest_timeout for a checksum query (the server may read
              the whole file to answer it).
     verify_upload: "adler32" (the server must answer a checksum query) or "size".
+    isolate_verification: per server, a checksum query runs alone, never beside an upload or
+             another query (XRootD 5.5.3; see http.py); False lets everything overlap.
+    puts_per_server: with isolate_verification, at most this many uploads to one server at once
+             (0: any number; root:// itself never showed XRootD's HTTP faults).
+    gate_board: the servers' gates, shared with other transports that reach the same servers.
     """
 
     scheme = "root"
@@ -422,7 +427,8 @@ class XRootTransport(Transport):
     def __init__(self, *, timeout: float = 60.0, digest_timeout: float = 600.0,
                  verify_upload: VerifyUpload = "adler32", chunk_size: int = CHUNK,
                  backend: Backend = "auto", xrdcp: str = "xrdcp", xrdfs: str = "xrdfs",
-                 isolate_verification: bool = True) -> None:
+                 isolate_verification: bool = True, puts_per_server: int = 0,
+                 gate_board: GateBoard | None = None) -> None:
         if verify_upload not in ("adler32", "size"):
             raise ValueError(f"verify_upload must be 'adler32' or 'size', not {verify_upload!r}")
         self.verify_upload = verify_upload
@@ -434,7 +440,7 @@ class XRootTransport(Transport):
         self.backend = backend
         self._client: _Client = (PythonClient(timeout, digest_timeout) if backend == "python"
                                  else CliClient(timeout, digest_timeout, xrdcp, xrdfs))
-        self._gates = HostGates(isolate_verification)
+        self._gates = HostGates(isolate_verification, puts_per_server, gate_board)
 
     # ------------------------------------------------------------ the interface
     def put(self, source: Source, url: str, expected: Expected, pace: Pacer,

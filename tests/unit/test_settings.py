@@ -280,6 +280,62 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     assert "rules.magic.copies" in msg and "rules.magic.timezone" in msg
 
 
+def rucio_toml(tmp: Path, dest_extra: str = "") -> Path:
+    """A valid rucio-lake config with one rse destination 'xrd'; `dest_extra` goes into its table."""
+    p = tmp / "edge-agent.toml"
+    p.write_text(f"""
+state_dir = "{tmp}/state"
+
+[lake]
+kind = "rucio"
+
+[lake.rucio]
+url = "https://rucio.example.org"
+account = "magic"
+auth = {{type = "userpass", username = "magic", password = "pw"}}
+
+[destinations.xrd]
+kind = "rse"
+rse = "XRD1"
+{dest_extra}
+
+[rules.magic]
+directory = "{tmp}/daq"
+scope = "magic"
+destinations = ["xrd"]
+copies = 1
+""")
+    return p
+
+
+def test_storage_gates_are_set_per_destination(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = load_settings(rucio_toml(tmp_path)).destinations["xrd"]
+    assert (d.isolate_requests, d.puts_per_server) == (True, None)        # XRootD 5.5.3's limits
+    d = load_settings(rucio_toml(tmp_path, "puts_per_server = 4")).destinations["xrd"]
+    assert (d.isolate_requests, d.puts_per_server) == (True, 4)
+    monkeypatch.setenv("EDGE_AGENT_DESTINATIONS__XRD__ISOLATE_REQUESTS", "false")
+    assert load_settings(rucio_toml(tmp_path)).destinations["xrd"].isolate_requests is False
+
+
+@pytest.mark.parametrize(("extra", "key", "why"), [
+    ("puts_per_server = -1", "destinations.xrd.puts_per_server = -1", "greater than or equal to 0"),
+    ("puts_per_server = 65", "destinations.xrd.puts_per_server = 65", "less than or equal to 64"),
+    ('isolate_requests = "sometimes"', "destinations.xrd.isolate_requests = 'sometimes'", "valid boolean"),
+    ("isolate_requests = false\nputs_per_server = 2", "destinations.xrd.puts_per_server = 2",
+     "only with isolate_requests = true"),
+    ('sign_url = "s3"\nputs_per_server = 2', "destinations.xrd.puts_per_server", "S3"),
+])
+def test_invalid_storage_gates_are_refused_naming_the_key(tmp_path: Path, extra: str, key: str, why: str) -> None:
+    msg = config_error(rucio_toml(tmp_path, extra), rules={"magic": {
+        "directory": str(tmp_path / "daq"), "scope": "magic", "destinations": ["xrd"], "copies": 1, "md5": True}})
+    assert key in msg and why in msg, msg
+
+
+def test_storage_gates_on_a_posix_destination_are_refused(tmp_path: Path) -> None:
+    msg = config_error(toml(tmp_path, dest_extra="isolate_requests = false"))
+    assert "destinations.a.isolate_requests" in msg and "only for rse destinations" in msg
+
+
 def test_invalid_toml_syntax(tmp_path: Path) -> None:
     p = toml(tmp_path, rule_extra="copies = = 2")
     msg = config_error(p)

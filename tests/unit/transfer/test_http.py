@@ -25,6 +25,7 @@ import structlog
 from edge_agent.errors import ChecksumMismatch, DestinationOccupied, FileChanged, FileVanished, PermanentError, RetryableError, ShuttingDown
 from edge_agent.transfer.base import Expected, RemoteStat
 from edge_agent.transfer.http import (
+    GateBoard,
     HostGates,
     HttpTransport,
     adler32_of_digest,
@@ -784,3 +785,111 @@ def test_open_through_a_client_given_uses_it_and_does_not_close_it(dav: FakeDav,
             assert fh.read() == DATA
         t.close()
         assert not client.is_closed
+
+
+# ------------------------------------------------------------------ two uploads to one server (issue 14, item 4)
+class HoldBeforePut:
+    """Fed the upload's read: its reset comes as the read starts, after the HEAD and before the PUT
+    asks its gate. It says so and waits to be let go, so two uploads reach their PUTs together."""
+
+    def __init__(self, go: threading.Event) -> None:
+        self.ready, self.go = threading.Event(), go
+
+    def reset(self) -> None:
+        self.ready.set()
+        assert self.go.wait(10)
+
+    def update(self, chunk: bytes | memoryview) -> None:
+        pass
+
+
+class PutsMeet:
+    """The fake server: each PUT is held until a second one is in flight beside it, or until the
+    test lets it go (`release`); `most` is the most PUTs that were in flight at once."""
+
+    def __init__(self, dav: FakeDav) -> None:
+        self.dav, self.lock = dav, threading.Lock()
+        self.now = self.most = 0
+        self.arrived, self.release = threading.Event(), threading.Event()
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "PUT":
+            with self.lock:
+                self.now += 1
+                self.most = max(self.most, self.now)
+                if self.now >= 2:
+                    self.release.set()
+            self.arrived.set()
+            self.release.wait(10)   # a safety net only: what is asserted is what was seen
+            with self.lock:
+                self.now -= 1
+        with self.lock:   # the fake's dicts are not thread-safe
+            return self.dav(request)
+
+
+class WatchedBoard(GateBoard):
+    """The gates, telling when a holder first has to wait."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocked = threading.Event()
+
+    def wait(self, gate) -> None:  # type: ignore[no-untyped-def]
+        self.blocked.set()
+        super().wait(gate)
+
+
+def _two_puts(transports: list[HttpTransport], src: Path, go: threading.Event) -> tuple[list[threading.Thread],
+                                                                                         list[HoldBeforePut]]:
+    holds = [HoldBeforePut(go), HoldBeforePut(go)]
+
+    def one(i: int) -> None:
+        t = transports[i % len(transports)]
+        t.put(str(src), URL.replace("f1.fits", f"two{i}.fits"), expected_for(DATA), Pace(), also=[holds[i]])
+    threads = [threading.Thread(target=one, args=(i,)) for i in (0, 1)]
+    for th in threads:
+        th.start()
+    for h in holds:
+        assert h.ready.wait(10)      # both HEADs done: each upload is about to ask for its PUT
+    return threads, holds
+
+
+@pytest.mark.parametrize("gates", [{"puts_per_server": 2}, {"puts_per_server": 0}, {"isolate_requests": False}])
+def test_two_puts_to_one_server_run_side_by_side_where_its_setting_allows(dav: FakeDav, src: Path,
+                                                                         gates: dict[str, object]) -> None:
+    seam, go = PutsMeet(dav), threading.Event()
+    with HttpTransport(transport=httpx.MockTransport(seam), chunk_size=CHUNK, **gates) as t:  # type: ignore[arg-type]
+        threads, _ = _two_puts([t], src, go)
+        go.set()
+        for th in threads:
+            th.join(20)
+    assert seam.most == 2
+    assert dav.files["/data/lake1/night1/two0.fits"] == DATA and dav.files["/data/lake1/night1/two1.fits"] == DATA
+
+
+@pytest.mark.parametrize("transports", [1, 2])
+def test_two_puts_to_one_server_never_overlap_with_isolate_requests(dav: FakeDav, src: Path, transports: int) -> None:
+    """The default (XRootD 5.5.3): the second PUT waits at the gate until the first has ended, also
+    when it comes through another transport on the same board (another destination on that server)."""
+    seam, go, board = PutsMeet(dav), threading.Event(), WatchedBoard()
+    made = [HttpTransport(transport=httpx.MockTransport(seam), chunk_size=CHUNK, gate_board=board)
+            for _ in range(transports)]
+    threads, _ = _two_puts(made, src, go)
+    go.set()
+    assert seam.arrived.wait(10)      # one PUT is in flight ...
+    assert board.blocked.wait(10)     # ... and the other waits at the gate (it holds the lock until it waits)
+    seam.release.set()
+    for th in threads:
+        th.join(20)
+    for t in made:
+        t.close()
+    assert seam.most == 1
+    assert dav.files["/data/lake1/night1/two0.fits"] == DATA and dav.files["/data/lake1/night1/two1.fits"] == DATA
+
+
+def test_verification_reuses_kept_alive_connections_only_without_isolation(dav: FakeDav, src: Path, make) -> None:
+    make().put(str(src), URL, expected_for(DATA), Pace())
+    assert dav.requests[-1].headers["Connection"] == "close"       # XRootD defect 4: a fresh connection
+    make(isolate_requests=False).put(str(src), URL.replace("f1", "f2"), expected_for(DATA), Pace())
+    assert dav.requests[-1].headers["Want-Digest"] == "adler32"
+    assert "close" not in dav.requests[-1].headers.get("Connection", "")

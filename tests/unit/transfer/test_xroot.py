@@ -10,6 +10,7 @@ import os
 import stat
 import sys
 import textwrap
+import threading
 import types
 import zlib
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ import pytest
 
 from edge_agent.errors import ChecksumMismatch, DestinationOccupied, FileChanged, FileVanished, PermanentError, RetryableError, ShuttingDown
 from edge_agent.transfer.base import Expected, RemoteStat
+from edge_agent.transfer.http import GateBoard
 from edge_agent.transfer.xroot import (
     XRootTransport,
     error_for,
@@ -483,3 +485,69 @@ def test_open_through_the_python_bindings(bindings: type[_FakeStorage]) -> None:
         assert fh.read() == DATA * 5
     with pytest.raises(ObjectMissing):
         t.open(URL.replace("f1", "none")).__enter__()
+
+
+# ------------------------------------------------------------------ two uploads to one server (issue 14, item 4)
+class _HoldInUpload:
+    """Fed the upload's read: over root:// its reset comes inside the upload's gate. It says so and
+    waits to be let go."""
+
+    def __init__(self, go: threading.Event, anyone: threading.Event) -> None:
+        self.ready, self.go, self.anyone = threading.Event(), go, anyone
+
+    def reset(self) -> None:
+        self.ready.set()
+        self.anyone.set()
+        assert self.go.wait(10)
+
+    def update(self, chunk: bytes | memoryview) -> None:
+        pass
+
+
+class _WatchedBoard(GateBoard):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocked = threading.Event()
+
+    def wait(self, gate: Any) -> None:
+        self.blocked.set()
+        super().wait(gate)
+
+
+def _start_two(t: XRootTransport, src: Path, go: threading.Event) -> tuple[list[threading.Thread], list[_HoldInUpload]]:
+    anyone = threading.Event()
+    holds = [_HoldInUpload(go, anyone), _HoldInUpload(go, anyone)]
+
+    def one(i: int) -> None:
+        t.put(str(src), URL.replace("f1.fits", f"two{i}.fits"), expected_for(DATA), Pace(), also=[holds[i]])
+    threads = [threading.Thread(target=one, args=(i,)) for i in (0, 1)]
+    for th in threads:
+        th.start()
+    return threads, holds
+
+
+def test_root_uploads_to_one_server_run_side_by_side_by_default(bindings: type[_FakeStorage], src: Path) -> None:
+    go = threading.Event()
+    threads, holds = _start_two(XRootTransport(backend="python", chunk_size=CHUNK), src, go)
+    assert all(h.ready.wait(10) for h in holds)      # both inside their uploads at once
+    go.set()
+    for th in threads:
+        th.join(20)
+    assert bindings.files[PATH.replace("f1.fits", "two0.fits")] == DATA
+    assert bindings.files[PATH.replace("f1.fits", "two1.fits")] == DATA
+
+
+def test_root_uploads_one_at_a_time_with_puts_per_server_1(bindings: type[_FakeStorage], src: Path) -> None:
+    go, board = threading.Event(), _WatchedBoard()
+    t = XRootTransport(backend="python", chunk_size=CHUNK, puts_per_server=1, gate_board=board)
+    threads, holds = _start_two(t, src, go)
+    assert holds[0].anyone.wait(10)
+    first = 0 if holds[0].ready.is_set() else 1
+    assert board.blocked.wait(10)                     # one uploads, the other waits at the gate ...
+    assert not holds[1 - first].ready.is_set()        # ... (it holds the gate's lock until it waits)
+    go.set()
+    for th in threads:
+        th.join(20)
+    assert holds[1 - first].ready.is_set()
+    assert bindings.files[PATH.replace("f1.fits", "two0.fits")] == DATA
+    assert bindings.files[PATH.replace("f1.fits", "two1.fits")] == DATA
