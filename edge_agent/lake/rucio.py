@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -43,6 +44,8 @@ WRITABLE_SCHEMES = ("http", "https", "davs", "root")
 # Rucio's rule states, as the generic pipeline sees them (a state not named here: not done yet)
 _RULE_STATES = {"OK": CopiesState.OK, "STUCK": CopiesState.STUCK, "SUSPENDED": CopiesState.SUSPENDED}
 
+# PFNs kept (lfns2pfns answers): a night's files between their first copy and their confirmation
+PFN_CACHE = 100_000
 # Metadata keys that are columns of Rucio's DID table with a meaning of their own: setting them
 # through /meta would rewrite the file's size or checksum, its lifetime or its visibility.
 PROTECTED_META_KEYS = frozenset({
@@ -155,6 +158,7 @@ class RucioCatalogue(RucioRecords, Catalogue):
         self._max_bytes = dict(max_bytes or {})
         self._lock = threading.Lock()
         self._known: set[tuple[str, str]] = set()        # datasets/containers seen to exist
+        self._pfns: OrderedDict[tuple[str, str, str], str] = OrderedDict()   # (rse, did, scheme) -> PFN
         self._unmanaged_keys: set[str] = set()           # metadata keys this server refused
         if self.rucio.verify_upload == "size":
             # said once at start, since the evidence for deleting a file is weaker there
@@ -455,11 +459,29 @@ class RucioCatalogue(RucioRecords, Catalogue):
                 raise PermanentError(
                     f"RSE {rse} is S3 storage (Rucio attribute sign_url=s3): unsigned uploads are refused there. "
                     f"Set sign_url = \"s3\" on its destination (and md5 = true on rule {f.rule})")
-            url = self.client.lfns2pfns(rse, [f.did], scheme, "write").get(f.did)
+            url = self._pfn(rse, f.did, scheme)
             if not url:
                 raise RetryableError(f"Rucio gave no {scheme} URL for {f.did} on {rse}")
             out.append(Target(rse, url))
         return out
+
+    def _pfn(self, rse: str, did: str, scheme: str) -> str | None:
+        """Where `rse` keeps `did` in `scheme` (lfns2pfns), asked once: a file's targets are asked when
+        its first copy is written, again for the others, and by the naming checks; the answer of a
+        deterministic RSE does not change."""
+        key = (rse, did, scheme)
+        with self._lock:
+            url = self._pfns.get(key)
+            if url is not None:
+                self._pfns.move_to_end(key)
+                return url
+        url = self.client.lfns2pfns(rse, [did], scheme, "write").get(did)
+        if url:
+            with self._lock:
+                self._pfns[key] = url
+                while len(self._pfns) > PFN_CACHE:
+                    self._pfns.popitem(last=False)
+        return url
 
     def _signs_s3(self, rse: str) -> bool:
         try:

@@ -931,3 +931,11 @@ def test_a_batch_s_replicas_and_rules_are_asked_once(lake: CheckedCatalogue, ruc
     states = lake.copies_states([(f, ref) for f in files] + [(files[0], None)])
     assert states[:4] == [states[0]] * 4 and states[4] is None
     assert [p for _, p, _ in rucio.calls[before:]] == [f"/rules/{ref}"]
+
+
+def test_a_files_urls_are_asked_of_rucio_once(lake: CheckedCatalogue, rucio: FakeRucio, tmp_path: Path) -> None:
+    f = lake_file(tmp_path, rule="both")
+    first = lake.targets(f)
+    asked = rucio.count("GET", "/rses/LAKE1/lfns2pfns") + rucio.count("GET", "/rses/LAKE2/lfns2pfns")
+    assert lake.targets(f) == first                    # the other copies, the naming checks: no new question
+    assert rucio.count("GET", "/rses/LAKE1/lfns2pfns") + rucio.count("GET", "/rses/LAKE2/lfns2pfns") == asked == 2
