@@ -394,3 +394,26 @@ def test_agent_uploads_to_several_rses_itself_over_http_and_root(agent, lake) ->
     for n, data in names.items():           # the bytes on both storages are the originals
         for rse in lake.lake_rses:
             assert lake.local_path(lake.pfn(rse, lake.scope, n)).read_bytes() == data
+
+
+def test_a_batch_with_one_name_the_lake_holds_with_other_bytes_quarantines_that_file_alone(agent, lake) -> None:
+    """Registration goes in batches (bulk calls, one commit); Rucio's bulk writes fail whole, so the
+    one file whose name the lake already holds with other content is found and quarantined with its
+    reason, and the rest of its batch goes on to deletion."""
+    u = uid()
+    lake.call("POST", "/replicas", {"rse": lake.lake_rses[0], "files": [
+        {"scope": lake.scope, "name": f"{u}.f002.fits", "bytes": 7, "adler32": "0000abcd"}]})
+    d = rucio_agent(agent, lake, {"daq": {"copies": 1, "rse_expression": lake.lake_rses[0],
+                                          "name_template": f"{u}.{{filename}}", "dataset_template": f"{u}.night"}},
+                    hash_workers=2, lake_workers=1)
+    d.start()
+    files = write_files(d, 6, size=20_000)
+    d.wait_for(lambda: d.counts().get("deleted") == 5 and d.counts().get("quarantined") == 1, 90,
+               "five deleted, the one with a conflicting name quarantined")
+    quarantined = d.cli("files", "--state", "quarantined").stdout
+    assert "f002.fits" in quarantined and "other content" in quarantined
+    assert buffer_names(d.rule_dir()) == ["f002.fits"]                  # kept, never deleted
+    check_in_lake(lake, {f"{u}.{k}": v for k, v in files.items() if k != "f002.fits"}, [lake.lake_rses[0]])
+    held = lake.replicas(lake.scope, f"{u}.f002.fits")
+    assert held["bytes"] == 7 and held["adler32"] == "0000abcd"          # the lake's own entry untouched
+    assert d.stop() == 0
