@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 PARTS: dict[str, tuple[str, list[str], list[str], float]] = {
     "read_once": ("read_once.py", [], ["--files", "1", "--size-mib", "16", "--budget", "60"], 600),
     "large": ("large.py", [], ["--files", "1", "--size-mib", "16", "--budget", "60"], 1200),
-    "small": ("small.py", [], ["--files", "40", "--rucio-files", "3", "--budget", "60"], 1800),
+    "small": ("small.py", [], ["--files", "40", "--rucio-files", "3", "--ceiling-files", "40", "--budget", "60"], 1800),
     "latency": ("latency.py", [], ["--files", "10", "--rate", "20", "--size-kib", "4"], 600),
     "scale": ("scale.py", [], ["--files", "2000", "--dirs", "4", "--rescan-seconds", "1", "--budget", "60"], 1800),
     "s3": ("s3_upload.py", [], ["--files", "1", "--size-mb", "4"], 1200),
