@@ -43,13 +43,18 @@ set_state_dir() {
 # earlier start (so rucio-up.sh / stop.sh find a lake started with other ports),
 # else the defaults. Ports are all on 127.0.0.1.
 load_settings() {
-    local line key value
+    local line key value env_db="${EDGE_LAKE_RUCIO_DB-}" env_workers="${EDGE_LAKE_RUCIO_WORKERS+set}" old_db=""
     if [[ -f "$STATE_DIR/lake.env" ]]; then
         while IFS= read -r line; do
             [[ "$line" =~ ^(EDGE_LAKE_[A-Z0-9_]+)=\"([^\"]*)\"$ ]] || continue
             key="${BASH_REMATCH[1]}" value="${BASH_REMATCH[2]}"
+            [[ "$key" != EDGE_LAKE_RUCIO_DB ]] || old_db="$value"
             [[ -n "${!key+set}" ]] || export "$key=$value"
         done <"$STATE_DIR/lake.env"
+    fi
+    # Another database asked for: its default number of workers, not the remembered one.
+    if [[ -n "$env_db" && "$env_db" != "$old_db" && -z "$env_workers" ]]; then
+        unset EDGE_LAKE_RUCIO_WORKERS
     fi
     RUCIO_PORT="${EDGE_LAKE_RUCIO_PORT:-18000}"
     XROOTD_PORT="${EDGE_LAKE_XROOTD_PORT:-11094}"

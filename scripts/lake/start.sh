@@ -33,6 +33,9 @@ if ((ONLY_RUCIO)) && [[ ! -f "$MARKER" ]]; then
     die "no lake state in $STATE_DIR: run start.sh (without --only-rucio) first"
 fi
 lock_state
+if [[ "$RUCIO_DB" == sqlite ]] && ((RUCIO_WORKERS > 1)); then
+    log "warning: $RUCIO_WORKERS Rucio workers on SQLite: concurrent writes will fail ('database is locked')"
+fi
 elapsed() { awk -v a="$T0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }'; }
 PY="${EDGE_LAKE_PYTHON:-/usr/bin/python3}"
 AS_ROOT=0
@@ -40,6 +43,7 @@ AS_ROOT=0
 # PostgreSQL refuses to run as root: as root it runs as the Debian package's user.
 PG_USER=postgres
 PG_PASSWORD=rucio   # role and database 'rucio'; the server listens on 127.0.0.1 only
+PG_STARTED=0
 if [[ "$RUCIO_DB" == postgresql ]]; then
     DB_URL="postgresql+psycopg://rucio:$PG_PASSWORD@127.0.0.1:$POSTGRES_PORT/rucio"
     BULK_MAX=1000   # Rucio's request schema caps lists at 1,000 items
@@ -180,6 +184,20 @@ pg_bin() {
     dirname "$v"
 }
 
+# pid_gone PID: no process (not even a zombie) has this pid any more.
+pid_gone() { [[ ! -e "/proc/$1" ]]; }
+
+# postgres_children_gone: no backend of an earlier postmaster on this PGDATA is left (they
+# keep its shared memory; a new postmaster refuses to start next to them).
+postgres_children_gone() {
+    local d
+    for d in /proc/[0-9]*; do
+        [[ "$(cat "$d/comm" 2>/dev/null)" == postgres ]] || continue
+        [[ "$(readlink "$d/cwd" 2>/dev/null)" == "$PGDATA" ]] && return 1
+    done
+    return 0
+}
+
 pg_ready() { "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$POSTGRES_PORT" -d postgres -U rucio; }
 
 init_postgres() {
@@ -223,12 +241,18 @@ start_postgres() {
     if pid_alive "$pidfile" "$PGDATA"; then
         log "postgresql: already running (pid $(cat "$pidfile"))"
     else
+        # After a kill -9 the dead postmaster's pid (a zombie until reaped) and its
+        # children still count for PostgreSQL's own lock check: wait for them to go.
+        if [[ -s "$pidfile" ]]; then wait_for 15 pid_gone "$(cat "$pidfile")" || true; fi
+        wait_for 15 postgres_children_gone ||
+            die "processes of the killed PostgreSQL on $PGDATA are still there"
         port_taken "$POSTGRES_PORT" && die "port $POSTGRES_PORT is taken by another process (EDGE_LAKE_POSTGRES_PORT)"
         # pg_ctl -w returns once the server accepts connections (or has failed).
         as_pg "$PG_BIN/pg_ctl" -D "$PGDATA" -l "$logf" -w -t 60 start \
             </dev/null >>"$LOG_DIR/postgresql.stdout" 2>&1 9>&- ||
             { show_log "$logf"; show_log "$LOG_DIR/postgresql.stdout"; die "PostgreSQL did not start"; }
         remember_config "$PGDATA/edge-lake.conf"
+        PG_STARTED=1
         log "postgresql: started (pid $(cat "$(postgres_pidfile)" 2>/dev/null || echo ?))"
     fi
     wait_for 30 pg_ready ||
@@ -388,6 +412,22 @@ bootstrap_db() {
     tail -n 1 "$LOG_DIR/bootstrap.log" | sed 's/^/[lake] /'
 }
 
+# stop_orphan_workers PIDFILE: the workers of a gunicorn master that was killed (-9) keep
+# the port until their next check of the parent (--timeout / 2 = 150 s): end them.
+stop_orphan_workers() {
+    local d cmd found=()
+    for d in /proc/[0-9]*; do
+        cmd="$({ tr '\0' ' ' <"$d/cmdline"; } 2>/dev/null)" || continue   # gone meanwhile
+        [[ "$cmd" == *"gunicorn -D -b 127.0.0.1:"*" --pid $1 "* ]] && found+=("${d#/proc/}")
+    done
+    ((${#found[@]})) || return 0
+    log "rucio: ending ${#found[@]} worker(s) of a dead gunicorn master (pids ${found[*]})"
+    kill -TERM "${found[@]}" 2>/dev/null || true
+    wait_for 10 port_free "$RUCIO_PORT" || kill -KILL "${found[@]}" 2>/dev/null || true
+}
+
+port_free() { ! port_open "$1"; }
+
 rucio_ping() { curl -sf -m 5 -o /dev/null "http://127.0.0.1:$RUCIO_PORT/ping"; }
 
 start_rucio() {
@@ -398,9 +438,16 @@ start_rucio() {
         log "rucio: configuration, port or workers changed, restarting"
         stop_pid rucio "$pidfile" "$pidfile"
     fi
+    # Rucio does not ping pooled connections (it does for MySQL only): after PostgreSQL came
+    # back, each worker would answer 500 once per dead connection.
+    if ((PG_STARTED)) && pid_alive "$pidfile" "$pidfile"; then
+        log "rucio: restarting (PostgreSQL was restarted under it)"
+        stop_pid rucio "$pidfile" "$pidfile"
+    fi
     if pid_alive "$pidfile" "$pidfile"; then
         log "rucio: already running (pid $(cat "$pidfile"))"
     else
+        stop_orphan_workers "$pidfile"
         port_taken "$RUCIO_PORT" && die "port $RUCIO_PORT is taken by another process (EDGE_LAKE_RUCIO_PORT)"
         rm -f -- "$pidfile"
         # Sync workers: 2 by default on PostgreSQL; 1 on SQLite, which gives
