@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
         next(lakes, None)
     write_section("benchmarks/small.py", [
-        f"Load average at the start: {start_load}. Rucio {rucio_version(lake.url)} (SQLite, 1 worker), XRootD "
+        f"Load average at the start: {start_load}. Rucio {rucio_version(lake.url)} ({lake.server()}), XRootD "
         f"on loopback; {a.files} x {a.kib} KiB in page cache; agent, clients and servers share the cores."],
         ("what", "rate", "detail", "ratio", "target", ""), rows)
     return 0
