@@ -103,7 +103,8 @@ def main() -> int:
         except StopIteration:
             pass
     text = [f"\n## benchmarks/agent_lake.py, {dt.date.today()} ({machine()})", "",
-            "Agent, XRootD 5.5.3 (HTTP) and Rucio 41.5.1 (SQLite) on the same 2 cores; files in page cache.", "",
+            (f"Agent, XRootD 5.5.3 (HTTP) and Rucio 41.5.1 ({lake.server()}) on the same 2 cores; files in page "
+             "cache."), "",
             "| what | result |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
     print("\n".join(text))
     with open(HERE / "RESULTS.md", "a") as fh:

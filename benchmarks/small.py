@@ -190,11 +190,9 @@ def main(argv: list[str] | None = None) -> int:
                 p.unlink(missing_ok=True)
         shutil.rmtree(work, ignore_errors=True)
         next(lakes, None)
-    # the lakes of scripts/lake that do not name their database run SQLite with one worker
-    db = f"{lake.env.get('EDGE_LAKE_RUCIO_DB', 'sqlite')}, {lake.env.get('EDGE_LAKE_RUCIO_WORKERS', '1')} worker(s)"
     what = f"{a.ceiling_files} files, the ceiling only" if a.only_ceiling else f"{a.files} x {a.kib} KiB in page cache"
     write_section("benchmarks/small.py" + (" --only-ceiling" if a.only_ceiling else ""), [
-        f"Load average at the start: {start_load}. Rucio {version} ({db}), XRootD "
+        f"Load average at the start: {start_load}. Rucio {version} ({lake.server()}), XRootD "
         f"on loopback; {what}; agent, clients and servers share the cores."],
         ("what", "rate", "detail", "ratio", "target", ""), rows)
     return 0

@@ -48,6 +48,13 @@ class Lake:
         self.state_dir = Path(env["EDGE_LAKE_STATE_DIR"])
         self._token: str | None = None
 
+    def server(self) -> str:
+        """Rucio's database and API workers, as lake.env says ('PostgreSQL, 2 workers'); a lake.env
+        of an older start.sh names neither: that lake ran SQLite with one worker."""
+        db = {"postgresql": "PostgreSQL", "sqlite": "SQLite"}[self.env.get("EDGE_LAKE_RUCIO_DB", "sqlite")]
+        workers = int(self.env.get("EDGE_LAKE_RUCIO_WORKERS", "1"))
+        return f"{db}, {workers} worker{'s' if workers > 1 else ''}"
+
     # ------------------------------------------------------------ Rucio REST
     def token(self) -> str:
         if self._token is None:

@@ -31,6 +31,8 @@ set_state_dir() {
     XROOTD_ADMIN="$STATE_DIR/xrootd-admin"
     RUCIO_DIR="$STATE_DIR/rucio"
     RUCIO_CFG="$RUCIO_DIR/rucio.cfg"
+    PG_DIR="$STATE_DIR/postgres"    # owned by the user PostgreSQL runs as
+    PGDATA="$PG_DIR/data"
     MARKER="$STATE_DIR/.edge-lake"  # proves to stop.sh --purge that this is ours
     LAKE_ENV="$STATE_DIR/lake.env"
     load_settings
@@ -41,13 +43,18 @@ set_state_dir() {
 # earlier start (so rucio-up.sh / stop.sh find a lake started with other ports),
 # else the defaults. Ports are all on 127.0.0.1.
 load_settings() {
-    local line key value
+    local line key value env_db="${EDGE_LAKE_RUCIO_DB-}" env_workers="${EDGE_LAKE_RUCIO_WORKERS+set}" old_db=""
     if [[ -f "$STATE_DIR/lake.env" ]]; then
         while IFS= read -r line; do
             [[ "$line" =~ ^(EDGE_LAKE_[A-Z0-9_]+)=\"([^\"]*)\"$ ]] || continue
             key="${BASH_REMATCH[1]}" value="${BASH_REMATCH[2]}"
+            [[ "$key" != EDGE_LAKE_RUCIO_DB ]] || old_db="$value"
             [[ -n "${!key+set}" ]] || export "$key=$value"
         done <"$STATE_DIR/lake.env"
+    fi
+    # Another database asked for: its default number of workers, not the remembered one.
+    if [[ -n "$env_db" && "$env_db" != "$old_db" && -z "$env_workers" ]]; then
+        unset EDGE_LAKE_RUCIO_WORKERS
     fi
     RUCIO_PORT="${EDGE_LAKE_RUCIO_PORT:-18000}"
     XROOTD_PORT="${EDGE_LAKE_XROOTD_PORT:-11094}"
@@ -55,6 +62,17 @@ load_settings() {
     # Not 11211: a system-wide memcached may sit there, and Rucio servers must never
     # share one (cache keys are not namespaced per database).
     MEMCACHED_PORT="${EDGE_LAKE_MEMCACHED_PORT:-21211}"
+    # Not 5432: a system cluster (Debian's postgresql package makes one) may sit there.
+    POSTGRES_PORT="${EDGE_LAKE_POSTGRES_PORT:-15432}"
+    # Rucio's database: postgresql (as in production: several API workers write at once) or
+    # sqlite (one file, no server; 'database is locked' 500s with more than one worker).
+    RUCIO_DB="${EDGE_LAKE_RUCIO_DB:-postgresql}"
+    case "$RUCIO_DB" in
+        postgresql) RUCIO_WORKERS="${EDGE_LAKE_RUCIO_WORKERS:-2}" ;;
+        sqlite) RUCIO_WORKERS="${EDGE_LAKE_RUCIO_WORKERS:-1}" ;;
+        *) die "EDGE_LAKE_RUCIO_DB must be postgresql or sqlite, not '$RUCIO_DB'" ;;
+    esac
+    [[ "$RUCIO_WORKERS" =~ ^[1-9][0-9]?$ ]] || die "EDGE_LAKE_RUCIO_WORKERS must be a number from 1 to 99"
     RUCIO_ACCOUNT=root
     RUCIO_USERNAME="${EDGE_LAKE_RUCIO_USERNAME:-ddmlab}"
     RUCIO_PASSWORD="${EDGE_LAKE_RUCIO_PASSWORD:-secret}"
@@ -99,16 +117,16 @@ port_taken() {
     return 0
 }
 
-# stop_pid NAME PIDFILE WORD: SIGTERM, wait up to 15 s, then SIGKILL.
+# stop_pid NAME PIDFILE WORD [SIGNAL]: SIGNAL (default TERM), wait up to 15 s, then SIGKILL.
 stop_pid() {
-    local name="$1" pidfile="$2" word="$3" pid i
+    local name="$1" pidfile="$2" word="$3" sig="${4:-TERM}" pid i
     if ! pid_alive "$pidfile" "$word"; then
         log "$name: not running"
         rm -f -- "$pidfile"
         return 0
     fi
     pid="$(tr -dc 0-9 <"$pidfile")"
-    kill -TERM "$pid" 2>/dev/null || true
+    kill -"$sig" "$pid" 2>/dev/null || true
     for ((i = 0; i < 150; i++)); do
         pid_alive "$pidfile" "$word" || break
         sleep 0.1
@@ -120,6 +138,26 @@ stop_pid() {
     fi
     rm -f -- "$pidfile"
     log "$name: stopped (pid $pid)"
+}
+
+# postgres_pidfile: RUN_DIR/postgres.pid from the postmaster's own lock file (its first
+# line is the pid; the other lines hold more digits, which pid_alive would glue on).
+postgres_pidfile() {
+    local pid=""
+    [[ -r "$PGDATA/postmaster.pid" ]] && pid="$(head -n 1 "$PGDATA/postmaster.pid" 2>/dev/null)"
+    if [[ "$pid" =~ ^[0-9]+$ ]]; then
+        echo "$pid" >"$RUN_DIR/postgres.pid"
+    else
+        rm -f -- "$RUN_DIR/postgres.pid"
+    fi
+    echo "$RUN_DIR/postgres.pid"
+}
+
+# stop_postgres: a fast shutdown (SIGINT: open sessions, e.g. a Rucio daemon's, are ended;
+# SIGTERM would wait for them to leave).
+stop_postgres() {
+    [[ -d "$PGDATA" && -d "$RUN_DIR" ]] || return 0
+    stop_pid postgres "$(postgres_pidfile)" "$PGDATA" INT
 }
 
 # load_s3_settings: where s3-start.sh keeps its one-node Ceph, and its ports (127.0.0.1).

@@ -1,7 +1,8 @@
 """Bootstrap helpers for scripts/lake/start.sh (run with the lake venv's python).
 
-  lake_bootstrap.py db DB_FILE   create the Rucio schema and the root account
-                                 (needs RUCIO_CONFIG); no-op if already done
+  lake_bootstrap.py db DB_URL    create the Rucio schema and the root account
+                                 (needs RUCIO_CONFIG naming the same database);
+                                 no-op if already done
   lake_bootstrap.py catalogue    create scope, RSEs, protocols, attributes and
                                  limits through the REST API; settings come
                                  from the EDGE_LAKE_* environment variables
@@ -14,35 +15,48 @@ Both are idempotent: running them on an existing lake changes nothing.
 
 import json
 import os
-import sqlite3
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
 
 
-def bootstrap_db(db_file):
+def bootstrap_db(url):
     """Build the schema unless the database already holds the root account.
 
     A database without it is a half-finished earlier attempt: start again.
     """
-    if os.path.exists(db_file):
-        try:
-            with sqlite3.connect(db_file) as con:
-                if con.execute("SELECT 1 FROM accounts WHERE account = 'root'").fetchone():
-                    print("database: already bootstrapped")
-                    return
-        except sqlite3.DatabaseError:
-            pass
+    from sqlalchemy import create_engine, exc, inspect, text
+
+    engine = create_engine(url)
+    try:
+        with engine.connect() as con:
+            tables = inspect(con).get_table_names()
+            if "accounts" in tables and con.execute(
+                    text("SELECT 1 FROM accounts WHERE account = 'root'")).first():
+                print("database: already bootstrapped")
+                return
+    except exc.DatabaseError:
+        if engine.dialect.name != "sqlite":
+            raise
+        tables = ["?"]   # not an SQLite file (a torn write): make it again
+    if tables:
         print("database: incomplete, rebuilding")
-        os.remove(db_file)
+        if engine.dialect.name == "sqlite":
+            engine.dispose()
+            os.remove(engine.url.database)
+        else:
+            with engine.begin() as con:
+                con.execute(text("DROP SCHEMA public CASCADE"))
+                con.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
 
     from rucio.db.sqla.util import build_database, create_base_vo, create_root_account
 
     build_database()
     create_base_vo()
     create_root_account()
-    print("database: schema and root account created")
+    print(f"database: schema and root account created ({engine.dialect.name})")
 
 
 class Api:

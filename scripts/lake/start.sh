@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Start a real data lake on 127.0.0.1: XRootD storage (root:// + HTTP), a
-# memcached and a Rucio server (SQLite, gunicorn), then bootstrap the catalogue.
+# PostgreSQL (or SQLite: EDGE_LAKE_RUCIO_DB=sqlite), a memcached and a Rucio
+# server (gunicorn), then bootstrap the catalogue.
 #
 # Usage: start.sh [--only-rucio] [STATE_DIR]      (STATE_DIR defaults to $PWD/.lake)
-#   --only-rucio   (re)start only memcached + the Rucio server on an existing
-#                  state (the "lake outage" test's way back; see rucio-up.sh)
+#   --only-rucio   (re)start only PostgreSQL, memcached and the Rucio server on an
+#                  existing state (the "lake outage" test's way back; see rucio-up.sh)
 #
 # Idempotent: what already runs is left alone, what is already installed or
 # registered is kept. Settings: see README.md (EDGE_LAKE_* variables).
@@ -19,7 +20,7 @@ POSITIONAL=()
 for arg in "$@"; do
     case "$arg" in
         --only-rucio) ONLY_RUCIO=1 ;;
-        -h | --help) sed -n '2,10p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,11p' "$0"; exit 0 ;;
         -*) die "unknown option $arg (see --help)" ;;
         *) POSITIONAL+=("$arg") ;;
     esac
@@ -32,10 +33,24 @@ if ((ONLY_RUCIO)) && [[ ! -f "$MARKER" ]]; then
     die "no lake state in $STATE_DIR: run start.sh (without --only-rucio) first"
 fi
 lock_state
+if [[ "$RUCIO_DB" == sqlite ]] && ((RUCIO_WORKERS > 1)); then
+    log "warning: $RUCIO_WORKERS Rucio workers on SQLite: concurrent writes will fail ('database is locked')"
+fi
 elapsed() { awk -v a="$T0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }'; }
 PY="${EDGE_LAKE_PYTHON:-/usr/bin/python3}"
 AS_ROOT=0
 [[ $EUID -eq 0 ]] && AS_ROOT=1
+# PostgreSQL refuses to run as root: as root it runs as the Debian package's user.
+PG_USER=postgres
+PG_PASSWORD=rucio   # role and database 'rucio'; the server listens on 127.0.0.1 only
+PG_STARTED=0
+if [[ "$RUCIO_DB" == postgresql ]]; then
+    DB_URL="postgresql+psycopg://rucio:$PG_PASSWORD@127.0.0.1:$POSTGRES_PORT/rucio"
+    BULK_MAX=1000   # Rucio's request schema caps lists at 1,000 items
+else
+    DB_URL="sqlite:///$RUCIO_DIR/rucio.db"
+    BULK_MAX=480    # SQLite's expression-depth limit (add_replicas >= 997, rules >= ~1000 locks)
+fi
 
 # wait_for SECONDS CMD...: poll CMD every 0.2 s until it succeeds.
 wait_for() {
@@ -59,6 +74,11 @@ install_packages() {
     for p in xrootd-server xrootd-client xrootd-server-plugins xrootd-plugins memcached curl; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || need+=("$p")
     done
+    # Debian's server (its postinst makes a 'main' cluster on 5432; policy-rc.d below
+    # keeps it from starting; this lake initdb's its own).
+    if [[ "$RUCIO_DB" == postgresql ]] && ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
+        need+=(postgresql)
+    fi
     # Python with venv support is needed only to create the venv.
     if [[ ! -x "$VENV/bin/python" ]] && ! "$PY" -c 'import ensurepip, venv' 2>/dev/null; then
         [[ "$PY" == /usr/bin/python3 ]] || die "$PY cannot create a venv (EDGE_LAKE_PYTHON)"
@@ -69,7 +89,7 @@ install_packages() {
     ((AS_ROOT)) || die "missing Debian packages: ${need[*]} (run as root, or install them)"
     log "apt: installing ${need[*]}"
     # Keep the packages' postinst from starting a system-wide memcached on
-    # 11211: this lake runs its own, on its own port.
+    # 11211 (or PostgreSQL on 5432): this lake runs its own, on its own port.
     local made_policy=0 rc=0
     if [[ ! -e /usr/sbin/policy-rc.d ]]; then
         printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
@@ -92,6 +112,7 @@ venv_ready() {
     [[ -x "$VENV/bin/python" ]] && "$VENV/bin/python" - <<EOF 2>/dev/null
 from importlib.metadata import version
 assert version("rucio") == "$RUCIO_VERSION" and version("gunicorn") == "$GUNICORN_VERSION"
+import psycopg, psycopg_pool  # the postgresql extra
 EOF
 }
 
@@ -104,12 +125,13 @@ install_venv() {
         "$PY" -m venv "$VENV" </dev/null >"$LOG_DIR/pip.log" 2>&1 ||
             { show_log "$LOG_DIR/pip.log"; die "could not create the venv $VENV"; }
     fi
-    # Rucio (server) does not pull gunicorn in.
-    log "venv: pip install rucio==$RUCIO_VERSION gunicorn==$GUNICORN_VERSION (30-45 s the first time)"
+    # Rucio (server) does not pull gunicorn in; the postgresql extra is psycopg 3 (binary) +
+    # psycopg-pool, installed whatever EDGE_LAKE_RUCIO_DB says so that a venv serves both.
+    log "venv: pip install rucio[postgresql]==$RUCIO_VERSION gunicorn==$GUNICORN_VERSION (30-45 s the first time)"
     "$VENV/bin/python" -m pip install --disable-pip-version-check \
-        "rucio==$RUCIO_VERSION" "gunicorn==$GUNICORN_VERSION" </dev/null >>"$LOG_DIR/pip.log" 2>&1 ||
+        "rucio[postgresql]==$RUCIO_VERSION" "gunicorn==$GUNICORN_VERSION" </dev/null >>"$LOG_DIR/pip.log" 2>&1 ||
         { show_log "$LOG_DIR/pip.log"; die "pip install into $VENV failed"; }
-    venv_ready || die "rucio/gunicorn still missing from $VENV after pip (see $LOG_DIR/pip.log)"
+    venv_ready || die "rucio/gunicorn/psycopg still missing from $VENV after pip (see $LOG_DIR/pip.log)"
 }
 
 # -------------------------------------------------------------- directories ---
@@ -125,6 +147,123 @@ prepare_dirs() {
         runuser -u xrootd -- test -w "$DATA_DIR/data/lake1" -a -w "$XROOTD_ADMIN" ||
             die "user xrootd cannot reach $STATE_DIR (a parent directory such as /root is not
        world-searchable). Use a state directory elsewhere, e.g. start.sh /var/tmp/edge-lake"
+    fi
+    if [[ "$RUCIO_DB" == postgresql ]]; then
+        mkdir -p "$PG_DIR"
+        chmod 700 "$PG_DIR"
+        touch "$LOG_DIR/postgresql.log"   # pg_ctl opens it as the server's user
+        if ((AS_ROOT)); then
+            id -u "$PG_USER" >/dev/null 2>&1 ||
+                die "user $PG_USER is missing (it comes with Debian's postgresql package)"
+            chown "$PG_USER:" "$PG_DIR" "$LOG_DIR/postgresql.log"
+            runuser -u "$PG_USER" -- test -w "$PG_DIR" -a -w "$LOG_DIR/postgresql.log" ||
+                die "user $PG_USER cannot reach $PG_DIR: use a state directory elsewhere, e.g. /var/tmp/edge-lake"
+        fi
+    fi
+}
+
+# -------------------------------------------------------------- postgresql ---
+# as_pg CMD...: run CMD as the user PostgreSQL runs as.
+as_pg() {
+    if ((AS_ROOT)); then runuser -u "$PG_USER" -- "$@"; else "$@"; fi
+}
+
+# The binaries of the cluster's major version (after a Debian upgrade the newest
+# server could not open it), else of the newest installed server.
+pg_bin() {
+    local v
+    if [[ -f "$PGDATA/PG_VERSION" ]]; then
+        v="$(cat "$PGDATA/PG_VERSION")"
+        [[ -x "/usr/lib/postgresql/$v/bin/postgres" ]] ||
+            die "$PGDATA is a PostgreSQL $v cluster but /usr/lib/postgresql/$v/bin is missing"
+        echo "/usr/lib/postgresql/$v/bin"
+        return
+    fi
+    v="$(compgen -G '/usr/lib/postgresql/*/bin/initdb' | sort -V | tail -n 1)"
+    [[ -n "$v" ]] || die "no PostgreSQL server in /usr/lib/postgresql (apt-get install postgresql)"
+    dirname "$v"
+}
+
+# pid_gone PID: no process (not even a zombie) has this pid any more.
+pid_gone() { [[ ! -e "/proc/$1" ]]; }
+
+# postgres_children_gone: no backend of an earlier postmaster on this PGDATA is left (they
+# keep its shared memory; a new postmaster refuses to start next to them).
+postgres_children_gone() {
+    local d
+    for d in /proc/[0-9]*; do
+        [[ "$(cat "$d/comm" 2>/dev/null)" == postgres ]] || continue
+        [[ "$(readlink "$d/cwd" 2>/dev/null)" == "$PGDATA" ]] && return 1
+    done
+    return 0
+}
+
+pg_ready() { "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$POSTGRES_PORT" -d postgres -U rucio; }
+
+init_postgres() {
+    PG_BIN="$(pg_bin)"
+    if [[ ! -f "$PGDATA/PG_VERSION" ]]; then
+        # initdb into a new directory and rename it: an interrupted run leaves no half cluster.
+        local new="$PG_DIR/data.new" pw="$PG_DIR/pwfile"
+        rm -rf -- "$new"
+        ( umask 077; printf '%s\n' "$PG_PASSWORD" >"$pw" )
+        if ((AS_ROOT)); then chown "$PG_USER:" "$pw"; fi
+        log "postgresql: initdb $PGDATA ($("$PG_BIN/postgres" --version))"
+        # Superuser 'rucio' with a password; no unix sockets (paths under STATE_DIR can be
+        # too long for one, and /var/run/postgresql belongs to the system cluster).
+        as_pg "$PG_BIN/initdb" -D "$new" -U rucio --pwfile="$pw" --auth=scram-sha-256 -E UTF8 --no-locale \
+            </dev/null >"$LOG_DIR/postgresql-initdb.log" 2>&1 ||
+            { rm -f -- "$pw"; show_log "$LOG_DIR/postgresql-initdb.log"; die "initdb failed"; }
+        rm -f -- "$pw"
+        echo "include_if_exists = 'edge-lake.conf'" >>"$new/postgresql.conf"
+        mv -- "$new" "$PGDATA"
+    fi
+    local tmp="$PGDATA/edge-lake.conf.tmp"
+    cat >"$tmp" <<EOF
+# Written by scripts/lake/start.sh (included by postgresql.conf): loopback only.
+listen_addresses = '127.0.0.1'
+port = $POSTGRES_PORT
+unix_socket_directories = ''
+EOF
+    if ((AS_ROOT)); then chown "$PG_USER:" "$tmp"; fi
+    mv -f -- "$tmp" "$PGDATA/edge-lake.conf"
+}
+
+start_postgres() {
+    local pidfile logf="$LOG_DIR/postgresql.log" have
+    init_postgres
+    pidfile="$(postgres_pidfile)"
+    if pid_alive "$pidfile" "$PGDATA" && config_differs "$PGDATA/edge-lake.conf"; then
+        log "postgresql: configuration changed, restarting"
+        stop_postgres
+    fi
+    pidfile="$(postgres_pidfile)"
+    if pid_alive "$pidfile" "$PGDATA"; then
+        log "postgresql: already running (pid $(cat "$pidfile"))"
+    else
+        # After a kill -9 the dead postmaster's pid (a zombie until reaped) and its
+        # children still count for PostgreSQL's own lock check: wait for them to go.
+        if [[ -s "$pidfile" ]]; then wait_for 15 pid_gone "$(cat "$pidfile")" || true; fi
+        wait_for 15 postgres_children_gone ||
+            die "processes of the killed PostgreSQL on $PGDATA are still there"
+        port_taken "$POSTGRES_PORT" && die "port $POSTGRES_PORT is taken by another process (EDGE_LAKE_POSTGRES_PORT)"
+        # pg_ctl -w returns once the server accepts connections (or has failed).
+        as_pg "$PG_BIN/pg_ctl" -D "$PGDATA" -l "$logf" -w -t 60 start \
+            </dev/null >>"$LOG_DIR/postgresql.stdout" 2>&1 9>&- ||
+            { show_log "$logf"; show_log "$LOG_DIR/postgresql.stdout"; die "PostgreSQL did not start"; }
+        remember_config "$PGDATA/edge-lake.conf"
+        PG_STARTED=1
+        log "postgresql: started (pid $(cat "$(postgres_pidfile)" 2>/dev/null || echo ?))"
+    fi
+    wait_for 30 pg_ready ||
+        { show_log "$logf"; die "PostgreSQL does not answer on 127.0.0.1:$POSTGRES_PORT"; }
+    have="$(PGPASSWORD="$PG_PASSWORD" "$PG_BIN/psql" -h 127.0.0.1 -p "$POSTGRES_PORT" -U rucio -d postgres \
+        -tAc "SELECT 1 FROM pg_database WHERE datname = 'rucio'" </dev/null)" ||
+        die "cannot query PostgreSQL on 127.0.0.1:$POSTGRES_PORT"
+    if [[ "$have" != 1 ]]; then
+        PGPASSWORD="$PG_PASSWORD" "$PG_BIN/createdb" -h 127.0.0.1 -p "$POSTGRES_PORT" -U rucio rucio </dev/null ||
+            die "createdb rucio failed"
+        log "postgresql: database rucio created"
     fi
 }
 
@@ -184,6 +323,12 @@ start_memcached() {
         log "memcached: port changed, restarting"
         stop_pid memcached "$pidfile" memcached
     fi
+    # Rucio's cache keys are not namespaced per database: entries of another database
+    # (RSE ids) would break this one. Another database, an empty cache.
+    if pid_alive "$pidfile" memcached && [[ "$(cat "$RUN_DIR/memcached.db" 2>/dev/null)" != "$DB_URL" ]]; then
+        log "memcached: Rucio's database changed, restarting (empty cache)"
+        stop_pid memcached "$pidfile" memcached
+    fi
     if pid_alive "$pidfile" memcached; then
         log "memcached: already running (pid $(cat "$pidfile"))"
     else
@@ -195,6 +340,7 @@ start_memcached() {
         setsid memcached "${as[@]}" -l 127.0.0.1 -p "$MEMCACHED_PORT" -U 0 -m 256 \
             </dev/null >>"$LOG_DIR/memcached.log" 2>&1 9>&- &
         echo $! >"$pidfile"
+        echo "$DB_URL" >"$RUN_DIR/memcached.db"
         log "memcached: started (pid $!)"
     fi
     wait_for 10 port_open "$MEMCACHED_PORT" ||
@@ -209,7 +355,7 @@ write_rucio_config() {
     cat >"$RUCIO_DIR/alembic.ini" <<EOF
 [alembic]
 script_location = $site/db/sqla/migrate_repo
-sqlalchemy.url = sqlite:///$RUCIO_DIR/rucio.db
+sqlalchemy.url = $DB_URL
 
 # Rucio's migrate_repo/env.py loads logging from this file: the sections must exist.
 [loggers]
@@ -241,7 +387,7 @@ logdir = $LOG_DIR
 loglevel = INFO
 
 [database]
-default = sqlite:///$RUCIO_DIR/rucio.db
+default = $DB_URL
 
 [alembic]
 cfg = $RUCIO_DIR/alembic.ini
@@ -260,33 +406,58 @@ EOF
 
 bootstrap_db() {
     : >"$LOG_DIR/bootstrap.log"  # this run's messages only
-    RUCIO_CONFIG="$RUCIO_CFG" "$VENV/bin/python" "$HERE/lake_bootstrap.py" db "$RUCIO_DIR/rucio.db" \
+    RUCIO_CONFIG="$RUCIO_CFG" "$VENV/bin/python" "$HERE/lake_bootstrap.py" db "$DB_URL" \
         </dev/null >>"$LOG_DIR/bootstrap.log" 2>&1 ||
         { show_log "$LOG_DIR/bootstrap.log"; die "Rucio database bootstrap failed"; }
     tail -n 1 "$LOG_DIR/bootstrap.log" | sed 's/^/[lake] /'
 }
+
+# stop_orphan_workers PIDFILE: the workers of a gunicorn master that was killed (-9) keep
+# the port until their next check of the parent (--timeout / 2 = 150 s): end them.
+stop_orphan_workers() {
+    local d cmd found=()
+    for d in /proc/[0-9]*; do
+        cmd="$({ tr '\0' ' ' <"$d/cmdline"; } 2>/dev/null)" || continue   # gone meanwhile
+        [[ "$cmd" == *"gunicorn -D -b 127.0.0.1:"*" --pid $1 "* ]] && found+=("${d#/proc/}")
+    done
+    ((${#found[@]})) || return 0
+    log "rucio: ending ${#found[@]} worker(s) of a dead gunicorn master (pids ${found[*]})"
+    kill -TERM "${found[@]}" 2>/dev/null || true
+    wait_for 10 port_free "$RUCIO_PORT" || kill -KILL "${found[@]}" 2>/dev/null || true
+}
+
+port_free() { ! port_open "$1"; }
 
 rucio_ping() { curl -sf -m 5 -o /dev/null "http://127.0.0.1:$RUCIO_PORT/ping"; }
 
 start_rucio() {
     local pidfile="$RUN_DIR/rucio.pid" logf="$LOG_DIR/rucio.log" i
     if pid_alive "$pidfile" "$pidfile" &&
-        { config_differs "$RUCIO_CFG" || ! pid_alive "$pidfile" "127.0.0.1:$RUCIO_PORT "; }; then
-        log "rucio: configuration or port changed, restarting"
+        { config_differs "$RUCIO_CFG" || ! pid_alive "$pidfile" "127.0.0.1:$RUCIO_PORT " ||
+            ! pid_alive "$pidfile" " -w $RUCIO_WORKERS "; }; then
+        log "rucio: configuration, port or workers changed, restarting"
+        stop_pid rucio "$pidfile" "$pidfile"
+    fi
+    # Rucio does not ping pooled connections (it does for MySQL only): after PostgreSQL came
+    # back, each worker would answer 500 once per dead connection.
+    if ((PG_STARTED)) && pid_alive "$pidfile" "$pidfile"; then
+        log "rucio: restarting (PostgreSQL was restarted under it)"
         stop_pid rucio "$pidfile" "$pidfile"
     fi
     if pid_alive "$pidfile" "$pidfile"; then
         log "rucio: already running (pid $(cat "$pidfile"))"
     else
+        stop_orphan_workers "$pidfile"
         port_taken "$RUCIO_PORT" && die "port $RUCIO_PORT is taken by another process (EDGE_LAKE_RUCIO_PORT)"
         rm -f -- "$pidfile"
-        # One sync worker: SQLite gives 'database is locked' 500s with more.
+        # Sync workers: 2 by default on PostgreSQL; 1 on SQLite, which gives
+        # 'database is locked' 500s with more.
         # --timeout 300: uncached list_replicas can exceed the default 30 s.
         # --no-control-socket: gunicorn 27 would share ~/.gunicorn/gunicorn.ctl.
         # RUCIO_HOME: Rucio looks for rse-accounts.cfg (S3 keys, see s3-start.sh) in
         # $RUCIO_HOME/etc, $VIRTUAL_ENV/etc, $CONDA_PREFIX/etc: only ours must be there.
         env -u VIRTUAL_ENV -u CONDA_PREFIX RUCIO_HOME="$RUCIO_DIR" \
-            RUCIO_CONFIG="$RUCIO_CFG" "$VENV/bin/gunicorn" -D -b "127.0.0.1:$RUCIO_PORT" -w 1 \
+            RUCIO_CONFIG="$RUCIO_CFG" "$VENV/bin/gunicorn" -D -b "127.0.0.1:$RUCIO_PORT" -w "$RUCIO_WORKERS" \
             --timeout 300 --no-control-socket --pid "$pidfile" --chdir "$RUCIO_DIR" \
             --error-logfile "$logf" --access-logfile "$LOG_DIR/rucio-access.log" \
             rucio.web.rest.flaskapi.v1.main:application </dev/null >>"$LOG_DIR/rucio.stdout" 2>&1 9>&- ||
@@ -341,6 +512,11 @@ EDGE_LAKE_RUCIO_PORT="$RUCIO_PORT"
 EDGE_LAKE_XROOTD_PORT="$XROOTD_PORT"
 EDGE_LAKE_XROOTD_HTTP_PORT="$XROOTD_HTTP_PORT"
 EDGE_LAKE_MEMCACHED_PORT="$MEMCACHED_PORT"
+EDGE_LAKE_POSTGRES_PORT="$POSTGRES_PORT"
+EDGE_LAKE_RUCIO_DB="$RUCIO_DB"
+EDGE_LAKE_RUCIO_DB_URL="$DB_URL"
+EDGE_LAKE_RUCIO_WORKERS="$RUCIO_WORKERS"
+EDGE_LAKE_RUCIO_BULK_MAX="$BULK_MAX"
 EOF
     mv -f "$tmp" "$LAKE_ENV"
 }
@@ -414,10 +590,16 @@ EOF
 }
 
 # --------------------------------------------------------------------- main ---
+# db_state: the database of this state exists (PostgreSQL cluster or SQLite file).
+db_state() {
+    if [[ "$RUCIO_DB" == postgresql ]]; then [[ -f "$PGDATA/PG_VERSION" ]]; else [[ -f "$RUCIO_DIR/rucio.db" ]]; fi
+}
+
 if ((ONLY_RUCIO)); then
-    if [[ ! -f "$RUCIO_CFG" || ! -f "$RUCIO_DIR/rucio.db" ]] || ! venv_ready; then
+    if [[ ! -f "$RUCIO_CFG" ]] || ! db_state || ! venv_ready; then
         die "no lake state in $STATE_DIR: run start.sh (without --only-rucio) first"
     fi
+    [[ "$RUCIO_DB" != postgresql ]] || start_postgres
     start_memcached
     start_rucio
     log "Rucio is back on http://127.0.0.1:$RUCIO_PORT ($(elapsed) s)"
@@ -430,6 +612,10 @@ install_packages
 prepare_dirs    # before pip: fail in seconds if user xrootd cannot reach STATE_DIR
 install_venv
 start_xrootd
+if [[ -f "$RUCIO_CFG" ]] && ! grep -qxF "default = $DB_URL" "$RUCIO_CFG"; then
+    log "rucio: the database is now $RUCIO_DB (EDGE_LAKE_RUCIO_DB): a new, empty catalogue; the old one is kept"
+fi
+[[ "$RUCIO_DB" != postgresql ]] || start_postgres
 start_memcached
 write_rucio_config
 bootstrap_db
@@ -438,10 +624,15 @@ bootstrap_catalogue
 write_lake_env
 write_agent_config
 
+if [[ "$RUCIO_DB" == postgresql ]]; then
+    DB_SHOWN="PostgreSQL 127.0.0.1:$POSTGRES_PORT database rucio, data $PGDATA"
+else
+    DB_SHOWN="SQLite $RUCIO_DIR/rucio.db"
+fi
 cat <<EOF
 [lake] ready in $(elapsed) s
   Rucio      http://127.0.0.1:$RUCIO_PORT  account $RUCIO_ACCOUNT, userpass $RUCIO_USERNAME/$RUCIO_PASSWORD, scope $SCOPE
-             (SQLite $RUCIO_DIR/rucio.db, log $LOG_DIR/rucio.log)
+             ($RUCIO_WORKERS workers, $DB_SHOWN, log $LOG_DIR/rucio.log)
   XRootD     root://127.0.0.1:$XROOTD_PORT  http://127.0.0.1:$XROOTD_HTTP_PORT  exports /data = $DATA_DIR/data
              (log $LOG_DIR/xrootd.log)
   memcached  127.0.0.1:$MEMCACHED_PORT

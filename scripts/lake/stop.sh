@@ -35,11 +35,12 @@ if [[ ! -d "$STATE_DIR" ]]; then
 fi
 lock_state
 
-# The Rucio server first: it is the client of the other two.
+# The Rucio server first: it is the client of the others.
 stop_pid rucio "$RUN_DIR/rucio.pid" "$RUN_DIR/rucio.pid"
 if ((ONLY_RUCIO)); then
-    exit 0
+    exit 0   # PostgreSQL and memcached stay: the outage is the API's
 fi
+stop_postgres
 # The S3 store of s3-start.sh, if there is one.
 [[ -d "$STATE_DIR/ceph" ]] && "$HERE/s3-stop.sh" "$STATE_DIR"
 stop_pid memcached "$RUN_DIR/memcached.pid" memcached
