@@ -869,6 +869,16 @@ class Ledger:
                            "DO UPDATE SET url=excluded.url, state=excluded.state, at=excluded.at",
                            (file_id, location, url, CopyState(state).value, now))
 
+    def mark_copies(self, copies: Sequence[tuple[int, str]], state: CopyState) -> None:
+        """The state of many recorded copies, (file id, location) each, in one commit (a batch's
+        copies recorded in the catalogue); size, adler32 and URL are kept."""
+        if not copies:
+            return
+        now = self._clock()
+        with self._tx() as db:
+            db.executemany("UPDATE replicas SET state = ?, at = ? WHERE file_id = ? AND location = ?",
+                           [(CopyState(state).value, now, fid, loc) for fid, loc in copies])
+
     def copy_written(self, scope: str, name: str, location: str) -> bool:
         """Has a version given scope:name (so: these very bytes) written a copy at `location`?"""
         return bool(self._query(

@@ -2,7 +2,7 @@
 leads out of each state and the pool it runs in, the states of each copy and each lake name, and
 `apply`, the rules every move follows. The ledger stores what `apply` returns and decides nothing.
 
-    discovered -> complete -> hashed -> registered -> transferred -> confirmed -> deleted
+    discovered -> complete -> hashed -> registered -> copied -> transferred -> confirmed -> deleted
 
 plus retry_wait (a retryable failure; resumes the state it left), quarantined (a permanent failure
 with its reason; `edge-agent retry` resumes it) and superseded (the file changed or moved after
@@ -24,7 +24,8 @@ class State(str, enum.Enum):
     HASHED = "hashed"            # blake3/adler32(/md5) and the stat they belong to are recorded
     #                              (where the agent writes copies, the first one was written in that read)
     REGISTERED = "registered"    # the DID exists in the lake catalogue (dataset, metadata)
-    TRANSFERRED = "transferred"  # copies written, replicas registered, copies requested
+    COPIED = "copied"            # the copies the agent writes are written and verified (recorded 'sent')
+    TRANSFERRED = "transferred"  # copies recorded in the catalogue, the lake's copies requested
     CONFIRMED = "confirmed"      # the lake holds >= N verified replicas
     DELETED = "deleted"          # the local copy is gone; final
     RETRY_WAIT = "retry_wait"    # waiting out a backoff before resuming `resume_state`
@@ -41,6 +42,7 @@ class Event(str, enum.Enum):
     COMPLETED = "completed"
     HASHED = "hashed"
     REGISTERED = "registered"
+    COPIED = "copied"
     TRANSFERRED = "transferred"
     CONFIRMED = "confirmed"
     DELETED = "deleted"
@@ -74,7 +76,8 @@ class CopyState(str, enum.Enum):
     """A copy the agent writes itself, as the ledger records it per (version, location)."""
     WRITING = "writing"   # the URL was found empty and claimed before the bytes went (a crash mid-write
     #                       leaves a URL known to be this version's own)
-    SENT = "sent"         # written in the hashing pass, before the DID existed; not in the catalogue yet
+    SENT = "sent"         # written and verified, not in the catalogue yet (the first copy in the hashing
+    #                       pass, the others by the transfer step); the record step records them
     WRITTEN = "written"   # written, verified and recorded in the lake's catalogue
     BAD = "bad"           # the storage hands back other bytes: to be written again
     LOST = "lost"         # gone from the storage: to be written again
@@ -99,15 +102,15 @@ class NameState(str, enum.Enum):
 
 
 # The states in which the agent is still working on a file (it appears in backlogs).
-ACTIVE = frozenset({State.DISCOVERED, State.COMPLETE, State.HASHED, State.REGISTERED,
+ACTIVE = frozenset({State.DISCOVERED, State.COMPLETE, State.HASHED, State.REGISTERED, State.COPIED,
                     State.TRANSFERRED, State.CONFIRMED, State.RETRY_WAIT})
 # Not yet safely in the lake and still moving: what "backlog" means on the page and in the metrics.
 # (Quarantined files wait for a human and are counted apart; confirmed ones only wait for deletion.)
-BACKLOG = frozenset({State.DISCOVERED, State.COMPLETE, State.HASHED, State.REGISTERED,
+BACKLOG = frozenset({State.DISCOVERED, State.COMPLETE, State.HASHED, State.REGISTERED, State.COPIED,
                      State.TRANSFERRED, State.RETRY_WAIT})
 FINAL = frozenset({State.DELETED, State.SUPERSEDED})
 # States from which a failure can be retried: the step that failed is the one leading out of them.
-WORKING = (State.COMPLETE, State.HASHED, State.REGISTERED, State.TRANSFERRED, State.CONFIRMED)
+WORKING = (State.COMPLETE, State.HASHED, State.REGISTERED, State.COPIED, State.TRANSFERRED, State.CONFIRMED)
 # Waiting states that go back to the state recorded when they were entered (`resume_state`).
 RESUMABLE = frozenset({State.RETRY_WAIT, State.QUARANTINED})
 # Not hashed yet: the evidence of a version begins with its hash.
@@ -131,7 +134,8 @@ POOLS = ("hash", "transfer", "lake")
 STEPS: dict[State, Step] = {
     State.COMPLETE: Step("hash", "hash", Event.HASHED, State.HASHED),
     State.HASHED: Step("register", "lake", Event.REGISTERED, State.REGISTERED, batched=True),
-    State.REGISTERED: Step("transfer", "transfer", Event.TRANSFERRED, State.TRANSFERRED),
+    State.REGISTERED: Step("transfer", "transfer", Event.COPIED, State.COPIED),
+    State.COPIED: Step("record", "lake", Event.TRANSFERRED, State.TRANSFERRED, batched=True),
     State.TRANSFERRED: Step("confirm", "lake", Event.CONFIRMED, State.CONFIRMED, batched=True),
     State.CONFIRMED: Step("delete", "lake", Event.DELETED, State.DELETED, batched=True),
 }

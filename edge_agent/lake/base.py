@@ -203,6 +203,28 @@ class Catalogue(abc.ABC):
                 out.append(exc)
         return out
 
+    def add_replicas_many(self, copies: Sequence[tuple[LakeFile, str, str]]) -> list[Exception | None]:
+        """add_replica() for each (file, location, url): after it, each copy whose entry is None is
+        recorded; the others carry why not."""
+        out: list[Exception | None] = []
+        for f, location, url in copies:
+            try:
+                self.add_replica(f, location, url)
+                out.append(None)
+            except Exception as exc:  # noqa: BLE001 - each copy's own outcome, sorted by the step
+                out.append(exc)
+        return out
+
+    def request_copies_many(self, files: Sequence[LakeFile]) -> list[str | None | Exception]:
+        """request_copies() for each file: its reference (or None), or why the request failed."""
+        out: list[str | None | Exception] = []
+        for f in files:
+            try:
+                out.append(self.request_copies(f))
+            except Exception as exc:  # noqa: BLE001 - each file's own outcome, sorted by the step
+                out.append(exc)
+        return out
+
     def copies_states(self, asked: Sequence[tuple[LakeFile, str | None]]) -> list[CopiesState | None]:
         """copies_state() of each (file, reference), in order."""
         return [self.copies_state(f, ref) for f, ref in asked]

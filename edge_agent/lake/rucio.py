@@ -22,7 +22,7 @@ from typing import Any
 import structlog
 
 from ..core.policy import normalise_adler32
-from ..errors import EdgeAgentError, PermanentError, RetryableError
+from ..errors import AlreadyDone, EdgeAgentError, PermanentError, RetryableError
 from ..settings import RuleSettings, Settings
 from ..urls import pick_url, unsigned_url
 from .base import (
@@ -249,25 +249,27 @@ class RucioCatalogue(RucioRecords, Catalogue):
             out[i] = self._content_problem(files[i], rows.get((files[i].scope, files[i].name)), must_exist)
 
     @staticmethod
-    def _narrowed(idx: list[int], call: Callable[[list[int]], None], out: list[Exception | None]) -> None:
+    def _narrowed(idx: list[int], call: Callable[[list[int]], None], out: list[Any],
+                  also: type[Exception] | None = None) -> None:
         """Make `call` for the files of `idx` at once. Rucio's bulk writes are one transaction that
         fails whole without naming the file at fault: a refusal is narrowed down by halves until
         each file at fault carries it alone and every other file went through. A failure that may
         pass (5xx, a timeout) is every file's outcome: they are all tried again later."""
         if not idx:
             return
+        refused: tuple[type[Exception], ...] = (PermanentError, also) if also else (PermanentError,)
         try:
             call(idx)
         except RetryableError as exc:
             for i in idx:
                 out[i] = exc
-        except PermanentError as exc:
+        except refused as exc:
             if len(idx) == 1:
                 out[idx[0]] = exc
                 return
             half = len(idx) // 2
-            RucioCatalogue._narrowed(idx[:half], call, out)
-            RucioCatalogue._narrowed(idx[half:], call, out)
+            RucioCatalogue._narrowed(idx[:half], call, out, also)
+            RucioCatalogue._narrowed(idx[half:], call, out, also)
 
     # ------------------------------------------------------------ Catalogue
     def name_free(self, scope: str, name: str) -> bool:
@@ -511,6 +513,59 @@ class RucioCatalogue(RucioRecords, Catalogue):
         except NotFound:
             # a destination other than the one registered with the DID: its replica is new
             self.client.add_replicas(location, [self._file_entry(f, "A", url)])
+
+    def add_replicas_many(self, copies: Sequence[tuple[LakeFile, str, str]]) -> list[Exception | None]:
+        """Copies written by the agent recorded AVAILABLE, two bulk calls per RSE: the replicas added
+        (a replica that exists is left as it is: the register step's COPYING one, or one a rule made)
+        then all set AVAILABLE. A call refused whole is narrowed down to the copy at fault."""
+        out: list[Exception | None] = [None] * len(copies)
+        by_rse: dict[str, list[int]] = {}
+        for i, (_, location, _) in enumerate(copies):
+            by_rse.setdefault(location, []).append(i)
+        for rse, idx in by_rse.items():
+            def record(part: list[int], rse: str = rse) -> None:
+                if len(part) == 1:
+                    self.add_replica(*copies[part[0]])
+                    return
+                self.client.add_replicas(rse, [self._file_entry(copies[i][0], "A", copies[i][2]) for i in part])
+                self.client.update_replica_states(rse, [{"scope": copies[i][0].scope, "name": copies[i][0].name,
+                                                         "state": "A"} for i in part])
+            self._narrowed(idx, record, out)
+        return out
+
+    def request_copies_many(self, files: Sequence[LakeFile]) -> list[str | None | Exception]:
+        """One rule per file, asked in one call for the files whose rules say the same (expression,
+        copies, lifetime, activity, grouping); a file with a rule already, or one the lake refuses,
+        is found by halves and asked alone (request_copies finds an existing rule). Register mode
+        with uplink_once asks file by file (two rules each, in order)."""
+        out: list[str | None | Exception] = [None] * len(files)
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for i, f in enumerate(files):
+            rule = self._rule(f)
+            expression = rule.rse_expression or "|".join(rse for rse, _ in self._dest_rses(f))
+            if not expression or (rule.inject == "register" and rule.uplink_once and f.copies > 1):
+                out[i] = self._asked_alone(f)
+                continue
+            key = (expression, f.copies, rule.rule_lifetime_seconds, rule.activity, rule.grouping)
+            groups.setdefault(key, []).append(i)
+        for (expression, copies, lifetime, activity, grouping), idx in groups.items():
+            def ask(part: list[int], expression: str = expression, copies: int = copies, lifetime: Any = lifetime,
+                    activity: Any = activity, grouping: str = grouping) -> None:
+                if len(part) == 1:
+                    out[part[0]] = self._asked_alone(files[part[0]])
+                    return
+                ids = self.client.add_rules([(files[i].scope, files[i].name) for i in part], copies, expression,
+                                            lifetime=lifetime, activity=activity, grouping=grouping)
+                for i, rid in zip(part, ids, strict=True):
+                    out[i] = rid
+            self._narrowed(idx, ask, out, also=AlreadyDone)   # type: ignore[arg-type]
+        return out
+
+    def _asked_alone(self, f: LakeFile) -> str | None | Exception:
+        try:
+            return self.request_copies(f)
+        except Exception as exc:  # noqa: BLE001 - this file's own outcome
+            return exc
 
     def request_copies(self, f: LakeFile) -> str | None:
         """The rule(s) asking the lake for `copies`; their ids as one ref (RULE_REF_SEPARATOR between).

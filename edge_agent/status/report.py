@@ -20,7 +20,7 @@ from ..settings import Settings
 if TYPE_CHECKING:
     from ..runner import Runner
 
-STATE_ORDER = [s.value for s in (State.DISCOVERED, State.COMPLETE, State.HASHED, State.REGISTERED,
+STATE_ORDER = [s.value for s in (State.DISCOVERED, State.COMPLETE, State.HASHED, State.REGISTERED, State.COPIED,
                                  State.TRANSFERRED, State.CONFIRMED, State.DELETED, State.RETRY_WAIT,
                                  State.QUARANTINED, State.SUPERSEDED)]
 HEALTH_STALL_S = 60.0

@@ -2,7 +2,8 @@
 
     complete    --hash-->      hashed       steps/hash.py      one read: digests, name, first copy
     hashed      --register-->  registered   steps/register.py  DID, dataset, metadata
-    registered  --transfer-->  transferred  steps/transfer.py  copies written, recorded, requested
+    registered  --transfer-->  copied       steps/transfer.py  copies written and verified
+    copied      --record-->    transferred  steps/record.py    copies recorded, the lake's requested
     transferred --confirm-->   confirmed    steps/confirm.py   >= N verified replicas
     confirmed   --delete-->    deleted      steps/delete.py    guarded unlink of the unchanged file
 
@@ -18,7 +19,7 @@ from typing import Callable, Sequence
 
 from ..core.lifecycle import STEPS
 from ..ledger import FileRecord
-from . import confirm, delete, register, transfer
+from . import confirm, delete, record, register, transfer
 from . import hash as hash_step
 from .context import Hooks, StepContext
 from .ending import discard_unregistered
@@ -27,7 +28,7 @@ __all__ = ["Hooks", "StepContext", "discard_unregistered", "run"]
 
 StepFunction = Callable[[Sequence[FileRecord], StepContext], None]
 _BY_NAME: dict[str, StepFunction] = {"hash": hash_step.run, "register": register.run, "transfer": transfer.run,
-                                     "confirm": confirm.run, "delete": delete.run}
+                                     "record": record.run, "confirm": confirm.run, "delete": delete.run}
 
 
 def run(batch: Sequence[FileRecord], ctx: StepContext) -> None:

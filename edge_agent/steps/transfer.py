@@ -1,6 +1,6 @@
-"""registered --transfer--> transferred: the copies the agent writes itself are written (each one
-read from the buffer and checked in the same pass), recorded in the catalogue, and the lake is
-asked for the copies it makes (a replication rule)."""
+"""registered --transfer--> copied: the copies the agent writes itself are written, each one read from
+the buffer and checked in the same pass, and recorded in the ledger ('sent'). Recording them in the
+catalogue and asking the lake for its copies is the record step's, in batches."""
 
 from __future__ import annotations
 
@@ -22,18 +22,17 @@ def run(batch: Sequence[FileRecord], ctx: StepContext) -> None:
 
 
 def transfer_one(rec: FileRecord, ctx: StepContext) -> None:
-    """After it the version is TRANSFERRED: every copy the agent writes is written, verified and
-    recorded in the catalogue, and the lake's request for copies is made (its id kept)."""
+    """After it the version is COPIED: every copy the agent writes is written, verified and recorded
+    'sent' in the ledger (the first one may have been written while hashing)."""
     f = ctx.lake_file(rec)
     recorded = {r["location"]: r for r in ctx.ledger.replicas(rec.id)}
     targets = ctx.catalogue.targets(f)
 
-    def recorded_as(t: Target, state: CopyState) -> bool:
+    def recorded_as(t: Target, *states: CopyState) -> bool:
         r = recorded.get(t.location)
-        return r is not None and r["state"] == state and r["url"] == t.url
+        return r is not None and r["state"] in states and r["url"] == t.url
 
-    sent = [t for t in targets if recorded_as(t, CopyState.SENT)]
-    todo = [t for t in targets if t not in sent and not recorded_as(t, CopyState.WRITTEN)]
+    todo = [t for t in targets if not recorded_as(t, CopyState.SENT, CopyState.WRITTEN)]
     if todo:
         writer = ctx.ledger.claim_writer(f.scope, f.name, rec.id)
         if writer != rec.id:
@@ -61,19 +60,8 @@ def transfer_one(rec: FileRecord, ctx: StepContext) -> None:
         started = ctx.clock()
         got = transport.put(ctx.local(rec), t.url, expected, ctx.pacer(rec.rule, t.location))
         hit("after_put")
-        ctx.catalogue.add_replica(f, t.location, t.url)
-        hit("after_add_replica")
         took = max(ctx.clock() - started, 1e-6)
-        ctx.ledger.record_replica(rec.id, t.location, t.url, got.size, got.adler32, CopyState.WRITTEN, note=(
+        ctx.ledger.record_replica(rec.id, t.location, t.url, got.size, got.adler32, CopyState.SENT, note=(
             rec.state, Event.COPY_WRITTEN, {"location": t.location, "url": t.url, "seconds": round(took, 3),
                                             "mb_per_s": round(got.size / took / 1e6, 1)}))
-    for t in sent:
-        # written in the hashing pass, before the DID existed; recorded in the lake once the other
-        # copies are written too (a file that vanishes meanwhile leaves no half-copied DID behind)
-        r = recorded[t.location]
-        ctx.catalogue.add_replica(f, t.location, t.url)
-        hit("after_add_replica")
-        ctx.ledger.record_replica(rec.id, t.location, t.url, r["size"], r["adler32"], CopyState.WRITTEN)
-    ref = ctx.catalogue.request_copies(f)
-    hit("after_rule")
-    ctx.move(rec, Event.TRANSFERRED, {"lake_ref": ref} if ref else None, attempts=0, next_at=0, lake_ref=ref)
+    ctx.move(rec, Event.COPIED, attempts=0, next_at=0)

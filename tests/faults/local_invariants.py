@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 FINAL = ("deleted", "superseded")
-IN_FLIGHT = ("complete", "hashed", "registered", "transferred")
+IN_FLIGHT = ("complete", "hashed", "registered", "copied", "transferred")
 TEMP_MARK = ".edge-agent-"     # how the agent names its temporary files (documented in localfs.py)
 PLACE_NAME = ".edge-agent-place"   # the place token in each destination's root (places.py): no copy
 

@@ -28,7 +28,7 @@ def invariants(d: Daemon, m: Manifest, settled: bool = True) -> list[str]:
 def settled(d: Daemon) -> bool:
     """Nothing left that the agent is still working on (only final, quarantined or waiting rows)."""
     c = d.counts()
-    return not any(c.get(s) for s in ("complete", "hashed", "registered", "transferred", "confirmed"))
+    return not any(c.get(s) for s in ("complete", "hashed", "registered", "copied", "transferred", "confirmed"))
 
 
 @needs_root

@@ -204,7 +204,7 @@ def test_kill9_storm_against_the_real_lake_loses_nothing(agent, lake) -> None:  
 
     total_s = time.monotonic() - t0
     ev = evidence(ledger)
-    where = ", ".join(f"{s} {landed[s]}" for s in ("complete", "hashed", "registered", "transferred", "confirmed"))
+    where = ", ".join(f"{s} {landed[s]}" for s in ("complete", "hashed", "registered", "copied", "transferred", "confirmed"))
     print(f"\nlake storm: kills={kills} files={FILES} checked={len(manifest.files)} lost=0 "
           f"retryable_failures={len(failed)} storm={storm_s:.0f}s total={total_s:.0f}s "
           f"kills_with_rows_in[{where}] copies_rewritten={ev['copies_rewritten']} "

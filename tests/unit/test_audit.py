@@ -68,7 +68,7 @@ def ingested(led: Ledger, buf: Path, name: str, mtime: float, state: S = S.DELET
     led.transition(rec.id, S.DISCOVERED, E.COMPLETED)
     led.transition(rec.id, S.COMPLETE, E.HASHED, blake3="b", adler32=A, scope="s", name=name,
                    dataset=dataset or f"daq.{night}")
-    path = [(S.HASHED, E.REGISTERED), (S.REGISTERED, E.TRANSFERRED), (S.TRANSFERRED, E.CONFIRMED),
+    path = [(S.HASHED, E.REGISTERED), (S.REGISTERED, E.COPIED), (S.COPIED, E.TRANSFERRED), (S.TRANSFERRED, E.CONFIRMED),
             (S.CONFIRMED, E.DELETED)]
     for frm, ev in path:
         if frm is state:

@@ -272,7 +272,8 @@ def test_a_step_back_makes_confirmation_and_keep_waits_due(make_runner: Any, tmp
     f.write_bytes(b"x")
     rec = r.ledger.transition(discover(r, f).id, State.DISCOVERED, Event.COMPLETED)
     for frm, ev in ((State.COMPLETE, Event.HASHED), (State.HASHED, Event.REGISTERED),
-                    (State.REGISTERED, Event.TRANSFERRED), (State.TRANSFERRED, Event.CONFIRMED)):
+                    (State.REGISTERED, Event.COPIED), (State.COPIED, Event.TRANSFERRED),
+                    (State.TRANSFERRED, Event.CONFIRMED)):
         if frm is waiting:
             break
         rec = r.ledger.transition(rec.id, frm, ev)

@@ -36,7 +36,7 @@ def walk(led: Ledger, fid: int, *events: Event) -> Any:
     return rec
 
 
-HAPPY = (E.COMPLETED, E.HASHED, E.REGISTERED, E.TRANSFERRED, E.CONFIRMED, E.DELETED)
+HAPPY = (E.COMPLETED, E.HASHED, E.REGISTERED, E.COPIED, E.TRANSFERRED, E.CONFIRMED, E.DELETED)
 
 
 def test_creates_its_directory_and_schema(tmp_path: Path, clock: Any) -> None:
@@ -62,7 +62,7 @@ def test_discover(ledger: Ledger, clock: Any) -> None:
 
 def test_happy_path_with_compare_and_set(ledger: Ledger, clock: Any) -> None:
     rec = discover(ledger)
-    for e, want in zip(HAPPY, (S.COMPLETE, S.HASHED, S.REGISTERED, S.TRANSFERRED, S.CONFIRMED, S.DELETED)):
+    for e, want in zip(HAPPY, (S.COMPLETE, S.HASHED, S.REGISTERED, S.COPIED, S.TRANSFERRED, S.CONFIRMED, S.DELETED)):
         clock.advance(10)
         rec = ledger.transition(rec.id, rec.state, e)
         assert rec.state is want
@@ -153,7 +153,7 @@ def test_quarantine_from_retry_wait_keeps_the_resume_state(ledger: Ledger) -> No
 
 
 def test_explicit_resume_state(ledger: Ledger) -> None:
-    rec = walk(ledger, discover(ledger).id, E.COMPLETED, E.HASHED, E.REGISTERED, E.TRANSFERRED)
+    rec = walk(ledger, discover(ledger).id, E.COMPLETED, E.HASHED, E.REGISTERED, E.COPIED, E.TRANSFERRED)
     rec = ledger.transition(rec.id, S.TRANSFERRED, E.FAILED_RETRYABLE, resume_state=S.REGISTERED)
     assert rec.resume_state is S.REGISTERED
     assert ledger.transition(rec.id, S.RETRY_WAIT, E.RETRY_DUE).state is S.REGISTERED
@@ -242,7 +242,7 @@ def test_a_name_is_bound_to_one_content(ledger: Ledger) -> None:
     # the same bytes share it; another scope or name is another name
     assert _hashed(ledger, b"/daq/h", "AAAA").name == "n"
     assert _hashed(ledger, b"/daq/i", "BBBB", scope="other").name == "n"
-    walk(ledger, old.id, E.REGISTERED, E.TRANSFERRED, E.CONFIRMED, E.DELETED)
+    walk(ledger, old.id, E.REGISTERED, E.COPIED, E.TRANSFERRED, E.CONFIRMED, E.DELETED)
     hold = ledger.name_hold("s", "n")
     assert hold is not None and hold.blake3 == "AAAA" and hold.owner_final   # a deleted copy still holds it
 
@@ -262,7 +262,7 @@ def test_a_reserved_name_is_nobody_elses_until_bound_or_dropped(ledger: Ledger) 
 def test_a_copy_is_removed_only_while_no_other_version_counts_it(ledger: Ledger) -> None:
     a = _hashed(ledger, b"/daq/a", "AAAA")
     b = _hashed(ledger, b"/daq/b", "AAAA")               # the same bytes from another path: shares it
-    walk(ledger, b.id, E.REGISTERED, E.TRANSFERRED, E.CONFIRMED, E.DELETED)
+    walk(ledger, b.id, E.REGISTERED, E.COPIED, E.TRANSFERRED, E.CONFIRMED, E.DELETED)
     ledger.transition(a.id, S.HASHED, E.SUPERSEDED)
     assert not ledger.begin_removal("s", "n", a.id)      # b was deleted locally on the strength of it
     hold = ledger.name_hold("s", "n")
@@ -448,6 +448,6 @@ def test_a_version_that_ended_after_counting_a_copy_still_protects_it(ledger: Le
     remove them."""
     a = _hashed(ledger, b"/daq/a", "AAAA")
     c = _hashed(ledger, b"/daq/c", "AAAA")
-    walk(ledger, c.id, E.REGISTERED, E.TRANSFERRED, E.CONFIRMED, E.SUPERSEDED)
+    walk(ledger, c.id, E.REGISTERED, E.COPIED, E.TRANSFERRED, E.CONFIRMED, E.SUPERSEDED)
     ledger.transition(a.id, S.HASHED, E.SUPERSEDED)
     assert not ledger.begin_removal("s", "n", a.id)

@@ -29,17 +29,18 @@ SPEC: dict[tuple[State, Event], State] = {
     (S.DISCOVERED, E.COMPLETED): S.COMPLETE,
     (S.COMPLETE, E.HASHED): S.HASHED,
     (S.HASHED, E.REGISTERED): S.REGISTERED,
-    (S.REGISTERED, E.TRANSFERRED): S.TRANSFERRED,
+    (S.REGISTERED, E.COPIED): S.COPIED,
+    (S.COPIED, E.TRANSFERRED): S.TRANSFERRED,
     (S.TRANSFERRED, E.CONFIRMED): S.CONFIRMED,
     (S.CONFIRMED, E.DELETED): S.DELETED,
     # failures from every state the agent is working in
     **{(s, E.FAILED_RETRYABLE): S.RETRY_WAIT
-       for s in (S.DISCOVERED, S.COMPLETE, S.HASHED, S.REGISTERED, S.TRANSFERRED, S.CONFIRMED)},
+       for s in (S.DISCOVERED, S.COMPLETE, S.HASHED, S.REGISTERED, S.COPIED, S.TRANSFERRED, S.CONFIRMED)},
     **{(s, E.FAILED_PERMANENT): S.QUARANTINED
-       for s in (S.DISCOVERED, S.COMPLETE, S.HASHED, S.REGISTERED, S.TRANSFERRED, S.CONFIRMED,
+       for s in (S.DISCOVERED, S.COMPLETE, S.HASHED, S.REGISTERED, S.COPIED, S.TRANSFERRED, S.CONFIRMED,
                  S.RETRY_WAIT, S.QUARANTINED)},
     **{(s, E.SUPERSEDED): S.SUPERSEDED
-       for s in (S.DISCOVERED, S.COMPLETE, S.HASHED, S.REGISTERED, S.TRANSFERRED, S.CONFIRMED,
+       for s in (S.DISCOVERED, S.COMPLETE, S.HASHED, S.REGISTERED, S.COPIED, S.TRANSFERRED, S.CONFIRMED,
                  S.RETRY_WAIT, S.QUARANTINED)},
     # a file that changes before its hash is taken goes back to waiting for completion
     (S.COMPLETE, E.CHANGED): S.DISCOVERED,
@@ -84,10 +85,10 @@ def test_some_illegal_transitions_by_name() -> None:
 def test_happy_path() -> None:
     s = S.DISCOVERED
     seen = [s]
-    for e in (E.COMPLETED, E.HASHED, E.REGISTERED, E.TRANSFERRED, E.CONFIRMED, E.DELETED):
+    for e in (E.COMPLETED, E.HASHED, E.REGISTERED, E.COPIED, E.TRANSFERRED, E.CONFIRMED, E.DELETED):
         s = next_state(s, e)
         seen.append(s)
-    assert seen == [S.DISCOVERED, S.COMPLETE, S.HASHED, S.REGISTERED, S.TRANSFERRED, S.CONFIRMED,
+    assert seen == [S.DISCOVERED, S.COMPLETE, S.HASHED, S.REGISTERED, S.COPIED, S.TRANSFERRED, S.CONFIRMED,
                     S.DELETED]
 
 
@@ -135,7 +136,7 @@ def test_final_states_have_no_outgoing_edge_in_the_table() -> None:
 
 def test_state_sets() -> None:
     assert FINAL == {S.DELETED, S.SUPERSEDED}
-    assert ACTIVE == {S.DISCOVERED, S.COMPLETE, S.HASHED, S.REGISTERED, S.TRANSFERRED, S.CONFIRMED,
+    assert ACTIVE == {S.DISCOVERED, S.COMPLETE, S.HASHED, S.REGISTERED, S.COPIED, S.TRANSFERRED, S.CONFIRMED,
                       S.RETRY_WAIT}
     assert not ACTIVE & FINAL
     assert S.QUARANTINED not in ACTIVE and S.QUARANTINED not in FINAL
@@ -154,12 +155,12 @@ def test_every_state_reachable_from_discovered() -> None:
 
 
 def test_every_working_state_has_one_step_and_each_pool_has_work() -> None:
-    assert set(STEPS) == {S.COMPLETE, S.HASHED, S.REGISTERED, S.TRANSFERRED, S.CONFIRMED}
+    assert set(STEPS) == {S.COMPLETE, S.HASHED, S.REGISTERED, S.COPIED, S.TRANSFERRED, S.CONFIRMED}
     for state, step in STEPS.items():
         assert TRANSITIONS[(state, step.done)] is step.to
     assert states_of_pool("hash") == [S.COMPLETE]
     assert states_of_pool("transfer") == [S.REGISTERED]
-    assert states_of_pool("lake") == [S.HASHED, S.TRANSFERRED, S.CONFIRMED]
+    assert states_of_pool("lake") == [S.HASHED, S.COPIED, S.TRANSFERRED, S.CONFIRMED]
 
 
 def test_notes_never_move_a_file() -> None:

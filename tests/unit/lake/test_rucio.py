@@ -262,25 +262,29 @@ class FakeRucio:
 
     # -- rules
     def add_rule(self, request: httpx.Request, body: Any) -> httpx.Response:
-        did = body["dids"][0]
-        if (did["scope"], did["name"]) not in self.dids:
-            return err(404, "DataIdentifierNotFound", "Data identifier not found")
-        for r in self.rules.values():
-            if (r["scope"], r["name"], r["account"], r["rse_expression"], r["copies"]) == \
-                    (did["scope"], did["name"], body["account"], body["rse_expression"], body["copies"]):
-                return err(409, "DuplicateRule", "UNIQUE constraint failed: rules.scope, rules.name, ...")
-        rid = f"{next(self._ids):032x}"
-        sources = body.get("source_replica_expression")
-        self.rules[rid] = {"id": rid, "scope": did["scope"], "name": did["name"], "account": body["account"],
-                           "rse_expression": body["rse_expression"], "copies": body["copies"],
-                           "source_replica_expression": sources, "state": "REPLICATING", "error": None,
-                           "body": body}
-        offsite = [rse for (s, n, rse), r in self.replicas.items()
-                   if (s, n) == (did["scope"], did["name"]) and self.rses[rse]["deterministic"]
-                   and r["state"] == "AVAILABLE"]
-        if sources and not offsite:     # what 41.5.1 does when the rule's sources hold no copy yet
-            self.rules[rid].update(state="STUCK", error="MissingSourceReplica")
-        return httpx.Response(201, text=json.dumps([rid]))
+        # one rule per DID, in one transaction: any refusal refuses them all (Rucio's core.rule.add_rule)
+        for did in body["dids"]:
+            if (did["scope"], did["name"]) not in self.dids:
+                return err(404, "DataIdentifierNotFound", "Data identifier not found")
+            for r in self.rules.values():
+                if (r["scope"], r["name"], r["account"], r["rse_expression"], r["copies"]) == \
+                        (did["scope"], did["name"], body["account"], body["rse_expression"], body["copies"]):
+                    return err(409, "DuplicateRule", "UNIQUE constraint failed: rules.scope, rules.name, ...")
+        ids = []
+        for did in body["dids"]:
+            rid = f"{next(self._ids):032x}"
+            sources = body.get("source_replica_expression")
+            self.rules[rid] = {"id": rid, "scope": did["scope"], "name": did["name"], "account": body["account"],
+                               "rse_expression": body["rse_expression"], "copies": body["copies"],
+                               "source_replica_expression": sources, "state": "REPLICATING", "error": None,
+                               "body": body}
+            offsite = [rse for (s, n, rse), r in self.replicas.items()
+                       if (s, n) == (did["scope"], did["name"]) and self.rses[rse]["deterministic"]
+                       and r["state"] == "AVAILABLE"]
+            if sources and not offsite:     # what 41.5.1 does when the rule's sources hold no copy yet
+                self.rules[rid].update(state="STUCK", error="MissingSourceReplica")
+            ids.append(rid)
+        return httpx.Response(201, text=json.dumps(ids))
 
     def get_rule(self, request: httpx.Request, body: Any, rid: str) -> httpx.Response:
         if rid not in self.rules:
@@ -939,3 +943,32 @@ def test_a_files_urls_are_asked_of_rucio_once(lake: CheckedCatalogue, rucio: Fak
     asked = rucio.count("GET", "/rses/LAKE1/lfns2pfns") + rucio.count("GET", "/rses/LAKE2/lfns2pfns")
     assert lake.targets(f) == first                    # the other copies, the naming checks: no new question
     assert rucio.count("GET", "/rses/LAKE1/lfns2pfns") + rucio.count("GET", "/rses/LAKE2/lfns2pfns") == asked == 2
+
+
+def test_a_batch_s_copies_are_recorded_in_two_calls_per_rse(lake: CheckedCatalogue, rucio: FakeRucio,
+                                                            tmp_path: Path) -> None:
+    files = batch(tmp_path, 4, rule="both")
+    assert lake.register_many(files) == [None] * 4           # LAKE1's replicas COPYING
+    before = len(rucio.calls)
+    copies = [(f, rse, rucio.pfn("http", rse, f.scope, f.name)) for f in files for rse in ("LAKE1", "LAKE2")]
+    assert lake.add_replicas_many(copies) == [None] * 8
+    assert [(m, p) for m, p, _ in rucio.calls[before:]] == [("POST", "/replicas"), ("PUT", "/replicas")] * 2
+    assert all(rucio.replicas[("test", f.name, rse)]["state"] == "AVAILABLE" for f in files for rse in ("LAKE1", "LAKE2"))
+    assert lake.add_replicas_many(copies) == [None] * 8       # again, after a crash
+
+
+def test_a_batch_s_rules_are_asked_in_one_call_and_a_rule_that_exists_is_found(lake: CheckedCatalogue,
+                                                                               rucio: FakeRucio,
+                                                                               tmp_path: Path) -> None:
+    files = batch(tmp_path, 5)
+    assert lake.register_many(files) == [None] * 5
+    existing = lake.request_copies(files[3])                   # asked before a crash
+    before = len(rucio.calls)
+    refs = lake.request_copies_many(files)
+    assert all(isinstance(r, str) for r in refs) and len(set(refs)) == 5 and refs[3] == existing
+    rules = [(m, p) for m, p, _ in rucio.calls[before:] if p == "/rules/"]
+    assert len(rules) < 5 + 3                                  # narrowed by halves, not asked file by file twice
+    assert {(r["scope"], r["name"]) for r in rucio.rules.values()} == {("test", f.name) for f in files}
+    assert len(rucio.rules) == 5                               # one rule each, none twice
+    before = len(rucio.calls)
+    assert lake.request_copies_many(files[:3]) == refs[:3]     # again: the same rules

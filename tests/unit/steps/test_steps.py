@@ -36,7 +36,7 @@ from edge_agent.transfer.posix import PosixTransport
 from edge_agent.transfer.registry import Transports
 
 S, E = State, Event
-WORKING = (S.COMPLETE, S.HASHED, S.REGISTERED, S.TRANSFERRED, S.CONFIRMED)
+WORKING = (S.COMPLETE, S.HASHED, S.REGISTERED, S.COPIED, S.TRANSFERRED, S.CONFIRMED)
 DATA = b"DAQ frame: not a real FITS file, just bytes to move\n" * 500
 DID = "test:run42/f1.fits"
 T = TypeVar("T", bound=Transport)
@@ -151,7 +151,7 @@ def test_happy_path_complete_to_deleted(env: Env, clock: Any) -> None:
         assert env.copy(loc, end).read_bytes() == DATA
     # the first copy is written in the hashing pass: each byte is read once per copy
     assert env.events(rec.id) == ["discovered", "completed", "copy_written", "hashed", "registered",
-                                  "copy_written", "transferred", "confirmed", "deleted"]
+                                  "copy_written", "copied", "transferred", "confirmed", "deleted"]
     assert [(r["location"], r["state"]) for r in env.ledger.replicas(rec.id)] == [("a", "written"),
                                                                                  ("b", "written")]
     assert set(env.lake.dids) == {"test:run42/f1.fits"}
@@ -168,8 +168,8 @@ def test_happy_path_complete_to_deleted(env: Env, clock: Any) -> None:
 
 def test_each_step_is_one_transition(env: Env) -> None:
     rec = env.add()
-    states = [env.step(rec.id).state for _ in range(4)]
-    assert states == [S.HASHED, S.REGISTERED, S.TRANSFERRED, S.DELETED]  # confirm deletes at once
+    states = [env.step(rec.id).state for _ in range(5)]
+    assert states == [S.HASHED, S.REGISTERED, S.COPIED, S.TRANSFERRED, S.DELETED]  # confirm deletes at once
 
 
 def test_a_crash_after_a_copy_repeats_only_what_is_missing(env: Env) -> None:
@@ -215,7 +215,7 @@ def test_the_evidence_says_where_each_adler32_came_from(make_env: Any) -> None:
     env.lake.listed = True                    # as Rucio: each copy recorded with the agent's size and adler32
     b = MockTransport(verify_upload="size")
     env.transports.mount(str(env.roots["b"]), b)
-    rec = env.drive(env.add().id, max_steps=3)
+    rec = env.drive(env.add().id, max_steps=4)
     assert rec.state is S.TRANSFERRED
     b.lie(env.url("b", rec), RemoteStat(len(DATA), None))    # b's storage answers the size alone
     assert env.drive(rec.id).state is S.DELETED
@@ -230,7 +230,7 @@ def test_the_evidence_says_where_each_adler32_came_from(make_env: Any) -> None:
 def lie_about_both_copies(env: Env, stat: Callable[[int, str], RemoteStat]) -> FileRecord:
     """Both copies written, then their storage answers `stat(size, adler32)` for each, for good."""
     storage = env.use(MockTransport())
-    rec = env.drive(env.add().id, max_steps=3)
+    rec = env.drive(env.add().id, max_steps=4)
     assert rec.state is S.TRANSFERRED and {r["state"] for r in env.ledger.replicas(rec.id)} == {"written"}
     for loc in ("a", "b"):
         storage.lie(env.url(loc, rec), stat(len(DATA), adler(DATA)))
@@ -296,7 +296,7 @@ def test_a_copy_gone_before_confirmation_is_written_again(env: Env) -> None:
     """Item 8: a local-lake copy that vanishes after it was written no longer leaves the file
     'transferred' forever: it is reported and written again from the buffer."""
     rec = env.add()
-    for _ in range(3):
+    for _ in range(4):
         rec = env.step(rec.id)
     assert rec.state is S.TRANSFERRED
     env.copy("a", rec).unlink()
@@ -310,7 +310,7 @@ def test_a_copy_gone_before_confirmation_is_written_again(env: Env) -> None:
 
 def test_copies_that_keep_vanishing_end_in_quarantine(env: Env) -> None:
     rec = env.add()
-    for _ in range(3):
+    for _ in range(4):
         rec = env.step(rec.id)
     for _ in range(MAX_BAD_COPIES):
         assert rec.state is S.TRANSFERRED
@@ -319,6 +319,7 @@ def test_copies_that_keep_vanishing_end_in_quarantine(env: Env) -> None:
         if rec.state is S.RETRY_WAIT:
             env.retry_due(rec.id)
             rec = env.step(rec.id)                  # transfer: written again
+            rec = env.step(rec.id)                  # record: in the catalogue again
     assert rec.state is S.QUARANTINED and Path(rec.fspath).exists()
 
 
@@ -701,7 +702,7 @@ def test_confirming_under_an_ok_rule_is_one_clean_step(env: Env) -> None:
     seen: list[State] = []
     env.ctx.hooks.transition = lambda rec: seen.append(rec.state)
     env.lake.rule_state = CopiesState.OK
-    rec = env.drive(env.add().id, max_steps=3)
+    rec = env.drive(env.add().id, max_steps=4)
     assert rec.state is S.TRANSFERRED and rec.lake_ref == "rule-1"
     rec = env.step(rec.id)
     assert rec.state is S.DELETED                           # confirm deletes at once, as without a rule
@@ -732,7 +733,7 @@ def test_no_deletion_when_the_rule_falls_back_from_ok(make_env: Any, clock: Any)
 
 
 def test_a_rule_that_disappeared_is_requested_again(env: Env) -> None:
-    rec = env.drive(env.add().id, max_steps=3)
+    rec = env.drive(env.add().id, max_steps=4)
     assert rec.state is S.TRANSFERRED
     asked_before = len(env.lake.asked("request_copies"))
     env.lake.rule_state = CopiesState.OK      # the lake replicates now; its rule r-old is gone (expired)
@@ -777,7 +778,7 @@ def test_a_fits_file_failing_its_own_datasum_is_quarantined_never_sent(env: Env)
 def test_a_bad_copy_the_lake_made_is_reported_not_rewritten(env: Env, clock: Any) -> None:
     """Only copies at places the agent writes are rewritten; a lake-made bad copy is flagged."""
     storage = env.use(MockTransport())
-    rec = env.drive(env.add().id, max_steps=3)
+    rec = env.drive(env.add().id, max_steps=4)
     assert rec.state is S.TRANSFERRED
     storage.lie(env.url("b", rec), RemoteStat(len(DATA), "deadbeef"))
     del env.lake.roots["b"]                       # from now on b's copy is the lake's own to make
@@ -836,8 +837,11 @@ def test_the_first_copy_is_written_in_the_hashing_pass(env: Env) -> None:
     assert env.lake.calls == []
     end = env.drive(rec.id)
     assert end.state is S.DELETED
-    # b is written with the recorded hashes checked; a is recorded in the lake after it
-    assert env.lake.calls[:3] == [Call("register", DID), Call("add_replica", DID, "b"), Call("add_replica", DID, "a")]
+    # b is written with the recorded hashes checked; a and b are recorded in the lake only once both
+    # are written (the record step, after `copied`)
+    assert env.lake.calls[:3] == [Call("register", DID), Call("add_replica", DID, "a"), Call("add_replica", DID, "b")]
+    events = env.events(rec.id)
+    assert events.index("copied") < events.index("transferred") and events.count("copy_written") == 2
     assert [(url, e.known) for url, e in storage.puts] == [(env.url("a", rec), False), (env.url("b", rec), True)]
     assert sum(env.hashed) == len(DATA) and env.sent == {"a": len(DATA), "b": len(DATA)}
 
@@ -1150,7 +1154,7 @@ def test_a_deletion_failing_right_after_confirmation_is_recorded_by_that_step(
         return str(failure)
     monkeypatch.setattr(delete_step, "guarded_unlink", unlink)
     rec = env.add()
-    for _ in range(3):
+    for _ in range(4):
         rec = env.step(rec.id)
     assert rec.state is S.TRANSFERRED
     rec = env.step(rec.id)
@@ -1399,3 +1403,33 @@ def test_a_batch_holds_one_state(env: Env) -> None:
     a, b = to_state(env, 1, S.HASHED)[0], env.add("run42/other.fits")
     with pytest.raises(ValueError):
         steps.run([a, b], env.ctx)
+
+
+def test_a_batch_s_copies_are_recorded_and_requested_by_one_call_each_and_one_commit(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    recs = to_state(env, 3, S.COPIED)
+    assert all({r["state"] for r in env.ledger.replicas(rec.id)} == {"sent"} for rec in recs)
+    added = spy(monkeypatch, env.lake, "add_replicas_many")
+    asked = spy(monkeypatch, env.lake, "request_copies_many")
+    commits = spy(monkeypatch, env.ledger, "transition_group")
+    steps.run(recs, env.ctx)
+    assert [env.ledger.get(r.id).state for r in recs] == [S.TRANSFERRED] * 3
+    assert len(added) == 1 and len(added[0][0]) == 6          # two copies each
+    assert len(asked) == 1 and len(asked[0][0]) == 3
+    assert len(commits) == 1
+    assert all({r["state"] for r in env.ledger.replicas(rec.id)} == {"written"} for rec in recs)
+
+
+def test_a_copy_the_catalogue_will_not_record_holds_back_its_file_alone(env: Env,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    recs = to_state(env, 3, S.COPIED)
+    real = env.lake.add_replicas_many
+
+    def refuse_middle(copies: Any) -> list[Exception | None]:
+        out = real(copies)
+        return [PermanentError("refused") if f.name == recs[1].name else o for (f, _, _), o in zip(copies, out)]
+    monkeypatch.setattr(env.lake, "add_replicas_many", refuse_middle)
+    steps.run(recs, env.ctx)
+    now = [env.ledger.get(r.id) for r in recs]
+    assert [r.state for r in now] == [S.TRANSFERRED, S.QUARANTINED, S.TRANSFERRED]
+    assert {r["state"] for r in env.ledger.replicas(recs[1].id)} == {"sent"}   # not counted as recorded
