@@ -9,29 +9,22 @@ from typing import Any, Sequence
 
 from ..core.lifecycle import CopyState, Event
 from ..failpoints import hit
-from ..lake.base import LakeFile
 from ..ledger import FileRecord
 from .context import StepContext
 from .failures import guarded, raising
+from .lookup import lake_files, outcomes
 
 
 def run(batch: Sequence[FileRecord], ctx: StepContext) -> None:
     """After it each file of the batch is TRANSFERRED (its copies in the catalogue, its request for
     copies made and its reference kept), or failed into its wait with its own reason."""
-    files: dict[int, LakeFile] = {}
-    for rec in batch:
-        f = guarded(rec, ctx, lambda r, c: c.lake_file(r))
-        if f is not None:
-            files[rec.id] = f
+    files = lake_files(batch, ctx)
     todo = [rec for rec in batch if rec.id in files]
     copies = {rec.id: [(r["location"], r["url"]) for r in ctx.ledger.replicas(rec.id) if r["state"] == CopyState.SENT]
               for rec in todo}
     owners = [rec.id for rec in todo for _ in copies[rec.id]]
     asked = [(files[rec.id], loc, url) for rec in todo for loc, url in copies[rec.id]]
-    try:
-        added = ctx.catalogue.add_replicas_many(asked)
-    except Exception as exc:  # noqa: BLE001 - the whole call failed: each file fails with it
-        added = [exc] * len(asked)
+    added = outcomes(lambda: ctx.catalogue.add_replicas_many(asked), len(asked))
     hit("after_add_replica")
     problem: dict[int, Exception] = {}
     for rid, outcome in zip(owners, added, strict=True):
@@ -39,10 +32,7 @@ def run(batch: Sequence[FileRecord], ctx: StepContext) -> None:
             problem.setdefault(rid, outcome)
     recorded = [rec for rec in todo if rec.id not in problem]
     ctx.ledger.mark_copies([(rec.id, loc) for rec in recorded for loc, _ in copies[rec.id]], CopyState.WRITTEN)
-    try:
-        refs = ctx.catalogue.request_copies_many([files[rec.id] for rec in recorded])
-    except Exception as exc:  # noqa: BLE001 - the whole call failed: each file fails with it
-        refs = [exc] * len(recorded)
+    refs = outcomes(lambda: ctx.catalogue.request_copies_many([files[rec.id] for rec in recorded]), len(recorded))
     hit("after_rule")
     moves: list[tuple[FileRecord, Event, dict[str, Any] | None, dict[str, Any]]] = []
     for rec, ref in zip(recorded, refs, strict=True):

@@ -9,29 +9,22 @@ from typing import Any, Sequence
 
 from ..core.lifecycle import Event
 from ..failpoints import hit
-from ..lake.base import LakeFile
 from ..ledger import FileRecord
 from .context import StepContext
 from .failures import guarded, raising
+from .lookup import lake_files, outcomes
 
 
 def run(batch: Sequence[FileRecord], ctx: StepContext) -> None:
     """After it each file of the batch is REGISTERED, or failed into its wait with its own reason."""
-    files: dict[int, LakeFile] = {}
-    for rec in batch:
-        f = guarded(rec, ctx, lambda r, c: c.lake_file(r))
-        if f is not None:
-            files[rec.id] = f
+    files = lake_files(batch, ctx)
     todo = [rec for rec in batch if rec.id in files]
     if not todo:
         return
-    try:
-        outcomes = ctx.catalogue.register_many([files[rec.id] for rec in todo])
-    except Exception as exc:  # noqa: BLE001 - the whole call failed: each file fails with it
-        outcomes = [exc] * len(todo)
+    registered = outcomes(lambda: ctx.catalogue.register_many([files[rec.id] for rec in todo]), len(todo))
     hit("after_register")
     moves: list[tuple[FileRecord, Event, dict[str, Any] | None, dict[str, Any]]] = []
-    for rec, problem in zip(todo, outcomes, strict=True):
+    for rec, problem in zip(todo, registered, strict=True):
         if problem is None:
             moves.append((rec, Event.REGISTERED, None, {"attempts": 0}))
         else:
