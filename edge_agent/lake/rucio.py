@@ -156,6 +156,8 @@ class RucioCatalogue(RucioRecords, Catalogue):
         # S3 RSEs (sign_url = "s3"): their https PFNs are reached only through URLs Rucio signs
         self._s3 = {d.rse for d in settings.destinations.values() if d.sign_url == "s3" and d.rse}
         self._max_bytes = dict(max_bytes or {})
+        # RSE -> the scheme its destination is written in, where the settings name one
+        self._written_in = {d.rse: d.scheme for d in settings.destinations.values() if d.rse and d.scheme}
         self._lock = threading.Lock()
         self._known: set[tuple[str, str]] = set()        # datasets/containers seen to exist
         self._pfns: OrderedDict[tuple[str, str, str], str] = OrderedDict()   # (rse, did, scheme) -> PFN
@@ -665,8 +667,11 @@ class RucioCatalogue(RucioRecords, Catalogue):
         for r in listed.replicas:
             if r.location == rule.buffer_rse:
                 continue
-            # PFNs are never compared as strings (the same file's differ by scheme and by '//'): only chosen
-            url = pick_url(r.urls, schemes)
+            # PFNs are never compared as strings (the same file's differ by scheme and by '//'): only
+            # chosen. A destination written in a scheme of its own (`scheme`) is asked in that scheme
+            # too: the storage answers as it did right after the upload, through the same transport
+            want = self._written_in.get(r.location)
+            url = pick_url(r.urls, [want, *schemes] if want else schemes)
             # an S3 PFN may come signed (a credential): never kept
             out.append(RecordedReplica(r.location, unsigned_url(url) if r.location in self._s3 else url,
                                        listed.size, listed.adler32, r.state == "AVAILABLE"))

@@ -972,3 +972,19 @@ def test_a_batch_s_rules_are_asked_in_one_call_and_a_rule_that_exists_is_found(l
     assert len(rucio.rules) == 5                               # one rule each, none twice
     before = len(rucio.calls)
     assert lake.request_copies_many(files[:3]) == refs[:3]     # again: the same rules
+
+
+def test_a_destination_written_over_http_is_verified_over_http(rucio: FakeRucio, transports: dict[str, MockTransport],
+                                                               tmp_path: Path) -> None:
+    """lake.rucio.schemes puts root before http; lake1 is written over http (its `scheme`): its copy
+    is asked of the storage over http too, not by a root:// query."""
+    s = make_settings(tmp_path)
+    s.destinations["lake1"].scheme = "http"
+    assert s.lake.rucio is not None
+    client = RucioClient(s.lake.rucio, transport=httpx.MockTransport(rucio), sleep=lambda t: None)
+    lake = CheckedCatalogue(s, dict(transports), client)
+    f = registered_in_place(lake, rucio, tmp_path)
+    rucio.replicas[("test", "f1", "LAKE2")]["state"] = "AVAILABLE"
+    [lake1, lake2] = lake.recorded(f)
+    assert lake1.url == "http://xrd:8080/data/lake1/test/f1"              # its own scheme
+    assert lake2.url == "root://xrd:1094//data/lake2/test/f1"             # scheme root, as configured
