@@ -82,6 +82,12 @@ def _rule_state(rule: dict[str, Any], *, waits_for_source: bool) -> CopiesState:
     return _RULE_STATES.get(state, CopiesState.REPLICATING)
 
 
+def _once(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each DID's entry once: versions with the same bytes share a name, and one batch may hold two;
+    Rucio refuses a call that names a new DID twice (a 500, which would be retried for ever)."""
+    return list({(e["scope"], e["name"]): e for e in entries}.values())
+
+
 class RucioRecords(Records):
     """What a Rucio server records, read through `client` alone: no agent settings needed (the
     access API's Lake.connect has none). RucioCatalogue reads through these same methods."""
@@ -312,7 +318,7 @@ class RucioCatalogue(RucioRecords, Catalogue):
         for i in going():
             by_rse.setdefault(entries[i][0], []).append(i)
         for rse, idx in by_rse.items():
-            self._narrowed(idx, lambda part, rse=rse: self.client.add_replicas(rse, [entries[i][1] for i in part]),
+            self._narrowed(idx, lambda part, rse=rse: self.client.add_replicas(rse, _once([entries[i][1] for i in part])),
                            out)
         self._check_content(files, going(), out, must_exist=True)
         by_dataset: dict[tuple[str, str, str | None], list[int]] = {}
@@ -366,7 +372,7 @@ class RucioCatalogue(RucioRecords, Catalogue):
         attachments: list[tuple[str, str, list[tuple[str, str]]]] = []
         for attempt in (1, 2):
             self._ensure(f.scope, f.dataset, "DATASET")
-            attachments = [(f.scope, f.dataset, [(g.scope, g.name) for g in files])]
+            attachments = [(f.scope, f.dataset, list(dict.fromkeys((g.scope, g.name) for g in files)))]
             if f.container:
                 self._ensure(f.scope, f.container, "CONTAINER")
                 attachments.insert(0, (f.scope, f.container, [(f.scope, f.dataset)]))
@@ -529,9 +535,9 @@ class RucioCatalogue(RucioRecords, Catalogue):
                 if len(part) == 1:
                     self.add_replica(*copies[part[0]])
                     return
-                self.client.add_replicas(rse, [self._file_entry(copies[i][0], "A", copies[i][2]) for i in part])
-                self.client.update_replica_states(rse, [{"scope": copies[i][0].scope, "name": copies[i][0].name,
-                                                         "state": "A"} for i in part])
+                self.client.add_replicas(rse, _once([self._file_entry(copies[i][0], "A", copies[i][2]) for i in part]))
+                self.client.update_replica_states(rse, _once([{"scope": copies[i][0].scope, "name": copies[i][0].name,
+                                                               "state": "A"} for i in part]))
             self._narrowed(idx, record, out)
         return out
 
@@ -556,10 +562,11 @@ class RucioCatalogue(RucioRecords, Catalogue):
                 if len(part) == 1:
                     out[part[0]] = self._asked_alone(files[part[0]])
                     return
-                ids = self.client.add_rules([(files[i].scope, files[i].name) for i in part], copies, expression,
-                                            lifetime=lifetime, activity=activity, grouping=grouping)
-                for i, rid in zip(part, ids, strict=True):
-                    out[i] = rid
+                dids = list(dict.fromkeys((files[i].scope, files[i].name) for i in part))
+                ids = dict(zip(dids, self.client.add_rules(dids, copies, expression, lifetime=lifetime,
+                                                           activity=activity, grouping=grouping), strict=True))
+                for i in part:
+                    out[i] = ids[(files[i].scope, files[i].name)]
             self._narrowed(idx, ask, out, also=AlreadyDone)   # type: ignore[arg-type]
         return out
 
