@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence, TypeVar
 
+from ..errors import RetryableError
 from ..lake.base import CopiesState, LakeFile, RecordedReplica
 from ..ledger import FileRecord
 from .context import StepContext
@@ -44,8 +45,15 @@ def ask(batch: Sequence[FileRecord], ctx: StepContext) -> Asked:
     try:
         states = ctx.catalogue.copies_states([(files[rec.id], rec.lake_ref) for rec in recs])
         recorded = ctx.catalogue.recorded_many([files[rec.id] for rec in recs])
-    except Exception as exc:  # noqa: BLE001 - each file fails with the call (retried, or quarantined)
-        for rec in recs:
+    except RetryableError as exc:
+        for rec in recs:                 # the catalogue cannot answer now: every file waits for it
             guarded(rec, ctx, raising(exc))
         return {}
+    except Exception as exc:  # noqa: BLE001 - one file's trouble must not hold back the others
+        if len(recs) == 1:
+            guarded(recs[0], ctx, raising(exc))
+            return {}
+        # asked again file by file: the one the catalogue refuses (or a bug trips on) fails alone,
+        # instead of every file of the batch being quarantined with it
+        return {k: v for rec in recs for k, v in ask([rec], ctx).items()}
     return {rec.id: (files[rec.id], st, rr) for rec, st, rr in zip(recs, states, recorded, strict=True)}

@@ -1433,3 +1433,17 @@ def test_a_copy_the_catalogue_will_not_record_holds_back_its_file_alone(env: Env
     now = [env.ledger.get(r.id) for r in recs]
     assert [r.state for r in now] == [S.TRANSFERRED, S.QUARANTINED, S.TRANSFERRED]
     assert {r["state"] for r in env.ledger.replicas(recs[1].id)} == {"sent"}   # not counted as recorded
+
+
+def test_a_file_the_catalogue_cannot_be_asked_about_fails_alone_at_confirmation(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    recs = to_state(env, 3, S.TRANSFERRED)
+    real = env.lake.recorded
+
+    def refuse_one(f: Any) -> Any:
+        if f.name == recs[1].name:
+            raise PermanentError("the catalogue refuses to list this one")
+        return real(f)
+    monkeypatch.setattr(env.lake, "recorded", refuse_one)
+    steps.run(recs, env.ctx)
+    assert [env.ledger.get(r.id).state for r in recs] == [S.DELETED, S.QUARANTINED, S.DELETED]
