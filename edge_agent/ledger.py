@@ -9,6 +9,7 @@ the `events` table so each file's history can be replayed.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import os
@@ -31,6 +32,7 @@ from .core.lifecycle import (
     apply,
 )
 from .errors import LedgerUnwritable
+from .groupcommit import CommitFailed, GroupCommit
 
 SCHEMA_VERSION = 1
 
@@ -256,7 +258,9 @@ class Ledger:
                  readonly: bool = False) -> None:
         self.path = Path(path)
         self._clock = clock
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()       # the write connection
+        self._readers = threading.local()    # each thread's read connection
+        self._all_readers: list[sqlite3.Connection] = []
         self.damage: str | None = None     # sticky: see probe()
         self._opened: tuple[int, int] | None = None   # (st_dev, st_ino) of the file opened for writing
         if readonly:
@@ -272,6 +276,8 @@ class Ledger:
                 self._db = sqlite3.connect(f"file:{self.path}?immutable=1", uri=True, check_same_thread=False,
                                            isolation_level=None)
             self._db.row_factory = sqlite3.Row
+            self._readonly = True
+            self._writes = GroupCommit(self._db, self._lock)
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -304,6 +310,8 @@ class Ledger:
             self._db.execute("DROP INDEX events_problems")
         self._db.executescript(_INDEXES)
         self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        self._writes = GroupCommit(self._db, self._lock)
+        self._readonly = False
 
     def _migrate(self) -> None:
         """A ledger written by an older agent gains the columns added since (all nullable)."""
@@ -328,7 +336,10 @@ class Ledger:
     def close(self) -> None:
         """The database connection is closed."""
         with self._lock:
+            self._writes.close_open()
             self._db.close()
+        for reader in self._all_readers:
+            reader.close()
 
     def meta(self, key: str) -> str | None:
         """The value stored under `key` in the meta table (None if none)."""
@@ -364,56 +375,45 @@ class Ledger:
         return LedgerDamaged(f"the ledger {self.path} cannot be trusted: {exc}")
 
     # ------------------------------------------------------------ plumbing
-    class _Tx:
-        def __init__(self, ledger: "Ledger") -> None:
-            self.ledger = ledger
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction, shared with the writers queued beside it (groupcommit.py): returns
+        once committed. SQLite's errors become LedgerDamaged or LedgerUnwritable where they say the
+        ledger is corrupt or cannot be written; a body's own errors pass."""
+        try:
+            with self._writes.transaction() as db:
+                yield db
+        except CommitFailed as exc:
+            raise (self._damaged(exc.cause) if _is_corrupt(exc.cause) else _unwritable(self.path, exc.cause)) from exc
+        except sqlite3.Error as exc:
+            if _is_corrupt(exc):
+                raise self._damaged(exc) from exc
+            if isinstance(exc, sqlite3.OperationalError) and _is_storage_error(exc):
+                raise _unwritable(self.path, exc) from exc
+            raise
 
-        def __enter__(self) -> sqlite3.Connection:
-            self.ledger._lock.acquire()
-            try:
-                self.ledger._db.execute("BEGIN IMMEDIATE")
-            except BaseException as exc:
-                self.ledger._lock.release()
-                if _is_corrupt(exc):
-                    raise self.ledger._damaged(exc) from exc
-                if isinstance(exc, sqlite3.OperationalError) and _is_storage_error(exc):
-                    raise _unwritable(self.ledger.path, exc) from exc
-                raise
-            return self.ledger._db
-
-        def __exit__(self, et: Any, ev: Any, tb: Any) -> None:
-            try:
-                if et is None:
-                    try:
-                        self.ledger._db.execute("COMMIT")
-                    except sqlite3.Error as exc:
-                        # a COMMIT that failed (disk full, I/O error) may leave the transaction
-                        # open, and every later BEGIN would then fail even once space is freed
-                        self._rollback()
-                        raise (self.ledger._damaged(exc) if _is_corrupt(exc) else _unwritable(self.ledger.path, exc)) from exc
-                else:
-                    self._rollback()
-                    if _is_corrupt(ev):
-                        raise self.ledger._damaged(ev) from ev
-                    if isinstance(ev, sqlite3.OperationalError) and _is_storage_error(ev):
-                        raise _unwritable(self.ledger.path, ev) from ev
-            finally:
-                self.ledger._lock.release()
-
-        def _rollback(self) -> None:
-            if self.ledger._db.in_transaction:
-                try:
-                    self.ledger._db.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass   # SQLite already rolled it back itself
-
-    def _tx(self) -> "Ledger._Tx":
-        return Ledger._Tx(self)
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's read connection: reads see only what is committed (never a group's writes
+        before its COMMIT) and wait neither for the writers (WAL) nor for each other."""
+        db = getattr(self._readers, "db", None)
+        if db is None:
+            db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
+            db.row_factory = sqlite3.Row
+            self._readers.db = db
+            with self._lock:
+                self._all_readers.append(db)
+        return db
 
     def _query(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        with self._lock:
+        # committed data only (what is read may lead to an effect outside the ledger), except for a
+        # writer reading inside its own transaction
+        if self._readonly or self._writes.inside():
+            db, lock = self._db, self._lock
+        else:
+            db, lock = self._reader(), contextlib.nullcontext()
+        with lock:
             try:
-                return self._db.execute(sql, args).fetchall()
+                return db.execute(sql, args).fetchall()
             except sqlite3.DatabaseError as exc:
                 if _is_corrupt(exc):
                     raise self._damaged(exc) from exc

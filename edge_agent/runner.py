@@ -39,6 +39,36 @@ log = structlog.get_logger("edge_agent.runner")
 # (NTP slews far slower): every persisted wait (backoff, confirmation, keep) is looked at again.
 CLOCK_STEP_S = 1.0
 
+# A job of a step that works file by file takes up to this many files, and more than one only
+# while they add up to less than JOB_BYTES: small files go in groups (one dispatch, the next file
+# started at once), large ones each on a worker of their own (side by side).
+JOB_FILES = 32
+JOB_BYTES = 64 << 20
+
+
+def share_out(due: list[FileRecord], workers: int) -> list[list[FileRecord]]:
+    """`due` (in priority order) shared out over up to `workers` jobs: each job takes files in turn
+    while it holds fewer than JOB_FILES files and JOB_BYTES bytes, so a few files go one per job
+    (side by side) and a backlog of small ones in groups."""
+    if not due or workers <= 0:
+        return []
+    per_job = max(1, min(JOB_FILES, -(-len(due) // workers)))
+    jobs: list[list[FileRecord]] = []
+    job: list[FileRecord] = []
+    size = 0
+    for rec in due:
+        n = rec.size or 0
+        if job and (len(job) >= per_job or size + n > JOB_BYTES):
+            jobs.append(job)
+            job, size = [], 0
+            if len(jobs) == workers:
+                break
+        job.append(rec)
+        size += n
+    else:
+        jobs.append(job)
+    return jobs
+
 
 @dataclass
 class Counters:
@@ -268,8 +298,10 @@ class Runner:
                 pass
 
     def dispatch(self, now: float) -> None:
-        """Hand due work to each pool, as many jobs as it has free workers: one file each for a step
-        that works file by file, up to lake_batch_files of one rule and dataset for a batched one."""
+        """Hand due work to each pool, as many jobs as it has free workers: up to lake_batch_files of
+        one rule and dataset for a batched step; for a step that works file by file, the due files
+        shared out over the free workers (a job takes several small files, so that a night of small
+        files is not dispatched one file per tick, and one large file alone)."""
         if self.stopping.is_set():
             return
         for pool in POOLS:
@@ -279,7 +311,8 @@ class Runner:
             if free <= 0:
                 continue
             states = states_of_pool(pool)
-            per_job = self.settings.lake_batch_files if any(STEPS[s].batched for s in states) else 1
+            batched = any(STEPS[s].batched for s in states)
+            per_job = self.settings.lake_batch_files if batched else JOB_FILES
             jobs: dict[tuple[object, ...], list[FileRecord]] = {}
             for rec in self.ledger.due(states, now, free * per_job, exclude):
                 if rec.rule not in self.settings.rules:
@@ -289,9 +322,12 @@ class Runner:
                     # later (the other agent may stop), and meanwhile out of the way of the others
                     self.ledger.set_next_at(rec.id, now + self.settings.rescan_seconds)
                     continue
-                key: tuple[object, ...] = (rec.state, rec.rule, rec.dataset) if STEPS[rec.state].batched else (rec.id,)
+                key: tuple[object, ...] = (rec.state, rec.rule, rec.dataset) if STEPS[rec.state].batched else ()
                 jobs.setdefault(key, []).append(rec)
-            batches = [group[i:i + per_job] for group in jobs.values() for i in range(0, len(group), per_job)]
+            if batched:
+                batches = [group[i:i + per_job] for group in jobs.values() for i in range(0, len(group), per_job)]
+            else:
+                batches = share_out(jobs.get((), []), free)
             for batch in batches[:free]:
                 with self._lock:
                     self.jobs[pool] += 1

@@ -18,7 +18,7 @@ from types import TracebackType
 from typing import BinaryIO, Self
 
 from ..errors import RetryableError
-from ..hashing import CHUNK, Consumer, Digests, MultiHash
+from ..hashing import CHUNK, Consumer, Digests, MultiHash, buffer_size
 from ..localfs import Source, open_source
 from .base import Expected, Pacer
 
@@ -91,7 +91,8 @@ class Tee:
         return self.digests()
 
     def _read(self) -> Iterator[bytes | memoryview]:
-        fh, size = self._fh, self._chunk_size
+        fh = self._fh
+        size = buffer_size(fh, self._chunk_size)  # type: ignore[arg-type]
         buf = None if self._fresh else bytearray(size)
         view = None if buf is None else memoryview(buf)
         while True:

@@ -14,8 +14,9 @@ import time
 import warnings
 from typing import Callable
 
-from watchdog.events import (DirMovedEvent, FileClosedEvent, FileSystemEvent,
-                             FileSystemEventHandler, FileSystemMovedEvent)
+from watchdog.events import (DirCreatedEvent, DirDeletedEvent, DirModifiedEvent, DirMovedEvent,
+                             FileClosedEvent, FileCreatedEvent, FileDeletedEvent, FileModifiedEvent,
+                             FileMovedEvent, FileSystemEvent, FileSystemEventHandler, FileSystemMovedEvent)
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
@@ -71,6 +72,14 @@ class DirtyPaths:
     def forget_closed(self, path: bytes) -> None:
         with self._lock:
             self.closed_as.pop(path, None)
+
+
+# What is asked of the kernel: writes, closes after writing, names coming and going. Not opens
+# and closes without writing: the agent's own reads of every file (hashing, uploads, rechecks)
+# would come back as events, several per file, each woken, queued and dispatched for nothing.
+WATCHED_EVENTS: list[type[FileSystemEvent]] = [
+    FileCreatedEvent, FileModifiedEvent, FileDeletedEvent, FileMovedEvent, FileClosedEvent,
+    DirCreatedEvent, DirModifiedEvent, DirDeletedEvent, DirMovedEvent]
 
 
 class _Handler(FileSystemEventHandler):
@@ -147,7 +156,7 @@ class Watcher:
         """Start watching; returns why not (the rescan still covers the directory)."""
         try:
             self.observer.schedule(_Handler(rule, self.dirty, self.rescan_wanted), directory,
-                                   recursive=recursive)
+                                   recursive=recursive, event_filter=WATCHED_EVENTS)
         except OSError as exc:
             return f"cannot watch {directory}: {exc}"
         self.watching[rule] = directory

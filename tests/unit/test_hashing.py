@@ -131,3 +131,28 @@ def test_md5_beside_the_other_hashes_on_a_reused_buffer(tmp_path: Path) -> None:
     assert d.md5 == hashlib.md5(data).hexdigest()
     assert d.blake3 == blake3.blake3(data).hexdigest() and d.size == len(data)
     assert d.adler32 == f"{zlib.adler32(data) & 0xFFFFFFFF:08x}"
+
+
+def test_a_small_file_is_read_through_a_buffer_its_size_not_a_whole_chunk(tmp_path: Path) -> None:
+    """Making an 8 MiB buffer (zeroed, with the GIL held) to read 64 KiB was most of the cost of
+    reading a small file."""
+    from edge_agent.hashing import MIN_BUFFER, buffer_size
+    small, big = tmp_path / "small", tmp_path / "big"
+    small.write_bytes(b"x" * 1000)
+    big.write_bytes(b"y" * (3 << 20))
+    with open(small, "rb") as fh:
+        assert buffer_size(fh, 8 << 20) == MIN_BUFFER
+        assert [len(c) for c in read_chunks(fh, 8 << 20)] == [1000]
+    with open(big, "rb") as fh:
+        assert buffer_size(fh, 8 << 20) == (3 << 20) + 1     # read whole, the end seen next
+        assert buffer_size(fh, 1 << 20) == 1 << 20
+    assert buffer_size(io.BytesIO(b"abc"), 4096) == 4096     # not a file: as asked
+
+
+def test_a_file_that_grows_after_it_was_opened_is_still_read_to_its_end(tmp_path: Path) -> None:
+    p = tmp_path / "grows"
+    p.write_bytes(b"a" * 10)
+    with open(p, "rb") as fh:
+        with open(p, "ab") as w:
+            w.write(b"b" * 200_000)
+        assert sum(len(c) for c in read_chunks(fh, 8 << 20)) == 200_010

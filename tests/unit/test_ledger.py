@@ -405,7 +405,7 @@ class _FailingCommit:
 
 def test_a_failed_commit_is_rolled_back_so_the_ledger_works_again_afterwards(ledger: Ledger) -> None:
     fid = discover(ledger).id
-    ledger._db = _FailingCommit(ledger._db)  # type: ignore[assignment]
+    ledger._db = ledger._writes._db = _FailingCommit(ledger._db)  # type: ignore[assignment]
     with pytest.raises(LedgerUnwritable, match="cannot be written: database or disk is full"):
         ledger.transition(fid, S.DISCOVERED, E.COMPLETED)
     assert ledger.get(fid).state is S.DISCOVERED          # nothing half-recorded

@@ -97,3 +97,45 @@ def test_catalogue_work_goes_in_batches_of_one_dataset(tmp_path: Path, clock: An
     r.dispatch(clock())                            # every worker busy: nothing more is handed over
     assert len(r.pools["lake"].jobs) == 3          # type: ignore[attr-defined]
     ledger.close()
+
+
+def _rec(i: int, size: int) -> Any:
+    from types import SimpleNamespace
+    return SimpleNamespace(id=i, size=size)      # all that sharing out looks at
+
+
+@pytest.mark.parametrize("sizes, workers, expected", [
+    ([1] * 3, 2, [[0, 1], [2]]),                        # a few small files: over every free worker
+    ([1] * 100, 2, [list(range(32)), list(range(32, 64))]),   # a backlog: groups of JOB_FILES
+    ([1 << 30] * 3, 4, [[0], [1], [2]]),                # large files: each on a worker of its own
+    ([40 << 20] * 3, 1, [[0]]),                         # together over JOB_BYTES: one at a time
+    ([1] * 5, 1, [[0, 1, 2, 3, 4]]),
+    ([], 3, []),
+])
+def test_per_file_work_is_shared_out_over_the_free_workers(sizes: list[int], workers: int,
+                                                           expected: list[list[int]]) -> None:
+    from edge_agent.runner import share_out
+    jobs = share_out([_rec(i, n) for i, n in enumerate(sizes)], workers)
+    assert [[r.id for r in job] for job in jobs] == expected
+
+
+def test_a_backlog_of_small_files_is_handed_to_the_hashing_workers_in_groups(
+        tmp_path: Path, clock: Any, settings_data: Callable[..., Any]) -> None:
+    """One file per job meant one dispatch (a tick of the main loop) per file: the loop, not the
+    workers, set the pace of a night of small files."""
+    for d in ("daq", "lake-a", "lake-b"):
+        (tmp_path / d).mkdir()
+    s = Settings(**settings_data(tmp_path, hash_workers=2))
+    ledger = Ledger(s.ledger_path, clock=clock)
+    r = Runner(s, ledger, build_catalogue(s), clock=clock, monotonic=clock)
+    for pool in r.pools.values():
+        pool.shutdown()
+    r.pools = {name: Pool() for name in r.pools}   # type: ignore[misc]
+    for i in range(10):
+        rec = ledger.discover("r", str(tmp_path / "daq" / f"f{i}").encode(), f"f{i}", 1, i + 1, 100, 1, 0)
+        ledger.transition(rec.id, State.DISCOVERED, Event.COMPLETED)
+    r.dispatch(clock())
+    jobs = r.pools["hash"].jobs                    # type: ignore[attr-defined]
+    assert [len(j) for j in jobs] == [5, 5]
+    assert len(r.in_flight) == 10 and r.jobs["hash"] == 2
+    ledger.close()

@@ -51,3 +51,47 @@ def test_more_overflow_messages_close_behind_ask_for_another_rescan_without_coun
         assert lost == [1, 1] and w.overflows == 1
     finally:
         log.removeHandler(w.alarm)
+
+
+def test_the_agents_own_reads_of_a_watched_file_raise_no_events(tmp_path: Path) -> None:
+    """Hashing, uploading and rechecking open and read every file: with opens and closes without
+    writing asked of the kernel, each came back as events, woken, queued and dispatched for nothing
+    (several per file, a tenth of the agent's time in a night of small files)."""
+    import time
+
+    from watchdog.events import FileSystemEventHandler
+
+    seen: list[str] = []
+
+    class Count(FileSystemEventHandler):
+        def on_any_event(self, event) -> None:  # type: ignore[no-untyped-def]
+            seen.append(event.event_type)
+
+    (tmp_path / "f.fits").write_bytes(b"x" * 100)
+    w = Watcher(DirtyPaths(), lambda rule: None)
+    from edge_agent.watch.events import WATCHED_EVENTS
+    w.observer.schedule(Count(), str(tmp_path), recursive=True, event_filter=WATCHED_EVENTS)
+    w.start()
+    try:
+        time.sleep(0.2)
+        for _ in range(20):
+            (tmp_path / "f.fits").read_bytes()
+        (tmp_path / "g.fits").write_bytes(b"y")      # a write still comes through
+        deadline = time.monotonic() + 5
+        while "closed" not in seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
+    finally:
+        w.stop()
+    assert "closed" in seen and "created" in seen
+    assert "opened" not in seen and "closed_no_write" not in seen
+
+
+def test_the_watcher_asks_only_for_the_events_it_uses(tmp_path: Path) -> None:
+    w = Watcher(DirtyPaths(), lambda rule: None)
+    assert w.watch("r", str(tmp_path), recursive=True) is None
+    emitters = list(w.observer.emitters)
+    assert emitters, "the watch is scheduled"
+    names = {cls.__name__ for cls in emitters[0]._event_filter}   # watchdog keeps what it was asked
+    assert "FileOpenedEvent" not in names and "FileClosedNoWriteEvent" not in names
+    assert {"FileClosedEvent", "FileMovedEvent", "FileModifiedEvent", "FileCreatedEvent"} <= names
