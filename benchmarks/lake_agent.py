@@ -66,7 +66,10 @@ def profile(pid: int, tag: str) -> subprocess.Popen[bytes] | None:
 
 
 def agent_e2e(lake: Any, src: list[Path], base: Path, *, md5: bool = False, workers: int = 4,
-              budget: float = 600, extra: dict[str, Any] | None = None) -> Run:
+              budget: float = 600, extra: dict[str, Any] | None = None, copies: int = 1,
+              destination: dict[str, Any] | None = None) -> Run:
+    """The agent end to end on `src`; `copies` destinations (the lake's RSEs, over HTTP) written by
+    the agent, each with the settings in `destination` (e.g. isolate_requests)."""
     loopback_only(lake.url, lake.http_url)
     tag = "b" + uuid.uuid4().hex[:8]
     buf = base / f"buffer-{tag}"
@@ -75,10 +78,12 @@ def agent_e2e(lake: Any, src: list[Path], base: Path, *, md5: bool = False, work
         "state_dir": str(base / f"state-{tag}"), "transfer_workers": workers, "hash_workers": 2,
         "tick_seconds": 0.2, "confirm_interval_seconds": 1, "rescan_seconds": 600,
         "lake": lake.agent_lake_config(),
-        "destinations": {"lake1": {"kind": "rse", "rse": lake.lake_rses[0], "scheme": "http"}},
+        "destinations": {f"lake{i + 1}": {"kind": "rse", "rse": lake.lake_rses[i], "scheme": "http",
+                                          **(destination or {})} for i in range(copies)},
         "rules": {"bench": {"directory": str(buf), "scope": lake.scope, "completion": ["renamed"],
                             "name_template": f"{tag}.{{filename}}", "dataset_template": f"{tag}.ds",
-                            "destinations": ["lake1"], "copies": 1, "md5": md5}},
+                            "destinations": [f"lake{i + 1}" for i in range(copies)], "copies": copies,
+                            "md5": md5}},
         **(extra or {})}
     (base / f"state-{tag}").mkdir()
     agent = Agent(base / f"state-{tag}", doc).start()
@@ -116,8 +121,9 @@ def agent_e2e(lake: Any, src: list[Path], base: Path, *, md5: bool = False, work
         agent.stop()
         shutil.rmtree(buf, ignore_errors=True)
         for n in names:       # the lake's copies: the dev lake is shared and its disk is not ours to fill
-            try:
-                lake_file(lake, "lake1", n).unlink()
-            except FileNotFoundError:
-                pass
+            for i in range(copies):
+                try:
+                    lake_file(lake, f"lake{i + 1}", n).unlink()
+                except FileNotFoundError:
+                    pass
         shutil.rmtree(base / f"state-{tag}", ignore_errors=True)

@@ -102,11 +102,11 @@ def main() -> int:
         agent = Agent(load_settings(cfg))
         th = threading.Thread(target=agent.run, daemon=True)
         th.start()
-        payload = os.urandom(64 * 1024)
+        payloads = [os.urandom(64 * 1024) for _ in range(a.files)]   # each file its own bytes
         t0 = time.perf_counter()
         for i in range(a.files):
             tmpf = root / "buf" / f"f{i:05d}.fits.part"
-            tmpf.write_bytes(payload)
+            tmpf.write_bytes(payloads[i])
             os.rename(tmpf, root / "buf" / f"f{i:05d}.fits")
         while not empty(root / "buf"):
             time.sleep(0.05)

@@ -136,9 +136,17 @@ def compare(lake: Any, a: argparse.Namespace, work: Path, rel: str, rows: list[t
     rows.append(row)
     top = ceil.files_s
 
-    run = agent_e2e(lake, files, work, workers=a.workers, budget=a.budget)
+    destination: dict[str, Any] = {}
+    if a.isolate_requests is not None:
+        destination["isolate_requests"] = a.isolate_requests == "true"
+    if a.puts_per_server is not None:
+        destination["puts_per_server"] = a.puts_per_server
+    run = agent_e2e(lake, files, work, workers=a.workers, budget=a.budget, copies=a.copies,
+                    destination=destination)
     rate = run.files_s if run.done else None
-    rows.insert(0, (f"edge-agent end to end, Rucio register + rule + confirm, {a.workers} transfer workers",
+    settings = "".join(f", {k} = {v}" for k, v in destination.items())
+    rows.insert(0, (f"edge-agent end to end, Rucio register + rule + confirm, {a.workers} transfer workers, "
+                    f"copies = {a.copies} (the agent writes them){settings}",
                     f"{run.files_s:,.1f} files/s",
                     f"{run.done} of {run.files} files in {run.seconds:.1f} s"
                     + (" (time budget reached)" if run.done < run.files else ""),
@@ -156,6 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kib", type=int, default=64)
     ap.add_argument("--budget", type=float, default=600, help="seconds the agent may take")
     ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--copies", type=int, default=1, choices=(1, 2),
+                    help="copies the agent writes (one per lake RSE) and Rucio confirms")
+    ap.add_argument("--isolate-requests", choices=("true", "false"), default=None,
+                    help="the destinations' isolate_requests (default: the agent's)")
+    ap.add_argument("--puts-per-server", type=int, default=None,
+                    help="the destinations' puts_per_server (default: the agent's)")
     ap.add_argument("--rucio-files", type=int, default=200)
     ap.add_argument("--rucio-budget", type=float, default=300)
     ap.add_argument("--rucio-venv", type=Path, default=RUCIO_VENV)

@@ -76,6 +76,9 @@ class GroupCommit:
         once this writer's statements are committed; an exception in the body rolls back this
         writer's statements and is raised once the group is settled (CommitFailed instead if the
         group's commit failed)."""
+        if self.inside():
+            # the inner one would commit the outer's group while its body still runs
+            raise RuntimeError("a write transaction inside another one")
         with self._done:
             self._queued += 1
         self._lock.acquire()

@@ -140,6 +140,18 @@ class Move:
     updates: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class WrittenCopy:
+    """A copy the agent wrote (or found bad), as the ledger remembers it: where, what the storage
+    holds, its state, and the history note that goes with it."""
+    location: str
+    url: str
+    size: int | None
+    adler32: str | None
+    state: CopyState
+    note: tuple[State, Event, dict[str, Any]] | None = None
+
+
 class StaleTransition(Exception):
     """The row was not in the expected state: someone else moved it (or it was superseded)."""
 
@@ -742,11 +754,16 @@ class Ledger:
         return self.get(file_id)
 
     def transition(self, file_id: int, expect: State, event: Event, detail: dict[str, Any] | None = None,
-                   **updates: Any) -> FileRecord:
-        """Move one file along the lifecycle, atomically, with its event. Raises StaleTransition."""
+                   *, copies: Sequence[WrittenCopy] = (), **updates: Any) -> FileRecord:
+        """Move one file along the lifecycle, atomically, with its event, and with `copies` recorded in
+        the same commit (the copy a step wrote and the move it ends with: a crash keeps both or
+        neither, as a crash right after the write would). Raises StaleTransition."""
         with self._tx() as db:
+            for copy in copies:
+                self._record_copy(db, file_id, copy)
             self._transition(db, file_id, expect, event, detail, updates)
-        return self.get(file_id)
+            row = db.execute("SELECT * FROM files WHERE id = ?", (file_id,)).fetchone()
+        return _row(row)
 
     def transition_many(self, file_ids: Sequence[int], expect: State, event: Event,
                         detail: dict[str, Any] | None = None, **updates: Any) -> list[int]:
@@ -852,12 +869,16 @@ class Ledger:
                        ) -> None:
         """Remember a copy the agent wrote (or found bad); `note` adds its history event in the same commit."""
         with self._tx() as db:
-            if note is not None:
-                self._event(db, file_id, note[0], note[0], note[1], note[2])
-            db.execute("INSERT INTO replicas VALUES (?,?,?,?,?,?,?) ON CONFLICT (file_id, location) DO UPDATE "
-                       "SET url=excluded.url, size=excluded.size, adler32=excluded.adler32, "
-                       "state=excluded.state, at=excluded.at",
-                       (file_id, location, url, size, adler32, CopyState(state).value, self._clock()))
+            self._record_copy(db, file_id, WrittenCopy(location, url, size, adler32, state, note))
+
+    def _record_copy(self, db: sqlite3.Connection, file_id: int, copy: WrittenCopy) -> None:
+        if copy.note is not None:
+            self._event(db, file_id, copy.note[0], copy.note[0], copy.note[1], copy.note[2])
+        db.execute("INSERT INTO replicas VALUES (?,?,?,?,?,?,?) ON CONFLICT (file_id, location) DO UPDATE "
+                   "SET url=excluded.url, size=excluded.size, adler32=excluded.adler32, "
+                   "state=excluded.state, at=excluded.at",
+                   (file_id, copy.location, copy.url, copy.size, copy.adler32, CopyState(copy.state).value,
+                    self._clock()))
 
     def record_replicas(self, file_id: int, places: Sequence[tuple[str, str]], state: CopyState) -> None:
         """Several copies' state in one commit, (location, url) each: e.g. 'writing', recorded before

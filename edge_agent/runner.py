@@ -39,6 +39,9 @@ log = structlog.get_logger("edge_agent.runner")
 # (NTP slews far slower): every persisted wait (backoff, confirmation, keep) is looked at again.
 CLOCK_STEP_S = 1.0
 
+# The shortest time between two ticks of the main loop (it is woken whenever a step ends).
+MIN_TICK_GAP_S = 0.02
+
 # A job of a step that works file by file takes up to this many files, and more than one only
 # while they add up to less than JOB_BYTES: small files go in groups (one dispatch, the next file
 # started at once), large ones each on a worker of their own (side by side).
@@ -197,6 +200,7 @@ class Runner:
         self.start()
         try:
             while not self.stopping.is_set():
+                started = time.monotonic()
                 try:
                     self.tick()
                 except LedgerUnwritable as exc:
@@ -206,6 +210,12 @@ class Runner:
                     self.stopping.wait(min(5.0, self.settings.rescan_seconds))
                 self.wake.wait(self.settings.tick_seconds)
                 self.wake.clear()
+                # woken by every step that ends: at most one tick per MIN_TICK_GAP_S, so that the
+                # loop's own reads do not grow with the files per second (each tick dispatches
+                # all that is due meanwhile)
+                rest = started + MIN_TICK_GAP_S - time.monotonic()
+                if rest > 0:
+                    self.stopping.wait(rest)
         finally:
             self.shutdown()
 

@@ -7,7 +7,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Sequence
 
 import structlog
 
@@ -15,7 +15,7 @@ from ..core import policy
 from ..core.lifecycle import Event
 from ..lake.base import Catalogue, LakeFile, RecordedReplica, Target
 from ..hashing import hash_stream
-from ..ledger import FileRecord, Ledger, Move
+from ..ledger import FileRecord, Ledger, Move, WrittenCopy
 from ..localfs import LocalFile, inplace_link
 from ..settings import RuleSettings, Settings
 from ..transfer.base import Pacer, Transport
@@ -65,11 +65,11 @@ class StepContext:
             recorded = self.catalogue.recorded(f)
         return verify.replicas(recorded, f, self.transports, verify.Checks.of(self.settings))
 
-    def move(self, rec: FileRecord, event: Event, detail: dict[str, Any] | None = None,
-             **updates: Any) -> FileRecord:
-        """Commit `event` for `rec` (StaleTransition if it moved meanwhile), log it, tell the hooks.
-        Returns the record as it is now."""
-        new = self.ledger.transition(rec.id, rec.state, event, detail, **updates)
+    def move(self, rec: FileRecord, event: Event, detail: dict[str, Any] | None = None, *,
+             copies: Sequence[WrittenCopy] = (), **updates: Any) -> FileRecord:
+        """Commit `event` for `rec` (StaleTransition if it moved meanwhile), with `copies` recorded in
+        the same commit, log it, tell the hooks. Returns the record as it is now."""
+        new = self.ledger.transition(rec.id, rec.state, event, detail, copies=copies, **updates)
         self._told(rec, new, event, detail)
         return new
 

@@ -24,7 +24,7 @@ from ..failpoints import hit
 from ..fits import FitsScan
 from ..hashing import Digests
 from ..lake.base import Target
-from ..ledger import FileRecord, NameConflict
+from ..ledger import FileRecord, NameConflict, WrittenCopy
 from ..transfer.base import Expected
 from ..transfer.tee import read_once
 from . import inplace, metadata, naming
@@ -91,16 +91,18 @@ def hash_one(rec: FileRecord, ctx: StepContext) -> None:
         if first is not None:
             _discard_first(rec, ctx, rule.scope, name, first)
         raise
-    if first is not None:
-        ctx.ledger.record_replica(rec.id, first.location, first.url, d.size, d.adler32, CopyState.SENT, note=(
-            rec.state, Event.COPY_WRITTEN, {"location": first.location, "url": first.url, "with_hashing": True}))
+    # the first copy is recorded with the move, in its commit: a move that fails leaves the copy
+    # as a crash right after the write would (under this version's reservation, found again)
+    written = () if first is None else (WrittenCopy(
+        first.location, first.url, d.size, d.adler32, CopyState.SENT,
+        (rec.state, Event.COPY_WRITTEN, {"location": first.location, "url": first.url, "with_hashing": True})),)
     # ctime (which nobody can set back) and device identify this version from now on, with
     # inode, size and mtime: the deletion compares them all
     assert after is not None
     for attempt in range(5):
         try:
             ctx.move(rec, Event.HASHED, {"blake3": d.blake3, "adler32": d.adler32, "size": d.size},
-                     blake3=d.blake3, adler32=d.adler32, md5=d.md5, size=d.size, scope=rule.scope,
+                     copies=written, blake3=d.blake3, adler32=d.adler32, md5=d.md5, size=d.size, scope=rule.scope,
                      name=name, dataset=dataset, metadata=json.dumps(meta), attempts=0,
                      ctime_ns=after.ctime_ns, dev=after.dev)
             return

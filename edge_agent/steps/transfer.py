@@ -10,7 +10,7 @@ from ..core.lifecycle import CopyState, Event
 from ..errors import RetryableError
 from ..failpoints import hit
 from ..lake.base import Target
-from ..ledger import FileRecord
+from ..ledger import FileRecord, WrittenCopy
 from ..transfer.base import Expected
 from .context import StepContext
 from .failures import guarded
@@ -47,6 +47,7 @@ def transfer_one(rec: FileRecord, ctx: StepContext) -> None:
     # crash mid-write) or found it empty and recorded so before writing: anything else there is
     # never replaced (an identical copy counts; other bytes are DestinationOccupied).
     own = {t.location for t in todo if (r := recorded.get(t.location)) is not None and r["url"] == t.url}
+    last: list[WrittenCopy] = []
     for t in todo:
         transport = ctx.transport(t)
         if t.location not in own and not transport.exists(t.url):
@@ -61,7 +62,12 @@ def transfer_one(rec: FileRecord, ctx: StepContext) -> None:
         got = transport.put(ctx.local(rec), t.url, expected, ctx.pacer(rec.rule, t.location))
         hit("after_put")
         took = max(ctx.clock() - started, 1e-6)
-        ctx.ledger.record_replica(rec.id, t.location, t.url, got.size, got.adler32, CopyState.SENT, note=(
+        copy = WrittenCopy(t.location, t.url, got.size, got.adler32, CopyState.SENT, (
             rec.state, Event.COPY_WRITTEN, {"location": t.location, "url": t.url, "seconds": round(took, 3),
                                             "mb_per_s": round(got.size / took / 1e6, 1)}))
-    ctx.move(rec, Event.COPIED, attempts=0, next_at=0)
+        if t is todo[-1]:
+            last.append(copy)     # recorded with the move, in its commit
+        else:
+            ctx.ledger.record_replica(rec.id, copy.location, copy.url, copy.size, copy.adler32, copy.state,
+                                      note=copy.note)
+    ctx.move(rec, Event.COPIED, copies=last, attempts=0, next_at=0)

@@ -248,3 +248,16 @@ def test_close_commits_a_group_left_open(tmp_path: Path, members: int) -> None:
             gc._db.execute("INSERT INTO t VALUES (?)", (k,))
         gc.close_open()
     assert _committed(path) == set(range(members))
+
+
+def test_a_transaction_inside_another_is_refused(tmp_path: Path) -> None:
+    gc = GroupCommit(_db(tmp_path / "db.sqlite"), threading.RLock())
+    with pytest.raises(RuntimeError, match="inside another"):
+        with gc.transaction() as db:
+            db.execute("INSERT INTO t VALUES (1)")
+            with gc.transaction():
+                pass
+    assert _committed(tmp_path / "db.sqlite") == set()
+    with gc.transaction() as db:                      # and the connection is usable afterwards
+        db.execute("INSERT INTO t VALUES (2)")
+    assert _committed(tmp_path / "db.sqlite") == {2}

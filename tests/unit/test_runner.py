@@ -139,3 +139,30 @@ def test_a_backlog_of_small_files_is_handed_to_the_hashing_workers_in_groups(
     assert [len(j) for j in jobs] == [5, 5]
     assert len(r.in_flight) == 10 and r.jobs["hash"] == 2
     ledger.close()
+
+
+def test_steps_ending_in_a_burst_wake_the_loop_a_bounded_number_of_times(
+        runner: Runner, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every step that ends wakes the loop; a tick per step meant the loop's own reads grew with the
+    files per second and took the ledger from the workers."""
+    import threading
+    import time
+
+    from edge_agent.runner import MIN_TICK_GAP_S
+    ticks: list[float] = []
+    monkeypatch.setattr(runner, "start", lambda: None)
+    monkeypatch.setattr(runner, "shutdown", lambda: None)
+    monkeypatch.setattr(runner, "tick", lambda: ticks.append(time.monotonic()))
+    th = threading.Thread(target=runner.run_forever)
+    th.start()
+    burst = 0.4
+    end = time.monotonic() + burst
+    while time.monotonic() < end:
+        runner.wake.set()
+        time.sleep(0.0005)
+    runner.stop()
+    th.join(5)
+    assert len(ticks) >= 3                                 # woken, not waiting a whole tick_seconds
+    assert len(ticks) <= burst / MIN_TICK_GAP_S + 3
+    gaps = [b - a for a, b in zip(ticks, ticks[1:])]
+    assert min(gaps) >= MIN_TICK_GAP_S * 0.9

@@ -172,6 +172,48 @@ def test_each_step_is_one_transition(env: Env) -> None:
     assert states == [S.HASHED, S.REGISTERED, S.COPIED, S.TRANSFERRED, S.DELETED]  # confirm deletes at once
 
 
+def test_a_copy_written_last_commits_with_the_move_that_follows_it(env: Env) -> None:
+    """Hashing commits twice (the reservation; first copy + hashed), not three times, and the other
+    copies three times (the writer's claim; 'writing'; copy + copied), not four: the copy's record
+    and the move share a commit."""
+    rec = env.add()
+    before = env.ledger._writes.commits
+    env.step(rec.id)
+    assert env.ledger._writes.commits - before == 2
+    env.step(rec.id)                                   # registered
+    before = env.ledger._writes.commits
+    assert env.step(rec.id).state is S.COPIED
+    assert env.ledger._writes.commits - before == 3
+    assert [(r["location"], r["state"]) for r in env.ledger.replicas(rec.id)] == [("a", "sent"), ("b", "sent")]
+
+
+def test_a_move_that_fails_records_no_copy_and_the_step_still_ends_right(env: Env,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The copy's record and the move commit together: a move that fails (here: the ledger says no
+    once) leaves the written copy as a crash right after the write would, and the next attempt
+    counts it without writing another."""
+    from edge_agent.errors import LedgerUnwritable
+    rec = env.drive(env.add().id, max_steps=2)
+    assert rec.state is S.REGISTERED
+    real = env.ledger.transition
+    calls = {"n": 0}
+
+    def once(*a: Any, **k: Any) -> Any:
+        if a[2] is E.COPIED and not calls["n"]:
+            calls["n"] += 1
+            raise LedgerUnwritable("the ledger l.sqlite cannot be written: database or disk is full")
+        return real(*a, **k)
+
+    monkeypatch.setattr(env.ledger, "transition", once)
+    with pytest.raises(LedgerUnwritable):
+        env.step(rec.id)
+    assert env.ledger.get(rec.id).state is S.REGISTERED
+    assert {r["location"]: r["state"] for r in env.ledger.replicas(rec.id)}["b"] == "writing"
+    assert env.copy("b", rec).read_bytes() == DATA
+    assert env.drive(rec.id).state is S.DELETED
+    assert env.copy("b", rec).read_bytes() == DATA
+
+
 def test_a_crash_after_a_copy_repeats_only_what_is_missing(env: Env) -> None:
     rec = env.drive(env.add().id, max_steps=2)
     assert rec.state is S.REGISTERED
