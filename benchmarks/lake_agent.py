@@ -77,6 +77,7 @@ def agent_e2e(lake: Any, src: list[Path], base: Path, *, md5: bool = False, work
     doc: dict[str, Any] = {
         "state_dir": str(base / f"state-{tag}"), "transfer_workers": workers, "hash_workers": 2,
         "tick_seconds": 0.2, "confirm_interval_seconds": 1, "rescan_seconds": 600,
+        **({"hash_workers": int(os.environ["EDGE_BENCH_HASH_WORKERS"])} if os.environ.get("EDGE_BENCH_HASH_WORKERS") else {}),
         "lake": lake.agent_lake_config(),
         "destinations": {f"lake{i + 1}": {"kind": "rse", "rse": lake.lake_rses[i], "scheme": "http",
                                           **(destination or {})} for i in range(copies)},

@@ -141,6 +141,8 @@ def compare(lake: Any, a: argparse.Namespace, work: Path, rel: str, rows: list[t
         destination["isolate_requests"] = a.isolate_requests == "true"
     if a.puts_per_server is not None:
         destination["puts_per_server"] = a.puts_per_server
+    if a.scheme != "http":
+        destination["scheme"] = a.scheme
     run = agent_e2e(lake, files, work, workers=a.workers, budget=a.budget, copies=a.copies,
                     destination=destination)
     rate = run.files_s if run.done else None
@@ -166,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--copies", type=int, default=1, choices=(1, 2),
                     help="copies the agent writes (one per lake RSE) and Rucio confirms")
+    ap.add_argument("--scheme", choices=("http", "root"), default="http",
+                    help="the scheme the agent writes its copies in (root: XRootD bindings if importable)")
     ap.add_argument("--isolate-requests", choices=("true", "false"), default=None,
                     help="the destinations' isolate_requests (default: the agent's)")
     ap.add_argument("--puts-per-server", type=int, default=None,

@@ -161,6 +161,11 @@ class Catalogue(abc.ABC):
         written before the DID exists (in the hashing pass). False when unsure."""
         return False
 
+    def foresee(self, files: Sequence[LakeFile]) -> None:
+        """A hint: name_free and targets are about to be asked for these files, one by one; a
+        catalogue that can answer for many in one call may ask now and keep the answers briefly.
+        Best effort: it never raises, and answers not kept are asked for when needed."""
+
     @abc.abstractmethod
     def targets(self, f: LakeFile) -> list[Target]:
         """Where the agent must write copies itself (may be empty: the lake replicates)."""

@@ -23,7 +23,7 @@ from ..errors import (
 from ..failpoints import hit
 from ..fits import FitsScan
 from ..hashing import Digests
-from ..lake.base import Target
+from ..lake.base import LakeFile, Target
 from ..ledger import FileRecord, NameConflict, WrittenCopy
 from ..transfer.base import Expected
 from ..transfer.tee import read_once
@@ -34,8 +34,23 @@ from .failures import guarded
 log = structlog.get_logger("edge_agent.steps")
 
 def run(batch: Sequence[FileRecord], ctx: StepContext) -> None:
+    if len(batch) > 1:
+        ctx.catalogue.foresee([f for rec in batch if (f := _foreseen(rec, ctx)) is not None])
     for rec in batch:
         guarded(rec, ctx, hash_one)
+
+
+def _foreseen(rec: FileRecord, ctx: StepContext) -> LakeFile | None:
+    """The name `rec` will most likely be given (from the stat recorded at completion), for asking
+    the catalogue about a whole job at once; None where it cannot be told now."""
+    try:
+        rule = ctx.rule(rec)
+        if rec.mtime_ns is None or rec.size is None:
+            return None
+        fields = policy.naming_fields(rec.relpath, rec.mtime_ns / 1e9, rec.rule, rule.night_rollover_hour, rule.tz)
+        return ctx.unhashed_file(rec, rule.scope, policy.render(rule.name_template, fields), rec.size)
+    except Exception:  # noqa: BLE001 - a hint only: hash_one renders the name again, and says what is wrong
+        return None
 
 
 def hash_one(rec: FileRecord, ctx: StepContext) -> None:

@@ -43,6 +43,11 @@ Backend = Literal["auto", "python", "cli"]
 
 # XRootD server error numbers (XProtocol.hh, kXR_*)
 NOT_FOUND = 3011
+ITS_THERE = 3018    # kXR_ItExists: an exclusive open found a file there
+
+
+class _Exists(Exception):
+    """An exclusive open found something at the URL: nothing was written."""
 _REFUSED = {3010: "not authorised", 3025: "read-only file system", 3028: "TLS required",
             3030: "authentication failed"}
 _PERMANENT = {3000, 3001, 3002, 3006, 3013, 3015, 3016, 3022, 3023, 3026, 3031}
@@ -130,8 +135,13 @@ class _Client(abc.ABC):
     def rm(self, server: str, path: str) -> None:
         """Remove; nothing there is success."""
 
+    # can a writer be opened only if nothing is at the URL (the server refusing atomically)?
+    exclusive_create = False
+
     @abc.abstractmethod
-    def writer(self, url: str) -> _Writer: ...
+    def writer(self, url: str, exclusive: bool = False) -> _Writer:
+        """A writer to `url`: replacing what is there, or (exclusive, where exclusive_create)
+        refused with _Exists if anything is."""
 
     @abc.abstractmethod
     def reader(self, url: str) -> contextlib.AbstractContextManager[BinaryIO]:
@@ -196,7 +206,7 @@ class CliClient(_Client):
             if code != NOT_FOUND:
                 raise error_for(code, err or out, f"rm {server}/{shown_url(path)}")
 
-    def writer(self, url: str) -> _Writer:
+    def writer(self, url: str, exclusive: bool = False) -> _Writer:
         return _CliWriter(self, url)
 
     @contextlib.contextmanager
@@ -336,11 +346,16 @@ class PythonClient(_Client):
         if not st.ok and st.errno != NOT_FOUND:
             raise _status_error(st, f"rm {server}/{shown_url(path)}")
 
-    def writer(self, url: str) -> _Writer:
+    exclusive_create = True
+
+    def writer(self, url: str, exclusive: bool = False) -> _Writer:
         f = self._client.File()
-        flags = self._open.DELETE | self._open.MAKEPATH | self._open.POSC
+        # NEW: the server creates the file only if nothing is there, in the open itself
+        flags = (self._open.NEW if exclusive else self._open.DELETE) | self._open.MAKEPATH | self._open.POSC
         st, _ = f.open(url, flags, timeout=self.timeout)
         if not st.ok:
+            if exclusive and st.errno == ITS_THERE:
+                raise _Exists(url)
             raise _status_error(st, f"open {shown_url(url)} for writing")
         return _PythonWriter(f, url, self.timeout)
 
@@ -446,10 +461,22 @@ class XRootTransport(Transport):
     def put(self, source: Source, url: str, expected: Expected, pace: Pacer,
             also: Sequence[Consumer] = ()) -> Digests:
         server, path = split_url(url)
-        if self._already_there(server, path, expected):
+        # A URL this version may not replace is written with an exclusive open where the client
+        # has one: the server refuses it atomically if anything is there, which a look first (a
+        # stat per upload) could only tell for the moment of the look. What is found there is
+        # then judged as a look would have judged it.
+        exclusive = not expected.may_replace and self._client.exclusive_create
+        if not exclusive and self._already_there(server, path, expected):
             return expected.digests()
         with self._gates.shared(server):
-            got = self._upload(source, url, server, path, expected, pace, also)
+            try:
+                got = self._upload(source, url, server, path, expected, pace, also, exclusive=exclusive)
+            except _Exists:
+                got = None
+        if got is None:
+            if self._already_there(server, path, expected):     # raises DestinationOccupied for other bytes
+                return expected.digests()
+            raise RetryableError(f"{server}/{shown_url(path)} was taken, then freed, while being written")
         self._check_copy(server, path, got, keep=not expected.may_replace)
         return got
 
@@ -505,19 +532,21 @@ class XRootTransport(Transport):
         return False
 
     def _upload(self, source: Source, url: str, server: str, path: str, expected: Expected,
-                pace: Pacer, also: Sequence[Consumer] = ()) -> Digests:
+                pace: Pacer, also: Sequence[Consumer] = (), exclusive: bool = False) -> Digests:
         # fresh chunks: the bindings' write may still hold a chunk when the next is read
         tee = read_once(source, expected, pace=pace, also=also, chunk_size=self.chunk_size, fresh=True)
         writer: _Writer | None = None
         try:
             with tee:
-                writer = self._client.writer(url)
+                writer = self._client.writer(url, exclusive)
                 for chunk in tee.chunks():
                     writer.write(chunk)  # type: ignore[arg-type]  # fresh: bytes
                 got = tee.digests()
                 w, writer = writer, None
                 w.close()
             return got
+        except _Exists:
+            raise                 # nothing was written: what is there is not ours to discard
         except BaseException:
             if writer is not None:
                 writer.abort()

@@ -331,6 +331,25 @@ def test_http_and_root_never_replace_bytes_the_version_does_not_own(http: HttpTr
         assert area.local(name).read_bytes() == old
 
 
+def test_root_a_copy_no_one_may_replace_is_created_only_where_nothing_is(xroot: XRootTransport, area: Area,
+                                                                        write_src) -> None:
+    """With the bindings the open itself is exclusive (the server refuses it if anything is there);
+    both backends end the same: written where nothing was, other bytes never touched, the same
+    bytes by a known writer counted."""
+    import dataclasses
+    from edge_agent.errors import DestinationOccupied
+    a, b = os.urandom(MiB), os.urandom(MiB)
+    url = area.root("excl")
+    got = xroot.put(write_src("a", a), url, expected_for(a, may_replace=False), no_pace)
+    assert got.adler32 == adler(a) and area.local("excl").read_bytes() == a
+    with pytest.raises(DestinationOccupied):
+        xroot.put(write_src("b", b), url, expected_for(b, may_replace=False), no_pace)
+    assert area.local("excl").read_bytes() == a
+    known = dataclasses.replace(expected_for(a, may_replace=False), known_writer=True)
+    assert xroot.put(write_src("a", a), url, known, no_pace).adler32 == adler(a)
+    assert area.local("excl").read_bytes() == a
+
+
 def test_root_reupload_identical_overwrite_and_delete(xroot: XRootTransport, area: Area, write_src) -> None:
     a, b = os.urandom(MiB), os.urandom(MiB)
     url = area.root("r")

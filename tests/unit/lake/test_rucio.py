@@ -564,6 +564,49 @@ def test_targets_use_lfns2pfns_with_the_first_usable_scheme(lake: CheckedCatalog
                                                                    transports["root"])
 
 
+def test_a_hashing_job_asks_rucio_for_its_names_and_pfns_once_not_per_file(
+        lake: CheckedCatalogue, rucio: FakeRucio, tmp_path: Path) -> None:
+    """Two or three calls per file (GET /dids for a free name, lfns2pfns per RSE) were what a night
+    of small files waited for: the server's CPU. A job asks them for all its files at once."""
+    files = [lake_file(tmp_path, "both", name=f"f{i}") for i in range(30)]
+    lake.register(files[3])                                   # one name Rucio holds already
+    before = len(rucio.calls)
+    lake.foresee(files)
+    asked = [(m, p) for m, p, _ in rucio.calls[before:]]
+    assert asked.count(("POST", "/dids/bulkmeta")) == 1
+    assert sorted(p for m, p in asked if p.endswith("lfns2pfns")) == ["/rses/LAKE1/lfns2pfns", "/rses/LAKE2/lfns2pfns"]
+    before = len(rucio.calls)
+    free = [lake.name_free("test", f.name) for f in files]
+    targets = [lake.targets(f) for f in files]
+    assert rucio.calls[before:] == []                         # all answered from what was asked ahead
+    assert free == [i != 3 for i in range(30)]
+    assert targets[7] == lake.targets(lake_file(tmp_path, "both", name="f7"))
+    assert [t.url for t in targets[7]] == ["root://xrd:1094//data/lake1/test/f7", "root://xrd:1094//data/lake2/test/f7"]
+
+
+def test_names_asked_ahead_are_asked_again_once_the_answer_is_old(
+        lake: CheckedCatalogue, rucio: FakeRucio, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import edge_agent.lake.rucio as mod
+    files = [lake_file(tmp_path, "both", name=f"g{i}") for i in range(3)]
+    lake.foresee(files)
+    lake.register(files[0])                                   # registered by someone after the look
+    now = [mod.time.monotonic() + mod.NAMES_FRESH_S + 1]
+    monkeypatch.setattr(mod.time, "monotonic", lambda: now[0])
+    before = rucio.count("GET", "/dids/test/g0")
+    assert lake.name_free("test", "g0") is False              # asked again: Rucio holds it now
+    assert rucio.count("GET", "/dids/test/g0") == before + 1
+
+
+def test_a_job_rucio_cannot_answer_ahead_is_asked_file_by_file(
+        lake: CheckedCatalogue, rucio: FakeRucio, tmp_path: Path) -> None:
+    files = [lake_file(tmp_path, "both", name=f"h{i}") for i in range(3)]
+    rucio.down = True
+    lake.foresee(files)                                       # never raises: a hint
+    rucio.down = False
+    assert lake.name_free("test", "h1") is True
+    assert rucio.count("GET", "/dids/test/h1") == 1
+
+
 def test_targets_honour_a_destination_scheme(lake: CheckedCatalogue, tmp_path: Path) -> None:
     lake.settings.destinations["lake1"].scheme = "http"
     ts = lake.targets(lake_file(tmp_path, "both"))

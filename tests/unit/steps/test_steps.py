@@ -1489,3 +1489,14 @@ def test_a_file_the_catalogue_cannot_be_asked_about_fails_alone_at_confirmation(
     monkeypatch.setattr(env.lake, "recorded", refuse_one)
     steps.run(recs, env.ctx)
     assert [env.ledger.get(r.id).state for r in recs] == [S.DELETED, S.QUARANTINED, S.DELETED]
+
+
+def test_a_hashing_job_of_several_files_tells_the_catalogue_their_names_ahead(env: Env,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[list[str]] = []
+    monkeypatch.setattr(env.lake, "foresee", lambda files: seen.append([f.did for f in files]))
+    recs = [env.add(f"run42/f{i}.fits") for i in range(3)]
+    steps.run(recs, env.ctx)
+    assert seen == [[f"test:run42/f{i}.fits" for i in range(3)]]
+    assert [env.ledger.get(r.id).state for r in recs] == [S.HASHED] * 3
+    assert [env.ledger.get(r.id).did for r in recs] == seen[0]     # the names foreseen are the names given

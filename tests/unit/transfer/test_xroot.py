@@ -4,6 +4,7 @@ directory and can be told to lie about checksums, refuse, or fail mid-upload."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -365,6 +366,8 @@ class _Status:
 
 class _FakeStorage:
     files: ClassVar[dict[str, bytes]] = {}
+    opens: ClassVar[list[tuple[str, int]]] = []
+    stats: ClassVar[list[str]] = []
     cks = "adler32"
 
 
@@ -379,6 +382,7 @@ def _fake_bindings() -> types.ModuleType:
             self.url = url
 
         def stat(self, path: str, timeout: int = 0) -> tuple[_Status, Any]:
+            store.stats.append(path)
             if path not in store.files:
                 return nf(path), None
             return _Status(), types.SimpleNamespace(size=len(store.files[path]))
@@ -401,6 +405,10 @@ def _fake_bindings() -> types.ModuleType:
             self.flags = flags
             if flags == 1:   # READ
                 return (_Status(), None) if self.path in store.files else (nf(self.path), None)
+            store.opens.append((self.path, flags))
+            if flags & 8 and self.path in store.files:      # NEW: only where nothing is
+                return _Status(3018, f"[ERROR] Server responded with an error: [3018] Unable to pcreate "
+                                     f"{self.path}; file exists"), None
             store.files[self.path] = b""
             return _Status(), None
 
@@ -417,7 +425,7 @@ def _fake_bindings() -> types.ModuleType:
             return _Status(), None
 
     flags = types.ModuleType("XRootD.client.flags")
-    flags.OpenFlags = types.SimpleNamespace(READ=1, DELETE=2, MAKEPATH=256, POSC=128)  # type: ignore[attr-defined]
+    flags.OpenFlags = types.SimpleNamespace(READ=1, DELETE=2, NEW=8, MAKEPATH=256, POSC=128)  # type: ignore[attr-defined]
     flags.QueryCode = types.SimpleNamespace(CHECKSUM=3)  # type: ignore[attr-defined]
     client = types.ModuleType("XRootD.client")
     client.FileSystem = FileSystem  # type: ignore[attr-defined]
@@ -435,6 +443,8 @@ def bindings(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[_FakeStorage]]:
     monkeypatch.setitem(sys.modules, "XRootD.client", pkg.client)  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "XRootD.client.flags", pkg.client.flags)  # type: ignore[attr-defined]
     _FakeStorage.files = {}
+    _FakeStorage.opens = []
+    _FakeStorage.stats = []
     _FakeStorage.cks = "adler32"
     yield _FakeStorage
 
@@ -551,3 +561,39 @@ def test_root_uploads_one_at_a_time_with_puts_per_server_1(bindings: type[_FakeS
     assert holds[1 - first].ready.is_set()
     assert bindings.files[PATH.replace("f1.fits", "two0.fits")] == DATA
     assert bindings.files[PATH.replace("f1.fits", "two1.fits")] == DATA
+
+
+def test_a_new_copy_is_created_exclusively_without_a_look_first(bindings: type[_FakeStorage], src: Path) -> None:
+    """A URL this version may not replace: the server refuses the open if anything is there (atomic),
+    instead of a stat per upload that could only tell for the moment of the look."""
+    t = XRootTransport(backend="python", chunk_size=CHUNK)
+    t.put(str(src), URL, expected_for(DATA, may_replace=False), Pace())
+    assert bindings.files[PATH] == DATA
+    assert bindings.opens == [(PATH, 8 | 256 | 128)]          # NEW | MAKEPATH | POSC
+    assert bindings.stats == [PATH]                           # only the check of the copy written
+
+
+def test_an_exclusive_open_that_finds_other_bytes_never_replaces_them(bindings: type[_FakeStorage], src: Path) -> None:
+    t = XRootTransport(backend="python", chunk_size=CHUNK)
+    bindings.files[PATH] = b"someone else's bytes"
+    with pytest.raises(DestinationOccupied):
+        t.put(str(src), URL, expected_for(DATA, may_replace=False), Pace())
+    assert bindings.files[PATH] == b"someone else's bytes"
+
+
+def test_an_exclusive_open_that_finds_this_versions_copy_counts_it(bindings: type[_FakeStorage], src: Path) -> None:
+    t = XRootTransport(backend="python", chunk_size=CHUNK)
+    bindings.files[PATH] = DATA
+    e = expected_for(DATA, may_replace=False)
+    e = dataclasses.replace(e, known_writer=True)             # written under this name by these bytes
+    assert t.put(str(src), URL, e, Pace()).adler32 == adler(DATA)
+    assert bindings.files[PATH] == DATA and len(bindings.opens) == 1
+
+
+def test_a_url_this_version_may_replace_is_still_looked_at_and_cleared_first(bindings: type[_FakeStorage],
+                                                                            src: Path) -> None:
+    t = XRootTransport(backend="python", chunk_size=CHUNK)
+    bindings.files[PATH] = b"a partial copy of ours"
+    t.put(str(src), URL, expected_for(DATA, may_replace=True), Pace())
+    assert bindings.files[PATH] == DATA
+    assert bindings.opens == [(PATH, 2 | 256 | 128)]          # DELETE | MAKEPATH | POSC
