@@ -271,7 +271,8 @@ class Ledger:
         self.path = Path(path)
         self._clock = clock
         self._lock = threading.RLock()       # the write connection
-        self._readers = threading.local()    # each thread's read connection
+        self._readers_lock = threading.Lock()
+        self._idle_readers: list[sqlite3.Connection] = []   # read connections not in use
         self._all_readers: list[sqlite3.Connection] = []
         self.damage: str | None = None     # sticky: see probe()
         self._opened: tuple[int, int] | None = None   # (st_dev, st_ino) of the file opened for writing
@@ -350,8 +351,10 @@ class Ledger:
         with self._lock:
             self._writes.close_open()
             self._db.close()
-        for reader in self._all_readers:
-            reader.close()
+        with self._readers_lock:
+            for reader in self._all_readers:
+                reader.close()
+            self._all_readers, self._idle_readers = [], []
 
     def meta(self, key: str) -> str | None:
         """The value stored under `key` in the meta table (None if none)."""
@@ -404,32 +407,44 @@ class Ledger:
                 raise _unwritable(self.path, exc) from exc
             raise
 
-    def _reader(self) -> sqlite3.Connection:
-        """This thread's read connection: reads see only what is committed (never a group's writes
-        before its COMMIT) and wait neither for the writers (WAL) nor for each other."""
-        db = getattr(self._readers, "db", None)
-        if db is None:
-            db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
-            db.row_factory = sqlite3.Row
-            self._readers.db = db
-            with self._lock:
+    @contextlib.contextmanager
+    def _reader(self) -> Iterator[sqlite3.Connection]:
+        """A read connection, taken from the idle ones (or opened) and given back: reads see only
+        what is committed (never a group's writes before its COMMIT) and wait neither for the
+        writers (WAL) nor for each other. Pooled, not one per thread: the status server runs a
+        thread per request, and a connection per thread would leak one per scrape."""
+        with self._readers_lock:
+            db = self._idle_readers.pop() if self._idle_readers else None
+            if db is None:
+                db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
+                db.row_factory = sqlite3.Row
                 self._all_readers.append(db)
-        return db
+        try:
+            yield db
+        finally:
+            with self._readers_lock:
+                self._idle_readers.append(db)
 
     def _query(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
         # committed data only (what is read may lead to an effect outside the ledger), except for a
         # writer reading inside its own transaction
+        use: contextlib.AbstractContextManager[Any]
         if self._readonly or self._writes.inside():
-            db, lock = self._db, self._lock
+            use = self._writer_connection()
         else:
-            db, lock = self._reader(), contextlib.nullcontext()
-        with lock:
+            use = self._reader()
+        with use as db:
             try:
                 return db.execute(sql, args).fetchall()
             except sqlite3.DatabaseError as exc:
                 if _is_corrupt(exc):
                     raise self._damaged(exc) from exc
                 raise
+
+    @contextlib.contextmanager
+    def _writer_connection(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            yield self._db
 
     # ------------------------------------------------------------ reading
     def get(self, file_id: int) -> FileRecord:

@@ -261,3 +261,16 @@ def test_a_transaction_inside_another_is_refused(tmp_path: Path) -> None:
     with gc.transaction() as db:                      # and the connection is usable afterwards
         db.execute("INSERT INTO t VALUES (2)")
     assert _committed(tmp_path / "db.sqlite") == {2}
+
+
+def test_reads_from_many_short_lived_threads_do_not_open_a_connection_each(tmp_path: Path) -> None:
+    """The status server answers each request on a thread of its own: one read connection per
+    thread would leak one (and its file descriptors) per scrape."""
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    rec = ledger.discover("r", b"/buf/a", "a", 1, 2, 3, 4, 0)
+    for _ in range(50):
+        t = threading.Thread(target=ledger.get, args=(rec.id,))
+        t.start()
+        t.join()
+    assert len(ledger._all_readers) <= 2
+    ledger.close()
