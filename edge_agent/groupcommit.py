@@ -81,9 +81,13 @@ class GroupCommit:
             raise RuntimeError("a write transaction inside another one")
         with self._done:
             self._queued += 1
-        self._lock.acquire()
-        with self._done:
-            self._queued -= 1
+        try:
+            self._lock.acquire()
+        finally:
+            # also when the wait is interrupted: a writer counted as queued that never comes would
+            # keep every later group open waiting for it
+            with self._done:
+                self._queued -= 1
         try:
             group = self._join()
         except BaseException:
@@ -97,8 +101,10 @@ class GroupCommit:
             own = exc
         finally:
             self._inside.on = False
-        self._leave(group, ok=own is None)
-        self._settle(group)
+        try:
+            self._leave(group, own)
+        finally:
+            self._settle(group)
         with self._done:
             while not group.done:
                 self._done.wait()
@@ -120,18 +126,19 @@ class GroupCommit:
         self._open.members += 1
         return self._open
 
-    def _leave(self, group: _Group, ok: bool) -> None:
-        """With the lock held: this member's statements kept (ok) or undone. A savepoint that cannot
-        be released or rolled back (SQLite rolled the whole transaction back itself, e.g. on a
-        full disk) fails the group."""
+    def _leave(self, group: _Group, own: BaseException | None) -> None:
+        """With the lock held: this member's statements kept (no error of its own) or undone. A
+        savepoint that cannot be released or rolled back (SQLite rolled the whole transaction back
+        itself, e.g. on a full disk) fails the group, with the member's own SQLite error as the
+        cause where it has one (the disk full, not the savepoint SQLite no longer has)."""
         if group.done:
             return
         try:
-            if not ok:
+            if own is not None:
                 self._db.execute("ROLLBACK TO member")
             self._db.execute("RELEASE member")
         except sqlite3.Error as exc:
-            self._fail(group, exc)
+            self._fail(group, own if isinstance(own, sqlite3.Error) else exc)
 
     def _settle(self, group: _Group | None) -> None:
         """With the lock held, and releasing it: the group committed now if nobody queues behind
@@ -181,4 +188,6 @@ class GroupCommit:
         except sqlite3.Error as exc:
             self._fail(group, exc)
             return
+        self.commits += 1
+        self.members += group.members
         self._finish(group)

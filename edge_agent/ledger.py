@@ -416,7 +416,10 @@ class Ledger:
         with self._readers_lock:
             db = self._idle_readers.pop() if self._idle_readers else None
             if db is None:
-                db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
+                # mode=rw: a ledger deleted while the agent runs is not created anew, empty, by a
+                # reader (probe() reports the deletion; reads fail meanwhile)
+                db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=rw", uri=True, check_same_thread=False,
+                                     isolation_level=None, timeout=30)
                 db.row_factory = sqlite3.Row
                 self._all_readers.append(db)
         try:

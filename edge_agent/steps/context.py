@@ -15,7 +15,7 @@ from ..core import policy
 from ..core.lifecycle import Event
 from ..lake.base import Catalogue, LakeFile, RecordedReplica, Target
 from ..hashing import hash_stream
-from ..ledger import FileRecord, Ledger, Move, WrittenCopy
+from ..ledger import FileRecord, Ledger, Move, StaleTransition, WrittenCopy
 from ..localfs import LocalFile, inplace_link
 from ..settings import RuleSettings, Settings
 from ..transfer.base import Pacer, Transport
@@ -69,7 +69,14 @@ class StepContext:
              copies: Sequence[WrittenCopy] = (), **updates: Any) -> FileRecord:
         """Commit `event` for `rec` (StaleTransition if it moved meanwhile), with `copies` recorded in
         the same commit, log it, tell the hooks. Returns the record as it is now."""
-        new = self.ledger.transition(rec.id, rec.state, event, detail, copies=copies, **updates)
+        try:
+            new = self.ledger.transition(rec.id, rec.state, event, detail, copies=copies, **updates)
+        except StaleTransition:
+            # moved meanwhile (superseded: the file changed or went): the copies were written all
+            # the same, and are remembered as this version's, for the clean-up of an ended version
+            for c in copies:
+                self.ledger.record_replica(rec.id, c.location, c.url, c.size, c.adler32, c.state, note=c.note)
+            raise
         self._told(rec, new, event, detail)
         return new
 

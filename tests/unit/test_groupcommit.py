@@ -274,3 +274,80 @@ def test_reads_from_many_short_lived_threads_do_not_open_a_connection_each(tmp_p
         t.join()
     assert len(ledger._all_readers) <= 2
     ledger.close()
+
+
+def test_a_full_disk_that_undoes_the_whole_group_is_reported_as_a_full_disk(tmp_path: Path) -> None:
+    """SQLite rolls the whole transaction back on SQLITE_FULL: the savepoint is gone too, and the
+    operator must read 'disk is full', not 'no such savepoint'."""
+    path = tmp_path / "db.sqlite"
+    db = _db(path)
+    db.execute("CREATE TABLE big (x BLOB)")
+    pages = db.execute("PRAGMA page_count").fetchone()[0]
+    db.execute(f"PRAGMA max_page_count = {pages + 3}")
+    gc = GroupCommit(db, threading.RLock(), max_age_s=10)
+    first, second = _grouped(gc, path, lambda c: c.execute("INSERT INTO t VALUES (1)"),
+                             lambda c: c.execute("INSERT INTO big VALUES (zeroblob(100000))"))
+    assert isinstance(first[0], CommitFailed) and isinstance(second[0], CommitFailed)
+    assert "full" in str(first[0]) and first[0].cause.sqlite_errorcode & 0xFF == 13
+    assert _committed(path) == set()
+    db.execute("PRAGMA max_page_count = 100000")
+    with gc.transaction() as c:
+        c.execute("INSERT INTO t VALUES (5)")
+    assert _committed(path) == {5}
+
+
+def test_a_writer_interrupted_while_queued_does_not_hold_later_groups_open(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+
+    class Interrupted(threading.Thread):
+        pass
+
+    lock = threading.RLock()
+
+    class Lock:
+        """The write lock, whose first wait is interrupted (a signal, a KeyboardInterrupt)."""
+        def __init__(self) -> None:
+            self.interrupt = True
+
+        def acquire(self) -> bool:
+            if self.interrupt:
+                self.interrupt = False
+                raise KeyboardInterrupt
+            return lock.acquire()
+
+        def release(self) -> None:
+            lock.release()
+
+        def __enter__(self) -> None:
+            self.acquire()
+
+        def __exit__(self, *a: Any) -> None:
+            self.release()
+
+    gc = GroupCommit(_db(path), Lock())  # type: ignore[arg-type]
+    with pytest.raises(KeyboardInterrupt):
+        with gc.transaction():
+            pass
+    assert gc._queued == 0
+    done = threading.Event()
+
+    def lone() -> None:
+        with gc.transaction() as db:
+            db.execute("INSERT INTO t VALUES (1)")
+        done.set()
+
+    threading.Thread(target=lone, daemon=True).start()
+    assert done.wait(5), "a lone writer waited for a writer that never came"
+    assert _committed(path) == {1}
+
+
+def test_a_reader_never_creates_a_ledger_that_was_deleted(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    for suffix in ("", "-wal", "-shm"):
+        p = tmp_path / f"ledger.sqlite{suffix}"
+        if p.exists():
+            p.unlink()
+    with pytest.raises(sqlite3.OperationalError):
+        ledger.get(1)
+    assert not (tmp_path / "ledger.sqlite").exists()
+    assert ledger.probe() is not None

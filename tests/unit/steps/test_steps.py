@@ -1500,3 +1500,18 @@ def test_a_hashing_job_of_several_files_tells_the_catalogue_their_names_ahead(en
     assert seen == [[f"test:run42/f{i}.fits" for i in range(3)]]
     assert [env.ledger.get(r.id).state for r in recs] == [S.HASHED] * 3
     assert [env.ledger.get(r.id).did for r in recs] == seen[0]     # the names foreseen are the names given
+
+
+def test_a_copy_whose_move_finds_the_file_moved_is_still_remembered_for_the_clean_up(env: Env) -> None:
+    """The last copy commits with the move; when the move finds the version ended meanwhile (the
+    file changed or went after the write), the copy is recorded all the same, 'sent', as before:
+    the clean-up of an ended version removes what is recorded so."""
+    from edge_agent.ledger import StaleTransition, WrittenCopy
+    from edge_agent.core.lifecycle import CopyState
+    rec = env.drive(env.add().id, max_steps=2)
+    assert rec.state is S.REGISTERED
+    env.ledger.transition(rec.id, S.REGISTERED, E.SUPERSEDED)     # ended by discovery meanwhile
+    copy = WrittenCopy("b", "/lake-b/x", 3, "00000001", CopyState.SENT)
+    with pytest.raises(StaleTransition):
+        env.ctx.move(rec, E.COPIED, copies=[copy])
+    assert [(r["location"], r["state"]) for r in env.ledger.replicas(rec.id)] == [("a", "sent"), ("b", "sent")]
