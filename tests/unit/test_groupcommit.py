@@ -347,7 +347,40 @@ def test_a_reader_never_creates_a_ledger_that_was_deleted(tmp_path: Path) -> Non
         p = tmp_path / f"ledger.sqlite{suffix}"
         if p.exists():
             p.unlink()
-    with pytest.raises(sqlite3.OperationalError):
-        ledger.get(1)
+    busy, release = threading.Event(), threading.Event()
+
+    def writer_busy() -> None:            # a writer at work: reads go through a read connection
+        with ledger._lock:
+            busy.set()
+            release.wait(10)
+
+    t = threading.Thread(target=writer_busy)
+    t.start()
+    assert busy.wait(5)
+    try:
+        with pytest.raises(sqlite3.OperationalError):
+            ledger.get(1)
+    finally:
+        release.set()
+        t.join(5)
     assert not (tmp_path / "ledger.sqlite").exists()
     assert ledger.probe() is not None
+
+
+def test_reads_use_the_write_connection_while_nobody_writes_and_never_while_a_group_is_open(tmp_path: Path) -> None:
+    """Its page cache is warm (a read connection's is dropped whenever the database changed); but
+    a group left open for writers queued behind it holds writes not yet committed."""
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    rec = ledger.discover("r", b"/buf/a", "a", 1, 2, 3, 4, 0)
+    ledger.get(rec.id)
+    assert ledger._all_readers == []                      # nobody writing: no read connection needed
+    with ledger._lock:
+        ledger._db.execute("BEGIN IMMEDIATE")             # as a group left open between its writers
+        ledger._db.execute("UPDATE files SET state = 'complete' WHERE id = ?", (rec.id,))
+    try:
+        assert ledger.get(rec.id).state is S.DISCOVERED   # the committed state, through a read connection
+        assert len(ledger._all_readers) == 1
+    finally:
+        with ledger._lock:
+            ledger._db.execute("ROLLBACK")
+    ledger.close()
