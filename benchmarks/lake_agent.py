@@ -67,7 +67,7 @@ def profile(pid: int, tag: str) -> subprocess.Popen[bytes] | None:
 
 def agent_e2e(lake: Any, src: list[Path], base: Path, *, md5: bool = False, workers: int = 4,
               budget: float = 600, extra: dict[str, Any] | None = None, copies: int = 1,
-              destination: dict[str, Any] | None = None) -> Run:
+              destination: dict[str, Any] | None = None, hash_workers: int = 2) -> Run:
     """The agent end to end on `src`; `copies` destinations (the lake's RSEs, over HTTP) written by
     the agent, each with the settings in `destination` (e.g. isolate_requests)."""
     loopback_only(lake.url, lake.http_url)
@@ -75,9 +75,8 @@ def agent_e2e(lake: Any, src: list[Path], base: Path, *, md5: bool = False, work
     buf = base / f"buffer-{tag}"
     buf.mkdir()
     doc: dict[str, Any] = {
-        "state_dir": str(base / f"state-{tag}"), "transfer_workers": workers, "hash_workers": 2,
+        "state_dir": str(base / f"state-{tag}"), "transfer_workers": workers, "hash_workers": hash_workers,
         "tick_seconds": 0.2, "confirm_interval_seconds": 1, "rescan_seconds": 600,
-        **({"hash_workers": int(os.environ["EDGE_BENCH_HASH_WORKERS"])} if os.environ.get("EDGE_BENCH_HASH_WORKERS") else {}),
         "lake": lake.agent_lake_config(),
         "destinations": {f"lake{i + 1}": {"kind": "rse", "rse": lake.lake_rses[i], "scheme": "http",
                                           **(destination or {})} for i in range(copies)},

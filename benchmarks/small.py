@@ -144,7 +144,7 @@ def compare(lake: Any, a: argparse.Namespace, work: Path, rel: str, rows: list[t
     if a.scheme != "http":
         destination["scheme"] = a.scheme
     run = agent_e2e(lake, files, work, workers=a.workers, budget=a.budget, copies=a.copies,
-                    destination=destination)
+                    destination=destination, hash_workers=a.hash_workers)
     rate = run.files_s if run.done else None
     settings = "".join(f", {k} = {v}" for k, v in destination.items())
     rows.insert(0, (f"edge-agent end to end, Rucio register + rule + confirm, {a.workers} transfer workers, "
@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kib", type=int, default=64)
     ap.add_argument("--budget", type=float, default=600, help="seconds the agent may take")
     ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--hash-workers", type=int, default=2, help="the agent's hash_workers")
     ap.add_argument("--copies", type=int, default=1, choices=(1, 2),
                     help="copies the agent writes (one per lake RSE) and Rucio confirms")
     ap.add_argument("--scheme", choices=("http", "root"), default="http",

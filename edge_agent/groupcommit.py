@@ -151,16 +151,21 @@ class GroupCommit:
                 queued = self._queued
             if queued and not full:
                 return
-            try:
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                self._fail(group, exc)
-                return
-            self.commits += 1
-            self.members += group.members
-            self._finish(group)
+            self._commit(group)
         finally:
             self._lock.release()
+
+    def _commit(self, group: _Group) -> None:
+        """With the lock held: the group's transaction committed and its members woken (failed,
+        all of them, if the COMMIT fails)."""
+        try:
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._fail(group, exc)
+            return
+        self.commits += 1
+        self.members += group.members
+        self._finish(group)
 
     def _fail(self, group: _Group | None, exc: sqlite3.Error) -> None:
         """The whole transaction undone (what SQLite has not undone itself): every member fails."""
@@ -180,14 +185,5 @@ class GroupCommit:
 
     def close_open(self) -> None:
         """With the lock held (closing the connection): a group still open is committed first."""
-        group = self._open
-        if group is None:
-            return
-        try:
-            self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            self._fail(group, exc)
-            return
-        self.commits += 1
-        self.members += group.members
-        self._finish(group)
+        if self._open is not None:
+            self._commit(self._open)

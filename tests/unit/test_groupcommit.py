@@ -122,22 +122,9 @@ def test_a_writer_that_fails_rolls_back_alone_and_the_group_commits_the_rest(tmp
 
 
 def test_a_failed_commit_fails_every_member_and_the_connection_works_afterwards(tmp_path: Path) -> None:
+    from tests.unit.test_ledger import _FailingCommit
     path = tmp_path / "db.sqlite"
-
-    class FailingCommit:
-        def __init__(self, db: sqlite3.Connection) -> None:
-            self.db, self.fail = db, True
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self.db, name)
-
-        def execute(self, sql: str, *args: Any) -> Any:
-            if sql == "COMMIT" and self.fail:
-                self.fail = False
-                raise sqlite3.OperationalError("database or disk is full")
-            return self.db.execute(sql, *args)
-
-    gc = GroupCommit(FailingCommit(_db(path)), threading.RLock())  # type: ignore[arg-type]
+    gc = GroupCommit(_FailingCommit(_db(path)), threading.RLock())  # type: ignore[arg-type]
     first, second = _grouped(gc, path, lambda db: db.execute("INSERT INTO t VALUES (1)"),
                              lambda db: db.execute("INSERT INTO t VALUES (2)"))
     assert isinstance(first[0], CommitFailed) and isinstance(second[0], CommitFailed)

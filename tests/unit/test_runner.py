@@ -68,6 +68,20 @@ class Pool:
         pass
 
 
+def recording_runner(tmp_path: Path, clock: Any, settings_data: Callable[..., Any],
+                     **settings: Any) -> tuple[Runner, Ledger]:
+    """A runner whose pools record the jobs handed over instead of running them."""
+    for d in ("daq", "lake-a", "lake-b"):
+        (tmp_path / d).mkdir()
+    s = Settings(**settings_data(tmp_path, **settings))
+    ledger = Ledger(s.ledger_path, clock=clock)
+    r = Runner(s, ledger, build_catalogue(s), clock=clock, monotonic=clock)
+    for pool in r.pools.values():
+        pool.shutdown()
+    r.pools = {name: Pool() for name in r.pools}   # type: ignore[misc]
+    return r, ledger
+
+
 def hashed(ledger: Ledger, tmp_path: Path, name: str, dataset: str) -> None:
     rec = ledger.discover("r", str(tmp_path / "daq" / name).encode(), name, 1, 1, 1, 1, 0)
     ledger.transition(rec.id, State.DISCOVERED, Event.COMPLETED)
@@ -77,14 +91,7 @@ def hashed(ledger: Ledger, tmp_path: Path, name: str, dataset: str) -> None:
 
 def test_catalogue_work_goes_in_batches_of_one_dataset(tmp_path: Path, clock: Any,
                                                        settings_data: Callable[..., Any]) -> None:
-    for d in ("daq", "lake-a", "lake-b"):
-        (tmp_path / d).mkdir()
-    s = Settings(**settings_data(tmp_path, lake_batch_files=2, lake_workers=3))
-    ledger = Ledger(s.ledger_path, clock=clock)
-    r = Runner(s, ledger, build_catalogue(s), clock=clock, monotonic=clock)
-    for pool in r.pools.values():
-        pool.shutdown()
-    r.pools = {name: Pool() for name in r.pools}   # type: ignore[misc]
+    r, ledger = recording_runner(tmp_path, clock, settings_data, lake_batch_files=2, lake_workers=3)
     for i in range(5):
         hashed(ledger, tmp_path, f"a{i}", "ds.a")
     hashed(ledger, tmp_path, "b0", "ds.b")
@@ -123,14 +130,7 @@ def test_a_backlog_of_small_files_is_handed_to_the_hashing_workers_in_groups(
         tmp_path: Path, clock: Any, settings_data: Callable[..., Any]) -> None:
     """One file per job meant one dispatch (a tick of the main loop) per file: the loop, not the
     workers, set the pace of a night of small files."""
-    for d in ("daq", "lake-a", "lake-b"):
-        (tmp_path / d).mkdir()
-    s = Settings(**settings_data(tmp_path, hash_workers=2))
-    ledger = Ledger(s.ledger_path, clock=clock)
-    r = Runner(s, ledger, build_catalogue(s), clock=clock, monotonic=clock)
-    for pool in r.pools.values():
-        pool.shutdown()
-    r.pools = {name: Pool() for name in r.pools}   # type: ignore[misc]
+    r, ledger = recording_runner(tmp_path, clock, settings_data, hash_workers=2)
     for i in range(10):
         rec = ledger.discover("r", str(tmp_path / "daq" / f"f{i}").encode(), f"f{i}", 1, i + 1, 100, 1, 0)
         ledger.transition(rec.id, State.DISCOVERED, Event.COMPLETED)

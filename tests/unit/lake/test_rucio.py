@@ -679,14 +679,20 @@ def rule_calls(rucio: FakeRucio) -> list[tuple[int, str | None]]:
     return [(b["copies"], b.get("source_replica_expression")) for m, p, b in rucio.calls if (m, p) == ("POST", "/rules/")]
 
 
-def test_register_asks_one_copy_from_the_buffer_then_the_rest_from_that_copy(lake: CheckedCatalogue,
-                                                                              rucio: FakeRucio,
-                                                                              tmp_path: Path) -> None:
+def copies_asked_in_place(lake: CheckedCatalogue, tmp_path: Path) -> tuple[LakeFile, str, str, str]:
+    """A buffer file registered in place, its copies asked: (file, ref, first rule, rule for the rest)."""
     f = lake_file(tmp_path, "reg", rel="night1/f1.fits")
     lake.register(f)
     ref = lake.request_copies(f)
     assert ref is not None
     first, rest = ref.split(",")
+    return f, ref, first, rest
+
+
+def test_register_asks_one_copy_from_the_buffer_then_the_rest_from_that_copy(lake: CheckedCatalogue,
+                                                                              rucio: FakeRucio,
+                                                                              tmp_path: Path) -> None:
+    f, ref, first, rest = copies_asked_in_place(lake, tmp_path)
     # first one copy: its only source is the buffer; then all copies, read only off-site
     assert rule_calls(rucio) == [(1, None), (2, "(lake=true)\\BUF")]
     assert rucio.rules[first]["body"] == {"dids": [{"scope": "test", "name": "f1"}], "account": "root", "copies": 1,
@@ -700,11 +706,7 @@ def test_register_asks_one_copy_from_the_buffer_then_the_rest_from_that_copy(lak
 def test_register_copies_state_waits_for_the_buffer_copy_then_for_the_rest(lake: CheckedCatalogue,
                                                                            rucio: FakeRucio,
                                                                            tmp_path: Path) -> None:
-    f = lake_file(tmp_path, "reg", rel="night1/f1.fits")
-    lake.register(f)
-    ref = lake.request_copies(f)
-    assert ref is not None
-    first, rest = ref.split(",")
+    f, ref, first, rest = copies_asked_in_place(lake, tmp_path)
     # Rucio placed the second rule before its source existed: STUCK, which is no problem yet
     assert (rucio.rules[rest]["state"], rucio.rules[rest]["error"]) == ("STUCK", "MissingSourceReplica")
     before = rucio.count("GET", f"/rules/{rest}")
