@@ -67,9 +67,11 @@ def profile(pid: int, tag: str) -> subprocess.Popen[bytes] | None:
 
 def agent_e2e(lake: Any, src: list[Path], base: Path, *, md5: bool = False, workers: int = 4,
               budget: float = 600, extra: dict[str, Any] | None = None, copies: int = 1,
-              destination: dict[str, Any] | None = None, hash_workers: int = 2) -> Run:
+              destination: dict[str, Any] | None = None, hash_workers: int = 2,
+              rule: dict[str, Any] | None = None) -> Run:
     """The agent end to end on `src`; `copies` destinations (the lake's RSEs, over HTTP) written by
-    the agent, each with the settings in `destination` (e.g. isolate_requests)."""
+    the agent, each with the settings in `destination` (e.g. isolate_requests), the rule with those
+    in `rule` (e.g. rule_per)."""
     loopback_only(lake.url, lake.http_url)
     tag = "b" + uuid.uuid4().hex[:8]
     buf = base / f"buffer-{tag}"
@@ -83,7 +85,7 @@ def agent_e2e(lake: Any, src: list[Path], base: Path, *, md5: bool = False, work
         "rules": {"bench": {"directory": str(buf), "scope": lake.scope, "completion": ["renamed"],
                             "name_template": f"{tag}.{{filename}}", "dataset_template": f"{tag}.ds",
                             "destinations": [f"lake{i + 1}" for i in range(copies)], "copies": copies,
-                            "md5": md5}},
+                            "md5": md5, **(rule or {})}},
         **(extra or {})}
     (base / f"state-{tag}").mkdir()
     agent = Agent(base / f"state-{tag}", doc).start()

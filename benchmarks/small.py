@@ -143,10 +143,11 @@ def compare(lake: Any, a: argparse.Namespace, work: Path, rel: str, rows: list[t
         destination["puts_per_server"] = a.puts_per_server
     if a.scheme != "http":
         destination["scheme"] = a.scheme
+    rule = {"rule_per": a.rule_per} if a.rule_per else {}
     run = agent_e2e(lake, files, work, workers=a.workers, budget=a.budget, copies=a.copies,
-                    destination=destination, hash_workers=a.hash_workers)
+                    destination=destination, hash_workers=a.hash_workers, rule=rule)
     rate = run.files_s if run.done else None
-    settings = "".join(f", {k} = {v}" for k, v in destination.items())
+    settings = "".join(f", {k} = {v}" for k, v in {**destination, **rule}.items())
     rows.insert(0, (f"edge-agent end to end, Rucio register + rule + confirm, {a.workers} transfer workers, "
                     f"copies = {a.copies} (the agent writes them){settings}",
                     f"{run.files_s:,.1f} files/s",
@@ -169,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hash-workers", type=int, default=2, help="the agent's hash_workers")
     ap.add_argument("--copies", type=int, default=1, choices=(1, 2),
                     help="copies the agent writes (one per lake RSE) and Rucio confirms")
+    ap.add_argument("--rule-per", choices=("batch", "file"), default=None,
+                    help="the rule's rule_per (default: the agent's, batch)")
     ap.add_argument("--scheme", choices=("http", "root"), default="http",
                     help="the scheme the agent writes its copies in (root: XRootD bindings if importable)")
     ap.add_argument("--isolate-requests", choices=("true", "false"), default=None,

@@ -259,6 +259,10 @@ class RuleSettings(_Section):
     rule_lifetime_seconds: int | None = Field(None, gt=0)
     activity: str | None = None
     grouping: Literal["DATASET", "ALL", "NONE"] = "DATASET"
+    rule_per: Literal["batch", "file"] = Field(
+        "batch", description="batch: one replication rule for the files recorded together, on a closed "
+        "dataset of exactly those files (`<dataset>.rule-<digest>`); file: one rule per file DID. Register "
+        "mode with uplink_once asks per file (two rules each)")
     container_template: str | None = Field(None, description="a container the dataset is attached to")
     buffer_rse: str | None = Field(None, description="register: the RSE serving the buffer")
     buffer_url: str | None = Field(None, description="register: the URL of `directory` on buffer_rse, "

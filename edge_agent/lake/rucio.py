@@ -37,6 +37,7 @@ from .base import (
     Target,
     UnknownDid,
 )
+from . import rucio_rules
 from .rucio_client import NotFound, RucioClient, RucioPermanent
 
 log = structlog.get_logger("edge_agent.lake.rucio")
@@ -593,10 +594,12 @@ class RucioCatalogue(RucioRecords, Catalogue):
         return out
 
     def request_copies_many(self, files: Sequence[LakeFile]) -> list[str | None | Exception]:
-        """One rule per file, asked in one call for the files whose rules say the same (expression,
-        copies, lifetime, activity, grouping); a file with a rule already, or one the lake refuses,
-        is found by halves and asked alone (request_copies finds an existing rule). Register mode
-        with uplink_once asks file by file (two rules each, in order)."""
+        """The files' requests for copies, in as few calls as their rules allow: files whose rules
+        say the same (expression, copies, lifetime, activity, grouping) get one rule on a closed
+        dataset of their own (rule_per = "batch", rucio_rules), or one rule each asked in one call
+        (rule_per = "file", or a batch Rucio refuses). A file with a rule already, or one the lake
+        refuses, is found by halves and asked alone (request_copies finds an existing rule).
+        Register mode with uplink_once asks file by file (two rules each, in order)."""
         out: list[str | None | Exception] = [None] * len(files)
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, f in enumerate(files):
@@ -605,9 +608,13 @@ class RucioCatalogue(RucioRecords, Catalogue):
             if not expression or (rule.inject == "register" and rule.uplink_once and f.copies > 1):
                 out[i] = self._asked_alone(f)
                 continue
-            key = (expression, f.copies, rule.rule_lifetime_seconds, rule.activity, rule.grouping)
+            key = (expression, f.copies, rule.rule_lifetime_seconds, rule.activity, rule.grouping,
+                   rule.rule_per, f.scope, f.dataset)
             groups.setdefault(key, []).append(i)
-        for (expression, copies, lifetime, activity, grouping), idx in groups.items():
+        for (expression, copies, lifetime, activity, grouping, per, _, _), idx in groups.items():
+            if per == "batch":
+                idx = self._batch_rules(files, idx, out, expression, copies, lifetime, activity, grouping)
+
             def ask(part: list[int], expression: str = expression, copies: int = copies, lifetime: Any = lifetime,
                     activity: Any = activity, grouping: str = grouping) -> None:
                 if len(part) == 1:
@@ -620,6 +627,36 @@ class RucioCatalogue(RucioRecords, Catalogue):
                     out[i] = ids[(files[i].scope, files[i].name)]
             self._narrowed(idx, ask, out, also=AlreadyDone)   # type: ignore[arg-type]
         return out
+
+    def _batch_rules(self, files: Sequence[LakeFile], idx: list[int], out: list[str | None | Exception],
+                     expression: str, copies: int, lifetime: int | None, activity: str | None,
+                     grouping: str) -> list[int]:
+        """One rule per chunk of `idx` (files of one scope and dataset), each on a closed dataset
+        of its files; their ids go to `out`. Returns the files left to rules of their own: a
+        chunk of one file, or one Rucio refused (the refusal is narrowed down file by file)."""
+        left: list[int] = []
+        size = rucio_rules.files_per_rule(copies)
+        for start in range(0, len(idx), size):
+            chunk = idx[start:start + size]
+            dids = list(dict.fromkeys((files[i].scope, files[i].name) for i in chunk))
+            name = rucio_rules.dataset_name(files[chunk[0]].dataset, dids)
+            if len(dids) < 2 or name is None:
+                left += chunk
+                continue
+            try:
+                rule_id: str | Exception = rucio_rules.rule_on_batch(
+                    self.client, files[chunk[0]].scope, name, dids, copies, expression, lifetime=lifetime,
+                    activity=activity, grouping=grouping)
+            except RetryableError as exc:
+                rule_id = exc
+            except PermanentError as exc:
+                log.warning("Rucio refused a rule for a batch; asking one rule per file", dataset=name,
+                            files=len(dids), reason=str(exc))
+                left += chunk
+                continue
+            for i in chunk:
+                out[i] = rule_id
+        return left
 
     def _asked_alone(self, f: LakeFile) -> str | None | Exception:
         try:
@@ -657,23 +694,52 @@ class RucioCatalogue(RucioRecords, Catalogue):
         return RULE_REF_SEPARATOR.join((first, rest))
 
     def copies_state(self, f: LakeFile, ref: str | None) -> CopiesState | None:
-        """The state of the rule(s) in `ref`: MISSING if one is gone (request_copies asks again, and
-        finds the one still there), OK when all are OK. While the buffer's copy (the first rule) is
-        being made, its state alone; the later rules are asked only once it is OK."""
-        if not ref:
-            return None
-        first, *rest = ref.split(RULE_REF_SEPARATOR)
-        try:
-            state = _rule_state(self.client.get_rule(first), waits_for_source=False)
-            if state is not CopiesState.OK:
-                return state
-            states = [_rule_state(self.client.get_rule(rid), waits_for_source=True) for rid in rest]
-        except NotFound:
-            return CopiesState.MISSING
-        for worst in (CopiesState.SUSPENDED, CopiesState.STUCK, CopiesState.REPLICATING):
-            if worst in states:
-                return worst
-        return CopiesState.OK
+        return self.copies_states([(f, ref)])[0]
+
+    def copies_states(self, asked: Sequence[tuple[LakeFile, str | None]]) -> list[CopiesState | None]:
+        """The state of each file's rule(s) (its `ref`): MISSING if one is gone (request_copies asks
+        again, and finds the one still there), OK when all are OK. Each rule is read once however
+        many files share it; a rule on a collection (a batch's dataset) answers for each file by
+        that file's own locks (rucio_rules.file_states). Register mode's two rules: while the
+        buffer's copy (the first rule) is being made, its state alone; the later rule is read only
+        once the first is OK."""
+        rules: dict[str, dict[str, Any] | None] = {}
+        locks: dict[str, list[dict[str, Any]]] = {}
+
+        def rule_of(rule_id: str) -> dict[str, Any] | None:
+            if rule_id not in rules:
+                try:
+                    rules[rule_id] = self.client.get_rule(rule_id)
+                except NotFound:
+                    rules[rule_id] = None
+            return rules[rule_id]
+
+        def state_of(f: LakeFile, rule_id: str, waits_for_source: bool) -> CopiesState:
+            rule = rule_of(rule_id)
+            if rule is None:
+                return CopiesState.MISSING
+            if (rule.get("scope"), rule.get("name")) == (f.scope, f.name):
+                return _rule_state(rule, waits_for_source=waits_for_source)
+            if rule_id not in locks:
+                try:
+                    locks[rule_id] = self.client.rule_locks(rule_id)
+                except NotFound:
+                    return CopiesState.MISSING
+            return rucio_rules.file_states(rule, locks[rule_id], [(f.scope, f.name)])[(f.scope, f.name)]
+
+        out: list[CopiesState | None] = []
+        for f, ref in asked:
+            if not ref:
+                out.append(None)
+                continue
+            first, *rest = ref.split(RULE_REF_SEPARATOR)
+            state = state_of(f, first, waits_for_source=False)
+            if state is CopiesState.OK and rest:
+                states = [state_of(f, rid, waits_for_source=True) for rid in rest]
+                state = next((worst for worst in (CopiesState.MISSING, CopiesState.SUSPENDED, CopiesState.STUCK,
+                                                  CopiesState.REPLICATING) if worst in states), CopiesState.OK)
+            out.append(state)
+        return out
 
     def storage_prefixes(self, rse: str, scheme: str = "https") -> list[str]:
         """The URL prefixes under which Rucio builds `rse`'s PFNs in `scheme` (scheme://host:port/prefix/),
@@ -705,16 +771,6 @@ class RucioCatalogue(RucioRecords, Catalogue):
         """The replicas Rucio records for each file (never the buffer's), one bulk list for them all."""
         listed = self._listed([(f.scope, f.name) for f in files], self._schemes()) if files else {}
         return [self._recorded_of(f, listed.get((f.scope, f.name))) for f in files]
-
-    def copies_states(self, asked: Sequence[tuple[LakeFile, str | None]]) -> list[CopiesState | None]:
-        """Each rule asked about once, however many files of the batch share it."""
-        seen: dict[str, CopiesState | None] = {}
-        out = []
-        for f, ref in asked:
-            if ref and ref not in seen:
-                seen[ref] = self.copies_state(f, ref)
-            out.append(seen[ref] if ref else None)
-        return out
 
     def _recorded_of(self, f: LakeFile, listed: ListedFile | None) -> list[RecordedReplica]:
         rule = self._rule(f)

@@ -533,6 +533,18 @@ class RucioClient:
             except AlreadyDone:
                 pass
 
+    def close_did(self, scope: str, name: str) -> bool:
+        """Close a dataset (nothing can be attached to it afterwards); False if it was closed already
+        (Rucio answers UnsupportedOperation then, as for a file: `get_did` tells them apart)."""
+        try:
+            self.request("PUT", f"/dids/{_q(scope)}/{_q(name)}/status", f"PUT /dids/{scope}/{name}/status (close)",
+                         json_body={"open": False})
+        except RucioPermanent as exc:
+            if exc.rucio_class != "UnsupportedOperation" or self.get_did(scope, name).get("open") is not False:
+                raise
+            return False
+        return True
+
     def set_metadata(self, scope: str, name: str, meta: Mapping[str, Any]) -> None:
         self.request("POST", f"/dids/{_q(scope)}/{_q(name)}/meta", f"POST /dids/{scope}/{name}/meta",
                      json_body={"meta": dict(meta)})
@@ -639,6 +651,12 @@ class RucioClient:
         r = self.request("GET", f"/rules/{_q(rule_id)}", f"GET /rules/{rule_id}")
         data: dict[str, Any] = r.json()
         return data
+
+    def rule_locks(self, rule_id: str) -> list[dict[str, Any]]:
+        """The replica locks of a rule, one per (file, RSE): scope, name, rse, state (OK, REPLICATING,
+        STUCK). Raises NotFound."""
+        r = self.request("GET", f"/rules/{_q(rule_id)}/locks", f"GET /rules/{rule_id}/locks")
+        return [x for x in self.lines(r) if isinstance(x, dict)]
 
     def tombstone(self, rse: str, scope: str, name: str) -> bool:
         """Mark a replica for deletion by the reaper; False if there was no such replica.

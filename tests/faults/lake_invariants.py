@@ -76,9 +76,18 @@ def run_dids(lake: Any, scope: str, prefix: str) -> set[str]:
 
 
 def ruled_dids(lake: Any, scope: str, prefix: str) -> set[str]:
-    """Names of this run's DIDs that some replication rule covers."""
+    """Names of this run's DIDs that some replication rule covers: a rule on the file itself, or a
+    lock of a rule made on a batch's dataset (rule_per = "batch": `<dataset>.rule-<digest>`)."""
     r = lake.call("GET", f"/rules/?scope={scope}")
-    return {x["name"] for x in lake.lines(r) if str(x.get("name", "")).startswith(prefix)}
+    out = set()
+    for x in lake.lines(r):
+        name = str(x.get("name", ""))
+        if name.startswith(prefix):
+            out.add(name)
+        if x.get("did_type") != "FILE" and ".rule-" in name:
+            locks = lake.lines(lake.call("GET", f"/rules/{x['id']}/locks"))
+            out |= {str(lock["name"]) for lock in locks if str(lock.get("name", "")).startswith(prefix)}
+    return out
 
 
 def _pfn_path(lake: Any, row: dict[str, Any], rse: str) -> Path | None:

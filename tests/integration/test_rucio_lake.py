@@ -121,6 +121,10 @@ def test_push_night_copies_two_and_deletes_only_after_both_are_confirmed(agent, 
         assert len(e["replicas"]) >= 2 and all(r["adler32"] == e["local_adler32"] for r in e["replicas"])
     ds = lake.call("GET", f"/dids/{lake.scope}/{u}.night/dids")
     assert sorted(x["name"] for x in lake.lines(ds)) == sorted(names)
+    # rule_per = "batch": the files recorded together share one rule on a closed dataset of their
+    # own, each confirmed by its own locks (the second copy made by the lake, REPLICATING first)
+    covering = rules_covering(lake, list(names), f"{u}.night.rule-")
+    assert all(len(ids) == 1 for ids in covering.values()), covering
     assert d.stop() == 0
 
 
@@ -351,6 +355,63 @@ def test_crash_between_upload_registration_and_rule_is_finished_without_duplicat
     check_in_lake(lake, {f"{u}.{k}": v for k, v in files.items()}, [lake.lake_rses[0]])
     rules = lake.lines(lake.call("GET", f"/dids/{lake.scope}/{u}.f000.fits/rules"))
     assert len(rules) == 1                                  # one rule, not two
+
+
+def rules_covering(lake, names: list[str], rule_prefix: str, closed: bool = True) -> dict[str, set[str]]:
+    """{file name: ids of the rules that lock it}: its own rules, and the rules on a batch's dataset
+    (names starting with `rule_prefix`) whose locks name it, OK. `closed`: each such dataset is
+    closed (not after a crash: a batch stopped between its rule and the close, then asked again
+    with other files, leaves its dataset open, its rule still locking its files)."""
+    out: dict[str, set[str]] = {n: set() for n in names}
+    for n in names:
+        out[n] |= {r["id"] for r in lake.lines(lake.call("GET", f"/dids/{lake.scope}/{n}/rules"))}
+    for r in lake.lines(lake.call("GET", f"/rules/?scope={lake.scope}")):
+        if str(r["name"]).startswith(rule_prefix):
+            assert r["did_type"] == "DATASET" and r["state"] == "OK", r
+            if closed:
+                assert lake.call("GET", f"/dids/{lake.scope}/{r['name']}").json()["open"] is False
+            locks = lake.lines(lake.call("GET", f"/rules/{r['id']}/locks"))
+            for lock in locks:
+                if lock["name"] in out:
+                    out[lock["name"]].add(r["id"])
+            assert {lock["state"] for lock in locks} == {"OK"}
+            assert all(sum(1 for lk in locks if lk["name"] == x["name"]) == r["copies"] for x in locks)
+    return out
+
+
+def test_a_batch_gets_one_rule_on_a_closed_dataset_and_a_crash_after_it_asks_no_second(agent, lake) -> None:
+    """rule_per = "batch" (the default): the files recorded together get one rule, on a closed
+    dataset of exactly those files; each is confirmed by its own locks. A crash right after a rule
+    repeats at most that batch: asked again with the same files it finds the same dataset and rule;
+    asked with others (more files were ready by then) the batch's files may get a second rule, which
+    asks the same copies; no other file does."""
+    u = uid()
+    rses = lake.lake_rses[:2]
+    dests = {f"lake{i}": {"kind": "rse", "rse": rse, "scheme": "http"} for i, rse in enumerate(rses, 1)}
+    d = rucio_agent(agent, lake, {"daq": {"copies": 2, "name_template": f"{u}.{{filename}}",
+                                          "dataset_template": f"{u}.night"}}, destinations=dests)
+    files = write_files(d, 10)                              # there before the agent: few, large batches
+    names = {f"{u}.{k}": v for k, v in files.items()}
+    d.env = {"EDGE_AGENT_FAILPOINTS": "after_rule"}
+    d.start(wait=False)
+    assert d.proc is not None and d.proc.wait(60) == 137, "the failpoint was not reached"
+    in_flight = {n for n, ids in rules_covering(lake, list(names), f"{u}.night.rule-", closed=False).items()
+                 if ids}
+    assert in_flight
+    d.env = {}
+    d.start()
+    d.wait_for(lambda: d.counts().get("deleted") == 10, 90, "all deleted after the crash")
+    assert not [e for e in d.events() if e.get("event", "").startswith("failed")]
+    check_in_lake(lake, names, rses)
+    covering = rules_covering(lake, list(names), f"{u}.night.rule-", closed=False)
+    shown = "\n".join(f"{k}: {sorted(v)}" for k, v in sorted(covering.items()))
+    assert all(1 <= len(ids) <= (2 if n in in_flight else 1) for n, ids in covering.items()), shown
+    shared = [rid for rid in set().union(*covering.values())
+              if sum(1 for ids in covering.values() if rid in ids) > 1]
+    assert shared, f"no rule covered a batch of files: {shown}"
+    ds = lake.call("GET", f"/dids/{lake.scope}/{u}.night/dids")
+    assert sorted(x["name"] for x in lake.lines(ds)) == sorted(names)     # the night's dataset as before
+    assert d.stop() == 0
 
 
 def test_a_storage_that_lies_about_a_checksum_keeps_the_file(agent, lake) -> None:

@@ -19,7 +19,8 @@ from structlog.testing import capture_logs
 
 from edge_agent.core.policy import Replica
 from edge_agent.errors import PermanentError, RetryableError
-from edge_agent.lake.base import LakeFile, ListedFile, ListedReplica, UnknownDid
+from edge_agent.lake import rucio_rules
+from edge_agent.lake.base import CopiesState, LakeFile, ListedFile, ListedReplica, UnknownDid
 from edge_agent.lake.rucio import RucioCatalogue, RucioRecords
 from edge_agent.lake.rucio_client import RucioClient
 from edge_agent.settings import Settings
@@ -62,6 +63,7 @@ class FakeRucio:
         self.before_add_replicas: Any = None
         self.refuse_attach: set[str] = set()      # names whose attachment refuses the whole call
         self.fail: dict[tuple[str, str], httpx.Response] = {}
+        self.lock_states: dict[tuple[str, str], str] = {}    # (name, RSE): a lock's state, told by the test
         self._ids = itertools.count(1)
 
     # -- helpers
@@ -104,7 +106,7 @@ class FakeRucio:
         if d is None:
             return err(404, "DataIdentifierNotFound", f"Data identifier '{scope}:{name}' not found")
         return httpx.Response(200, json={"scope": scope, "name": name, "type": d["type"], "bytes": d.get("bytes"),
-                                         "adler32": d.get("adler32"), "md5": d.get("md5")})
+                                         "adler32": d.get("adler32"), "md5": d.get("md5"), "open": d.get("open")})
 
     def bulk_meta(self, request: httpx.Request, body: Any) -> httpx.Response:
         rows = []
@@ -139,8 +141,18 @@ class FakeRucio:
             return err(404, "ScopeNotFound", "Scope not found!")
         if (scope, name) in self.dids:
             return err(409, "DataIdentifierAlreadyExists", "Data Identifier already exists!")
-        self.dids[(scope, name)] = {"type": body["type"], "meta": {}}
+        self.dids[(scope, name)] = {"type": body["type"], "meta": {}, "open": True}
         return httpx.Response(201, text="Created")
+
+    def set_status(self, request: httpx.Request, body: Any, scope: str, name: str) -> httpx.Response:
+        d = self.dids.get((scope, name))
+        if d is None:
+            return err(404, "DataIdentifierNotFound", f"Data identifier '{scope}:{name}' not found")
+        if d["type"] == "FILE" or d["open"] is (body["open"] is True):
+            return err(409, "UnsupportedOperation", f"The status of the data identifier '{scope}:{name}' cannot "
+                       "be changed")
+        d["open"] = body["open"]
+        return httpx.Response(200, text="")
 
     def attach(self, request: httpx.Request, body: Any) -> httpx.Response:
         for a in body["attachments"]:
@@ -151,6 +163,9 @@ class FakeRucio:
             for key in [(a["scope"], a["name"])] + [(c["scope"], c["name"]) for c in a["dids"]]:
                 if key not in self.dids:
                     return err(404, "DataIdentifierNotFound", f"Data identifier '{key[0]}:{key[1]}' not found")
+        for a in body["attachments"]:
+            if self.dids[(a["scope"], a["name"])].get("open") is False:
+                return err(409, "UnsupportedOperation", f"Data identifier '{a['scope']}:{a['name']}' is closed")
         for a in body["attachments"]:
             for c in a["dids"]:
                 entry = (a["scope"], a["name"], c["scope"], c["name"])
@@ -285,6 +300,11 @@ class FakeRucio:
                                "rse_expression": body["rse_expression"], "copies": body["copies"],
                                "source_replica_expression": sources, "state": "REPLICATING", "error": None,
                                "body": body}
+            if self.dids[(did["scope"], did["name"])]["type"] != "FILE":
+                # a rule on a collection locks the files it holds as it is made (not later ones)
+                self.rules[rid]["files"] = sorted((cs, cn) for s, n, cs, cn in self.contents
+                                                  if (s, n) == (did["scope"], did["name"]))
+                self.rules[rid]["state"] = None      # from its locks, as Rucio keeps it
             offsite = [rse for (s, n, rse), r in self.replicas.items()
                        if (s, n) == (did["scope"], did["name"]) and self.rses[rse]["deterministic"]
                        and r["state"] == "AVAILABLE"]
@@ -296,7 +316,33 @@ class FakeRucio:
     def get_rule(self, request: httpx.Request, body: Any, rid: str) -> httpx.Response:
         if rid not in self.rules:
             return err(404, "RuleNotFound", f"No rule with the id {rid} found")
-        return httpx.Response(200, json=self.rules[rid])
+        rule = dict(self.rules[rid])
+        if rule["state"] is None:
+            states = [lock["state"] for lock in self.locks_of(rid)]
+            rule["state"] = "STUCK" if "STUCK" in states else "REPLICATING" if "REPLICATING" in states else "OK"
+        return httpx.Response(200, json=rule)
+
+    def locks_of(self, rid: str) -> list[dict[str, Any]]:
+        """A collection rule's locks: per file, `copies` RSEs of its expression, those holding a
+        replica first; OK where that replica is AVAILABLE (or as `lock_states` says)."""
+        rule = self.rules[rid]
+        expression = rule["rse_expression"]
+        rses = expression.split("|") if all(r in self.rses for r in expression.split("|")) else \
+            [r for r in self.rses if self.rses[r]["deterministic"]]
+        out = []
+        for scope, name in rule.get("files", []):
+            held = sorted(rses, key=lambda r: (scope, name, r) not in self.replicas)[:rule["copies"]]
+            for rse in held:
+                rep = self.replicas.get((scope, name, rse))
+                state = "OK" if rep and rep["state"] == "AVAILABLE" else "REPLICATING"
+                out.append({"scope": scope, "name": name, "rse": rse, "rule_id": rid,
+                            "state": self.lock_states.get((name, rse), state)})
+        return out
+
+    def rule_locks(self, request: httpx.Request, body: Any, rid: str) -> httpx.Response:
+        if rid not in self.rules:
+            return err(404, "RuleNotFound", f"No rule with the id {rid} found")
+        return httpx.Response(200, text="".join(json.dumps(x) + "\n" for x in self.locks_of(rid)))
 
     ROUTES: ClassVar[list[tuple[str, Any]]] = [
         (r"POST /dids/attachments", attach),
@@ -308,6 +354,7 @@ class FakeRucio:
         (r"POST /dids/([^/]+)/([^/]+)/meta", set_meta),
         (r"GET /dids/([^/]+)/([^/]+)", get_did),
         (r"POST /dids/([^/]+)/([^/]+)", add_did),
+        (r"PUT /dids/([^/]+)/([^/]+)/status", set_status),
         (r"POST /replicas/list", list_replicas),
         (r"POST /replicas/tombstone", tombstone),
         (r"POST /replicas", add_replicas),
@@ -315,6 +362,7 @@ class FakeRucio:
         (r"GET /rses/([^/]+)/protocols", protocols),
         (r"GET /rses/([^/]+)/lfns2pfns", lfns2pfns),
         (r"POST /rules/", add_rule),
+        (r"GET /rules/([^/]+)/locks", rule_locks),
         (r"GET /rules/([^/]+)", get_rule),
     ]
 
@@ -982,11 +1030,13 @@ def test_a_batch_s_replicas_and_rules_are_asked_once(lake: CheckedCatalogue, ruc
     recorded = lake.recorded_many(files)
     assert [len(r) for r in recorded] == [1, 1, 1, 1] and all(r[0].location == "LAKE1" for r in recorded)
     assert [p for _, p, _ in rucio.calls[before:]] == ["/replicas/list"]
-    ref = lake.request_copies(files[0])
+    refs = lake.request_copies_many(files)
+    ref = refs[0]
+    assert refs == [ref] * 4 and isinstance(ref, str)      # one rule for the batch
     before = len(rucio.calls)
     states = lake.copies_states([(f, ref) for f in files] + [(files[0], None)])
     assert states[:4] == [states[0]] * 4 and states[4] is None
-    assert [p for _, p, _ in rucio.calls[before:]] == [f"/rules/{ref}"]
+    assert [p for _, p, _ in rucio.calls[before:]] == [f"/rules/{ref}", f"/rules/{ref}/locks"]
 
 
 def test_a_files_urls_are_asked_of_rucio_once(lake: CheckedCatalogue, rucio: FakeRucio, tmp_path: Path) -> None:
@@ -1012,6 +1062,7 @@ def test_a_batch_s_copies_are_recorded_in_two_calls_per_rse(lake: CheckedCatalog
 def test_a_batch_s_rules_are_asked_in_one_call_and_a_rule_that_exists_is_found(lake: CheckedCatalogue,
                                                                                rucio: FakeRucio,
                                                                                tmp_path: Path) -> None:
+    lake.settings.rules["push"].rule_per = "file"
     files = batch(tmp_path, 5)
     assert lake.register_many(files) == [None] * 5
     existing = lake.request_copies(files[3])                   # asked before a crash
@@ -1053,5 +1104,93 @@ def test_two_files_of_one_batch_sharing_a_name_go_through(lake: CheckedCatalogue
     assert lake.register_many(both) == [None] * 4
     copies = [(f, rse, rucio.pfn("http", rse, f.scope, f.name)) for f in both for rse in ("LAKE1", "LAKE2")]
     assert lake.add_replicas_many(copies) == [None] * 8
+    lake.settings.rules["both"].rule_per = "file"
     refs = lake.request_copies_many(both)
     assert all(isinstance(r, str) for r in refs) and refs[1] == refs[3] and len(rucio.rules) == 3
+
+
+# ---------------------------------------------------------------- one rule per batch (rule_per = "batch")
+
+def recorded_batch(lake: CheckedCatalogue, rucio: FakeRucio, tmp: Path, n: int) -> list[LakeFile]:
+    """n files of rule `both`, registered, with both copies AVAILABLE (as the record step leaves them)."""
+    files = batch(tmp, n, rule="both")
+    assert lake.register_many(files) == [None] * n
+    copies = [(f, rse, rucio.pfn("http", rse, f.scope, f.name)) for f in files for rse in ("LAKE1", "LAKE2")]
+    assert lake.add_replicas_many(copies) == [None] * 2 * n
+    return files
+
+
+def test_a_batch_gets_one_rule_on_a_closed_dataset_of_exactly_its_files(lake: CheckedCatalogue, rucio: FakeRucio,
+                                                                         tmp_path: Path) -> None:
+    files = recorded_batch(lake, rucio, tmp_path, 5)
+    refs = lake.request_copies_many(files)
+    assert len(set(refs)) == 1 and isinstance(refs[0], str) and len(rucio.rules) == 1
+    rule = rucio.rules[refs[0]]
+    ds = rule["name"]
+    assert ds == rucio_rules.dataset_name(files[0].dataset, [(f.scope, f.name) for f in files])
+    assert ds.startswith(f"{files[0].dataset}.rule-")
+    assert rucio.dids[("test", ds)]["open"] is False                  # nothing can be attached later
+    assert {(cs, cn) for s, n, cs, cn in rucio.contents if n == ds} == {("test", f.name) for f in files}
+    assert (rule["copies"], rule["rse_expression"], rule["body"]["grouping"]) == (2, "LAKE1|LAKE2", "DATASET")
+    assert lake.copies_states([(f, refs[0]) for f in files]) == [CopiesState.OK] * 5
+
+
+def test_a_batch_asked_again_after_a_crash_finds_its_dataset_and_rule(lake: CheckedCatalogue, rucio: FakeRucio,
+                                                                      tmp_path: Path) -> None:
+    files = recorded_batch(lake, rucio, tmp_path, 4)
+    first = lake.request_copies_many(files)
+    again = lake.request_copies_many(list(reversed(files)))           # the dataset is closed by now
+    assert again == first[::-1] and len(rucio.rules) == 1
+    # a crash between the attachment and the rule: the open dataset is reused, the rule made once
+    others = recorded_batch(lake, rucio, tmp_path / "other", 3)
+    ds = rucio_rules.dataset_name(others[0].dataset, [(f.scope, f.name) for f in others])
+    assert ds is not None
+    rucio.dids[("test", ds)] = {"type": "DATASET", "meta": {}, "open": True}
+    rucio.contents.add(("test", ds, "test", others[0].name))
+    refs = lake.request_copies_many(others)
+    assert len(set(refs)) == 1 and len(rucio.rules) == 2 and rucio.dids[("test", ds)]["open"] is False
+
+
+def test_files_of_a_batch_rule_are_confirmed_by_their_own_locks(lake: CheckedCatalogue, rucio: FakeRucio,
+                                                                 tmp_path: Path) -> None:
+    files = recorded_batch(lake, rucio, tmp_path, 4)
+    ref = lake.request_copies_many(files)[0]
+    assert isinstance(ref, str)
+    rucio.lock_states[(files[1].name, "LAKE2")] = "STUCK"
+    rucio.replicas[("test", files[2].name, "LAKE2")]["state"] = "COPYING"
+    stray = lake_file(tmp_path, rule="both", name="stray")         # the rule does not lock it
+    states = lake.copies_states([(f, ref) for f in [*files, stray]])
+    assert states == [CopiesState.OK, CopiesState.STUCK, CopiesState.REPLICATING, CopiesState.OK,
+                      CopiesState.MISSING]
+    rucio.rules[ref]["state"] = "SUSPENDED"
+    assert set(lake.copies_states([(f, ref) for f in files])) == {CopiesState.SUSPENDED}
+    del rucio.rules[ref]
+    assert set(lake.copies_states([(f, ref) for f in files])) == {CopiesState.MISSING}
+
+
+def test_a_batch_rule_rucio_refuses_becomes_rules_per_file(lake: CheckedCatalogue, rucio: FakeRucio,
+                                                           tmp_path: Path) -> None:
+    files = recorded_batch(lake, rucio, tmp_path, 4)
+    ds = rucio_rules.dataset_name(files[0].dataset, [(f.scope, f.name) for f in files])
+    rucio.fail[("POST", f"/dids/test/{ds}")] = err(400, "InvalidObject", "Problem validating the name")
+    refs = lake.request_copies_many(files)
+    assert all(isinstance(r, str) for r in refs) and len(set(refs)) == 4
+    assert {(r["scope"], r["name"]) for r in rucio.rules.values()} == {("test", f.name) for f in files}
+
+
+def test_a_batch_rule_rucio_cannot_make_now_is_every_file_s_retry(lake: CheckedCatalogue, rucio: FakeRucio,
+                                                                  tmp_path: Path) -> None:
+    files = recorded_batch(lake, rucio, tmp_path, 3)
+    rucio.fail[("POST", "/rules/")] = err(503, "ServiceUnavailable", "try later")
+    refs = lake.request_copies_many(files)
+    assert all(isinstance(r, RetryableError) for r in refs) and not rucio.rules
+
+
+def test_a_batch_rule_covers_at_most_what_rucio_makes_at_once() -> None:
+    assert rucio_rules.files_per_rule(1) == 1000 and rucio_rules.files_per_rule(2) == 1000
+    assert rucio_rules.files_per_rule(16) == 624 and 624 * 16 < rucio_rules.ASYNC_LOCKS
+    dids = [("test", "a"), ("test", "b")]
+    assert rucio_rules.dataset_name("ds", dids) == rucio_rules.dataset_name("ds", dids[::-1] + dids)
+    assert rucio_rules.dataset_name("ds", dids) != rucio_rules.dataset_name("ds", dids[:1])
+    assert rucio_rules.dataset_name("x" * 240, dids) is None             # longer than Rucio's names
+    assert rucio_rules.dataset_name(None, dids).startswith("edge-agent.rule-")
