@@ -190,7 +190,8 @@ class MemoryCatalogue(Catalogue, Records):
             return [RecordedReplica(r.location, r.urls[0] if r.urls else "", listed=False) for r in reps]
         size, adler = (dids.size, dids.adler32) if dids else (None, None)
         return [RecordedReplica(r.location, r.urls[0] if r.urls else "", size, adler,
-                                available=r.state == "AVAILABLE" and r.location not in self.unavailable)
+                                available=r.state == "AVAILABLE" and r.location not in self.unavailable,
+                                copying=r.state == "COPYING")
                 for r in reps]
 
     def _replicas_of(self, did: str) -> list[ListedReplica]:

@@ -575,21 +575,39 @@ class RucioCatalogue(RucioRecords, Catalogue):
             self.client.add_replicas(location, [self._file_entry(f, "A", url)])
 
     def add_replicas_many(self, copies: Sequence[tuple[LakeFile, str, str]]) -> list[Exception | None]:
-        """Copies written by the agent recorded AVAILABLE, two bulk calls per RSE: the replicas added
-        (a replica that exists is left as it is: the register step's COPYING one, or one a rule made)
-        then all set AVAILABLE. A call refused whole is narrowed down to the copy at fault."""
+        """Copies written by the agent recorded AVAILABLE, one bulk call per RSE: on the RSE the
+        register step registered the file on, its COPYING replica set AVAILABLE (PUT /replicas;
+        one that is gone is added again); on any other, the replica added AVAILABLE (POST /replicas).
+        Rucio's PUT takes each row under a lock and is its slowest call: it is asked only where a
+        replica is known to exist. A replica that existed already on another RSE (a rule of
+        someone else's made it, COPYING) is left as it is by the POST: the confirm step sets it
+        AVAILABLE once the storage shows the agent's copy there (recorded_again). A call refused
+        whole is narrowed down to the copy at fault."""
         out: list[Exception | None] = [None] * len(copies)
-        by_rse: dict[str, list[int]] = {}
-        for i, (_, location, _) in enumerate(copies):
-            by_rse.setdefault(location, []).append(i)
-        for rse, idx in by_rse.items():
-            def record(part: list[int], rse: str = rse) -> None:
+        by_rse: dict[tuple[str, bool], list[int]] = {}
+        for i, (f, location, _) in enumerate(copies):
+            try:
+                registered = self._replica_entry(f)[0] == location
+            except Exception as exc:  # noqa: BLE001 - this file's own outcome
+                out[i] = exc
+                continue
+            by_rse.setdefault((location, registered), []).append(i)
+        for (rse, registered), idx in by_rse.items():
+            def record(part: list[int], rse: str = rse, registered: bool = registered) -> None:
                 if len(part) == 1:
                     self.add_replica(*copies[part[0]])
                     return
-                self.client.add_replicas(rse, _once([self._file_entry(copies[i][0], "A", copies[i][2]) for i in part]))
-                self.client.update_replica_states(rse, _once([{"scope": copies[i][0].scope, "name": copies[i][0].name,
-                                                               "state": "A"} for i in part]))
+                entries = _once([self._file_entry(copies[i][0], "A", copies[i][2]) for i in part])
+                if not registered:
+                    self.client.add_replicas(rse, entries)
+                    return
+                states = [{"scope": e["scope"], "name": e["name"], "state": "A"} for e in entries]
+                try:
+                    self.client.update_replica_states(rse, states)
+                except NotFound:
+                    # one of them is gone (removed behind our back): added again, then all AVAILABLE
+                    self.client.add_replicas(rse, entries)
+                    self.client.update_replica_states(rse, states)
             self._narrowed(idx, record, out)
         return out
 
@@ -788,7 +806,8 @@ class RucioCatalogue(RucioRecords, Catalogue):
             url = pick_url(r.urls, [want, *schemes] if want else schemes)
             # an S3 PFN may come signed (a credential): never kept
             out.append(RecordedReplica(r.location, unsigned_url(url) if r.location in self._s3 else url,
-                                       listed.size, listed.adler32, r.state == "AVAILABLE"))
+                                       listed.size, listed.adler32, r.state == "AVAILABLE",
+                                       copying=r.state == "COPYING"))
         return out
 
     def release(self, f: LakeFile) -> None:
