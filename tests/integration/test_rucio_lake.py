@@ -478,3 +478,49 @@ def test_a_batch_with_one_name_the_lake_holds_with_other_bytes_quarantines_that_
     held = lake.replicas(lake.scope, f"{u}.f002.fits")
     assert held["bytes"] == 7 and held["adler32"] == "0000abcd"          # the lake's own entry untouched
     assert d.stop() == 0
+
+
+def test_a_night_of_thousands_of_small_files_is_confirmed_through_batches(agent, lake) -> None:
+    """2,000 small files, two copies the agent writes over root://: every file ends deleted, each
+    with both replicas AVAILABLE holding its bytes, locked by exactly one rule, and the rules are
+    per batch (far fewer than the files), each on a closed dataset of its own files."""
+    from tests.faults.lake_invariants import list_replicas
+
+    u = uid()
+    n = 2000
+    rses = lake.lake_rses[:2]
+    dests = {f"lake{i}": {"kind": "rse", "rse": rse, "scheme": "root"} for i, rse in enumerate(rses, 1)}
+    d = rucio_agent(agent, lake, {"daq": {"copies": 2, "name_template": f"{u}.{{filename}}",
+                                          "dataset_template": f"{u}.night"}}, destinations=dests)
+    d.start()
+    files = write_files(d, n, size=4096)
+    d.wait_for(lambda: d.counts().get("deleted") == n, 600, f"{n} files deleted")
+    assert buffer_names(d.rule_dir()) == []
+    names = {f"{u}.{k}": v for k, v in files.items()}
+    rows = list_replicas(lake, lake.scope, sorted(names))
+    assert sorted(rows) == sorted(names)
+    for name, data in names.items():
+        row = rows[name]
+        assert (row["bytes"], row["adler32"]) == (len(data), adler32_hex(data)), name
+        assert all(row["states"].get(rse) == "AVAILABLE" for rse in rses), (name, row["states"])
+    for name in list(names)[:: n // 20]:      # a sample of the storage's bytes
+        for rse in rses:
+            assert lake.local_path(lake.pfn(rse, lake.scope, name)).read_bytes() == names[name]
+    locked: dict[str, list[str]] = {}
+    rules = [r for r in lake.lines(lake.call("GET", f"/rules/?scope={lake.scope}"))
+             if str(r["name"]).startswith(f"{u}.")]
+    for r in rules:
+        assert r["state"] == "OK", r
+        if r["did_type"] == "FILE":
+            locked.setdefault(r["name"], []).append(r["id"])
+            continue
+        assert str(r["name"]).startswith(f"{u}.night.rule-"), r
+        assert lake.call("GET", f"/dids/{lake.scope}/{r['name']}").json()["open"] is False
+        locks = lake.lines(lake.call("GET", f"/rules/{r['id']}/locks"))
+        for lock in locks:
+            assert lock["state"] == "OK", lock
+            locked.setdefault(lock["name"], []).append(r["id"])
+    assert sorted(locked) == sorted(names)
+    assert all(len(ids) == 2 and len(set(ids)) == 1 for ids in locked.values())   # 2 locks, 1 rule each
+    assert len(rules) <= n // 5, f"{len(rules)} rules for {n} files: not batched"
+    assert d.stop() == 0
