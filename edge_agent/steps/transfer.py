@@ -50,14 +50,17 @@ def transfer_one(rec: FileRecord, ctx: StepContext) -> None:
     last: list[WrittenCopy] = []
     for t in todo:
         transport = ctx.transport(t)
+        found_empty = False
         if t.location not in own and not transport.exists(t.url):
             # asked right before its own upload (an earlier one may have taken minutes)
             ctx.ledger.record_replicas(rec.id, [(t.location, t.url)], CopyState.WRITING)
             own.add(t.location)
+            found_empty = True
         # what a version with these bytes wrote there (the name's writer) is recognised by size and
         # adler32; anything else only by a strong digest, or it is DestinationOccupied
         expected = Expected(f.size, f.blake3, f.adler32, f.md5, may_replace=t.location in own,
-                            known_writer=ctx.ledger.copy_written(f.scope, f.name, t.location))
+                            known_writer=ctx.ledger.copy_written(f.scope, f.name, t.location),
+                            found_empty=found_empty)
         started = ctx.clock()
         got = transport.put(ctx.local(rec), t.url, expected, ctx.pacer(rec.rule, t.location))
         hit("after_put")

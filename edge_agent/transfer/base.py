@@ -36,6 +36,10 @@ class Expected:
     # (adler32 collides easily on small files): only a strong digest is (blake3 read back, an S3
     # ETag equal to the md5), and anything else is DestinationOccupied.
     known_writer: bool = False
+    # Was the URL found empty right before this upload, and recorded as this version's before a
+    # byte was written (the transfer step's look)? Then the transport does not look again: what
+    # it would find is what it may replace anyway, and a look costs a request per copy.
+    found_empty: bool = False
 
     @property
     def known(self) -> bool:

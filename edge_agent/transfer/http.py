@@ -314,7 +314,7 @@ class HttpTransport(Transport):
     def put(self, source: Source, url: str, expected: Expected, pace: Pacer,
             also: Sequence[Consumer] = ()) -> Digests:
         wire, shown = wire_url(url), shown_url(url)
-        if self._already_there(wire, shown, expected):
+        if not (expected.found_empty and expected.may_replace) and self._already_there(wire, shown, expected):
             return expected.digests()
         got = self._upload(source, wire, shown, expected, pace, also)
         self._check_copy(wire, shown, got, keep=not expected.may_replace)

@@ -106,7 +106,7 @@ class S3Transport(HttpTransport):
                 f"{source} has {expected.size} bytes, more than one signed S3 PUT may carry "
                 f"({self.max_object_bytes} bytes): Rucio signs whole-object operations only, so the file "
                 f"cannot go to {shown}. Send such files through a rule without S3 destinations")
-        there = self._read_stat(url, shown)
+        there = None if expected.found_empty and expected.may_replace else self._read_stat(url, shown)
         if there is not None and expected.known and expected.md5 and there.size == expected.size \
                 and there.md5 == expected.md5:
             log.debug("identical object already there", url=shown)

@@ -466,7 +466,8 @@ class XRootTransport(Transport):
         # stat per upload) could only tell for the moment of the look. What is found there is
         # then judged as a look would have judged it.
         exclusive = not expected.may_replace and self._client.exclusive_create
-        if not exclusive and self._already_there(server, path, expected):
+        looked = expected.found_empty and expected.may_replace
+        if not exclusive and not looked and self._already_there(server, path, expected):
             return expected.digests()
         with self._gates.shared(server):
             try:

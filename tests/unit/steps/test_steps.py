@@ -903,6 +903,8 @@ def test_the_first_copy_is_written_in_the_hashing_pass(env: Env) -> None:
     events = env.events(rec.id)
     assert events.index("copied") < events.index("transferred") and events.count("copy_written") == 2
     assert [(url, e.known) for url, e in storage.puts] == [(env.url("a", rec), False), (env.url("b", rec), True)]
+    # b was found empty by the transfer step, right before its upload: the transport need not look again
+    assert [(e.may_replace, e.found_empty) for _, e in storage.puts] == [(False, False), (True, True)]
     assert sum(env.hashed) == len(DATA) and env.sent == {"a": len(DATA), "b": len(DATA)}
 
 

@@ -7,6 +7,8 @@ storage that lies about checksums or answers another algorithm, and one that fai
 
 from __future__ import annotations
 
+import dataclasses
+
 import base64
 import hashlib
 import logging
@@ -188,6 +190,18 @@ def test_put_streams_with_content_length_and_verifies(make, dav: FakeDav, src: P
     assert verify.headers["Connection"] == "close"
     # read in chunks, each paced before it is sent; memory is bounded by the chunk size
     assert sum(pace.calls) == len(DATA) and max(pace.calls) <= CHUNK and len(pace.calls) > 1
+
+
+def test_a_url_found_empty_just_before_is_not_looked_at_again(make, dav: FakeDav, src: Path) -> None:
+    """The transfer step looked (a HEAD) and recorded the URL as this version's: no second HEAD."""
+    make().put(str(src), URL, dataclasses.replace(expected_for(DATA), found_empty=True), Pace())
+    assert dav.files[KEY] == DATA and dav.methods() == ["PUT", "HEAD"]
+    # without the right to replace, the word "found empty" changes nothing: it looks first
+    dav.files.pop(KEY)
+    dav.requests.clear()
+    dav.log.clear()
+    make().put(str(src), URL, dataclasses.replace(expected_for(DATA, may_replace=False), found_empty=True), Pace())
+    assert dav.methods() == ["HEAD", "PUT", "HEAD"]
 
 
 def test_md5_is_hashed_in_the_same_pass_when_recorded(make, dav: FakeDav, src: Path) -> None:

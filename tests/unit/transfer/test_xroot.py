@@ -249,6 +249,12 @@ def test_put_streams_through_xrdcp_stdin_and_verifies(make, xrd: FakeXrd, src: P
     assert sum(pace.calls) == len(DATA) and max(pace.calls) <= CHUNK
 
 
+def test_a_url_found_empty_just_before_is_not_stat_again(make, xrd: FakeXrd, src: Path) -> None:
+    make().put(str(src), URL, dataclasses.replace(expected_for(DATA), found_empty=True), Pace())
+    assert xrd.file().read_bytes() == DATA
+    assert xrd.calls() == ["xrdcp --nopbar", "xrdfs stat", "xrdfs query"]
+
+
 def test_identical_copy_is_success_without_upload(make, xrd: FakeXrd, src: Path) -> None:
     xrd.put(DATA)
     pace = Pace()
