@@ -70,7 +70,6 @@ class RecordedReplica:
     size: int | None = None       # the catalogue's size and adler32 (the agent's own numbers, registered)
     adler32: str | None = None
     available: bool = True        # the catalogue lists it as usable (Rucio: AVAILABLE)
-    copying: bool = False         # the catalogue says it is still being made (Rucio: COPYING)
     # True: the catalogue records a copy there, so nothing at the URL is a copy lost. False: it only
     # says where a copy goes (the local lake counts what lies there): nothing there is no replica.
     listed: bool = True

@@ -190,8 +190,7 @@ class MemoryCatalogue(Catalogue, Records):
             return [RecordedReplica(r.location, r.urls[0] if r.urls else "", listed=False) for r in reps]
         size, adler = (dids.size, dids.adler32) if dids else (None, None)
         return [RecordedReplica(r.location, r.urls[0] if r.urls else "", size, adler,
-                                available=r.state == "AVAILABLE" and r.location not in self.unavailable,
-                                copying=r.state == "COPYING")
+                                available=r.state == "AVAILABLE" and r.location not in self.unavailable)
                 for r in reps]
 
     def _replicas_of(self, did: str) -> list[ListedReplica]:

@@ -575,14 +575,13 @@ class RucioCatalogue(RucioRecords, Catalogue):
             self.client.add_replicas(location, [self._file_entry(f, "A", url)])
 
     def add_replicas_many(self, copies: Sequence[tuple[LakeFile, str, str]]) -> list[Exception | None]:
-        """Copies written by the agent recorded AVAILABLE, one bulk call per RSE: on the RSE the
+        """Copies written (and checked) by the agent just now recorded AVAILABLE: on the RSE the
         register step registered the file on, its COPYING replica set AVAILABLE (PUT /replicas;
-        one that is gone is added again); on any other, the replica added AVAILABLE (POST /replicas).
-        Rucio's PUT takes each row under a lock and is its slowest call: it is asked only where a
-        replica is known to exist. A replica that existed already on another RSE (a rule of
-        someone else's made it, COPYING) is left as it is by the POST: the confirm step sets it
-        AVAILABLE once the storage shows the agent's copy there (recorded_again). A call refused
-        whole is narrowed down to the copy at fault."""
+        one that is gone meanwhile is added again first); on any other RSE the replica added
+        (POST /replicas, AVAILABLE) and then set AVAILABLE (PUT), because Rucio's POST leaves a
+        replica that existed already as it was (COPYING, UNAVAILABLE, BAD: made by a rule, or
+        declared bad by the lake), and only this moment, right after the agent's own checked
+        upload, vouches for the bytes. A call refused whole is narrowed down to the copy at fault."""
         out: list[Exception | None] = [None] * len(copies)
         by_rse: dict[tuple[str, bool], list[int]] = {}
         for i, (f, location, _) in enumerate(copies):
@@ -598,16 +597,15 @@ class RucioCatalogue(RucioRecords, Catalogue):
                     self.add_replica(*copies[part[0]])
                     return
                 entries = _once([self._file_entry(copies[i][0], "A", copies[i][2]) for i in part])
-                if not registered:
-                    self.client.add_replicas(rse, entries)
-                    return
                 states = [{"scope": e["scope"], "name": e["name"], "state": "A"} for e in entries]
-                try:
-                    self.client.update_replica_states(rse, states)
-                except NotFound:
-                    # one of them is gone (removed behind our back): added again, then all AVAILABLE
-                    self.client.add_replicas(rse, entries)
-                    self.client.update_replica_states(rse, states)
+                if registered:
+                    try:
+                        self.client.update_replica_states(rse, states)
+                        return
+                    except NotFound:
+                        pass   # one of them is gone (removed behind our back): added again below
+                self.client.add_replicas(rse, entries)
+                self.client.update_replica_states(rse, states)
             self._narrowed(idx, record, out)
         return out
 
@@ -806,8 +804,7 @@ class RucioCatalogue(RucioRecords, Catalogue):
             url = pick_url(r.urls, [want, *schemes] if want else schemes)
             # an S3 PFN may come signed (a credential): never kept
             out.append(RecordedReplica(r.location, unsigned_url(url) if r.location in self._s3 else url,
-                                       listed.size, listed.adler32, r.state == "AVAILABLE",
-                                       copying=r.state == "COPYING"))
+                                       listed.size, listed.adler32, r.state == "AVAILABLE"))
         return out
 
     def release(self, f: LakeFile) -> None:

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import structlog
 
 from ..core import policy
-from ..core.lifecycle import AT_ONCE, CopyState, Event
+from ..core.lifecycle import AT_ONCE, Event
 from ..lake.base import CopiesState, LakeFile, RecordedReplica
 from ..ledger import FileRecord
 from . import delete, lookup, rewrite
@@ -61,9 +61,6 @@ def judge(rec: FileRecord, ctx: StepContext, f: LakeFile, state: CopiesState | N
         state = ctx.catalogue.copies_state(f, ref)
         recorded = ctx.catalogue.recorded(f)
     c = policy.judge_replicas(ctx.replicas(f, recorded), f.size, f.adler32)
-    if c.count < f.copies and recorded_again(rec, ctx, f, recorded):
-        ctx.ledger.set_next_at(rec.id, ctx.clock() + ctx.settings.confirm_interval_seconds)
-        return None
     evidence: dict[str, Any] = {
         "replicas": [{"location": r.location, "size": r.size, "adler32": r.adler32,
                       "adler32_from_catalogue": r.adler32_from_catalogue} for r in c.good],
@@ -79,22 +76,6 @@ def judge(rec: FileRecord, ctx: StepContext, f: LakeFile, state: CopiesState | N
         return None
     _not_yet(rec, ctx, f, c, state, evidence)
     return None
-
-
-def recorded_again(rec: FileRecord, ctx: StepContext, f: LakeFile, recorded: list[RecordedReplica]) -> bool:
-    """Copies the agent wrote and recorded that the catalogue still lists as being made (Rucio:
-    COPYING): the record step adds a replica on an RSE other than the registered one AVAILABLE,
-    but Rucio leaves a replica that existed already as it was (one a rule of someone else's made,
-    say a subscription's, while the agent was uploading). Recorded AVAILABLE again, on the same
-    ground as at the record step: the agent wrote and checked that copy. The storage is asked
-    again before it counts. True if any was."""
-    ours = {r["location"]: r["url"] for r in ctx.ledger.replicas(rec.id) if r["state"] == CopyState.WRITTEN}
-    waiting = [r for r in recorded if r.copying and r.location in ours]
-    for r in waiting:
-        ctx.catalogue.add_replica(f, r.location, ours[r.location])
-        log.info("a copy the agent wrote was still listed as being made; recorded available", file_id=rec.id,
-                 did=rec.did, location=r.location)
-    return bool(waiting)
 
 
 def _not_yet(rec: FileRecord, ctx: StepContext, f: LakeFile, c: policy.Confirmation, state: CopiesState | None,

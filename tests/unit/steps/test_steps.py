@@ -267,24 +267,6 @@ def test_the_evidence_says_where_each_adler32_came_from(make_env: Any) -> None:
             {"a": False, "b": True}
 
 
-def test_a_copy_the_agent_wrote_still_listed_as_being_made_is_recorded_again(make_env: Any, clock: Any) -> None:
-    """Rucio leaves a replica that existed before the record step as it was: one a rule of someone
-    else's made COPYING while the agent uploaded. The confirm step records the agent's copy
-    AVAILABLE again (it wrote and checked it), then counts it once the storage answers for it."""
-    env = make_env(lake=RUCIO, destinations={"a": {"kind": "rse", "rse": "A"}, "b": {"kind": "rse", "rse": "B"}})
-    env.lake.listed = True
-    rec = env.drive(env.add().id, max_steps=4)
-    assert rec.state is S.TRANSFERRED
-    url = {r["location"]: r["url"] for r in env.ledger.replicas(rec.id)}["b"]
-    env.lake.list_replica(DID, "b", url, state="COPYING")
-    before = len(env.lake.asked("add_replica"))
-    rec = env.step(rec.id)
-    assert rec.state is S.TRANSFERRED and Path(rec.fspath).exists()        # one copy counted: not yet
-    assert [c.location for c in env.lake.asked("add_replica")[before:]] == ["b"]
-    clock.advance(env.s.confirm_interval_seconds + 1)
-    assert env.drive(rec.id).state is S.DELETED
-
-
 # ---------------------------------------------------------------- evidence that does not hold
 
 def lie_about_both_copies(env: Env, stat: Callable[[int, str], RemoteStat]) -> FileRecord:
