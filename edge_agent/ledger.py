@@ -891,6 +891,13 @@ class Ledger:
         with self._tx() as db:
             db.execute("UPDATE files SET lake_ref = ? WHERE id = ?", (ref, file_id))
 
+    def set_lake_refs(self, refs: Sequence[tuple[int, str | None]]) -> None:
+        """set_lake_ref for many files, in one transaction."""
+        if not refs:
+            return
+        with self._tx() as db:
+            db.executemany("UPDATE files SET lake_ref = ? WHERE id = ?", [(ref, fid) for fid, ref in refs])
+
     def flag(self, file_id: int, reason: str | None) -> None:
         """Set or clear a warning on a file without moving it (e.g. its rule is stuck)."""
         with self._tx() as db:

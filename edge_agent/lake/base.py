@@ -220,8 +220,18 @@ class Catalogue(abc.ABC):
                 out.append(exc)
         return out
 
-    def request_copies_many(self, files: Sequence[LakeFile]) -> list[str | None | Exception]:
-        """request_copies() for each file: its reference (or None), or why the request failed."""
+    def plan_copies(self, files: Sequence[LakeFile], planned: Sequence[str | None]) -> list[str | None]:
+        """What each file's request for copies will be made on, where the catalogue asks for many
+        files at once (Rucio: the dataset of a batch's rule), decided before anything is asked and
+        kept in the ledger first (as the file's lake_ref), so that a crash repeats the same request
+        for the same files. `planned`: what each file has kept so far, kept as it is. Here:
+        nothing to plan."""
+        return list(planned)
+
+    def request_copies_many(self, files: Sequence[LakeFile],
+                            plans: Sequence[str | None] | None = None) -> list[str | None | Exception]:
+        """request_copies() for each file: its reference (or None), or why the request failed.
+        `plans`: what plan_copies said (nothing to follow here)."""
         out: list[str | None | Exception] = []
         for f in files:
             try:

@@ -609,27 +609,65 @@ class RucioCatalogue(RucioRecords, Catalogue):
             self._narrowed(idx, record, out)
         return out
 
-    def request_copies_many(self, files: Sequence[LakeFile]) -> list[str | None | Exception]:
-        """The files' requests for copies, in as few calls as their rules allow: files whose rules
-        say the same (expression, copies, lifetime, activity, grouping) get one rule on a closed
-        dataset of their own (rule_per = "batch", rucio_rules), or one rule each asked in one call
-        (rule_per = "file", or a batch Rucio refuses). A file with a rule already, or one the lake
-        refuses, is found by halves and asked alone (request_copies finds an existing rule).
-        Register mode with uplink_once asks file by file (two rules each, in order)."""
-        out: list[str | None | Exception] = [None] * len(files)
+    def _rule_groups(self, files: Sequence[LakeFile]) -> tuple[dict[tuple[Any, ...], list[int]], list[int]]:
+        """The files whose rules say the same (expression, copies, lifetime, activity, grouping,
+        rule_per), by scope and dataset; and those asked alone (register mode with uplink_once:
+        two rules each, in order; a rule without an expression: its refusal, alone)."""
         groups: dict[tuple[Any, ...], list[int]] = {}
+        alone: list[int] = []
         for i, f in enumerate(files):
             rule = self._rule(f)
             expression = rule.rse_expression or "|".join(rse for rse, _ in self._dest_rses(f))
             if not expression or (rule.inject == "register" and rule.uplink_once and f.copies > 1):
-                out[i] = self._asked_alone(f)
+                alone.append(i)
                 continue
             key = (expression, f.copies, rule.rule_lifetime_seconds, rule.activity, rule.grouping,
                    rule.rule_per, f.scope, f.dataset)
             groups.setdefault(key, []).append(i)
-        for (expression, copies, lifetime, activity, grouping, per, _, _), idx in groups.items():
-            if per == "batch":
-                idx = self._batch_rules(files, idx, out, expression, copies, lifetime, activity, grouping)
+        return groups, alone
+
+    def plan_copies(self, files: Sequence[LakeFile], planned: Sequence[str | None]) -> list[str | None]:
+        """rule_per = "batch": the dataset each chunk of files gets its rule on
+        (`dataset:<name>`), decided before anything is asked and kept in the ledger first: a
+        crash then repeats the request on the same dataset for the same files, whichever files
+        come back with them (without it a batch made of other files would get a second rule).
+        A file planned or asked for before keeps what it has."""
+        out = list(planned)
+        groups, _ = self._rule_groups(files)
+        for (_, copies, _, _, _, per, _, _), idx in groups.items():
+            fresh = [i for i in idx if not out[i]]
+            size = rucio_rules.files_per_rule(copies) if per == "batch" else 1
+            for start in range(0, len(fresh), size):
+                chunk = fresh[start:start + size]
+                dids = list(dict.fromkeys((files[i].scope, files[i].name) for i in chunk))
+                name = rucio_rules.dataset_name(files[chunk[0]].dataset, dids)
+                # a chunk of one file (or a name too long) gets a rule on the file itself
+                plan = rucio_rules.PLANNED + name if len(dids) >= 2 and name is not None else rucio_rules.PLANNED_ALONE
+                for i in chunk:
+                    out[i] = plan
+        return out
+
+    def request_copies_many(self, files: Sequence[LakeFile],
+                            plans: Sequence[str | None] | None = None) -> list[str | None | Exception]:
+        """The files' requests for copies, in as few calls as their rules allow: the files planned
+        on one dataset (plan_copies) get one rule on it, closed, with exactly them in it; the
+        others one rule each, asked in one call (rule_per = "file", a batch of one, or a batch
+        Rucio refuses). A file with a rule already, or one the lake refuses, is found by halves
+        and asked alone (request_copies finds an existing rule). A file whose plan is a rule
+        asked before keeps it (the confirm step asks again for one that is gone). Without `plans`,
+        planned here (nothing kept: a crash may then make a batch's rule twice)."""
+        out: list[str | None | Exception] = [None] * len(files)
+        plans = list(plans) if plans is not None else self.plan_copies(files, [None] * len(files))
+        groups, alone = self._rule_groups(files)
+        for i in alone:
+            out[i] = self._asked_alone(files[i])
+        for (expression, copies, lifetime, activity, grouping, _, _, _), idx in groups.items():
+            kept = [i for i in idx if plans[i] and not str(plans[i]).startswith(
+                (rucio_rules.PLANNED, rucio_rules.PLANNED_ALONE))]
+            for i in kept:
+                out[i] = plans[i]
+            idx = [i for i in idx if i not in kept]
+            idx = self._batch_rules(files, idx, plans, out, expression, copies, lifetime, activity, grouping)
 
             def ask(part: list[int], expression: str = expression, copies: int = copies, lifetime: Any = lifetime,
                     activity: Any = activity, grouping: str = grouping) -> None:
@@ -644,21 +682,23 @@ class RucioCatalogue(RucioRecords, Catalogue):
             self._narrowed(idx, ask, out, also=AlreadyDone)   # type: ignore[arg-type]
         return out
 
-    def _batch_rules(self, files: Sequence[LakeFile], idx: list[int], out: list[str | None | Exception],
-                     expression: str, copies: int, lifetime: int | None, activity: str | None,
-                     grouping: str) -> list[int]:
-        """One rule per chunk of `idx` (files of one scope and dataset), each on a closed dataset
-        of its files; their ids go to `out`. Returns the files left to rules of their own: a
-        chunk of one file, or one Rucio refused (the refusal is narrowed down file by file)."""
+    def _batch_rules(self, files: Sequence[LakeFile], idx: list[int], plans: Sequence[str | None],
+                     out: list[str | None | Exception], expression: str, copies: int, lifetime: int | None,
+                     activity: str | None, grouping: str) -> list[int]:
+        """One rule per dataset the files of `idx` are planned on (files of one scope), made on it
+        with exactly them attached, then closed; their ids go to `out`. Returns the files left to
+        rules of their own: those planned on none, and those of a dataset Rucio refused (the
+        refusal is then narrowed down file by file)."""
         left: list[int] = []
-        size = rucio_rules.files_per_rule(copies)
-        for start in range(0, len(idx), size):
-            chunk = idx[start:start + size]
+        by_dataset: dict[str, list[int]] = {}
+        for i in idx:
+            plan = plans[i]
+            if plan and plan.startswith(rucio_rules.PLANNED):
+                by_dataset.setdefault(plan[len(rucio_rules.PLANNED):], []).append(i)
+            else:
+                left.append(i)
+        for name, chunk in by_dataset.items():
             dids = list(dict.fromkeys((files[i].scope, files[i].name) for i in chunk))
-            name = rucio_rules.dataset_name(files[chunk[0]].dataset, dids)
-            if len(dids) < 2 or name is None:
-                left += chunk
-                continue
             try:
                 rule_id: str | Exception = rucio_rules.rule_on_batch(
                     self.client, files[chunk[0]].scope, name, dids, copies, expression, lifetime=lifetime,

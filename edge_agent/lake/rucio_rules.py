@@ -30,6 +30,10 @@ ASYNC_LOCKS = 10_000
 MAX_FILES = 1_000
 # Rucio's DID names: at most 250 characters (common/schema/generic.py, NAME_LENGTH)
 MAX_NAME = 250
+# A file's lake_ref while its rule is planned but not yet made: on a batch's dataset (its name
+# follows), or on the file's own DID
+PLANNED = "dataset:"
+PLANNED_ALONE = "did:"
 
 
 def files_per_rule(copies: int) -> int:

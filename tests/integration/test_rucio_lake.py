@@ -382,9 +382,9 @@ def rules_covering(lake, names: list[str], rule_prefix: str, closed: bool = True
 def test_a_batch_gets_one_rule_on_a_closed_dataset_and_a_crash_after_it_asks_no_second(agent, lake) -> None:
     """rule_per = "batch" (the default): the files recorded together get one rule, on a closed
     dataset of exactly those files; each is confirmed by its own locks. A crash right after a rule
-    repeats at most that batch: asked again with the same files it finds the same dataset and rule;
-    asked with others (more files were ready by then) the batch's files may get a second rule, which
-    asks the same copies; no other file does."""
+    repeats at most that batch: the dataset each file was planned on is kept in the ledger before
+    anything is asked, so the repeat finds the same dataset and rule, whichever files come back
+    together: every file ends locked by exactly one rule."""
     u = uid()
     rses = lake.lake_rses[:2]
     dests = {f"lake{i}": {"kind": "rse", "rse": rse, "scheme": "http"} for i, rse in enumerate(rses, 1)}
@@ -405,7 +405,7 @@ def test_a_batch_gets_one_rule_on_a_closed_dataset_and_a_crash_after_it_asks_no_
     check_in_lake(lake, names, rses)
     covering = rules_covering(lake, list(names), f"{u}.night.rule-", closed=False)
     shown = "\n".join(f"{k}: {sorted(v)}" for k, v in sorted(covering.items()))
-    assert all(1 <= len(ids) <= (2 if n in in_flight else 1) for n, ids in covering.items()), shown
+    assert all(len(ids) == 1 for ids in covering.values()), shown
     shared = [rid for rid in set().union(*covering.values())
               if sum(1 for ids in covering.values() if rid in ids) > 1]
     assert shared, f"no rule covered a batch of files: {shown}"

@@ -1220,3 +1220,62 @@ def test_a_batch_rule_covers_at_most_what_rucio_makes_at_once() -> None:
     assert rucio_rules.dataset_name("ds", dids) != rucio_rules.dataset_name("ds", dids[:1])
     assert rucio_rules.dataset_name("x" * 240, dids) is None             # longer than Rucio's names
     assert rucio_rules.dataset_name(None, dids).startswith("edge-agent.rule-")
+
+
+def test_a_batch_asked_again_with_other_files_keeps_its_planned_dataset_and_rule(
+        lake: CheckedCatalogue, rucio: FakeRucio, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review: a crash between the rule and the ledger's commit, then a repeat whose batch holds other
+    files (one failed meanwhile, one joined). The dataset each file was planned on (kept in the ledger
+    before anything was asked) is used again: every file ends locked by one rule, no batch dataset
+    is left open."""
+    files = recorded_batch(lake, rucio, tmp_path, 4)
+    first, late = files[:3], files[3]
+    plans = lake.plan_copies(first, [None] * 3)
+    assert len(set(plans)) == 1 and str(plans[0]).startswith(rucio_rules.PLANNED)
+
+    def killed(*a: Any, **k: Any) -> None:
+        raise RetryableError("kill -9")
+    monkeypatch.setattr(lake.client, "close_did", killed)
+    assert all(isinstance(x, RetryableError) for x in lake.request_copies_many(first, plans))
+    monkeypatch.undo()
+    # the repeat: f0 and f1 come back with their plan, f2 failed meanwhile, f3 joins
+    again = [first[0], first[1], late]
+    plans2 = lake.plan_copies(again, [plans[0], plans[1], None])
+    assert plans2[:2] == plans[:2] and plans2[2] == rucio_rules.PLANNED_ALONE   # one new file: a rule of its own
+    refs = lake.request_copies_many(again, plans2)
+    assert refs[0] == refs[1] and isinstance(refs[0], str) and isinstance(refs[2], str) and refs[2] != refs[0]
+    # f2 comes back later, alone, with its plan: the same dataset and rule
+    assert lake.request_copies_many([first[2]], [plans[2]]) == [refs[0]]
+    for f in files:
+        covering = [rid for rid, r in rucio.rules.items()
+                    if (r["scope"], r["name"]) == (f.scope, f.name) or (f.scope, f.name) in r.get("files", [])]
+        assert len(covering) == 1, (f.name, covering)
+    assert not [n for (_, n), d in rucio.dids.items() if ".rule-" in n and d["open"]]
+
+
+def test_a_file_that_was_asked_a_rule_before_keeps_it(lake: CheckedCatalogue, rucio: FakeRucio,
+                                                       tmp_path: Path) -> None:
+    """A file recorded again (a lost copy written again) keeps the rule it has: nothing is asked."""
+    files = recorded_batch(lake, rucio, tmp_path, 2)
+    refs = lake.request_copies_many(files)
+    before = len(rucio.calls)
+    assert lake.plan_copies(files, refs) == refs
+    assert lake.request_copies_many(files, refs) == refs and len(rucio.calls) == before
+
+
+def test_a_file_planned_alone_keeps_a_rule_of_its_own_when_asked_again_with_others(
+        lake: CheckedCatalogue, rucio: FakeRucio, tmp_path: Path) -> None:
+    """Found on the real lake: a batch of one file got a rule on the file, the crash came before the
+    commit, and the repeat put it in a batch with others: a second rule. Its plan is kept too."""
+    files = recorded_batch(lake, rucio, tmp_path, 3)
+    plan = lake.plan_copies(files[:1], [None])
+    assert plan == [rucio_rules.PLANNED_ALONE]
+    first = lake.request_copies_many(files[:1], plan)                # then: killed before the commit
+    plans = lake.plan_copies(files, [plan[0], None, None])
+    assert plans[0] == rucio_rules.PLANNED_ALONE and plans[1] == plans[2] != plans[0]
+    refs = lake.request_copies_many(files, plans)
+    assert refs[0] == first[0] and refs[1] == refs[2] != refs[0]
+    for f in files:
+        covering = [rid for rid, r in rucio.rules.items()
+                    if (r["scope"], r["name"]) == (f.scope, f.name) or (f.scope, f.name) in r.get("files", [])]
+        assert len(covering) == 1, (f.name, covering)
