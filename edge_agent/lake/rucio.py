@@ -698,20 +698,31 @@ class RucioCatalogue(RucioRecords, Catalogue):
             else:
                 left.append(i)
         for name, chunk in by_dataset.items():
+            scope = files[chunk[0]].scope
             dids = list(dict.fromkeys((files[i].scope, files[i].name) for i in chunk))
+            outside: list[tuple[str, str]] = []
             try:
-                rule_id: str | Exception = rucio_rules.rule_on_batch(
-                    self.client, files[chunk[0]].scope, name, dids, copies, expression, lifetime=lifetime,
-                    activity=activity, grouping=grouping)
+                rule_id: str | Exception
+                rule_id, outside = rucio_rules.rule_on_batch(
+                    self.client, scope, name, dids, copies, expression, lifetime=lifetime, activity=activity,
+                    grouping=grouping)
             except RetryableError as exc:
                 rule_id = exc
             except PermanentError as exc:
                 log.warning("Rucio refused a rule for a batch; asking one rule per file", dataset=name,
                             files=len(dids), reason=str(exc))
-                left += chunk
-                continue
+                try:
+                    rucio_rules.give_up(self.client, scope, name, dids)
+                except EdgeAgentError as undone:
+                    rule_id = undone       # tried again, whole, later
+                else:
+                    left += chunk
+                    continue
             for i in chunk:
-                out[i] = rule_id
+                if (files[i].scope, files[i].name) in outside:
+                    left.append(i)         # not in the dataset its rule was made on: a rule of its own
+                else:
+                    out[i] = rule_id
         return left
 
     def _asked_alone(self, f: LakeFile) -> str | None | Exception:

@@ -533,6 +533,11 @@ class RucioClient:
             except AlreadyDone:
                 pass
 
+    def detach(self, scope: str, name: str, children: Sequence[tuple[str, str]]) -> None:
+        """Detach children from a dataset or container. Raises NotFound if one is not attached."""
+        self.request("DELETE", f"/dids/{_q(scope)}/{_q(name)}/dids", f"DELETE /dids/{scope}/{name}/dids "
+                     f"({_names(children)})", json_body={"dids": [{"scope": s, "name": n} for s, n in children]})
+
     def close_did(self, scope: str, name: str) -> bool:
         """Close a dataset (nothing can be attached to it afterwards); False if it was closed already
         (Rucio answers UnsupportedOperation then, as for a file: `get_did` tells them apart)."""

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from .base import CopiesState
-from .rucio_client import RucioClient, RucioPermanent
+from .rucio_client import NotFound, RucioClient, RucioPermanent
 
 # Rucio: a rule of length x copies >= 10,000 is injected asynchronously; the request schema
 # takes at most 1,000 DIDs in a list
@@ -51,23 +51,43 @@ def dataset_name(base: str | None, dids: Iterable[tuple[str, str]]) -> str | Non
 
 
 def rule_on_batch(client: RucioClient, scope: str, name: str, dids: Sequence[tuple[str, str]], copies: int,
-                  expression: str, *, lifetime: int | None, activity: str | None, grouping: str) -> str:
-    """The id of the rule of `copies` on `expression` for the files `dids`, made on the closed
-    dataset `scope:name` of exactly those files. Each call is safe to repeat: the dataset exists
-    already, the files are attached already, the rule exists already (its id is found), the
-    dataset is closed already (then a crash came after the rule: its files are these)."""
+                  expression: str, *, lifetime: int | None, activity: str | None,
+                  grouping: str) -> tuple[str, list[tuple[str, str]]]:
+    """(the rule's id, the DIDs of `dids` it does not lock) for the rule of `copies` on
+    `expression` made on the dataset `scope:name`: the files attached, the rule made, the dataset
+    closed. Each call is safe to repeat: the dataset exists already, the files are attached
+    already, the rule exists already (its id is found), the dataset is closed already. A dataset
+    closed by an earlier attempt holds the files that attempt had: the others of `dids` are not
+    locked by its rule and are returned (they get rules of their own)."""
     client.add_did(scope, name, "DATASET")
+    outside: list[tuple[str, str]] = []
     try:
         client.attach([(scope, name, list(dids))])
     except RucioPermanent as exc:
-        # a closed dataset (the earlier attempt got past its rule) is fine; a file or a container
+        # a closed dataset (an earlier attempt got past its rule) is fine; a file or a container
         # of that name is refused (UnsupportedOperation too, but not a closed dataset)
         if exc.rucio_class != "UnsupportedOperation" or client.get_did(scope, name).get("open") is not False:
             raise
+        held = {(str(c.get("scope")), str(c.get("name"))) for c in client.list_content(scope, name)}
+        outside = [d for d in dids if d not in held]
     rule_id = client.add_rule(scope, name, copies, expression, lifetime=lifetime, activity=activity,
                               grouping=grouping)
     client.close_did(scope, name)
-    return rule_id
+    return rule_id, outside
+
+
+def give_up(client: RucioClient, scope: str, name: str, dids: Sequence[tuple[str, str]]) -> None:
+    """The rule on `scope:name` was refused: its files are detached from the (open) dataset, so
+    that a rule made on it later for some of them (asked again with their plan) never locks the
+    others, which get rules of their own now. A file not attached (any more) is fine."""
+    try:
+        client.detach(scope, name, dids)
+    except NotFound:
+        for d in dids:          # one of them was not there: the others, one by one
+            try:
+                client.detach(scope, name, [d])
+            except NotFound:
+                pass
 
 
 def file_states(rule: dict[str, Any], locks: Sequence[dict[str, Any]],

@@ -22,7 +22,7 @@ from edge_agent.errors import PermanentError, RetryableError
 from edge_agent.lake import rucio_rules
 from edge_agent.lake.base import CopiesState, LakeFile, ListedFile, ListedReplica, UnknownDid
 from edge_agent.lake.rucio import RucioCatalogue, RucioRecords
-from edge_agent.lake.rucio_client import RucioClient
+from edge_agent.lake.rucio_client import RucioClient, RucioPermanent
 from edge_agent.settings import Settings
 from edge_agent.transfer.base import RemoteStat, Transport
 from edge_agent.transfer.mock import MockTransport
@@ -173,6 +173,14 @@ class FakeRucio:
                     return err(409, "DuplicateContent", "UNIQUE constraint failed")
                 self.contents.add(entry)
         return httpx.Response(201, text="Created")
+
+    def detach(self, request: httpx.Request, body: Any, scope: str, name: str) -> httpx.Response:
+        for c in body["dids"]:           # one transaction: a child not attached refuses the call
+            if (scope, name, c["scope"], c["name"]) not in self.contents:
+                return err(404, "DataIdentifierNotFound", f"Data identifier '{c['scope']}:{c['name']}' not found")
+        for c in body["dids"]:
+            self.contents.discard((scope, name, c["scope"], c["name"]))
+        return httpx.Response(200, text="")
 
     def set_meta(self, request: httpx.Request, body: Any, scope: str, name: str,
                  key: str | None = None) -> httpx.Response:
@@ -350,6 +358,7 @@ class FakeRucio:
         (r"POST /dids/bulkdidsmeta", bulk_set_meta),
         (r"GET /dids/([^/]+)/([^/]+)/rules", did_rules),
         (r"GET /dids/([^/]+)/([^/]+)/dids", list_content),
+        (r"DELETE /dids/([^/]+)/([^/]+)/dids", detach),
         (r"POST /dids/([^/]+)/([^/]+)/meta/([^/]+)", set_meta_key),
         (r"POST /dids/([^/]+)/([^/]+)/meta", set_meta),
         (r"GET /dids/([^/]+)/([^/]+)", get_did),
@@ -1279,3 +1288,56 @@ def test_a_file_planned_alone_keeps_a_rule_of_its_own_when_asked_again_with_othe
         covering = [rid for rid, r in rucio.rules.items()
                     if (r["scope"], r["name"]) == (f.scope, f.name) or (f.scope, f.name) in r.get("files", [])]
         assert len(covering) == 1, (f.name, covering)
+
+
+
+def covering_rules(rucio: FakeRucio, f: LakeFile) -> list[str]:
+    return [rid for rid, r in rucio.rules.items()
+            if (r["scope"], r["name"]) == (f.scope, f.name) or (f.scope, f.name) in r.get("files", [])]
+
+
+def test_a_batch_rule_refused_leaves_no_file_of_it_in_its_dataset(lake: CheckedCatalogue, rucio: FakeRucio,
+                                                                 tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review: the rule on a batch's dataset is refused (a quota, say), its files fall back to rules
+    of their own, one is refused too and kept with its plan; asked again later on the dataset, its
+    rule must not lock the others a second time: they were detached when the rule was refused."""
+    a, b, c = recorded_batch(lake, rucio, tmp_path, 3)
+    plans = lake.plan_copies([a, b, c], [None] * 3)
+    ds = str(plans[0])[len(rucio_rules.PLANNED):]
+    add_rule, add_rules = lake.client.add_rule, lake.client.add_rules
+    quota = {"full": True}
+
+    def limited_rule(scope: str, name: str, *args: Any, **kw: Any) -> str:
+        if quota["full"] and name in (ds, c.name):
+            raise RucioPermanent("InsufficientAccountLimit", 409, "InsufficientAccountLimit")
+        return add_rule(scope, name, *args, **kw)
+
+    def limited_rules(dids: Any, *args: Any, **kw: Any) -> list[str]:
+        if quota["full"] and (c.scope, c.name) in dids:
+            raise RucioPermanent("InsufficientAccountLimit", 409, "InsufficientAccountLimit")
+        return add_rules(dids, *args, **kw)
+    monkeypatch.setattr(lake.client, "add_rule", limited_rule)
+    monkeypatch.setattr(lake.client, "add_rules", limited_rules)
+    refs = lake.request_copies_many([a, b, c], plans)
+    assert isinstance(refs[0], str) and isinstance(refs[1], str) and isinstance(refs[2], PermanentError)
+    assert not [n for (_, n, _, _) in rucio.contents if n == ds]            # detached
+    quota["full"] = False                                                   # the quota is raised; c retried
+    again = lake.request_copies_many([c], lake.plan_copies([c], [plans[2]]))
+    assert isinstance(again[0], str)
+    assert [len(covering_rules(rucio, f)) for f in (a, b, c)] == [1, 1, 1]
+
+
+def test_a_file_planned_on_a_dataset_closed_without_it_gets_a_rule_of_its_own(
+        lake: CheckedCatalogue, rucio: FakeRucio, tmp_path: Path) -> None:
+    """Review: killed right after the plan's commit; two of the three files come back first and
+    their dataset is made and closed with them alone. The third, asked later on it, is not told
+    that dataset's rule (which cannot lock it): it gets a rule of its own."""
+    a, b, c = recorded_batch(lake, rucio, tmp_path, 3)
+    plans = lake.plan_copies([a, b, c], [None] * 3)
+    first = lake.request_copies_many([a, b], plans[:2])
+    late = lake.request_copies_many([c], plans[2:])
+    assert isinstance(late[0], str) and late[0] != first[0]
+    assert rucio.rules[late[0]]["name"] == c.name                          # on the file itself
+    assert lake.copies_state(c, late[0]) is not CopiesState.MISSING
+    assert [len(covering_rules(rucio, f)) for f in (a, b, c)] == [1, 1, 1]
