@@ -771,28 +771,30 @@ class RucioCatalogue(RucioRecords, Catalogue):
         buffer's copy (the first rule) is being made, its state alone; the later rule is read only
         once the first is OK."""
         rules: dict[str, dict[str, Any] | None] = {}
-        locks: dict[str, list[dict[str, Any]]] = {}
+        by_file: dict[str, dict[tuple[str, str], CopiesState]] = {}    # a collection rule's files
+        sharing: dict[str, list[tuple[str, str]]] = {}
+        for f, ref in asked:
+            for rule_id in (ref.split(RULE_REF_SEPARATOR) if ref else ()):
+                sharing.setdefault(rule_id, []).append((f.scope, f.name))
 
-        def rule_of(rule_id: str) -> dict[str, Any] | None:
+        def state_of(f: LakeFile, rule_id: str, waits_for_source: bool) -> CopiesState:
             if rule_id not in rules:
                 try:
                     rules[rule_id] = self.client.get_rule(rule_id)
                 except NotFound:
                     rules[rule_id] = None
-            return rules[rule_id]
-
-        def state_of(f: LakeFile, rule_id: str, waits_for_source: bool) -> CopiesState:
-            rule = rule_of(rule_id)
+            rule = rules[rule_id]
             if rule is None:
                 return CopiesState.MISSING
             if (rule.get("scope"), rule.get("name")) == (f.scope, f.name):
                 return _rule_state(rule, waits_for_source=waits_for_source)
-            if rule_id not in locks:
+            if rule_id not in by_file:
                 try:
-                    locks[rule_id] = self.client.rule_locks(rule_id)
+                    locks = self.client.rule_locks(rule_id)
                 except NotFound:
-                    return CopiesState.MISSING
-            return rucio_rules.file_states(rule, locks[rule_id], [(f.scope, f.name)])[(f.scope, f.name)]
+                    locks = []         # gone meanwhile: no file is locked by it
+                by_file[rule_id] = rucio_rules.file_states(rule, locks, sharing[rule_id])
+            return by_file[rule_id][(f.scope, f.name)]
 
         out: list[CopiesState | None] = []
         for f, ref in asked:

@@ -35,13 +35,14 @@ def run(batch: Sequence[FileRecord], ctx: StepContext) -> None:
     # what the requests will be made on (Rucio: a batch's dataset) is kept before they are made:
     # a crash repeats them on the same datasets, for the same files
     asking = [files[rec.id] for rec in recorded]
-    plans = outcomes(lambda: ctx.catalogue.plan_copies(asking, [rec.lake_ref for rec in recorded]), len(recorded))
-    if any(isinstance(p, Exception) for p in plans):
-        plans = [rec.lake_ref for rec in recorded]
-    ctx.ledger.set_lake_refs([(rec.id, p) for rec, p in zip(recorded, plans, strict=True)
-                              if p != rec.lake_ref and not isinstance(p, Exception)])
+    kept = [rec.lake_ref for rec in recorded]
+    try:
+        plans = ctx.catalogue.plan_copies(asking, kept)
+    except Exception:  # noqa: BLE001 - no plan: each file is asked a rule of its own (its trouble told then)
+        plans = kept
+    ctx.ledger.set_lake_refs([(rec.id, p) for rec, p in zip(recorded, plans, strict=True) if p != rec.lake_ref])
     hit("after_plan")
-    refs = outcomes(lambda: ctx.catalogue.request_copies_many(asking, plans), len(recorded))  # type: ignore[arg-type]
+    refs = outcomes(lambda: ctx.catalogue.request_copies_many(asking, plans), len(recorded))
     hit("after_rule")
     moves: list[tuple[FileRecord, Event, dict[str, Any] | None, dict[str, Any]]] = []
     for rec, ref in zip(recorded, refs, strict=True):
