@@ -44,8 +44,10 @@ MIN_TICK_GAP_S = 0.02
 
 # A job of a step that works file by file takes up to this many files, and more than one only
 # while they add up to less than JOB_BYTES: small files go in groups (one dispatch, the next file
-# started at once), large ones each on a worker of their own (side by side).
-JOB_FILES = 32
+# started at once), large ones each on a worker of their own (side by side). A hashing job asks
+# the catalogue about all its files at once (Catalogue.foresee): with 128 rather than 32 files a
+# night of small files costs Rucio a quarter of those calls (measured: +5 % files/s end to end).
+JOB_FILES = 128
 JOB_BYTES = 64 << 20
 
 

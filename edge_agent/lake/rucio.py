@@ -51,8 +51,6 @@ PFN_CACHE = 100_000
 # Names Rucio was asked about ahead of a hashing job (foresee): kept this long, this many.
 NAMES_FRESH_S = 10.0
 NAMES_KEPT = 10_000
-# lfns2pfns takes the names as query parameters: this many per call keeps the URL short
-PFNS_PER_CALL = 50
 # Metadata keys that are columns of Rucio's DID table with a meaning of their own: setting them
 # through /meta would rewrite the file's size or checksum, its lifetime or its visibility.
 PROTECTED_META_KEYS = frozenset({
@@ -328,14 +326,13 @@ class RucioCatalogue(RucioRecords, Catalogue):
                     if not known:
                         wanted.setdefault((rse, scheme), []).append(f.did)
             for (rse, scheme), lfns in wanted.items():
-                for i in range(0, len(lfns), PFNS_PER_CALL):
-                    answer = self.client.lfns2pfns(rse, lfns[i:i + PFNS_PER_CALL], scheme, "write")
-                    with self._lock:
-                        for did, url in answer.items():
-                            if url:
-                                self._pfns[(rse, did, scheme)] = url
-                        while len(self._pfns) > PFN_CACHE:
-                            self._pfns.popitem(last=False)
+                answer = self.client.lfns2pfns(rse, lfns, scheme, "write")
+                with self._lock:
+                    for did, url in answer.items():
+                        if url:
+                            self._pfns[(rse, did, scheme)] = url
+                    while len(self._pfns) > PFN_CACHE:
+                        self._pfns.popitem(last=False)
         except Exception as exc:  # noqa: BLE001 - a hint: each file asks for itself what is not kept
             log.debug("could not ask Rucio ahead for a job's names", files=len(push), error=str(exc))
 

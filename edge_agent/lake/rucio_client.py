@@ -34,6 +34,9 @@ log = structlog.get_logger("edge_agent.lake.rucio")
 RENEW_BEFORE_S = 300.0           # renew a token this long before it expires
 DEFAULT_TOKEN_LIFETIME_S = 3600.0  # Rucio's own, fixed in its code; used when the answer does not say
 OPAQUE_TOKEN_RECHECK_S = 60.0    # a token file whose token has no readable expiry is re-read this often
+# lfns2pfns takes its names as query parameters, and a server's front end refuses a long request
+# line (gunicorn: 4,094 bytes, 414 URI Too Long; Apache: 8,190): the names' share of it, encoded.
+LFNS_QUERY_BYTES = 3000
 PROTOCOLS_TTL_S = 600.0          # an RSE's protocols are looked up again after this long
 BUSY_RETRY_DELAYS_S = (0.5, 1.5)  # a server that says "busy" (database locked, 503) is asked again at once
 MAX_MESSAGE = 500                # Rucio's messages can hold a whole RSE description
@@ -590,11 +593,14 @@ class RucioClient:
         return out
 
     def lfns2pfns(self, rse: str, lfns: Sequence[str], scheme: str, operation: str = "write") -> dict[str, str]:
-        """{"scope:name": pfn} where `rse` would keep each file (deterministic RSEs)."""
-        r = self.request("GET", f"/rses/{_q(rse)}/lfns2pfns", f"GET /rses/{rse}/lfns2pfns ({scheme}, {operation})",
-                         params={"lfn": list(lfns), "scheme": scheme, "operation": operation})
-        data: dict[str, str] = r.json()
-        return data
+        """{"scope:name": pfn} where `rse` would keep each file (deterministic RSEs). The names are
+        query parameters: they go in as few calls as keep each request line short enough."""
+        out: dict[str, str] = {}
+        for chunk in _query_chunks(lfns, LFNS_QUERY_BYTES):
+            r = self.request("GET", f"/rses/{_q(rse)}/lfns2pfns", f"GET /rses/{rse}/lfns2pfns ({scheme}, {operation})",
+                             params={"lfn": chunk, "scheme": scheme, "operation": operation})
+            out.update(r.json())
+        return out
 
     def rse_protocols(self, rse: str) -> list[dict[str, Any]]:
         """The protocols of `rse` (cached for a few minutes)."""
@@ -710,6 +716,22 @@ class RucioClient:
 
 def _q(part: str) -> str:
     return quote(part, safe="")
+
+
+def _query_chunks(lfns: Sequence[str], budget: int) -> Iterator[list[str]]:
+    """`lfns` in chunks whose `lfn=` parameters, encoded, take at most `budget` bytes (a name
+    longer than that alone)."""
+    chunk: list[str] = []
+    used = 0
+    for lfn in lfns:
+        n = len("&lfn=") + len(quote(lfn, safe=""))
+        if chunk and used + n > budget:
+            yield chunk
+            chunk, used = [], 0
+        chunk.append(lfn)
+        used += n
+    if chunk:
+        yield chunk
 
 
 def _names(files: Iterable[Any]) -> str:

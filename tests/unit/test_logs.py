@@ -183,3 +183,25 @@ def test_tracebacks_are_masked_in_either_format(fmt: str) -> None:
     assert "ConnectionError" in out and "s3.example.org/magic/f1.fits" in out   # the traceback is there ...
     for secret in ("0f1e2d3c4b5a69788796a5b4c3d2e1f0", "tb-tok-42", "FQoGZXIvsesstok"):
         assert secret not in out                                                 # ... without them
+
+
+def _three_substitutions(v: str) -> str:
+    """What _mask_text does without its pre-filter."""
+    return logs._USERINFO.sub(r"\1***\3", logs._BEARER.sub(r"\1***", logs._SECRET_IN_TEXT.sub(r"\1***", v)))
+
+
+def test_the_pre_filter_never_lets_a_maskable_text_through() -> None:
+    # a text is returned unmasked only after one search finds no word any substitution needs:
+    # random texts around each such word, in any case, must come out exactly as the three
+    # substitutions alone make them
+    import random
+    rng = random.Random(7)
+    words = ["password", "PassWd", "pwd", "TOKEN", "access_token", "Secret", "authorization", "X-Amz-Signature",
+             "credential", "Bearer", "://", "user:pw@", "=", ": ", " ", "&", "?", "'", '"', "{", "abc123456789"]
+    masked = 0
+    for _ in range(5000):
+        text = "".join(rng.choice(words) for _ in range(rng.randint(1, 8)))
+        text = "".join(c.upper() if rng.random() < 0.3 else c for c in text)
+        assert logs._mask_text(text) == _three_substitutions(text), text
+        masked += logs._mask_text(text) != text
+    assert masked > 500     # the corpus does exercise the substitutions

@@ -113,7 +113,8 @@ def _rec(i: int, size: int) -> Any:
 
 @pytest.mark.parametrize("sizes, workers, expected", [
     ([1] * 3, 2, [[0, 1], [2]]),                        # a few small files: over every free worker
-    ([1] * 100, 2, [list(range(32)), list(range(32, 64))]),   # a backlog: groups of JOB_FILES
+    ([1] * 100, 2, [list(range(50)), list(range(50, 100))]),  # a backlog: shared evenly ...
+    ([1] * 300, 2, [list(range(128)), list(range(128, 256))]),  # ... in groups of at most JOB_FILES
     ([1 << 30] * 3, 4, [[0], [1], [2]]),                # large files: each on a worker of its own
     ([40 << 20] * 3, 1, [[0]]),                         # together over JOB_BYTES: one at a time
     ([1] * 5, 1, [[0, 1, 2, 3, 4]]),

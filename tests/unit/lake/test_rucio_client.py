@@ -610,3 +610,24 @@ def test_client_credentials_issuer_unreachable_is_retryable_and_named(clock: Clo
         raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
     with pytest.raises(RetryableError, match=r"^token issuer at https://idp.test: connection refused"):
         make(refused, clock, auth=oidc_cc()).token()
+
+
+def test_lfns2pfns_keeps_each_request_line_short_enough_for_the_server(server: Server, clock: Clock) -> None:
+    """gunicorn refuses a request line over 4,094 bytes (414 URI Too Long): 50 names of 100
+    characters, one job's worth, were refused whole and every file then asked for itself."""
+    lines: list[int] = []
+
+    def lfns2pfns(r: httpx.Request) -> httpx.Response:
+        line = len(r.method) + 1 + len(r.url.raw_path) + len(" HTTP/1.1")
+        lines.append(line)
+        if line > 4094:
+            return httpx.Response(414, text="<html>URI Too Long</html>")
+        return httpx.Response(200, json={lfn: f"root://h//{lfn}" for lfn in r.url.params.get_list("lfn")})
+    server.routes[("GET", "/rses/LAKE1/lfns2pfns")] = lfns2pfns
+    names = [f"test:{i:03d}_" + "x" * 95 for i in range(50)]
+    out = make(server, clock).lfns2pfns("LAKE1", names, "root")
+    assert out == {n: f"root://h//{n}" for n in names}
+    assert 1 < len(lines) <= 3 and max(lines) <= 4094
+    lines.clear()
+    short = [f"test:f{i}" for i in range(128)]     # short names: many in one call
+    assert len(make(server, clock).lfns2pfns("LAKE1", short, "root")) == 128 and len(lines) == 1
