@@ -192,6 +192,13 @@ def claim_ledger(ledger: Ledger, here: dict[str, str], adopt: bool = False) -> l
     return diffs
 
 
+def open_ledger(settings: Settings, readonly: bool = False) -> Ledger:
+    """The ledger the settings name: SQLite in state_dir, or the PostgreSQL database of
+    [ledger] url (LedgerUnwritable while that server does not answer)."""
+    return Ledger(settings.ledger_target, synchronous=settings.ledger_synchronous, readonly=readonly,
+                  password=settings.ledger.secret(), connect_timeout=settings.ledger.connect_timeout_seconds)
+
+
 class Agent:
     """A runner with its ledger, lake and status server, started and stopped together."""
 
@@ -206,7 +213,7 @@ class Agent:
         except BaseException:
             os.close(self._lock_fd)
             raise
-        self.ledger = Ledger(settings.ledger_path, synchronous=settings.ledger_synchronous)
+        self.ledger = open_ledger(settings)
         try:
             claim_ledger(self.ledger, identity.current(settings))
         except BaseException:

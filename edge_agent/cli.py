@@ -132,7 +132,7 @@ def run(settings: Settings) -> int:
 def adopt_ledger(settings: Settings) -> int:
     from . import identity
     from .app import _exclusive, claim_ledger
-    if not settings.ledger_path.exists():
+    if not _ledger_exists(settings):
         raise ConfigError(f"no ledger at {settings.ledger_path}: nothing to adopt")
     lock = _exclusive(settings.state_dir / "agent.lock")   # refuses while an agent runs on it
     try:
@@ -144,19 +144,25 @@ def adopt_ledger(settings: Settings) -> int:
     finally:
         os.close(lock)
     if diffs:
-        print(f"adopted {settings.ledger_path}; it was written for:\n  " + "\n  ".join(diffs))
+        print(f"adopted {settings.ledger_shown}; it was written for:\n  " + "\n  ".join(diffs))
     else:
-        print(f"{settings.ledger_path} already belongs to this host; nothing to do")
+        print(f"{settings.ledger_shown} already belongs to this host; nothing to do")
     return 0
 
 
+def _ledger_exists(settings: Settings) -> bool:
+    """Is there a ledger to read (a PostgreSQL ledger is taken to exist: opening it tells)?"""
+    return settings.ledger.url is not None or settings.ledger_path.exists()
+
+
 def _open_ledger(settings: Settings, readonly: bool = True) -> Ledger:
-    if not settings.ledger_path.exists():
+    from .app import open_ledger
+    if not _ledger_exists(settings):
         raise ConfigError(f"no ledger at {settings.ledger_path}: the agent has not run with this state_dir")
     try:
-        return Ledger(settings.ledger_path, readonly=readonly)
-    except sqlite3.Error as exc:
-        raise ConfigError(f"cannot open the ledger {settings.ledger_path}: {exc}") from None
+        return open_ledger(settings, readonly=readonly)
+    except (sqlite3.Error, LedgerUnwritable) as exc:
+        raise ConfigError(f"cannot open the ledger {settings.ledger_shown}: {exc}") from None
 
 
 def status(settings: Settings, as_json: bool) -> int:
@@ -170,7 +176,7 @@ def status(settings: Settings, as_json: bool) -> int:
     except (urllib.error.URLError, OSError, ValueError):
         ledger = _open_ledger(settings)
         doc = report.from_ledger(settings, ledger)
-        source = f"{settings.ledger_path} (the agent does not answer at {url})"
+        source = f"{settings.ledger_shown} (the agent does not answer at {url})"
     if as_json:
         print(json.dumps(doc, indent=2))
         return 0
@@ -233,7 +239,7 @@ def scan(settings: Settings) -> int:
     """Walk every rule's tree and say, per entry, what the agent would do and why."""
     from .watch.filters import RuleFilter
     from .watch.scanner import walk
-    ledger = _open_ledger(settings) if settings.ledger_path.exists() else None
+    ledger = _open_ledger(settings) if _ledger_exists(settings) else None
     for name, rule in settings.rules.items():
         print(f"[{name}] {rule.directory}")
         if not rule.directory.is_dir():

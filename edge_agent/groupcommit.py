@@ -23,7 +23,7 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 # a group is committed once it has this many members or is this old, even with writers queued:
 # what each member waits for stays a few milliseconds
@@ -35,7 +35,7 @@ class CommitFailed(Exception):
     """The group's transaction could not be committed (or was lost mid-way): no member's writes
     are stored. `cause` is SQLite's error."""
 
-    def __init__(self, cause: sqlite3.Error) -> None:
+    def __init__(self, cause: BaseException) -> None:
         super().__init__(str(cause))
         self.cause = cause
 
@@ -46,17 +46,20 @@ class _Group:
     opened: float = field(default_factory=time.monotonic)
     members: int = 0
     done: bool = False
-    error: sqlite3.Error | None = None
+    error: BaseException | None = None
 
 
 class GroupCommit:
     """The writes of one SQLite connection, grouped. `lock` guards the connection (whoever else
     uses it takes the same lock)."""
 
-    def __init__(self, db: sqlite3.Connection, lock: threading.RLock,
-                 max_members: int = MAX_MEMBERS, max_age_s: float = MAX_AGE_S) -> None:
+    def __init__(self, db: Any, lock: threading.RLock,
+                 max_members: int = MAX_MEMBERS, max_age_s: float = MAX_AGE_S, *,
+                 begin: str = "BEGIN IMMEDIATE", errors: tuple[type[BaseException], ...] = (sqlite3.Error,)) -> None:
         self._db = db
         self._lock = lock
+        self._begin = begin          # a write transaction the others wait for (SQLite: IMMEDIATE)
+        self._errors = errors        # what the database's statements raise
         self._max_members = max_members
         self._max_age_s = max_age_s
         self._done = threading.Condition(threading.Lock())
@@ -71,7 +74,7 @@ class GroupCommit:
         return getattr(self._inside, "on", False)
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[Any]:
         """The connection, inside a transaction shared with other writers. Exiting normally returns
         once this writer's statements are committed; an exception in the body rolls back this
         writer's statements and is raised once the group is settled (CommitFailed instead if the
@@ -116,11 +119,11 @@ class GroupCommit:
     def _join(self) -> _Group:
         """With the lock held: the open group joined (begun if there is none), a savepoint set."""
         if self._open is None:
-            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(self._begin)
             self._open = _Group()
         try:
             self._db.execute("SAVEPOINT member")
-        except sqlite3.Error as exc:
+        except self._errors as exc:
             self._fail(self._open, exc)
             raise
         self._open.members += 1
@@ -137,8 +140,8 @@ class GroupCommit:
             if own is not None:
                 self._db.execute("ROLLBACK TO member")
             self._db.execute("RELEASE member")
-        except sqlite3.Error as exc:
-            self._fail(group, own if isinstance(own, sqlite3.Error) else exc)
+        except self._errors as exc:
+            self._fail(group, own if isinstance(own, self._errors) else exc)
 
     def _settle(self, group: _Group | None) -> None:
         """With the lock held, and releasing it: the group committed now if nobody queues behind
@@ -160,17 +163,17 @@ class GroupCommit:
         all of them, if the COMMIT fails)."""
         try:
             self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except self._errors as exc:
             self._fail(group, exc)
             return
         self.commits += 1
         self.members += group.members
         self._finish(group)
 
-    def _fail(self, group: _Group | None, exc: sqlite3.Error) -> None:
+    def _fail(self, group: _Group | None, exc: BaseException) -> None:
         """The whole transaction undone (what SQLite has not undone itself): every member fails."""
-        if self._db.in_transaction:
-            with contextlib.suppress(sqlite3.Error):
+        with contextlib.suppress(*self._errors):
+            if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
         if group is not None and not group.done:
             group.error = exc

@@ -1,4 +1,5 @@
-"""The ledger: durable state in SQLite (WAL). The only place that remembers.
+"""The ledger: durable state in SQLite (WAL), or in PostgreSQL (ledgerdb.py). The only place that
+remembers.
 
 One row per *version* of a file: a file rewritten under the same name after it was
 hashed is a new row, so the old version's evidence is never confused with the new
@@ -33,6 +34,7 @@ from .core.lifecycle import (
 )
 from .errors import LedgerUnwritable
 from .groupcommit import CommitFailed, GroupCommit
+from .ledgerdb import SQLITE, Dialect, LedgerConnectionLost, columns, connect_postgres, is_url, shown
 
 SCHEMA_VERSION = 1
 
@@ -50,34 +52,35 @@ _COUNTED_BY_OWNER = (CopyState.WRITTEN, CopyState.WRITING, CopyState.BAD, CopySt
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS files (
-    id           INTEGER PRIMARY KEY,
+    id           {ID},
     rule         TEXT NOT NULL,
-    path         BLOB NOT NULL,      -- os.fsencode(absolute path): any byte sequence survives
+    path         {BLOB} NOT NULL,      -- os.fsencode(absolute path): any byte sequence survives
     relpath      TEXT NOT NULL,      -- for people: undecodable bytes shown as \\x escapes
-    version      INTEGER NOT NULL,
-    dev          INTEGER, inode INTEGER, size INTEGER, mtime_ns INTEGER,
+    version      {INT} NOT NULL,
+    dev          {INT}, inode {INT}, size {INT}, mtime_ns {INT},
     blake3       TEXT, adler32 TEXT, md5 TEXT,
     scope        TEXT, name TEXT, dataset TEXT, metadata TEXT,
     lake_ref     TEXT,               -- what the lake calls our request for copies (a rule id)
     state        TEXT NOT NULL,
     resume_state TEXT,
-    attempts     INTEGER NOT NULL DEFAULT 0,
-    next_at      REAL NOT NULL DEFAULT 0,
+    attempts     {INT} NOT NULL DEFAULT 0,
+    next_at      {REAL} NOT NULL DEFAULT 0,
     reason       TEXT,
-    priority     INTEGER NOT NULL DEFAULT 0,
-    first_seen   REAL NOT NULL,
-    changed_at   REAL NOT NULL,      -- last time size/mtime/inode were seen to change
-    updated_at   REAL NOT NULL,
-    confirmed_at REAL,
-    deleted_at   REAL
+    priority     {INT} NOT NULL DEFAULT 0,
+    first_seen   {REAL} NOT NULL,
+    changed_at   {REAL} NOT NULL,      -- last time size/mtime/inode were seen to change
+    updated_at   {REAL} NOT NULL,
+    confirmed_at {REAL},
+    deleted_at   {REAL},
+    ctime_ns     {INT}
 );
 CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY, file_id INTEGER NOT NULL, at REAL NOT NULL,
+    id {ID}, file_id {INT} NOT NULL, at {REAL} NOT NULL,
     from_state TEXT, to_state TEXT NOT NULL, event TEXT NOT NULL, detail TEXT
 );
 CREATE TABLE IF NOT EXISTS replicas (
-    file_id INTEGER NOT NULL, location TEXT NOT NULL, url TEXT NOT NULL,
-    size INTEGER, adler32 TEXT, state TEXT NOT NULL, at REAL NOT NULL,
+    file_id {INT} NOT NULL, location TEXT NOT NULL, url TEXT NOT NULL,
+    size {INT}, adler32 TEXT, state TEXT NOT NULL, at {REAL} NOT NULL,
     PRIMARY KEY (file_id, location)
 );
 -- Who may write, and what content lies, under each lake name (scope:name). A name is reserved
@@ -86,14 +89,14 @@ CREATE TABLE IF NOT EXISTS replicas (
 -- their bytes are the same. 'writing': `owner` writes its first copy, content not known yet;
 -- 'bound': the name holds `blake3`; 'removing': `owner` removes a copy nobody else counts.
 CREATE TABLE IF NOT EXISTS names (
-    scope TEXT NOT NULL, name TEXT NOT NULL, owner INTEGER NOT NULL, blake3 TEXT,
-    state TEXT NOT NULL, at REAL NOT NULL,
+    scope TEXT NOT NULL, name TEXT NOT NULL, owner {INT} NOT NULL, blake3 TEXT,
+    state TEXT NOT NULL, at {REAL} NOT NULL,
     first_url TEXT,      -- 'writing': the one URL found empty when reserved, the first copy's
     PRIMARY KEY (scope, name)
 );
 CREATE TABLE IF NOT EXISTS notices (
-    path BLOB PRIMARY KEY, rule TEXT NOT NULL, relpath TEXT NOT NULL, kind TEXT NOT NULL,
-    detail TEXT NOT NULL, first_seen REAL NOT NULL, last_seen REAL NOT NULL, count INTEGER NOT NULL
+    path {BLOB} PRIMARY KEY, rule TEXT NOT NULL, relpath TEXT NOT NULL, kind TEXT NOT NULL,
+    detail TEXT NOT NULL, first_seen {REAL} NOT NULL, last_seen {REAL} NOT NULL, count {INT} NOT NULL
 );
 """
 
@@ -229,7 +232,7 @@ class FileRecord:
 _COLS = [f.name for f in fields(FileRecord)]
 
 
-def _row(r: sqlite3.Row) -> FileRecord:
+def _row(r: Any) -> FileRecord:
     d = dict(r)
     d["state"] = State(d["state"])
     d["resume_state"] = State(d["resume_state"]) if d["resume_state"] else None
@@ -242,14 +245,21 @@ def display_path(path: bytes | str) -> str:
     return raw.decode("utf-8", "backslashreplace")
 
 
-def _is_storage_error(exc: sqlite3.Error) -> bool:
+def _is_storage_error(exc: BaseException) -> bool:
+    if isinstance(exc, LedgerConnectionLost):
+        return True     # PostgreSQL out of reach: like a full disk, new work waits until it answers
+    state = getattr(exc, "sqlstate", None)
+    if state:
+        # PostgreSQL: insufficient resources (disk full, out of memory), connection exceptions, the
+        # server shutting down, a read-only transaction (a standby)
+        return state[:2] in ("53", "08") or state.startswith("57P") or state == "25006"
     code = getattr(exc, "sqlite_errorcode", None)
     # SQLITE_FULL, SQLITE_IOERR (and its extended codes), SQLITE_READONLY, SQLITE_CANTOPEN
     return code is not None and code & 0xFF in (13, 10, 8, 14)
 
 
-def _unwritable(path: Path, exc: sqlite3.Error) -> LedgerUnwritable:
-    return LedgerUnwritable(f"the ledger {path} cannot be written: {exc}")
+def _unwritable(where: str, exc: BaseException) -> LedgerUnwritable:
+    return LedgerUnwritable(f"the ledger {where} cannot be written: {exc}")
 
 
 class LedgerDamaged(LedgerUnwritable):
@@ -258,24 +268,45 @@ class LedgerDamaged(LedgerUnwritable):
 
 
 def _is_corrupt(exc: BaseException) -> bool:
+    if getattr(exc, "sqlstate", None) in ("XX001", "XX002"):
+        return True       # PostgreSQL: data corrupted, index corrupted
     code = getattr(exc, "sqlite_errorcode", None)
     # SQLITE_CORRUPT, SQLITE_NOTADB
     return code is not None and code & 0xFF in (11, 26)
 
 
 class Ledger:
-    """The agent's durable memory (SQLite): every file version, its state and history, the names it
-    owns and the notices for operators. A transition is committed before its effect is acknowledged."""
+    """The agent's durable memory: every file version, its state and history, the names it owns and
+    the notices for operators, in SQLite (a path: the embedded default) or PostgreSQL (a
+    postgresql:// URL, see ledgerdb.py). A transition is committed before its effect is acknowledged."""
     def __init__(self, path: str | os.PathLike[str], clock: Any = time.time, synchronous: str = "full",
-                 readonly: bool = False) -> None:
-        self.path = Path(path)
+                 readonly: bool = False, password: str | None = None, connect_timeout: float = 10.0) -> None:
+        self._url = str(path) if is_url(path) else None
+        self.path = Path(path) if self._url is None else None
+        self.where = shown(self._url) if self._url is not None else str(self.path)
+        self._password = password
+        self._connect_timeout = connect_timeout
         self._clock = clock
         self._lock = threading.RLock()       # the write connection
         self._readers_lock = threading.Lock()
-        self._idle_readers: list[sqlite3.Connection] = []   # read connections not in use
-        self._all_readers: list[sqlite3.Connection] = []
+        self._idle_readers: list[Any] = []   # read connections not in use
+        self._all_readers: list[Any] = []
         self.damage: str | None = None     # sticky: see probe()
         self._opened: tuple[int, int] | None = None   # (st_dev, st_ino) of the file opened for writing
+        self._dialect: Dialect = SQLITE
+        self._readonly = readonly
+        if self._url is not None:
+            try:
+                self._db, self._dialect = connect_postgres(self._url, password, connect_timeout, readonly)
+            except LedgerConnectionLost as exc:
+                raise _unwritable(self.where, exc) from None
+            if readonly:
+                self._writes = GroupCommit(self._db, self._lock, begin=self._dialect.begin,
+                                           errors=self._dialect.errors)
+                return
+            self._open(synchronous)
+            return
+        assert self.path is not None
         if readonly:
             # for `status` and `files` run by an operator who may only read the state directory
             self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False,
@@ -289,61 +320,69 @@ class Ledger:
                 self._db = sqlite3.connect(f"file:{self.path}?immutable=1", uri=True, check_same_thread=False,
                                            isolation_level=None)
             self._db.row_factory = sqlite3.Row
-            self._readonly = True
             self._writes = GroupCommit(self._db, self._lock)
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None,
+                                       timeout=30)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a committed transition survives power loss, not only kill -9. NORMAL (WAL) survives
+            # kill -9 but may lose the last transitions on power loss; every step is idempotent and
+            # re-checked, so that repeats work but loses nothing. See settings.ledger_synchronous.
+            if synchronous not in ("full", "normal"):
+                raise ValueError(synchronous)
+            self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+            self._db.execute("PRAGMA foreign_keys=ON")
             self._open(synchronous)
         except sqlite3.OperationalError as exc:
             if _is_storage_error(exc):
-                raise _unwritable(self.path, exc) from exc
+                raise _unwritable(self.where, exc) from exc
             raise
         st = os.stat(self.path)
         self._opened = (st.st_dev, st.st_ino)
 
     def _open(self, synchronous: str) -> None:
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None,
-                                   timeout=30)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: a committed transition survives power loss, not only kill -9. NORMAL (WAL) survives
-        # kill -9 but may lose the last transitions on power loss; every step is idempotent and
-        # re-checked, so that repeats work but loses nothing. See settings.ledger_synchronous.
-        if synchronous not in ("full", "normal"):
-            raise ValueError(synchronous)
-        self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)
+        """The schema made or brought up to date (both databases; PostgreSQL commits every write)."""
+        self._db.executescript(self._dialect.ddl(_SCHEMA))
         self._migrate()
-        old = self._db.execute("SELECT sql FROM sqlite_master WHERE name = 'events_problems'").fetchone()
-        if old is not None and _PROBLEM_EVENTS not in old[0]:
-            # the problem events changed since the index was made: a query no longer matching its
-            # WHERE would read every event
-            self._db.execute("DROP INDEX events_problems")
+        # the problem events changed since the index was made: a query no longer matching its WHERE
+        # would read every event (the index's definition kept in meta: both databases compare it)
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'events_problems'").fetchone()
+        if row is not None and row[0] != _PROBLEM_EVENTS:
+            self._db.execute("DROP INDEX IF EXISTS events_problems")
+        elif row is None and self._dialect.name == "sqlite":
+            old = self._db.execute("SELECT sql FROM sqlite_master WHERE name = 'events_problems'").fetchone()
+            if old is not None and _PROBLEM_EVENTS not in old[0]:
+                self._db.execute("DROP INDEX events_problems")
         self._db.executescript(_INDEXES)
-        self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-        self._writes = GroupCommit(self._db, self._lock)
-        self._readonly = False
+        self._db.execute("INSERT INTO meta VALUES ('events_problems', ?) ON CONFLICT (key) DO UPDATE "
+                         "SET value = excluded.value", (_PROBLEM_EVENTS,))
+        self._db.execute("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT (key) DO NOTHING",
+                         (str(SCHEMA_VERSION),))
+        self._writes = GroupCommit(self._db, self._lock, begin=self._dialect.begin, errors=self._dialect.errors)
 
     def _migrate(self) -> None:
         """A ledger written by an older agent gains the columns added since (all nullable)."""
-        have = {r[1] for r in self._db.execute("PRAGMA table_info(files)")}
+        have = columns(self._db, self._dialect, "files")
         for col in _COLS:
             if col not in have:
+                # SQLite takes a column without a type; every column added since the first schema is
+                # an integer or text, and a PostgreSQL ledger was made with all of them
                 self._db.execute(f"ALTER TABLE files ADD COLUMN {col}")
-        if "first_url" not in {r[1] for r in self._db.execute("PRAGMA table_info(names)")}:
+        if "first_url" not in columns(self._db, self._dialect, "names"):
             self._db.execute("ALTER TABLE names ADD COLUMN first_url TEXT")
         if self._db.execute("SELECT 1 FROM meta WHERE key = 'names_filled'").fetchone() is None:
             # a ledger from before the names table: every name a hashed version was given is bound
             # to that version's content (a live or delivered version before a superseded one)
-            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(self._dialect.begin)
             self._db.execute(
-                "INSERT OR IGNORE INTO names (scope, name, owner, blake3, state, at) "
+                "INSERT INTO names (scope, name, owner, blake3, state, at) "
                 "SELECT scope, name, id, blake3, 'bound', updated_at FROM files "
                 "WHERE scope IS NOT NULL AND name IS NOT NULL AND blake3 IS NOT NULL "
-                "ORDER BY state = 'superseded', id")
-            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('names_filled', '1')")
+                "ORDER BY state = 'superseded', id ON CONFLICT (scope, name) DO NOTHING")
+            self._db.execute("INSERT INTO meta VALUES ('names_filled', '1') ON CONFLICT (key) DO NOTHING")
             self._db.execute("COMMIT")
 
     def close(self) -> None:
@@ -364,14 +403,16 @@ class Ledger:
     def set_meta(self, key: str, value: str) -> None:
         """After this, meta `key` holds `value`."""
         with self._tx() as db:
-            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+            db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                       (key, value))
 
     def probe(self) -> str | None:
         """Why this ledger can no longer be trusted, or None. Cheap on a ledger of any size (a stat
         and a one-row read, no integrity check), for calling every few seconds: the file this
         connection writes was deleted or replaced (every later write would go where no restart
-        finds it), or SQLite reported it corrupt, here or on any read or write before. Sticky."""
-        if self.damage is None:
+        finds it), or SQLite reported it corrupt, here or on any read or write before. Sticky.
+        (PostgreSQL: a lost connection is not damage; the next write connects again.)"""
+        if self.damage is None and self.path is not None:
             try:
                 st = os.stat(self.path)
                 if self._opened is not None and (st.st_dev, st.st_ino) != self._opened:
@@ -383,52 +424,89 @@ class Ledger:
                 self._query("SELECT value FROM meta WHERE key = 'schema_version'")
             except LedgerDamaged:
                 pass
-        return None if self.damage is None else f"the ledger {self.path} cannot be trusted: {self.damage}"
+            except LedgerUnwritable:
+                pass       # the server is out of reach: the runner's write probe tells when it is back
+        return None if self.damage is None else f"the ledger {self.where} cannot be trusted: {self.damage}"
 
-    def _damaged(self, exc: sqlite3.Error) -> LedgerDamaged:
+    def _damaged(self, exc: BaseException) -> LedgerDamaged:
         self.damage = self.damage or str(exc)
-        return LedgerDamaged(f"the ledger {self.path} cannot be trusted: {exc}")
+        return LedgerDamaged(f"the ledger {self.where} cannot be trusted: {exc}")
 
     # ------------------------------------------------------------ plumbing
+    def _writer_back(self) -> None:
+        """PostgreSQL: a write connection the server dropped is replaced (with the lock held, so no
+        group is open on it); LedgerUnwritable while the server does not answer."""
+        if self._url is None or not self._db.broken:
+            return
+        with self._lock:
+            if not self._db.broken:
+                return
+            try:
+                db, _ = connect_postgres(self._url, self._password, self._connect_timeout, self._readonly)
+            except LedgerConnectionLost as exc:
+                raise _unwritable(self.where, exc) from None
+            old, self._db = self._db, db
+            self._writes = GroupCommit(db, self._lock, begin=self._dialect.begin, errors=self._dialect.errors)
+            try:
+                old.close()
+            except Exception:  # noqa: BLE001 - it is gone already
+                pass
+
     @contextlib.contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self) -> Iterator[Any]:
         """A write transaction, shared with the writers queued beside it (groupcommit.py): returns
-        once committed. SQLite's errors become LedgerDamaged or LedgerUnwritable where they say the
-        ledger is corrupt or cannot be written; a body's own errors pass."""
+        once committed. The database's errors become LedgerDamaged or LedgerUnwritable where they
+        say the ledger is corrupt or cannot be written (a full disk, a server out of reach); a
+        body's own errors pass."""
+        self._writer_back()
         try:
             with self._writes.transaction() as db:
                 yield db
         except CommitFailed as exc:
-            raise (self._damaged(exc.cause) if _is_corrupt(exc.cause) else _unwritable(self.path, exc.cause)) from exc
-        except sqlite3.Error as exc:
+            raise (self._damaged(exc.cause) if _is_corrupt(exc.cause) else _unwritable(self.where, exc.cause)) from exc
+        except self._dialect.errors as exc:
             if _is_corrupt(exc):
                 raise self._damaged(exc) from exc
-            if isinstance(exc, sqlite3.OperationalError) and _is_storage_error(exc):
-                raise _unwritable(self.path, exc) from exc
+            if _is_storage_error(exc):
+                raise _unwritable(self.where, exc) from exc
             raise
 
+    def _connect_reader(self) -> Any:
+        if self._url is not None:
+            try:
+                return connect_postgres(self._url, self._password, self._connect_timeout, readonly=True)[0]
+            except LedgerConnectionLost as exc:
+                raise _unwritable(self.where, exc) from None
+        assert self.path is not None
+        # mode=rw: a ledger deleted while the agent runs is not created anew, empty, by a
+        # reader (probe() reports the deletion; reads fail meanwhile)
+        db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=rw", uri=True, check_same_thread=False,
+                             isolation_level=None, timeout=30)
+        db.row_factory = sqlite3.Row
+        return db
+
     @contextlib.contextmanager
-    def _reader(self) -> Iterator[sqlite3.Connection]:
+    def _reader(self) -> Iterator[Any]:
         """A read connection, taken from the idle ones (or opened) and given back: reads see only
         what is committed (never a group's writes before its COMMIT) and wait neither for the
         writers (WAL) nor for each other. Pooled, not one per thread: the status server runs a
         thread per request, and a connection per thread would leak one per scrape."""
         with self._readers_lock:
             db = self._idle_readers.pop() if self._idle_readers else None
-            if db is None:
-                # mode=rw: a ledger deleted while the agent runs is not created anew, empty, by a
-                # reader (probe() reports the deletion; reads fail meanwhile)
-                db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=rw", uri=True, check_same_thread=False,
-                                     isolation_level=None, timeout=30)
-                db.row_factory = sqlite3.Row
+        if db is None:
+            db = self._connect_reader()
+            with self._readers_lock:
                 self._all_readers.append(db)
         try:
             yield db
         finally:
             with self._readers_lock:
-                self._idle_readers.append(db)
+                if getattr(db, "broken", False):
+                    self._all_readers.remove(db)      # PostgreSQL dropped it: a new one next time
+                else:
+                    self._idle_readers.append(db)
 
-    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         # committed data only (what is read may lead to an effect outside the ledger), except for a
         # writer reading inside its own transaction
         use: contextlib.AbstractContextManager[Any]
@@ -439,29 +517,31 @@ class Ledger:
         with use as db:
             try:
                 return db.execute(sql, args).fetchall()
-            except sqlite3.DatabaseError as exc:
+            except self._dialect.errors as exc:
                 if _is_corrupt(exc):
                     raise self._damaged(exc) from exc
+                if isinstance(exc, LedgerConnectionLost):
+                    raise _unwritable(self.where, exc) from exc
                 raise
 
     @contextlib.contextmanager
-    def _writer_connection(self) -> Iterator[sqlite3.Connection]:
+    def _writer_connection(self) -> Iterator[Any]:
         with self._lock:
             yield self._db
 
-    def _idle_writer(self) -> contextlib.AbstractContextManager[sqlite3.Connection] | None:
+    def _idle_writer(self) -> contextlib.AbstractContextManager[Any] | None:
         """The write connection, for a read, when nobody writes: no transaction open, so it shows
         only what is committed, and its page cache is warm (another connection's cache is dropped
         whenever the database changed: a rescan that reads and writes in turn, through two
         connections, took half as long again). None when it is busy or a group is open."""
         if not self._lock.acquire(blocking=False):
             return None
-        if self._db.in_transaction:
+        if self._db.in_transaction or getattr(self._db, "broken", False):
             self._lock.release()
             return None
 
         @contextlib.contextmanager
-        def held() -> Iterator[sqlite3.Connection]:
+        def held() -> Iterator[Any]:
             try:
                 yield self._db
             finally:
@@ -512,7 +592,7 @@ class Ledger:
         rows: list[tuple[int, bytes]] = []
         for s in states:
             rows += [(r[0], r[1]) for r in self._query(
-                "SELECT id, path, blake3 FROM files INDEXED BY files_state WHERE state = ? AND id > ? AND rule = ? "
+                f"SELECT id, path, blake3 FROM files {self._dialect.hint('files_state')} WHERE state = ? AND id > ? AND rule = ? "
                 "ORDER BY id LIMIT ?", [s.value, after_id, rule, limit]) if r[2] is None]
         rows.sort()
         return rows[:limit]
@@ -529,9 +609,9 @@ class Ledger:
         ex = list(exclude)
         # one state at a time, read in the queue index's order: the top `limit` of each, merged, is
         # the top `limit` of all, without SQLite sorting a backlog of a million rows at every dispatch
-        rows: list[sqlite3.Row] = []
+        rows: list[Any] = []
         for s in states:
-            sql = ("SELECT * FROM files INDEXED BY files_queue WHERE state = ? AND next_at <= ?"
+            sql = (f"SELECT * FROM files {self._dialect.hint('files_queue')} WHERE state = ? AND next_at <= ?"
                    + (f" AND id NOT IN ({','.join('?' * len(ex))})" if ex else "")
                    + " ORDER BY priority DESC, next_at, id LIMIT ?")
             rows += self._query(sql, [s.value, now, *ex, limit])
@@ -543,9 +623,9 @@ class Ledger:
         """Rows in `states` by id; `after_id` + `limit` read a large backlog one page at a time."""
         # one state at a time through (state, id), merged: a page costs its own rows, not a sort
         # of every row in those states (a million: a second per page)
-        rows: list[sqlite3.Row] = []
+        rows: list[Any] = []
         for s in states:
-            sql = "SELECT * FROM files INDEXED BY files_state WHERE state = ? AND id > ?"
+            sql = f"SELECT * FROM files {self._dialect.hint('files_state')} WHERE state = ? AND id > ?"
             args: list[Any] = [s.value, after_id]
             if rule:
                 sql += " AND rule = ?"
@@ -597,7 +677,7 @@ class Ledger:
     def counts(self) -> list[tuple[str, str, int, int]]:
         """(rule, state, files, bytes) for every non-empty combination."""
         rows = self._query("SELECT rule, state, COUNT(*), COALESCE(SUM(size), 0) FROM files GROUP BY rule, state")
-        return [(r[0], r[1], r[2], r[3]) for r in rows]
+        return [(r[0], r[1], int(r[2]), int(r[3])) for r in rows]   # PostgreSQL's SUM is a numeric
 
     def oldest_unconfirmed(self) -> FileRecord | None:
         """The oldest file still on its way; quarantined files wait for a person and are reported
@@ -645,7 +725,7 @@ class Ledger:
                 return file_id
             return int(row[0])
 
-    def _bind_name(self, db: sqlite3.Connection, file_id: int, scope: str, name: str, blake3: str) -> None:
+    def _bind_name(self, db: Any, file_id: int, scope: str, name: str, blake3: str) -> None:
         """Bind scope:name to a hashed version's content, in the transaction of its transition.
         Raises NameConflict if another version holds it with other (or not yet known) content."""
         row = db.execute("SELECT owner, state, blake3 FROM names WHERE scope = ? AND name = ?",
@@ -706,9 +786,9 @@ class Ledger:
         # both halves through partial indexes: the start of an agent with a million names reads only
         # the few rows mid-way
         return [r[0] for r in self._query(
-            "SELECT n.owner FROM names n INDEXED BY names_pending JOIN files f ON f.id = n.owner "
+            f"SELECT n.owner FROM names n {self._dialect.hint('names_pending')} JOIN files f ON f.id = n.owner "
             "WHERE n.state != 'bound' AND f.state = 'superseded' "
-            "UNION SELECT r.file_id FROM replicas r INDEXED BY replicas_sent JOIN files f ON f.id = r.file_id "
+            f"UNION SELECT r.file_id FROM replicas r {self._dialect.hint('replicas_sent')} JOIN files f ON f.id = r.file_id "
             "WHERE r.state = 'sent' AND f.state = 'superseded' AND EXISTS (SELECT 1 FROM names n "
             "WHERE n.owner = r.file_id) ORDER BY 1")]
 
@@ -766,18 +846,16 @@ class Ledger:
                 added += 1
         return added
 
-    def _insert_version(self, db: sqlite3.Connection, rule: str, path: bytes, relpath: str, dev: int,
+    def _insert_version(self, db: Any, rule: str, path: bytes, relpath: str, dev: int,
                         inode: int, size: int, mtime_ns: int, priority: int) -> int:
         now = self._clock()
         prev = db.execute("SELECT MAX(version) FROM files WHERE rule = ? AND path = ?",
                           (rule, path)).fetchone()[0] or 0
-        cur = db.execute(
+        fid = db.execute(
             "INSERT INTO files (rule, path, relpath, version, dev, inode, size, mtime_ns, state, "
-            "priority, first_seen, changed_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "priority, first_seen, changed_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
             (rule, path, relpath, prev + 1, dev, inode, size, mtime_ns, State.DISCOVERED.value,
-             priority, now, now, now))
-        fid = cur.lastrowid
-        assert fid is not None
+             priority, now, now, now)).fetchone()[0]
         self._event(db, fid, None, State.DISCOVERED, Event.DISCOVERED,
                     {"size": size, "inode": inode, "mtime_ns": mtime_ns, "version": prev + 1})
         return fid
@@ -840,7 +918,7 @@ class Ledger:
                 rows[r["id"]] = _row(r)
         return [rows[i] for i in ids if i in rows]
 
-    def _transition(self, db: sqlite3.Connection, file_id: int, expect: State, event: Event,
+    def _transition(self, db: Any, file_id: int, expect: State, event: Event,
                     detail: dict[str, Any] | None, updates: dict[str, Any]) -> None:
         """Store the move lifecycle.apply() computes (what the caller passes overrides its columns)."""
         row = db.execute("SELECT state, resume_state FROM files WHERE id = ?", (file_id,)).fetchone()
@@ -915,7 +993,7 @@ class Ledger:
         with self._tx() as db:
             self._record_copy(db, file_id, WrittenCopy(location, url, size, adler32, state, note))
 
-    def _record_copy(self, db: sqlite3.Connection, file_id: int, copy: WrittenCopy) -> None:
+    def _record_copy(self, db: Any, file_id: int, copy: WrittenCopy) -> None:
         if copy.note is not None:
             self._event(db, file_id, copy.note[0], copy.note[0], copy.note[1], copy.note[2])
         db.execute("INSERT INTO replicas VALUES (?,?,?,?,?,?,?) ON CONFLICT (file_id, location) DO UPDATE "
@@ -962,7 +1040,7 @@ class Ledger:
             row = db.execute("SELECT kind, detail FROM notices WHERE path = ?", (path,)).fetchone()
             db.execute("INSERT INTO notices VALUES (?,?,?,?,?,?,?,1) ON CONFLICT (path) DO UPDATE SET "
                        "kind=excluded.kind, detail=excluded.detail, last_seen=excluded.last_seen, "
-                       "count=count+1", (path, rule, display_path(path), kind, detail, now, now))
+                       "count=notices.count+1", (path, rule, display_path(path), kind, detail, now, now))
         return row is None or (row["kind"], row["detail"]) != (kind, detail)
 
     def clear_notice(self, path: bytes) -> None:
@@ -970,7 +1048,7 @@ class Ledger:
         with self._tx() as db:
             db.execute("DELETE FROM notices WHERE path = ?", (path,))
 
-    def _event(self, db: sqlite3.Connection, file_id: int, frm: State | None, to: State, event: Event,
+    def _event(self, db: Any, file_id: int, frm: State | None, to: State, event: Event,
                detail: dict[str, Any] | None) -> None:
         db.execute("INSERT INTO events (file_id, at, from_state, to_state, event, detail) VALUES (?,?,?,?,?,?)",
                    (file_id, self._clock(), frm.value if frm else None, to.value, Event(event).value,

@@ -29,7 +29,8 @@ _USERINFO = re.compile(r"(://[^/\s:@]+:)([^@/\s]+)(@)")
 _MAY_HOLD_SECRET = re.compile(r"(?i)password|passwd|pwd|token|secret|authorization|signature|credential|bearer|://")
 
 
-def _mask_text(v: str) -> str:
+def mask_text(v: str) -> str:
+    """`v` with whatever looks like a credential in it replaced by ***."""
     if not _MAY_HOLD_SECRET.search(v):
         return v
     return _USERINFO.sub(r"\1***\3", _BEARER.sub(r"\1***", _SECRET_IN_TEXT.sub(r"\1***", v)))
@@ -44,7 +45,7 @@ def _mask(key: str, v: Any) -> Any:
     if _secret_key(key) and v not in (None, "", False):
         return "***"
     if isinstance(v, str):
-        return _mask_text(v)
+        return mask_text(v)
     if isinstance(v, dict):
         return {k: _mask(str(k), x) for k, x in v.items()}
     if isinstance(v, (list, tuple, set, frozenset)):
@@ -54,7 +55,7 @@ def _mask(key: str, v: Any) -> Any:
     # any other object (an exception passed as a value, say) is rendered by its repr: mask that text,
     # and leave the object itself when there is nothing to mask
     text = repr(v)
-    masked = _mask_text(text)
+    masked = mask_text(text)
     return v if masked == text else masked
 
 
@@ -63,7 +64,7 @@ def _redacted_traceback(sio: Any, exc_info: Any) -> None:
     console renders exc_info itself, after the processors have run)."""
     buf = io.StringIO()
     structlog.dev.plain_traceback(buf, exc_info)
-    sio.write(_mask_text(buf.getvalue()))
+    sio.write(mask_text(buf.getvalue()))
 
 
 def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

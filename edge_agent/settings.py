@@ -80,6 +80,54 @@ class StatusSettings(_Section):
         return [h.strip().lower().rstrip(".") for h in v]
 
 
+class LedgerSettings(_Section):
+    """Where the ledger lives: SQLite in state_dir (the default; no server), or a PostgreSQL
+    database the site runs (`url`). The password is never part of the URL."""
+    url: str | None = Field(None, description="postgresql://USER@HOST[:PORT]/DATABASE (libpq options such as "
+                            "sslmode=verify-full may follow as ?key=value); none: SQLite in state_dir")
+    password: SecretStr | None = Field(None, description="the database user's password; better in password_file "
+                                       "or EDGE_AGENT_LEDGER__PASSWORD than in the config file")
+    password_file: Path | None = Field(None, description="a file holding the password (its first line)")
+    connect_timeout_seconds: float = Field(10.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        from .ledgerdb import url_problem
+        if v in (None, ""):
+            return None
+        problem = url_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
+    @model_validator(mode="after")
+    def _one_password(self) -> "LedgerSettings":
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("give password or password_file, not both")
+        if self.url is None and (self.password is not None or self.password_file is not None):
+            raise ValueError("a password is for a PostgreSQL ledger: set url too")
+        if self.url is not None:
+            try:
+                import psycopg  # noqa: F401
+            except ImportError:
+                raise ValueError("a PostgreSQL ledger needs psycopg: pip install 'edge-agent[postgres]' "
+                                 "(or the distribution's python3-psycopg)") from None
+        return self
+
+    def secret(self) -> str | None:
+        """The password, read from password_file where one is named (ConfigError if unreadable)."""
+        if self.password is not None:
+            return self.password.get_secret_value()
+        if self.password_file is None:
+            return None
+        try:
+            lines = self.password_file.read_text().splitlines()
+        except OSError as exc:
+            raise ConfigError(f"ledger.password_file = {self.password_file}: cannot be read: {exc.strerror}") from None
+        return lines[0] if lines else ""
+
+
 class LogSettings(_Section):
     """How much is logged, and in which format."""
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -374,6 +422,7 @@ class Settings(BaseSettings):
     retry: RetrySettings = RetrySettings()
     status: StatusSettings = StatusSettings()
     log: LogSettings = LogSettings()
+    ledger: LedgerSettings = LedgerSettings()
     lake: LakeSettings = LakeSettings()
     destinations: dict[str, DestinationSettings] = {}
     rules: dict[str, RuleSettings] = {}
@@ -500,6 +549,16 @@ class Settings(BaseSettings):
         return self.state_dir / "ledger.sqlite"
 
     @property
+    def ledger_target(self) -> str | Path:
+        """What Ledger() opens: the PostgreSQL URL, or the SQLite file in state_dir."""
+        return self.ledger.url or self.ledger_path
+
+    @property
+    def ledger_shown(self) -> str:
+        """Where the ledger is, as it may be printed."""
+        return self.ledger.url or str(self.ledger_path)
+
+    @property
     def lake_catalog_path(self) -> Path:
         return self.lake.catalog or self.state_dir / "lake-catalog.sqlite"
 
@@ -553,7 +612,8 @@ def format_validation_error(exc: ValidationError, source: Path | None) -> str:
 
 
 def _show(value: Any) -> str:
-    text = repr(value)
+    from .logs import mask_text
+    text = mask_text(repr(value))     # a refused URL may carry the very password it is refused for
     return text if len(text) <= 80 else text[:77] + "..."
 
 

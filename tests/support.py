@@ -58,7 +58,7 @@ def write_toml(path: Path, doc: dict[str, Any]) -> Path:
     lines: list[str] = []
     tables: list[tuple[str, dict[str, Any]]] = []
     for k, v in doc.items():
-        if isinstance(v, dict) and k in ("status", "log", "retry", "lake"):
+        if isinstance(v, dict) and k in ("status", "log", "retry", "lake", "ledger"):
             tables.extend(_flatten(k, v))
         elif isinstance(v, dict):
             for name, sub in v.items():

@@ -43,6 +43,7 @@ AS_ROOT=0
 # PostgreSQL refuses to run as root: as root it runs as the Debian package's user.
 PG_USER=postgres
 PG_PASSWORD=rucio   # role and database 'rucio'; the server listens on 127.0.0.1 only
+LEDGER_PASSWORD=edge-ledger   # role and database 'edge_ledger': the agents' ledger (issue 15)
 PG_STARTED=0
 if [[ "$RUCIO_DB" == postgresql ]]; then
     DB_URL="postgresql+psycopg://rucio:$PG_PASSWORD@127.0.0.1:$POSTGRES_PORT/rucio"
@@ -264,6 +265,17 @@ start_postgres() {
         PGPASSWORD="$PG_PASSWORD" "$PG_BIN/createdb" -h 127.0.0.1 -p "$POSTGRES_PORT" -U rucio rucio </dev/null ||
             die "createdb rucio failed"
         log "postgresql: database rucio created"
+    fi
+    # the agents' shared ledger (issue 15): a role and a database of its own on the same server
+    have="$(PGPASSWORD="$PG_PASSWORD" "$PG_BIN/psql" -h 127.0.0.1 -p "$POSTGRES_PORT" -U rucio -d postgres \
+        -tAc "SELECT 1 FROM pg_database WHERE datname = 'edge_ledger'" </dev/null)" ||
+        die "cannot query PostgreSQL on 127.0.0.1:$POSTGRES_PORT"
+    if [[ "$have" != 1 ]]; then
+        PGPASSWORD="$PG_PASSWORD" "$PG_BIN/psql" -h 127.0.0.1 -p "$POSTGRES_PORT" -U rucio -d postgres -q \
+            -c "CREATE ROLE edge_ledger LOGIN PASSWORD '$LEDGER_PASSWORD'" \
+            -c "CREATE DATABASE edge_ledger OWNER edge_ledger" </dev/null ||
+            die "creating the ledger database edge_ledger failed"
+        log "postgresql: database edge_ledger (the agents' ledger) created"
     fi
 }
 
@@ -518,6 +530,12 @@ EDGE_LAKE_RUCIO_DB_URL="$DB_URL"
 EDGE_LAKE_RUCIO_WORKERS="$RUCIO_WORKERS"
 EDGE_LAKE_RUCIO_BULK_MAX="$BULK_MAX"
 EOF
+    if [[ "$RUCIO_DB" == postgresql ]]; then
+        cat >>"$tmp" <<EOF
+EDGE_LAKE_LEDGER_URL="postgresql://edge_ledger@127.0.0.1:$POSTGRES_PORT/edge_ledger"
+EDGE_LAKE_LEDGER_PASSWORD="$LEDGER_PASSWORD"
+EOF
+    fi
     mv -f "$tmp" "$LAKE_ENV"
 }
 

@@ -12,13 +12,15 @@ from edge_agent.core.lifecycle import Event, IllegalTransition, State
 from edge_agent.errors import LedgerUnwritable
 from edge_agent.ledger import Ledger, NameConflict, StaleTransition, display_path
 
+from .ledgers import INTEGRITY_ERRORS, open_ledger
+
 S, E = State, Event
 P = b"/daq/run42/f1.fits"
 
 
 @pytest.fixture
 def ledger(tmp_path: Path, clock: Any) -> Any:
-    led = Ledger(tmp_path / "state" / "ledger.sqlite", clock=clock)
+    led = open_ledger(tmp_path / "state" / "ledger.sqlite", clock=clock)
     yield led
     led.close()
 
@@ -186,10 +188,10 @@ def test_versions_increment_per_path(ledger: Ledger) -> None:
 
 def test_one_live_row_per_rule_and_path(ledger: Ledger) -> None:
     rec = discover(ledger)
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(INTEGRITY_ERRORS):
         discover(ledger)
     walk(ledger, rec.id, E.COMPLETED, E.FAILED_PERMANENT)   # quarantined is still live
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(INTEGRITY_ERRORS):
         discover(ledger)
     assert len(list(ledger.iter_all())) == 1   # the failed insert left nothing behind
     # the ledger is usable after the failed insert (its transaction was rolled back)
@@ -198,14 +200,14 @@ def test_one_live_row_per_rule_and_path(ledger: Ledger) -> None:
 
 def test_reopening_keeps_everything(tmp_path: Path, clock: Any) -> None:
     path = tmp_path / "ledger.sqlite"
-    led = Ledger(path, clock=clock)
+    led = open_ledger(path, clock=clock)
     rec = walk(led, discover(led).id, E.COMPLETED)
     rec = led.transition(rec.id, S.COMPLETE, E.HASHED, blake3="b3", adler32="00000001", scope="s", name="n")
     led.record_replica(rec.id, "a", "file:///a/n", 10, "00000001", "written")
     led.notice("r", b"/daq/link", "symlink", "symlinks are never followed")
     led.close()
 
-    again = Ledger(path, clock=clock)
+    again = open_ledger(path, clock=clock)
     try:
         assert again.get(rec.id) == rec
         assert [h["event"] for h in again.history(rec.id)] == ["discovered", "completed", "hashed"]

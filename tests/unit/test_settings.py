@@ -401,3 +401,43 @@ def test_settings_model_forbids_unknown_keys_in_every_section() -> None:
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             assert ann.model_config.get("extra") == "forbid", name
+
+
+# ---------------------------------------------------------------- the ledger's database (issue 15)
+
+def test_the_ledger_is_sqlite_in_the_state_dir_by_default(tmp_path: Path) -> None:
+    s = load_settings(toml(tmp_path))
+    assert s.ledger.url is None and s.ledger_target == tmp_path / "state" / "ledger.sqlite"
+
+
+def test_a_postgresql_ledger_takes_its_password_from_a_file_or_the_environment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\n")
+    s = load_settings(toml(tmp_path, tail=f'[ledger]\nurl = "postgresql://edge@db.example.org/edge"\n'
+                                          f'password_file = "{secret}"'))
+    assert s.ledger_target == "postgresql://edge@db.example.org/edge" and s.ledger.secret() == "s3cret"
+    monkeypatch.setenv("EDGE_AGENT_LEDGER__PASSWORD", "from-env")
+    s = load_settings(toml(tmp_path, tail='[ledger]\nurl = "postgresql://edge@db.example.org/edge"'))
+    assert s.ledger.secret() == "from-env"
+    assert "from-env" not in json.dumps(masked_dump(s)) and masked_dump(s)["ledger"]["password"] == "***"
+
+
+@pytest.mark.parametrize(("ledger", "says"), [
+    ('url = "postgresql://edge:pw@db.example.org/edge"', "ledger.url = 'postgresql://edge:***@db.example.org/edge': carries a password"),
+    ('url = "postgresql://db.example.org/edge?password=pw"', "ledger.url"),
+    ('url = "mysql://db.example.org/edge"', "ledger.url = 'mysql://db.example.org/edge': not a postgresql:// URL"),
+    ('url = "postgresql://edge@db.example.org"', "names no database"),
+    ('password_file = "/etc/pw"', "a password is for a PostgreSQL ledger: set url too"),
+    ('url = "postgresql://edge@h/db"\npassword = "x"\npassword_file = "/etc/pw"', "not both"),
+])
+def test_a_wrong_ledger_setting_refuses_to_start_and_names_the_key(tmp_path: Path, ledger: str, says: str) -> None:
+    msg = config_error(toml(tmp_path, tail=f"[ledger]\n{ledger}"))
+    assert says in msg and "ledger" in msg and "pw@" not in msg and "password=pw" not in msg
+
+
+def test_an_unreadable_password_file_is_a_config_error(tmp_path: Path) -> None:
+    s = load_settings(toml(tmp_path, tail=f'[ledger]\nurl = "postgresql://edge@h/db"\n'
+                                          f'password_file = "{tmp_path}/missing"'))
+    with pytest.raises(ConfigError, match="ledger.password_file"):
+        s.ledger.secret()

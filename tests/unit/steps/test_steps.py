@@ -35,6 +35,8 @@ from edge_agent.transfer.mock import MockTransport
 from edge_agent.transfer.posix import PosixTransport
 from edge_agent.transfer.registry import Transports
 
+from ..ledgers import open_ledger
+
 S, E = State, Event
 WORKING = (S.COMPLETE, S.HASHED, S.REGISTERED, S.COPIED, S.TRANSFERRED, S.CONFIRMED)
 DATA = b"DAQ frame: not a real FITS file, just bytes to move\n" * 500
@@ -56,7 +58,7 @@ class Env:
         self.roots = {"a": tmp / "lake-a", "b": tmp / "lake-b"}
         for r in self.roots.values():
             r.mkdir(exist_ok=True)
-        self.ledger = Ledger(settings.ledger_path, clock=clock)
+        self.ledger = open_ledger(settings.ledger_path, clock=clock)
         # as the local lake: copies go to root/scope/name, and the storage alone says a copy is there
         self.lake = MemoryCatalogue({loc: str(root) for loc, root in self.roots.items()}, PATH_NAME_RE,
                                     listed=False)
@@ -990,7 +992,7 @@ def test_a_name_is_reserved_durably_before_its_first_copy(env: Env) -> None:
     assert not env.ledger.reserve_name("test", "img.dat", b.id)
     # reopened (a restart): the reservation is still there
     env.ledger.close()
-    env.ledger = Ledger(env.s.ledger_path, clock=env.clock)
+    env.ledger = open_ledger(env.s.ledger_path, clock=env.clock)
     hold = env.ledger.name_hold("test", "img.dat")
     assert hold is not None and (hold.owner, hold.state, hold.blake3) == (a.id, "writing", None)
 

@@ -1,0 +1,80 @@
+"""The ledger's tests and the steps' tests again, on PostgreSQL (issue 15): each test in a schema
+of its own on the lake's PostgreSQL server (the edge_ledger database of scripts/lake/start.sh).
+
+Left out: the tests about SQLite itself (its file, its pragmas, ledgers written by older agents,
+which were all SQLite). What PostgreSQL adds (a connection the server drops) is tested below."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import pytest
+
+from edge_agent.core.lifecycle import Event, State
+from edge_agent.errors import LedgerUnwritable
+from edge_agent.ledger import Ledger
+
+from ..pgledger import schema_url
+from ..unit import ledgers
+from ..unit.conftest import _logging_reset_after_each_test, _no_edge_agent_env, clock, settings_data  # noqa: F401
+from ..unit.steps.test_steps import *  # noqa: F403 - the same tests, on PostgreSQL
+from ..unit.test_ledger import *  # noqa: F403
+from ..unit.test_ledger import discover
+
+pytestmark = pytest.mark.lake
+
+SQLITE_ONLY = {
+    "test_creates_its_directory_and_schema",
+    "test_an_older_ledger_gets_its_names_bound",
+    "test_a_ledger_from_an_older_agent_gains_new_columns",
+    "test_a_failed_commit_is_rolled_back_so_the_ledger_works_again_afterwards",
+    "test_a_full_database_refuses_writes_and_recovers_when_there_is_room",
+    "test_a_ledger_of_an_older_agent_gains_the_ctime_column",
+}
+for _name in SQLITE_ONLY:
+    globals().pop(_name, None)
+
+
+@pytest.fixture
+def pg(lake: Any) -> Iterator[tuple[str, str]]:
+    yield from schema_url(lake)
+
+
+@pytest.fixture(autouse=True)
+def _on_postgres(pg: tuple[str, str]) -> Iterator[None]:
+    ledgers.POSTGRES = pg
+    try:
+        yield
+    finally:
+        ledgers.POSTGRES = None
+
+
+def test_these_tests_do_run_on_postgresql(ledger: Ledger) -> None:
+    assert ledger.path is None and ledger.where.startswith("postgresql://")
+    assert ledger._dialect.name == "postgresql"
+
+
+def test_a_connection_the_server_drops_is_unwritable_then_comes_back(ledger: Ledger, pg: tuple[str, str]) -> None:
+    """A PostgreSQL restart (or a network cut) drops the connection: the agent must stop new work
+    (LedgerUnwritable, as for a full disk) and go on once the server answers, losing nothing."""
+    import psycopg
+    fid = discover(ledger).id
+    url, password = pg
+    with psycopg.connect(url, password=password, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                      "WHERE application_name = 'edge-agent' AND pid != pg_backend_pid() "
+                      "AND datname = current_database()")
+    with pytest.raises(LedgerUnwritable):
+        ledger.transition(fid, State.DISCOVERED, Event.COMPLETED)
+    # the next write connects again: the move is made once, nothing half-recorded
+    assert ledger.transition(fid, State.DISCOVERED, Event.COMPLETED).state is State.COMPLETE
+    assert ledger.get(fid).state is State.COMPLETE
+    assert [h["event"] for h in ledger.history(fid)] == ["discovered", "completed"]
+
+
+def test_a_server_out_of_reach_at_start_is_unwritable_and_names_no_secret(pg: tuple[str, str], clock: Any) -> None:
+    url, password = pg
+    dead = url.replace(url.split("@", 1)[1].split("/", 1)[0], "127.0.0.1:9")   # nothing listens on port 9
+    with pytest.raises(LedgerUnwritable) as err:
+        Ledger(dead, clock=clock, password=password, connect_timeout=2)
+    assert password not in str(err.value) and "127.0.0.1:9" in str(err.value)
