@@ -1022,11 +1022,14 @@ class Ledger:
             db.executemany("UPDATE replicas SET state = ?, at = ? WHERE file_id = ? AND location = ?",
                            [(CopyState(state).value, now, fid, loc) for fid, loc in copies])
 
-    def copy_written(self, scope: str, name: str, location: str) -> bool:
-        """Has a version given scope:name (so: these very bytes) written a copy at `location`?"""
+    def copy_written(self, scope: str, name: str, location: str, url: str) -> bool:
+        """Has a version given scope:name (so: these very bytes) written a copy at `url`, or begun to
+        (found it empty and claimed it: a crash between its last upload and the commit that records
+        it leaves the copy whole and the row 'writing')? What is there is then theirs, whole or not."""
         return bool(self._query(
             "SELECT 1 FROM replicas r JOIN files f ON f.id = r.file_id WHERE f.scope = ? AND f.name = ? "
-            f"AND r.location = ? AND r.state IN {_sql_list(COPIES_WRITTEN)} LIMIT 1", (scope, name, location)))
+            f"AND r.location = ? AND r.url = ? AND r.state IN {_sql_list((*COPIES_WRITTEN, CopyState.WRITING))} "
+            "LIMIT 1", (scope, name, location, url)))
 
     def names_owned(self, file_id: int) -> list[tuple[str, str, NameState, str | None]]:
         """(scope, name, state, first_url) of the names this version holds."""

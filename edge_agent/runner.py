@@ -354,6 +354,18 @@ class Runner:
             pass
         except LedgerUnwritable as exc:
             self._ledger_down(str(exc))   # the step's effect is repeated once the ledger can record it
+        except Exception as exc:  # noqa: BLE001 - a pool's thread would drop it without a word
+            # outside every file's own handling (a batch's bulk bookkeeping): said loudly, and the
+            # batch looked at again later rather than at every tick
+            log.error("step failed for a whole batch; its files are looked at again later", pool=pool,
+                      files=len(batch), file_ids=[r.id for r in batch[:20]], error=f"{type(exc).__name__}: {exc}",
+                      exc_info=True)
+            later = self.clock() + self.settings.confirm_interval_seconds
+            for rec in batch:
+                try:
+                    self.ledger.set_next_at(rec.id, later)
+                except Exception:  # noqa: BLE001 - due again at once then: said above
+                    break
         finally:
             with self._lock:
                 self.jobs[pool] -= 1

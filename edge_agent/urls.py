@@ -7,6 +7,7 @@ neither imports the other for it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+import re
 from urllib.parse import urlsplit, urlunsplit
 
 
@@ -45,3 +46,11 @@ def pick_url(urls: Sequence[str], schemes: Sequence[str]) -> str:
     place a URL is chosen by scheme (the confirm step's Rucio replicas, `audit`; the access API
     orders its candidates by scheme_rank)."""
     return min(urls, key=lambda u: scheme_rank(u, schemes), default="")
+
+
+def place_of(url: str) -> str:
+    """The physical place a storage URL names, whatever the protocol it is reached by: host and
+    path, '//' collapsed (root://h:1094//data/x and https://h:8443/data/x are one file). Two RSEs
+    that list one file there hold one copy, not two."""
+    p = urlsplit(url)
+    return f"{(p.hostname or '').lower()}{re.sub('/+', '/', p.path)}"

@@ -25,7 +25,7 @@ import structlog
 from ..core.policy import normalise_adler32
 from ..errors import AlreadyDone, EdgeAgentError, PermanentError, RetryableError
 from ..settings import RuleSettings, Settings
-from ..urls import pick_url, unsigned_url
+from ..urls import pick_url, place_of, unsigned_url
 from .base import (
     Catalogue,
     CopiesState,
@@ -305,11 +305,13 @@ class RucioCatalogue(RucioRecords, Catalogue):
         content), and their PFNs, one lfns2pfns per RSE and scheme for them all, kept like any other.
         One call per job instead of two or three per file: the server's CPU is what a night of small
         files waits for."""
-        push = [f for f in files if self._rule(f).inject != "register"]
-        if len(push) < 2:
+        if len(files) < 2:
             return
+        # PFNs only where the agent writes the copies; names for every file (register mode too:
+        # a name the lake holds is looked at for its content before a version takes it)
+        push = [f for f in files if self._rule(f).inject != "register"]
         try:
-            dids = list(dict.fromkeys((f.scope, f.name) for f in push))
+            dids = list(dict.fromkeys((f.scope, f.name) for f in files))
             held = {(r.get("scope"), r.get("name")) for r in self.client.bulk_meta(dids)}
             now = time.monotonic()
             with self._lock:
@@ -853,8 +855,10 @@ class RucioCatalogue(RucioRecords, Catalogue):
             want = self._written_in.get(r.location)
             url = pick_url(r.urls, [want, *schemes] if want else schemes)
             # an S3 PFN may come signed (a credential): never kept
+            # the place each PFN names: two RSEs over one storage path list one copy, which counts once
+            places = tuple(sorted({("pfn", place_of(u)) for u in r.urls}))
             out.append(RecordedReplica(r.location, unsigned_url(url) if r.location in self._s3 else url,
-                                       listed.size, listed.adler32, r.state == "AVAILABLE"))
+                                       listed.size, listed.adler32, r.state == "AVAILABLE", places=places))
         return out
 
     def release(self, f: LakeFile) -> None:

@@ -52,14 +52,7 @@ def judge(rec: FileRecord, ctx: StepContext, f: LakeFile, state: CopiesState | N
     sent back to write a bad or lost copy again."""
     if state is CopiesState.MISSING:
         # the rule expired or was deleted before the copies were confirmed: ask again
-        ref = ctx.catalogue.request_copies(f)
-        ctx.ledger.set_lake_ref(rec.id, ref)
-        ctx.ledger.note(rec.id, rec.state, Event.RULE_RECREATED, {"old": rec.lake_ref, "new": ref})
-        log.warning("replication rule gone; asked again", file_id=rec.id, did=rec.did, old=rec.lake_ref,
-                    new=ref)
-        rec = ctx.ledger.get(rec.id)
-        state = ctx.catalogue.copies_state(f, ref)
-        recorded = ctx.catalogue.recorded(f)
+        rec, state, recorded = lookup.ask_again(rec, ctx, f)
     c = policy.judge_replicas(ctx.replicas(f, recorded), f.size, f.adler32)
     evidence: dict[str, Any] = {
         "replicas": [{"location": r.location, "size": r.size, "adler32": r.adler32,

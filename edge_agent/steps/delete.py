@@ -35,7 +35,10 @@ def run(batch: Sequence[FileRecord], ctx: StepContext) -> None:
 def recheck_and_decide(rec: FileRecord, ctx: StepContext, f: LakeFile, state: CopiesState | None,
                        recorded: list[RecordedReplica]) -> None:
     """A confirmed file whose deletion was deferred, with what the catalogue says now: its replicas
-    are verified again and the deletion decided on them."""
+    are verified again and the deletion decided on them. A request for copies gone meanwhile (a rule
+    whose lifetime ran out during `keep`) is asked again first: the copies stay protected."""
+    if state is CopiesState.MISSING:
+        rec, state, recorded = lookup.ask_again(rec, ctx, f)
     c = policy.judge_replicas(ctx.replicas(f, recorded), f.size, f.adler32)
     if state not in (None, CopiesState.OK):
         c = policy.Confirmation((), tuple((r, f"rule is {state}") for r in c.good))

@@ -120,6 +120,7 @@ def hash_one(rec: FileRecord, ctx: StepContext) -> None:
                      copies=written, blake3=d.blake3, adler32=d.adler32, md5=d.md5, size=d.size, scope=rule.scope,
                      name=name, dataset=dataset, metadata=json.dumps(meta), attempts=0,
                      ctime_ns=after.ctime_ns, dev=after.dev)
+            hit("after_hashed")
             return
         except NameConflict as exc:
             # another version took the name between the look and the commit (files hashed side

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from typing import Callable, Sequence, TypeVar
 
+import structlog
+
+from ..core.lifecycle import Event
 from ..errors import RetryableError
 from ..lake.base import CopiesState, LakeFile, RecordedReplica
 from ..ledger import FileRecord
@@ -12,6 +15,7 @@ from .context import StepContext
 from .failures import guarded, raising
 
 T = TypeVar("T")
+log = structlog.get_logger("edge_agent.steps")
 
 
 def lake_files(batch: Sequence[FileRecord], ctx: StepContext) -> dict[int, LakeFile]:
@@ -57,3 +61,17 @@ def ask(batch: Sequence[FileRecord], ctx: StepContext) -> Asked:
         # instead of every file of the batch being quarantined with it
         return {k: v for rec in recs for k, v in ask([rec], ctx).items()}
     return {rec.id: (files[rec.id], st, rr) for rec, st, rr in zip(recs, states, recorded, strict=True)}
+
+
+def ask_again(rec: FileRecord, ctx: StepContext, f: LakeFile
+              ) -> tuple[FileRecord, CopiesState | None, list[RecordedReplica]]:
+    """The request for copies is gone (the rule expired or was deleted, or the file has no lock
+    under its batch's rule): asked again and kept, then what the catalogue says now. Whoever
+    judges copies with a MISSING request (confirmation, a deferred deletion) asks again: nobody
+    else would, and the lake would hold the copies unprotected while the file waited for ever."""
+    ref = ctx.catalogue.request_copies(f)
+    ctx.ledger.set_lake_ref(rec.id, ref)
+    ctx.ledger.note(rec.id, rec.state, Event.RULE_RECREATED, {"old": rec.lake_ref, "new": ref})
+    log.warning("replication rule gone; asked again", file_id=rec.id, did=rec.did, old=rec.lake_ref, new=ref)
+    rec = ctx.ledger.get(rec.id)
+    return rec, ctx.catalogue.copies_state(f, ref), ctx.catalogue.recorded(f)

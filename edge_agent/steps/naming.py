@@ -12,7 +12,7 @@ from ..core import policy
 from ..core.lifecycle import NameState
 from ..errors import PermanentError, RetryableError
 from ..hashing import Digests
-from ..lake.base import Target
+from ..lake.base import Records, Target
 from ..ledger import FileRecord
 from .context import StepContext
 
@@ -87,7 +87,7 @@ def decide_name(rec: FileRecord, ctx: StepContext, scope: str, base: str, d: Dig
                 raise RetryableError(f"the name {scope}:{name} is being written by file {hold.owner}; "
                                      "decided once its content is known")
             continue
-        if not _destinations_hold_other(rec, ctx, scope, name, d):
+        if not _destinations_hold_other(rec, ctx, scope, name, d) and not _lake_holds_other(rec, ctx, scope, name, d):
             return name
     raise PermanentError(f"no free name for {rec.relpath} among the versions of {scope}:{base}")
 
@@ -105,3 +105,20 @@ def _destinations_hold_other(rec: FileRecord, ctx: StepContext, scope: str, name
                         file_id=rec.id, did=f"{scope}:{name}", location=t.location)
             return True
     return False
+
+
+def _lake_holds_other(rec: FileRecord, ctx: StepContext, scope: str, name: str, d: Digests) -> bool:
+    """Does the lake's catalogue hold scope:name with other content (an older night's file whose
+    copies lie elsewhere, a ledger lost or new)? Registering under it would be refused for good:
+    the next versioned name is taken instead. (The same size and adler32: registration compares
+    them again, with md5 where both have one.)"""
+    if ctx.catalogue.name_free(scope, name) or not isinstance(ctx.catalogue, Records):
+        return False
+    listed = ctx.catalogue.lookup([(scope, name)]).get((scope, name))
+    if listed is None:
+        return False
+    if listed.size == d.size and policy.normalise_adler32(listed.adler32) == policy.normalise_adler32(d.adler32):
+        return False
+    log.warning("name held in the lake by other content; taking another", file_id=rec.id, did=f"{scope}:{name}",
+                lake_size=listed.size, lake_adler32=listed.adler32)
+    return True

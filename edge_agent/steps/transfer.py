@@ -39,8 +39,9 @@ def transfer_one(rec: FileRecord, ctx: StepContext) -> None:
             # another version with these very bytes writes the copies under this name: they count
             # for this one too once written; meanwhile nothing is written (nor removed) here
             for t in todo:
-                there = ctx.transport(t).stat(t.url)
-                if there is None or there.size != f.size or there.adler32 != f.adler32:
+                transport = ctx.transport(t)
+                there = transport.stat(t.url)
+                if there is None or not transport.describes_copy(there, f.size, f.adler32, by_size=True):
                     raise RetryableError(f"the copies of {f.did} are being written by file {writer} "
                                          "(the same bytes); they count for this file once written")
     # A URL is this version's to overwrite only where it wrote before (a bad or lost copy, a
@@ -59,7 +60,7 @@ def transfer_one(rec: FileRecord, ctx: StepContext) -> None:
         # what a version with these bytes wrote there (the name's writer) is recognised by size and
         # adler32; anything else only by a strong digest, or it is DestinationOccupied
         expected = Expected(f.size, f.blake3, f.adler32, f.md5, may_replace=t.location in own,
-                            known_writer=ctx.ledger.copy_written(f.scope, f.name, t.location),
+                            known_writer=ctx.ledger.copy_written(f.scope, f.name, t.location, t.url),
                             found_empty=found_empty)
         started = ctx.clock()
         got = transport.put(ctx.local(rec), t.url, expected, ctx.pacer(rec.rule, t.location))

@@ -92,6 +92,9 @@ class Transport(abc.ABC):
     # Can a failed or killed upload leave a partial object under the final name? (HTTP and XRootD
     # can; a posix copy is published whole by a link; an S3 PUT is atomic.)
     leaves_partials: bool = False
+    # What vouches for a copy on this storage: its size and adler32, or (HTTP and XRootD with
+    # verify_upload = "size", a storage that answers no adler32) its size alone.
+    verify_upload: str = "adler32"
 
     @abc.abstractmethod
     def put(self, source: Source, url: str, expected: Expected, pace: Pacer,
@@ -126,6 +129,19 @@ class Transport(abc.ABC):
         The default: this transport cannot read (PermanentError).
         """
         raise PermanentError(f"the {self.scheme or type(self).__name__} transport cannot read what a URL holds")
+
+    def describes_copy(self, there: RemoteStat, size: int, adler32: str | None, by_size: bool = False) -> bool:
+        """Does what the storage says of an object (`there`) describe a copy of bytes of this `size`
+        and `adler32`: size and adler32 equal, or (`by_size`) the size alone where the storage
+        answers no adler32 and is trusted with sizes (verify_upload = "size"). Only a copy the
+        ledger knows was written by a version with these bytes may be recognised so; by its size
+        alone only one that this version may not replace (another version's: it is never
+        rewritten, so it is recognised or waited for; its own is simply written again)."""
+        if there.size != size:
+            return False
+        if there.adler32 is None:
+            return by_size and self.verify_upload == "size"
+        return adler32 is not None and there.adler32.lower() == adler32.lower()
 
     def same_bytes(self, url: str, d: Digests) -> bool:
         """Does `url` hold exactly the bytes digested in `d`, by a strong digest (not size and adler32

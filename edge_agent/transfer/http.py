@@ -384,7 +384,7 @@ class HttpTransport(Transport):
             remote = self._digest_head(wire, shown)
             if remote is None:
                 return False
-            if remote.size == expected.size and remote.adler32 == expected.adler32 \
+            if self.describes_copy(remote, expected.size, expected.adler32, by_size=not expected.may_replace) \
                     and (expected.may_replace or expected.known_writer):
                 # size + adler32 recognise a copy only where the ledger knows who wrote it
                 log.debug("identical copy already there", url=shown)

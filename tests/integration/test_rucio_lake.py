@@ -457,10 +457,9 @@ def test_agent_uploads_to_several_rses_itself_over_http_and_root(agent, lake) ->
             assert lake.local_path(lake.pfn(rse, lake.scope, n)).read_bytes() == data
 
 
-def test_a_batch_with_one_name_the_lake_holds_with_other_bytes_quarantines_that_file_alone(agent, lake) -> None:
-    """Registration goes in batches (bulk calls, one commit); Rucio's bulk writes fail whole, so the
-    one file whose name the lake already holds with other content is found and quarantined with its
-    reason, and the rest of its batch goes on to deletion."""
+def test_a_name_the_lake_holds_with_other_bytes_gives_the_file_a_versioned_name(agent, lake) -> None:
+    """A file whose rendered name the lake already holds with other content (an older night's file,
+    its copies elsewhere) gets the next versioned name; the lake's own entry is untouched."""
     u = uid()
     lake.call("POST", "/replicas", {"rse": lake.lake_rses[0], "files": [
         {"scope": lake.scope, "name": f"{u}.f002.fits", "bytes": 7, "adler32": "0000abcd"}]})
@@ -469,13 +468,40 @@ def test_a_batch_with_one_name_the_lake_holds_with_other_bytes_quarantines_that_
                     hash_workers=2, lake_workers=1)
     d.start()
     files = write_files(d, 6, size=20_000)
-    d.wait_for(lambda: d.counts().get("deleted") == 5 and d.counts().get("quarantined") == 1, 90,
-               "five deleted, the one with a conflicting name quarantined")
-    quarantined = d.cli("files", "--state", "quarantined").stdout
-    assert "f002.fits" in quarantined and "other content" in quarantined
-    assert buffer_names(d.rule_dir()) == ["f002.fits"]                  # kept, never deleted
-    check_in_lake(lake, {f"{u}.{k}": v for k, v in files.items() if k != "f002.fits"}, [lake.lake_rses[0]])
+    d.wait_for(lambda: d.counts().get("deleted") == 6, 90, "all six deleted")
+    names = {r["relpath"]: r["name"] for r in d.files()}
+    assert names["f002.fits"] != f"{u}.f002.fits" and names["f002.fits"].startswith(f"{u}.f002")
+    check_in_lake(lake, {names[k]: v for k, v in files.items()}, [lake.lake_rses[0]])
     held = lake.replicas(lake.scope, f"{u}.f002.fits")
+    assert held["bytes"] == 7 and held["adler32"] == "0000abcd"          # the lake's own entry untouched
+    assert d.stop() == 0
+
+
+def test_a_batch_with_one_name_taken_in_the_lake_meanwhile_quarantines_that_file_alone(agent, lake) -> None:
+    """Registration goes in batches (bulk calls, one commit); Rucio's bulk writes fail whole. A name
+    another client registers with other content after the agent chose it (here: while the agent
+    was down, right after hashing) is refused at registration: that one file is found and
+    quarantined with its reason, and the rest of its batch goes on to deletion."""
+    u = uid()
+    d = rucio_agent(agent, lake, {"daq": {"copies": 1, "rse_expression": lake.lake_rses[0],
+                                          "name_template": f"{u}.{{filename}}", "dataset_template": f"{u}.night"}},
+                    hash_workers=1, lake_workers=1)
+    files = write_files(d, 6, size=20_000)
+    d.env["EDGE_AGENT_FAILPOINTS"] = "after_hashed"
+    d.start(wait=False)
+    assert d.proc is not None and d.proc.wait(60) == 137, "the failpoint was not reached"
+    del d.env["EDGE_AGENT_FAILPOINTS"]
+    [taken] = [r for r in d.files() if r["state"] == "hashed"]
+    lake.call("POST", "/replicas", {"rse": lake.lake_rses[0], "files": [
+        {"scope": lake.scope, "name": taken["name"], "bytes": 7, "adler32": "0000abcd"}]})
+    d.start()
+    d.wait_for(lambda: d.counts().get("deleted") == 5 and d.counts().get("quarantined") == 1, 90,
+               "five deleted, the one whose name was taken quarantined")
+    quarantined = d.cli("files", "--state", "quarantined").stdout
+    assert taken["relpath"] in quarantined and "other content" in quarantined
+    assert buffer_names(d.rule_dir()) == [taken["relpath"]]               # kept, never deleted
+    check_in_lake(lake, {f"{u}.{k}": v for k, v in files.items() if k != taken["relpath"]}, [lake.lake_rses[0]])
+    held = lake.replicas(lake.scope, taken["name"])
     assert held["bytes"] == 7 and held["adler32"] == "0000abcd"          # the lake's own entry untouched
     assert d.stop() == 0
 

@@ -167,3 +167,25 @@ def test_steps_ending_in_a_burst_wake_the_loop_a_bounded_number_of_times(
     assert len(ticks) <= burst / MIN_TICK_GAP_S + 3
     gaps = [b - a for a, b in zip(ticks, ticks[1:])]
     assert min(gaps) >= MIN_TICK_GAP_S * 0.9
+
+
+def test_a_step_failing_for_a_whole_batch_is_said_and_its_files_looked_at_later(
+        tmp_path: Path, clock: Any, settings_data: Callable[..., Any], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """R7 (review 2026-12-07): an error outside every file's own handling (a batch's bookkeeping)
+    was dropped by the pool's thread without a word, and the batch dispatched again at every tick."""
+    from edge_agent import logs, steps
+    logs.setup("info", "json")
+    r, ledger = recording_runner(tmp_path, clock, settings_data)
+    hashed(ledger, tmp_path, "a0", "ds.a")
+    rec = ledger.in_states([State.HASHED])[0]
+
+    def broken(batch: Any, ctx: Any) -> None:
+        raise RuntimeError("bookkeeping broke")
+    monkeypatch.setattr(steps, "run", broken)
+    r._run("lake", [rec])
+    err = capsys.readouterr().err
+    assert "step failed for a whole batch" in err and "bookkeeping broke" in err
+    assert ledger.get(rec.id).next_at == clock() + r.settings.confirm_interval_seconds
+    assert not r.in_flight
+    ledger.close()

@@ -17,6 +17,7 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
+from edge_agent.core import policy
 from edge_agent.core.policy import Replica
 from edge_agent.errors import PermanentError, RetryableError
 from edge_agent.lake import rucio_rules
@@ -844,6 +845,23 @@ def test_replicas_exclude_the_buffer_and_come_from_the_catalogue(make_lake: Any,
         Replica("LAKE2", 10, "0000000a", False, "root://xrd:1094//data/lake2/test/f1", adler32_from_catalogue=True)]
     body = [b for m, p, b in rucio.calls if p == "/replicas/list"][-1]
     assert body == {"dids": [{"scope": "test", "name": "f1"}], "all_states": True, "schemes": ["root", "http"]}
+
+
+def test_two_rses_over_one_storage_path_hold_one_copy(lake: CheckedCatalogue, rucio: FakeRucio,
+                                                      transports: dict[str, MockTransport], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """R6 (review 2026-12-07): two RSEs whose PFNs name one object (one over root://, one over
+    http://, on the same storage path) each list it AVAILABLE: it is one copy, never two."""
+    f = registered_in_place(lake, rucio, tmp_path)
+    rucio.replicas[("test", "f1", "LAKE2")]["state"] = "AVAILABLE"
+    pfn = FakeRucio.pfn
+    # LAKE2 is the same storage path as LAKE1, offered over http://
+    monkeypatch.setattr(FakeRucio, "pfn", lambda self, scheme, rse, scope, name: (
+        f"http://xrd:8080/data/lake1/{scope}/{name}" if rse == "LAKE2" else pfn(self, scheme, rse, scope, name)))
+    for url in ("root://xrd:1094//data/lake1/test/f1", "http://xrd:8080/data/lake1/test/f1"):
+        transports["root" if url.startswith("root") else "http"].lie(url, RemoteStat(10, "0000000a"))
+    got = policy.judge_replicas(lake.replicas(f), 10, "0000000a")
+    assert [r.location for r in got.good] == ["LAKE1"] and got.count == 1
 
 
 def test_replicas_of_an_unknown_did_are_none(lake: CheckedCatalogue, tmp_path: Path) -> None:

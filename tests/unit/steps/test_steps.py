@@ -25,7 +25,7 @@ from edge_agent.core.policy import PATH_NAME_RE
 from edge_agent.errors import PermanentError, RetryableError, SymlinkInPath
 from edge_agent.lake.base import CopiesState, LakeFile
 from edge_agent.lake.memory import Call, MemoryCatalogue
-from edge_agent.ledger import FileRecord, Ledger
+from edge_agent.ledger import FileRecord
 from edge_agent.localfs import Source, is_agent_temp
 from edge_agent.settings import DeletePolicy, Settings
 from edge_agent.steps import Hooks, StepContext
@@ -1519,3 +1519,79 @@ def test_a_copy_whose_move_finds_the_file_moved_is_still_remembered_for_the_clea
     with pytest.raises(StaleTransition):
         env.ctx.move(rec, E.COPIED, copies=[copy])
     assert [(r["location"], r["state"]) for r in env.ledger.replicas(rec.id)] == [("a", "sent"), ("b", "sent")]
+
+
+# ---------------------------------------------------------------- review of 2026-12-07 (R1, R2)
+
+class _Crash(BaseException):
+    """kill -9 (never caught by the steps)."""
+
+
+def test_a_version_sharing_a_name_recognises_the_copy_its_writer_left_when_killed_before_recording_it(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """R1: the writer of a name (same bytes) dies between its last upload and the commit that records
+    it: its row stays 'writing'. The sharer dispatched first after the restart found a copy it
+    could not attribute and was quarantined as 'other bytes'."""
+    env.s.rules["r"].name_template = "{filename}"
+    env.use(MockTransport("mock", leaves_partials=True, recognises="adler32"))
+    a = env.step(env.step(env.add("run1/img.dat").id).id)
+    assert a.state is S.REGISTERED
+    real = env.ledger.transition
+
+    def dying(fid: int, expect: Any, event: Any, *args: Any, **kw: Any) -> Any:
+        if fid == a.id and event is E.COPIED:
+            raise _Crash()
+        return real(fid, expect, event, *args, **kw)
+    monkeypatch.setattr(env.ledger, "transition", dying)
+    with pytest.raises(_Crash):
+        env.step(a.id)
+    monkeypatch.setattr(env.ledger, "transition", real)
+    assert "writing" in [r["state"] for r in env.ledger.replicas(a.id)]
+    b = env.step(env.step(env.add("run2/img.dat").id).id)
+    assert b.state is S.REGISTERED and b.name == a.name
+    b = env.step(b.id)
+    assert b.state is not S.QUARANTINED, b.reason
+    assert env.drive(b.id).state is S.DELETED and env.drive(a.id).state is S.DELETED
+
+
+def test_on_a_storage_trusted_with_sizes_alone_a_version_sharing_a_name_recognises_its_copies(env: Env) -> None:
+    """R2: with verify_upload = "size" (the storage answers no adler32) a copy written by a version
+    with the same bytes could never be recognised: the second version was quarantined."""
+    env.s.rules["r"].name_template = "{filename}"
+    mock = env.use(MockTransport("mock", leaves_partials=True, recognises="adler32", verify_upload="size"))
+    a = env.drive(env.add("run1/img.dat").id)
+    assert a.state is S.DELETED, a.reason
+    for loc in ("a", "b"):
+        mock.lie(env.url(loc, a), RemoteStat(len(DATA), None))
+    b = env.drive(env.add("run2/img.dat").id)
+    assert b.state is not S.QUARANTINED, b.reason
+
+
+def test_a_rule_gone_while_a_confirmed_file_is_kept_is_asked_again(make_env: Any, clock: Any) -> None:
+    """R3: a rule whose lifetime ran out during `keep` (or that was deleted) was never asked again:
+    the file was held for ever, flagged, and the lake's copies were protected by nothing."""
+    env = make_env(rule={"delete": "keep", "keep_hours": 2})
+    env.lake.rule_state = CopiesState.OK
+    rec = env.drive(env.add().id)
+    assert rec.state is S.CONFIRMED and rec.lake_ref
+    env.lake.rules.clear()                     # the rule's lifetime ran out
+    for _ in range(3):
+        clock.advance(2 * 3600)
+        if rec.state is S.CONFIRMED:
+            rec = env.step(rec.id)
+    assert env.lake.rules, "nobody asked the lake for the copies again"
+    assert rec.state is S.DELETED and rec.lake_ref in env.lake.rules
+    assert "rule_recreated" in env.events(rec.id)
+
+
+def test_a_name_the_lake_holds_with_other_bytes_gives_the_file_a_versioned_name(env: Env) -> None:
+    """R4 (review 2026-12-07): a name the catalogue held with other content, with nothing at the
+    agent's destinations (an older night's DID whose copies lie elsewhere; a lost ledger), kept the
+    rendered name and was refused at registration: quarantined instead of versioned."""
+    old = LakeFile(rule="r", scope="test", name="run42/f1.fits", dataset=None, size=3, adler32="00000001",
+                   md5=None, blake3="x", copies=2, destinations=("a", "b"), local_path="/nowhere")
+    env.lake.dids[old.did] = old
+    end = env.drive(env.add().id)
+    assert end.state is S.DELETED, end.reason
+    assert end.name != "run42/f1.fits" and end.name.startswith("run42/f1")
+    assert env.lake.dids[old.did] is old                    # the lake's file untouched
