@@ -177,7 +177,7 @@ def claim_ledger(ledger: Ledger, here: dict[str, str], adopt: bool = False) -> l
     diffs = identity.differences(recorded, here)
     if diffs and not adopt:
         raise ConfigError(
-            f"the ledger {ledger.path} belongs to another host or buffer:\n  " + "\n  ".join(diffs)
+            f"the ledger {ledger.where} belongs to another host or buffer:\n  " + "\n  ".join(diffs)
             + "\nIts rows describe files by path and inode there, not here. If the move is deliberate "
             "(host renamed or rebuilt, buffer re-created, state restored from a backup), stop any agent "
             "on the old host, check `edge-agent files`, then run `edge-agent adopt-ledger` to record "

@@ -10,6 +10,7 @@ columns, and which errors mean "cannot be written" or "cannot be trusted".
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import urllib.parse
 from dataclasses import dataclass
@@ -105,9 +106,13 @@ class _Row(tuple):  # type: ignore[type-arg]
         return list(self._names)
 
 
+@functools.lru_cache(maxsize=256)
+def _row_class(names: tuple[str, ...]) -> type[_Row]:
+    return type("Row", (_Row,), {"_names": names, "__slots__": ()})
+
+
 def _row_factory(cursor: Any) -> Callable[[Sequence[Any]], _Row]:
-    names = tuple(d.name for d in cursor.description or ())
-    cls = type("Row", (_Row,), {"_names": names, "__slots__": ()})
+    cls = _row_class(tuple(d.name for d in cursor.description or ()))
     return lambda values: cls(values)
 
 
