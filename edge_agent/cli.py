@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from . import __version__, logs
 from .core.lifecycle import Event, State
-from .errors import ConfigError, LedgerUnwritable
+from .errors import ConfigError, LedgerUnreachable, LedgerUnwritable
 from .ledger import Ledger, StaleTransition
 from .settings import Settings, load_settings, masked_dump
 
@@ -92,8 +92,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return 2
     except LedgerUnwritable as exc:
-        # temporary (EX_TEMPFAIL): systemd starts it again; once there is room it resumes
-        print(f"edge-agent: {exc}; free space in the state directory", file=sys.stderr)
+        # temporary (EX_TEMPFAIL): systemd starts it again; once there is room (or the ledger's
+        # database answers) it resumes
+        hint = ("bring the ledger's database back" if isinstance(exc, LedgerUnreachable)
+                else "free space in the state directory")
+        print(f"edge-agent: {exc}; {hint}", file=sys.stderr)
         return 75
     except KeyboardInterrupt:
         return 130

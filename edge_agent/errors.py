@@ -57,6 +57,10 @@ class LedgerUnwritable(EdgeAgentError):
     """The ledger cannot record a step (disk full, I/O error): nothing may go on until it can."""
 
 
+class LedgerUnreachable(LedgerUnwritable):
+    """The ledger's database server (PostgreSQL) does not answer or dropped the connection."""
+
+
 class ConfigError(EdgeAgentError):
     """The configuration is invalid; the message names the key, the value and why."""
 

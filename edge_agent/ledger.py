@@ -32,7 +32,7 @@ from .core.lifecycle import (
     State,
     apply,
 )
-from .errors import LedgerUnwritable
+from .errors import LedgerUnreachable, LedgerUnwritable
 from .groupcommit import CommitFailed, GroupCommit
 from .ledgerdb import SQLITE, Dialect, LedgerConnectionLost, columns, connect_postgres, is_url, shown
 
@@ -259,7 +259,8 @@ def _is_storage_error(exc: BaseException) -> bool:
 
 
 def _unwritable(where: str, exc: BaseException) -> LedgerUnwritable:
-    return LedgerUnwritable(f"the ledger {where} cannot be written: {exc}")
+    unreachable = isinstance(exc, LedgerConnectionLost) or str(getattr(exc, "sqlstate", "") or "").startswith("08")
+    return (LedgerUnreachable if unreachable else LedgerUnwritable)(f"the ledger {where} cannot be written: {exc}")
 
 
 class LedgerDamaged(LedgerUnwritable):

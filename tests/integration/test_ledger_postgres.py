@@ -11,7 +11,7 @@ from typing import Any, Iterator
 import pytest
 
 from edge_agent.core.lifecycle import Event, State
-from edge_agent.errors import LedgerUnwritable
+from edge_agent.errors import LedgerUnreachable
 from edge_agent.ledger import Ledger
 
 from ..pgledger import schema_url
@@ -64,7 +64,7 @@ def test_a_connection_the_server_drops_is_unwritable_then_comes_back(ledger: Led
         admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                       "WHERE application_name = 'edge-agent' AND pid != pg_backend_pid() "
                       "AND datname = current_database()")
-    with pytest.raises(LedgerUnwritable):
+    with pytest.raises(LedgerUnreachable):
         ledger.transition(fid, State.DISCOVERED, Event.COMPLETED)
     # the next write connects again: the move is made once, nothing half-recorded
     assert ledger.transition(fid, State.DISCOVERED, Event.COMPLETED).state is State.COMPLETE
@@ -75,6 +75,6 @@ def test_a_connection_the_server_drops_is_unwritable_then_comes_back(ledger: Led
 def test_a_server_out_of_reach_at_start_is_unwritable_and_names_no_secret(pg: tuple[str, str], clock: Any) -> None:
     url, password = pg
     dead = url.replace(url.split("@", 1)[1].split("/", 1)[0], "127.0.0.1:9")   # nothing listens on port 9
-    with pytest.raises(LedgerUnwritable) as err:
+    with pytest.raises(LedgerUnreachable) as err:
         Ledger(dead, clock=clock, password=password, connect_timeout=2)
     assert password not in str(err.value) and "127.0.0.1:9" in str(err.value)

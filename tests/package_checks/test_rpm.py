@@ -147,6 +147,19 @@ def test_installed_agent_checks_its_config(files_root: Path) -> None:
     assert (r / "usr/lib/systemd/system/edge-agent.service").read_bytes() == UNIT.read_bytes()
 
 
+def test_installed_agent_can_keep_its_ledger_on_postgresql(files_root: Path) -> None:
+    """The postgres extra is in the venv: a config with [ledger] url is accepted (and psycopg's
+    binary wheel loads from where it was installed)."""
+    r = files_root
+    py = r / VENV.lstrip("/") / "bin/python"
+    proc = run([py, "-c", "import psycopg; print(psycopg.pq.__impl__)"], env=CLEAN_ENV)
+    assert proc.stdout.strip() == "binary"
+    cfg = r / "tmp-ledger.toml"
+    cfg.write_text(CONFIG.read_text() + '\n[ledger]\nurl = "postgresql://edge@db.example.org/edge"\n')
+    proc = run([py, r / VENV.lstrip("/") / "bin/edge-agent", "check-config", cfg], env=CLEAN_ENV)
+    assert json.loads(proc.stdout.split("\n", 1)[1])["ledger"]["url"] == "postgresql://edge@db.example.org/edge"
+
+
 def test_ships_alert_rules_and_observatory_examples_that_check(files_root: Path) -> None:
     """/usr/share/edge-agent holds the repo's alert rules and conf/ examples, and the installed
     agent accepts each example as it is."""
