@@ -8,7 +8,6 @@ import datetime as dt
 import json
 import os
 import signal
-import sqlite3
 import sys
 import urllib.error
 import urllib.request
@@ -17,6 +16,7 @@ from typing import Any, Sequence
 from . import __version__, logs
 from .core.lifecycle import Event, State
 from .errors import ConfigError, LedgerUnreachable, LedgerUnwritable
+from .ledgerdb import database_errors
 from .ledger import Ledger, StaleTransition
 from .settings import Settings, load_settings, masked_dump
 
@@ -164,7 +164,7 @@ def _open_ledger(settings: Settings, readonly: bool = True) -> Ledger:
         raise ConfigError(f"no ledger at {settings.ledger_path}: the agent has not run with this state_dir")
     try:
         return open_ledger(settings, readonly=readonly)
-    except (sqlite3.Error, LedgerUnwritable) as exc:
+    except (*database_errors(), LedgerUnwritable) as exc:
         raise ConfigError(f"cannot open the ledger {settings.ledger_shown}: {exc}") from None
 
 

@@ -55,7 +55,8 @@ class GroupCommit:
 
     def __init__(self, db: Any, lock: threading.RLock,
                  max_members: int = MAX_MEMBERS, max_age_s: float = MAX_AGE_S, *,
-                 begin: str = "BEGIN IMMEDIATE", errors: tuple[type[BaseException], ...] = (sqlite3.Error,)) -> None:
+                 begin: tuple[str, ...] = ("BEGIN IMMEDIATE",),
+                 errors: tuple[type[BaseException], ...] = (sqlite3.Error,)) -> None:
         self._db = db
         self._lock = lock
         self._begin = begin          # a write transaction the others wait for (SQLite: IMMEDIATE)
@@ -119,7 +120,8 @@ class GroupCommit:
     def _join(self) -> _Group:
         """With the lock held: the open group joined (begun if there is none), a savepoint set."""
         if self._open is None:
-            self._db.execute(self._begin)
+            for statement in self._begin:
+                self._db.execute(statement)
             self._open = _Group()
         try:
             self._db.execute("SAVEPOINT member")

@@ -14,6 +14,7 @@ import contextlib
 import enum
 import json
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -252,7 +253,9 @@ def _is_storage_error(exc: BaseException) -> bool:
     if state:
         # PostgreSQL: insufficient resources (disk full, out of memory), connection exceptions, the
         # server shutting down, a read-only transaction (a standby)
-        return state[:2] in ("53", "08") or state.startswith("57P") or state == "25006"
+        # (and 55P03 a lock waited for longer than lock_timeout, 25P03 a transaction the server
+        # ended for idling: both say the ledger cannot be written now)
+        return state[:2] in ("53", "08") or state.startswith("57P") or state in ("25006", "55P03", "25P03")
     code = getattr(exc, "sqlite_errorcode", None)
     # SQLITE_FULL, SQLITE_IOERR (and its extended codes), SQLITE_READONLY, SQLITE_CANTOPEN
     return code is not None and code & 0xFF in (13, 10, 8, 14)
@@ -357,12 +360,20 @@ class Ledger:
             old = self._db.execute("SELECT sql FROM sqlite_master WHERE name = 'events_problems'").fetchone()
             if old is not None and _PROBLEM_EVENTS not in old[0]:
                 self._db.execute("DROP INDEX events_problems")
-        self._db.executescript(_INDEXES)
+        if self._dialect.name == "sqlite" or not self._indexes_made():
+            # (PostgreSQL: CREATE INDEX IF NOT EXISTS waits for every open writer, even when it exists)
+            self._db.executescript(_INDEXES)
         self._db.execute("INSERT INTO meta VALUES ('events_problems', ?) ON CONFLICT (key) DO UPDATE "
                          "SET value = excluded.value", (_PROBLEM_EVENTS,))
         self._db.execute("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT (key) DO NOTHING",
                          (str(SCHEMA_VERSION),))
         self._writes = GroupCommit(self._db, self._lock, begin=self._dialect.begin, errors=self._dialect.errors)
+
+    def _indexes_made(self) -> bool:
+        """PostgreSQL: does the schema hold every index of _INDEXES already?"""
+        wanted = set(re.findall(r"CREATE (?:UNIQUE )?INDEX IF NOT EXISTS (\w+)", _INDEXES))
+        have = {r[0] for r in self._db.execute("SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()")}
+        return wanted <= have
 
     def _migrate(self) -> None:
         """A ledger written by an older agent gains the columns added since (all nullable)."""
@@ -377,7 +388,8 @@ class Ledger:
         if self._db.execute("SELECT 1 FROM meta WHERE key = 'names_filled'").fetchone() is None:
             # a ledger from before the names table: every name a hashed version was given is bound
             # to that version's content (a live or delivered version before a superseded one)
-            self._db.execute(self._dialect.begin)
+            for statement in self._dialect.begin:
+                self._db.execute(statement)
             self._db.execute(
                 "INSERT INTO names (scope, name, owner, blake3, state, at) "
                 "SELECT scope, name, id, blake3, 'bound', updated_at FROM files "
@@ -656,7 +668,8 @@ class Ledger:
             rows = self._query("SELECT * FROM files WHERE id = ?", (int(needle),))
         else:
             like = f"%{needle}%"
-            rows = self._query("SELECT * FROM files WHERE relpath LIKE ? OR name LIKE ? ORDER BY id DESC "
+            op = "ILIKE" if self._dialect.name == "postgresql" else "LIKE"   # SQLite's LIKE ignores case
+            rows = self._query(f"SELECT * FROM files WHERE relpath {op} ? OR name {op} ? ORDER BY id DESC "
                                "LIMIT ?", (like, like, limit))
         return [_row(r) for r in rows]
 

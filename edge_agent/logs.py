@@ -37,12 +37,13 @@ def mask_text(v: str) -> str:
 
 
 @functools.lru_cache(maxsize=1024)
-def _secret_key(key: str) -> bool:
+def is_secret_key(key: str) -> bool:
+    """Does a value under this key name hold a credential (password, token, secret, ...)?"""
     return _SECRET_KEYS.search(key) is not None
 
 
 def _mask(key: str, v: Any) -> Any:
-    if _secret_key(key) and v not in (None, "", False):
+    if is_secret_key(key) and v not in (None, "", False):
         return "***"
     if isinstance(v, str):
         return mask_text(v)

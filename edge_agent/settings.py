@@ -612,7 +612,12 @@ def format_validation_error(exc: ValidationError, source: Path | None) -> str:
 
 
 def _show(value: Any) -> str:
-    from .logs import mask_text
+    from .ledgerdb import is_url, shown
+    from .logs import is_secret_key, mask_text
+    if isinstance(value, dict):        # a whole section refused: its secrets never shown
+        value = {k: ("***" if is_secret_key(str(k)) and v else shown(v) if is_url(v) else v) for k, v in value.items()}
+    elif is_url(value):
+        value = shown(value)
     text = mask_text(repr(value))     # a refused URL may carry the very password it is refused for
     return text if len(text) <= 80 else text[:77] + "..."
 

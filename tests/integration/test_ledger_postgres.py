@@ -78,3 +78,25 @@ def test_a_server_out_of_reach_at_start_is_unwritable_and_names_no_secret(pg: tu
     with pytest.raises(LedgerUnreachable) as err:
         Ledger(dead, clock=clock, password=password, connect_timeout=2)
     assert password not in str(err.value) and "127.0.0.1:9" in str(err.value)
+
+
+def test_every_connection_ends_stray_transactions_and_commits_durably(pg: tuple[str, str], clock: Any) -> None:
+    """P2, P5 (review of 2026-12-07): a transaction an agent left open when its host died held its
+    locks until TCP noticed, hours later, and the restarted agent waited for ever; and a role or
+    URL saying synchronous_commit = off made commits acknowledged before they were durable."""
+    url, password = pg
+    led = Ledger(url.replace("?options=", "?options=-csynchronous_commit%3Doff%20"), clock=clock, password=password)
+    try:
+        got = {k: led._db.execute(f"SHOW {k}").fetchone()[0]
+               for k in ("idle_in_transaction_session_timeout", "lock_timeout", "synchronous_commit")}
+        assert got == {"idle_in_transaction_session_timeout": "1min", "lock_timeout": "30s", "synchronous_commit": "on"}
+    finally:
+        led.close()
+
+
+def test_a_nul_in_a_reason_is_stored_not_refused(ledger: Ledger) -> None:
+    """P7: PostgreSQL's text refuses NUL, which a reason quoting a hostile file name can carry: the
+    failure that carries it must not fail in turn (SQLite stores it)."""
+    fid = discover(ledger).id
+    ledger.flag(fid, "bad name a\x00b")
+    assert ledger.get(fid).reason in ("bad name a\\x00b", "bad name a\x00b")

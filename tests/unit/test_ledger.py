@@ -453,3 +453,44 @@ def test_a_version_that_ended_after_counting_a_copy_still_protects_it(ledger: Le
     walk(ledger, c.id, E.REGISTERED, E.COPIED, E.TRANSFERRED, E.CONFIRMED, E.SUPERSEDED)
     ledger.transition(a.id, S.HASHED, E.SUPERSEDED)
     assert not ledger.begin_removal("s", "n", a.id)
+
+
+def test_two_processes_writing_one_row_at_once_never_both_move_it(tmp_path: Path) -> None:
+    """The agent and `edge-agent retry` (each a connection of its own) move one quarantined file at
+    the same instant: one of them moves it, the other finds it moved. (PostgreSQL's READ COMMITTED
+    let both read 'quarantined' and both write, until its writers took the ledger's lock as
+    SQLite's BEGIN IMMEDIATE does: review of 2026-12-07, P1.)"""
+    import threading
+    import time as _time
+    slow = threading.Event()
+
+    def clock() -> float:
+        if slow.is_set() and threading.current_thread().name == "agent":
+            _time.sleep(0.5)           # between the move's read of the state and its write
+        return _time.time()
+    agent = open_ledger(tmp_path / "state" / "ledger.sqlite", clock=clock)
+    cli = open_ledger(tmp_path / "state" / "ledger.sqlite", clock=_time.time)
+    try:
+        fid = walk(agent, discover(agent).id, E.COMPLETED, E.FAILED_PERMANENT).id
+        out: dict[str, str] = {}
+
+        def agent_move() -> None:
+            try:
+                out["agent"] = agent.transition(fid, S.QUARANTINED, E.SUPERSEDED).state.value
+            except StaleTransition:
+                out["agent"] = "stale"
+        slow.set()
+        t = threading.Thread(target=agent_move, name="agent")
+        t.start()
+        _time.sleep(0.2)
+        try:
+            out["cli"] = cli.transition(fid, S.QUARANTINED, E.OPERATOR_RETRY).state.value
+        except StaleTransition:
+            out["cli"] = "stale"
+        t.join(30)
+        moves = [h for h in agent.history(fid) if h["from_state"] == "quarantined"]
+        assert len(moves) == 1 and sorted(out.values()) == sorted(["stale", moves[0]["to_state"]]), (out, moves)
+        assert agent.get(fid).state.value == moves[0]["to_state"]
+    finally:
+        agent.close()
+        cli.close()

@@ -425,6 +425,9 @@ def test_a_postgresql_ledger_takes_its_password_from_a_file_or_the_environment(
 
 @pytest.mark.parametrize(("ledger", "says"), [
     ('url = "postgresql://edge:pw@db.example.org/edge"', "ledger.url = 'postgresql://edge:***@db.example.org/edge': carries a password"),
+    # libpq reads 'edge:pw/x@h' as a password with a '/'; Python as host 'edge', no password (P3)
+    ('url = "postgresql://edge:pw/x@db.example.org/edge"', "ledger.url = 'postgresql://edge:***@db.example.org/edge': carries a password"),
+    ('url = "postgresql://edge@db.example.org/edge?host=h&password=pw"', "carries a password"),
     ('url = "postgresql://db.example.org/edge?password=pw"', "ledger.url"),
     ('url = "mysql://db.example.org/edge"', "ledger.url = 'mysql://db.example.org/edge': not a postgresql:// URL"),
     ('url = "postgresql://edge@db.example.org"', "names no database"),
@@ -441,3 +444,11 @@ def test_an_unreadable_password_file_is_a_config_error(tmp_path: Path) -> None:
                                           f'password_file = "{tmp_path}/missing"'))
     with pytest.raises(ConfigError, match="ledger.password_file"):
         s.ledger.secret()
+
+
+def test_a_refused_ledger_section_never_shows_its_password(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """P4 (review of 2026-12-07): the section's repr was masked as text, and a password with a
+    space in it came out half shown."""
+    monkeypatch.setenv("EDGE_AGENT_LEDGER__PASSWORD", "hunter2 xyz, 'q")
+    msg = config_error(toml(tmp_path, tail='[ledger]\nurl = "postgresql://e@h/d"\npassword_file = "/p"'))
+    assert "not both" in msg and "hunter2" not in msg and "xyz" not in msg
