@@ -73,7 +73,9 @@ CREATE TABLE IF NOT EXISTS files (
     updated_at   {REAL} NOT NULL,
     confirmed_at {REAL},
     deleted_at   {REAL},
-    ctime_ns     {INT}
+    ctime_ns     {INT},
+    claim_owner  TEXT,               -- a shared ledger: the agent whose step holds the row ...
+    claim_until  {REAL}              -- ... until then (its lease; renewed while the step runs)
 );
 CREATE TABLE IF NOT EXISTS events (
     id {ID}, file_id {INT} NOT NULL, at {REAL} NOT NULL,
@@ -94,6 +96,11 @@ CREATE TABLE IF NOT EXISTS names (
     state TEXT NOT NULL, at {REAL} NOT NULL,
     first_url TEXT,      -- 'writing': the one URL found empty when reserved, the first copy's
     PRIMARY KEY (scope, name)
+);
+-- The agents that share this ledger (several hosts on one buffer): who they are, when last heard of.
+CREATE TABLE IF NOT EXISTS agents (
+    agent_id TEXT PRIMARY KEY, host TEXT NOT NULL, pid {INT}, version TEXT,
+    started_at {REAL} NOT NULL, heartbeat_at {REAL} NOT NULL
 );
 CREATE TABLE IF NOT EXISTS notices (
     path {BLOB} PRIMARY KEY, rule TEXT NOT NULL, relpath TEXT NOT NULL, kind TEXT NOT NULL,
@@ -208,6 +215,9 @@ class FileRecord:
     # st_ctime_ns when hashed (nobody can set it back, unlike mtime); NULL in a row an older agent hashed.
     # A column _migrate adds to an older ledger, like every field here.
     ctime_ns: int | None = None
+    # A shared ledger: the agent whose step holds this row, and until when (claim()).
+    claim_owner: str | None = None
+    claim_until: float | None = None
 
     @property
     def fspath(self) -> str:
@@ -231,6 +241,8 @@ class FileRecord:
 
 
 _COLS = [f.name for f in fields(FileRecord)]
+# Columns of `files` added after the first schema: what a ledger of an older agent is given.
+_ADDED_COLUMNS = {"ctime_ns": "{INT}", "claim_owner": "TEXT", "claim_until": "{REAL}"}
 
 
 def _row(r: Any) -> FileRecord:
@@ -380,9 +392,9 @@ class Ledger:
         have = columns(self._db, self._dialect, "files")
         for col in _COLS:
             if col not in have:
-                # SQLite takes a column without a type; every column added since the first schema is
-                # an integer or text, and a PostgreSQL ledger was made with all of them
-                self._db.execute(f"ALTER TABLE files ADD COLUMN {col}")
+                # the columns added since the first schema, with their types (an older SQLite ledger
+                # took the first of them without one)
+                self._db.execute(f"ALTER TABLE files ADD COLUMN {col} {self._dialect.ddl(_ADDED_COLUMNS.get(col, ''))}")
         if "first_url" not in columns(self._db, self._dialect, "names"):
             self._db.execute("ALTER TABLE names ADD COLUMN first_url TEXT")
         if self._db.execute("SELECT 1 FROM meta WHERE key = 'names_filled'").fetchone() is None:
@@ -630,6 +642,75 @@ class Ledger:
             rows += self._query(sql, [s.value, now, *ex, limit])
         rows.sort(key=lambda r: (-r["priority"], r["next_at"], r["id"]))
         return [_row(r) for r in rows[:limit]]
+
+    # ------------------------------------------------------------ claims (a ledger shared by agents)
+    def claim(self, agent: str, states: Iterable[State], now: float, limit: int, lease_s: float,
+              exclude: Iterable[int] = ()) -> list[FileRecord]:
+        """Up to `limit` rows whose next step may run now (due()'s order) and that no other agent
+        holds (no claim, or one whose lease ran out), claimed by `agent` until now + lease_s, in
+        one transaction: two agents never hold one row. Rows `agent` holds already are claimed
+        again (its own, from before a restart); those its steps are working on go in `exclude`.
+        PostgreSQL passes over rows another agent is claiming at this very instant (FOR UPDATE
+        SKIP LOCKED); SQLite's writers queue."""
+        ex = list(exclude)
+        lock = " FOR UPDATE SKIP LOCKED" if self._dialect.name == "postgresql" else ""
+        with self._tx() as db:
+            rows: list[Any] = []
+            for s in states:
+                rows += db.execute(
+                    f"SELECT id, priority, next_at FROM files {self._dialect.hint('files_queue')} "
+                    "WHERE state = ? AND next_at <= ? AND (claim_owner IS NULL OR claim_owner = ? OR claim_until < ?)"
+                    + (f" AND id NOT IN ({','.join('?' * len(ex))})" if ex else "")
+                    + " ORDER BY priority DESC, next_at, id LIMIT ?" + lock,
+                    [s.value, now, agent, now, *ex, limit]).fetchall()
+            rows.sort(key=lambda r: (-r[1], r[2], r[0]))
+            ids = [r[0] for r in rows[:limit]]
+            for i in range(0, len(ids), 500):
+                part = ids[i:i + 500]
+                db.execute(f"UPDATE files SET claim_owner = ?, claim_until = ? WHERE id IN ({','.join('?' * len(part))})",
+                           [agent, now + lease_s, *part])
+        return self.get_many(ids)
+
+    def renew(self, agent: str, file_ids: Sequence[int], until: float) -> set[int]:
+        """The claims `agent` still holds on `file_ids`, extended until `until`; returns their ids
+        (a claim another agent took after its lease ran out is not renewed: that step is fenced)."""
+        held: set[int] = set()
+        ids = list(file_ids)
+        with self._tx() as db:
+            for i in range(0, len(ids), 500):
+                part = ids[i:i + 500]
+                marks = ",".join("?" * len(part))
+                held.update(r[0] for r in db.execute(
+                    f"SELECT id FROM files WHERE claim_owner = ? AND id IN ({marks})", [agent, *part]).fetchall())
+                db.execute(f"UPDATE files SET claim_until = ? WHERE claim_owner = ? AND id IN ({marks})",
+                           [until, agent, *part])
+        return held
+
+    def release(self, agent: str, file_ids: Sequence[int]) -> None:
+        """`agent`'s claims on `file_ids` given up (its step ended): any agent may take them now."""
+        ids = list(file_ids)
+        if not ids:
+            return
+        with self._tx() as db:
+            for i in range(0, len(ids), 500):
+                part = ids[i:i + 500]
+                db.execute(f"UPDATE files SET claim_owner = NULL, claim_until = NULL WHERE claim_owner = ? "
+                           f"AND id IN ({','.join('?' * len(part))})", [agent, *part])
+
+    def heartbeat(self, agent: str, host: str, pid: int, version: str, now: float) -> None:
+        """`agent` is alive now (the fleet's view; a dead agent's claims run out by their leases)."""
+        with self._tx() as db:
+            db.execute("INSERT INTO agents VALUES (?,?,?,?,?,?) ON CONFLICT (agent_id) DO UPDATE SET "
+                       "host = excluded.host, pid = excluded.pid, version = excluded.version, "
+                       "heartbeat_at = excluded.heartbeat_at", (agent, host, pid, version, now, now))
+
+    def agents(self) -> list[dict[str, Any]]:
+        """Every agent that ever used this ledger, with its claims held now and its last heartbeat."""
+        rows = self._query("SELECT a.agent_id, a.host, a.pid, a.version, a.started_at, a.heartbeat_at, "
+                           "(SELECT COUNT(*) FROM files f WHERE f.claim_owner = a.agent_id) AS claims "
+                           "FROM agents a ORDER BY a.agent_id")
+        return [dict(zip(("agent_id", "host", "pid", "version", "started_at", "heartbeat_at", "claims"), r))
+                for r in rows]
 
     def in_states(self, states: Iterable[State], rule: str | None = None, after_id: int = 0,
                   limit: int | None = None) -> list[FileRecord]:
@@ -883,11 +964,15 @@ class Ledger:
         return self.get(file_id)
 
     def transition(self, file_id: int, expect: State, event: Event, detail: dict[str, Any] | None = None,
-                   *, copies: Sequence[WrittenCopy] = (), **updates: Any) -> FileRecord:
+                   *, copies: Sequence[WrittenCopy] = (), holder: str | None = None, **updates: Any) -> FileRecord:
         """Move one file along the lifecycle, atomically, with its event, and with `copies` recorded in
         the same commit (the copy a step wrote and the move it ends with: a crash keeps both or
-        neither, as a crash right after the write would). Raises StaleTransition."""
+        neither, as a crash right after the write would). `holder`: the agent whose claim the step
+        ran under, which must still hold the row (a fencing check: an agent that stalled past its
+        lease commits nothing over the new holder's work). Raises StaleTransition."""
         with self._tx() as db:
+            if holder is not None:
+                self._fence(db, file_id, holder)
             for copy in copies:
                 self._record_copy(db, file_id, copy)
             self._transition(db, file_id, expect, event, detail, updates)
@@ -908,14 +993,17 @@ class Ledger:
                 moved.append(fid)
         return moved
 
-    def transition_group(self, moves: Sequence[Move]) -> list[FileRecord]:
+    def transition_group(self, moves: Sequence[Move], holder: str | None = None) -> list[FileRecord]:
         """Many files' moves (each its own event, detail and columns) in one commit: a batch step's
-        outcome, acknowledged together. A file no longer where its move expects it is skipped.
-        Returns the records moved, as they are now, in the order given."""
+        outcome, acknowledged together. A file no longer where its move expects it (or, with
+        `holder`, no longer held by it) is skipped. Returns the records moved, as they are now, in
+        the order given."""
         moved: list[int] = []
         with self._tx() as db:
             for m in moves:
                 try:
+                    if holder is not None:
+                        self._fence(db, m.file_id, holder)
                     self._transition(db, m.file_id, m.expect, m.event, m.detail, dict(m.updates))
                 except StaleTransition:
                     continue
@@ -931,6 +1019,14 @@ class Ledger:
             for r in self._query(f"SELECT * FROM files WHERE id IN ({','.join('?' * len(part))})", part):
                 rows[r["id"]] = _row(r)
         return [rows[i] for i in ids if i in rows]
+
+    def _fence(self, db: Any, file_id: int, holder: str) -> None:
+        """StaleTransition unless `holder` still holds `file_id` (in the committing transaction: on
+        PostgreSQL the row is locked until the commit, so no claim can slip in between)."""
+        lock = " FOR UPDATE" if self._dialect.name == "postgresql" else ""
+        row = db.execute(f"SELECT claim_owner FROM files WHERE id = ?{lock}", (file_id,)).fetchone()
+        if row is None or row[0] != holder:
+            raise StaleTransition(f"file {file_id}: no longer held by {holder} (now: {row and row[0]})")
 
     def _transition(self, db: Any, file_id: int, expect: State, event: Event,
                     detail: dict[str, Any] | None, updates: dict[str, Any]) -> None:

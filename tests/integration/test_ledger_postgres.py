@@ -6,6 +6,7 @@ which were all SQLite). What PostgreSQL adds (a connection the server drops) is 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
@@ -16,10 +17,11 @@ from edge_agent.ledger import Ledger
 
 from ..pgledger import schema_url
 from ..unit import ledgers
+from ..unit.ledgers import open_ledger
 from ..unit.conftest import _logging_reset_after_each_test, _no_edge_agent_env, clock, settings_data  # noqa: F401
 from ..unit.steps.test_steps import *  # noqa: F403 - the same tests, on PostgreSQL
 from ..unit.test_ledger import *  # noqa: F403
-from ..unit.test_ledger import discover
+from ..unit.test_ledger import _due_files, discover
 
 pytestmark = pytest.mark.lake
 
@@ -100,3 +102,31 @@ def test_a_nul_in_a_reason_is_stored_not_refused(ledger: Ledger) -> None:
     fid = discover(ledger).id
     ledger.flag(fid, "bad name a\x00b")
     assert ledger.get(fid).reason in ("bad name a\\x00b", "bad name a\x00b")
+
+
+def test_agents_claiming_at_once_never_hold_one_row(ledger: Ledger, tmp_path: Path, clock: Any) -> None:
+    """Three agents (connections of their own) claim from one PostgreSQL ledger at once: every row
+    is claimed, each by one agent. (SQLite is one host's ledger: its writers in other processes
+    would queue behind a busy handler that is not fair.)"""
+    import threading
+    ids = _due_files(ledger, 60)
+    others = [open_ledger(tmp_path / "state" / "ledger.sqlite", clock=clock) for _ in range(3)]
+    got: dict[str, list[int]] = {}
+
+    def agent(name: str, led: Ledger) -> None:
+        mine: list[int] = []
+        while batch := led.claim(name, [S.COMPLETE], clock(), 4, lease_s=300, exclude=mine):
+            mine += [r.id for r in batch]
+        got[name] = mine
+    threads = [threading.Thread(target=agent, args=(f"a{i}", led)) for i, led in enumerate(others)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        claimed = [i for mine in got.values() for i in mine]
+        assert sorted(claimed) == sorted(ids)          # every row claimed, and by one agent only
+        assert len(got) == 3
+    finally:
+        for led in others:
+            led.close()

@@ -10,7 +10,7 @@ import pytest
 
 from edge_agent.core.lifecycle import Event, IllegalTransition, State
 from edge_agent.errors import LedgerUnwritable
-from edge_agent.ledger import Ledger, NameConflict, StaleTransition, display_path
+from edge_agent.ledger import Ledger, Move, NameConflict, StaleTransition, display_path
 
 from .ledgers import INTEGRITY_ERRORS, open_ledger
 
@@ -494,3 +494,71 @@ def test_two_processes_writing_one_row_at_once_never_both_move_it(tmp_path: Path
     finally:
         agent.close()
         cli.close()
+
+
+# ---------------------------------------------------------------- claims: a ledger shared by agents (issue 15)
+
+def _due_files(led: Ledger, n: int, prefix: bytes = b"/daq/c") -> list[int]:
+    ids = []
+    for i in range(n):
+        ids.append(walk(led, discover(led, path=prefix + b"%d" % i).id, E.COMPLETED).id)
+    return ids
+
+
+def test_a_claimed_row_is_nobody_elses_until_its_lease_runs_out(ledger: Ledger, tmp_path: Path, clock: Any) -> None:
+    other = open_ledger(tmp_path / "state" / "ledger.sqlite", clock=clock)   # another agent, same ledger
+    try:
+        ids = _due_files(ledger, 3)
+        now = clock()
+        got = ledger.claim("a1", [S.COMPLETE], now, 2, lease_s=30)
+        assert [r.id for r in got] == ids[:2] and {(r.claim_owner, r.claim_until) for r in got} == {("a1", now + 30)}
+        assert [r.id for r in other.claim("a2", [S.COMPLETE], now, 10, lease_s=30)] == ids[2:]
+        assert other.claim("a3", [S.COMPLETE], now + 29, 10, lease_s=30) == []       # all held
+        # a1 died: once its lease has run out, its rows are anybody's
+        taken = other.claim("a3", [S.COMPLETE], now + 31, 10, lease_s=30)
+        assert sorted(r.id for r in taken) == ids and {r.claim_owner for r in taken} == {"a3"}
+    finally:
+        other.close()
+
+
+def test_a_step_whose_claim_another_agent_took_commits_nothing(ledger: Ledger, clock: Any) -> None:
+    [fid] = _due_files(ledger, 1)
+    now = clock()
+    ledger.claim("a1", [S.COMPLETE], now, 1, lease_s=30)
+    # a1 stalls past its lease (SIGSTOP); a2 takes the row and hashes it
+    ledger.claim("a2", [S.COMPLETE], now + 60, 1, lease_s=30)
+    before = ledger.history(fid)
+    with pytest.raises(StaleTransition, match="no longer held by a1"):
+        ledger.transition(fid, S.COMPLETE, E.HASHED, holder="a1", blake3="stale")
+    assert ledger.get(fid).state is S.COMPLETE and ledger.get(fid).blake3 is None and ledger.history(fid) == before
+    assert ledger.transition(fid, S.COMPLETE, E.FAILED_RETRYABLE, holder="a2").state is S.RETRY_WAIT
+    # a batch: a move whose row is held by another agent is left out, the others go through
+    [g, h] = _due_files(ledger, 2, prefix=b"/daq/d")
+    ledger.claim("a1", [S.COMPLETE], now, 10, lease_s=30)
+    ledger.claim("a2", [S.COMPLETE], now + 60, 1, lease_s=30)          # takes one of them (the first due)
+    moved = ledger.transition_group([Move(x, S.COMPLETE, E.FAILED_RETRYABLE) for x in (g, h)], holder="a1")
+    assert len(moved) == 1 and ledger.get(moved[0].id).claim_owner == "a1"
+
+
+def test_a_claim_is_renewed_while_held_and_released_after(ledger: Ledger, clock: Any) -> None:
+    ids = _due_files(ledger, 2)
+    now = clock()
+    ledger.claim("a1", [S.COMPLETE], now, 2, lease_s=30)
+    assert ledger.renew("a1", ids, now + 90) == set(ids)
+    assert ledger.claim("a2", [S.COMPLETE], now + 60, 10, lease_s=30) == []       # renewed: still a1's
+    assert ledger.renew("a2", ids, now + 200) == set()                            # never another's
+    ledger.release("a1", ids[:1])
+    assert [r.id for r in ledger.claim("a2", [S.COMPLETE], now + 61, 10, lease_s=30)] == ids[:1]
+    assert ledger.renew("a1", ids, now + 300) == {ids[1]}
+
+
+def test_agents_are_seen_with_their_heartbeats_and_claims(ledger: Ledger, clock: Any) -> None:
+    _due_files(ledger, 2)
+    ledger.heartbeat("a1", "daq-1", 111, "0.1.0", clock())
+    ledger.heartbeat("a2", "daq-2", 222, "0.1.0", clock())
+    ledger.claim("a1", [S.COMPLETE], clock(), 2, lease_s=30)
+    clock.advance(5)
+    ledger.heartbeat("a1", "daq-1", 111, "0.1.0", clock())
+    a1, a2 = ledger.agents()
+    assert (a1["agent_id"], a1["host"], a1["claims"], a1["heartbeat_at"] - a1["started_at"]) == ("a1", "daq-1", 2, 5)
+    assert (a2["agent_id"], a2["claims"]) == ("a2", 0)
