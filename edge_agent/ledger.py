@@ -1021,12 +1021,14 @@ class Ledger:
         return [rows[i] for i in ids if i in rows]
 
     def _fence(self, db: Any, file_id: int, holder: str) -> None:
-        """StaleTransition unless `holder` still holds `file_id` (in the committing transaction: on
-        PostgreSQL the row is locked until the commit, so no claim can slip in between)."""
-        lock = " FOR UPDATE" if self._dialect.name == "postgresql" else ""
-        row = db.execute(f"SELECT claim_owner FROM files WHERE id = ?{lock}", (file_id,)).fetchone()
-        if row is None or row[0] != holder:
-            raise StaleTransition(f"file {file_id}: no longer held by {holder} (now: {row and row[0]})")
+        """StaleTransition if another agent holds `file_id` (in the committing transaction, under the
+        ledger's write lock: no claim slips in between). A row nobody holds may be moved by any
+        agent, as without claims (an ended version's clean-up, a step of an agent whose claim was
+        released); a row held by another agent is that agent's, even past its lease, until it is
+        claimed anew: an agent that stalled past its lease commits nothing over the new holder's work."""
+        row = db.execute("SELECT claim_owner FROM files WHERE id = ?", (file_id,)).fetchone()
+        if row is not None and row[0] is not None and row[0] != holder:
+            raise StaleTransition(f"file {file_id}: held by {row[0]}, not {holder}")
 
     def _transition(self, db: Any, file_id: int, expect: State, event: Event,
                     detail: dict[str, Any] | None, updates: dict[str, Any]) -> None:

@@ -123,7 +123,10 @@ class Runner:
         self.context = steps.StepContext(
             settings, ledger, catalogue, transports, self._pace,
             steps.Hooks(bytes_hashed=self._on_hashed, bytes_sent=self._on_sent, transition=self._on_transition),
-            clock=clock, monotonic=monotonic, open_writers=self.discovery.writers.writers)
+            clock=clock, monotonic=monotonic, open_writers=self.discovery.writers.writers,
+            holder=settings.agent_id)
+        # a shared ledger: files are claimed for this agent's steps, with a lease renewed meanwhile
+        self.agent_id = settings.agent_id
         workers = {"hash": settings.hash_workers, "transfer": settings.transfer_workers,
                    "lake": settings.lake_workers}
         self.capacity = {pool: workers[pool] for pool in POOLS}
@@ -191,6 +194,12 @@ class Runner:
                                coalesce=True)
         self.scheduler.add_job(self.check_ledger, "interval", seconds=5, id="ledger", max_instances=1,
                                coalesce=True)
+        if self.agent_id:
+            self.scheduler.add_job(self.renew_claims, "interval", seconds=self.settings.ledger.lease_seconds / 3,
+                                   id="claims", max_instances=1, coalesce=True)
+            self.scheduler.add_job(self.heartbeat, "interval", seconds=30, id="heartbeat", max_instances=1,
+                                   coalesce=True)
+            self.heartbeat()
         self.scheduler.start()
         self.sample_disks()
         self.sample_backlog()
@@ -326,7 +335,12 @@ class Runner:
             batched = any(STEPS[s].batched for s in states)
             per_job = self.settings.lake_batch_files if batched else JOB_FILES
             jobs: dict[tuple[object, ...], list[FileRecord]] = {}
-            for rec in self.ledger.due(states, now, free * per_job, exclude):
+            if self.agent_id:
+                found = self.ledger.claim(self.agent_id, states, now, free * per_job,
+                                          self.settings.ledger.lease_seconds, exclude)
+            else:
+                found = self.ledger.due(states, now, free * per_job, exclude)
+            for rec in found:
                 if rec.rule not in self.settings.rules:
                     continue  # a rule removed from the config: its files wait for it to come back
                 if self.discovery.held_elsewhere(rec):
@@ -367,11 +381,47 @@ class Runner:
                 except Exception:  # noqa: BLE001 - due again at once then: said above
                     break
         finally:
+            if self.agent_id:
+                try:
+                    self.ledger.release(self.agent_id, [r.id for r in batch])
+                except Exception as exc:  # noqa: BLE001 - the claims then run out by their lease
+                    log.warning("could not release claims; they run out by their lease", files=len(batch),
+                                error=str(exc))
             with self._lock:
                 self.jobs[pool] -= 1
                 for rec in batch:
                     self.in_flight.pop(rec.id, None)
             self.wake.set()
+
+    # ------------------------------------------------------------ a shared ledger
+    def renew_claims(self) -> None:
+        """The claims of the files this agent's steps work on, extended by a lease: a step that
+        runs longer than one lease keeps its files (a dead agent's run out, and others take them)."""
+        with self._lock:
+            ids = list(self.in_flight)
+        if not ids or not self.agent_id:
+            return
+        try:
+            held = self.ledger.renew(self.agent_id, ids, self.clock() + self.settings.ledger.lease_seconds)
+        except Exception as exc:  # noqa: BLE001 - tried again at the next renewal
+            log.warning("could not renew claims", files=len(ids), error=str(exc))
+            return
+        lost = len(set(ids) - held)
+        if lost:
+            # taken by another agent after this one stalled past its lease: those steps commit nothing
+            log.warning("claims lost to another agent; their steps will commit nothing", files=lost)
+
+    def heartbeat(self) -> None:
+        """This agent is alive, in the shared ledger (the fleet's view)."""
+        import os
+        import socket
+
+        from . import __version__
+        try:
+            assert self.agent_id is not None
+            self.ledger.heartbeat(self.agent_id, socket.gethostname(), os.getpid(), __version__, self.clock())
+        except Exception as exc:  # noqa: BLE001 - the next heartbeat tries again
+            log.warning("could not record this agent's heartbeat", error=str(exc))
 
     # ------------------------------------------------------------ a ledger that cannot be written
     def _ledger_down(self, why: str) -> None:

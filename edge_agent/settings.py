@@ -89,6 +89,11 @@ class LedgerSettings(_Section):
                                        "or EDGE_AGENT_LEDGER__PASSWORD than in the config file")
     password_file: Path | None = Field(None, description="a file holding the password (its first line)")
     connect_timeout_seconds: float = Field(10.0, gt=0)
+    agent_id: str | None = Field(None, description="this agent's name in a shared ledger (default with a url: "
+                                 "HOST:STATE_DIR); files its steps work on are claimed under it")
+    lease_seconds: float = Field(300.0, ge=30, description="how long a claim lasts unless renewed (it is "
+                                 "renewed every third of it while the step runs); a dead agent's files are "
+                                 "taken by the others after it")
 
     @field_validator("url")
     @classmethod
@@ -552,6 +557,16 @@ class Settings(BaseSettings):
     def ledger_target(self) -> str | Path:
         """What Ledger() opens: the PostgreSQL URL, or the SQLite file in state_dir."""
         return self.ledger.url or self.ledger_path
+
+    @property
+    def agent_id(self) -> str | None:
+        """The name this agent claims files under (a ledger on PostgreSQL, or one named), else None."""
+        if self.ledger.agent_id:
+            return self.ledger.agent_id
+        if self.ledger.url:
+            import socket
+            return f"{socket.gethostname()}:{self.state_dir}"
+        return None
 
     @property
     def ledger_shown(self) -> str:

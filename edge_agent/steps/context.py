@@ -49,6 +49,9 @@ class StepContext:
     open_writers: Callable[[int, int], int | None] = lambda dev, ino: None
     # (file id, confirmed_at) -> monotonic time of its confirmation, for the `keep` policy
     confirmed_mono: dict[tuple[int, float | None], float] = field(default_factory=dict)
+    # a shared ledger: the agent whose claims the steps run under; a move of a file another agent
+    # holds commits nothing (StaleTransition). None: claims are not used.
+    holder: str | None = None
 
     def rule(self, rec: FileRecord) -> RuleSettings:
         """The settings of `rec`'s rule."""
@@ -70,7 +73,8 @@ class StepContext:
         """Commit `event` for `rec` (StaleTransition if it moved meanwhile), with `copies` recorded in
         the same commit, log it, tell the hooks. Returns the record as it is now."""
         try:
-            new = self.ledger.transition(rec.id, rec.state, event, detail, copies=copies, **updates)
+            new = self.ledger.transition(rec.id, rec.state, event, detail, copies=copies, holder=self.holder,
+                                         **updates)
         except StaleTransition:
             # moved meanwhile (superseded: the file changed or went): the copies were written all
             # the same, and are remembered as this version's, for the clean-up of an ended version
@@ -88,7 +92,7 @@ class StepContext:
         if not moves:
             return {}
         new = self.ledger.transition_group([Move(rec.id, rec.state, event, detail, updates)
-                                            for rec, event, detail, updates in moves])
+                                            for rec, event, detail, updates in moves], holder=self.holder)
         by_id = {r.id: r for r in new}
         for rec, event, detail, _ in moves:
             now = by_id.get(rec.id)

@@ -44,4 +44,14 @@ def test_the_agent_keeps_its_ledger_on_postgresql(agent: Callable[..., Daemon]) 
     assert not (d.state / "ledger.sqlite").exists()           # nothing in the state directory ...
     assert [r["state"] for r in d.files()] == ["deleted"]    # ... and the CLI reads the same ledger
     assert "edge-ledger" not in d.log.read_text()             # the password never reaches the log
+    # the agent works under claims, with a heartbeat; none is left once its steps are done
+    from edge_agent.ledger import Ledger
+    doc = d.doc["ledger"]
+    led = Ledger(doc["url"], password=Path(doc["password_file"]).read_text().strip(), readonly=True)
+    try:
+        [me] = led.agents()
+        assert me["agent_id"].endswith(str(d.state)) and me["claims"] == 0 and me["heartbeat_at"] > 0
+        assert {r.claim_owner for r in led.iter_all()} == {None}
+    finally:
+        led.close()
     assert d.stop() == 0

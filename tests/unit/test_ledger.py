@@ -528,7 +528,7 @@ def test_a_step_whose_claim_another_agent_took_commits_nothing(ledger: Ledger, c
     # a1 stalls past its lease (SIGSTOP); a2 takes the row and hashes it
     ledger.claim("a2", [S.COMPLETE], now + 60, 1, lease_s=30)
     before = ledger.history(fid)
-    with pytest.raises(StaleTransition, match="no longer held by a1"):
+    with pytest.raises(StaleTransition, match="held by a2, not a1"):
         ledger.transition(fid, S.COMPLETE, E.HASHED, holder="a1", blake3="stale")
     assert ledger.get(fid).state is S.COMPLETE and ledger.get(fid).blake3 is None and ledger.history(fid) == before
     assert ledger.transition(fid, S.COMPLETE, E.FAILED_RETRYABLE, holder="a2").state is S.RETRY_WAIT
@@ -538,6 +538,9 @@ def test_a_step_whose_claim_another_agent_took_commits_nothing(ledger: Ledger, c
     ledger.claim("a2", [S.COMPLETE], now + 60, 1, lease_s=30)          # takes one of them (the first due)
     moved = ledger.transition_group([Move(x, S.COMPLETE, E.FAILED_RETRYABLE) for x in (g, h)], holder="a1")
     assert len(moved) == 1 and ledger.get(moved[0].id).claim_owner == "a1"
+    # a row nobody holds is moved by any agent, as without claims
+    [k] = _due_files(ledger, 1, prefix=b"/daq/e")
+    assert ledger.transition(k, S.COMPLETE, E.FAILED_RETRYABLE, holder="a1").state is S.RETRY_WAIT
 
 
 def test_a_claim_is_renewed_while_held_and_released_after(ledger: Ledger, clock: Any) -> None:

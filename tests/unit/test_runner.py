@@ -189,3 +189,57 @@ def test_a_step_failing_for_a_whole_batch_is_said_and_its_files_looked_at_later(
     assert ledger.get(rec.id).next_at == clock() + r.settings.confirm_interval_seconds
     assert not r.in_flight
     ledger.close()
+
+
+# ---------------------------------------------------------------- a shared ledger: claims (issue 15)
+
+def test_an_agent_of_a_shared_ledger_claims_what_it_dispatches_and_leaves_what_another_holds(
+        tmp_path: Path, clock: Any, settings_data: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    from edge_agent import steps
+    r, ledger = recording_runner(tmp_path, clock, settings_data, lake_batch_files=10,
+                                 ledger={"agent_id": "a1", "lease_seconds": 60})
+    for i in range(4):
+        hashed(ledger, tmp_path, f"a{i}", "ds.a")
+    theirs = ledger.claim("a2", [State.HASHED], clock(), 1, lease_s=60)      # another agent holds one
+    r.dispatch(clock())
+    [job] = r.pools["lake"].jobs                   # type: ignore[attr-defined]
+    assert theirs[0].id not in {rec.id for rec in job} and len(job) == 3
+    assert {ledger.get(rec.id).claim_owner for rec in job} == {"a1"}
+    # renewed while the step runs, released when it ends
+    clock.advance(50)
+    r.renew_claims()
+    assert {ledger.get(rec.id).claim_until for rec in job} == {clock() + 60}
+    monkeypatch.setattr(steps, "run", lambda batch, ctx: None)
+    r._run("lake", job)
+    assert {ledger.get(rec.id).claim_owner for rec in job} == {None} and ledger.get(theirs[0].id).claim_owner == "a2"
+    r.heartbeat()
+    assert [(a["agent_id"], a["claims"]) for a in ledger.agents()] == [("a1", 0)]
+    ledger.close()
+
+
+def test_a_step_of_an_agent_whose_file_another_agent_took_over_commits_nothing(
+        tmp_path: Path, clock: Any, settings_data: Callable[..., Any]) -> None:
+    """An agent stalled past its lease (SIGSTOP); another took its files and moved them on: the
+    stalled agent's step, resumed, commits nothing over that work."""
+    from edge_agent.ledger import StaleTransition
+    r, ledger = recording_runner(tmp_path, clock, settings_data, ledger={"agent_id": "a1", "lease_seconds": 60})
+    hashed(ledger, tmp_path, "a0", "ds.a")
+    r.dispatch(clock())
+    [[rec]] = r.pools["lake"].jobs                 # type: ignore[attr-defined]
+    clock.advance(120)                             # a1 stalls past its lease ...
+    ledger.claim("a2", [State.HASHED], clock(), 1, lease_s=60)                # ... a2 takes the file
+    with pytest.raises(StaleTransition):
+        r.context.move(rec, Event.REGISTERED)
+    assert ledger.get(rec.id).state is State.HASHED
+    assert r.context.move_many([(rec, Event.REGISTERED, None, {})]) == {}
+    ledger.close()
+
+
+def test_without_a_shared_ledger_nothing_is_claimed(tmp_path: Path, clock: Any,
+                                                    settings_data: Callable[..., Any]) -> None:
+    r, ledger = recording_runner(tmp_path, clock, settings_data)
+    hashed(ledger, tmp_path, "a0", "ds.a")
+    r.dispatch(clock())
+    [[rec]] = r.pools["lake"].jobs                 # type: ignore[attr-defined]
+    assert r.agent_id is None and ledger.get(rec.id).claim_owner is None
+    ledger.close()
