@@ -645,11 +645,12 @@ class Ledger:
 
     # ------------------------------------------------------------ claims (a ledger shared by agents)
     def claim(self, agent: str, states: Iterable[State], now: float, limit: int, lease_s: float,
-              exclude: Iterable[int] = ()) -> list[FileRecord]:
+              exclude: Iterable[int] = (), rules: Sequence[str] | None = None) -> list[FileRecord]:
         """Up to `limit` rows whose next step may run now (due()'s order) and that no other agent
         holds (no claim, or one whose lease ran out), claimed by `agent` until now + lease_s, in
         one transaction: two agents never hold one row. Rows `agent` holds already are claimed
         again (its own, from before a restart); those its steps are working on go in `exclude`.
+        `rules`: only files of these rules (an agent claims nothing it would not work on).
         PostgreSQL passes over rows another agent is claiming at this very instant (FOR UPDATE
         SKIP LOCKED); SQLite's writers queue."""
         ex = list(exclude)
@@ -661,8 +662,9 @@ class Ledger:
                     f"SELECT id, priority, next_at FROM files {self._dialect.hint('files_queue')} "
                     "WHERE state = ? AND next_at <= ? AND (claim_owner IS NULL OR claim_owner = ? OR claim_until < ?)"
                     + (f" AND id NOT IN ({','.join('?' * len(ex))})" if ex else "")
+                    + (f" AND rule IN ({','.join('?' * len(rules))})" if rules is not None else "")
                     + " ORDER BY priority DESC, next_at, id LIMIT ?" + lock,
-                    [s.value, now, agent, now, *ex, limit]).fetchall()
+                    [s.value, now, agent, now, *ex, *(rules or ()), limit]).fetchall()
             rows.sort(key=lambda r: (-r[1], r[2], r[0]))
             ids = [r[0] for r in rows[:limit]]
             for i in range(0, len(ids), 500):
@@ -687,14 +689,17 @@ class Ledger:
         return held
 
     def release(self, agent: str, file_ids: Sequence[int]) -> None:
-        """`agent`'s claims on `file_ids` given up (its step ended): any agent may take them now."""
+        """`agent`'s claims on `file_ids` given up (its step ended, or it was never handed to one):
+        any agent may claim them now. The row stays marked as `agent`'s until then (its lease ended:
+        claim_until 0), so that a step of another agent that stalled past its lease before `agent`
+        took the row over still commits nothing (were the mark gone, the row would look nobody's)."""
         ids = list(file_ids)
         if not ids:
             return
         with self._tx() as db:
             for i in range(0, len(ids), 500):
                 part = ids[i:i + 500]
-                db.execute(f"UPDATE files SET claim_owner = NULL, claim_until = NULL WHERE claim_owner = ? "
+                db.execute(f"UPDATE files SET claim_until = 0 WHERE claim_owner = ? "
                            f"AND id IN ({','.join('?' * len(part))})", [agent, *part])
 
     def heartbeat(self, agent: str, host: str, pid: int, version: str, now: float) -> None:
@@ -707,7 +712,7 @@ class Ledger:
     def agents(self) -> list[dict[str, Any]]:
         """Every agent that ever used this ledger, with its claims held now and its last heartbeat."""
         rows = self._query("SELECT a.agent_id, a.host, a.pid, a.version, a.started_at, a.heartbeat_at, "
-                           "(SELECT COUNT(*) FROM files f WHERE f.claim_owner = a.agent_id) AS claims "
+                           "(SELECT COUNT(*) FROM files f WHERE f.claim_owner = a.agent_id AND f.claim_until > 0) AS claims "
                            "FROM agents a ORDER BY a.agent_id")
         return [dict(zip(("agent_id", "host", "pid", "version", "started_at", "heartbeat_at", "claims"), r))
                 for r in rows]

@@ -337,7 +337,7 @@ class Runner:
             jobs: dict[tuple[object, ...], list[FileRecord]] = {}
             if self.agent_id:
                 found = self.ledger.claim(self.agent_id, states, now, free * per_job,
-                                          self.settings.ledger.lease_seconds, exclude)
+                                          self.settings.ledger.lease_seconds, exclude, rules=list(self.settings.rules))
             else:
                 found = self.ledger.due(states, now, free * per_job, exclude)
             for rec in found:
@@ -360,6 +360,10 @@ class Runner:
                     for rec in batch:
                         self.in_flight[rec.id] = pool
                 self.pools[pool].submit(self._run, pool, batch)
+            if self.agent_id:
+                # claimed but handed to no worker (no free one, another agent's buffer): given back
+                handed = {rec.id for batch in batches[:free] for rec in batch}
+                self._release([rec.id for rec in found if rec.id not in handed])
 
     def _run(self, pool: str, batch: list[FileRecord]) -> None:
         try:
@@ -381,12 +385,7 @@ class Runner:
                 except Exception:  # noqa: BLE001 - due again at once then: said above
                     break
         finally:
-            if self.agent_id:
-                try:
-                    self.ledger.release(self.agent_id, [r.id for r in batch])
-                except Exception as exc:  # noqa: BLE001 - the claims then run out by their lease
-                    log.warning("could not release claims; they run out by their lease", files=len(batch),
-                                error=str(exc))
+            self._release([r.id for r in batch])
             with self._lock:
                 self.jobs[pool] -= 1
                 for rec in batch:
@@ -394,6 +393,16 @@ class Runner:
             self.wake.set()
 
     # ------------------------------------------------------------ a shared ledger
+    def _release(self, file_ids: list[int]) -> None:
+        """This agent's claims on `file_ids` given back (a shared ledger), best effort."""
+        if not self.agent_id or not file_ids:
+            return
+        try:
+            self.ledger.release(self.agent_id, file_ids)
+        except Exception as exc:  # noqa: BLE001 - the claims then run out by their lease
+            log.warning("could not release claims; they run out by their lease", files=len(file_ids),
+                        error=str(exc))
+
     def renew_claims(self) -> None:
         """The claims of the files this agent's steps work on, extended by a lease: a step that
         runs longer than one lease keeps its files (a dead agent's run out, and others take them)."""

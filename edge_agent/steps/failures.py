@@ -51,9 +51,9 @@ def guarded(rec: FileRecord, ctx: StepContext, work: Callable[[FileRecord, StepC
     except StaleTransition as exc:
         log.info("step outdated", file_id=rec.id, rule=rec.rule, path=rec.relpath, detail=str(exc))
     except FileChanged as exc:
-        changed(rec, ctx, str(exc))
+        _outdated_is_fine(rec, lambda: changed(rec, ctx, str(exc)))
     except FileVanished as exc:
-        vanished(rec, ctx, str(exc))
+        _outdated_is_fine(rec, lambda: vanished(rec, ctx, str(exc)))
     except ChecksumMismatch as exc:
         # a storage that hands back other bytes or another checksum than were sent: retried a
         # bounded number of times (the copy is removed first), then a person is asked
@@ -71,6 +71,15 @@ def guarded(rec: FileRecord, ctx: StepContext, work: Callable[[FileRecord, StepC
         event = Event.FAILED_PERMANENT if rec.attempts + 1 >= MAX_UNEXPECTED else Event.FAILED_RETRYABLE
         fail(rec, ctx, event, reason)
     return None
+
+
+def _outdated_is_fine(rec: FileRecord, record: Callable[[], None]) -> None:
+    """Record what a step found (the file changed, or went), unless its row moved meanwhile (or is
+    another agent's now): that is the step outdated, as in guarded(), not a failure of the batch."""
+    try:
+        record()
+    except StaleTransition as exc:
+        log.info("step outdated", file_id=rec.id, rule=rec.rule, path=rec.relpath, detail=str(exc))
 
 
 def raising(problem: Exception) -> Callable[[FileRecord, StepContext], None]:

@@ -565,3 +565,19 @@ def test_agents_are_seen_with_their_heartbeats_and_claims(ledger: Ledger, clock:
     a1, a2 = ledger.agents()
     assert (a1["agent_id"], a1["host"], a1["claims"], a1["heartbeat_at"] - a1["started_at"]) == ("a1", "daq-1", 2, 5)
     assert (a2["agent_id"], a2["claims"]) == ("a2", 0)
+
+
+def test_a_step_that_stalled_commits_nothing_after_the_agent_that_took_over_released_the_file(ledger: Ledger, clock: Any) -> None:
+    """Review of 2026-12-07 (claims, 2): a1 stalls past its lease; a2 takes the file, its step ends
+    and it gives the claim back; a1 wakes: with the row looking nobody's, a1's stale move went
+    through (on a confirmation: old evidence over a newer look)."""
+    [fid] = _due_files(ledger, 1)
+    now = clock()
+    ledger.claim("a1", [S.COMPLETE], now, 1, lease_s=30)
+    ledger.claim("a2", [S.COMPLETE], now + 60, 1, lease_s=30)
+    ledger.release("a2", [fid])
+    with pytest.raises(StaleTransition):
+        ledger.transition(fid, S.COMPLETE, E.HASHED, holder="a1", blake3="stale")
+    assert ledger.get(fid).state is S.COMPLETE
+    # released, the file is anybody's to claim
+    assert [r.id for r in ledger.claim("a1", [S.COMPLETE], now + 61, 1, lease_s=30)] == [fid]

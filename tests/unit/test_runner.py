@@ -211,7 +211,10 @@ def test_an_agent_of_a_shared_ledger_claims_what_it_dispatches_and_leaves_what_a
     assert {ledger.get(rec.id).claim_until for rec in job} == {clock() + 60}
     monkeypatch.setattr(steps, "run", lambda batch, ctx: None)
     r._run("lake", job)
-    assert {ledger.get(rec.id).claim_owner for rec in job} == {None} and ledger.get(theirs[0].id).claim_owner == "a2"
+    # released: the lease ended (anybody may claim them), the mark stays until another agent does
+    assert {(ledger.get(rec.id).claim_owner, ledger.get(rec.id).claim_until) for rec in job} == {("a1", 0)}
+    assert ledger.get(theirs[0].id).claim_owner == "a2"
+    assert {r.id for r in ledger.claim("a2", [State.HASHED], clock(), 10, lease_s=60)} >= {rec.id for rec in job}
     r.heartbeat()
     assert [(a["agent_id"], a["claims"]) for a in ledger.agents()] == [("a1", 0)]
     ledger.close()
@@ -242,4 +245,20 @@ def test_without_a_shared_ledger_nothing_is_claimed(tmp_path: Path, clock: Any,
     r.dispatch(clock())
     [[rec]] = r.pools["lake"].jobs                 # type: ignore[attr-defined]
     assert r.agent_id is None and ledger.get(rec.id).claim_owner is None
+    ledger.close()
+
+
+def test_files_claimed_but_handed_to_no_worker_are_given_back(
+        tmp_path: Path, clock: Any, settings_data: Callable[..., Any]) -> None:
+    """Review of 2026-12-07 (claims, 1): rows claimed beyond the free workers (or of a buffer another
+    agent holds) were kept, renewed by every dispatch, and another agent never got them."""
+    r, ledger = recording_runner(tmp_path, clock, settings_data, lake_batch_files=2, lake_workers=1,
+                                 ledger={"agent_id": "a1", "lease_seconds": 60})
+    hashed(ledger, tmp_path, "a0", "ds.a")
+    hashed(ledger, tmp_path, "b0", "ds.b")
+    r.dispatch(clock())
+    [[handed]] = r.pools["lake"].jobs              # type: ignore[attr-defined]
+    [other] = [rec for rec in ledger.iter_all() if rec.id != handed.id]
+    assert (other.claim_owner, other.claim_until) in ((None, None), ("a1", 0))
+    assert [rec.id for rec in ledger.claim("a2", [State.HASHED], clock(), 5, lease_s=60)] == [other.id]
     ledger.close()

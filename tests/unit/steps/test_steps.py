@@ -1595,3 +1595,18 @@ def test_a_name_the_lake_holds_with_other_bytes_gives_the_file_a_versioned_name(
     assert end.state is S.DELETED, end.reason
     assert end.name != "run42/f1.fits" and end.name.startswith("run42/f1")
     assert env.lake.dids[old.did] is old                    # the lake's file untouched
+
+
+def test_a_change_found_by_a_step_whose_file_another_agent_holds_is_that_step_outdated(env: Env) -> None:
+    """Review of 2026-12-07 (claims, 6): recording "the file changed" refused by the fence escaped
+    guarded() and failed the whole batch."""
+    from edge_agent.errors import FileChanged
+    from edge_agent.steps.failures import guarded
+    rec = env.add()
+    env.ctx.holder = "a1"
+    env.ledger.claim("a2", [rec.state], env.clock(), 1, lease_s=60)
+
+    def work(r: FileRecord, ctx: StepContext) -> None:
+        raise FileChanged("it changed")
+    assert guarded(rec, env.ctx, work) is None
+    assert env.ledger.get(rec.id).state is rec.state
