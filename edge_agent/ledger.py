@@ -35,7 +35,7 @@ from .core.lifecycle import (
 )
 from .errors import LedgerUnreachable, LedgerUnwritable
 from .groupcommit import CommitFailed, GroupCommit
-from .ledgerdb import SQLITE, Dialect, LedgerConnectionLost, columns, connect_postgres, is_url, shown
+from .ledgerdb import SQLITE, Dialect, LedgerConnectionLost, columns, connect_postgres, is_url, schema_lock, shown
 
 SCHEMA_VERSION = 1
 
@@ -360,7 +360,13 @@ class Ledger:
         self._opened = (st.st_dev, st.st_ino)
 
     def _open(self, synchronous: str) -> None:
-        """The schema made or brought up to date (both databases; PostgreSQL commits every write)."""
+        """The schema made or brought up to date (both databases; PostgreSQL commits every write),
+        under the ledger's lock (agents starting at once)."""
+        with schema_lock(self._db, self._dialect):
+            self._make_schema()
+        self._writes = GroupCommit(self._db, self._lock, begin=self._dialect.begin, errors=self._dialect.errors)
+
+    def _make_schema(self) -> None:
         self._db.executescript(self._dialect.ddl(_SCHEMA))
         self._migrate()
         # the problem events changed since the index was made: a query no longer matching its WHERE
@@ -379,7 +385,6 @@ class Ledger:
                          "SET value = excluded.value", (_PROBLEM_EVENTS,))
         self._db.execute("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT (key) DO NOTHING",
                          (str(SCHEMA_VERSION),))
-        self._writes = GroupCommit(self._db, self._lock, begin=self._dialect.begin, errors=self._dialect.errors)
 
     def _indexes_made(self) -> bool:
         """PostgreSQL: does the schema hold every index of _INDEXES already?"""
@@ -648,13 +653,11 @@ class Ledger:
               exclude: Iterable[int] = (), rules: Sequence[str] | None = None) -> list[FileRecord]:
         """Up to `limit` rows whose next step may run now (due()'s order) and that no other agent
         holds (no claim, or one whose lease ran out), claimed by `agent` until now + lease_s, in
-        one transaction: two agents never hold one row. Rows `agent` holds already are claimed
-        again (its own, from before a restart); those its steps are working on go in `exclude`.
-        `rules`: only files of these rules (an agent claims nothing it would not work on).
-        PostgreSQL passes over rows another agent is claiming at this very instant (FOR UPDATE
-        SKIP LOCKED); SQLite's writers queue."""
+        one transaction, under the ledger's write lock (both databases: one writer at a time), so
+        two agents never hold one row. Rows `agent` holds already are claimed again (its own, from
+        before a restart); those its steps are working on go in `exclude`. `rules`: only files of
+        these rules (an agent claims nothing it would not work on)."""
         ex = list(exclude)
-        lock = " FOR UPDATE SKIP LOCKED" if self._dialect.name == "postgresql" else ""
         with self._tx() as db:
             rows: list[Any] = []
             for s in states:
@@ -663,7 +666,7 @@ class Ledger:
                     "WHERE state = ? AND next_at <= ? AND (claim_owner IS NULL OR claim_owner = ? OR claim_until < ?)"
                     + (f" AND id NOT IN ({','.join('?' * len(ex))})" if ex else "")
                     + (f" AND rule IN ({','.join('?' * len(rules))})" if rules is not None else "")
-                    + " ORDER BY priority DESC, next_at, id LIMIT ?" + lock,
+                    + " ORDER BY priority DESC, next_at, id LIMIT ?",
                     [s.value, now, agent, now, *ex, *(rules or ()), limit]).fetchall()
             rows.sort(key=lambda r: (-r[1], r[2], r[0]))
             ids = [r[0] for r in rows[:limit]]

@@ -12,6 +12,8 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import datetime as dt
+import os
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,7 +22,7 @@ from typing import Callable
 import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from . import steps
+from . import __version__, steps
 from .core import policy
 from .core.lifecycle import BACKLOG, POOLS, STEPS, Event, State, states_of_pool
 from .errors import LedgerUnwritable, ShuttingDown
@@ -422,10 +424,6 @@ class Runner:
 
     def heartbeat(self) -> None:
         """This agent is alive, in the shared ledger (the fleet's view)."""
-        import os
-        import socket
-
-        from . import __version__
         try:
             assert self.agent_id is not None
             self.ledger.heartbeat(self.agent_id, socket.gethostname(), os.getpid(), __version__, self.clock())

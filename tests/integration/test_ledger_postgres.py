@@ -130,3 +130,23 @@ def test_agents_claiming_at_once_never_hold_one_row(ledger: Ledger, tmp_path: Pa
     finally:
         for led in others:
             led.close()
+
+
+def test_agents_starting_at_once_on_a_new_ledger_all_start(pg: tuple[str, str], clock: Any) -> None:
+    """Review of the whole change: three agents started together on a new PostgreSQL ledger raced
+    to create its tables, and all but one died of a unique violation in PostgreSQL's catalogue."""
+    import threading
+    url, password = pg
+    failed: list[str] = []
+
+    def start() -> None:
+        try:
+            Ledger(url, clock=clock, password=password).close()
+        except Exception as exc:  # noqa: BLE001 - what the test looks for
+            failed.append(repr(exc))
+    threads = [threading.Thread(target=start) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert failed == []
