@@ -90,6 +90,26 @@ def _locked_temp(tmp: str) -> Iterator[BinaryIO]:
         fh.close()
 
 
+def _drop_published_temp(tmp: str, final: str) -> None:
+    """A writer killed between publishing its copy (the link) and removing its temporary name left
+    that name as a second link to the copy: removed, if nobody writes under it now (its lock is
+    free) and it still is the published copy. Only the name goes, never a byte of the copy."""
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW)
+    except OSError:
+        return                     # none (the usual case), or not ours to open
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        mine, published = os.fstat(fd), os.stat(final, follow_symlinks=False)
+        if (mine.st_dev, mine.st_ino) == (published.st_dev, published.st_ino) \
+                and (os.lstat(tmp).st_dev, os.lstat(tmp).st_ino) == (mine.st_dev, mine.st_ino):
+            os.unlink(tmp)
+    except OSError:
+        pass                       # being written now, or gone meanwhile: left to its writer
+    finally:
+        os.close(fd)
+
+
 class PosixTransport(Transport):
     """Copies to a local or mounted directory: written under a temporary name, fsynced, published
     whole by a link."""
@@ -103,6 +123,7 @@ class PosixTransport(Transport):
             also: Sequence[Consumer] = ()) -> Digests:
         final = url_to_path(url)
         if expected.known and self._identical(final, expected):
+            _drop_published_temp(temp_name(final), final)
             return expected.digests()
         if not expected.may_replace and os.path.lexists(final):
             raise DestinationOccupied(f"{final} holds other bytes that this file version did not write; "

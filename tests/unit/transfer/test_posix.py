@@ -310,3 +310,22 @@ def test_open_reads_a_path_or_file_url_and_a_missing_file_is_object_missing(src:
         assert fh.read() == DATA
     with pytest.raises(ObjectMissing):
         t.open(str(dest / "none")).__enter__()
+
+
+def test_a_temporary_name_left_linked_to_the_published_copy_by_a_killed_writer_goes(src: Path, dest: Path) -> None:
+    """kill -9 between the link that publishes a copy and the removal of its temporary name: the
+    name stayed as a second link to the copy for good (the next attempt found the copy identical
+    and wrote nothing; seen in the kill -9 storm on a PostgreSQL ledger)."""
+    final = dest / "scope" / "f1.fits"
+    PosixTransport(fsync=False).put(str(src), str(final), expected_for(DATA), Pace())
+    os.link(final, temp_name(str(final)))                  # what the killed writer left
+    PosixTransport(fsync=False).put(str(src), str(final), expected_for(DATA), Pace())
+    assert listing(dest) == ["scope", "scope/f1.fits"] and final.read_bytes() == DATA
+
+
+def test_a_temporary_file_that_is_not_the_published_copy_is_left_to_its_writer(src: Path, dest: Path) -> None:
+    final = dest / "scope" / "f1.fits"
+    PosixTransport(fsync=False).put(str(src), str(final), expected_for(DATA), Pace())
+    Path(temp_name(str(final))).write_bytes(b"being written")   # another writer's, not published
+    PosixTransport(fsync=False).put(str(src), str(final), expected_for(DATA), Pace())
+    assert Path(temp_name(str(final))).read_bytes() == b"being written" and final.read_bytes() == DATA
