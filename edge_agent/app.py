@@ -5,15 +5,17 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import socket
+import time
 from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING
 
 import structlog
 
-from . import identity, places
+from . import __version__, identity, places
 from .bufferlock import HEARTBEAT_SECONDS, BufferHeld, BufferLocks
-from .errors import ConfigError
+from .errors import AgentIdTaken, ConfigError
 from .lake.base import Catalogue
 from .lake.local import LocalCatalogue
 from .ledger import Ledger
@@ -207,15 +209,27 @@ class Agent:
         places.check(settings)
         settings.state_dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _exclusive(settings.state_dir / "agent.lock")
-        self.buffers = BufferLocks({n: r.directory for n, r in settings.rules.items()}, settings.state_dir)
         try:
-            self.buffers.claim_all()
+            self.ledger = open_ledger(settings)
         except BaseException:
             os.close(self._lock_fd)
             raise
-        self.ledger = open_ledger(settings)
         try:
-            claim_ledger(self.ledger, identity.current(settings))
+            # a shared ledger: one ledger per buffer (its members share the buffers), else one agent
+            fleet = self.ledger.fleet_id() if settings.agent_id else None
+            self.buffers = BufferLocks({n: r.directory for n, r in settings.rules.items()}, settings.state_dir,
+                                       fleet=fleet)
+            self.buffers.claim_all()
+        except BaseException:
+            self.ledger.close()
+            os.close(self._lock_fd)
+            raise
+        try:
+            claim_ledger(self.ledger, identity.current(settings, shared=fleet is not None))
+            if settings.agent_id:
+                self.ledger.enrol(settings.agent_id, f"{identity.machine_id()}:{settings.state_dir}",
+                                  socket.gethostname(), os.getpid(), __version__, time.time(),
+                                  fresh_s=3 * HEARTBEAT_SECONDS)
         except BaseException:
             self.ledger.close()
             self.buffers.release()
@@ -248,6 +262,8 @@ class Agent:
             os.close(self._lock_fd)
         if self.lost:
             raise BufferHeld(self.lost)
+        if self.runner.agent_id_lost:
+            raise AgentIdTaken(self.runner.agent_id_lost)
 
     def stop(self) -> None:
         self.runner.stop()

@@ -15,6 +15,15 @@ a heartbeat fresher than STALE_SECONDS; a stale record is taken over with a warn
 of this host whose lock is free (the agent stopped or died) at once. A watched directory that does
 not exist yet is claimed when it appears (Runner.may_scan), before anything in it is looked at.
 
+A fleet (agents sharing one ledger: ledger.url or ledger.agent_id) shares its buffers: one
+ledger per buffer rather than one agent. Each member holds the lock file with a shared flock
+(several members on one host; an agent of its own keeps its exclusive one) and rewrites the record
+with the ledger's fleet id, so that the record stays fresh while any member lives. An agent on
+another ledger, or an agent of its own, is refused where the record names a fleet with a fresh
+heartbeat, whichever host wrote it; a member is refused where it names an agent of its own or
+another fleet. A member does not remove the record when it stops (the others may go on): after
+the last one it goes stale.
+
 A buffer is a whole tree: an agent also refuses a directory that lies inside a directory another
 agent holds (its lock file flock'ed by another process, or a fresh record of another host), and,
 the other way round, the rescan walk leaves out a subdirectory that another agent holds
@@ -32,6 +41,7 @@ import socket
 import stat
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -63,6 +73,7 @@ class Holder:
     state_dir: str
     started_at: float
     heartbeat_at: float
+    fleet: str | None = None   # the shared ledger's fleet id; None: an agent with a buffer of its own
 
     def same_host(self, other: Holder) -> bool:
         return (self.machine_id, self.host) == (other.machine_id, other.host)
@@ -72,7 +83,8 @@ class Holder:
 
     def who(self) -> str:
         """The holder without its heartbeat: the same text as long as the same agent holds."""
-        return f"host {self.host} (machine-id {self.machine_id}), pid {self.pid}, state_dir {self.state_dir}"
+        fleet = f" (a fleet on ledger {self.fleet})" if self.fleet else ""
+        return f"host {self.host} (machine-id {self.machine_id}), pid {self.pid}, state_dir {self.state_dir}{fleet}"
 
     def describe(self, now: float) -> str:
         return (f"{self.who()}, "
@@ -87,14 +99,16 @@ def read_record(directory: Path) -> Holder | None:
     """The holder record, or None if there is none or it cannot be understood."""
     try:
         doc = json.loads((directory / RECORD_NAME).read_bytes())
+        fleet = doc.get("fleet")
         return Holder(str(doc["host"]), str(doc["machine_id"]), int(doc["pid"]), str(doc["state_dir"]),
-                      float(doc["started_at"]), float(doc["heartbeat_at"]))
+                      float(doc["started_at"]), float(doc["heartbeat_at"]), str(fleet) if fleet else None)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
 def _write_record(directory: Path, holder: Holder) -> None:
-    tmp = directory / f"{RECORD_NAME}.{os.getpid()}.tmp"
+    # a name of this writer's own: members of a fleet on several hosts (pids repeat) write side by side
+    tmp = directory / f"{RECORD_NAME}.{holder.host}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         tmp.write_text(json.dumps(asdict(holder), sort_keys=True) + "\n")
         os.replace(tmp, directory / RECORD_NAME)
@@ -108,13 +122,16 @@ class BufferLocks:
 
     def __init__(self, directories: dict[str, Path], state_dir: Path, clock: Callable[[], float] = time.time,
                  stale_seconds: float = STALE_SECONDS, host: str | None = None,
-                 machine_id: str | None = None) -> None:
+                 machine_id: str | None = None, fleet: str | None = None,
+                 shared_wait_s: float = 2.0) -> None:
         self.directories = directories
         self.clock = clock
         self.stale_seconds = stale_seconds
+        self.fleet = fleet
+        self.shared_wait_s = shared_wait_s
         now = clock()
         self.me = Holder(host or socket.gethostname(), machine_id or identity.machine_id(), os.getpid(),
-                         str(state_dir), now, now)
+                         str(state_dir), now, now, fleet)
         self._fds: dict[str, int] = {}
         self._held: set[str] = set()   # rules this agent has held: a refusal for one of them is a loss
         self.lost: str | None = None   # why this agent lost a buffer it held; it must stop
@@ -155,17 +172,15 @@ class BufferLocks:
                         directory=str(directory), error=exc.strerror)
             return None
         now = self.clock()
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        if not self._lock(fd):
             os.close(fd)
             held = read_record(directory)
             who = held.describe(now) if held else UNNAMED
             return self._refusal(rule, directory, who, running_here=True)
         held = read_record(directory)
-        if held is not None and not held.same_host(self.me) and now - held.heartbeat_at < self.stale_seconds:
+        if held is not None and self._excludes(held, now):
             os.close(fd)
-            return self._refusal(rule, directory, held.describe(now), running_here=False)
+            return self._refusal(rule, directory, held.describe(now), running_here=held.same_host(self.me))
         # only now, holding our own lock (see the module's docstring for why in this order)
         own = self._own() | {_fd_identity(fd)}
         for above in Path(os.path.realpath(directory)).parents:
@@ -189,6 +204,38 @@ class BufferLocks:
             log.warning("buffer taken over from an agent that stopped or went silent", rule=rule,
                         directory=str(directory), previous=held.describe(now))
         return None
+
+    def _lock(self, fd: int) -> bool:
+        """flock the lock file: exclusive for an agent of its own, shared for a member of a fleet (a
+        moment's exclusive lock is another member writing its record... or an agent of its own: the
+        member waits up to shared_wait_s for it to go)."""
+        if self.fleet is None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except OSError:
+                return False
+        deadline = time.monotonic() + self.shared_wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return True
+            except OSError:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.05)
+
+    def _excludes(self, held: Holder, now: float) -> bool:
+        """Does the record `held` (in a directory this agent has just flock'ed) keep this agent out?
+        A fresh record of a fleet keeps out all but its members, whichever host wrote it (each
+        member rewrites it: it stays fresh while any lives). A fresh record of an agent of its own
+        on another host keeps everyone out; on this host that agent would hold its exclusive flock,
+        which this agent has just got past: it is gone."""
+        if now - held.heartbeat_at >= self.stale_seconds:
+            return False
+        if held.fleet is not None:
+            return held.fleet != self.fleet
+        return not held.same_host(self.me)
 
     def _refusal(self, rule: str, directory: Path, who: str, running_here: bool,
                  held_dir: Path | None = None) -> str:
@@ -226,11 +273,11 @@ class BufferLocks:
         if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) in own:
             return False, None
         held = read_record(Path(os.fsdecode(directory)))
-        if held is not None and held.same_agent(self.me):
-            return False, None
+        if held is not None and (held.same_agent(self.me) or (self.fleet and held.fleet == self.fleet)):
+            return False, None   # this agent's, or its fleet's (members share buffers)
         if _flocked(lock):
             return True, held
-        if held is not None and not held.same_host(self.me) and now - held.heartbeat_at < self.stale_seconds:
+        if held is not None and self._excludes(held, now):
             return True, held
         return False, None
 
@@ -256,9 +303,11 @@ class BufferLocks:
                         return refused
                     continue   # held again (its record just written), or the directory is gone
                 held = read_record(directory)
-                if held is not None and not held.same_agent(self.me):
-                    return (f"rules.{rule}.directory {directory}: another edge-agent took this buffer over: "
-                            f"{held.describe(now)}")
+                if held is not None and not held.same_agent(self.me) and (self.fleet is None
+                                                                          or held.fleet != self.fleet):
+                    self.lost = (f"rules.{rule}.directory {directory}: another edge-agent took this buffer "
+                                 f"over: {held.describe(now)}")
+                    return self.lost
                 try:
                     _write_record(directory, Holder(**{**asdict(self.me), "heartbeat_at": now}))
                 except OSError as exc:
@@ -273,7 +322,8 @@ class BufferLocks:
             for rule, fd in self._fds.items():
                 directory = self.directories[rule]
                 held = read_record(directory)
-                if held is not None and held.same_agent(self.me) and _same_file(fd, directory / LOCK_NAME):
+                if self.fleet is None and held is not None and held.same_agent(self.me) \
+                        and _same_file(fd, directory / LOCK_NAME):
                     try:
                         (directory / RECORD_NAME).unlink()
                     except OSError:

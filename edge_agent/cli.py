@@ -141,7 +141,7 @@ def adopt_ledger(settings: Settings) -> int:
     try:
         ledger = _open_ledger(settings, readonly=False)
         try:
-            diffs = claim_ledger(ledger, identity.current(settings), adopt=True)
+            diffs = claim_ledger(ledger, identity.current(settings, shared=settings.agent_id is not None), adopt=True)
         finally:
             ledger.close()
     finally:

@@ -67,3 +67,7 @@ class ConfigError(EdgeAgentError):
 
 class ShuttingDown(EdgeAgentError):
     """Raised inside a step to abandon it at shutdown; the ledger still says where it stood."""
+
+
+class AgentIdTaken(ConfigError):
+    """Another running agent uses this agent's id in the shared ledger (ledger.agent_id)."""

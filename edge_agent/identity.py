@@ -29,9 +29,12 @@ def machine_id(files: tuple[str, ...] = MACHINE_ID_FILES) -> str:
     return "unknown"
 
 
-def current(settings: Settings) -> dict[str, str]:
-    """This host, and each existing rule directory by path and inode (one not there yet is left out)."""
-    ident = {"machine_id": machine_id(), "hostname": socket.gethostname()}
+def current(settings: Settings, shared: bool = False) -> dict[str, str]:
+    """This host, and each existing rule directory by path and inode (one not there yet is left out).
+    `shared`: a ledger agents on several hosts share (the buffer mounted on each at the same path,
+    where a shared filesystem gives a file the same inode on every host): the buffer is what the
+    ledger belongs to, not a host, so the host is left out."""
+    ident: dict[str, str] = {} if shared else {"machine_id": machine_id(), "hostname": socket.gethostname()}
     for name, rule in settings.rules.items():
         try:
             st = os.stat(rule.directory)

@@ -18,6 +18,7 @@ import re
 import sqlite3
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -33,7 +34,7 @@ from .core.lifecycle import (
     State,
     apply,
 )
-from .errors import LedgerUnreachable, LedgerUnwritable
+from .errors import AgentIdTaken, LedgerUnreachable, LedgerUnwritable
 from .groupcommit import CommitFailed, GroupCommit
 from .ledgerdb import SQLITE, Dialect, LedgerConnectionLost, columns, connect_postgres, is_url, schema_lock, shown
 
@@ -100,7 +101,8 @@ CREATE TABLE IF NOT EXISTS names (
 -- The agents that share this ledger (several hosts on one buffer): who they are, when last heard of.
 CREATE TABLE IF NOT EXISTS agents (
     agent_id TEXT PRIMARY KEY, host TEXT NOT NULL, pid {INT}, version TEXT,
-    started_at {REAL} NOT NULL, heartbeat_at {REAL} NOT NULL
+    started_at {REAL} NOT NULL, heartbeat_at {REAL} NOT NULL,
+    place TEXT            -- machine-id:state_dir of the process running under agent_id
 );
 CREATE TABLE IF NOT EXISTS notices (
     path {BLOB} PRIMARY KEY, rule TEXT NOT NULL, relpath TEXT NOT NULL, kind TEXT NOT NULL,
@@ -296,13 +298,15 @@ class Ledger:
     the notices for operators, in SQLite (a path: the embedded default) or PostgreSQL (a
     postgresql:// URL, see ledgerdb.py). A transition is committed before its effect is acknowledged."""
     def __init__(self, path: str | os.PathLike[str], clock: Any = time.time, synchronous: str = "full",
-                 readonly: bool = False, password: str | None = None, connect_timeout: float = 10.0) -> None:
+                 readonly: bool = False, password: str | None = None, connect_timeout: float = 10.0,
+                 lease_clock: str = "server") -> None:
         self._url = str(path) if is_url(path) else None
         self.path = Path(path) if self._url is None else None
         self.where = shown(self._url) if self._url is not None else str(self.path)
         self._password = password
         self._connect_timeout = connect_timeout
         self._clock = clock
+        self._lease_by_caller = lease_clock == "caller"   # tests with a fake clock on PostgreSQL
         self._lock = threading.RLock()       # the write connection
         self._readers_lock = threading.Lock()
         self._idle_readers: list[Any] = []   # read connections not in use
@@ -402,6 +406,8 @@ class Ledger:
                 self._db.execute(f"ALTER TABLE files ADD COLUMN {col} {self._dialect.ddl(_ADDED_COLUMNS.get(col, ''))}")
         if "first_url" not in columns(self._db, self._dialect, "names"):
             self._db.execute("ALTER TABLE names ADD COLUMN first_url TEXT")
+        if "place" not in columns(self._db, self._dialect, "agents"):
+            self._db.execute("ALTER TABLE agents ADD COLUMN place TEXT")
         if self._db.execute("SELECT 1 FROM meta WHERE key = 'names_filled'").fetchone() is None:
             # a ledger from before the names table: every name a hashed version was given is bound
             # to that version's content (a live or delivered version before a superseded one)
@@ -659,6 +665,7 @@ class Ledger:
         these rules (an agent claims nothing it would not work on)."""
         ex = list(exclude)
         with self._tx() as db:
+            lease_now = self._lease_now(db, now)
             rows: list[Any] = []
             for s in states:
                 rows += db.execute(
@@ -667,21 +674,31 @@ class Ledger:
                     + (f" AND id NOT IN ({','.join('?' * len(ex))})" if ex else "")
                     + (f" AND rule IN ({','.join('?' * len(rules))})" if rules is not None else "")
                     + " ORDER BY priority DESC, next_at, id LIMIT ?",
-                    [s.value, now, agent, now, *ex, *(rules or ()), limit]).fetchall()
+                    [s.value, now, agent, lease_now, *ex, *(rules or ()), limit]).fetchall()
             rows.sort(key=lambda r: (-r[1], r[2], r[0]))
             ids = [r[0] for r in rows[:limit]]
             for i in range(0, len(ids), 500):
                 part = ids[i:i + 500]
                 db.execute(f"UPDATE files SET claim_owner = ?, claim_until = ? WHERE id IN ({','.join('?' * len(part))})",
-                           [agent, now + lease_s, *part])
+                           [agent, lease_now + lease_s, *part])
         return self.get_many(ids)
 
-    def renew(self, agent: str, file_ids: Sequence[int], until: float) -> set[int]:
-        """The claims `agent` still holds on `file_ids`, extended until `until`; returns their ids
-        (a claim another agent took after its lease ran out is not renewed: that step is fenced)."""
+    def _lease_now(self, db: Any, now: float) -> float:
+        """The time leases are reckoned in: the database server's clock for a PostgreSQL ledger
+        (agents on several hosts, whose clocks may differ or step, compare one clock), the caller's
+        `now` for SQLite (one host) or where the ledger was opened with lease_clock="caller"."""
+        if self._dialect.name == "sqlite" or self._lease_by_caller:
+            return now
+        return float(db.execute("SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8").fetchone()[0])
+
+    def renew(self, agent: str, file_ids: Sequence[int], lease_s: float, now: float) -> set[int]:
+        """The claims `agent` still holds on `file_ids`, extended by `lease_s` from now (the lease
+        clock: see _lease_now); returns their ids (a claim another agent took after its lease ran
+        out is not renewed: that step is fenced)."""
         held: set[int] = set()
         ids = list(file_ids)
         with self._tx() as db:
+            until = self._lease_now(db, now) + lease_s
             for i in range(0, len(ids), 500):
                 part = ids[i:i + 500]
                 marks = ",".join("?" * len(part))
@@ -705,12 +722,47 @@ class Ledger:
                 db.execute(f"UPDATE files SET claim_until = 0 WHERE claim_owner = ? "
                            f"AND id IN ({','.join('?' * len(part))})", [agent, *part])
 
-    def heartbeat(self, agent: str, host: str, pid: int, version: str, now: float) -> None:
-        """`agent` is alive now (the fleet's view; a dead agent's claims run out by their leases)."""
+    def enrol(self, agent: str, place: str, host: str, pid: int, version: str, now: float,
+              fresh_s: float) -> None:
+        """`agent` starts at `place` (machine-id:state_dir). AgentIdTaken if another place ran under
+        that id and heartbeated within `fresh_s` (two agents under one id would each take the
+        other's claims for their own); one gone silent for longer is taken over."""
         with self._tx() as db:
-            db.execute("INSERT INTO agents VALUES (?,?,?,?,?,?) ON CONFLICT (agent_id) DO UPDATE SET "
-                       "host = excluded.host, pid = excluded.pid, version = excluded.version, "
-                       "heartbeat_at = excluded.heartbeat_at", (agent, host, pid, version, now, now))
+            at = self._lease_now(db, now)
+            row = db.execute("SELECT place, host, heartbeat_at FROM agents WHERE agent_id = ?", (agent,)).fetchone()
+            if row is not None and row[0] not in (None, place) and at - row[2] < fresh_s:
+                raise AgentIdTaken(f"ledger.agent_id {agent!r}: another edge-agent runs under this id "
+                                   f"(host {row[1]}, {row[0]}, last heartbeat {at - row[2]:.0f}s ago); "
+                                   "give each agent an id of its own")
+            db.execute("INSERT INTO agents (agent_id, host, pid, version, started_at, heartbeat_at, place) "
+                       "VALUES (?,?,?,?,?,?,?) ON CONFLICT (agent_id) DO UPDATE SET host = excluded.host, "
+                       "pid = excluded.pid, version = excluded.version, started_at = excluded.started_at, "
+                       "heartbeat_at = excluded.heartbeat_at, place = excluded.place",
+                       (agent, host, pid, version, at, at, place))
+
+    def heartbeat(self, agent: str, host: str, pid: int, version: str, now: float,
+                  place: str | None = None) -> bool:
+        """`agent` is alive now (the fleet's view; a dead agent's claims run out by their leases).
+        False if another place has enrolled under `agent` since (this process must stop)."""
+        with self._tx() as db:
+            at = self._lease_now(db, now)
+            row = db.execute("SELECT place FROM agents WHERE agent_id = ?", (agent,)).fetchone()
+            if row is not None and place is not None and row[0] not in (None, place):
+                return False
+            db.execute("INSERT INTO agents (agent_id, host, pid, version, started_at, heartbeat_at, place) "
+                       "VALUES (?,?,?,?,?,?,?) ON CONFLICT (agent_id) DO UPDATE SET host = excluded.host, "
+                       "pid = excluded.pid, version = excluded.version, heartbeat_at = excluded.heartbeat_at, "
+                       "place = COALESCE(excluded.place, agents.place)",
+                       (agent, host, pid, version, at, at, place))
+        return True
+
+    def fleet_id(self) -> str:
+        """This ledger's own id (made at the first call, kept in meta): what the buffers a fleet shares
+        record, so that an agent on another ledger is refused there."""
+        with self._tx() as db:
+            db.execute("INSERT INTO meta VALUES ('fleet_id', ?) ON CONFLICT (key) DO NOTHING",
+                       (uuid.uuid4().hex,))
+            return str(db.execute("SELECT value FROM meta WHERE key = 'fleet_id'").fetchone()[0])
 
     def agents(self) -> list[dict[str, Any]]:
         """Every agent that ever used this ledger, with its claims held now and its last heartbeat."""
@@ -928,9 +980,14 @@ class Ledger:
     # ------------------------------------------------------------ writing
     def discover(self, rule: str, path: bytes, relpath: str, dev: int, inode: int, size: int,
                  mtime_ns: int, priority: int) -> FileRecord:
-        """A new version of the file at `path` (the caller checked there is no live row)."""
+        """A new version of the file at `path`, or the live one it has by now: the caller saw none,
+        but another agent sharing the ledger (or the caller's own previous look) may have added it
+        meanwhile. One live row per path, whoever saw the file first (checked under the write lock)."""
         with self._tx() as db:
-            fid = self._insert_version(db, rule, path, relpath, dev, inode, size, mtime_ns, priority)
+            row = db.execute("SELECT id FROM files WHERE rule = ? AND path = ? AND state NOT IN "
+                             "('deleted', 'superseded')", (rule, path)).fetchone()
+            fid = row[0] if row else self._insert_version(db, rule, path, relpath, dev, inode, size, mtime_ns,
+                                                          priority)
         return self.get(fid)
 
     def discover_many(self, rule: str, found: Sequence[tuple[bytes, str, int, int, int, int]],

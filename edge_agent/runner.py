@@ -22,7 +22,8 @@ from typing import Callable
 import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from . import __version__, steps
+from . import __version__, identity, steps
+from .claims import ClaimBook
 from .core import policy
 from .core.lifecycle import BACKLOG, POOLS, STEPS, Event, State, states_of_pool
 from .errors import LedgerUnwritable, ShuttingDown
@@ -129,6 +130,10 @@ class Runner:
             holder=settings.agent_id)
         # a shared ledger: files are claimed for this agent's steps, with a lease renewed meanwhile
         self.agent_id = settings.agent_id
+        self.place = f"{identity.machine_id()}:{settings.state_dir}"   # this process's, under agent_id
+        self.claims = ClaimBook(settings.ledger.lease_seconds, monotonic)
+        self.context.claim_firm = self.claims.firm
+        self.agent_id_lost: str | None = None
         workers = {"hash": settings.hash_workers, "transfer": settings.transfer_workers,
                    "lake": settings.lake_workers}
         self.capacity = {pool: workers[pool] for pool in POOLS}
@@ -338,8 +343,10 @@ class Runner:
             per_job = self.settings.lake_batch_files if batched else JOB_FILES
             jobs: dict[tuple[object, ...], list[FileRecord]] = {}
             if self.agent_id:
+                asked = self.monotonic()
                 found = self.ledger.claim(self.agent_id, states, now, free * per_job,
                                           self.settings.ledger.lease_seconds, exclude, rules=list(self.settings.rules))
+                self.claims.held([rec.id for rec in found], asked)
             else:
                 found = self.ledger.due(states, now, free * per_job, exclude)
             for rec in found:
@@ -399,6 +406,7 @@ class Runner:
         """This agent's claims on `file_ids` given back (a shared ledger), best effort."""
         if not self.agent_id or not file_ids:
             return
+        self.claims.lost(file_ids)
         try:
             self.ledger.release(self.agent_id, file_ids)
         except Exception as exc:  # noqa: BLE001 - the claims then run out by their lease
@@ -412,11 +420,15 @@ class Runner:
             ids = list(self.in_flight)
         if not ids or not self.agent_id:
             return
+        asked = self.monotonic()
         try:
-            held = self.ledger.renew(self.agent_id, ids, self.clock() + self.settings.ledger.lease_seconds)
+            held = self.ledger.renew(self.agent_id, ids, self.settings.ledger.lease_seconds, self.clock())
         except Exception as exc:  # noqa: BLE001 - tried again at the next renewal
+            # the steps start no new effect once a third of the lease has gone by unrenewed
             log.warning("could not renew claims", files=len(ids), error=str(exc))
             return
+        self.claims.held(held, asked)
+        self.claims.lost(set(ids) - held)
         lost = len(set(ids) - held)
         if lost:
             # taken by another agent after this one stalled past its lease: those steps commit nothing
@@ -426,9 +438,18 @@ class Runner:
         """This agent is alive, in the shared ledger (the fleet's view)."""
         try:
             assert self.agent_id is not None
-            self.ledger.heartbeat(self.agent_id, socket.gethostname(), os.getpid(), __version__, self.clock())
+            mine = self.ledger.heartbeat(self.agent_id, socket.gethostname(), os.getpid(), __version__,
+                                         self.clock(), place=self.place)
         except Exception as exc:  # noqa: BLE001 - the next heartbeat tries again
             log.warning("could not record this agent's heartbeat", error=str(exc))
+            return
+        if not mine and self.agent_id_lost is None:
+            # another process enrolled under this id (it found this one silent): two agents under
+            # one id would take each other's claims for their own, so this one gives way
+            self.agent_id_lost = (f"ledger.agent_id {self.agent_id!r}: another edge-agent now runs under this "
+                                  "id; this one stops (give each agent an id of its own)")
+            log.error("agent id taken over by another agent; stopping", agent_id=self.agent_id)
+            self.stop()
 
     # ------------------------------------------------------------ a ledger that cannot be written
     def _ledger_down(self, why: str) -> None:

@@ -493,9 +493,30 @@ class Settings(BaseSettings):
                                     f"{ra.directory}; a file must belong to one rule")
         problems += self._distinct_destinations()
         problems += self._storage_gates()
+        problems += self._shared_buffer()
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _shared_buffer(self) -> list[str]:
+        """A shared ledger means a buffer shared with agents on other hosts, whose writers inotify
+        and /proc do not see: `closed` would take a file another host still writes for complete.
+        It is refused where asked for, and left out of the default (stable alone then)."""
+        if self.agent_id is None:
+            return []
+        problems: list[str] = []
+        for name, rule in self.rules.items():
+            if Completion.CLOSED not in rule.completion:
+                continue
+            if "completion" in rule.model_fields_set:
+                problems.append(
+                    f"rules.{name}.completion: 'closed' cannot be used with a shared ledger (ledger.url or "
+                    "ledger.agent_id): it sees only writers on this host, and the buffer is shared with "
+                    "agents on others; use 'stable' (with a stable_seconds longer than a writer's longest "
+                    "pause), 'marker', 'sidecar' or 'renamed'")
+            else:
+                rule.completion = [c for c in rule.completion if c is not Completion.CLOSED]
+        return problems
 
     def _distinct_destinations(self) -> list[str]:
         """Copies are counted per destination, so two destinations must be two places: one file on

@@ -52,6 +52,16 @@ class StepContext:
     # a shared ledger: the agent whose claims the steps run under; a move of a file another agent
     # holds commits nothing (StaleTransition). None: claims are not used.
     holder: str | None = None
+    # with `holder`: is this agent's claim on a file id still firmly held (claims.ClaimBook.firm)?
+    claim_firm: Callable[[int], bool] = lambda file_id: True
+
+    def check_claim(self, rec: FileRecord) -> None:
+        """Before an effect outside the ledger (a copy written, the local file unlinked): with claims,
+        StaleTransition unless this agent's claim on `rec` is still firmly held. An agent that
+        stalled or lost the ledger for two thirds of its lease starts no effect the new holder of
+        the file may be making at the same time (the ledger fences only its commits)."""
+        if self.holder is not None and not self.claim_firm(rec.id):
+            raise StaleTransition(f"file {rec.id}: the claim of {self.holder} is no longer firmly held")
 
     def rule(self, rec: FileRecord) -> RuleSettings:
         """The settings of `rec`'s rule."""
@@ -145,8 +155,11 @@ class StepContext:
     def recorded_stat(self, rec: FileRecord) -> policy.LocalStat:
         """The stat recorded when the version was hashed: what identifies it on the buffer."""
         assert rec.inode is not None and rec.size is not None and rec.mtime_ns is not None
-        # ctime_ns is None for a row hashed by an older agent: compared as before, without it
-        return policy.LocalStat(rec.inode, rec.size, rec.mtime_ns, rec.ctime_ns, rec.dev)
+        # ctime_ns is None for a row hashed by an older agent: compared as before, without it. A
+        # shared buffer (claims) is mounted on several hosts, each numbering its devices its own way:
+        # a file hashed on one host has another st_dev on the next, so there the device is not compared.
+        return policy.LocalStat(rec.inode, rec.size, rec.mtime_ns, rec.ctime_ns,
+                                rec.dev if self.holder is None else None)
 
     def local(self, rec: FileRecord) -> LocalFile:
         """The file, reached from its rule's directory without following a symlink below it."""

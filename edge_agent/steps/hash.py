@@ -152,6 +152,7 @@ def _send_first(rec: FileRecord, ctx: StepContext, t: Target, size: int, scan: F
         pace(n)
         ctx.hooks.bytes_hashed(rec.rule, n)
 
+    ctx.check_claim(rec)
     started = ctx.clock()
     try:
         # reserved while its URL was empty: only a leftover of this version's own upload cut short

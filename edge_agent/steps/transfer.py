@@ -62,6 +62,7 @@ def transfer_one(rec: FileRecord, ctx: StepContext) -> None:
         expected = Expected(f.size, f.blake3, f.adler32, f.md5, may_replace=t.location in own,
                             known_writer=ctx.ledger.copy_written(f.scope, f.name, t.location, t.url),
                             found_empty=found_empty)
+        ctx.check_claim(rec)
         started = ctx.clock()
         got = transport.put(ctx.local(rec), t.url, expected, ctx.pacer(rec.rule, t.location))
         hit("after_put")

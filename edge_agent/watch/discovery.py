@@ -185,6 +185,15 @@ class Discovery:
         self.held_subtrees[rule] = held
         log.info("rescanned", rule=rule, entries=n, seconds=round(time.monotonic() - started, 2))
 
+    def _in_hand(self, rec: FileRecord) -> bool:
+        """Is a step in flight for `rec`: one of this agent's, or (a shared ledger) another agent's
+        claim on it, not given back (a released claim's lease is 0)? That step notices a change
+        itself; discovery leaves the row alone meanwhile."""
+        if self.busy(rec.id):
+            return True
+        return (rec.claim_owner is not None and rec.claim_owner != self.settings.agent_id
+                and (rec.claim_until or 0) > 0)
+
     def evaluate(self, rule: str, path: bytes, entry: Entry | None, rec: FileRecord | None) -> None:
         """Bring the ledger up to date with what is at `path` now (`rec`: its live row, if any)."""
         if self.in_held_subtree(rule, path):
@@ -194,7 +203,7 @@ class Discovery:
                 kind = "held-elsewhere" if entry.held else "unusable"
                 if self.ledger.notice(rule, path, kind, entry.problem):
                     log.warning("not handled", rule=rule, path=entry.relpath, why=entry.problem)
-            if rec is not None and rec.blake3 is None and not self.busy(rec.id) and rec.state in UNHASHED:
+            if rec is not None and rec.blake3 is None and not self._in_hand(rec) and rec.state in UNHASHED:
                 self._supersede(rec, f"{rec.relpath} vanished before it was hashed "
                                      "(renamed or removed by someone else)")
             return
@@ -218,7 +227,7 @@ class Discovery:
             return
         if (rec.inode, rec.size, rec.mtime_ns) == (st.st_ino, st.st_size, st.st_mtime_ns):
             return
-        if self.busy(rec.id):
+        if self._in_hand(rec):
             return   # the step in flight notices the change itself
         if rec.state is State.DISCOVERED:
             self.ledger.restat(rec.id, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
@@ -255,7 +264,7 @@ class Discovery:
         self._completion_cursor = page[-1].id if len(page) == budget else 0
         done: list[FileRecord] = []
         for rec in page:
-            if self._next_check.get(rec.id, 0) > mono or self.busy(rec.id):
+            if self._next_check.get(rec.id, 0) > mono or self._in_hand(rec):
                 continue
             rule = self.settings.rules.get(rec.rule)
             if rule is None:

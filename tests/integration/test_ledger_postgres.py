@@ -150,3 +150,24 @@ def test_agents_starting_at_once_on_a_new_ledger_all_start(pg: tuple[str, str], 
     for t in threads:
         t.join(60)
     assert failed == []
+
+
+def test_leases_run_on_the_servers_clock(pg: tuple[str, str], clock: Any) -> None:
+    """Agents on several hosts compare one clock: an agent whose wall clock runs an hour ahead (or
+    stepped) does not take a claim another agent holds and renews; a lease is the server's time
+    plus lease_s, whatever the callers' clocks say."""
+    import time
+    url, password = pg
+    a1, a2 = Ledger(url, clock=clock, password=password), Ledger(url, clock=clock, password=password)
+    try:
+        ids = _due_files(a1, 2)
+        before = time.time()
+        got = a1.claim("a1", [State.COMPLETE], clock(), 2, lease_s=60)
+        assert {r.id for r in got} == set(ids)
+        assert all(before + 59 < (r.claim_until or 0) < time.time() + 61 for r in got)   # the server's now + 60
+        assert a2.claim("a2", [State.COMPLETE], clock() + 3600, 10, lease_s=60) == []
+        assert a1.renew("a1", ids, 60, clock() - 3600) == set(ids)                       # a clock behind: the same
+        assert all((r.claim_until or 0) > time.time() + 55 for r in a1.get_many(ids))
+    finally:
+        a1.close()
+        a2.close()

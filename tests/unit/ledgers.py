@@ -17,6 +17,9 @@ def open_ledger(path: str | os.PathLike[str], clock: Any, **kw: Any) -> Ledger:
     `path`, it is the same ledger either way."""
     if POSTGRES is not None:
         url, password = POSTGRES
+        # leases on the tests' clock (their `now` is a fake one), not the server's: one test
+        # (test_ledger_postgres) checks the server's
+        kw.setdefault("lease_clock", "caller")
         return Ledger(url, clock=clock, password=password, **kw)
     return Ledger(path, clock=clock, **kw)
 

@@ -404,3 +404,79 @@ def test_a_rescan_refused_a_buffer_it_held_stops_the_agent(
     with pytest.raises(BufferHeld, match="state-b"):
         agent.run()
     b.release()
+
+
+# ---------------------------------------------------------------- one ledger per buffer (issue 15)
+
+def test_members_of_one_fleet_share_a_buffer_and_others_are_refused(tmp_path: Path, daq: Path,
+                                                                      clock: Any) -> None:
+    """A shared ledger's agents share its buffers: each holds the lock file with a shared flock and
+    rewrites the record with the fleet's id. An agent of its own, or of another fleet, is refused."""
+    m1 = locks(tmp_path, clock, state="m1", fleet="F1", shared_wait_s=0.1)
+    m2 = locks(tmp_path, clock, state="m2", fleet="F1", shared_wait_s=0.1)
+    m1.claim_all()
+    m2.claim_all()                                            # the same fleet: both in
+    assert read_record(daq).fleet == "F1"  # type: ignore[union-attr]
+    alone = locks(tmp_path, clock, state="alone")
+    with pytest.raises(BufferHeld) as exc:                    # an agent of its own: refused
+        alone.claim_all()
+    assert "a fleet on ledger F1" in str(exc.value)
+    other = locks(tmp_path, clock, state="other", fleet="F2", shared_wait_s=0.1)
+    with pytest.raises(BufferHeld):                           # another fleet: refused
+        other.claim_all()
+    # a member stopping leaves the record to the others (it stays fresh while any lives)
+    m1.release()
+    clock.advance(30)
+    assert m2.heartbeat() is None and read_record(daq).fleet == "F1"  # type: ignore[union-attr]
+    m2.release()
+    assert read_record(daq) is not None                       # after the last one it goes stale ...
+    with pytest.raises(BufferHeld):
+        locks(tmp_path, clock, state="alone-2").claim_all()
+    clock.advance(301)                                        # ... then an agent of its own takes over
+    alone = locks(tmp_path, clock, state="alone-3")
+    alone.claim_all()
+    assert read_record(daq).fleet is None  # type: ignore[union-attr]
+    alone.release()
+
+
+def test_a_fleet_member_is_refused_where_an_agent_of_its_own_holds_the_buffer(
+        tmp_path: Path, daq: Path, clock: Any) -> None:
+    alone = locks(tmp_path, clock, state="alone")
+    alone.claim_all()                                         # its exclusive flock: this host
+    member = locks(tmp_path, clock, state="m1", fleet="F1", shared_wait_s=0.1)
+    with pytest.raises(BufferHeld):
+        member.claim_all()
+    alone.release()
+    record(daq, heartbeat_at=clock() - 10)                    # another host's, fresh: flock does not reach it
+    with pytest.raises(BufferHeld) as exc:
+        member.claim_all()
+    assert "host daq2" in str(exc.value)
+    record(daq, heartbeat_at=clock() - 10, fleet="F1")        # a member on another host: welcome
+    member.claim_all()
+    member.release()
+
+
+def test_a_fleet_record_taken_over_by_an_agent_of_its_own_is_noticed_by_the_members(
+        tmp_path: Path, daq: Path, clock: Any) -> None:
+    member = locks(tmp_path, clock, state="m1", fleet="F1")
+    member.claim_all()
+    record(daq, heartbeat_at=clock(), fleet="F1", host="daq3")   # another member's heartbeat: fine
+    assert member.heartbeat() is None
+    record(daq, heartbeat_at=clock())                         # an agent of its own on daq2 took it over
+    lost = member.heartbeat()
+    assert lost is not None and "took this buffer over" in lost
+    member.release()
+
+
+def test_a_buffer_of_a_fleet_is_not_held_elsewhere_for_its_members(tmp_path: Path, daq: Path,
+                                                                    clock: Any) -> None:
+    """Nested buffers: a subdirectory a member of this agent's fleet holds is this fleet's (not left
+    out of the walk); a fleet's subdirectory is another's for an agent of its own, on any host."""
+    (daq / "cam2").mkdir()
+    inner = BufferLocks({"cam2": daq / "cam2"}, tmp_path / "inner", clock=clock, fleet="F1")
+    inner.claim_all()
+    member = locks(tmp_path, clock, state="m1", fleet="F1")
+    assert member.held_by_another(os.fsencode(daq / "cam2")) is None
+    alone = locks(tmp_path, clock, state="alone")
+    assert alone.held_by_another(os.fsencode(daq / "cam2")) is not None
+    inner.release()

@@ -151,3 +151,16 @@ def test_adopt_ledger_needs_a_ledger(tmp_path: Path, settings_data: Callable[...
     write_toml(cfg, settings_data(tmp_path))
     assert main(["-c", str(cfg), "adopt-ledger"]) == 2
     assert "nothing to adopt" in capsys.readouterr().err
+
+
+def test_a_shared_ledger_belongs_to_its_buffer_not_to_a_host(ledger: Ledger, tmp_path: Path,
+                                                               settings_data: Callable[..., Any]) -> None:
+    """One ledger per buffer (issue 15): agents on several hosts share it; the buffer, mounted at
+    one path everywhere, is what they must agree on."""
+    (tmp_path / "daq").mkdir()
+    shared = identity.current(Settings(**settings_data(tmp_path, ledger={"agent_id": "a1"})), shared=True)
+    assert "machine_id" not in shared and "hostname" not in shared and "rule r directory" in shared
+    claim_ledger(ledger, shared)
+    claim_ledger(ledger, dict(shared))                      # another host, the same buffer: accepted
+    with pytest.raises(ConfigError, match="rule r directory"):
+        claim_ledger(ledger, {**shared, "rule r directory": "/mnt/elsewhere inode=7"})

@@ -188,11 +188,15 @@ def test_versions_increment_per_path(ledger: Ledger) -> None:
 
 def test_one_live_row_per_rule_and_path(ledger: Ledger) -> None:
     rec = discover(ledger)
-    with pytest.raises(INTEGRITY_ERRORS):
-        discover(ledger)
+    # a discovery of a path that has a live row by now (another agent sharing the ledger saw it
+    # first) gives back that row: one row per version, whoever saw it first
+    assert discover(ledger).id == rec.id
     walk(ledger, rec.id, E.COMPLETED, E.FAILED_PERMANENT)   # quarantined is still live
-    with pytest.raises(INTEGRITY_ERRORS):
-        discover(ledger)
+    assert discover(ledger).id == rec.id
+    assert len(list(ledger.iter_all())) == 1
+    # and the database itself refuses a second live row
+    with pytest.raises(INTEGRITY_ERRORS), ledger._tx() as db:
+        ledger._insert_version(db, "r", rec.path, "x", 1, 2, 3, 4, 0)
     assert len(list(ledger.iter_all())) == 1   # the failed insert left nothing behind
     # the ledger is usable after the failed insert (its transaction was rolled back)
     assert discover(ledger, path=b"/daq/other").state is S.DISCOVERED
@@ -547,12 +551,12 @@ def test_a_claim_is_renewed_while_held_and_released_after(ledger: Ledger, clock:
     ids = _due_files(ledger, 2)
     now = clock()
     ledger.claim("a1", [S.COMPLETE], now, 2, lease_s=30)
-    assert ledger.renew("a1", ids, now + 90) == set(ids)
+    assert ledger.renew("a1", ids, 90, now) == set(ids)
     assert ledger.claim("a2", [S.COMPLETE], now + 60, 10, lease_s=30) == []       # renewed: still a1's
-    assert ledger.renew("a2", ids, now + 200) == set()                            # never another's
+    assert ledger.renew("a2", ids, 200, now) == set()                            # never another's
     ledger.release("a1", ids[:1])
     assert [r.id for r in ledger.claim("a2", [S.COMPLETE], now + 61, 10, lease_s=30)] == ids[:1]
-    assert ledger.renew("a1", ids, now + 300) == {ids[1]}
+    assert ledger.renew("a1", ids, 300, now) == {ids[1]}
 
 
 def test_agents_are_seen_with_their_heartbeats_and_claims(ledger: Ledger, clock: Any) -> None:
@@ -581,3 +585,29 @@ def test_a_step_that_stalled_commits_nothing_after_the_agent_that_took_over_rele
     assert ledger.get(fid).state is S.COMPLETE
     # released, the file is anybody's to claim
     assert [r.id for r in ledger.claim("a1", [S.COMPLETE], now + 61, 1, lease_s=30)] == [fid]
+
+
+def test_an_agent_id_is_refused_while_another_place_runs_under_it(ledger: Ledger, clock: Any) -> None:
+    """Two processes under one agent_id would each take the other's claims for their own."""
+    from edge_agent.errors import AgentIdTaken
+    ledger.enrol("a1", "m1:/srv/state", "daq-1", 11, "0", clock(), fresh_s=90)
+    ledger.enrol("a1", "m1:/srv/state", "daq-1", 12, "0", clock(), fresh_s=90)     # the same place restarting
+    clock.advance(60)
+    with pytest.raises(AgentIdTaken, match="another edge-agent runs under this id"):
+        ledger.enrol("a1", "m2:/srv/state", "daq-2", 21, "0", clock(), fresh_s=90)
+    assert ledger.heartbeat("a1", "daq-1", 12, "0", clock(), place="m1:/srv/state")
+    clock.advance(100)                     # silent for longer than fresh_s: taken over
+    ledger.enrol("a1", "m2:/srv/state", "daq-2", 21, "0", clock(), fresh_s=90)
+    [a1] = ledger.agents()
+    assert a1["host"] == "daq-2"
+    # the first process, back from its stall, learns it at its next heartbeat, and records nothing
+    assert not ledger.heartbeat("a1", "daq-1", 12, "0", clock(), place="m1:/srv/state")
+    assert ledger.agents()[0]["host"] == "daq-2"
+
+
+def test_a_ledger_has_one_fleet_id(ledger: Ledger, tmp_path: Path, clock: Any) -> None:
+    other = open_ledger(tmp_path / "state" / "ledger.sqlite", clock=clock)
+    try:
+        assert ledger.fleet_id() == other.fleet_id() == ledger.fleet_id() and len(ledger.fleet_id()) == 32
+    finally:
+        other.close()

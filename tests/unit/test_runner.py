@@ -262,3 +262,42 @@ def test_files_claimed_but_handed_to_no_worker_are_given_back(
     assert (other.claim_owner, other.claim_until) in ((None, None), ("a1", 0))
     assert [rec.id for rec in ledger.claim("a2", [State.HASHED], clock(), 5, lease_s=60)] == [other.id]
     ledger.close()
+
+
+def test_a_step_starts_no_effect_once_its_claim_is_no_longer_firmly_held(
+        tmp_path: Path, clock: Any, settings_data: Callable[..., Any]) -> None:
+    """The ledger fences a stalled agent's commits, not its effects (a copy written, an unlink): a
+    step checks its claim before each. Renewals failing for a third of the lease stop new effects."""
+    from edge_agent.ledger import StaleTransition
+    r, ledger = recording_runner(tmp_path, clock, settings_data, ledger={"agent_id": "a1", "lease_seconds": 60})
+    hashed(ledger, tmp_path, "a0", "ds.a")
+    r.dispatch(clock())
+    [[rec]] = r.pools["lake"].jobs                 # type: ignore[attr-defined]
+    r.context.check_claim(rec)                     # just claimed: firm
+    clock.advance(39)                              # one renewal missed: still firm
+    r.context.check_claim(rec)
+    clock.advance(2)                               # two missed: a third of the lease is all that is left
+    with pytest.raises(StaleTransition, match="no longer firmly held"):
+        r.context.check_claim(rec)
+    r.in_flight[rec.id] = "lake"
+    r.renew_claims()                               # renewed: firm again
+    r.context.check_claim(rec)
+    clock.advance(30)
+    ledger.claim("a2", [State.HASHED], clock() + 100, 1, lease_s=60)   # a2 took it (a1's lease ran out)
+    r.renew_claims()                               # the renewal finds it lost: no effect from now on
+    with pytest.raises(StaleTransition):
+        r.context.check_claim(rec)
+    ledger.close()
+
+
+def test_an_agent_stops_when_another_enrols_under_its_id(tmp_path: Path, clock: Any,
+                                                         settings_data: Callable[..., Any]) -> None:
+    r, ledger = recording_runner(tmp_path, clock, settings_data, ledger={"agent_id": "a1", "lease_seconds": 60})
+    r.heartbeat()
+    assert not r.stopping.is_set() and ledger.agents()[0]["agent_id"] == "a1"
+    # another process under the same id, having found this one silent (a stall, a partition)
+    clock.advance(600)
+    ledger.enrol("a1", "other-machine:/srv/state", "daq-9", 99, "0", clock(), fresh_s=90)
+    r.heartbeat()
+    assert r.stopping.is_set() and r.agent_id_lost and "another edge-agent now runs under this id" in r.agent_id_lost
+    ledger.close()

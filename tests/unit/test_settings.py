@@ -452,3 +452,17 @@ def test_a_refused_ledger_section_never_shows_its_password(tmp_path: Path, monke
     monkeypatch.setenv("EDGE_AGENT_LEDGER__PASSWORD", "hunter2 xyz, 'q")
     msg = config_error(toml(tmp_path, tail='[ledger]\nurl = "postgresql://e@h/d"\npassword_file = "/p"'))
     assert "not both" in msg and "hunter2" not in msg and "xyz" not in msg
+
+
+def test_closed_completion_is_refused_with_a_shared_ledger_and_left_out_of_its_default(tmp_path: Path) -> None:
+    """inotify and /proc see only this host's writers; a shared ledger means a buffer shared with
+    agents on other hosts (issue 15: "the closed completion policy is refused")."""
+    msg = config_error(toml(tmp_path, rule_extra='completion = ["closed", "stable"]',
+                            tail='[ledger]\nagent_id = "daq-1"'))
+    assert "rules.magic.completion" in msg and "'closed' cannot be used with a shared ledger" in msg
+    shared = load_settings(toml(tmp_path, tail='[ledger]\nagent_id = "daq-1"'))
+    assert shared.rules["magic"].completion == [Completion.STABLE]
+    alone = load_settings(toml(tmp_path))
+    assert alone.rules["magic"].completion == [Completion.CLOSED, Completion.STABLE]
+    marked = load_settings(toml(tmp_path, rule_extra='completion = ["marker"]', tail='[ledger]\nagent_id = "d"'))
+    assert marked.rules["magic"].completion == [Completion.MARKER]

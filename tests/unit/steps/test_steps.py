@@ -1610,3 +1610,38 @@ def test_a_change_found_by_a_step_whose_file_another_agent_holds_is_that_step_ou
         raise FileChanged("it changed")
     assert guarded(rec, env.ctx, work) is None
     assert env.ledger.get(rec.id).state is rec.state
+
+
+def test_a_step_writes_and_unlinks_nothing_once_its_claim_is_no_longer_firmly_held(env: Env) -> None:
+    """A shared ledger fences commits; effects outside it (a copy written, the local file unlinked)
+    are started only while the step's claim is firmly held (claims.ClaimBook)."""
+    firm = {"yes": False}
+    env.ctx.holder = "a1"
+    env.ctx.claim_firm = lambda file_id: firm["yes"]
+    rec = env.add()
+    end = env.drive(rec.id)
+    assert end.state is rec.state and "the claim of a1 is no longer firmly held" not in (end.reason or "")
+    assert not any(p.is_file() for root in env.roots.values() for p in root.rglob("*"))   # nothing written
+    firm["yes"] = True
+    for _ in range(12):                               # up to the step that would delete it
+        now = env.ledger.get(rec.id)
+        if now.state in (S.TRANSFERRED, S.CONFIRMED) or now.state not in WORKING:
+            break
+        env.step(rec.id)
+    firm["yes"] = False
+    end = env.drive(rec.id)
+    assert end.state is not S.DELETED and (env.daq / "run42/f1.fits").read_bytes() == DATA
+
+
+def test_a_file_hashed_on_another_host_of_a_shared_buffer_is_deleted_there_too(env: Env) -> None:
+    """A shared buffer is mounted on several hosts, each numbering its devices its own way: the
+    st_dev recorded by the agent that hashed a file is not this host's. With claims the device is
+    not part of the file's identity (inode, size, mtime and ctime are the same on every host)."""
+    env.ctx.holder = "a1"
+    rec = env.add()
+    rec = env.step(rec.id)                            # hashed here ...
+    with env.ledger._tx() as db:                      # ... as if on a host that numbers the device otherwise
+        db.execute("UPDATE files SET dev = ? WHERE id = ?", ((rec.dev or 0) + 1000, rec.id))
+    end = env.drive(rec.id)
+    assert end.state is S.DELETED, (end.state, end.reason)
+    assert not (env.daq / "run42/f1.fits").exists()

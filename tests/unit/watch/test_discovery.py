@@ -128,3 +128,19 @@ def test_ledger_batch_calls(tmp_path: Path, clock: Any) -> None:
         assert [r.id for r in led.due([State.HASHED, State.COMPLETE], clock(), 5, exclude=[ids[0]])] == ids[1:]
     finally:
         led.close()
+
+
+def test_a_file_another_agent_of_the_fleet_works_on_is_left_to_its_step(
+        runner: Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock: Any) -> None:
+    """A shared ledger: a file removed (or changed) while another agent's step holds it is that
+    step's to notice, as for this agent's own steps; released (lease 0), it is anybody's again."""
+    make(tmp_path, 3)
+    monkeypatch.setattr(runner, "dispatch", lambda now: None)
+    runner.discovery.rescan("r")
+    [held] = runner.ledger.claim("a2", [State.COMPLETE], clock(), 1, lease_s=60)
+    os.unlink(held.fspath)
+    runner.discovery.rescan("r")
+    assert runner.ledger.get(held.id).state is State.COMPLETE    # a2's step notices it
+    runner.ledger.release("a2", [held.id])
+    runner.discovery.rescan("r")
+    assert runner.ledger.get(held.id).state is State.SUPERSEDED
