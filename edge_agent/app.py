@@ -230,6 +230,7 @@ class Agent:
                 self.ledger.enrol(settings.agent_id, f"{identity.machine_id()}:{settings.state_dir}",
                                   socket.gethostname(), os.getpid(), __version__, time.time(),
                                   fresh_s=3 * HEARTBEAT_SECONDS)
+                _shares_the_catalogue(settings, self.ledger)
         except BaseException:
             self.ledger.close()
             self.buffers.release()
@@ -287,6 +288,21 @@ class Agent:
             self.lost = lost
             log.error("buffer lost to another agent; stopping", why=lost)
             self.stop()
+
+
+def _shares_the_catalogue(settings: Settings, ledger: Ledger) -> None:
+    """Agents sharing a ledger on the local lake must share its catalogue as well: with one each in
+    its state_dir, a file one agent registered is unknown to the agent that confirms it, and a
+    night's audit is split over several files. One agent alone may keep its own."""
+    if settings.lake.kind != "local" or settings.lake.catalog is not None:
+        return
+    now = time.time()
+    others = [a["agent_id"] for a in ledger.agents()
+              if a["agent_id"] != settings.agent_id and now - a["heartbeat_at"] < 3 * HEARTBEAT_SECONDS]
+    if others:
+        raise ConfigError(f"lake.catalog: other agents share this ledger ({', '.join(sorted(others))}): on the "
+                          "local lake they must share its catalogue too; set lake.catalog to one path every "
+                          "agent reaches (SQLite: a filesystem with working locks)")
 
 
 def _exclusive(path: "os.PathLike[str]") -> int:

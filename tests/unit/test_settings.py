@@ -466,3 +466,4 @@ def test_closed_completion_is_refused_with_a_shared_ledger_and_left_out_of_its_d
     assert alone.rules["magic"].completion == [Completion.CLOSED, Completion.STABLE]
     marked = load_settings(toml(tmp_path, rule_extra='completion = ["marker"]', tail='[ledger]\nagent_id = "d"'))
     assert marked.rules["magic"].completion == [Completion.MARKER]
+
