@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+from .core.fleet import decode_stats
 from .core.lifecycle import (
     BINDS_NAME,
     COPIES_WRITTEN,
@@ -100,7 +101,8 @@ CREATE TABLE IF NOT EXISTS names (
 -- The agents that share this ledger (several hosts on one buffer): who they are, when last heard of.
 CREATE TABLE IF NOT EXISTS agents (
     agent_id TEXT PRIMARY KEY, host TEXT NOT NULL, pid {INT}, version TEXT,
-    started_at {REAL} NOT NULL, heartbeat_at {REAL} NOT NULL
+    started_at {REAL} NOT NULL, heartbeat_at {REAL} NOT NULL,
+    stats TEXT           -- JSON: what the agent did in its last heartbeat's interval (core/fleet.py)
 );
 CREATE TABLE IF NOT EXISTS notices (
     path {BLOB} PRIMARY KEY, rule TEXT NOT NULL, relpath TEXT NOT NULL, kind TEXT NOT NULL,
@@ -128,6 +130,9 @@ CREATE INDEX IF NOT EXISTS names_owner ON names(owner);
 -- names mid-way (reserved, being removed) and first copies never registered: few, looked for at start
 CREATE INDEX IF NOT EXISTS names_pending ON names(state) WHERE state != 'bound';
 CREATE INDEX IF NOT EXISTS replicas_sent ON replicas(file_id) WHERE state = 'sent';
+-- the files in flight per agent (a claim not given back): the fleet view and each agent's claims
+-- count read only these few rows, not a million-row table per agent
+CREATE INDEX IF NOT EXISTS files_claims ON files(claim_owner, state, claim_until) WHERE claim_until > 0;
 -- partial: costs nothing on the happy path, spares the status page a scan of every event
 CREATE INDEX IF NOT EXISTS events_problems ON events(id) WHERE event IN {problems};
 """.format(problems=_PROBLEM_EVENTS)
@@ -402,6 +407,8 @@ class Ledger:
                 self._db.execute(f"ALTER TABLE files ADD COLUMN {col} {self._dialect.ddl(_ADDED_COLUMNS.get(col, ''))}")
         if "first_url" not in columns(self._db, self._dialect, "names"):
             self._db.execute("ALTER TABLE names ADD COLUMN first_url TEXT")
+        if "stats" not in columns(self._db, self._dialect, "agents"):
+            self._db.execute("ALTER TABLE agents ADD COLUMN stats TEXT")
         if self._db.execute("SELECT 1 FROM meta WHERE key = 'names_filled'").fetchone() is None:
             # a ledger from before the names table: every name a hashed version was given is bound
             # to that version's content (a live or delivered version before a superseded one)
@@ -705,20 +712,46 @@ class Ledger:
                 db.execute(f"UPDATE files SET claim_until = 0 WHERE claim_owner = ? "
                            f"AND id IN ({','.join('?' * len(part))})", [agent, *part])
 
-    def heartbeat(self, agent: str, host: str, pid: int, version: str, now: float) -> None:
-        """`agent` is alive now (the fleet's view; a dead agent's claims run out by their leases)."""
+    def heartbeat(self, agent: str, host: str, pid: int, version: str, now: float,
+                  stats: dict[str, Any] | None = None) -> None:
+        """`agent` is alive now (the fleet's view; a dead agent's claims run out by their leases),
+        with `stats`, what it did since its last heartbeat (core/fleet.py; None: nothing known)."""
         with self._tx() as db:
-            db.execute("INSERT INTO agents VALUES (?,?,?,?,?,?) ON CONFLICT (agent_id) DO UPDATE SET "
+            db.execute("INSERT INTO agents (agent_id, host, pid, version, started_at, heartbeat_at, stats) "
+                       "VALUES (?,?,?,?,?,?,?) ON CONFLICT (agent_id) DO UPDATE SET "
                        "host = excluded.host, pid = excluded.pid, version = excluded.version, "
-                       "heartbeat_at = excluded.heartbeat_at", (agent, host, pid, version, now, now))
+                       "heartbeat_at = excluded.heartbeat_at, stats = excluded.stats",
+                       (agent, host, pid, version, now, now, None if stats is None else json.dumps(stats)))
 
     def agents(self) -> list[dict[str, Any]]:
-        """Every agent that ever used this ledger, with its claims held now and its last heartbeat."""
-        rows = self._query("SELECT a.agent_id, a.host, a.pid, a.version, a.started_at, a.heartbeat_at, "
-                           "(SELECT COUNT(*) FROM files f WHERE f.claim_owner = a.agent_id AND f.claim_until > 0) AS claims "
-                           "FROM agents a ORDER BY a.agent_id")
-        return [dict(zip(("agent_id", "host", "pid", "version", "started_at", "heartbeat_at", "claims"), r))
-                for r in rows]
+        """Every agent that ever used this ledger, with its claims held now, its last heartbeat and
+        the figures it sent with it (`stats`, decoded; {} when none)."""
+        # a.*: a read-only look at the ledger of an older agent may lack columns added since
+        rows = self._query("SELECT a.*, (SELECT COUNT(*) FROM files f WHERE f.claim_owner = a.agent_id "
+                           "AND f.claim_until > 0) AS claims FROM agents a ORDER BY a.agent_id")
+        return [{**dict(r), "stats": decode_stats(dict(r).get("stats"))} for r in rows]
+
+    def in_flight(self, now: float, per_agent: int = 10) -> dict[str, dict[str, Any]]:
+        """The files in flight per agent: rows claimed and not given back (claim_until > 0, whether
+        the lease still runs at `now` or not), by holder: `claims`, `expired` (leases run out: a
+        silent agent's files, waiting for another to take them), `by_state`, and `files`, the first
+        `per_agent` by lease end (id, rule, path, state, size, claim_until). Reads only the claimed
+        rows (files_claims), however large the ledger."""
+        out: dict[str, dict[str, Any]] = {}
+        for owner, state, n, expired in self._query(
+                "SELECT claim_owner, state, COUNT(*), SUM(CASE WHEN claim_until < ? THEN 1 ELSE 0 END) "
+                "FROM files WHERE claim_until > 0 AND claim_owner IS NOT NULL GROUP BY claim_owner, state",
+                (now,)):
+            h = out.setdefault(owner, {"claims": 0, "expired": 0, "by_state": {}, "files": []})
+            h["claims"] += int(n)
+            h["expired"] += int(expired)      # PostgreSQL's SUM is a numeric
+            h["by_state"][state] = int(n)
+        for owner, h in out.items():
+            h["files"] = [{"file_id": r[0], "rule": r[1], "path": r[2], "state": r[3], "size": r[4],
+                           "claim_until": r[5]} for r in self._query(
+                "SELECT id, rule, relpath, state, size, claim_until FROM files WHERE claim_owner = ? "
+                "AND claim_until > 0 ORDER BY claim_until, id LIMIT ?", (owner, per_agent))]
+        return out
 
     def in_states(self, states: Iterable[State], rule: str | None = None, after_id: int = 0,
                   limit: int | None = None) -> list[FileRecord]:

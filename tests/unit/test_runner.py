@@ -262,3 +262,38 @@ def test_files_claimed_but_handed_to_no_worker_are_given_back(
     assert (other.claim_owner, other.claim_until) in ((None, None), ("a1", 0))
     assert [rec.id for rec in ledger.claim("a2", [State.HASHED], clock(), 5, lease_s=60)] == [other.id]
     ledger.close()
+
+
+def test_the_heartbeat_reports_what_the_agent_did_since_the_last_one_recorded(
+        tmp_path: Path, clock: Any, settings_data: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fleet view's throughput (issue 15): each heartbeat carries the agent's own figures over
+    its interval; a heartbeat the ledger could not take is covered by the next one."""
+    from types import SimpleNamespace
+    r, ledger = recording_runner(tmp_path, clock, settings_data, ledger={"agent_id": "a1", "lease_seconds": 60})
+    r.heartbeat()
+    assert ledger.agents()[0]["stats"]["sent_bytes"] == 0
+    clock.advance(30)
+    r._on_sent("r", "a", 30_000)
+    r._on_hashed("r", 60_000)
+    for state in (State.TRANSFERRED, State.TRANSFERRED, State.TRANSFERRED, State.DELETED, State.HASHED):
+        r._on_transition(SimpleNamespace(rule="r", state=state))  # type: ignore[arg-type]
+    r.in_flight[99] = "lake"
+    r.heartbeat()
+    assert ledger.agents()[0]["stats"] == {
+        "interval_s": 30.0, "sent_bytes_per_s": 1000.0, "hashed_bytes_per_s": 2000.0,
+        "transferred_files_per_s": 0.1, "deleted_files_per_s": 0.033, "sent_bytes": 30_000,
+        "files_transferred": 3, "files_deleted": 1, "in_flight": 1}
+    assert ledger.agents()[0]["heartbeat_at"] == clock()
+
+    def unwritable(*args: Any, **kw: Any) -> None:
+        raise LedgerUnwritable("the ledger cannot be written")
+    clock.advance(30)
+    r._on_sent("r", "a", 30_000)
+    monkeypatch.setattr(ledger, "heartbeat", unwritable)
+    r.heartbeat()                                    # said in the log, not raised
+    monkeypatch.undo()
+    clock.advance(30)
+    r.heartbeat()
+    st = ledger.agents()[0]["stats"]
+    assert (st["interval_s"], st["sent_bytes_per_s"], st["sent_bytes"]) == (60.0, 500.0, 60_000)
+    ledger.close()
