@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import sys
+import time
 import urllib.error
 import urllib.request
 from typing import Any, Sequence
@@ -35,6 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cc.add_argument("file", nargs="?", help="the config file (default: --config)")
     st = sub.add_parser("status", help="what the running agent reports (falls back to the ledger)")
     st.add_argument("--json", action="store_true", help="print the raw /status document")
+    st.add_argument("--fleet", action="store_true", help="every agent of a shared ledger: heartbeat, claims, "
+                    "throughput, files in flight (read from the ledger; exit 1 if a silent agent holds claims)")
     sc = sub.add_parser("scan", help="what would be picked up in the watched trees, and why not")
     sc.add_argument("--dry-run", action="store_true", default=True, help="(always: scan never changes anything)")
     fl = sub.add_parser("files", help="list files in the ledger, or show one file's history")
@@ -77,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             return run(settings)
         if args.command == "status":
-            return status(settings, args.json)
+            return status_fleet(settings, args.json) if args.fleet else status(settings, args.json)
         if args.command == "scan":
             return scan(settings)
         if args.command == "files":
@@ -179,6 +182,8 @@ def status(settings: Settings, as_json: bool) -> int:
     except (urllib.error.URLError, OSError, ValueError):
         ledger = _open_ledger(settings)
         doc = report.from_ledger(settings, ledger)
+        if settings.agent_id:
+            doc["fleet"] = _read_fleet(settings, ledger)
         source = f"{settings.ledger_shown} (the agent does not answer at {url})"
     if as_json:
         print(json.dumps(doc, indent=2))
@@ -187,6 +192,80 @@ def status(settings: Settings, as_json: bool) -> int:
     return 0 if doc.get("ready", True) else 1
 
 
+NOT_SHARED = "no fleet: this agent's ledger is not shared (no [ledger] url or ledger.agent_id)"
+
+
+def status_fleet(settings: Settings, as_json: bool) -> int:
+    """Every agent of the shared ledger, read from the ledger itself (it holds the fleet; no agent
+    need answer). Exit 1 when a silent agent holds claims (its files wait for its leases)."""
+    from .core.fleet import stranded
+    if not settings.agent_id:
+        if as_json:
+            print("null")          # as `status --json | jq .fleet` says of a ledger not shared
+        print(NOT_SHARED, file=sys.stderr if as_json else sys.stdout)
+        return 0
+    ledger = _open_ledger(settings)
+    try:
+        view = _read_fleet(settings, ledger)
+    finally:
+        ledger.close()
+    print(json.dumps(view, indent=2) if as_json else render_fleet(view, settings.ledger_shown))
+    return 1 if stranded(view) else 0
+
+
+def _read_fleet(settings: Settings, ledger: Ledger) -> dict[str, Any]:
+    from .status import fleet
+    try:
+        return fleet.read(ledger, time.time(), settings.agent_id)
+    except database_errors() as exc:
+        # a ledger no agent of this version has opened yet (no agents table, no claims columns)
+        raise ConfigError(f"cannot read the fleet from the ledger {settings.ledger_shown}: {exc}") from None
+
+
+def _ago(s: float | None) -> str:
+    if s is None:
+        return "never"
+    if s < 120:
+        return f"{s:.0f} s ago"
+    if s < 7200:
+        return f"{s / 60:.0f} min ago"
+    return f"{s / 3600:.1f} h ago"
+
+
+def render_fleet(view: dict[str, Any], where: str) -> str:
+    """The fleet as a table, one agent a line (this config's agent marked *), then each agent's
+    files in flight (the first few of them, and how many more)."""
+    from .status.report import human_bytes
+    agents = view["agents"]
+    silent = [a for a in agents if a["silent"]]
+    out = [(f"fleet of {where}: {len(agents)} agent(s), {len(silent)} silent "
+            f"(no heartbeat for more than {view['silent_after_s']:.0f} s)")]
+    if not agents:
+        return "\n".join(out + ["no agent has heartbeated into this ledger yet"])
+    header = ["", "agent", "host", "version", "heartbeat", "", "claims", "sent/s", "files/s", "steps"]
+    rows = [header]
+    for a in agents:
+        t = a["throughput"]
+        claims = str(a["claims"]) + (f" ({a['expired_claims']} expired)" if a["expired_claims"] else "")
+        rows.append(["*" if a["this"] else "", a["agent_id"], a["host"] or "-", a["version"] or "-",
+                     _ago(a["heartbeat_age_s"]), "SILENT" if a["silent"] else "alive", claims,
+                     human_bytes(t.get("sent_bytes_per_s")), "-" if "transferred_files_per_s" not in t
+                     else f"{t['transferred_files_per_s']:.1f}", str(t.get("in_flight", "-"))])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    for a in agents:
+        f = a["in_flight"]
+        if not a["claims"]:
+            continue
+        states = ", ".join(f"{st} {n}" for st, n in sorted(f["by_state"].items()))
+        out.append(f"in flight under {a['agent_id']}: {a['claims']} ({states})")
+        for x in f["files"]:
+            lease = (f"lease {x['lease_left_s']:.0f} s left" if x["lease_left_s"] >= 0
+                     else f"lease ran out {-x['lease_left_s']:.0f} s ago")
+            out.append(f"  #{x['file_id']} {x['rule']}: {x['path']} ({x['state']}, {human_bytes(x['size'])}, {lease})")
+        if f["more"]:
+            out.append(f"  ... and {f['more']} more")
+    return "\n".join(out)
 
 
 def _age(s: float) -> str:
@@ -235,6 +314,14 @@ def render_status(doc: dict[str, Any], source: str) -> str:
         out.append("not handled (see `edge-agent scan`):")
         for n in doc["notices"][:10]:
             out.append(f"  {n['relpath']}: {n['detail']}")
+    if doc.get("fleet"):
+        agents = doc["fleet"]["agents"]
+        out.append(f"fleet: {len(agents)} agent(s), {sum(a['claims'] for a in agents)} file(s) in flight "
+                   "(`edge-agent status --fleet`)")
+        for a in agents:
+            if a["silent"] and a["claims"]:
+                out.append(f"  SILENT with {a['claims']} claim(s): {a['agent_id']} on {a['host'] or '?'}, "
+                           f"last heartbeat {_ago(a['heartbeat_age_s'])}")
     return "\n".join(out)
 
 

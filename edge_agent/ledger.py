@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+from .core.fleet import decode_stats
 from .core.lifecycle import (
     BINDS_NAME,
     COPIES_WRITTEN,
@@ -102,7 +103,8 @@ CREATE TABLE IF NOT EXISTS names (
 CREATE TABLE IF NOT EXISTS agents (
     agent_id TEXT PRIMARY KEY, host TEXT NOT NULL, pid {INT}, version TEXT,
     started_at {REAL} NOT NULL, heartbeat_at {REAL} NOT NULL,
-    place TEXT            -- machine-id:state_dir of the process running under agent_id
+    place TEXT,          -- machine-id:state_dir of the process running under agent_id
+    stats TEXT           -- JSON: what the agent did in its last heartbeat's interval (core/fleet.py)
 );
 CREATE TABLE IF NOT EXISTS notices (
     path {BLOB} PRIMARY KEY, rule TEXT NOT NULL, relpath TEXT NOT NULL, kind TEXT NOT NULL,
@@ -130,6 +132,9 @@ CREATE INDEX IF NOT EXISTS names_owner ON names(owner);
 -- names mid-way (reserved, being removed) and first copies never registered: few, looked for at start
 CREATE INDEX IF NOT EXISTS names_pending ON names(state) WHERE state != 'bound';
 CREATE INDEX IF NOT EXISTS replicas_sent ON replicas(file_id) WHERE state = 'sent';
+-- the files in flight per agent (a claim not given back): the fleet view and each agent's claims
+-- count read only these few rows, not a million-row table per agent
+CREATE INDEX IF NOT EXISTS files_claims ON files(claim_owner, state, claim_until) WHERE claim_until > 0;
 -- partial: costs nothing on the happy path, spares the status page a scan of every event
 CREATE INDEX IF NOT EXISTS events_problems ON events(id) WHERE event IN {problems};
 """.format(problems=_PROBLEM_EVENTS)
@@ -406,8 +411,9 @@ class Ledger:
                 self._db.execute(f"ALTER TABLE files ADD COLUMN {col} {self._dialect.ddl(_ADDED_COLUMNS.get(col, ''))}")
         if "first_url" not in columns(self._db, self._dialect, "names"):
             self._db.execute("ALTER TABLE names ADD COLUMN first_url TEXT")
-        if "place" not in columns(self._db, self._dialect, "agents"):
-            self._db.execute("ALTER TABLE agents ADD COLUMN place TEXT")
+        for col in ("place", "stats"):
+            if col not in columns(self._db, self._dialect, "agents"):
+                self._db.execute(f"ALTER TABLE agents ADD COLUMN {col} TEXT")
         if self._db.execute("SELECT 1 FROM meta WHERE key = 'names_filled'").fetchone() is None:
             # a ledger from before the names table: every name a hashed version was given is bound
             # to that version's content (a live or delivered version before a superseded one)
@@ -691,6 +697,13 @@ class Ledger:
             return now
         return float(db.execute("SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8").fetchone()[0])
 
+    def lease_clock(self, now: float) -> float:
+        """The time now as leases and heartbeats are reckoned (see _lease_now): for readers that
+        compare with them (the fleet view)."""
+        if self._dialect.name == "sqlite" or self._lease_by_caller:
+            return now
+        return float(self._query("SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8")[0][0])
+
     def renew(self, agent: str, file_ids: Sequence[int], lease_s: float, now: float) -> set[int]:
         """The claims `agent` still holds on `file_ids`, extended by `lease_s` from now (the lease
         clock: see _lease_now); returns their ids (a claim another agent took after its lease ran
@@ -741,19 +754,20 @@ class Ledger:
                        (agent, host, pid, version, at, at, place))
 
     def heartbeat(self, agent: str, host: str, pid: int, version: str, now: float,
-                  place: str | None = None) -> bool:
-        """`agent` is alive now (the fleet's view; a dead agent's claims run out by their leases).
+                  stats: dict[str, Any] | None = None, *, place: str | None = None) -> bool:
+        """`agent` is alive now (the fleet's view; a dead agent's claims run out by their leases),
+        with `stats`, what it did since its last heartbeat (core/fleet.py; None: nothing known).
         False if another place has enrolled under `agent` since (this process must stop)."""
         with self._tx() as db:
             at = self._lease_now(db, now)
             row = db.execute("SELECT place FROM agents WHERE agent_id = ?", (agent,)).fetchone()
             if row is not None and place is not None and row[0] not in (None, place):
                 return False
-            db.execute("INSERT INTO agents (agent_id, host, pid, version, started_at, heartbeat_at, place) "
-                       "VALUES (?,?,?,?,?,?,?) ON CONFLICT (agent_id) DO UPDATE SET host = excluded.host, "
+            db.execute("INSERT INTO agents (agent_id, host, pid, version, started_at, heartbeat_at, place, stats) "
+                       "VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (agent_id) DO UPDATE SET host = excluded.host, "
                        "pid = excluded.pid, version = excluded.version, heartbeat_at = excluded.heartbeat_at, "
-                       "place = COALESCE(excluded.place, agents.place)",
-                       (agent, host, pid, version, at, at, place))
+                       "place = COALESCE(excluded.place, agents.place), stats = excluded.stats",
+                       (agent, host, pid, version, at, at, place, None if stats is None else json.dumps(stats)))
         return True
 
     def fleet_id(self) -> str:
@@ -765,12 +779,34 @@ class Ledger:
             return str(db.execute("SELECT value FROM meta WHERE key = 'fleet_id'").fetchone()[0])
 
     def agents(self) -> list[dict[str, Any]]:
-        """Every agent that ever used this ledger, with its claims held now and its last heartbeat."""
-        rows = self._query("SELECT a.agent_id, a.host, a.pid, a.version, a.started_at, a.heartbeat_at, "
-                           "(SELECT COUNT(*) FROM files f WHERE f.claim_owner = a.agent_id AND f.claim_until > 0) AS claims "
-                           "FROM agents a ORDER BY a.agent_id")
-        return [dict(zip(("agent_id", "host", "pid", "version", "started_at", "heartbeat_at", "claims"), r))
-                for r in rows]
+        """Every agent that ever used this ledger, with its claims held now, its last heartbeat and
+        the figures it sent with it (`stats`, decoded; {} when none)."""
+        # a.*: a read-only look at the ledger of an older agent may lack columns added since
+        rows = self._query("SELECT a.*, (SELECT COUNT(*) FROM files f WHERE f.claim_owner = a.agent_id "
+                           "AND f.claim_until > 0) AS claims FROM agents a ORDER BY a.agent_id")
+        return [{**dict(r), "stats": decode_stats(dict(r).get("stats"))} for r in rows]
+
+    def in_flight(self, now: float, per_agent: int = 10) -> dict[str, dict[str, Any]]:
+        """The files in flight per agent: rows claimed and not given back (claim_until > 0, whether
+        the lease still runs at `now` or not), by holder: `claims`, `expired` (leases run out: a
+        silent agent's files, waiting for another to take them), `by_state`, and `files`, the first
+        `per_agent` by lease end (id, rule, path, state, size, claim_until). Reads only the claimed
+        rows (files_claims), however large the ledger."""
+        out: dict[str, dict[str, Any]] = {}
+        for owner, state, n, expired in self._query(
+                "SELECT claim_owner, state, COUNT(*), SUM(CASE WHEN claim_until < ? THEN 1 ELSE 0 END) "
+                "FROM files WHERE claim_until > 0 AND claim_owner IS NOT NULL GROUP BY claim_owner, state",
+                (now,)):
+            h = out.setdefault(owner, {"claims": 0, "expired": 0, "by_state": {}, "files": []})
+            h["claims"] += int(n)
+            h["expired"] += int(expired)      # PostgreSQL's SUM is a numeric
+            h["by_state"][state] = int(n)
+        for owner, h in out.items():
+            h["files"] = [{"file_id": r[0], "rule": r[1], "path": r[2], "state": r[3], "size": r[4],
+                           "claim_until": r[5]} for r in self._query(
+                "SELECT id, rule, relpath, state, size, claim_until FROM files WHERE claim_owner = ? "
+                "AND claim_until > 0 ORDER BY claim_until, id LIMIT ?", (owner, per_agent))]
+        return out
 
     def in_states(self, states: Iterable[State], rule: str | None = None, after_id: int = 0,
                   limit: int | None = None) -> list[FileRecord]:

@@ -24,7 +24,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from . import __version__, identity, steps
 from .claims import ClaimBook
-from .core import policy
+from .core import fleet, policy
 from .core.lifecycle import BACKLOG, POOLS, STEPS, Event, State, states_of_pool
 from .errors import LedgerUnwritable, ShuttingDown
 from .lake.base import Catalogue
@@ -111,6 +111,7 @@ class Runner:
         self.stopping = threading.Event()
         self.wake = threading.Event()
         self.started_at = clock()
+        self._beat_totals = fleet.Totals(self.started_at)   # the counters at the last heartbeat recorded
         self.last_tick = 0.0
         self.counters = Counters({r: Rate() for r in settings.rules}, {r: Rate() for r in settings.rules},
                                  sent_history={r: Series(clock=clock) for r in settings.rules},
@@ -204,8 +205,8 @@ class Runner:
         if self.agent_id:
             self.scheduler.add_job(self.renew_claims, "interval", seconds=self.settings.ledger.lease_seconds / 3,
                                    id="claims", max_instances=1, coalesce=True)
-            self.scheduler.add_job(self.heartbeat, "interval", seconds=30, id="heartbeat", max_instances=1,
-                                   coalesce=True)
+            self.scheduler.add_job(self.heartbeat, "interval", seconds=fleet.HEARTBEAT_S, id="heartbeat",
+                                   max_instances=1, coalesce=True)
             self.heartbeat()
         self.scheduler.start()
         self.sample_disks()
@@ -435,11 +436,15 @@ class Runner:
             log.warning("claims lost to another agent; their steps will commit nothing", files=lost)
 
     def heartbeat(self) -> None:
-        """This agent is alive, in the shared ledger (the fleet's view)."""
+        """This agent is alive, in the shared ledger (the fleet's view), with what it did since its
+        last heartbeat (core/fleet.throughput)."""
+        totals = self.totals()
+        with self._lock:
+            in_flight = len(self.in_flight)
         try:
             assert self.agent_id is not None
-            mine = self.ledger.heartbeat(self.agent_id, socket.gethostname(), os.getpid(), __version__,
-                                         self.clock(), place=self.place)
+            mine = self.ledger.heartbeat(self.agent_id, socket.gethostname(), os.getpid(), __version__, totals.at,
+                                         place=self.place, stats=fleet.throughput(self._beat_totals, totals, in_flight))
         except Exception as exc:  # noqa: BLE001 - the next heartbeat tries again
             log.warning("could not record this agent's heartbeat", error=str(exc))
             return
@@ -450,6 +455,20 @@ class Runner:
                                   "id; this one stops (give each agent an id of its own)")
             log.error("agent id taken over by another agent; stopping", agent_id=self.agent_id)
             self.stop()
+            return
+        # only a heartbeat recorded ends an interval: after a failed one the next covers both
+        self._beat_totals = totals
+
+    def totals(self) -> fleet.Totals:
+        """What this agent has done since it started, now (the counters of the status page)."""
+        c = self.counters
+        with self._lock:
+            moved = dict(c.transitions)
+        return fleet.Totals(self.clock(),
+                            sent_bytes=sum(r.total for r in c.sent.values()),
+                            hashed_bytes=sum(r.total for r in c.hashed.values()),
+                            files_transferred=sum(n for (_, st), n in moved.items() if st == State.TRANSFERRED.value),
+                            files_deleted=sum(n for (_, st), n in moved.items() if st == State.DELETED.value))
 
     # ------------------------------------------------------------ a ledger that cannot be written
     def _ledger_down(self, why: str) -> None:

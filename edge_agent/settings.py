@@ -500,22 +500,25 @@ class Settings(BaseSettings):
 
     def _shared_buffer(self) -> list[str]:
         """A shared ledger means a buffer shared with agents on other hosts, whose writers inotify
-        and /proc do not see: `closed` would take a file another host still writes for complete.
-        It is refused where asked for, and left out of the default (stable alone then)."""
+        and /proc do not see: `closed` would take a file another host still writes for complete, and
+        the default (closed and stable) would quietly become `stable` alone, whose few seconds a
+        pausing writer outlasts. So `closed` is refused, and the policy must be chosen explicitly."""
         if self.agent_id is None:
             return []
         problems: list[str] = []
         for name, rule in self.rules.items():
-            if Completion.CLOSED not in rule.completion:
-                continue
-            if "completion" in rule.model_fields_set:
+            if "completion" not in rule.model_fields_set:
+                problems.append(
+                    f"rules.{name}.completion: with a shared ledger (ledger.url or ledger.agent_id) choose how "
+                    "a file is known complete: 'renamed', 'marker' or 'sidecar' where the DAQ can, else 'stable' "
+                    "with a stable_seconds longer than a writer's longest pause ('closed', the default's half, "
+                    "sees only writers on this host)")
+            elif Completion.CLOSED in rule.completion:
                 problems.append(
                     f"rules.{name}.completion: 'closed' cannot be used with a shared ledger (ledger.url or "
                     "ledger.agent_id): it sees only writers on this host, and the buffer is shared with "
                     "agents on others; use 'stable' (with a stable_seconds longer than a writer's longest "
                     "pause), 'marker', 'sidecar' or 'renamed'")
-            else:
-                rule.completion = [c for c in rule.completion if c is not Completion.CLOSED]
         return problems
 
     def _distinct_destinations(self) -> list[str]:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -15,11 +15,13 @@ from .report import STATE_ORDER
 
 if TYPE_CHECKING:
     from ..runner import Runner
+    from .fleet import FleetCache
 
 
 class _Collector:
-    def __init__(self, runner: "Runner") -> None:
+    def __init__(self, runner: "Runner", fleet: FleetCache | None = None) -> None:
         self.runner = runner
+        self.fleet = fleet
 
     def collect(self) -> Iterator[Metric]:
         runner = self.runner
@@ -86,9 +88,46 @@ class _Collector:
         yield CounterMetricFamily("edge_agent_event_overflows", "inotify queue overflows: events were lost "
                                   "and every rule was rescanned", value=runner.discovery.watcher.overflows)
         yield GaugeMetricFamily("edge_agent_steps_in_flight", "Steps running now", value=len(runner.in_flight))
-        info = GaugeMetricFamily("edge_agent_info", "Build information", labels=["version"])
-        info.add_metric([__version__], 1)
+        # the agent id on one info series, not on every series: joined where wanted
+        # (`... * on (instance, job) group_left (agent) edge_agent_info`, docs/monitoring.md)
+        info = GaugeMetricFamily("edge_agent_info", "Build information, and this agent's id in a shared "
+                                 "ledger (empty: not shared)", labels=["version", "agent"])
+        info.add_metric([__version__, runner.agent_id or ""], 1)
         yield info
+        if self.fleet is not None:
+            yield from _fleet(self.fleet.get())
+
+
+def _fleet(view: dict[str, Any]) -> Iterator[Metric]:
+    """Every agent of the shared ledger, as this agent reads it (each agent of a fleet exports the
+    same view: alerts aggregate by `agent`)."""
+    agents = view["agents"]
+
+    def gauge(name: str, doc: str, value: Callable[[dict[str, Any]], float | None]) -> GaugeMetricFamily:
+        family = GaugeMetricFamily(name, doc, labels=["agent"])
+        for a in agents:
+            v = value(a)
+            if v is not None:
+                family.add_metric([a["agent_id"]], v)
+        return family
+
+    info = GaugeMetricFamily("edge_agent_fleet_agent_info", "Every agent of the shared ledger: its host and "
+                             "version", labels=["agent", "host", "version"])
+    for a in agents:
+        info.add_metric([a["agent_id"], a["host"] or "", a["version"] or ""], 1)
+    yield info
+    # an agent without a heartbeat row (claims under a name that never heartbeated) has no age
+    yield gauge("edge_agent_fleet_heartbeat_age_seconds", "Seconds since each agent's last heartbeat",
+                lambda a: a["heartbeat_age_s"])
+    yield gauge("edge_agent_fleet_claims", "Files claimed under each agent's name and not given back "
+                "(in flight; with a silent agent, waiting for its leases to run out)", lambda a: a["claims"])
+    yield gauge("edge_agent_fleet_expired_claims", "Of edge_agent_fleet_claims, those whose lease has run out",
+                lambda a: a["expired_claims"])
+    yield gauge("edge_agent_fleet_sent_bytes_per_second", "Bytes each agent sent per second over its last "
+                "heartbeat interval", lambda a: a["throughput"].get("sent_bytes_per_s"))
+    yield gauge("edge_agent_fleet_transferred_files_per_second", "Files each agent brought to `transferred` "
+                "per second over its last heartbeat interval",
+                lambda a: a["throughput"].get("transferred_files_per_s"))
 
 
 def _counter(name: str, documentation: str, labels: list[str],
@@ -100,9 +139,10 @@ def _counter(name: str, documentation: str, labels: list[str],
     return family
 
 
-def registry_for(runner: "Runner") -> CollectorRegistry:
+def registry_for(runner: "Runner", fleet: FleetCache | None = None) -> CollectorRegistry:
+    """The registry /metrics renders: `runner`'s metrics, and with `fleet` every agent of the shared ledger."""
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(_Collector(runner))  # type: ignore[arg-type]
+    reg.register(_Collector(runner, fleet))  # type: ignore[arg-type]
     return reg
 
 

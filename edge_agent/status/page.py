@@ -65,6 +65,8 @@ def _static(doc: dict[str, Any]) -> str:
         "<div style=overflow-x:auto><table><tr><th>rule</th>" + "".join(f"<th>{s}</th>" for s in STATE_ORDER)
         + "<th>sent (1 min)</th><th>buffer disk</th></tr>" + "".join(rows) + "</table></div>",
     ]
+    if doc.get("fleet"):
+        out.append(_fleet(doc["fleet"]))
     o = doc.get("oldest_unconfirmed")
     if o:
         out.append(f"<p>Oldest unconfirmed: #{o['file_id']} {e(o['path'])} ({e(o['state'])}, "
@@ -82,3 +84,18 @@ def _static(doc: dict[str, Any]) -> str:
         if items:
             out.append(f"<h2>{title}</h2><ul>" + "".join(f"<li>{fmt(a)}</li>" for a in items[:20]) + "</ul>")
     return "\n".join(out)
+
+
+def _fleet(fleet: dict[str, Any]) -> str:
+    """The agents of a shared ledger, one row each; silent ones marked."""
+    e = html.escape
+    rows = []
+    for a in fleet["agents"]:
+        age = "never" if a["heartbeat_age_s"] is None else f"{dt.timedelta(seconds=int(a['heartbeat_age_s']))} ago"
+        rate = a["throughput"].get("sent_bytes_per_s")
+        rows.append(f"<tr{' class=bad' if a['silent'] else ''}><th>{'* ' if a['this'] else ''}{e(a['agent_id'])}</th>"
+                    f"<td>{e(a['host'] or '-')}</td><td>{e(a['version'] or '-')}</td><td>{age}</td>"
+                    f"<td>{'SILENT' if a['silent'] else 'alive'}</td><td>{a['claims']}</td>"
+                    f"<td>{'-' if rate is None else human_bytes(rate) + '/s'}</td></tr>")
+    return ("<h2>Fleet</h2><div style=overflow-x:auto><table><tr><th>agent</th><th>host</th><th>version</th>"
+            "<th>last heartbeat</th><th></th><th>claims</th><th>sent</th></tr>" + "".join(rows) + "</table></div>")

@@ -3,8 +3,8 @@ may have no internet, and the status server serves nothing but its few endpoints
 
 The script polls /status and rebuilds the view in place. It inserts data only as text
 (textContent, attribute values), never as markup, so a hostile file name stays a name.
-Elements that show a number carry data-k (what it is) and data-rule, so tests and
-scripts can read the page without depending on its layout.
+Elements that show a number carry data-k (what it is) and data-rule (or, in the fleet's
+table, data-agent), so tests and scripts can read the page without depending on its layout.
 """
 
 CSS = r"""
@@ -185,6 +185,43 @@ SCRIPT = r"""
     return box;
   }
 
+  // the agents of a shared ledger: one row each (data-agent), then each one's files in flight
+  function fleet(f) {
+    if (!f) return null;
+    const head = el("tr", {}, ...["agent", "host", "version", "last heartbeat", "", "claims", "sent",
+                                  "files/s", "steps"].map(h => el("th", {}, h)));
+    const rows = f.agents.map(a => {
+      const t = a.throughput || {}, id = a.agent_id;
+      return el("tr", {"data-k": "fleet-agent", "data-agent": id, class: a.silent ? "bad" : null},
+        el("th", {}, (a.this ? "* " : "") + id), el("td", {}, a.host || "-"), el("td", {}, a.version || "-"),
+        el("td", {"data-k": "fleet-heartbeat-age", "data-agent": id},
+           a.heartbeat_age_s === null ? "never" : dur(a.heartbeat_age_s) + " ago"),
+        el("td", {"data-k": "fleet-alive", "data-agent": id}, a.silent ? "SILENT" : "alive"),
+        el("td", {"data-k": "fleet-claims", "data-agent": id},
+           a.claims + (a.expired_claims ? " (" + a.expired_claims + " expired)" : "")),
+        el("td", {}, t.sent_bytes_per_s === undefined ? "-" : bytes(t.sent_bytes_per_s) + "/s"),
+        el("td", {}, t.transferred_files_per_s === undefined ? "-" : t.transferred_files_per_s.toFixed(1)),
+        el("td", {}, t.in_flight === undefined ? "-" : t.in_flight));
+    });
+    const box = el("section", {"data-k": "fleet"},
+      el("h2", {}, "Fleet: " + f.agents.length + " agents (silent: no heartbeat for " + dur(f.silent_after_s) + ")"),
+      el("div", {style: "overflow-x:auto"}, el("table", {}, head, ...rows)));
+    for (const a of f.agents) {
+      if (!a.claims) continue;
+      const fl = a.in_flight;
+      const lease = x => x.lease_left_s >= 0 ? "lease " + dur(x.lease_left_s) + " left"
+                                             : "lease ran out " + dur(-x.lease_left_s) + " ago";
+      box.append(
+        el("p", {}, el("small", {}, "in flight under " + a.agent_id + ": " + a.claims + " (" +
+           Object.entries(fl.by_state).map(([s, n]) => s + " " + n).join(", ") + ")")),
+        el("ul", {class: "list", "data-k": "fleet-in-flight", "data-agent": a.agent_id},
+           ...fl.files.map(x => el("li", {}, el("code", {}, "#" + x.file_id), " " + x.rule + ": " + x.path +
+                                   " (" + x.state + ", " + bytes(x.size) + ", " + lease(x) + ")")),
+           fl.more ? el("li", {class: "mute"}, "... and " + fl.more + " more") : null));
+    }
+    return box;
+  }
+
   function list(title, k, items, fmt) {
     if (!items || !items.length) return null;
     return el("section", {},
@@ -200,6 +237,7 @@ SCRIPT = r"""
       parts.push(el("p", {class: "bad", "data-k": "lake-problem"}, "lake: " + doc.lake.problem));
     }
     for (const [name, r] of Object.entries(doc.rules)) parts.push(rule(name, r));
+    parts.push(fleet(doc.fleet));
     parts.push(
       list("Quarantined: needs a human (edge-agent retry ID)", "quarantined", doc.quarantined,
            q => [el("code", {}, "#" + q.file_id), " " + q.rule + ": ", el("b", {}, q.path),

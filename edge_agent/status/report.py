@@ -19,6 +19,7 @@ from ..settings import Settings
 
 if TYPE_CHECKING:
     from ..runner import Runner
+    from .fleet import FleetCache
 
 STATE_ORDER = [s.value for s in (State.DISCOVERED, State.COMPLETE, State.HASHED, State.REGISTERED, State.COPIED,
                                  State.TRANSFERRED, State.CONFIRMED, State.DELETED, State.RETRY_WAIT,
@@ -89,7 +90,9 @@ def readiness(runner: "Runner", now: float) -> list[str]:
     return why
 
 
-def full(runner: "Runner") -> dict[str, Any]:
+def full(runner: "Runner", fleet: FleetCache | None = None) -> dict[str, Any]:
+    """The whole /status document: from_ledger, the runner's gauges, and `fleet` (a shared ledger:
+    every agent of it, core/fleet.view) when given."""
     now = time.time()
     t0 = time.perf_counter()
     doc = from_ledger(runner.settings, runner.ledger, now)
@@ -119,6 +122,8 @@ def full(runner: "Runner") -> dict[str, Any]:
             "hours_to_full": None if d.seconds_to_full is None else round(d.seconds_to_full / 3600, 2)}
         r["watch_problem"] = runner.discovery.watch_problems.get(name)
         r["history"] = history(runner, name)
+    if fleet is not None:
+        doc["fleet"] = fleet.get()
     # what this document cost; the page polls less often when it is dear (a very large ledger)
     doc["build_s"] = round(time.perf_counter() - t0, 4)
     return doc

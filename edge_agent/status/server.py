@@ -3,7 +3,7 @@
     /healthz  200 while the main loop ticks (the process is alive and not wedged)
     /readyz   200 when the lake is reachable and nothing blocks progress; 503 with why
     /status   JSON: files and bytes per state per rule, oldest unconfirmed, throughput,
-              recent errors, buffer disk against watermarks
+              recent errors, buffer disk against watermarks; with a shared ledger, the fleet
     /metrics  Prometheus text
     /         the same as a page for a browser
 Only GET and HEAD are answered; everything else is 405. A request whose Host header names neither
@@ -26,6 +26,7 @@ import structlog
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import metrics, page, report
+from .fleet import FleetCache
 
 if TYPE_CHECKING:
     from ..runner import Runner
@@ -64,7 +65,9 @@ class StatusServer:
         self.runner = runner
         self.allowed_hosts = tuple(_host_name(h) if h != "*" else h for h in allowed_hosts)
         self.bind = host
-        self.registry = metrics.registry_for(runner)
+        # a shared ledger: every agent of it, read at most once every few seconds for all requests
+        self.fleet = FleetCache(runner.ledger, runner.agent_id) if runner.agent_id else None
+        self.registry = metrics.registry_for(runner, self.fleet)
         handler = _make_handler(self)
         self.httpd = ThreadingHTTPServer((host, port), handler)
         self.httpd.daemon_threads = True
@@ -121,11 +124,11 @@ def _make_handler(server: StatusServer) -> type[BaseHTTPRequestHandler]:
                     why = report.readiness(r, time.time())
                     self._json(503 if why else 200, {"ready": not why, "not_ready_because": why})
                 elif path == "/status":
-                    self._json(200, report.full(r))
+                    self._json(200, report.full(r, server.fleet))
                 elif path == "/metrics":
                     self._send(200, metrics.render(server.registry), CONTENT_TYPE_LATEST)
                 elif path == "/":
-                    self._send(200, page.render(report.full(r)).encode(), "text/html; charset=utf-8")
+                    self._send(200, page.render(report.full(r, server.fleet)).encode(), "text/html; charset=utf-8")
                 else:
                     self._json(404, {"error": "not found"})
             except Exception as exc:  # noqa: BLE001 - a status page must not take the agent down

@@ -21,6 +21,7 @@ from ..unit.ledgers import open_ledger
 from ..unit.conftest import _logging_reset_after_each_test, _no_edge_agent_env, clock, settings_data  # noqa: F401
 from ..unit.steps.test_steps import *  # noqa: F403 - the same tests, on PostgreSQL
 from ..unit.test_ledger import *  # noqa: F403
+from ..unit.test_ledger_fleet import *  # noqa: F403
 from ..unit.test_ledger import _due_files, discover
 
 pytestmark = pytest.mark.lake
@@ -32,6 +33,7 @@ SQLITE_ONLY = {
     "test_a_failed_commit_is_rolled_back_so_the_ledger_works_again_afterwards",
     "test_a_full_database_refuses_writes_and_recovers_when_there_is_room",
     "test_a_ledger_of_an_older_agent_gains_the_ctime_column",
+    "test_the_agents_table_of_an_older_ledger_gains_the_figures_column",
 }
 for _name in SQLITE_ONLY:
     globals().pop(_name, None)
@@ -171,3 +173,24 @@ def test_leases_run_on_the_servers_clock(pg: tuple[str, str], clock: Any) -> Non
     finally:
         a1.close()
         a2.close()
+
+
+def test_a_ledger_of_the_claims_slice_gains_the_fleet_figures_and_the_claims_index(pg: tuple[str, str],
+                                                                                  clock: Any) -> None:
+    """A PostgreSQL ledger an agent of slice 2 made (agents without `stats`, no files_claims index)
+    is brought up to date by the next agent that opens it, without losing its agents."""
+    import psycopg
+    url, password = pg
+    Ledger(url, clock=clock, password=password).close()
+    with psycopg.connect(url, password=password, autocommit=True) as db:
+        db.execute("ALTER TABLE agents DROP COLUMN stats")
+        db.execute("DROP INDEX files_claims")
+        db.execute("INSERT INTO agents VALUES ('old', 'h', 1, '0.9', 1, 2)")
+    led = Ledger(url, clock=clock, password=password)
+    try:
+        led.heartbeat("new", "h2", 2, "1.0", clock(), {"in_flight": 1})
+        assert [(a["agent_id"], a["stats"]) for a in led.agents()] == [("new", {"in_flight": 1}), ("old", {})]
+        assert led._db.execute("SELECT 1 FROM pg_indexes WHERE schemaname = current_schema() "
+                               "AND indexname = 'files_claims'").fetchone()
+    finally:
+        led.close()

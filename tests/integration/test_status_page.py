@@ -56,7 +56,9 @@ class Dom(html.parser.HTMLParser):
             self.attrs_of = {k: v or "" for k, v in a.items()}
         if a.get("id"):
             self.ids.add(str(a["id"]))
-        key = (str(a["data-k"]), a.get("data-rule"), a.get("data-state")) if a.get("data-k") else None
+        # the fleet's elements name their agent where the others name their rule
+        where = a.get("data-rule") or a.get("data-agent")
+        key = (str(a["data-k"]), where, a.get("data-state")) if a.get("data-k") else None
         if key:
             self.values[key] = ""
         if tag not in ("br", "meta", "img", "input", "link"):
@@ -227,3 +229,33 @@ def test_the_page_says_why_the_agent_is_not_ready(agent, chromium: str, tmp_path
     assert dom.get("ready").startswith("NOT READY")
     assert "lake2" in dom.get("not-ready-because") and "not mounted" in dom.get("not-ready-because")
     assert dom.get("lake") == "DOWN" and "not mounted" in dom.get("lake-problem")
+
+
+def test_the_page_shows_every_agent_of_a_shared_ledger_and_the_silent_ones(  # type: ignore[no-untyped-def]
+        agent, chromium: str, tmp_path: Path) -> None:
+    """The fleet view (issue 15): this agent alive, another one silent for 10 minutes with a file
+    of its own rule still claimed under its name (its lease run out)."""
+    import time
+
+    from edge_agent.core.lifecycle import Event, State
+    from edge_agent.ledger import Ledger
+    d: Daemon = agent(ledger={"agent_id": "daq-1"})
+    d.start()
+    now = time.time()
+    led = Ledger(d.state / "ledger.sqlite")       # the other agent, through the same ledger
+    try:
+        rec = led.discover("spectra", b"/elsewhere/run9.fits", "run9.fits", 1, 1, 4096, 0, 0)
+        led.transition(rec.id, State.DISCOVERED, Event.COMPLETED)
+        assert led.claim("daq-2", [State.COMPLETE], now - 600, 1, lease_s=60, rules=["spectra"])
+        led.heartbeat("daq-2", "host-2", 2, "0.9", now - 600)
+    finally:
+        led.close()
+    d.wait_for(lambda: len(d.status().get("fleet", {}).get("agents", [])) == 2, 30, "both agents in /status")
+    dom_text = dump(chromium, f"http://127.0.0.1:{d.port}/", tmp_path)
+    dom = Dom(dom_text)
+    assert "static" not in dom.ids
+    assert dom.get("fleet-alive", "daq-1") == "alive" and dom.get("fleet-claims", "daq-1") == "0"
+    assert dom.get("fleet-alive", "daq-2") == "SILENT" and dom.get("fleet-claims", "daq-2") == "1 (1 expired)"
+    assert dom.get("fleet-heartbeat-age", "daq-2") == "10 min ago"
+    assert "spectra: run9.fits (complete, 4.1 kB, lease ran out" in dom.get("fleet-in-flight", "daq-2")
+    assert re.search(r'<tr data-k="fleet-agent" data-agent="daq-2" class="bad">', dom_text)

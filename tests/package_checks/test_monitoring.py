@@ -24,7 +24,7 @@ RULE_TESTS = MONITORING / "edge-agent.rules.test.yml"
 MONITORING_DOC = PACKAGING.parent / "docs" / "monitoring.md"
 ALERTS = {"EdgeAgentDown", "EdgeAgentBacklogGrowing", "EdgeAgentOldestUnconfirmedTooOld",
           "EdgeAgentBufferAboveWatermark", "EdgeAgentLakeUnreachable", "EdgeAgentQuarantinedFiles",
-          "EdgeAgentAttention"}
+          "EdgeAgentAttention", "EdgeAgentFleetAgentSilent"}
 # Debian's promtool, unpacked from the prometheus .deb (19 MB) rather than installed (332 MB with
 # its dependencies); kept between runs
 PROMTOOL_CACHE = Path("/var/tmp/edge-agent-promtool")
@@ -99,12 +99,14 @@ def selectors(expr: str) -> list[tuple[str, dict[str, str]]]:
 
 
 def test_the_rules_read_only_metrics_and_labels_a_running_agent_exports(tmp_path: Path) -> None:
-    d = Daemon(tmp_path / "agent")
+    # a shared ledger (named: SQLite), so that the fleet's series are exported too
+    d = Daemon(tmp_path / "agent", ledger={"agent_id": "monitoring-test"})
     d.start()
     try:
         (d.rule_dir() / "empty.fits").write_bytes(b"")           # quarantined: a labelled series exists
         d.wait_for(lambda: d.counts().get("quarantined") == 1, 30, "the empty file quarantined")
         d.wait_for(lambda: b"edge_agent_buffer_used_ratio{" in d.get("/metrics")[1], 30, "a disk sample")
+        assert b'edge_agent_fleet_claims{agent="monitoring-test"}' in d.get("/metrics")[1]
         code, body = d.get("/metrics")
     finally:
         d.stop()

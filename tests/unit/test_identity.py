@@ -158,7 +158,7 @@ def test_a_shared_ledger_belongs_to_its_buffer_not_to_a_host(ledger: Ledger, tmp
     """One ledger per buffer (issue 15): agents on several hosts share it; the buffer, mounted at
     one path everywhere, is what they must agree on."""
     (tmp_path / "daq").mkdir()
-    shared = identity.current(Settings(**settings_data(tmp_path, ledger={"agent_id": "a1"})), shared=True)
+    shared = identity.current(Settings(**settings_data(tmp_path, rule={"completion": ["renamed"]}, ledger={"agent_id": "a1"})), shared=True)
     assert "machine_id" not in shared and "hostname" not in shared and "rule r directory" in shared
     claim_ledger(ledger, shared)
     claim_ledger(ledger, dict(shared))                      # another host, the same buffer: accepted

@@ -197,7 +197,7 @@ def test_an_agent_of_a_shared_ledger_claims_what_it_dispatches_and_leaves_what_a
         tmp_path: Path, clock: Any, settings_data: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
     from edge_agent import steps
     r, ledger = recording_runner(tmp_path, clock, settings_data, lake_batch_files=10,
-                                 ledger={"agent_id": "a1", "lease_seconds": 60})
+                                 rule={"completion": ["renamed"]}, ledger={"agent_id": "a1", "lease_seconds": 60})
     for i in range(4):
         hashed(ledger, tmp_path, f"a{i}", "ds.a")
     theirs = ledger.claim("a2", [State.HASHED], clock(), 1, lease_s=60)      # another agent holds one
@@ -225,7 +225,7 @@ def test_a_step_of_an_agent_whose_file_another_agent_took_over_commits_nothing(
     """An agent stalled past its lease (SIGSTOP); another took its files and moved them on: the
     stalled agent's step, resumed, commits nothing over that work."""
     from edge_agent.ledger import StaleTransition
-    r, ledger = recording_runner(tmp_path, clock, settings_data, ledger={"agent_id": "a1", "lease_seconds": 60})
+    r, ledger = recording_runner(tmp_path, clock, settings_data, rule={"completion": ["renamed"]}, ledger={"agent_id": "a1", "lease_seconds": 60})
     hashed(ledger, tmp_path, "a0", "ds.a")
     r.dispatch(clock())
     [[rec]] = r.pools["lake"].jobs                 # type: ignore[attr-defined]
@@ -253,7 +253,7 @@ def test_files_claimed_but_handed_to_no_worker_are_given_back(
     """Review of 2026-12-07 (claims, 1): rows claimed beyond the free workers (or of a buffer another
     agent holds) were kept, renewed by every dispatch, and another agent never got them."""
     r, ledger = recording_runner(tmp_path, clock, settings_data, lake_batch_files=2, lake_workers=1,
-                                 ledger={"agent_id": "a1", "lease_seconds": 60})
+                                 rule={"completion": ["renamed"]}, ledger={"agent_id": "a1", "lease_seconds": 60})
     hashed(ledger, tmp_path, "a0", "ds.a")
     hashed(ledger, tmp_path, "b0", "ds.b")
     r.dispatch(clock())
@@ -269,7 +269,7 @@ def test_a_step_starts_no_effect_once_its_claim_is_no_longer_firmly_held(
     """The ledger fences a stalled agent's commits, not its effects (a copy written, an unlink): a
     step checks its claim before each. Renewals failing for a third of the lease stop new effects."""
     from edge_agent.ledger import StaleTransition
-    r, ledger = recording_runner(tmp_path, clock, settings_data, ledger={"agent_id": "a1", "lease_seconds": 60})
+    r, ledger = recording_runner(tmp_path, clock, settings_data, rule={"completion": ["renamed"]}, ledger={"agent_id": "a1", "lease_seconds": 60})
     hashed(ledger, tmp_path, "a0", "ds.a")
     r.dispatch(clock())
     [[rec]] = r.pools["lake"].jobs                 # type: ignore[attr-defined]
@@ -292,7 +292,7 @@ def test_a_step_starts_no_effect_once_its_claim_is_no_longer_firmly_held(
 
 def test_an_agent_stops_when_another_enrols_under_its_id(tmp_path: Path, clock: Any,
                                                          settings_data: Callable[..., Any]) -> None:
-    r, ledger = recording_runner(tmp_path, clock, settings_data, ledger={"agent_id": "a1", "lease_seconds": 60})
+    r, ledger = recording_runner(tmp_path, clock, settings_data, rule={"completion": ["renamed"]}, ledger={"agent_id": "a1", "lease_seconds": 60})
     r.heartbeat()
     assert not r.stopping.is_set() and ledger.agents()[0]["agent_id"] == "a1"
     # another process under the same id, having found this one silent (a stall, a partition)
@@ -300,4 +300,38 @@ def test_an_agent_stops_when_another_enrols_under_its_id(tmp_path: Path, clock: 
     ledger.enrol("a1", "other-machine:/srv/state", "daq-9", 99, "0", clock(), fresh_s=90)
     r.heartbeat()
     assert r.stopping.is_set() and r.agent_id_lost and "another edge-agent now runs under this id" in r.agent_id_lost
+
+
+def test_the_heartbeat_reports_what_the_agent_did_since_the_last_one_recorded(
+        tmp_path: Path, clock: Any, settings_data: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fleet view's throughput (issue 15): each heartbeat carries the agent's own figures over
+    its interval; a heartbeat the ledger could not take is covered by the next one."""
+    from types import SimpleNamespace
+    r, ledger = recording_runner(tmp_path, clock, settings_data, rule={"completion": ["renamed"]}, ledger={"agent_id": "a1", "lease_seconds": 60})
+    r.heartbeat()
+    assert ledger.agents()[0]["stats"]["sent_bytes"] == 0
+    clock.advance(30)
+    r._on_sent("r", "a", 30_000)
+    r._on_hashed("r", 60_000)
+    for state in (State.TRANSFERRED, State.TRANSFERRED, State.TRANSFERRED, State.DELETED, State.HASHED):
+        r._on_transition(SimpleNamespace(rule="r", state=state))  # type: ignore[arg-type]
+    r.in_flight[99] = "lake"
+    r.heartbeat()
+    assert ledger.agents()[0]["stats"] == {
+        "interval_s": 30.0, "sent_bytes_per_s": 1000.0, "hashed_bytes_per_s": 2000.0,
+        "transferred_files_per_s": 0.1, "deleted_files_per_s": 0.033, "sent_bytes": 30_000,
+        "files_transferred": 3, "files_deleted": 1, "in_flight": 1}
+    assert ledger.agents()[0]["heartbeat_at"] == clock()
+
+    def unwritable(*args: Any, **kw: Any) -> None:
+        raise LedgerUnwritable("the ledger cannot be written")
+    clock.advance(30)
+    r._on_sent("r", "a", 30_000)
+    monkeypatch.setattr(ledger, "heartbeat", unwritable)
+    r.heartbeat()                                    # said in the log, not raised
+    monkeypatch.undo()
+    clock.advance(30)
+    r.heartbeat()
+    st = ledger.agents()[0]["stats"]
+    assert (st["interval_s"], st["sent_bytes_per_s"], st["sent_bytes"]) == (60.0, 500.0, 60_000)
     ledger.close()

@@ -414,11 +414,13 @@ def test_a_postgresql_ledger_takes_its_password_from_a_file_or_the_environment(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     secret = tmp_path / "pw"
     secret.write_text("s3cret\n")
-    s = load_settings(toml(tmp_path, tail=f'[ledger]\nurl = "postgresql://edge@db.example.org/edge"\n'
+    s = load_settings(toml(tmp_path, rule_extra='completion = ["renamed"]',
+                           tail=f'[ledger]\nurl = "postgresql://edge@db.example.org/edge"\n'
                                           f'password_file = "{secret}"'))
     assert s.ledger_target == "postgresql://edge@db.example.org/edge" and s.ledger.secret() == "s3cret"
     monkeypatch.setenv("EDGE_AGENT_LEDGER__PASSWORD", "from-env")
-    s = load_settings(toml(tmp_path, tail='[ledger]\nurl = "postgresql://edge@db.example.org/edge"'))
+    s = load_settings(toml(tmp_path, rule_extra='completion = ["renamed"]',
+                           tail='[ledger]\nurl = "postgresql://edge@db.example.org/edge"'))
     assert s.ledger.secret() == "from-env"
     assert "from-env" not in json.dumps(masked_dump(s)) and masked_dump(s)["ledger"]["password"] == "***"
 
@@ -440,7 +442,7 @@ def test_a_wrong_ledger_setting_refuses_to_start_and_names_the_key(tmp_path: Pat
 
 
 def test_an_unreadable_password_file_is_a_config_error(tmp_path: Path) -> None:
-    s = load_settings(toml(tmp_path, tail=f'[ledger]\nurl = "postgresql://edge@h/db"\n'
+    s = load_settings(toml(tmp_path, rule_extra='completion = ["renamed"]', tail=f'[ledger]\nurl = "postgresql://edge@h/db"\n'
                                           f'password_file = "{tmp_path}/missing"'))
     with pytest.raises(ConfigError, match="ledger.password_file"):
         s.ledger.secret()
@@ -454,13 +456,17 @@ def test_a_refused_ledger_section_never_shows_its_password(tmp_path: Path, monke
     assert "not both" in msg and "hunter2" not in msg and "xyz" not in msg
 
 
-def test_closed_completion_is_refused_with_a_shared_ledger_and_left_out_of_its_default(tmp_path: Path) -> None:
+def test_closed_completion_is_refused_with_a_shared_ledger_and_the_policy_must_be_chosen(tmp_path: Path) -> None:
     """inotify and /proc see only this host's writers; a shared ledger means a buffer shared with
-    agents on other hosts (issue 15: "the closed completion policy is refused")."""
+    agents on other hosts (issue 15: "the closed completion policy is refused"). The default (closed
+    and stable) is not quietly narrowed to stable's few seconds: the operator chooses."""
     msg = config_error(toml(tmp_path, rule_extra='completion = ["closed", "stable"]',
                             tail='[ledger]\nagent_id = "daq-1"'))
     assert "rules.magic.completion" in msg and "'closed' cannot be used with a shared ledger" in msg
-    shared = load_settings(toml(tmp_path, tail='[ledger]\nagent_id = "daq-1"'))
+    msg = config_error(toml(tmp_path, tail='[ledger]\nagent_id = "daq-1"'))
+    assert "rules.magic.completion: with a shared ledger" in msg and "choose" in msg
+    shared = load_settings(toml(tmp_path, rule_extra='completion = ["stable"]\nstable_seconds = 60',
+                                tail='[ledger]\nagent_id = "daq-1"'))
     assert shared.rules["magic"].completion == [Completion.STABLE]
     alone = load_settings(toml(tmp_path))
     assert alone.rules["magic"].completion == [Completion.CLOSED, Completion.STABLE]

@@ -42,7 +42,7 @@ def test_host_allowed(header: str | None, bind: str, allowed: tuple[str, ...], o
 
 @pytest.fixture
 def server() -> Iterator[StatusServer]:
-    runner = SimpleNamespace(last_tick=time.time())
+    runner = SimpleNamespace(last_tick=time.time(), agent_id=None)
     srv = StatusServer(runner, "127.0.0.1", 0, allowed_hosts=["Status.Example.org"])  # type: ignore[arg-type]
     srv.start()
     yield srv
