@@ -291,14 +291,16 @@ class Agent:
 
 
 def _shares_the_catalogue(settings: Settings, ledger: Ledger) -> None:
-    """Agents sharing a ledger on the local lake must share its catalogue as well: with one each in
-    its state_dir, a file one agent registered is unknown to the agent that confirms it, and a
-    night's audit is split over several files. One agent alone may keep its own."""
+    """Agents sharing a ledger's rules on the local lake must share its catalogue as well: with one
+    each in its state_dir, a file one agent registered is unknown to the agent that confirms it, and
+    a night's audit is split over several files. One agent alone may keep its own, and so may agents
+    that share the ledger but no rule (each its own buffer)."""
     if settings.lake.kind != "local" or settings.lake.catalog is not None:
         return
-    now = time.time()
+    now = ledger.lease_clock(time.time())    # heartbeats are on the ledger's clock
     others = [a["agent_id"] for a in ledger.agents()
-              if a["agent_id"] != settings.agent_id and now - a["heartbeat_at"] < 3 * HEARTBEAT_SECONDS]
+              if a["agent_id"] != settings.agent_id and now - a["heartbeat_at"] < 3 * HEARTBEAT_SECONDS
+              and set(a["stats"].get("rules") or ()) & set(settings.rules)]
     if others:
         raise ConfigError(f"lake.catalog: other agents share this ledger ({', '.join(sorted(others))}): on the "
                           "local lake they must share its catalogue too; set lake.catalog to one path every "

@@ -21,7 +21,7 @@ import time
 import uuid
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from .core.fleet import decode_stats
 from .core.lifecycle import (
@@ -35,6 +35,7 @@ from .core.lifecycle import (
     State,
     apply,
 )
+from .core.uplink import Post
 from .errors import AgentIdTaken, LedgerUnreachable, LedgerUnwritable
 from .groupcommit import CommitFailed, GroupCommit
 from .ledgerdb import SQLITE, Dialect, LedgerConnectionLost, columns, connect_postgres, is_url, schema_lock, shown
@@ -109,6 +110,12 @@ CREATE TABLE IF NOT EXISTS agents (
 CREATE TABLE IF NOT EXISTS notices (
     path {BLOB} PRIMARY KEY, rule TEXT NOT NULL, relpath TEXT NOT NULL, kind TEXT NOT NULL,
     detail TEXT NOT NULL, first_seen {REAL} NOT NULL, last_seen {REAL} NOT NULL, count {INT} NOT NULL
+);
+-- A shared ledger under a bandwidth cap: what each agent last posted of its use of the one uplink
+-- (core/uplink.py works out its share from the others'). `at`: the database's clock, one for all hosts.
+CREATE TABLE IF NOT EXISTS uplink (
+    agent_id TEXT PRIMARY KEY, wants {INT} NOT NULL, held {INT} NOT NULL, rate {REAL} NOT NULL,
+    share {REAL} NOT NULL, at {REAL} NOT NULL
 );
 """
 
@@ -1274,3 +1281,26 @@ class Ledger:
         """Every row, in id order."""
         for r in self._query("SELECT * FROM files ORDER BY id"):
             yield _row(r)
+
+    # ------------------------------------------------------------ one uplink for the fleet (core/uplink.py)
+    def share_uplink(self, agent: str, decide: Callable[[list[Post]], Post]) -> Post:
+        """One round of the fleet's uplink budget, in one transaction under the ledger's write lock:
+        the other agents' posts read (their age on the database's clock, the same for every host),
+        `decide` given them, and the post it answers stored as `agent`'s. Two agents never decide
+        from the same view, so the shares they post never add up to more than the cap."""
+        now = self._dialect.now
+        with self._tx() as db:
+            rows = db.execute(f"SELECT agent_id, wants, held, rate, share, {now} - at FROM uplink "
+                              "WHERE agent_id != ?", (agent,)).fetchall()
+            post = decide([Post(r[0], bool(r[1]), bool(r[2]), r[3], r[4], r[5]) for r in rows])
+            db.execute(f"INSERT INTO uplink VALUES (?,?,?,?,?,{now}) ON CONFLICT (agent_id) DO UPDATE SET "
+                       "wants = excluded.wants, held = excluded.held, rate = excluded.rate, "
+                       "share = excluded.share, at = excluded.at",
+                       (agent, int(post.wants), int(post.held), post.rate, post.share))
+        return post
+
+    def uplink_posts(self) -> list[Post]:
+        """Every agent's last post of its use of the uplink, with its age (the fleet's view)."""
+        rows = self._query(f"SELECT agent_id, wants, held, rate, share, {self._dialect.now} - at FROM uplink "
+                           "ORDER BY agent_id")
+        return [Post(r[0], bool(r[1]), bool(r[2]), r[3], r[4], r[5]) for r in rows]

@@ -33,6 +33,7 @@ from .settings import Settings
 from .status.gauges import DiskWatch, Rate, Series
 from .transfer.pacing import Throttle
 from .transfer.registry import Transports
+from .uplink import ROUND_S, UplinkShare
 from .watch import discovery
 from .watch.discovery import Discovery
 
@@ -118,7 +119,7 @@ class Runner:
                                  backlog_files_history={r: Series(clock=clock) for r in settings.rules},
                                  backlog_bytes_history={r: Series(clock=clock) for r in settings.rules})
         self._lock = threading.Lock()
-        self.throttle = Throttle(settings.bandwidth_mbps, settings.windows_policy())
+        self.throttle = Throttle(settings.bandwidth_mbps, settings.windows_policy(), sleep=self._nap)
         self.in_flight: dict[int, str] = {}      # file id -> the pool its step runs in
         self.jobs = {pool: 0 for pool in POOLS}   # steps (a file, or a batch) running per pool
         self.discovery = Discovery(settings, ledger, clock, monotonic, self.stopping,
@@ -135,6 +136,10 @@ class Runner:
         self.claims = ClaimBook(settings.ledger.lease_seconds, monotonic)
         self.context.claim_firm = self.claims.firm
         self.agent_id_lost: str | None = None
+        # ... and under a bandwidth cap, the cap is the fleet's: this agent sends its share of it
+        self.uplink = UplinkShare(self.agent_id, ledger, self.throttle, busy=self._may_send,
+                                  monotonic=monotonic) \
+            if self.agent_id and (settings.bandwidth_mbps > 0 or settings.windows) else None
         workers = {"hash": settings.hash_workers, "transfer": settings.transfer_workers,
                    "lake": settings.lake_workers}
         self.capacity = {pool: workers[pool] for pool in POOLS}
@@ -153,6 +158,16 @@ class Runner:
         if self.stopping.is_set():
             raise ShuttingDown("shutting down")
         self.throttle(n)
+
+    def _may_send(self) -> bool:
+        # steps that send run now: transfers, and hashing (it writes a first copy as it reads)
+        return self.jobs["transfer"] > 0 or self.jobs["hash"] > 0
+
+    def _nap(self, seconds: float) -> None:
+        # the throttle's wait, cut short when the agent stops: a share of 0 (no round runs after the
+        # scheduler stopped) or a paused window would hold the worker, and the process's exit
+        if self.stopping.wait(seconds):
+            raise ShuttingDown("shutting down")
 
     def _on_hashed(self, rule: str, n: int) -> None:
         if self.stopping.is_set():
@@ -208,6 +223,10 @@ class Runner:
             self.scheduler.add_job(self.heartbeat, "interval", seconds=fleet.HEARTBEAT_S, id="heartbeat",
                                    max_instances=1, coalesce=True)
             self.heartbeat()
+        if self.uplink is not None:
+            self.scheduler.add_job(self.uplink.round, "interval", seconds=ROUND_S, id="uplink", max_instances=1,
+                                   coalesce=True)
+            self.uplink.round()
         self.scheduler.start()
         self.sample_disks()
         self.sample_backlog()
@@ -444,7 +463,8 @@ class Runner:
         try:
             assert self.agent_id is not None
             mine = self.ledger.heartbeat(self.agent_id, socket.gethostname(), os.getpid(), __version__, totals.at,
-                                         place=self.place, stats=fleet.throughput(self._beat_totals, totals, in_flight))
+                                         place=self.place, stats={**fleet.throughput(self._beat_totals, totals, in_flight),
+                                                                  "rules": sorted(self.settings.rules)})
         except Exception as exc:  # noqa: BLE001 - the next heartbeat tries again
             log.warning("could not record this agent's heartbeat", error=str(exc))
             return

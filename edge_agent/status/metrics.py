@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -88,6 +89,13 @@ class _Collector:
         yield CounterMetricFamily("edge_agent_event_overflows", "inotify queue overflows: events were lost "
                                   "and every rule was rescanned", value=runner.discovery.watcher.overflows)
         yield GaugeMetricFamily("edge_agent_steps_in_flight", "Steps running now", value=len(runner.in_flight))
+        if runner.uplink is not None:
+            share = runner.uplink.report()
+            yield GaugeMetricFamily("edge_agent_uplink_share_mbps", "This agent's share of the fleet's bandwidth "
+                                    "cap in force, MB/s (+Inf: no cap now)", value=math.inf
+                                    if share["share_bytes_per_s"] is None else share["share_bytes_per_s"] / 1e6)
+            yield GaugeMetricFamily("edge_agent_uplink_agents", "Agents sharing the bandwidth cap (posts fresh "
+                                    "in the ledger, this one included)", value=share["agents"])
         # the agent id on one info series, not on every series: joined where wanted
         # (`... * on (instance, job) group_left (agent) edge_agent_info`, docs/monitoring.md)
         info = GaugeMetricFamily("edge_agent_info", "Build information, and this agent's id in a shared "

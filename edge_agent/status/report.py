@@ -101,7 +101,9 @@ def full(runner: "Runner", fleet: FleetCache | None = None) -> dict[str, Any]:
                     "uptime_s": round(now - runner.started_at, 1),
                     "last_tick_age_s": round(now - runner.last_tick, 2) if runner.last_tick else None,
                     "in_flight": len(runner.in_flight),
-                    "bandwidth_cap_bytes_per_s": None if math.isinf(rate) else rate}
+                    "bandwidth_cap_bytes_per_s": None if math.isinf(rate) else rate,
+                    # a fleet under one cap (a shared ledger): this agent's share of it (None: not shared)
+                    "uplink": None if runner.uplink is None else runner.uplink.report()}
     why = readiness(runner, now)
     doc["ready"] = not why
     doc["not_ready_because"] = why

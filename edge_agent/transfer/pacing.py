@@ -1,4 +1,5 @@
-"""A token bucket shared by all transfer workers: the bandwidth cap, with daily windows."""
+"""A token bucket shared by all transfer workers: the bandwidth cap, with daily windows, and this
+agent's share of it when a fleet shares one uplink (edge_agent/uplink.py sets it)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from ..core.policy import Window, bandwidth_cap
 
 
 class Throttle:
-    """A Pacer: blocks before each chunk so that bytes go out no faster than the cap of the
-    bandwidth window in force (0: paused)."""
+    """A Pacer: blocks before each chunk so that bytes go out no faster than this agent's share
+    (1.0 unless a fleet shares the uplink) of the cap of the bandwidth window in force (0: paused)."""
     def __init__(self, default_mbps: float, windows: Sequence[Window],
                  clock: Callable[[], float] = time.monotonic,
                  local_time: Callable[[], dt.time] = lambda: dt.datetime.now().time(),
@@ -24,16 +25,47 @@ class Throttle:
         self._lock = threading.Lock()
         self._tokens = 0.0
         self._last = clock()
+        self._share = 1.0
+        self._granted = 0      # bytes let through since usage() was last asked
+        self._waited = 0.0     # seconds senders were made to wait meanwhile (summed over senders)
+
+    def cap(self) -> float:
+        """Bytes/s the cap in force allows the whole fleet now (inf = no cap, 0 = paused by a window)."""
+        return bandwidth_cap(self._local_time(), self._default, self._windows)
 
     def rate(self) -> float:
-        """Bytes/s allowed now (inf = no cap, 0 = paused by a window)."""
-        return bandwidth_cap(self._local_time(), self._default, self._windows)
+        """Bytes/s this agent may send now: its share of the cap (inf = no cap, 0 = paused or no share)."""
+        cap = self.cap()
+        if math.isinf(cap):
+            return cap       # no cap now: a share of it is no cap either (and inf * 0 is not a rate)
+        with self._lock:
+            return cap * self._share
+
+    def set_share(self, fraction: float) -> None:
+        """From now on this agent sends at most `fraction` (0..1) of the cap in force."""
+        with self._lock:
+            self._share = min(1.0, max(0.0, fraction))
+
+    def share(self) -> float:
+        """The fraction of the cap this agent sends at most (1.0: all of it)."""
+        with self._lock:
+            return self._share
+
+    def usage(self) -> tuple[int, float]:
+        """(bytes let through, seconds senders waited) since the last call: what this agent sent
+        and whether its rate held it back."""
+        with self._lock:
+            out = (self._granted, self._waited)
+            self._granted, self._waited = 0, 0.0
+        return out
 
     def __call__(self, nbytes: int) -> None:
         """Block until `nbytes` may be sent."""
         while True:
             rate = self.rate()
             if math.isinf(rate):
+                with self._lock:
+                    self._granted += nbytes
                 return
             with self._lock:
                 now = self._clock()
@@ -42,6 +74,8 @@ class Throttle:
                 self._last = now
                 if rate > 0 and (self._tokens >= nbytes or self._tokens >= rate):
                     self._tokens -= nbytes
+                    self._granted += nbytes
                     return
-                wait = 1.0 if rate == 0 else min(1.0, (min(nbytes, rate) - self._tokens) / rate)
-            self._sleep(max(wait, 0.001))
+                wait = max(0.001, 1.0 if rate == 0 else min(1.0, (min(nbytes, rate) - self._tokens) / rate))
+                self._waited += wait
+            self._sleep(wait)

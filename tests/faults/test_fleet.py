@@ -293,3 +293,27 @@ def fleet_history(fleet: Fleet, fid: int) -> list[Any]:
         return led.history(fid)
     finally:
         led.close()
+
+
+def test_a_second_agent_on_the_local_lake_must_share_its_catalogue(fleet: Fleet) -> None:
+    first = fleet.add()
+    first.doc["lake"] = {}                                   # a catalogue of its own, in its state_dir
+    from support import write_toml
+    write_toml(first.config, first.doc)
+    first.start()
+    second = fleet.add()
+    second.doc["lake"] = {}
+    write_toml(second.config, second.doc)
+    # (the first agent's heartbeat names its rules)
+    wait(lambda: any(a["stats"].get("rules") for a in fleet_agents(fleet)), 40, "a heartbeat", [first])
+    out = second.cli("run")
+    assert out.returncode != 0 and "lake.catalog: other agents share this ledger (agent0)" in out.stderr, out.stderr
+    assert first.stop() == 0
+
+
+def fleet_agents(fleet: Fleet) -> list[dict[str, Any]]:
+    led = fleet.ledger()
+    try:
+        return led.agents()
+    finally:
+        led.close()

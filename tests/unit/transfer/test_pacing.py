@@ -111,3 +111,49 @@ def test_rate_follows_local_time(clock: Any) -> None:
     assert th.rate() == 5 * MB
     clock.advance(8 * 3600)
     assert th.rate() == math.inf
+
+
+# ---------------------------------------------------------------- a share of a fleet's cap (edge_agent/uplink.py)
+def test_a_share_paces_at_that_fraction_of_the_cap(world: World, clock: Any) -> None:
+    th = world.throttle(10)
+    th.set_share(0.25)
+    assert (th.share(), th.cap(), th.rate()) == (0.25, 10 * MB, 2.5 * MB)
+    for _ in range(25):
+        th(MB)
+    assert sum(clock.slept) == pytest.approx(25 / 2.5, abs=1.01)
+
+
+def test_a_share_follows_the_window_in_force(clock: Any) -> None:
+    w = World(clock, dt.datetime(2024, 3, 10, 19, 59, 0))
+    th = w.throttle(100, [Window(dt.time(20, 0), dt.time(6, 0), 10.0)])
+    th.set_share(0.5)
+    assert th.rate() == 50 * MB
+    clock.advance(60)                    # the window's cap at once, without a new share
+    assert th.rate() == 5 * MB
+
+
+def test_a_share_of_no_cap_is_no_cap_and_a_share_of_nothing_waits(world: World, clock: Any) -> None:
+    th = world.throttle(0)
+    th.set_share(0.0)
+    assert th.rate() == math.inf         # (not inf * 0)
+    th(MB)
+    assert clock.slept == []
+    th = world.throttle(10)
+    th.set_share(0.0)
+    assert th.rate() == 0
+    th.set_share(7.0)
+    assert th.share() == 1.0             # a share is at most the whole cap
+
+
+def test_usage_tells_what_was_sent_and_how_long_senders_waited(world: World, clock: Any) -> None:
+    th = world.throttle(1)
+    th.set_share(0.5)
+    for _ in range(4):
+        th(MB // 2)
+    sent, waited = th.usage()
+    assert sent == 2 * MB
+    assert waited == pytest.approx(sum(clock.slept)) and waited == pytest.approx(3.5, abs=0.6)
+    assert th.usage() == (0, 0.0)        # read and reset
+    unlimited = world.throttle(0)
+    unlimited(123)
+    assert unlimited.usage() == (123, 0.0)
