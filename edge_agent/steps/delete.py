@@ -81,8 +81,10 @@ def decide(rec: FileRecord, ctx: StepContext, c: policy.Confirmation) -> None:
         "replicas": [{"location": r.location, "size": r.size, "adler32": r.adler32, "url": r.url,
                       "adler32_from_catalogue": r.adler32_from_catalogue} for r in c.good],
         "local_adler32": rec.adler32, "local_size": rec.size}
-    if verdict == "delete" and rec.dev is not None and rec.inode is not None \
-            and ctx.open_writers(rec.dev, rec.inode):
+    # the writers are looked up by the file as this host sees it: the device the hashing agent
+    # recorded is another host's numbering on a shared buffer
+    if verdict == "delete" and current is not None and current.dev is not None \
+            and ctx.open_writers(current.dev, current.inode):
         # a writer that paused longer than the whole upload would write into a deleted file
         verdict, why = "wait", "a process still holds the file open for writing"
         log.warning("not deleting: file still open for writing", file_id=rec.id, path=rec.relpath)

@@ -11,7 +11,7 @@ from typing import Sequence
 import structlog
 
 from ..core import policy
-from ..core.lifecycle import CopyState, Event
+from ..core.lifecycle import CopyState, Event, NameState
 from ..errors import (
     DestinationOccupied,
     FileChanged,
@@ -172,7 +172,15 @@ def _send_first(rec: FileRecord, ctx: StepContext, t: Target, size: int, scan: F
 def _discard_first(rec: FileRecord, ctx: StepContext, scope: str, name: str, t: Target) -> None:
     """A first copy of bytes that will not be hashed into a version (changed, corrupt): removed
     and the reservation given up; if the removal fails the name stays reserved (nobody else
-    writes under it; a later attempt of this version replaces it)."""
+    writes under it; a later attempt of this version replaces it). Only while the name is still
+    this version's unbound reservation and (a shared ledger) this agent's claim holds: an agent that
+    stalled here past its lease may find the copy counted by the agent that took the file over
+    (it bound the name to these very bytes): then it stays."""
+    if (scope, name, NameState.WRITING) not in {(s, n, st) for s, n, st, _ in ctx.ledger.names_owned(rec.id)}:
+        log.info("first copy kept: its name is no longer this attempt's reservation", file_id=rec.id,
+                 did=f"{scope}:{name}")
+        return
+    ctx.check_claim(rec)
     try:
         ctx.transport(t).delete(t.url)
     except Exception as exc:  # noqa: BLE001 - the name stays this version's: nobody counts it

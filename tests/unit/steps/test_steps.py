@@ -1645,3 +1645,64 @@ def test_a_file_hashed_on_another_host_of_a_shared_buffer_is_deleted_there_too(e
     end = env.drive(rec.id)
     assert end.state is S.DELETED, (end.state, end.reason)
     assert not (env.daq / "run42/f1.fits").exists()
+
+
+def test_an_agent_stalled_after_its_first_copy_never_removes_the_copy_the_new_holder_counted(
+        env: Env, clock: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review of 2026-12-07 (fleet, 1): a1 stalls right after writing the first copy while hashing;
+    a2 takes the file over, binds the name to these bytes, confirms both copies and deletes the
+    file; a1 resumes, finds the file gone and removed the first copy a2 counted."""
+    import dataclasses
+    from edge_agent.claims import ClaimBook
+    from edge_agent.steps import hash as hash_step
+    rec = env.add()
+    book = ClaimBook(60, clock)
+    [mine] = env.ledger.claim("a1", [S.COMPLETE], clock(), 1, lease_s=60)
+    book.held([mine.id], clock())
+    ctx_a = dataclasses.replace(env.ctx, holder="a1", claim_firm=book.firm)
+    ctx_b = dataclasses.replace(env.ctx, holder="a2", claim_firm=lambda fid: True)
+    real_hit, stalled = hash_step.hit, []
+
+    def stall(name: str) -> None:
+        if name == "after_first_put" and not stalled:
+            stalled.append(True)
+            clock.advance(120)                     # a1 SIGSTOPped past its lease; a2 finishes the file
+            [theirs] = env.ledger.claim("a2", [S.COMPLETE], clock(), 1, lease_s=60)
+            for _ in range(10):
+                r = env.ledger.get(theirs.id)
+                if r.state not in WORKING and r.state is not S.RETRY_WAIT:
+                    break
+                if r.state is S.RETRY_WAIT:
+                    clock.now = max(clock.now, r.next_at)
+                    env.ledger.transition(r.id, S.RETRY_WAIT, E.RETRY_DUE)
+                    continue
+                steps.run([r], ctx_b)
+            assert env.ledger.get(theirs.id).state is S.DELETED
+        real_hit(name)
+    monkeypatch.setattr(hash_step, "hit", stall)
+    steps.run([mine], ctx_a)                       # SIGCONT: a1 goes on where it stopped
+    end = env.ledger.get(rec.id)
+    assert end.state is S.DELETED
+    assert env.copy("a", end).read_bytes() == DATA and env.copy("b", end).read_bytes() == DATA
+
+
+def test_a_writer_on_this_host_keeps_a_file_hashed_on_another_host_of_the_fleet(env: Env) -> None:
+    """Review of 2026-12-07 (fleet, 2): the last guard before deletion looked the writer up by the
+    device the hashing agent recorded: another host's numbering, so a writer here was never found."""
+    import subprocess
+    import sys
+    from edge_agent.watch.writers import WriterTable
+    env.ctx.holder = "a1"
+    env.ctx.open_writers = WriterTable().writers
+    rec = env.step(env.add().id)                   # hashed by a member on another host ...
+    with env.ledger._tx() as db:                   # ... whose kernel numbers the device otherwise
+        db.execute("UPDATE files SET dev = ? WHERE id = ?", ((rec.dev or 0) + 1000, rec.id))
+    w = subprocess.Popen([sys.executable, "-c", f"import time; f = open({rec.fspath!r}, 'ab'); "
+                          "print('open', flush=True); time.sleep(60)"], stdout=subprocess.PIPE)
+    try:
+        assert w.stdout is not None and w.stdout.readline().strip() == b"open"
+        end = env.drive(rec.id)                    # the DAQ on *this* host still writes it
+        assert end.state is not S.DELETED and (env.daq / "run42/f1.fits").exists()
+    finally:
+        w.kill()
+        w.wait()
