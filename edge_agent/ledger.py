@@ -78,7 +78,8 @@ CREATE TABLE IF NOT EXISTS files (
     deleted_at   {REAL},
     ctime_ns     {INT},
     claim_owner  TEXT,               -- a shared ledger: the agent whose step holds the row ...
-    claim_until  {REAL}              -- ... until then (its lease; renewed while the step runs)
+    claim_until  {REAL},             -- ... until then (its lease; renewed while the step runs) ...
+    claim_epoch  TEXT                -- ... in which run of that agent (a process under its id)
 );
 CREATE TABLE IF NOT EXISTS events (
     id {ID}, file_id {INT} NOT NULL, at {REAL} NOT NULL,
@@ -232,6 +233,7 @@ class FileRecord:
     # A shared ledger: the agent whose step holds this row, and until when (claim()).
     claim_owner: str | None = None
     claim_until: float | None = None
+    claim_epoch: str | None = None     # which run of claim_owner (a restart, another host under its id)
 
     @property
     def fspath(self) -> str:
@@ -256,7 +258,7 @@ class FileRecord:
 
 _COLS = [f.name for f in fields(FileRecord)]
 # Columns of `files` added after the first schema: what a ledger of an older agent is given.
-_ADDED_COLUMNS = {"ctime_ns": "{INT}", "claim_owner": "TEXT", "claim_until": "{REAL}"}
+_ADDED_COLUMNS = {"ctime_ns": "{INT}", "claim_owner": "TEXT", "claim_until": "{REAL}", "claim_epoch": "TEXT"}
 
 
 def _row(r: Any) -> FileRecord:
@@ -285,6 +287,13 @@ def _is_storage_error(exc: BaseException) -> bool:
     code = getattr(exc, "sqlite_errorcode", None)
     # SQLITE_FULL, SQLITE_IOERR (and its extended codes), SQLITE_READONLY, SQLITE_CANTOPEN
     return code is not None and code & 0xFF in (13, 10, 8, 14)
+
+
+def _held_by(agent: str, epoch: str | None) -> tuple[str, list[Any]]:
+    """The SQL condition (and its arguments) of a row claimed by `agent` in run `epoch` (any run: None)."""
+    if epoch is None:
+        return "claim_owner = ?", [agent]
+    return "claim_owner = ? AND claim_epoch = ?", [agent, epoch]
 
 
 def _unwritable(where: str, exc: BaseException) -> LedgerUnwritable:
@@ -669,31 +678,36 @@ class Ledger:
 
     # ------------------------------------------------------------ claims (a ledger shared by agents)
     def claim(self, agent: str, states: Iterable[State], now: float, limit: int, lease_s: float,
-              exclude: Iterable[int] = (), rules: Sequence[str] | None = None) -> list[FileRecord]:
+              exclude: Iterable[int] = (), rules: Sequence[str] | None = None,
+              epoch: str | None = None) -> list[FileRecord]:
         """Up to `limit` rows whose next step may run now (due()'s order) and that no other agent
         holds (no claim, or one whose lease ran out), claimed by `agent` until now + lease_s, in
         one transaction, under the ledger's write lock (both databases: one writer at a time), so
         two agents never hold one row. Rows `agent` holds already are claimed again (its own, from
         before a restart); those its steps are working on go in `exclude`. `rules`: only files of
-        these rules (an agent claims nothing it would not work on)."""
+        these rules (an agent claims nothing it would not work on). `epoch`: this run of `agent`;
+        rows of another run under the same id are its own only once their lease ran out or were
+        given back (that run may be a process stalled elsewhere; see enrol)."""
         ex = list(exclude)
+        mine, mine_args = ("claim_owner = ? AND claim_epoch = ?", [agent, epoch]) if epoch is not None \
+            else ("claim_owner = ?", [agent])
         with self._tx() as db:
             lease_now = self._lease_now(db, now)
             rows: list[Any] = []
             for s in states:
                 rows += db.execute(
                     f"SELECT id, priority, next_at FROM files {self._dialect.hint('files_queue')} "
-                    "WHERE state = ? AND next_at <= ? AND (claim_owner IS NULL OR claim_owner = ? OR claim_until < ?)"
+                    f"WHERE state = ? AND next_at <= ? AND (claim_owner IS NULL OR ({mine}) OR claim_until < ?)"
                     + (f" AND id NOT IN ({','.join('?' * len(ex))})" if ex else "")
                     + (f" AND rule IN ({','.join('?' * len(rules))})" if rules is not None else "")
                     + " ORDER BY priority DESC, next_at, id LIMIT ?",
-                    [s.value, now, agent, lease_now, *ex, *(rules or ()), limit]).fetchall()
+                    [s.value, now, *mine_args, lease_now, *ex, *(rules or ()), limit]).fetchall()
             rows.sort(key=lambda r: (-r[1], r[2], r[0]))
             ids = [r[0] for r in rows[:limit]]
             for i in range(0, len(ids), 500):
                 part = ids[i:i + 500]
-                db.execute(f"UPDATE files SET claim_owner = ?, claim_until = ? WHERE id IN ({','.join('?' * len(part))})",
-                           [agent, lease_now + lease_s, *part])
+                db.execute("UPDATE files SET claim_owner = ?, claim_until = ?, claim_epoch = ? "
+                           f"WHERE id IN ({','.join('?' * len(part))})", [agent, lease_now + lease_s, epoch, *part])
         return self.get_many(ids)
 
     def _lease_now(self, db: Any, now: float) -> float:
@@ -711,24 +725,27 @@ class Ledger:
             return now
         return float(self._query("SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8")[0][0])
 
-    def renew(self, agent: str, file_ids: Sequence[int], lease_s: float, now: float) -> set[int]:
-        """The claims `agent` still holds on `file_ids`, extended by `lease_s` from now (the lease
-        clock: see _lease_now); returns their ids (a claim another agent took after its lease ran
-        out is not renewed: that step is fenced)."""
+    def renew(self, agent: str, file_ids: Sequence[int], lease_s: float, now: float,
+              epoch: str | None = None) -> set[int]:
+        """The claims `agent` (in run `epoch`) still holds on `file_ids`, extended by `lease_s` from
+        now (the lease clock: see _lease_now); returns their ids. A claim another agent (or run)
+        took after its lease ran out is not renewed (that step is fenced), nor one given back."""
         held: set[int] = set()
         ids = list(file_ids)
+        mine, mine_args = _held_by(agent, epoch)
         with self._tx() as db:
             until = self._lease_now(db, now) + lease_s
             for i in range(0, len(ids), 500):
                 part = ids[i:i + 500]
                 marks = ",".join("?" * len(part))
                 held.update(r[0] for r in db.execute(
-                    f"SELECT id FROM files WHERE claim_owner = ? AND id IN ({marks})", [agent, *part]).fetchall())
-                db.execute(f"UPDATE files SET claim_until = ? WHERE claim_owner = ? AND id IN ({marks})",
-                           [until, agent, *part])
+                    f"SELECT id FROM files WHERE {mine} AND claim_until > 0 AND id IN ({marks})",
+                    [*mine_args, *part]).fetchall())
+                db.execute(f"UPDATE files SET claim_until = ? WHERE {mine} AND claim_until > 0 AND id IN ({marks})",
+                           [until, *mine_args, *part])
         return held
 
-    def release(self, agent: str, file_ids: Sequence[int]) -> None:
+    def release(self, agent: str, file_ids: Sequence[int], epoch: str | None = None) -> None:
         """`agent`'s claims on `file_ids` given up (its step ended, or it was never handed to one):
         any agent may claim them now. The row stays marked as `agent`'s until then (its lease ended:
         claim_until 0), so that a step of another agent that stalled past its lease before `agent`
@@ -736,11 +753,12 @@ class Ledger:
         ids = list(file_ids)
         if not ids:
             return
+        mine, mine_args = _held_by(agent, epoch)
         with self._tx() as db:
             for i in range(0, len(ids), 500):
                 part = ids[i:i + 500]
-                db.execute(f"UPDATE files SET claim_until = 0 WHERE claim_owner = ? "
-                           f"AND id IN ({','.join('?' * len(part))})", [agent, *part])
+                db.execute(f"UPDATE files SET claim_until = 0 WHERE {mine} "
+                           f"AND id IN ({','.join('?' * len(part))})", [*mine_args, *part])
 
     def enrol(self, agent: str, place: str, host: str, pid: int, version: str, now: float,
               fresh_s: float) -> None:
@@ -754,6 +772,10 @@ class Ledger:
                 raise AgentIdTaken(f"ledger.agent_id {agent!r}: another edge-agent runs under this id "
                                    f"(host {row[1]}, {row[0]}, last heartbeat {at - row[2]:.0f}s ago); "
                                    "give each agent an id of its own")
+            if row is not None and row[0] == place:
+                # the previous run at this very place (machine and state_dir, whose lock this process
+                # holds) is dead: its claims are given back at once rather than waited out
+                db.execute("UPDATE files SET claim_until = 0 WHERE claim_owner = ? AND claim_until > 0", (agent,))
             db.execute("INSERT INTO agents (agent_id, host, pid, version, started_at, heartbeat_at, place) "
                        "VALUES (?,?,?,?,?,?,?) ON CONFLICT (agent_id) DO UPDATE SET host = excluded.host, "
                        "pid = excluded.pid, version = excluded.version, started_at = excluded.started_at, "
@@ -1072,7 +1094,8 @@ class Ledger:
         return self.get(file_id)
 
     def transition(self, file_id: int, expect: State, event: Event, detail: dict[str, Any] | None = None,
-                   *, copies: Sequence[WrittenCopy] = (), holder: str | None = None, **updates: Any) -> FileRecord:
+                   *, copies: Sequence[WrittenCopy] = (), holder: str | None = None, epoch: str | None = None,
+                   **updates: Any) -> FileRecord:
         """Move one file along the lifecycle, atomically, with its event, and with `copies` recorded in
         the same commit (the copy a step wrote and the move it ends with: a crash keeps both or
         neither, as a crash right after the write would). `holder`: the agent whose claim the step
@@ -1080,7 +1103,7 @@ class Ledger:
         lease commits nothing over the new holder's work). Raises StaleTransition."""
         with self._tx() as db:
             if holder is not None:
-                self._fence(db, file_id, holder)
+                self._fence(db, file_id, holder, epoch)
             for copy in copies:
                 self._record_copy(db, file_id, copy)
             self._transition(db, file_id, expect, event, detail, updates)
@@ -1101,7 +1124,8 @@ class Ledger:
                 moved.append(fid)
         return moved
 
-    def transition_group(self, moves: Sequence[Move], holder: str | None = None) -> list[FileRecord]:
+    def transition_group(self, moves: Sequence[Move], holder: str | None = None,
+                         epoch: str | None = None) -> list[FileRecord]:
         """Many files' moves (each its own event, detail and columns) in one commit: a batch step's
         outcome, acknowledged together. A file no longer where its move expects it (or, with
         `holder`, no longer held by it) is skipped. Returns the records moved, as they are now, in
@@ -1111,7 +1135,7 @@ class Ledger:
             for m in moves:
                 try:
                     if holder is not None:
-                        self._fence(db, m.file_id, holder)
+                        self._fence(db, m.file_id, holder, epoch)
                     self._transition(db, m.file_id, m.expect, m.event, m.detail, dict(m.updates))
                 except StaleTransition:
                     continue
@@ -1128,15 +1152,17 @@ class Ledger:
                 rows[r["id"]] = _row(r)
         return [rows[i] for i in ids if i in rows]
 
-    def _fence(self, db: Any, file_id: int, holder: str) -> None:
+    def _fence(self, db: Any, file_id: int, holder: str, epoch: str | None = None) -> None:
         """StaleTransition if another agent holds `file_id` (in the committing transaction, under the
         ledger's write lock: no claim slips in between). A row nobody holds may be moved by any
         agent, as without claims (an ended version's clean-up, a step of an agent whose claim was
         released); a row held by another agent is that agent's, even past its lease, until it is
         claimed anew: an agent that stalled past its lease commits nothing over the new holder's work."""
-        row = db.execute("SELECT claim_owner FROM files WHERE id = ?", (file_id,)).fetchone()
+        row = db.execute("SELECT claim_owner, claim_epoch FROM files WHERE id = ?", (file_id,)).fetchone()
         if row is not None and row[0] is not None and row[0] != holder:
             raise StaleTransition(f"file {file_id}: held by {row[0]}, not {holder}")
+        if row is not None and epoch is not None and row[1] is not None and row[1] != epoch:
+            raise StaleTransition(f"file {file_id}: held by another run of {holder}")
 
     def _transition(self, db: Any, file_id: int, expect: State, event: Event,
                     detail: dict[str, Any] | None, updates: dict[str, Any]) -> None:

@@ -25,7 +25,10 @@ _LOCK_KEY = f"{0x65646765}, hashtext(current_schema())"
 # ended by the server (its locks would stop every writer until TCP noticed, hours later), a lock
 # waited for too long is an error (the ledger is then unwritable, and said so), and a commit is
 # acknowledged only once the server's WAL holds it, whatever the role or database defaults say.
-_SESSION = ("SET idle_in_transaction_session_timeout = '60s'", "SET lock_timeout = '30s'",
+# The ledger's transactions are a few statements with no I/O in between: 10 s idle inside one is
+# a stalled agent (SIGSTOP, a frozen VM) holding the ledger's lock, which every agent of a fleet
+# waits for; the server ends it (the stalled agent finds its connection gone and reconnects).
+_SESSION = ("SET idle_in_transaction_session_timeout = '10s'", "SET lock_timeout = '30s'",
             "SET synchronous_commit = on")
 # TCP keepalives, so that a dead server (or a cut network) is noticed in about a minute
 _KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}

@@ -16,6 +16,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -133,6 +134,9 @@ class Runner:
         # a shared ledger: files are claimed for this agent's steps, with a lease renewed meanwhile
         self.agent_id = settings.agent_id
         self.place = f"{identity.machine_id()}:{settings.state_dir}"   # this process's, under agent_id
+        self.epoch = uuid.uuid4().hex[:16]    # this run: a claim of another run under agent_id is not its
+        self.context.epoch = self.epoch
+        self.discovery.epoch = self.epoch
         self.claims = ClaimBook(settings.ledger.lease_seconds, monotonic)
         self.context.claim_firm = self.claims.firm
         self.agent_id_lost: str | None = None
@@ -365,7 +369,8 @@ class Runner:
             if self.agent_id:
                 asked = self.monotonic()
                 found = self.ledger.claim(self.agent_id, states, now, free * per_job,
-                                          self.settings.ledger.lease_seconds, exclude, rules=list(self.settings.rules))
+                                          self.settings.ledger.lease_seconds, exclude, rules=list(self.settings.rules),
+                                          epoch=self.epoch)
                 self.claims.held([rec.id for rec in found], asked)
             else:
                 found = self.ledger.due(states, now, free * per_job, exclude)
@@ -428,7 +433,7 @@ class Runner:
             return
         self.claims.lost(file_ids)
         try:
-            self.ledger.release(self.agent_id, file_ids)
+            self.ledger.release(self.agent_id, file_ids, epoch=self.epoch)
         except Exception as exc:  # noqa: BLE001 - the claims then run out by their lease
             log.warning("could not release claims; they run out by their lease", files=len(file_ids),
                         error=str(exc))
@@ -442,7 +447,8 @@ class Runner:
             return
         asked = self.monotonic()
         try:
-            held = self.ledger.renew(self.agent_id, ids, self.settings.ledger.lease_seconds, self.clock())
+            held = self.ledger.renew(self.agent_id, ids, self.settings.ledger.lease_seconds, self.clock(),
+                                     epoch=self.epoch)
         except Exception as exc:  # noqa: BLE001 - tried again at the next renewal
             # the steps start no new effect once a third of the lease has gone by unrenewed
             log.warning("could not renew claims", files=len(ids), error=str(exc))
@@ -478,6 +484,11 @@ class Runner:
             return
         # only a heartbeat recorded ends an interval: after a failed one the next covers both
         self._beat_totals = totals
+        try:
+            here = self.clock()
+            self.discovery.lease_offset = self.ledger.lease_clock(here) - here
+        except Exception as exc:  # noqa: BLE001 - the last offset stands until the next heartbeat
+            log.warning("could not read the ledger's clock", error=str(exc))
 
     def totals(self) -> fleet.Totals:
         """What this agent has done since it started, now (the counters of the status page)."""

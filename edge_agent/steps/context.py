@@ -52,6 +52,7 @@ class StepContext:
     # a shared ledger: the agent whose claims the steps run under; a move of a file another agent
     # holds commits nothing (StaleTransition). None: claims are not used.
     holder: str | None = None
+    epoch: str | None = None          # with `holder`: this run of the agent (claims of another run are not its)
     # with `holder`: is this agent's claim on a file id still firmly held (claims.ClaimBook.firm)?
     claim_firm: Callable[[int], bool] = lambda file_id: True
 
@@ -84,6 +85,7 @@ class StepContext:
         the same commit, log it, tell the hooks. Returns the record as it is now."""
         try:
             new = self.ledger.transition(rec.id, rec.state, event, detail, copies=copies, holder=self.holder,
+                                         epoch=self.epoch,
                                          **updates)
         except StaleTransition:
             # moved meanwhile (superseded: the file changed or went): the copies were written all
@@ -102,7 +104,8 @@ class StepContext:
         if not moves:
             return {}
         new = self.ledger.transition_group([Move(rec.id, rec.state, event, detail, updates)
-                                            for rec, event, detail, updates in moves], holder=self.holder)
+                                            for rec, event, detail, updates in moves], holder=self.holder,
+                                           epoch=self.epoch)
         by_id = {r.id: r for r in new}
         for rec, event, detail, _ in moves:
             now = by_id.get(rec.id)

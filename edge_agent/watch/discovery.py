@@ -55,6 +55,10 @@ class Discovery:
         self.superseded = superseded
         self.between_batches = between_batches
         self.wake = wake
+        # a shared ledger: this run of the agent (claims.py), and the ledger's clock less this host's
+        # (leases are reckoned on the ledger's clock), set by the runner
+        self.epoch: str | None = None
+        self.lease_offset = 0.0
         self.filters = {name: RuleFilter(rule) for name, rule in settings.rules.items()}
         self.dirty = DirtyPaths()
         self.writers = WriterTable()
@@ -191,8 +195,10 @@ class Discovery:
         itself; discovery leaves the row alone meanwhile."""
         if self.busy(rec.id):
             return True
-        return (rec.claim_owner is not None and rec.claim_owner != self.settings.agent_id
-                and (rec.claim_until or 0) > 0)
+        if rec.claim_owner is None or (rec.claim_owner == self.settings.agent_id and rec.claim_epoch == self.epoch):
+            return False
+        # a claim whose lease ran out is a dead agent's (or given back: 0): the row is anybody's
+        return (rec.claim_until or 0) > self.clock() + self.lease_offset
 
     def evaluate(self, rule: str, path: bytes, entry: Entry | None, rec: FileRecord | None) -> None:
         """Bring the ledger up to date with what is at `path` now (`rec`: its live row, if any)."""

@@ -93,7 +93,7 @@ def test_every_connection_ends_stray_transactions_and_commits_durably(pg: tuple[
     try:
         got = {k: led._db.execute(f"SHOW {k}").fetchone()[0]
                for k in ("idle_in_transaction_session_timeout", "lock_timeout", "synchronous_commit")}
-        assert got == {"idle_in_transaction_session_timeout": "1min", "lock_timeout": "30s", "synchronous_commit": "on"}
+        assert got == {"idle_in_transaction_session_timeout": "10s", "lock_timeout": "30s", "synchronous_commit": "on"}
     finally:
         led.close()
 

@@ -611,3 +611,37 @@ def test_a_ledger_has_one_fleet_id(ledger: Ledger, tmp_path: Path, clock: Any) -
         assert ledger.fleet_id() == other.fleet_id() == ledger.fleet_id() and len(ledger.fleet_id()) == 32
     finally:
         other.close()
+
+
+def test_a_run_of_an_agent_takes_nothing_another_run_under_its_id_still_holds(ledger: Ledger, clock: Any) -> None:
+    """Review of 2026-12-07 (fleet, 4): a process that took an agent_id over (the first one silent,
+    perhaps only stalled) was handed that one's rows with their leases still running, and the
+    fence let both commit. Each run claims under an epoch of its own."""
+    [fid] = _due_files(ledger, 1)
+    now = clock()
+    ledger.claim("a1", [S.COMPLETE], now, 1, lease_s=300, epoch="run1")
+    assert ledger.claim("a1", [S.COMPLETE], now + 100, 1, lease_s=300, epoch="run2") == []   # lease runs
+    [taken] = ledger.claim("a1", [S.COMPLETE], now + 301, 1, lease_s=300, epoch="run2")      # ran out
+    assert (taken.claim_owner, taken.claim_epoch) == ("a1", "run2")
+    assert ledger.renew("a1", [fid], 300, now + 302, epoch="run1") == set()                   # run1 woke up
+    with pytest.raises(StaleTransition, match="another run"):
+        ledger.transition(fid, S.COMPLETE, E.HASHED, holder="a1", epoch="run1", blake3="stale")
+    assert ledger.transition(fid, S.COMPLETE, E.FAILED_RETRYABLE, holder="a1", epoch="run2").state is S.RETRY_WAIT
+
+
+def test_a_restart_at_the_same_place_takes_its_claims_back_at_once(ledger: Ledger, clock: Any) -> None:
+    [fid] = _due_files(ledger, 1)
+    ledger.enrol("a1", "m1:/srv/state", "daq-1", 11, "0", clock(), fresh_s=90)
+    ledger.claim("a1", [S.COMPLETE], clock(), 1, lease_s=300, epoch="run1")
+    clock.advance(5)                       # kill -9; the same state_dir (its lock: the old run is dead)
+    ledger.enrol("a1", "m1:/srv/state", "daq-1", 12, "0", clock(), fresh_s=90)
+    assert [r.id for r in ledger.claim("a1", [S.COMPLETE], clock(), 1, lease_s=300, epoch="run2")] == [fid]
+
+
+def test_a_claim_given_back_is_not_renewed(ledger: Ledger, clock: Any) -> None:
+    """Review of 2026-12-07 (fleet, 5): a renewal racing the end of a step gave a released row a
+    fresh lease, which a dead agent then kept for a whole lease."""
+    [fid] = _due_files(ledger, 1)
+    ledger.claim("a1", [S.COMPLETE], clock(), 1, lease_s=60)
+    ledger.release("a1", [fid])
+    assert ledger.renew("a1", [fid], 60, clock()) == set() and ledger.get(fid).claim_until == 0

@@ -144,3 +144,19 @@ def test_a_file_another_agent_of_the_fleet_works_on_is_left_to_its_step(
     runner.ledger.release("a2", [held.id])
     runner.discovery.rescan("r")
     assert runner.ledger.get(held.id).state is State.SUPERSEDED
+
+
+def test_a_dead_agents_expired_claim_does_not_keep_a_row_from_discovery(
+        runner: Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock: Any) -> None:
+    """Review of 2026-12-07 (fleet, 5): a2 claimed a file and died without giving it back: once the
+    lease has run out the row is anybody's, also for discovery (it stayed wedged for ever)."""
+    make(tmp_path, 3)
+    monkeypatch.setattr(runner, "dispatch", lambda now: None)
+    runner.discovery.rescan("r")
+    [held] = runner.ledger.claim("a2", [State.COMPLETE], clock(), 1, lease_s=60)
+    os.unlink(held.fspath)
+    runner.discovery.rescan("r")
+    assert runner.ledger.get(held.id).state is State.COMPLETE    # a2's lease runs: its step's to see
+    clock.advance(61)                                            # a2 died; its lease ran out
+    runner.discovery.rescan("r")
+    assert runner.ledger.get(held.id).state is State.SUPERSEDED
