@@ -9,12 +9,17 @@ an agent that knows about identities.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import time
+import uuid
 
+from .localfs import AGENT_MARK
 from .settings import Settings
 
 MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")
+BUFFER_ID_NAME = AGENT_MARK.decode() + "buffer.id"
 
 
 def machine_id(files: tuple[str, ...] = MACHINE_ID_FILES) -> str:
@@ -42,7 +47,41 @@ def current(settings: Settings, shared: bool = False) -> dict[str, str]:
             continue
         ident[f"rule {name} directory"] = f"{rule.directory} inode={st.st_ino}"
         ident[f"rule {name} device"] = str(st.st_dev)
+        if shared:
+            # two filesystems mounted at one path have the same root inode (2 on ext4, 1 on
+            # CephFS): the buffer's own id tells them apart where the host no longer does
+            ident[f"rule {name} buffer id"] = buffer_id(rule.directory)
     return ident
+
+
+def buffer_id(directory: os.PathLike[str] | str) -> str:
+    """The id of the buffer at `directory` (a file of the agent's in it, made at the first call;
+    the same for every host that mounts it)."""
+    path = os.path.join(directory, BUFFER_ID_NAME)
+    for _ in range(50):
+        try:
+            with open(path) as fh:
+                value = fh.read().strip()
+            if value:
+                return value
+        except FileNotFoundError:
+            pass
+        # written whole under a name of its own, then published without replacing one another
+        # agent published meanwhile (a link is atomic, also over NFS)
+        tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            with open(tmp, "w") as fh:
+                fh.write(uuid.uuid4().hex + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        time.sleep(0.01)
+    raise OSError(f"{path}: empty (cannot tell this buffer from another)")
 
 
 def _compared(key: str) -> bool:

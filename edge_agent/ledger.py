@@ -994,6 +994,14 @@ class Ledger:
                        (self._clock(), scope, name))
             return True
 
+    def removing_by(self, scope: str, name: str, file_id: int) -> bool:
+        """Is scope:name still being removed by `file_id` (begin_removal)? Asked right before each
+        copy is removed: another agent may have finished the removal meanwhile, and a new version
+        taken the free name and written its own copy at the same URL."""
+        rows = self._query("SELECT 1 FROM names WHERE scope = ? AND name = ? AND owner = ? AND state = ?",
+                           (scope, name, file_id, NameState.REMOVING.value))
+        return bool(rows)
+
     def finish_removal(self, scope: str, name: str, file_id: int) -> None:
         """The copies under scope:name are removed: the name is free again."""
         with self._tx() as db:

@@ -53,11 +53,18 @@ def discard_unregistered(rec: FileRecord, ctx: StepContext) -> None:
             recorded = ctx.catalogue.recorded_locations(scope, name) if urls or first_url else set()
             for t in ctx.catalogue.targets(f):
                 transport = ctx.transport(t)
-                if t.url in urls and t.location not in recorded:
+                mine = t.url in urls and t.location not in recorded
+                partial = not rows and t.url == first_url and transport.leaves_partials and t.location not in recorded
+                # asked again right before each removal: an agent sharing the ledger may have
+                # finished this removal meanwhile, and a new version written its own copy here
+                if (mine or partial) and not ctx.ledger.removing_by(scope, name, rec.id):
+                    log.info("clean-up of an ended version finished elsewhere", file_id=rec.id,
+                             did=f"{scope}:{name}")
+                    break
+                if mine:
                     transport.delete(t.url)
                     ctx.ledger.record_replica(rec.id, t.location, t.url, None, None, CopyState.REMOVED)
-                elif not rows and t.url == first_url and transport.leaves_partials \
-                        and t.location not in recorded:
+                elif partial:
                     # a first upload cut short may have left a partial object at the one URL
                     # this version reserved: nobody records it, nobody counts it
                     transport.delete(t.url)

@@ -15,6 +15,7 @@ from edge_agent.app import Agent, claim_ledger
 from edge_agent.cli import main
 from edge_agent.errors import ConfigError
 from edge_agent.ledger import Ledger
+from edge_agent.localfs import is_agent_temp
 from edge_agent.settings import Settings
 
 HERE = {"machine_id": "aaaa", "hostname": "daq1", "rule r directory": "/daq inode=2", "rule r device": "1"}
@@ -164,3 +165,26 @@ def test_a_shared_ledger_belongs_to_its_buffer_not_to_a_host(ledger: Ledger, tmp
     claim_ledger(ledger, dict(shared))                      # another host, the same buffer: accepted
     with pytest.raises(ConfigError, match="rule r directory"):
         claim_ledger(ledger, {**shared, "rule r directory": "/mnt/elsewhere inode=7"})
+
+
+def test_two_buffers_mounted_at_one_path_are_told_apart(tmp_path: Path, ledger: Ledger,
+                                                        settings_data: Callable[..., Any]) -> None:
+    """Review of 2026-12-07 (fleet, 7): without the host, a shared ledger's identity was the buffer's
+    path and inode, and two filesystems mounted at one path have the same root inode: another
+    instrument's agents pointed at the same database were taken in. Each buffer has an id of its own."""
+    (tmp_path / "daq").mkdir()
+    settings = Settings(**settings_data(tmp_path, rule={"completion": ["renamed"]}, ledger={"agent_id": "a1"}))
+    first = identity.current(settings, shared=True)
+    assert identity.current(settings, shared=True) == first            # kept: the same buffer
+    claim_ledger(ledger, first)
+    (tmp_path / "daq" / identity.BUFFER_ID_NAME).unlink()            # "another filesystem" at the same path
+    with pytest.raises(ConfigError, match="rule r buffer id"):
+        claim_ledger(ledger, identity.current(settings, shared=True))
+    assert is_agent_temp(identity.BUFFER_ID_NAME)                    # never taken for data
+
+
+def test_agents_making_the_buffer_id_at_once_agree_on_one(tmp_path: Path) -> None:
+    import concurrent.futures as cf
+    with cf.ThreadPoolExecutor(8) as pool:
+        ids = set(pool.map(lambda _: identity.buffer_id(tmp_path), range(16)))
+    assert len(ids) == 1 and [p.name for p in tmp_path.iterdir()] == [identity.BUFFER_ID_NAME]

@@ -1706,3 +1706,89 @@ def test_a_writer_on_this_host_keeps_a_file_hashed_on_another_host_of_the_fleet(
     finally:
         w.kill()
         w.wait()
+
+
+def test_a_second_cleanup_of_an_ended_version_never_removes_the_next_versions_copy(
+        env: Env, clock: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review of 2026-12-07 (fleet, 3): two agents finish one ended version's clean-up at once (the
+    superseding agent's hook, another agent's finish_cleanups at its start); the first frees the
+    name, a new version takes it and writes its first copy at the same URL: the second removed it."""
+    import dataclasses
+    v1 = env.add("f1.fits", b"first content " * 100)
+    v1 = env.step(v1.id)                      # hashed: first copy at lake-a, recorded 'sent'
+    assert v1.state is S.HASHED
+    url = env.copy("a", v1)
+    assert url.exists()
+    # the DAQ rewrites the file; the agent that notices ends v1 ...
+    p = env.daq / "f1.fits"
+    p.write_bytes(b"second content, other bytes " * 100)
+    ended = env.ledger.transition(v1.id, S.HASHED, E.SUPERSEDED, {"reason": "changed"}, reason="changed")
+    st = os.stat(p)
+    v2 = env.ledger.discover("r", os.fsencode(p), "f1.fits", st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, 0)
+    v2 = env.ledger.transition(v2.id, S.DISCOVERED, E.COMPLETED)
+    assert env.ledger.ended_holders() == [v1.id]   # what a restarting agent's finish_cleanups() reads
+    ctx_a = dataclasses.replace(env.ctx, holder="a1", claim_firm=lambda fid: True)
+    ctx_c = dataclasses.replace(env.ctx, holder="a3", claim_firm=lambda fid: True)
+    real = env.lake.recorded_locations
+    seen = {"n": 0}
+
+    def slow_catalogue(scope: str, name: str) -> Any:
+        seen["n"] += 1
+        if seen["n"] == 1:
+            # agent a3's finish_cleanups() is here (it read v1's name 'removing' and its 'sent'
+            # copy, and begin_removal said True) while agent a1's clean-up completes ...
+            steps.discard_unregistered(env.ledger.get(v1.id), ctx_a)
+            assert not url.exists()
+            # ... and a1 hashes v2, whose template renders the same, now free, name
+            [c] = env.ledger.claim("a1", [S.COMPLETE], clock(), 1, lease_s=60)
+            steps.run([c], ctx_a)
+            got = env.ledger.get(v2.id)
+            assert got.state is S.HASHED and got.name == v1.name, (got.state, got.name)
+            assert url.read_bytes().startswith(b"second content")
+        return real(scope, name)
+
+    monkeypatch.setattr(env.lake, "recorded_locations", slow_catalogue)
+    steps.discard_unregistered(env.ledger.get(v1.id), ctx_c)         # a3's finish_cleanups
+    assert url.exists(), "v2's first copy (name bound to v2, recorded 'sent') was deleted by v1's clean-up"
+
+
+def test_a_stalled_cleanup_never_removes_a_copy_a_deleted_version_counted(
+        env: Env, clock: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same, with a3 stalled (SIGSTOP) between the catalogue's answer and its delete while
+    v2 goes all the way: v2 is deleted from the buffer on 2 copies, then a3 removes one of them."""
+    import dataclasses
+    v1 = env.step(env.add("f1.fits", b"first content " * 100).id)
+    url = env.copy("a", v1)
+    p = env.daq / "f1.fits"
+    p.write_bytes(b"second content, other bytes " * 100)
+    env.ledger.transition(v1.id, S.HASHED, E.SUPERSEDED, {"reason": "changed"}, reason="changed")
+    st = os.stat(p)
+    v2 = env.ledger.discover("r", os.fsencode(p), "f1.fits", st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, 0)
+    env.ledger.transition(v2.id, S.DISCOVERED, E.COMPLETED)
+    assert env.ledger.ended_holders() == [v1.id]
+    ctx_a = dataclasses.replace(env.ctx, holder="a1", claim_firm=lambda fid: True)
+    ctx_c = dataclasses.replace(env.ctx, holder="a3", claim_firm=lambda fid: True)
+    real = env.lake.recorded_locations
+    seen = {"n": 0}
+
+    def answer_then_stall(scope: str, name: str) -> Any:
+        seen["n"] += 1
+        answer = real(scope, name)
+        if seen["n"] == 1:          # a3 got its answer, then is SIGSTOPped; meanwhile:
+            steps.discard_unregistered(env.ledger.get(v1.id), ctx_a)
+            for _ in range(10):
+                r = env.ledger.get(v2.id)
+                if r.state is S.DELETED:
+                    break
+                if r.state is S.RETRY_WAIT:
+                    clock.now = max(clock.now, r.next_at)
+                    env.ledger.transition(r.id, S.RETRY_WAIT, E.RETRY_DUE)
+                    continue
+                steps.run([r], ctx_a)
+            done = env.ledger.get(v2.id)
+            assert done.state is S.DELETED and done.name == v1.name and not p.exists()
+        return answer
+
+    monkeypatch.setattr(env.lake, "recorded_locations", answer_then_stall)
+    steps.discard_unregistered(env.ledger.get(v1.id), ctx_c)         # a3's finish_cleanups, resumed
+    assert url.exists(), "a copy v2 was deleted locally on was removed by v1's stalled clean-up"
