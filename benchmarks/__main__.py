@@ -9,6 +9,8 @@ Parts (each is also a script of its own, with its options: `benchmarks/<part>.py
   latency     completion -> upload start, median and p99, inotify                       local lake
   scale       1,000,000 files present at start: first upload, rescans, RSS              local lake
   s3          the S3 store through Rucio-signed URLs against curl -T (scripts/lake/s3-start.sh)
+  fleet       1, 2, 3 agents on one buffer (issue 15): files/s ratios, each agent capped    lake's PostgreSQL
+The default runs issue 5's parts; s3 and fleet only when named in --only.
 Each part runs as its own process, is stopped (SIGTERM: it cleans up) when its time is up, and
 appends its section to benchmarks/RESULTS.md (EDGE_BENCH_RESULTS=PATH: elsewhere). --quick runs
 tiny sizes to check that the parts work (its results go to a temporary file unless
@@ -35,6 +37,7 @@ PARTS: dict[str, tuple[str, list[str], list[str], float]] = {
     "latency": ("latency.py", [], ["--files", "10", "--rate", "20", "--size-kib", "4"], 600),
     "scale": ("scale.py", [], ["--files", "2000", "--dirs", "4", "--rescan-seconds", "1", "--budget", "60"], 1800),
     "s3": ("s3_upload.py", [], ["--files", "1", "--size-mb", "4"], 1200),
+    "fleet": ("fleet.py", [], ["--files", "6", "--size-mib", "1", "--host-mbps", "8", "--budget", "120"], 2400),
 }
 DEFAULT = ["read_once", "large", "small", "latency", "scale"]
 

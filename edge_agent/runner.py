@@ -120,7 +120,8 @@ class Runner:
                                  backlog_files_history={r: Series(clock=clock) for r in settings.rules},
                                  backlog_bytes_history={r: Series(clock=clock) for r in settings.rules})
         self._lock = threading.Lock()
-        self.throttle = Throttle(settings.bandwidth_mbps, settings.windows_policy(), sleep=self._nap)
+        self.throttle = Throttle(settings.bandwidth_mbps, settings.windows_policy(), sleep=self._nap,
+                                 host_mbps=settings.host_bandwidth_mbps)
         self.in_flight: dict[int, str] = {}      # file id -> the pool its step runs in
         self.jobs = {pool: 0 for pool in POOLS}   # steps (a file, or a batch) running per pool
         self.discovery = Discovery(settings, ledger, clock, monotonic, self.stopping,

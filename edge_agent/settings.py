@@ -419,7 +419,11 @@ class Settings(BaseSettings):
                                   "delete) takes at once, of one rule and dataset: one bulk call and one "
                                   "commit for them all")
     chunk_mb: int = Field(8, ge=1, le=256)
-    bandwidth_mbps: float = Field(0.0, ge=0, description="transfer cap in MB/s; 0 = none")
+    bandwidth_mbps: float = Field(0.0, ge=0, description="transfer cap in MB/s; 0 = none (with a shared "
+                                  "ledger: the fleet's cap, shared)")
+    host_bandwidth_mbps: float = Field(0.0, ge=0, description="this agent's own transfer cap in MB/s (what its "
+                                       "NIC or its part of a link allows), on top of its share of "
+                                       "bandwidth_mbps: the lower wins; 0 = none")
     windows: list[WindowSettings] = []
     stale_temp_seconds: float = Field(600.0, gt=0, description="a temporary or hidden name unchanged this "
                                       "long is reported in /status (a DAQ writer that died?)")

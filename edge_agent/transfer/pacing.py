@@ -1,5 +1,6 @@
-"""A token bucket shared by all transfer workers: the bandwidth cap, with daily windows, and this
-agent's share of it when a fleet shares one uplink (edge_agent/uplink.py sets it)."""
+"""A token bucket shared by all transfer workers: the bandwidth cap, with daily windows, this
+agent's share of it when a fleet shares one uplink (edge_agent/uplink.py sets it), and this host's
+own cap on top (the lower of the two wins)."""
 
 from __future__ import annotations
 
@@ -14,27 +15,34 @@ from ..core.policy import Window, bandwidth_cap
 
 class Throttle:
     """A Pacer: blocks before each chunk so that bytes go out no faster than this agent's share
-    (1.0 unless a fleet shares the uplink) of the cap of the bandwidth window in force (0: paused)."""
+    (1.0 unless a fleet shares the uplink) of the cap of the bandwidth window in force (0: paused),
+    nor faster than `host_mbps` (0: no cap of this host's own)."""
     def __init__(self, default_mbps: float, windows: Sequence[Window],
                  clock: Callable[[], float] = time.monotonic,
                  local_time: Callable[[], dt.time] = lambda: dt.datetime.now().time(),
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep, host_mbps: float = 0.0) -> None:
         self._default = default_mbps
         self._windows = list(windows)
+        self._host = host_mbps * 1e6 if host_mbps > 0 else math.inf
         self._clock, self._local_time, self._sleep = clock, local_time, sleep
         self._lock = threading.Lock()
         self._tokens = 0.0
         self._last = clock()
         self._share = 1.0
         self._granted = 0      # bytes let through since usage() was last asked
-        self._waited = 0.0     # seconds senders were made to wait meanwhile (summed over senders)
+        self._waited = 0.0     # seconds senders waited for the share meanwhile (summed over senders)
 
     def cap(self) -> float:
         """Bytes/s the cap in force allows the whole fleet now (inf = no cap, 0 = paused by a window)."""
         return bandwidth_cap(self._local_time(), self._default, self._windows)
 
     def rate(self) -> float:
-        """Bytes/s this agent may send now: its share of the cap (inf = no cap, 0 = paused or no share)."""
+        """Bytes/s this agent may send now: its share of the cap, or the host's cap if lower (inf = no
+        cap, 0 = paused or no share)."""
+        return min(self._shared(), self._host)
+
+    def _shared(self) -> float:
+        """Bytes/s of the cap in force this agent's share allows (inf = no cap)."""
         cap = self.cap()
         if math.isinf(cap):
             return cap       # no cap now: a share of it is no cap either (and inf * 0 is not a rate)
@@ -52,8 +60,9 @@ class Throttle:
             return self._share
 
     def usage(self) -> tuple[int, float]:
-        """(bytes let through, seconds senders waited) since the last call: what this agent sent
-        and whether its rate held it back."""
+        """(bytes let through, seconds senders waited for the share) since the last call: what this
+        agent sent and whether its share held it back. A wait that the host's cap imposes (lower than
+        the share) is not counted: a bigger share would not send more."""
         with self._lock:
             out = (self._granted, self._waited)
             self._granted, self._waited = 0, 0.0
@@ -62,7 +71,8 @@ class Throttle:
     def __call__(self, nbytes: int) -> None:
         """Block until `nbytes` may be sent."""
         while True:
-            rate = self.rate()
+            shared = self._shared()
+            rate = min(shared, self._host)
             if math.isinf(rate):
                 with self._lock:
                     self._granted += nbytes
@@ -77,5 +87,6 @@ class Throttle:
                     self._granted += nbytes
                     return
                 wait = max(0.001, 1.0 if rate == 0 else min(1.0, (min(nbytes, rate) - self._tokens) / rate))
-                self._waited += wait
+                if shared <= self._host:
+                    self._waited += wait
             self._sleep(wait)

@@ -136,9 +136,10 @@ class Sender:
     """An agent's transfer workers, as far as its uplink share sees them: a Throttle on the test's
     clock (its waits move the clock, see World), and whether a step that sends is running."""
 
-    def __init__(self, clock: Any, sleep: Callable[[float], None] | None = None) -> None:
+    def __init__(self, clock: Any, sleep: Callable[[float], None] | None = None, host_mbps: float = 0) -> None:
         self.busy = False
-        self.throttle = Throttle(10, [], clock=clock, local_time=lambda: dt.time(12), sleep=sleep or clock.sleep)
+        self.throttle = Throttle(10, [], clock=clock, local_time=lambda: dt.time(12), sleep=sleep or clock.sleep,
+                                 host_mbps=host_mbps)
 
 
 def test_a_round_posts_what_was_sent_and_takes_the_share(ledger_at: Callable[[], Ledger], clock: Any) -> None:
@@ -174,6 +175,26 @@ def test_a_round_without_waits_is_not_held_back(ledger_at: Callable[[], Ledger],
     up.round()
     (p,) = led.uplink_posts()
     assert (p.wants, p.held) == (True, False) and p.rate == pytest.approx(CHUNK / ROUND_S)
+
+
+def test_a_round_held_back_by_the_host_cap_asks_only_for_what_it_sends(ledger_at: Callable[[], Ledger],
+                                                                       clock: Any) -> None:
+    """host_bandwidth_mbps below the share: the senders wait for the host, and a bigger share would
+    not send more, so the post is not `held` and the agent's demand is its rate (core/uplink.demand)."""
+    led = ledger_at()
+    s = Sender(clock, host_mbps=2)
+    up = UplinkShare("a1", led, s.throttle, busy=lambda: True, monotonic=clock)
+    up.round()
+    assert s.throttle.share() == 1.0 and s.throttle.rate() == 2 * MB
+    t0 = clock.now
+    for _ in range(20):                                 # 5.2 MB at the host's 2 MB/s
+        s.throttle(CHUNK)
+    assert sum(clock.slept) > 2
+    clock.advance(max(0.0, t0 + ROUND_S - clock.now))
+    up.round()
+    (p,) = led.uplink_posts()
+    assert (p.wants, p.held) == (True, False)
+    assert p.rate == pytest.approx(2 * MB, rel=0.15)
 
 
 def test_a_sender_waiting_for_its_share_wants_more_whatever_step_it_is_in(ledger_at: Callable[[], Ledger],
@@ -260,18 +281,19 @@ class World:
 
 
 class Agent:
-    def __init__(self, name: str, led: Ledger, world: World) -> None:
-        self.sender = Sender(world.clock, sleep=world.sleep)
+    def __init__(self, name: str, led: Ledger, world: World, host_mbps: float = 0) -> None:
+        self.sender = Sender(world.clock, sleep=world.sleep, host_mbps=host_mbps)
         self.share = UplinkShare(name, led, self.sender.throttle, busy=lambda: self.sender.busy,
                                  monotonic=world.clock, stale_after_s=world.stale_after_s)
         self.sent = 0
         self.alive = True
+        self.chunk = CHUNK       # sent per turn: the agents take turns on one clock
         world.agents.append(self)
 
     def send(self) -> None:
         if self.alive and self.sender.busy:
-            self.sender.throttle(CHUNK)
-            self.sent += CHUNK
+            self.sender.throttle(self.chunk)
+            self.sent += self.chunk
 
 
 def test_two_agents_on_one_ledger_together_send_the_cap_and_no_more(ledger_at: Callable[[], Ledger],
@@ -300,6 +322,26 @@ def test_two_agents_on_one_ledger_together_send_the_cap_and_no_more(ledger_at: C
     start = clock.now
     world.run(10 * ROUND_S)
     assert b.sent / (clock.now - start) == pytest.approx(10 * MB, rel=0.05)
+
+
+def test_an_agent_its_host_holds_back_leaves_the_rest_of_the_cap_to_the_others(ledger_at: Callable[[], Ledger],
+                                                                                clock: Any) -> None:
+    """host_bandwidth_mbps: a's host allows 2 MB/s of the fleet's 10. Its waits are the host's, not
+    its share's: it asks for what it sends (and a quarter more), and b gets the rest."""
+    world = World(clock, ledger_at(), stale_after_s=60.0)
+    a, b = Agent("a", ledger_at(), world, host_mbps=2), Agent("b", ledger_at(), world)
+    b.chunk = 4 * CHUNK                     # (turns on one clock: b's turn must carry its bigger rate)
+    a.sender.busy = b.sender.busy = True
+    world.run(10 * ROUND_S)
+    assert a.share.report()["share"] == pytest.approx(0.25, abs=0.02)    # its 2 MB/s and a quarter more
+    assert b.share.report()["share"] == pytest.approx(0.75, abs=0.02)    # the rest
+    a.sent = b.sent = 0
+    start = clock.now
+    world.run(20 * ROUND_S)
+    took = clock.now - start
+    assert a.sent / took == pytest.approx(2 * MB, rel=0.05)
+    assert b.sent / took == pytest.approx(7.5 * MB, rel=0.1)
+    assert max(world.sums) <= 1 + 1e-9
 
 
 # ---------------------------------------------------------------- the runner's wiring
@@ -360,6 +402,30 @@ def test_without_a_shared_ledger_or_a_cap_nothing_changes(tmp_path: Path, clock:
         assert report.full(r)["agent"]["uplink"] is None and _scrape(r) == {}
     finally:
         _stop(r)
+
+
+@pytest.mark.parametrize(("top", "expected"), [
+    ({}, 3 * MB),                                              # no shared ledger: it simply caps the agent
+    ({"bandwidth_mbps": 10}, 3 * MB),                          # ... under the agent's own cap too
+    ({"bandwidth_mbps": 10, "ledger": {"agent_id": "a1"}, "rule": {"completion": ["renamed"]}}, 3 * MB),
+    ({"bandwidth_mbps": 2, "ledger": {"agent_id": "a1"}, "rule": {"completion": ["renamed"]}}, 2 * MB)])
+def test_a_host_cap_is_applied_on_top_of_the_share(tmp_path: Path, clock: Any, top: dict[str, Any], expected: float,
+                                                   settings_data: Callable[..., dict[str, Any]]) -> None:
+    r = _runner(tmp_path, clock, settings_data, host_bandwidth_mbps=3, **top)
+    try:
+        r.start()
+        assert r.throttle.rate() == expected               # alone in its fleet: the whole cap, or the host's
+        assert report.full(r)["agent"]["bandwidth_cap_bytes_per_s"] == expected
+        assert (r.uplink is None) == ("ledger" not in top)   # the host's cap alone shares nothing
+    finally:
+        _stop(r)
+
+
+def test_a_host_cap_is_not_negative(tmp_path: Path, settings_data: Callable[..., dict[str, Any]]) -> None:
+    from pydantic import ValidationError
+    (tmp_path / "daq").mkdir()
+    with pytest.raises(ValidationError, match="host_bandwidth_mbps"):
+        Settings(**settings_data(tmp_path, host_bandwidth_mbps=-1))
 
 
 def test_a_window_alone_is_a_cap_and_shares_it(tmp_path: Path, clock: Any,

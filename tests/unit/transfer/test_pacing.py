@@ -157,3 +157,48 @@ def test_usage_tells_what_was_sent_and_how_long_senders_waited(world: World, clo
     unlimited = world.throttle(0)
     unlimited(123)
     assert unlimited.usage() == (123, 0.0)
+
+
+# ---------------------------------------------------------------- this host's own cap (host_bandwidth_mbps)
+def host_throttle(world: World, mbps: float, host_mbps: float, windows: list[Window] | None = None) -> Throttle:
+    return Throttle(mbps, windows or [], clock=world.clock, local_time=world.local_time, sleep=world.clock.sleep,
+                    host_mbps=host_mbps)
+
+
+def test_a_host_cap_alone_caps_the_agent(world: World, clock: Any) -> None:
+    th = host_throttle(world, 0, 2)
+    assert (th.cap(), th.rate()) == (math.inf, 2 * MB)     # no fleet cap: the host's is the agent's
+    for _ in range(10):
+        th(MB)
+    assert sum(clock.slept) == pytest.approx(10 / 2, abs=1.01)
+
+
+@pytest.mark.parametrize(("share", "host", "expected"), [(0.5, 2, 2 * MB), (0.1, 2, 1 * MB), (1.0, 0, 10 * MB)])
+def test_the_lower_of_the_share_and_the_host_cap_wins(world: World, share: float, host: float,
+                                                      expected: float) -> None:
+    th = host_throttle(world, 10, host)
+    th.set_share(share)
+    assert th.rate() == expected
+    assert th.cap() == 10 * MB                             # the fleet's cap is still the fleet's
+
+
+def test_a_paused_window_pauses_a_host_capped_agent(clock: Any) -> None:
+    w = World(clock, dt.datetime(2024, 3, 10, 23, 0, 0))
+    th = host_throttle(w, 10, 5, [Window(dt.time(22, 0), dt.time(2, 0), 0.0)])
+    assert th.rate() == 0
+
+
+def test_waits_for_the_host_cap_are_not_waits_for_the_share(world: World, clock: Any) -> None:
+    """The fleet's uplink share grows for an agent its share holds back: one held back by its own
+    host would only take a share it cannot use."""
+    th = host_throttle(world, 10, 1)
+    th.set_share(0.5)                                      # 5 MB/s of the fleet's cap; the host allows 1
+    for _ in range(4):
+        th(MB)
+    assert sum(clock.slept) == pytest.approx(4, abs=0.01)    # at the host's 1 MB/s
+    assert th.usage() == (4 * MB, 0.0)
+    th.set_share(0.05)                                     # 0.5 MB/s: now the share holds it back
+    for _ in range(2):
+        th(MB)
+    sent, waited = th.usage()
+    assert sent == 2 * MB and waited > 1
