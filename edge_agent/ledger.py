@@ -718,6 +718,17 @@ class Ledger:
             return now
         return float(db.execute("SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8").fetchone()[0])
 
+    def holds(self, agent: str, epoch: str | None, file_id: int, now: float, margin_s: float) -> bool:
+        """Does `agent` (run `epoch`) hold `file_id` with at least `margin_s` of its lease left, on the
+        lease clock? Asked right before the effect that matters most (the local file unlinked): it
+        also sees a lease the server's clock ended early by stepping forward."""
+        rows = self._query("SELECT claim_owner, claim_epoch, claim_until FROM files WHERE id = ?", (file_id,))
+        if not rows:
+            return False
+        owner, run, until = rows[0][0], rows[0][1], rows[0][2]
+        return (owner == agent and (epoch is None or run == epoch)
+                and (until or 0) - self.lease_clock(now) > margin_s)
+
     def lease_clock(self, now: float) -> float:
         """The time now as leases and heartbeats are reckoned (see _lease_now): for readers that
         compare with them (the fleet view)."""

@@ -56,13 +56,19 @@ class StepContext:
     # with `holder`: is this agent's claim on a file id still firmly held (claims.ClaimBook.firm)?
     claim_firm: Callable[[int], bool] = lambda file_id: True
 
-    def check_claim(self, rec: FileRecord) -> None:
+    def check_claim(self, rec: FileRecord, ask_ledger: bool = False) -> None:
         """Before an effect outside the ledger (a copy written, the local file unlinked): with claims,
         StaleTransition unless this agent's claim on `rec` is still firmly held. An agent that
         stalled or lost the ledger for two thirds of its lease starts no effect the new holder of
         the file may be making at the same time (the ledger fences only its commits)."""
-        if self.holder is not None and not self.claim_firm(rec.id):
+        if self.holder is None:
+            return
+        if not self.claim_firm(rec.id):
             raise StaleTransition(f"file {rec.id}: the claim of {self.holder} is no longer firmly held")
+        # `ask_ledger`: the ledger itself is asked too (one read), for the effect that matters most
+        if ask_ledger and not self.ledger.holds(self.holder, self.epoch, rec.id, self.clock(),
+                                                self.settings.ledger.lease_seconds / 3):
+            raise StaleTransition(f"file {rec.id}: the ledger no longer gives {self.holder} its claim")
 
     def rule(self, rec: FileRecord) -> RuleSettings:
         """The settings of `rec`'s rule."""

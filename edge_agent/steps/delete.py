@@ -93,7 +93,7 @@ def decide(rec: FileRecord, ctx: StepContext, c: policy.Confirmation) -> None:
         # and nothing is released. The buffer replica (register in place) is registered under the
         # agent's own name for this version, released after, then that name removed: a crash in
         # between finds the file gone and finishes ("gone"); the reaper never reaches the DAQ's name.
-        ctx.check_claim(rec)
+        ctx.check_claim(rec, ask_ledger=True)
         try:
             outcome = guarded_unlink(local, recorded, ctx.recheck(rec))
         except PermissionError as exc:

@@ -1641,7 +1641,8 @@ def test_a_file_hashed_on_another_host_of_a_shared_buffer_is_deleted_there_too(e
     rec = env.add()
     rec = env.step(rec.id)                            # hashed here ...
     with env.ledger._tx() as db:                      # ... as if on a host that numbers the device otherwise
-        db.execute("UPDATE files SET dev = ? WHERE id = ?", ((rec.dev or 0) + 1000, rec.id))
+        db.execute("UPDATE files SET dev = ?, claim_owner = 'a1', claim_until = ? WHERE id = ?",
+                   ((rec.dev or 0) + 1000, env.clock() + 3600, rec.id))     # and held by a1 (its runner claims)
     end = env.drive(rec.id)
     assert end.state is S.DELETED, (end.state, end.reason)
     assert not (env.daq / "run42/f1.fits").exists()
@@ -1680,6 +1681,7 @@ def test_an_agent_stalled_after_its_first_copy_never_removes_the_copy_the_new_ho
             assert env.ledger.get(theirs.id).state is S.DELETED
         real_hit(name)
     monkeypatch.setattr(hash_step, "hit", stall)
+    ctx_b.holder = None                            # a2's effects: not what this test looks at
     steps.run([mine], ctx_a)                       # SIGCONT: a1 goes on where it stopped
     end = env.ledger.get(rec.id)
     assert end.state is S.DELETED
@@ -1792,3 +1794,25 @@ def test_a_stalled_cleanup_never_removes_a_copy_a_deleted_version_counted(
     monkeypatch.setattr(env.lake, "recorded_locations", answer_then_stall)
     steps.discard_unregistered(env.ledger.get(v1.id), ctx_c)         # a3's finish_cleanups, resumed
     assert url.exists(), "a copy v2 was deleted locally on was removed by v1's stalled clean-up"
+
+
+def test_the_local_file_is_unlinked_only_while_the_ledger_itself_gives_the_claim(env: Env) -> None:
+    """Review of 2026-12-07 (fleet, 6): a step of the ledger's clock ends every lease at once, while
+    each holder's own book (monotonic) still says firm: before the unlink the ledger is asked."""
+    env.ctx.holder = "a1"
+    rec = env.add()
+
+    def hold(until: float) -> None:
+        with env.ledger._tx() as db:
+            db.execute("UPDATE files SET claim_owner = 'a1', claim_until = ? WHERE id = ?", (until, rec.id))
+    hold(env.clock() + 3600)
+    for _ in range(12):
+        now = env.ledger.get(rec.id)
+        if now.state in (S.TRANSFERRED, S.CONFIRMED) or now.state not in WORKING:
+            break
+        env.step(rec.id)
+    hold(env.clock() + 1)                           # the ledger's clock stepped: a1's lease is all but over
+    end = env.drive(rec.id)
+    assert end.state is not S.DELETED and (env.daq / "run42/f1.fits").read_bytes() == DATA
+    hold(env.clock() + 3600)                        # renewed: the deletion goes ahead
+    assert env.drive(rec.id).state is S.DELETED
