@@ -729,6 +729,18 @@ class Ledger:
         return (owner == agent and (epoch is None or run == epoch)
                 and (until or 0) - self.lease_clock(now) > margin_s)
 
+    def arrivals(self, rule: str, after_id: int, since: float, limit: int = 10_000) -> list[tuple[int, float]]:
+        """(id, first_seen) of the versions of `rule` discovered after row `after_id` and at or after
+        `since`, newest first (read backwards along the primary key: what came last costs least)."""
+        return [(int(r[0]), float(r[1])) for r in self._query(
+            "SELECT id, first_seen FROM files WHERE id > ? AND rule = ? AND first_seen >= ? ORDER BY id DESC LIMIT ?",
+            (after_id, rule, since, limit))]
+
+    def last_arrival(self, rule: str) -> tuple[int, float] | None:
+        """(id, first_seen) of the last version of `rule` discovered, or None."""
+        rows = self._query("SELECT id, first_seen FROM files WHERE rule = ? ORDER BY id DESC LIMIT 1", (rule,))
+        return (int(rows[0][0]), float(rows[0][1])) if rows else None
+
     def lease_clock(self, now: float) -> float:
         """The time now as leases and heartbeats are reckoned (see _lease_now): for readers that
         compare with them (the fleet view)."""

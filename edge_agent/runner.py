@@ -34,6 +34,7 @@ from .settings import Settings
 from .status.gauges import DiskWatch, Rate, Series
 from .transfer.pacing import Throttle
 from .transfer.registry import Transports
+from .schedule import ScheduleWatch
 from .uplink import ROUND_S, UplinkShare
 from .watch import discovery
 from .watch.discovery import Discovery
@@ -145,6 +146,9 @@ class Runner:
         self.uplink = UplinkShare(self.agent_id, ledger, self.throttle, busy=self._may_send,
                                   monotonic=monotonic) \
             if self.agent_id and (settings.bandwidth_mbps > 0 or settings.windows) else None
+        # the observing schedule's alarms, for the rules that say when data are expected
+        self.schedule = ScheduleWatch(settings, ledger, clock, self.started_at) \
+            if any(r.expected for r in settings.rules.values()) else None
         workers = {"hash": settings.hash_workers, "transfer": settings.transfer_workers,
                    "lake": settings.lake_workers}
         self.capacity = {pool: workers[pool] for pool in POOLS}
@@ -228,6 +232,10 @@ class Runner:
             self.scheduler.add_job(self.heartbeat, "interval", seconds=fleet.HEARTBEAT_S, id="heartbeat",
                                    max_instances=1, coalesce=True)
             self.heartbeat()
+        if self.schedule is not None:
+            self.scheduler.add_job(self.sample_schedule, "interval", seconds=30, id="schedule", max_instances=1,
+                                   coalesce=True)
+            self.sample_schedule()
         if self.uplink is not None:
             self.scheduler.add_job(self.uplink.round, "interval", seconds=ROUND_S, id="uplink", max_instances=1,
                                    coalesce=True)
@@ -538,6 +546,14 @@ class Runner:
         return True
 
     # ------------------------------------------------------------ periodic checks
+    def sample_schedule(self) -> None:
+        """The observing schedule's alarms, from what arrived (ScheduleWatch)."""
+        assert self.schedule is not None
+        try:
+            self.schedule.sample()
+        except Exception as exc:  # noqa: BLE001 - the next sample tries again; the last state stands
+            log.warning("could not sample the observing schedule", error=str(exc))
+
     def sample_disks(self) -> None:
         """Each buffer disk sampled; a change of its level is logged."""
         for name, d in self.disks.items():

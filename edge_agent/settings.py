@@ -23,7 +23,7 @@ from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError,
 from pydantic_settings import (BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict,
                                TomlConfigSettingsSource)
 
-from .core import policy
+from .core import policy, schedule
 from .errors import ConfigError
 
 ENV_PREFIX = "EDGE_AGENT_"
@@ -48,6 +48,61 @@ class DeletePolicy(str, enum.Enum):
     AFTER_CONFIRM = "after_confirm"
     KEEP = "keep"          # keep keep_hours after confirmation, then delete
     NEVER = "never"
+
+
+class SiteSettings(_Section):
+    """Where the instrument is: for rules whose data are expected at night (expected.night)."""
+    latitude: float = Field(ge=-90, le=90, description="degrees, north positive")
+    longitude: float = Field(ge=-180, le=180, description="degrees, east positive")
+    elevation_m: float = Field(0.0, ge=-500, le=9000)
+
+
+class ExpectedSettings(_Section):
+    """When the rule's DAQ writes, for the schedule's alarms (core/schedule.py): hours of the day
+    in the rule's time zone, or the night at the site."""
+    hours: list[str] = Field([], description='spans of local time, e.g. ["20:00-06:00"] (may cross midnight)')
+    night: Literal["civil", "nautical", "astronomical"] | None = Field(
+        None, description="from the end of that twilight to its start (the sun below -6, -12 or -18 "
+        "degrees at [site]); needs pip install 'edge-agent[schedule]' (astral)")
+    quiet_minutes: float = Field(30.0, gt=0, description="alarm: no new file for this long while data are expected")
+    min_files_per_hour: float = Field(0.0, ge=0, description="alarm: fewer new files in the last hour while "
+                                      "data are expected (0: off)")
+
+    @field_validator("hours")
+    @classmethod
+    def _hours(cls, v: list[str]) -> list[str]:
+        for h in v:
+            _span(h)
+        return v
+
+    @model_validator(mode="after")
+    def _one_way(self) -> "ExpectedSettings":
+        if bool(self.hours) == (self.night is not None):
+            raise ValueError("give hours or night (one of them)")
+        if self.night is not None:
+            try:
+                import astral  # noqa: F401
+            except ImportError:
+                raise ValueError("night needs astral: pip install 'edge-agent[schedule]'") from None
+        return self
+
+    def spec(self, site: "SiteSettings | None") -> schedule.Expected:
+        return schedule.Expected(
+            spans=tuple(_span(h) for h in self.hours), night=self.night,
+            site=schedule.Site(site.latitude, site.longitude, site.elevation_m) if site else None,
+            quiet_minutes=self.quiet_minutes, min_files_per_hour=self.min_files_per_hour)
+
+
+def _span(text: str) -> schedule.Span:
+    """"HH:MM-HH:MM" as a Span; ValueError naming the form otherwise."""
+    try:
+        a, b = text.split("-")
+        start, end = dt.time.fromisoformat(a.strip()), dt.time.fromisoformat(b.strip())
+    except ValueError:
+        raise ValueError(f"{text!r}: not a span of local time such as \"20:00-06:00\"") from None
+    if start == end:
+        raise ValueError(f"{text!r}: an empty span (start = end)")
+    return schedule.Span(start, end)
 
 
 class WindowSettings(_Section):
@@ -299,6 +354,7 @@ class RuleSettings(_Section):
                                          "\"\" for none")
     night_rollover_hour: int = Field(12, ge=0, le=23)
     timezone: str = "UTC"
+    expected: ExpectedSettings | None = Field(None, description="when data are expected: the schedule's alarms")
     metadata: dict[str, str] = {}
     copies: int = Field(2, ge=1, le=16)
     destinations: list[str] = Field([], description="where the agent writes copies itself (rucio push: "
@@ -425,6 +481,7 @@ class Settings(BaseSettings):
                                        "NIC or its part of a link allows), on top of its share of "
                                        "bandwidth_mbps: the lower wins; 0 = none")
     windows: list[WindowSettings] = []
+    site: SiteSettings | None = Field(None, description="the instrument's coordinates (rules.*.expected.night)")
     stale_temp_seconds: float = Field(600.0, gt=0, description="a temporary or hidden name unchanged this "
                                       "long is reported in /status (a DAQ writer that died?)")
     confirm_interval_seconds: float = Field(30.0, gt=0, description="re-check of unconfirmed copies")
@@ -498,6 +555,9 @@ class Settings(BaseSettings):
         problems += self._distinct_destinations()
         problems += self._storage_gates()
         problems += self._shared_buffer()
+        problems += [f"rules.{name}.expected.night: needs [site] (latitude, longitude)"
+                     for name, rule in self.rules.items()
+                     if rule.expected is not None and rule.expected.night is not None and self.site is None]
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -16,6 +16,7 @@ from .report import STATE_ORDER
 
 if TYPE_CHECKING:
     from ..runner import Runner
+    from ..schedule import ScheduleWatch
     from .fleet import FleetCache
 
 
@@ -89,6 +90,8 @@ class _Collector:
         yield CounterMetricFamily("edge_agent_event_overflows", "inotify queue overflows: events were lost "
                                   "and every rule was rescanned", value=runner.discovery.watcher.overflows)
         yield GaugeMetricFamily("edge_agent_steps_in_flight", "Steps running now", value=len(runner.in_flight))
+        if runner.schedule is not None:
+            yield from _schedule(runner.schedule)
         if runner.uplink is not None:
             share = runner.uplink.report()
             yield GaugeMetricFamily("edge_agent_uplink_share_mbps", "This agent's share of the fleet's bandwidth "
@@ -156,3 +159,29 @@ def registry_for(runner: "Runner", fleet: FleetCache | None = None) -> Collector
 
 def render(registry: CollectorRegistry) -> bytes:
     return generate_latest(registry)
+
+
+def _schedule(watch: ScheduleWatch) -> Iterator[Metric]:
+    """The observing schedule of the rules that have one (core/schedule.py, the alert rules)."""
+    state = watch.report()
+    expected = GaugeMetricFamily("edge_agent_data_expected", "1 while the rule's data are expected "
+                                 "(rules.*.expected)", labels=["rule"])
+    alarm = GaugeMetricFamily("edge_agent_schedule_alarm", "1 while an alarm of the rule's observing schedule "
+                              "holds: quiet (no new file while expected), outside (files outside the expected "
+                              "time in the last hour), slow (fewer than min_files_per_hour)", labels=["rule", "alarm"])
+    last = GaugeMetricFamily("edge_agent_last_new_file_timestamp_seconds", "When the rule's last new file was "
+                             "discovered (a shared ledger: by any agent)", labels=["rule"])
+    hour = GaugeMetricFamily("edge_agent_new_files_last_hour", "New files of the rule in the last hour", labels=["rule"])
+    for rule, st in sorted(state.items()):
+        expected.add_metric([rule], 1 if st["expected"] else 0)
+        for name, on in sorted(st["alarms"].items()):
+            alarm.add_metric([rule, name], 1 if on else 0)
+        if st["last_file_at"] is not None:
+            last.add_metric([rule], st["last_file_at"])
+        hour.add_metric([rule], st["files_last_hour"])
+    yield expected
+    yield alarm
+    yield last
+    yield hour
+    yield _counter("edge_agent_new_files_outside_expected", "New files discovered while the rule's data were not "
+                   "expected (since start)", ["rule"], [((r,), n) for r, n in sorted(watch.outside_total.items())])

@@ -59,6 +59,12 @@ def _static(doc: dict[str, Any]) -> str:
         disk = "-" if not d else (f"<span class={e(d['level'])}>{d['used_percent']}%</span> of {human_bytes(d['total_bytes'])}"
                                   + (f", full in {d['hours_to_full']} h" if d["hours_to_full"] is not None else ""))
         rows.append(f"<tr><th>{e(name)}</th>{cells}<td>{human_bytes(t.get('sent_bytes_per_s_1m'))}/s</td><td>{disk}</td></tr>")
+        if r.get("schedule"):
+            sc = r["schedule"]
+            on = [k for k, v in sc["alarms"].items() if v]
+            rows.append(f"<tr><td></td><td colspan={len(STATE_ORDER) + 2}><small>"
+                        f"{'data expected now' if sc['expected'] else 'no data expected now'} ({e(sc['window'])})"
+                        f"{'; ALARM: ' + e(', '.join(on)) if on else ''}</small></td></tr>")
     out = [
         f"<p class={'ok' if ready else 'bad'}><b>{e(head)}</b>" + (" &middot; DRY RUN" if doc.get("dry_run") else "")
         + f" &middot; {_t(doc['generated_at'])}</p>",

@@ -182,7 +182,19 @@ SCRIPT = r"""
                  spark(h.backlog_files, "backlog", "backlog files, per minute, last hour"));
     }
     box.append(disk(name, r.disk));
+    box.append(schedule(name, r.schedule));
     return box;
+  }
+
+  // the rule's observing schedule (rules.*.expected): expected now, the window, the alarms
+  function schedule(name, s) {
+    if (!s) return null;
+    const on = Object.entries(s.alarms).filter(([, v]) => v).map(([k]) => k);
+    return el("p", {"data-k": "schedule", "data-rule": name, class: on.length ? "bad" : null},
+      el("small", {}, (s.expected ? "data expected now" : "no data expected now") + " (" + s.window + ")" +
+         (s.next_change_at ? ", until " + utc(s.next_change_at) : "") + "; last new file " +
+         (s.last_file_at ? utc(s.last_file_at) : "none") + ", " + s.files_last_hour + " in the last hour" +
+         (on.length ? "; ALARM: " + on.join(", ") : "")));
   }
 
   // the agents of a shared ledger: one row each (data-agent), then each one's files in flight

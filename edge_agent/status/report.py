@@ -108,6 +108,7 @@ def full(runner: "Runner", fleet: FleetCache | None = None) -> dict[str, Any]:
     doc["ready"] = not why
     doc["not_ready_because"] = why
     doc["lake"] = {"kind": runner.settings.lake.kind, "problem": runner.lake_problem}
+    schedules = runner.schedule.report() if runner.schedule is not None else {}
     for name, r in doc["rules"].items():
         r["throughput"] = {
             "sent_bytes_per_s_1m": round(runner.counters.sent[name].per_second(60)),
@@ -123,6 +124,8 @@ def full(runner: "Runner", fleet: FleetCache | None = None) -> dict[str, Any]:
             "fill_rate_bytes_per_s": None if d.fill_rate_bps is None else round(d.fill_rate_bps),
             "hours_to_full": None if d.seconds_to_full is None else round(d.seconds_to_full / 3600, 2)}
         r["watch_problem"] = runner.discovery.watch_problems.get(name)
+        # the observing schedule (rules with `expected`): expected now, the alarms, the window
+        r["schedule"] = schedules.get(name)
         r["history"] = history(runner, name)
     if fleet is not None:
         doc["fleet"] = fleet.get()

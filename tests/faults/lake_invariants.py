@@ -123,7 +123,7 @@ def copy_problems(lake: Any, show: str, row: dict[str, Any] | None, want: tuple[
     return problems
 
 
-def check(manifest: Manifest, ledger: Path, lake: Any, prefix: str, copies: int, settled: bool = True,
+def check(manifest: Manifest, ledger: Path | tuple[str, str], lake: Any, prefix: str, copies: int, settled: bool = True,
           buffer_rse: str | None = None, rses: list[str] | None = None) -> list[str]:
     """Every broken invariant, as a sentence; [] when all hold. `settled`: nothing may be in flight.
 

@@ -20,6 +20,7 @@ import sqlite3
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 FINAL = ("deleted", "superseded")
 IN_FLIGHT = ("complete", "hashed", "registered", "copied", "transferred")
@@ -56,21 +57,27 @@ class Manifest:
         self.removed.add(os.fsencode(rel))
 
 
-def _ledger_rows(ledger: Path) -> list[sqlite3.Row]:
+def _read(ledger: Path | tuple[str, str], sql: str) -> list[Any]:
+    """Rows (by column name) of the ledger: a SQLite file, or a PostgreSQL one as (url, password)."""
+    if isinstance(ledger, tuple):
+        import psycopg
+        from psycopg.rows import dict_row
+        with psycopg.connect(ledger[0], password=ledger[1], row_factory=dict_row) as pg:
+            return pg.execute(sql).fetchall()
     db = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)
     db.row_factory = sqlite3.Row
     try:
-        return db.execute("SELECT * FROM files ORDER BY id").fetchall()
+        return db.execute(sql).fetchall()
     finally:
         db.close()
 
 
-def _notices(ledger: Path) -> dict[bytes, str]:
-    db = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)
-    try:
-        return {bytes(p): d for p, d in db.execute("SELECT path, detail FROM notices")}
-    finally:
-        db.close()
+def _ledger_rows(ledger: Path | tuple[str, str]) -> list[Any]:
+    return _read(ledger, "SELECT * FROM files ORDER BY id")
+
+
+def _notices(ledger: Path | tuple[str, str]) -> dict[bytes, str]:
+    return {bytes(r["path"]): r["detail"] for r in _read(ledger, "SELECT path, detail FROM notices")}
 
 
 def _catalogue(path: Path) -> tuple[dict[tuple[str, str], tuple[int, str]], set[tuple[str, str, str]]]:

@@ -24,7 +24,8 @@ RULE_TESTS = MONITORING / "edge-agent.rules.test.yml"
 MONITORING_DOC = PACKAGING.parent / "docs" / "monitoring.md"
 ALERTS = {"EdgeAgentDown", "EdgeAgentBacklogGrowing", "EdgeAgentOldestUnconfirmedTooOld",
           "EdgeAgentBufferAboveWatermark", "EdgeAgentLakeUnreachable", "EdgeAgentQuarantinedFiles",
-          "EdgeAgentAttention", "EdgeAgentFleetAgentSilent"}
+          "EdgeAgentAttention", "EdgeAgentFleetAgentSilent", "EdgeAgentNoDataWhileExpected",
+          "EdgeAgentDataOutsideExpectedTime", "EdgeAgentInputRateLow"}
 # Debian's promtool, unpacked from the prometheus .deb (19 MB) rather than installed (332 MB with
 # its dependencies); kept between runs
 PROMTOOL_CACHE = Path("/var/tmp/edge-agent-promtool")
@@ -100,7 +101,9 @@ def selectors(expr: str) -> list[tuple[str, dict[str, str]]]:
 
 def test_the_rules_read_only_metrics_and_labels_a_running_agent_exports(tmp_path: Path) -> None:
     # a shared ledger (named: SQLite), so that the fleet's series are exported too
-    d = Daemon(tmp_path / "agent", ledger={"agent_id": "monitoring-test"})
+    # and a rule with an observing schedule, so that its alarms are exported too
+    d = Daemon(tmp_path / "agent", ledger={"agent_id": "monitoring-test"},
+               rules={"daq": {"completion": ["renamed"], "expected": {"hours": ["00:00-23:59"]}}})
     d.start()
     try:
         (d.rule_dir() / "empty.fits").write_bytes(b"")           # quarantined: a labelled series exists
