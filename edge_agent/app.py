@@ -209,21 +209,30 @@ class Agent:
         places.check(settings)
         settings.state_dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _exclusive(settings.state_dir / "agent.lock")
+        directories = {n: r.directory for n, r in settings.rules.items()}
         try:
-            self.ledger = open_ledger(settings)
+            if settings.agent_id:
+                # a shared ledger: one ledger per buffer (its members share the buffers), named by it
+                self.ledger = open_ledger(settings)
+                try:
+                    self.buffers = BufferLocks(directories, settings.state_dir, fleet=self.ledger.fleet_id())
+                    self.buffers.claim_all()
+                except BaseException:
+                    self.ledger.close()
+                    raise
+            else:
+                # one agent per buffer: refused before its ledger is made or touched
+                self.buffers = BufferLocks(directories, settings.state_dir)
+                self.buffers.claim_all()
+                try:
+                    self.ledger = open_ledger(settings)
+                except BaseException:
+                    self.buffers.release()
+                    raise
         except BaseException:
             os.close(self._lock_fd)
             raise
-        try:
-            # a shared ledger: one ledger per buffer (its members share the buffers), else one agent
-            fleet = self.ledger.fleet_id() if settings.agent_id else None
-            self.buffers = BufferLocks({n: r.directory for n, r in settings.rules.items()}, settings.state_dir,
-                                       fleet=fleet)
-            self.buffers.claim_all()
-        except BaseException:
-            self.ledger.close()
-            os.close(self._lock_fd)
-            raise
+        fleet = self.buffers.fleet
         try:
             claim_ledger(self.ledger, identity.current(settings, shared=fleet is not None))
             if settings.agent_id:

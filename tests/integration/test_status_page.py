@@ -239,7 +239,7 @@ def test_the_page_shows_every_agent_of_a_shared_ledger_and_the_silent_ones(  # t
 
     from edge_agent.core.lifecycle import Event, State
     from edge_agent.ledger import Ledger
-    d: Daemon = agent(ledger={"agent_id": "daq-1"})
+    d: Daemon = agent(ledger={"agent_id": "daq-1"}, rules={"daq": {"completion": ["renamed"]}})
     d.start()
     now = time.time()
     led = Ledger(d.state / "ledger.sqlite")       # the other agent, through the same ledger

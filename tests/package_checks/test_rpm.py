@@ -155,7 +155,10 @@ def test_installed_agent_can_keep_its_ledger_on_postgresql(files_root: Path) -> 
     proc = run([py, "-c", "import psycopg; print(psycopg.pq.__impl__)"], env=CLEAN_ENV)
     assert proc.stdout.strip() == "binary"
     cfg = r / "tmp-ledger.toml"
-    cfg.write_text(CONFIG.read_text() + '\n[ledger]\nurl = "postgresql://edge@db.example.org/edge"\n')
+    # (a shared ledger: the completion policy chosen, never `closed`)
+    text = CONFIG.read_text().replace('completion = ["closed", "stable"]', 'completion = ["renamed"]')
+    assert 'completion = ["renamed"]' in text
+    cfg.write_text(text + '\n[ledger]\nurl = "postgresql://edge@db.example.org/edge"\n')
     proc = run([py, r / VENV.lstrip("/") / "bin/edge-agent", "check-config", cfg], env=CLEAN_ENV)
     assert json.loads(proc.stdout.split("\n", 1)[1])["ledger"]["url"] == "postgresql://edge@db.example.org/edge"
 
