@@ -27,6 +27,12 @@ class ObjectMissing(PermanentError):
     Transport.open raises, so a caller tells a missing object from a fault by type."""
 
 
+class ExtractorFailed(PermanentError):
+    """A rule's metadata extractor failed (exit status, timeout, output that is not a JSON object of
+    scalars, an exception in a plug-in): the file is quarantined with this message, or the rule's
+    `on_failure = "skip"` sends it without the extractor's keys."""
+
+
 class DestinationOccupied(PermanentError):
     """Other bytes lie at a copy's URL, written by nobody this version knows: never replaced."""
 

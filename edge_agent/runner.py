@@ -88,6 +88,7 @@ class Counters:
     sent: dict[str, Rate] = field(default_factory=dict)
     sent_by_location: dict[tuple[str, str], int] = field(default_factory=dict)
     transitions: dict[tuple[str, str], int] = field(default_factory=dict)
+    extractor_skipped: dict[str, int] = field(default_factory=dict)    # per rule (on_failure = "skip")
     # the last hour, per minute and rule, so a freshly opened status page already shows a curve
     sent_history: dict[str, Series] = field(default_factory=dict)
     backlog_files_history: dict[str, Series] = field(default_factory=dict)
@@ -130,9 +131,10 @@ class Runner:
                                    between_batches=self._between_batches, wake=self.wake.set)
         self.context = steps.StepContext(
             settings, ledger, catalogue, transports, self._pace,
-            steps.Hooks(bytes_hashed=self._on_hashed, bytes_sent=self._on_sent, transition=self._on_transition),
+            steps.Hooks(bytes_hashed=self._on_hashed, bytes_sent=self._on_sent, transition=self._on_transition,
+                        extractor_skipped=self._on_extractor_skipped),
             clock=clock, monotonic=monotonic, open_writers=self.discovery.writers.writers,
-            holder=settings.agent_id)
+            holder=settings.agent_id, stopping=self.stopping.is_set)
         # a shared ledger: files are claimed for this agent's steps, with a lease renewed meanwhile
         self.agent_id = settings.agent_id
         self.place = f"{identity.machine_id()}:{settings.state_dir}"   # this process's, under agent_id
@@ -195,6 +197,10 @@ class Runner:
             key = (rec.rule, rec.state.value)
             self.counters.transitions[key] = self.counters.transitions.get(key, 0) + 1
         self.wake.set()
+
+    def _on_extractor_skipped(self, rule: str) -> None:
+        with self._lock:
+            self.counters.extractor_skipped[rule] = self.counters.extractor_skipped.get(rule, 0) + 1
 
     def request_rescan(self, rule: str | None = None) -> None:
         """Rescan `rule` (every rule if None) at the next tick."""

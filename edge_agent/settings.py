@@ -13,12 +13,13 @@ import datetime as dt
 import enum
 import os
 import re
+import shutil
 import tomllib
 import zoneinfo
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError,
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError,
                       field_validator, model_validator)
 from pydantic_settings import (BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict,
                                TomlConfigSettingsSource)
@@ -336,6 +337,76 @@ class DestinationSettings(_Section):
         return self
 
 
+class ExtractorSettings(_Section):
+    """A rule's metadata extractor, run in the hashing step: a command or a Python plug-in (one of
+    them). Its JSON object is merged into each file's DID metadata (edge_agent/extractors)."""
+    command: list[str] | None = Field(None, description="a program and its arguments, the file's path "
+                                      "appended: run without a shell, it prints one JSON object on stdout")
+    entry_point: str | None = Field(None, description="a plug-in's name in the entry point group "
+                                    "edge_agent.extractors, loaded when the settings are")
+    timeout_seconds: float = Field(60.0, gt=0, le=3600, description="command: killed (with everything it "
+                                   "started) after this long, a failure")
+    env: dict[str, str] = Field({}, description="command: variables added to its minimal environment "
+                                "(PATH, LANG)")
+    on_failure: Literal["quarantine", "skip"] = Field(
+        "quarantine", description="quarantine: the file is not sent, the reason carries the extractor's "
+        "stderr; skip: sent without the extractor's keys, with a warning")
+
+    _plugin: Any = PrivateAttr(None)
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        if not v or not v[0]:
+            raise ValueError("a program and its arguments, e.g. [\"/usr/local/bin/daq-meta\", \"--json\"]")
+        from .extractors.command import BASE_ENV
+        program = v[0] if "/" in v[0] else shutil.which(v[0], path=BASE_ENV["PATH"])
+        if program is None:
+            raise ValueError(f"{v[0]!r} is not in {BASE_ENV['PATH']} (the extractor's PATH): give its absolute path")
+        if not os.path.isabs(program):
+            raise ValueError("give the program's absolute path (it runs from /)")
+        if not (os.path.isfile(program) and os.access(program, os.X_OK)):
+            raise ValueError(f"{program} is not an executable file")
+        return [program, *v[1:]]
+
+    @field_validator("entry_point")
+    @classmethod
+    def _entry_point(cls, v: str | None) -> str | None:
+        # resolved now, so that a name nobody installed stops the start, named by its key
+        if v is not None:
+            from .extractors.plugins import resolve
+            resolve(v)
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: dict[str, str]) -> dict[str, str]:
+        for k in v:
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k):
+                raise ValueError(f"{k!r} is not an environment variable name")
+        return v
+
+    @model_validator(mode="after")
+    def _one(self) -> ExtractorSettings:
+        if (self.command is None) == (self.entry_point is None):
+            raise ValueError("give command or entry_point (one of them)")
+        if self.entry_point is not None:
+            wrong = sorted({"timeout_seconds", "env"} & self.model_fields_set)
+            if wrong:
+                raise ValueError(f"{', '.join(wrong)}: only for a command (a plug-in runs inside the agent, "
+                                 "where it cannot be timed out or given an environment)")
+            from .extractors.plugins import resolve
+            self._plugin = resolve(self.entry_point)     # found and loaded by _entry_point already
+        return self
+
+    @property
+    def plugin(self) -> Any:
+        """The loaded plug-in (extractors.plugins.Plugin) of an entry_point, else None."""
+        return self._plugin
+
+
 class RuleSettings(_Section):
     """One watched DAQ directory and what becomes of its files."""
     directory: Path
@@ -396,6 +467,8 @@ class RuleSettings(_Section):
     watermark_warn_percent: float = Field(80.0, gt=0, le=100)
     watermark_critical_percent: float = Field(90.0, gt=0, le=100)
     forecast_warn_hours: float = Field(6.0, ge=0, description="warn when the buffer is forecast full sooner")
+    extractor: ExtractorSettings | None = Field(None, description="a program or plug-in whose JSON object "
+                                                "adds to each file's metadata")
 
     @field_validator("directory")
     @classmethod

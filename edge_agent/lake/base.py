@@ -16,6 +16,16 @@ from typing import Any
 
 from ..errors import ConfigError, PermanentError
 
+# Metadata keys that are columns of Rucio's DID table with a meaning of their own: setting them
+# through /meta would rewrite the file's size or checksum, its lifetime or its visibility. Never
+# sent by the Rucio catalogue, never taken from an extractor (extractors/output.py).
+PROTECTED_META_KEYS = frozenset({
+    "scope", "name", "type", "did_type", "account", "bytes", "adler32", "md5", "length", "guid",
+    "lifetime", "eol_at", "expired_at", "purge_replicas", "hidden", "obsolete", "suppressed", "is_open",
+    "monotonic", "complete", "availability", "transient", "is_archive", "constituent", "is_new",
+    "created_at", "updated_at", "deleted_at", "closed_at", "accessed_at", "access_cnt",
+    "created_before", "created_after"})
+
 
 @dataclass(frozen=True)
 class LakeFile:

@@ -27,6 +27,7 @@ from ..errors import AlreadyDone, EdgeAgentError, PermanentError, RetryableError
 from ..settings import RuleSettings, Settings
 from ..urls import pick_url, place_of, unsigned_url
 from .base import (
+    PROTECTED_META_KEYS,
     Catalogue,
     CopiesState,
     LakeFile,
@@ -51,14 +52,6 @@ PFN_CACHE = 100_000
 # Names Rucio was asked about ahead of a hashing job (foresee): kept this long, this many.
 NAMES_FRESH_S = 10.0
 NAMES_KEPT = 10_000
-# Metadata keys that are columns of Rucio's DID table with a meaning of their own: setting them
-# through /meta would rewrite the file's size or checksum, its lifetime or its visibility.
-PROTECTED_META_KEYS = frozenset({
-    "scope", "name", "type", "did_type", "account", "bytes", "adler32", "md5", "length", "guid",
-    "lifetime", "eol_at", "expired_at", "purge_replicas", "hidden", "obsolete", "suppressed", "is_open",
-    "monotonic", "complete", "availability", "transient", "is_archive", "constituent", "is_new",
-    "created_at", "updated_at", "deleted_at", "closed_at", "accessed_at", "access_cnt",
-    "created_before", "created_after"})
 # Rucio's answers that are about a metadata key or value, not about the file.
 META_REFUSALS = frozenset({"InvalidMetadata", "KeyNotFound", "InvalidValueForKey", "UnsupportedValueType",
                            "UnsupportedKeyType", "UnsupportedOperation", "MetadataSchemaMismatchError",

@@ -58,6 +58,10 @@ class _Collector:
                        [((rule,), rate.total) for rule, rate in counters.hashed.items()])
         yield _counter("edge_agent_transitions", "Lifecycle transitions since start", ["rule", "to_state"],
                        sorted(counters.transitions.items()))
+        yield _counter("edge_agent_extractor_skipped", "Files sent without their rule's extractor's keys: "
+                       "it failed and the rule says on_failure = skip", ["rule"],
+                       [((rule,), counters.extractor_skipped.get(rule, 0)) for rule, r in runner.settings.rules.items()
+                        if r.extractor is not None])
         oldest = runner.ledger.oldest_unconfirmed()
         yield GaugeMetricFamily("edge_agent_oldest_unconfirmed_age_seconds",
                                 "Age of the oldest file not yet confirmed in the lake",

@@ -31,6 +31,7 @@ class Hooks:
     bytes_hashed: Callable[[str, int], None] = lambda rule, n: None
     bytes_sent: Callable[[str, str, int], None] = lambda rule, loc, n: None
     transition: Callable[[FileRecord], None] = lambda rec: None
+    extractor_skipped: Callable[[str], None] = lambda rule: None   # a failed extractor skipped (its rule)
 
 
 @dataclass
@@ -55,6 +56,9 @@ class StepContext:
     epoch: str | None = None          # with `holder`: this run of the agent (claims of another run are not its)
     # with `holder`: is this agent's claim on a file id still firmly held (claims.ClaimBook.firm)?
     claim_firm: Callable[[int], bool] = lambda file_id: True
+    # has the agent been asked to stop? (a step that waits on something else than bytes, an
+    # extractor's program, gives up then)
+    stopping: Callable[[], bool] = lambda: False
 
     def check_claim(self, rec: FileRecord, ask_ledger: bool = False) -> None:
         """Before an effect outside the ledger (a copy written, the local file unlinked): with claims,

@@ -1,7 +1,8 @@
 """complete --hash--> hashed: the file is read once. blake3, adler32 (and md5) are taken with the
 stat they belong to; where the agent writes the copies, the first copy is written in the same pass
 (a file is read once per upload, the first one included). The version's lake name is decided and
-bound to its content in the same commit, with its FITS header and sidecar metadata."""
+bound to its content in the same commit, with its FITS header, extractor and sidecar metadata
+(a rule's extractor plug-in that takes the stream is fed the same read)."""
 
 from __future__ import annotations
 
@@ -21,14 +22,14 @@ from ..errors import (
     SourceUnreadable,
 )
 from ..failpoints import hit
-from ..fits import FitsScan
-from ..hashing import Digests
+from ..hashing import Consumer, Digests
 from ..lake.base import LakeFile, Target
 from ..ledger import FileRecord, NameConflict, WrittenCopy
 from ..transfer.base import Expected
 from ..transfer.tee import read_once
 from . import inplace, metadata, naming
 from .context import StepContext
+from .extract import Extraction
 from .failures import guarded
 
 log = structlog.get_logger("edge_agent.steps")
@@ -81,27 +82,32 @@ def hash_one(rec: FileRecord, ctx: StepContext) -> None:
         if problem:
             raise PermanentError(f"dataset {problem} (from dataset_template {rule.dataset_template!r})")
     scan = metadata.fits_scan(rec, ctx)
+    extraction = Extraction(rec, ctx, before.size)
+    also: list[Consumer] = ([scan] if scan is not None else []) + extraction.also
     rendered = name
     first = naming.first_target(rec, ctx, name, before.size)
     d = None
     if first is not None:
         try:
-            d = _send_first(rec, ctx, first, before.size, scan)
+            d = _send_first(rec, ctx, first, before.size, also)
         except DestinationOccupied:
             # bytes appeared at the URL after it was found empty (another writer): never replaced;
             # the name is decided by content instead
             first = None
-            if scan is not None:
-                scan.reset()
+            for c in also:
+                c.reset()
     if d is None:
-        d = _read(rec, ctx, scan)
+        d = _read(rec, ctx, also)
     try:
+        # a command (or a plug-in that reads the file itself) runs on the file as it lies now: the
+        # stat after it also says the file it read is the one hashed
+        extraction.finish()
         after = local.stat()
         if after != before or d.size != before.size:
             raise FileChanged(f"{rec.relpath} changed while it was being read")
         if first is None:
             name = naming.decide_name(rec, ctx, rule.scope, rendered, d)
-        meta = metadata.gather(rec, ctx, scan)
+        meta = metadata.gather(rec, ctx, scan, extraction)
     except BaseException:
         if first is not None:
             _discard_first(rec, ctx, rule.scope, name, first)
@@ -116,7 +122,10 @@ def hash_one(rec: FileRecord, ctx: StepContext) -> None:
     assert after is not None
     for attempt in range(5):
         try:
-            ctx.move(rec, Event.HASHED, {"blake3": d.blake3, "adler32": d.adler32, "size": d.size},
+            hashed = {"blake3": d.blake3, "adler32": d.adler32, "size": d.size}
+            if extraction.skipped:
+                hashed["extractor_skipped"] = extraction.skipped
+            ctx.move(rec, Event.HASHED, hashed,
                      copies=written, blake3=d.blake3, adler32=d.adler32, md5=d.md5, size=d.size, scope=rule.scope,
                      name=name, dataset=dataset, metadata=json.dumps(meta), attempts=0,
                      ctime_ns=after.ctime_ns, dev=after.dev)
@@ -131,12 +140,12 @@ def hash_one(rec: FileRecord, ctx: StepContext) -> None:
             name = naming.decide_name(rec, ctx, rule.scope, rendered, d)
 
 
-def _read(rec: FileRecord, ctx: StepContext, scan: FitsScan | None) -> Digests:
+def _read(rec: FileRecord, ctx: StepContext, also: Sequence[Consumer]) -> Digests:
     """Hash without sending: the lake copies from the buffer, or the name must be decided first."""
     rule = ctx.rule(rec)
     try:
         with read_once(ctx.local(rec), md5=rule.md5, chunk_size=ctx.settings.chunk_mb << 20,
-                       pace=lambda n: ctx.hooks.bytes_hashed(rec.rule, n), also=[scan] if scan else []) as tee:
+                       pace=lambda n: ctx.hooks.bytes_hashed(rec.rule, n), also=also) as tee:
             return tee.drain()
     except SourceUnreadable as exc:
         raise PermanentError(f"{exc} (fix the permissions, then `edge-agent retry {rec.id}`)") from None
@@ -144,7 +153,7 @@ def _read(rec: FileRecord, ctx: StepContext, scan: FitsScan | None) -> Digests:
         raise RetryableError(f"reading {rec.relpath} failed: {exc.strerror}") from None
 
 
-def _send_first(rec: FileRecord, ctx: StepContext, t: Target, size: int, scan: FitsScan | None) -> Digests:
+def _send_first(rec: FileRecord, ctx: StepContext, t: Target, size: int, also: Sequence[Consumer]) -> Digests:
     rule = ctx.rule(rec)
     pace = ctx.pacer(rec.rule, t.location)
 
@@ -159,7 +168,7 @@ def _send_first(rec: FileRecord, ctx: StepContext, t: Target, size: int, scan: F
         # (naming.first_target told) is replaced; anything else there now is DestinationOccupied
         d = ctx.transport(t).put(ctx.local(rec), t.url,
                                  Expected(size, None, want_md5=rule.md5, may_replace=t.replace_leftover),
-                                 pace_and_count, also=[scan] if scan else [])
+                                 pace_and_count, also=also)
     except SourceUnreadable as exc:
         raise PermanentError(f"{exc} (fix the permissions, then `edge-agent retry {rec.id}`)") from None
     hit("after_first_put")

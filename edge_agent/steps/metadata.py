@@ -1,6 +1,6 @@
 """What a version's DID carries besides its bytes: the rule's fixed metadata, FITS header keywords
 (read in the hashing pass: a FITS file whose own checksums fail is corrupt at the source and is not
-sent) and the JSON object of a sidecar file."""
+sent), the rule's extractor's keys (steps/extract.py) and the JSON object of a sidecar file."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from ..fits import FitsScan
 from ..ledger import FileRecord
 from ..settings import Completion
 from .context import StepContext
+from .extract import Extraction
 
 log = structlog.get_logger("edge_agent.steps")
 
@@ -27,11 +28,14 @@ def fits_scan(rec: FileRecord, ctx: StepContext) -> FitsScan | None:
     return None
 
 
-def gather(rec: FileRecord, ctx: StepContext, scan: FitsScan | None) -> dict[str, Any]:
-    """The DID's metadata: the rule's, then the FITS keywords, then the sidecar's (later ones win).
-    Raises PermanentError for a FITS file failing its own verification (fits_verify), FileChanged
-    if the sidecar vanished, RetryableError if it cannot be read now."""
-    return {**ctx.rule(rec).metadata, **_fits_metadata(rec, ctx, scan), **_sidecar(rec, ctx)}
+def gather(rec: FileRecord, ctx: StepContext, scan: FitsScan | None, extraction: Extraction) -> dict[str, Any]:
+    """The DID's metadata: the rule's, then the FITS keywords, then the extractor's, then the
+    sidecar's (later ones win: the more particular to the file, the later; the sidecar is what the
+    DAQ wrote down for this very file). Raises PermanentError for a FITS file failing its own
+    verification (fits_verify) or a failed extractor (unless skipped), FileChanged if the sidecar
+    vanished, RetryableError if it cannot be read now."""
+    return {**ctx.rule(rec).metadata, **_fits_metadata(rec, ctx, scan), **extraction.metadata(),
+            **_sidecar(rec, ctx)}
 
 
 def _fits_metadata(rec: FileRecord, ctx: StepContext, scan: FitsScan | None) -> dict[str, Any]:
