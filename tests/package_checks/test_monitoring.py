@@ -24,7 +24,7 @@ RULE_TESTS = MONITORING / "edge-agent.rules.test.yml"
 MONITORING_DOC = PACKAGING.parent / "docs" / "monitoring.md"
 ALERTS = {"EdgeAgentDown", "EdgeAgentBacklogGrowing", "EdgeAgentOldestUnconfirmedTooOld",
           "EdgeAgentBufferAboveWatermark", "EdgeAgentLakeUnreachable", "EdgeAgentQuarantinedFiles",
-          "EdgeAgentAttention", "EdgeAgentFleetAgentSilent"}
+          "EdgeAgentAttention", "EdgeAgentFleetAgentSilent", "EdgeAgentNightOverdue"}
 # Debian's promtool, unpacked from the prometheus .deb (19 MB) rather than installed (332 MB with
 # its dependencies); kept between runs
 PROMTOOL_CACHE = Path("/var/tmp/edge-agent-promtool")

@@ -21,7 +21,7 @@ KEYS = dict(settings_keys(Settings))
 # The alert names of the Prometheus rules; the rules' runbook_url points at these anchors.
 ALERTS = ["EdgeAgentBacklogGrowing", "EdgeAgentOldestUnconfirmedTooOld", "EdgeAgentBufferAboveWatermark",
           "EdgeAgentLakeUnreachable", "EdgeAgentQuarantinedFiles", "EdgeAgentDown", "EdgeAgentAttention",
-          "EdgeAgentFleetAgentSilent"]
+          "EdgeAgentFleetAgentSilent", "EdgeAgentNightOverdue"]
 RUNBOOK_PARTS = ["**What it means**", "**Check**", "**Do**", "**Never**"]
 
 
