@@ -237,3 +237,29 @@ def test_a_close_out_cut_short_after_the_dataset_was_closed_attaches_nothing_aga
     monkeypatch.setattr(night.lake, "register", lambda f: registered.append(f))
     [done] = night.run_at(ends + 3 * H)
     assert done["verdict"] == "complete" and registered == []
+
+
+def test_the_runner_closes_nights_only_for_rules_that_ask_and_not_while_the_lake_is_down(
+        tmp_path: Path, clock: Any, settings_data: Any) -> None:
+    from edge_agent.ledger import Ledger
+    from edge_agent.runner import Runner
+    for d in ("daq", "lake-a", "lake-b"):
+        (tmp_path / d).mkdir()
+    for close, expect in ((False, None), (True, CloseOut)):
+        s = Settings(**settings_data(tmp_path, rule={"close_nights": close}, nights_check_seconds=60))
+        ledger = Ledger(s.ledger_path, clock=clock)
+        r = Runner(s, ledger, build_catalogue(s), clock=clock, monotonic=clock)
+        try:
+            assert (r.close_out is None) if expect is None else isinstance(r.close_out, expect)
+            if r.close_out is not None:
+                ran: list[int] = []
+                r.close_out.run = lambda now=None, ran=ran: ran.append(1) or []   # type: ignore[method-assign]
+                r.lake_problem = "down"
+                r.close_nights()
+                r.lake_problem = None
+                r.close_nights()
+                assert ran == [1]
+        finally:
+            for pool in r.pools.values():
+                pool.shutdown()
+            ledger.close()
