@@ -48,6 +48,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     rt = sub.add_parser("retry", help="send quarantined files back to the step that failed")
     rt.add_argument("ids", nargs="*", type=int, help="ledger ids (see `edge-agent files --state quarantined`)")
     rt.add_argument("--all", action="store_true", help="every quarantined file")
+    nt = sub.add_parser("nights", help="nights of rules with close_nights: open, closing or closed, with their "
+                        "verdicts (exit 1 if one is overdue)")
+    nt.add_argument("--rule", metavar="NAME", help="only this rule's nights")
+    nt.add_argument("--limit", type=int, default=50)
+    nt.add_argument("--json", action="store_true")
     sub.add_parser("adopt-ledger", help="make this host the owner of a ledger written on another host or "
                    "for another buffer (after checking it; the agent must be stopped)")
     audit_help = ("compare the ledger, the buffer and the lake (catalogue and storage), read-only; exit 0 all "
@@ -87,6 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return files(settings, args.file, args.state, args.limit, args.json)
         if args.command == "retry":
             return retry(settings, args.ids, args.all)
+        if args.command == "nights":
+            return nights(settings, args.rule, args.limit, args.json)
         if args.command == "adopt-ledger":
             return adopt_ledger(settings)
         if args.command == "audit":
@@ -385,6 +392,13 @@ def files(settings: Settings, needle: str | None, state: str | None, limit: int,
         print(f"#{r.id:<6} {r.rule:<12} {r.state.value:<12} {human_bytes(r.size):>9}  {r.relpath}"
               + (f"  [{r.reason}]" if r.reason else ""))
     return 0
+
+
+def nights(settings: Settings, rule: str | None, limit: int, as_json: bool) -> int:
+    from .status import nights as view
+    listed = view.listed(settings, _open_ledger(settings), time.time(), limit, rule)
+    print(json.dumps(listed, indent=2) if as_json else view.render(listed))
+    return 1 if any(n["overdue"] for n in listed) else 0
 
 
 def retry(settings: Settings, ids: list[int], all_: bool) -> int:

@@ -39,6 +39,7 @@ from .core.uplink import Post
 from .errors import AgentIdTaken, LedgerUnreachable, LedgerUnwritable
 from .groupcommit import CommitFailed, GroupCommit
 from .ledgerdb import SQLITE, Dialect, LedgerConnectionLost, columns, connect_postgres, is_url, schema_lock, shown
+from .nightbook import NightBook
 
 SCHEMA_VERSION = 1
 
@@ -112,6 +113,15 @@ CREATE TABLE IF NOT EXISTS notices (
     path {BLOB} PRIMARY KEY, rule TEXT NOT NULL, relpath TEXT NOT NULL, kind TEXT NOT NULL,
     detail TEXT NOT NULL, first_seen {REAL} NOT NULL, last_seen {REAL} NOT NULL, count {INT} NOT NULL
 );
+-- The nights of rules that close them (edge_agent/nights.py): one row per (rule, dataset) once a file
+-- is hashed into it (or waits with an mtime in it); 'open' -> 'closing' (the lake calls under way) ->
+-- 'closed' with its verdict. A dataset not 'open' takes no file: a late one goes to a dataset of its own.
+CREATE TABLE IF NOT EXISTS nights (
+    rule TEXT NOT NULL, dataset TEXT NOT NULL, night TEXT, ends_at {REAL},
+    state TEXT NOT NULL, verdict TEXT, reasons TEXT, files {INT}, bytes {INT},
+    late_of TEXT, manifest TEXT, opened_at {REAL} NOT NULL, closed_at {REAL},
+    PRIMARY KEY (rule, dataset)
+);
 -- A shared ledger under a bandwidth cap: what each agent last posted of its use of the one uplink
 -- (core/uplink.py works out its share from the others'). `at`: the database's clock, one for all hosts.
 CREATE TABLE IF NOT EXISTS uplink (
@@ -134,6 +144,9 @@ CREATE INDEX IF NOT EXISTS files_name ON files(scope, name);
 -- the whole table, and discovering a tree of a million files takes hours
 CREATE INDEX IF NOT EXISTS files_versions ON files(rule, path, version);
 CREATE INDEX IF NOT EXISTS events_file ON events(file_id);
+-- a night's files (closing it; and the few not hashed yet, dataset NULL): not the whole table per night
+CREATE INDEX IF NOT EXISTS files_dataset ON files(rule, dataset);
+CREATE INDEX IF NOT EXISTS nights_state ON nights(state);
 -- the names a version holds (each HASHED transition drops its other reservations; each ended version
 -- is cleaned up): without it every one reads the whole names table, a row per name ever given
 CREATE INDEX IF NOT EXISTS names_owner ON names(owner);
@@ -314,7 +327,7 @@ def _is_corrupt(exc: BaseException) -> bool:
     return code is not None and code & 0xFF in (11, 26)
 
 
-class Ledger:
+class Ledger(NightBook):
     """The agent's durable memory: every file version, its state and history, the names it owns and
     the notices for operators, in SQLite (a path: the embedded default) or PostgreSQL (a
     postgresql:// URL, see ledgerdb.py). A transition is committed before its effect is acknowledged."""
@@ -1126,15 +1139,18 @@ class Ledger:
 
     def transition(self, file_id: int, expect: State, event: Event, detail: dict[str, Any] | None = None,
                    *, copies: Sequence[WrittenCopy] = (), holder: str | None = None, epoch: str | None = None,
-                   **updates: Any) -> FileRecord:
+                   night: tuple[str, float] | None = None, **updates: Any) -> FileRecord:
         """Move one file along the lifecycle, atomically, with its event, and with `copies` recorded in
         the same commit (the copy a step wrote and the move it ends with: a crash keeps both or
         neither, as a crash right after the write would). `holder`: the agent whose claim the step
         ran under, which must still hold the row (a fencing check: an agent that stalled past its
-        lease commits nothing over the new holder's work). Raises StaleTransition."""
+        lease commits nothing over the new holder's work). `night` (night, its end): the `dataset` set
+        is a night that must still be open (NightClosed), recorded open if new. Raises StaleTransition."""
         with self._tx() as db:
             if holder is not None:
                 self._fence(db, file_id, holder, epoch)
+            if night is not None and updates.get("dataset"):
+                self._enter_night(db, file_id, updates["dataset"], night, self._clock())
             for copy in copies:
                 self._record_copy(db, file_id, copy)
             self._transition(db, file_id, expect, event, detail, updates)

@@ -30,6 +30,7 @@ from .core.lifecycle import BACKLOG, POOLS, STEPS, Event, State, states_of_pool
 from .errors import LedgerUnwritable, ShuttingDown
 from .lake.base import Catalogue
 from .ledger import FileRecord, Ledger, StaleTransition
+from .nights import CloseOut
 from .settings import Settings
 from .status.gauges import DiskWatch, Rate, Series
 from .transfer.pacing import Throttle
@@ -163,6 +164,9 @@ class Runner:
         self.ledger_problem: str | None = None   # set while the ledger cannot be written: no new work
         self._ledger_probe_at = 0.0
         self.scheduler = BackgroundScheduler(daemon=True)
+        # rules with close_nights: their nights are closed out by a job of their own
+        self.close_out = CloseOut(settings, ledger, catalogue, transports, clock) \
+            if any(r.close_nights for r in settings.rules.values()) else None
 
     # ------------------------------------------------------------ hooks
     def _pace(self, n: int) -> None:
@@ -242,6 +246,9 @@ class Runner:
             self.scheduler.add_job(self.sample_schedule, "interval", seconds=30, id="schedule", max_instances=1,
                                    coalesce=True)
             self.sample_schedule()
+        if self.close_out is not None:
+            self.scheduler.add_job(self.close_nights, "interval", seconds=self.settings.nights_check_seconds,
+                                   id="nights", max_instances=1, coalesce=True)
         if self.uplink is not None:
             self.scheduler.add_job(self.uplink.round, "interval", seconds=ROUND_S, id="uplink", max_instances=1,
                                    coalesce=True)
@@ -584,6 +591,15 @@ class Runner:
         for rule in files:
             self.counters.backlog_files_history[rule].put(files[rule])
             self.counters.backlog_bytes_history[rule].put(nbytes[rule])
+
+    def close_nights(self) -> None:
+        """The nights due are closed out (edge_agent/nights.py); a failure is logged and tried again."""
+        if self.close_out is None or self.ledger_problem or self.lake_problem:
+            return
+        try:
+            self.close_out.run()
+        except Exception:   # the scheduler's thread would swallow it: said, and tried next time
+            log.exception("night close-out failed")
 
     def check_lake(self) -> None:
         """`lake_problem` says why the catalogue is unusable now (None: it is usable); when it comes back,

@@ -464,6 +464,12 @@ class RuleSettings(_Section):
                                      description="primary-header keywords that become the file's metadata")
     fits_verify: bool = Field(True, description="quarantine a FITS file whose CHECKSUM/DATASUM do not verify "
                               "or that is truncated (corrupt at the source: never sent)")
+    close_nights: bool = Field(False, description="close each night's dataset once the night plus "
+                               "night_grace_hours has passed and every file of it is accounted for, with a "
+                               "manifest and a verdict (needs {night} in dataset_template)")
+    night_grace_hours: float = Field(2.0, ge=0, description="close_nights: wait this long after the rollover")
+    night_deadline_hours: float = Field(12.0, ge=0, description="close_nights: a night not closed this long "
+                                        "after its rollover is overdue (edge_agent_nights_overdue)")
     watermark_warn_percent: float = Field(80.0, gt=0, le=100)
     watermark_critical_percent: float = Field(90.0, gt=0, le=100)
     forecast_warn_hours: float = Field(6.0, ge=0, description="warn when the buffer is forecast full sooner")
@@ -520,6 +526,13 @@ class RuleSettings(_Section):
             raise ValueError("inject = 'register' needs buffer_rse and buffer_url")
         if self.container_template and not self.dataset_template:
             raise ValueError("container_template needs dataset_template (a container holds datasets)")
+        if self.close_nights and "night" not in policy.template_fields(self.dataset_template or ""):
+            raise ValueError("close_nights needs {night} in dataset_template (a night is a dataset)")
+        if self.close_nights and self.inject == "register":
+            raise ValueError("close_nights works with inject = 'push' only for now (the manifest is uploaded "
+                             "to the rule's destinations)")
+        if self.close_nights and self.night_deadline_hours < self.night_grace_hours:
+            raise ValueError("night_deadline_hours must not be shorter than night_grace_hours")
         return self
 
     @property
@@ -537,6 +550,8 @@ class Settings(BaseSettings):
     state_dir: Path = Path("/var/lib/edge-agent")
     dry_run: bool = Field(False, description="do everything but delete local files")
     rescan_seconds: float = Field(60.0, gt=0, description="full rescan period; catches missed events")
+    nights_check_seconds: float = Field(300.0, gt=0, description="how often nights are looked at for closing "
+                                        "(rules with close_nights)")
     ledger_synchronous: Literal["full", "normal"] = Field(
         "full", description="full: every ledger commit is fsync'd (survives power loss); normal: survives "
         "kill -9, may repeat the last idempotent steps after a power loss; faster for many small files")

@@ -267,6 +267,11 @@ class Catalogue(abc.ABC):
         """Just before the local file is deleted: drop the lake's record of the buffer copy
         (register-in-place). Idempotent; a record already gone is success."""
 
+    def close_dataset(self, scope: str, name: str) -> None:
+        """After this the lake records dataset scope:name as closed: nothing more is attached to it
+        (a night's close-out). Idempotent: a dataset closed already is success."""
+        raise PermanentError(f"{type(self).__name__} cannot close datasets (close_nights)")
+
     @abc.abstractmethod
     def health(self) -> str | None:
         """None when the lake is usable now, else why not (for /readyz)."""

@@ -42,6 +42,9 @@ CREATE TABLE IF NOT EXISTS replicas (
     scope TEXT NOT NULL, name TEXT NOT NULL, location TEXT NOT NULL, url TEXT NOT NULL,
     bytes INTEGER, adler32 TEXT, created_at REAL NOT NULL,
     PRIMARY KEY (scope, name, location));
+CREATE TABLE IF NOT EXISTS closed (
+    scope TEXT NOT NULL, name TEXT NOT NULL, closed_at REAL NOT NULL,
+    PRIMARY KEY (scope, name));
 """
 
 
@@ -143,6 +146,14 @@ class LocalCatalogue(Catalogue, Records):
                                          f"({row[0]}, {row[1]} bytes, adler32 {row[2]}); local file has "
                                          f"{f.size} bytes, adler32 {f.adler32}")
                 if f.dataset:
+                    if self._db.execute("SELECT 1 FROM closed WHERE scope = ? AND name = ?",
+                                        (f.scope, f.dataset)).fetchone() is not None \
+                            and self._db.execute("SELECT 1 FROM contents WHERE scope = ? AND name = ? AND "
+                                                 "child_scope = ? AND child_name = ?",
+                                                 (f.scope, f.dataset, f.scope, f.name)).fetchone() is None:
+                        # as Rucio: a closed dataset takes nothing more
+                        raise PermanentError(f"dataset {f.scope}:{f.dataset} is closed: {f.did} cannot be "
+                                             "attached to it")
                     self._db.execute("INSERT OR IGNORE INTO dids VALUES (?,?,?,?,?,?,?,?)",
                                      (f.scope, f.dataset, "DATASET", None, None, None, None, time.time()))
                     self._db.execute("INSERT OR IGNORE INTO contents VALUES (?,?,?,?)",
@@ -152,6 +163,18 @@ class LocalCatalogue(Catalogue, Records):
                 if self._db.in_transaction:     # SQLite may have rolled back itself (disk full)
                     self._db.execute("ROLLBACK")
                 raise
+
+    def close_dataset(self, scope: str, name: str) -> None:
+        with self._lock, _catalogue_errors():
+            self._db.execute("INSERT OR IGNORE INTO dids VALUES (?,?,?,?,?,?,?,?)",
+                             (scope, name, "DATASET", None, None, None, None, time.time()))
+            self._db.execute("INSERT OR IGNORE INTO closed VALUES (?,?,?)", (scope, name, time.time()))
+
+    def dataset_closed(self, scope: str, name: str) -> bool:
+        """Is dataset scope:name recorded closed (a night closed out)?"""
+        with self._lock, _catalogue_errors():
+            return self._db.execute("SELECT 1 FROM closed WHERE scope = ? AND name = ?",
+                                    (scope, name)).fetchone() is not None
 
     def targets(self, f: LakeFile) -> list[Target]:
         for loc in f.destinations:

@@ -92,6 +92,7 @@ class MemoryCatalogue(Catalogue, Records):
         self.looked_up: list[tuple[str, str]] = []
         self.rules: dict[str, str] = {}                        # rule id -> did
         self.released: list[str] = []
+        self.closed: set[tuple[str, str]] = set()   # datasets closed (close_dataset)
         self.problem: str | None = None     # what health() answers
         self.calls: list[Call] = []         # the effects asked (EFFECTS), in order, failed ones included
         self._faults: list[_Fault] = []
@@ -241,6 +242,10 @@ class MemoryCatalogue(Catalogue, Records):
         with self._lock:
             if f.did not in self.released:
                 self.released.append(f.did)
+
+    def close_dataset(self, scope: str, name: str) -> None:
+        with self._lock:
+            self.closed.add((scope, name))
 
     def health(self) -> str | None:
         self._enter("health", "")

@@ -854,6 +854,9 @@ class RucioCatalogue(RucioRecords, Catalogue):
                                        listed.size, listed.adler32, r.state == "AVAILABLE", places=places))
         return out
 
+    def close_dataset(self, scope: str, name: str) -> None:
+        self.client.close_did(scope, name)
+
     def release(self, f: LakeFile) -> None:
         rule = self._rule(f)
         if rule.inject != "register":

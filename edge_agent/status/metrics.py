@@ -12,6 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from .. import __version__
 from ..core.lifecycle import BACKLOG, State
+from . import nights
 from .report import STATE_ORDER
 
 if TYPE_CHECKING:
@@ -103,6 +104,7 @@ class _Collector:
                                     if share["share_bytes_per_s"] is None else share["share_bytes_per_s"] / 1e6)
             yield GaugeMetricFamily("edge_agent_uplink_agents", "Agents sharing the bandwidth cap (posts fresh "
                                     "in the ledger, this one included)", value=share["agents"])
+        yield from _nights(nights.summary(runner.settings, runner.ledger, now))
         # the agent id on one info series, not on every series: joined where wanted
         # (`... * on (instance, job) group_left (agent) edge_agent_info`, docs/monitoring.md)
         info = GaugeMetricFamily("edge_agent_info", "Build information, and this agent's id in a shared "
@@ -111,6 +113,31 @@ class _Collector:
         yield info
         if self.fleet is not None:
             yield from _fleet(self.fleet.get())
+
+
+def _nights(per_rule: dict[str, dict[str, Any]]) -> Iterator[Metric]:
+    """Rules with close_nights: their nights as the ledger's book records them."""
+    def gauge(name: str, doc: str, value: Callable[[dict[str, Any]], float | None]) -> GaugeMetricFamily:
+        family = GaugeMetricFamily(name, doc, labels=["rule"])
+        for rule, s in sorted(per_rule.items()):
+            v = value(s)
+            if v is not None:
+                family.add_metric([rule], v)
+        return family
+
+    yield gauge("edge_agent_nights_open", "Nights not closed yet (open, or their close-out under way)",
+                lambda s: s["open"])
+    yield gauge("edge_agent_nights_overdue", "Nights not closed night_deadline_hours after their rollover",
+                lambda s: s["overdue"])
+    closed = GaugeMetricFamily("edge_agent_nights_closed", "Nights closed, by verdict", labels=["rule", "verdict"])
+    for rule, s in sorted(per_rule.items()):
+        for verdict in ("complete", "incomplete"):
+            closed.add_metric([rule, verdict], s[verdict])
+    yield closed
+    yield gauge("edge_agent_night_late_files", "Files hashed after their night was closed (in late datasets)",
+                lambda s: s["late_files"])
+    yield gauge("edge_agent_night_last_closed_timestamp_seconds", "When the rule's last night was closed",
+                lambda s: s["last_closed"])
 
 
 def _fleet(view: dict[str, Any]) -> Iterator[Metric]:

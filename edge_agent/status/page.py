@@ -85,7 +85,11 @@ def _static(doc: dict[str, Any]) -> str:
             ("Recent errors", "recent_errors",
              lambda a: f"{_t(a['at'])} #{a['file_id']} {e(a['path'])}: {e(a['state'])}: {e(a['reason'] or '')}"),
             ("Not handled (see `edge-agent scan`)", "notices",
-             lambda a: f"{e(a['relpath'])}: {e(a['detail'])}")):
+             lambda a: f"{e(a['relpath'])}: {e(a['detail'])}"),
+            ("Nights (`edge-agent nights`)", "nights",
+             lambda a: f"{e(a['rule'])}: {e(a['dataset'])} "
+                       f"{e(a['verdict'] if a['state'] == 'closed' else a['state'] + (' OVERDUE' if a['overdue'] else ''))}"
+                       + "".join(f"; {e(r)}" for r in a["reasons"][:3]))):
         items = doc.get(key) or []
         if items:
             out.append(f"<h2>{title}</h2><ul>" + "".join(f"<li>{fmt(a)}</li>" for a in items[:20]) + "</ul>")

@@ -261,7 +261,14 @@ SCRIPT = r"""
            e => [el("small", {}, utc(e.at)), " ", el("code", {}, "#" + e.file_id),
                  " " + e.rule + ": " + e.path + ": " + e.state + ": ", e.reason || ""]),
       list("Not handled (see edge-agent scan)", "notices", doc.notices,
-           n => [n.rule + ": " + n.relpath + ": " + n.detail]));
+           n => [n.rule + ": " + n.relpath + ": " + n.detail]),
+      list("Nights (edge-agent nights)", "nights", doc.nights,
+           n => [n.rule + ": ", el("b", {}, n.dataset), " ",
+                 el("span", {class: n.overdue || n.verdict === "incomplete" ? "bad" : null, "data-k": "night-verdict"},
+                    n.state === "closed" ? n.verdict : n.state + (n.overdue ? " OVERDUE" : "")),
+                 n.files === null ? "" : " · " + n.files + " files",
+                 n.closed_at ? " · closed " + utc(n.closed_at) : "",
+                 n.reasons && n.reasons.length ? ": " + n.reasons.slice(0, 3).join("; ") : ""]));
     parts.push(el("p", {}, el("small", {}, "agent pid " + a.pid + " · up " + dur(a.uptime_s) + " · " + a.in_flight +
       " steps running" + (a.bandwidth_cap_bytes_per_s ? " · cap " + bytes(a.bandwidth_cap_bytes_per_s) + "/s" : ""))));
     document.getElementById("app").replaceChildren(...parts.filter(p => p));

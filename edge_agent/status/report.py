@@ -16,6 +16,7 @@ from .. import __version__
 from ..core.lifecycle import BACKLOG, State
 from ..ledger import Ledger
 from ..settings import Settings
+from . import nights
 
 if TYPE_CHECKING:
     from ..runner import Runner
@@ -70,6 +71,8 @@ def from_ledger(settings: Settings, ledger: Ledger, now: float | None = None) ->
                         for r in ledger.recent(50, State.QUARANTINED)],
         "recent_errors": ledger.recent_errors(20),
         "notices": ledger.notices(50),
+        # rules with close_nights: the newest nights, open or closed, with their verdicts
+        "nights": nights.listed(settings, ledger, now),
     }
 
 

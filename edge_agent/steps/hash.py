@@ -11,6 +11,7 @@ from typing import Sequence
 
 import structlog
 
+from .. import nights
 from ..core import policy
 from ..core.lifecycle import CopyState, Event, NameState
 from ..errors import (
@@ -25,6 +26,7 @@ from ..failpoints import hit
 from ..hashing import Consumer, Digests
 from ..lake.base import LakeFile, Target
 from ..ledger import FileRecord, NameConflict, WrittenCopy
+from ..nightbook import NightClosed
 from ..transfer.base import Expected
 from ..transfer.tee import read_once
 from . import inplace, metadata, naming
@@ -81,6 +83,8 @@ def hash_one(rec: FileRecord, ctx: StepContext) -> None:
         problem = policy.name_problem(dataset, ctx.catalogue.name_pattern)
         if problem:
             raise PermanentError(f"dataset {problem} (from dataset_template {rule.dataset_template!r})")
+    # a night closed out takes no more files: the move says so (NightClosed), in its own commit
+    night = nights.entered(rule, fields["night"]) if dataset else None
     scan = metadata.fits_scan(rec, ctx)
     extraction = Extraction(rec, ctx, before.size)
     also: list[Consumer] = ([scan] if scan is not None else []) + extraction.also
@@ -120,17 +124,27 @@ def hash_one(rec: FileRecord, ctx: StepContext) -> None:
     # ctime (which nobody can set back) and device identify this version from now on, with
     # inode, size and mtime: the deletion compares them all
     assert after is not None
+    said: dict[str, str] = {}
     for attempt in range(5):
         try:
-            hashed = {"blake3": d.blake3, "adler32": d.adler32, "size": d.size}
+            hashed = {"blake3": d.blake3, "adler32": d.adler32, "size": d.size, **said}
             if extraction.skipped:
                 hashed["extractor_skipped"] = extraction.skipped
             ctx.move(rec, Event.HASHED, hashed,
                      copies=written, blake3=d.blake3, adler32=d.adler32, md5=d.md5, size=d.size, scope=rule.scope,
                      name=name, dataset=dataset, metadata=json.dumps(meta), attempts=0,
-                     ctime_ns=after.ctime_ns, dev=after.dev)
+                     ctime_ns=after.ctime_ns, dev=after.dev, night=night)
             hit("after_hashed")
             return
+        except NightClosed:
+            if attempt == 4:
+                raise RetryableError(f"night {dataset} was closed while {rec.relpath} was hashed") from None
+            assert dataset is not None
+            late = nights.late_for(ctx.ledger, rec.rule, said.get("late_of", dataset))
+            log.warning("late file: its night is closed, it goes to a dataset of its own", file_id=rec.id,
+                        rule=rec.rule, path=rec.relpath, night=dataset, dataset=late)
+            said = {"late_of": said.get("late_of", dataset)}
+            dataset = late
         except NameConflict as exc:
             # another version took the name between the look and the commit (files hashed side
             # by side whose templates render one name): decided again with the digests in hand,

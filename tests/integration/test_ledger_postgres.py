@@ -22,6 +22,7 @@ from ..unit.conftest import _logging_reset_after_each_test, _no_edge_agent_env, 
 from ..unit.steps.test_steps import *  # noqa: F403 - the same tests, on PostgreSQL
 from ..unit.test_ledger import *  # noqa: F403
 from ..unit.test_ledger_fleet import *  # noqa: F403
+from ..unit.test_nightbook import *  # noqa: F403
 from ..unit.test_ledger import _due_files, discover
 
 pytestmark = pytest.mark.lake
@@ -34,6 +35,7 @@ SQLITE_ONLY = {
     "test_a_full_database_refuses_writes_and_recovers_when_there_is_room",
     "test_a_ledger_of_an_older_agent_gains_the_ctime_column",
     "test_the_agents_table_of_an_older_ledger_gains_the_figures_column",
+    "test_an_older_ledger_gains_the_nights_table",
 }
 for _name in SQLITE_ONLY:
     globals().pop(_name, None)

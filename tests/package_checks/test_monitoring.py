@@ -25,7 +25,8 @@ MONITORING_DOC = PACKAGING.parent / "docs" / "monitoring.md"
 ALERTS = {"EdgeAgentDown", "EdgeAgentBacklogGrowing", "EdgeAgentOldestUnconfirmedTooOld",
           "EdgeAgentBufferAboveWatermark", "EdgeAgentLakeUnreachable", "EdgeAgentQuarantinedFiles",
           "EdgeAgentAttention", "EdgeAgentFleetAgentSilent", "EdgeAgentNoDataWhileExpected",
-          "EdgeAgentDataOutsideExpectedTime", "EdgeAgentInputRateLow"}
+          "EdgeAgentDataOutsideExpectedTime", "EdgeAgentInputRateLow",
+          "EdgeAgentNightOverdue"}
 # Debian's promtool, unpacked from the prometheus .deb (19 MB) rather than installed (332 MB with
 # its dependencies); kept between runs
 PROMTOOL_CACHE = Path("/var/tmp/edge-agent-promtool")

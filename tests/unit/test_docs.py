@@ -22,7 +22,7 @@ KEYS = dict(settings_keys(Settings))
 ALERTS = ["EdgeAgentBacklogGrowing", "EdgeAgentOldestUnconfirmedTooOld", "EdgeAgentBufferAboveWatermark",
           "EdgeAgentLakeUnreachable", "EdgeAgentQuarantinedFiles", "EdgeAgentDown", "EdgeAgentAttention",
           "EdgeAgentFleetAgentSilent", "EdgeAgentNoDataWhileExpected", "EdgeAgentDataOutsideExpectedTime",
-          "EdgeAgentInputRateLow"]
+          "EdgeAgentInputRateLow", "EdgeAgentNightOverdue"]
 RUNBOOK_PARTS = ["**What it means**", "**Check**", "**Do**", "**Never**"]
 
 
