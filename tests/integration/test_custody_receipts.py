@@ -119,6 +119,29 @@ def test_receipts_on_the_local_lake(agent) -> None:
     assert d.stop() == 0
 
 
+def test_kill9_between_the_receipt_and_the_unlink_leaves_both_and_the_restart_deletes(agent) -> None:
+    d: Daemon = agent(rules={"daq": {"completion": ["renamed"], "receipts": "beside"}},
+                      env={"EDGE_AGENT_FAILPOINTS": "after_receipt"})
+    data = os.urandom(100_000)
+    (d.rule_dir() / "k.fits").write_bytes(data)
+    d.start(wait=False)
+    assert d.proc is not None and d.proc.wait(30) == 137, "the failpoint was not reached"
+    receipt = d.rule_dir() / "k.fits.receipt"
+    first = receipt.read_bytes()
+    doc = json.loads(first)
+    # the crash's window: the file and its receipt, which says "safe in the lake", not "deleted"
+    assert (d.rule_dir() / "k.fits").read_bytes() == data
+    assert doc["status"] == "confirmed" and doc["local_copy"] == "to_delete"
+    d.env = {}
+    d.start()
+    d.wait_for(lambda: d.counts().get("deleted") == 1, 30, "the deletion after the restart")
+    assert not (d.rule_dir() / "k.fits").exists()
+    assert receipt.read_bytes() == first                  # nothing new to write: the same receipt
+    check_receipt(doc, data, "daq", "k.fits", d.rule_dir(), 2)
+    check_custody(d, "k.fits", doc)
+    assert d.stop() == 0
+
+
 # ---------------------------------------------------------------- the real Rucio lake
 
 @pytest.mark.lake
