@@ -45,6 +45,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     fl.add_argument("--state", choices=[s.value for s in State], help="only files in this state")
     fl.add_argument("--limit", type=int, default=50)
     fl.add_argument("--json", action="store_true")
+    cu = sub.add_parser("custody", help="what the ledger knows of a path's custody: every version, its DID, "
+                        "checksums, replicas, confirmation and deletion (as GET /custody; exit 1: not known)")
+    cu.add_argument("path", help="a file's path: absolute, relative to the current directory inside a watched "
+                    "tree, or relative to a rule's directory")
     rt = sub.add_parser("retry", help="send quarantined files back to the step that failed")
     rt.add_argument("ids", nargs="*", type=int, help="ledger ids (see `edge-agent files --state quarantined`)")
     rt.add_argument("--all", action="store_true", help="every quarantined file")
@@ -90,6 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return scan(settings)
         if args.command == "files":
             return files(settings, args.file, args.state, args.limit, args.json)
+        if args.command == "custody":
+            return custody(settings, args.path)
         if args.command == "retry":
             return retry(settings, args.ids, args.all)
         if args.command == "nights":
@@ -399,6 +405,22 @@ def nights(settings: Settings, rule: str | None, limit: int, as_json: bool) -> i
     listed = view.listed(settings, _open_ledger(settings), time.time(), limit, rule)
     print(json.dumps(listed, indent=2) if as_json else view.render(listed))
     return 1 if any(n["overdue"] for n in listed) else 0
+
+
+def custody(settings: Settings, path: str) -> int:
+    """The custody of one path, as the status server's /custody answers it, read from the ledger."""
+    from .status import custody as answer
+    raw = os.fsencode(path)
+    here = os.path.abspath(raw)
+    if not os.path.isabs(raw) and any(answer.below(here, os.fsencode(r.directory)) for r in settings.rules.values()):
+        raw = here         # typed inside a watched tree: meant from here
+    ledger = _open_ledger(settings)
+    try:
+        code, doc = answer.answer(settings, ledger, raw)
+    finally:
+        ledger.close()
+    print(json.dumps(doc, indent=2))
+    return 0 if code == 200 else 1
 
 
 def retry(settings: Settings, ids: list[int], all_: bool) -> int:

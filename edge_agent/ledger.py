@@ -633,6 +633,13 @@ class Ledger(NightBook):
                            "('deleted', 'superseded')", (rule, path))
         return _row(rows[0]) if rows else None
 
+    def versions(self, rule: str, path: bytes, limit: int = 100) -> list[FileRecord]:
+        """Every version of `path` under `rule`, ended ones too, oldest first: the newest `limit` of
+        them, read through the (rule, path, version) index."""
+        rows = self._query("SELECT * FROM files WHERE rule = ? AND path = ? ORDER BY version DESC, id DESC LIMIT ?",
+                           (rule, path, limit))
+        return [_row(r) for r in reversed(rows)]
+
     def live_many(self, rule: str, paths: Sequence[bytes]) -> dict[bytes, FileRecord]:
         """The live rows of some paths (a rescan's batch), through the live-path index."""
         out: dict[bytes, FileRecord] = {}

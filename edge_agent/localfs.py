@@ -214,6 +214,9 @@ def _fsync_dir_at(d: int) -> None:
         os.close(fd)
 
 
+fsync_dir_at = _fsync_dir_at    # the receipts' writes (receipts.py) are made durable the same way
+
+
 def temp_base(base: bytes, what: bytes) -> bytes:
     """A hidden agent-temporary file name for `base`, within the 255-byte limit of a file name."""
     if len(base) > 200:

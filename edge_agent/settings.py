@@ -454,6 +454,12 @@ class RuleSettings(_Section):
     keep_hours: float = Field(0.0, ge=0)
     recheck_before_delete: bool = Field(False, description="read the file once more right before deleting "
                                         "it, and keep it unless its blake3 is still the one recorded")
+    receipts: Literal["none", "beside", "directory"] = Field(
+        "none", description="a custody receipt per file (JSON: DID, checksums, replicas, when confirmed), "
+        "written durably once the lake holds its N verified replicas, before the local file may go: beside "
+        "the file as NAME.receipt, or under receipts_directory")
+    receipts_directory: Path | None = Field(None, description="receipts = 'directory': where the receipts go, "
+                                            "the file's subdirectories kept (outside every watched tree)")
     priority: int = Field(0, description="higher goes first when work competes")
     allow_empty: bool = Field(False, description="zero-byte files are quarantined unless true")
     md5: bool = False
@@ -476,10 +482,10 @@ class RuleSettings(_Section):
     extractor: ExtractorSettings | None = Field(None, description="a program or plug-in whose JSON object "
                                                 "adds to each file's metadata")
 
-    @field_validator("directory")
+    @field_validator("directory", "receipts_directory")
     @classmethod
-    def _absolute(cls, v: Path) -> Path:
-        if not v.is_absolute():
+    def _absolute(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_absolute():
             raise ValueError("must be an absolute path")
         return v
 
@@ -533,6 +539,15 @@ class RuleSettings(_Section):
                              "to the rule's destinations)")
         if self.close_nights and self.night_deadline_hours < self.night_grace_hours:
             raise ValueError("night_deadline_hours must not be shorter than night_grace_hours")
+        return self
+
+    @model_validator(mode="after")
+    def _receipts(self) -> RuleSettings:
+        if self.receipts == "directory" and self.receipts_directory is None:
+            raise ValueError("receipts = 'directory' needs receipts_directory")
+        if self.receipts != "directory" and self.receipts_directory is not None:
+            raise ValueError(f"receipts_directory is used only with receipts = 'directory' (receipts is "
+                             f"{self.receipts!r})")
         return self
 
     @property
@@ -634,6 +649,7 @@ class Settings(BaseSettings):
                                     f"{rule.directory}; the agent would upload its own copies")
             if _overlaps(rule.directory, self.state_dir):
                 problems.append(f"state_dir = {self.state_dir}: overlaps rules.{name}.directory")
+            problems += self._receipts_place(name, rule)
         names = list(self.rules.items())
         for i, (a, ra) in enumerate(names):
             for b, rb in names[i + 1:]:
@@ -649,6 +665,27 @@ class Settings(BaseSettings):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _receipts_place(self, name: str, rule: RuleSettings) -> list[str]:
+        """A receipts directory inside a watched tree would have its receipts taken for data (and
+        receipts of them written in turn); in a lake directory or the state directory they would mix
+        with what the agent keeps there; two rules sharing one could write one name for two files."""
+        r = rule.receipts_directory
+        if r is None:
+            return []
+        problems = [f"rules.{name}.receipts_directory = {r}: overlaps rules.{other}.directory {o.directory}; the "
+                    "receipts would be taken for data (receipts = 'beside' puts them in the watched tree, "
+                    "named so that the watcher skips them)"
+                    for other, o in self.rules.items() if _overlaps(r, o.directory)]
+        problems += [f"rules.{name}.receipts_directory = {r}: overlaps destinations.{d}.path {dest.path}"
+                     for d, dest in self.destinations.items() if dest.path is not None and _overlaps(r, dest.path)]
+        if _overlaps(r, self.state_dir):
+            problems.append(f"rules.{name}.receipts_directory = {r}: overlaps state_dir {self.state_dir}")
+        problems += [f"rules.{name}.receipts_directory = {r}: overlaps rules.{other}.receipts_directory "
+                     f"{o.receipts_directory}; a receipt name must belong to one rule"
+                     for other, o in self.rules.items() if other < name and o.receipts_directory is not None
+                     and _overlaps(r, o.receipts_directory)]
+        return problems
 
     def _shared_buffer(self) -> list[str]:
         """A shared ledger means a buffer shared with agents on other hosts, whose writers inotify

@@ -5,6 +5,9 @@
     /status   JSON: files and bytes per state per rule, oldest unconfirmed, throughput,
               recent errors, buffer disk against watermarks; with a shared ledger, the fleet
     /metrics  Prometheus text
+    /custody  JSON: ?path=... (absolute, or relative to a rule's directory; percent-encoded): every
+              version of the file the ledger knows there, its DID, checksums, replicas, confirmation
+              and deletion (404: none; 400: no path asked)
     /         the same as a page for a browser
 Only GET and HEAD are answered; everything else is 405. A request whose Host header names neither
 loopback, the bound address nor one of status.allowed_hosts is refused with 421: a page that a browser
@@ -16,8 +19,10 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import threading
 import time
+import urllib.parse
 from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
@@ -25,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from . import metrics, page, report
+from . import custody, metrics, page, report
 from .fleet import FleetCache
 
 if TYPE_CHECKING:
@@ -57,6 +62,14 @@ def host_allowed(header: str | None, bind: str, allowed: Sequence[str] = ()) -> 
         return ipaddress.ip_address(name).is_loopback
     except ValueError:
         return False
+
+
+def _query_path(target: str) -> bytes | None:
+    """The `path` parameter of a request target, as bytes (a name that is not UTF-8 is asked for
+    percent-encoded, byte by byte), or None."""
+    query = target.split("?", 1)[1] if "?" in target else ""
+    values = urllib.parse.parse_qs(query, keep_blank_values=True, errors="surrogateescape").get("path")
+    return os.fsencode(values[0]) if values else None
 
 
 class StatusServer:
@@ -125,6 +138,9 @@ def _make_handler(server: StatusServer) -> type[BaseHTTPRequestHandler]:
                     self._json(503 if why else 200, {"ready": not why, "not_ready_because": why})
                 elif path == "/status":
                     self._json(200, report.full(r, server.fleet))
+                elif path == "/custody":
+                    code, doc = custody.answer(r.settings, r.ledger, _query_path(self.path))
+                    self._json(code, doc)
                 elif path == "/metrics":
                     self._send(200, metrics.render(server.registry), CONTENT_TYPE_LATEST)
                 elif path == "/":

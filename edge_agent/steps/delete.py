@@ -1,6 +1,7 @@
 """confirmed --delete--> deleted: the local file goes by a guarded unlink, only while the lake still
 confirms N verified replicas and the file is unchanged since it was hashed, and when the rule's
-deletion policy says so (immediate, keep N hours, never; dry run deletes nothing)."""
+deletion policy says so (immediate, keep N hours, never; dry run deletes nothing). Where the rule
+writes custody receipts, the file's receipt is written durably first (steps/receipt.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any, Sequence
 
 import structlog
 
-from ..core import policy
+from ..core import policy, receipts
 from ..core.lifecycle import Event
 from ..errors import FileChanged, FileVanished, PermanentError
 from ..failpoints import hit
@@ -16,7 +17,7 @@ from ..lake.base import CopiesState, LakeFile, RecordedReplica
 from ..ledger import FileRecord
 from ..localfs import guarded_unlink, leftover
 from ..settings import Completion, DeletePolicy
-from . import inplace, lookup, rewrite
+from . import inplace, lookup, receipt, rewrite
 from .context import StepContext
 from .failures import changed, guarded
 
@@ -88,6 +89,16 @@ def decide(rec: FileRecord, ctx: StepContext, c: policy.Confirmation) -> None:
         # a writer that paused longer than the whole upload would write into a deleted file
         verdict, why = "wait", "a process still holds the file open for writing"
         log.warning("not deleting: file still open for writing", file_id=rec.id, path=rec.relpath)
+    receipt_at = None
+    if receipts.due(verdict, c.count, rule.copies, rule.delete.value, ctx.settings.dry_run):
+        # before the local file may go, never after: no receipt, no deletion (a receipt that cannot
+        # be written raises, and the file stays). A crash between the two leaves both, the receipt
+        # saying "confirmed": the next look writes nothing new and deletes.
+        going = verdict in ("delete", "gone")
+        receipt_at = receipt.write(rec, ctx, c, receipts.TO_DELETE if going else receipts.KEPT)
+        hit("after_receipt")
+    if rule.receipts != "none":
+        evidence["receipt"] = receipt_at
     if verdict == "delete":
         # The DAQ's name goes first (guarded): a file published under it at that instant is kept
         # and nothing is released. The buffer replica (register in place) is registered under the

@@ -11,6 +11,7 @@ import fnmatch
 import os
 from dataclasses import dataclass
 
+from ..core.receipts import is_receipt_name
 from ..localfs import is_agent_temp
 from ..settings import Completion, RuleSettings
 
@@ -36,6 +37,8 @@ class RuleFilter:
             self.companions += (rule.marker_suffix,)
         if Completion.SIDECAR in rule.completion:
             self.companions += (rule.sidecar_suffix,)
+        # receipts written beside the files (the agent's, named for the DAQ to find): never data
+        self.receipts = rule.receipts == "beside"
 
     def __call__(self, relpath: str) -> Skip | None:
         name = os.path.basename(relpath)
@@ -48,6 +51,8 @@ class RuleFilter:
             return Skip("temporary name: waiting for the rename", writing=True)
         if self.companions and name.endswith(self.companions):
             return Skip("marker/sidecar of a data file")
+        if self.receipts and is_receipt_name(name):
+            return Skip("custody receipt of a data file")
         if not any(_match(relpath, name, g) for g in self.include):
             return Skip(f"matches none of include {self.include}")
         for g in self.exclude:

@@ -473,3 +473,37 @@ def test_closed_completion_is_refused_with_a_shared_ledger_and_the_policy_must_b
     marked = load_settings(toml(tmp_path, rule_extra='completion = ["marker"]', tail='[ledger]\nagent_id = "d"'))
     assert marked.rules["magic"].completion == [Completion.MARKER]
 
+
+
+# ---------------------------------------------------------------- custody receipts
+
+def test_receipts_are_off_unless_asked(tmp_path: Path) -> None:
+    rule = load_settings(toml(tmp_path)).rules["magic"]
+    assert (rule.receipts, rule.receipts_directory) == ("none", None)
+    rule = load_settings(toml(tmp_path, rule_extra='receipts = "directory"\n'
+                                                   f'receipts_directory = "{tmp_path}/receipts"')).rules["magic"]
+    assert (rule.receipts, rule.receipts_directory) == ("directory", tmp_path / "receipts")
+
+
+@pytest.mark.parametrize(("extra", "says"), [
+    ('receipts = "directory"', "receipts = 'directory' needs receipts_directory"),
+    ('receipts = "beside"\nreceipts_directory = "/srv/receipts"', "used only with receipts = 'directory'"),
+    ('receipts_directory = "/srv/receipts"', "used only with receipts = 'directory'"),
+    ('receipts = "directory"\nreceipts_directory = "receipts"', "must be an absolute path"),
+    ('receipts = "somewhere"', "rules.magic.receipts"),
+    ('receipts = "directory"\nreceipts_directory = "{tmp}/daq/receipts"', "the receipts would be taken for data"),
+    ('receipts = "directory"\nreceipts_directory = "{tmp}"', "overlaps rules.magic.directory"),
+    ('receipts = "directory"\nreceipts_directory = "{tmp}/lake-a/r"', "overlaps destinations.a.path"),
+    ('receipts = "directory"\nreceipts_directory = "{tmp}/state/r"', "overlaps state_dir"),
+])
+def test_a_wrong_receipts_setting_names_the_key(tmp_path: Path, extra: str, says: str) -> None:
+    assert says in config_error(toml(tmp_path, rule_extra=extra.format(tmp=tmp_path)))
+
+
+def test_two_rules_never_share_a_receipts_directory(tmp_path: Path) -> None:
+    tail = (f'[rules.other]\ndirectory = "{tmp_path}/daq2"\nscope = "magic"\ndestinations = ["a", "b"]\n'
+            f'receipts = "directory"\nreceipts_directory = "{tmp_path}/receipts/other"\n')
+    extra = f'receipts = "directory"\nreceipts_directory = "{tmp_path}/receipts"'
+    assert "a receipt name must belong to one rule" in config_error(toml(tmp_path, rule_extra=extra, tail=tail))
+    ok = tail.replace("receipts/other", "receipts-other")
+    assert load_settings(toml(tmp_path, rule_extra=extra, tail=ok)).rules["other"].receipts == "directory"
