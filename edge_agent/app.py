@@ -240,6 +240,7 @@ class Agent:
                                   socket.gethostname(), os.getpid(), __version__, time.time(),
                                   fresh_s=3 * HEARTBEAT_SECONDS)
                 _shares_the_catalogue(settings, self.ledger)
+                _one_closer(settings, self.ledger)
         except BaseException:
             self.ledger.close()
             self.buffers.release()
@@ -314,6 +315,20 @@ def _shares_the_catalogue(settings: Settings, ledger: Ledger) -> None:
         raise ConfigError(f"lake.catalog: other agents share this ledger ({', '.join(sorted(others))}): on the "
                           "local lake they must share its catalogue too; set lake.catalog to one path every "
                           "agent reaches (SQLite: a filesystem with working locks)")
+
+
+def _one_closer(settings: Settings, ledger: Ledger) -> None:
+    """Agents sharing a ledger: one of them closes a rule's nights (close_nights), or two would each
+    write and deliver a manifest of the same night."""
+    mine = {n for n, r in settings.rules.items() if r.close_nights}
+    if not mine:
+        return
+    now = ledger.lease_clock(time.time())
+    for a in ledger.agents():
+        both = mine & set(a["stats"].get("close_nights") or ())
+        if a["agent_id"] != settings.agent_id and both and now - a["heartbeat_at"] < 3 * HEARTBEAT_SECONDS:
+            raise ConfigError(f"rules.{sorted(both)[0]}.close_nights: agent {a['agent_id']} of this ledger closes "
+                              "this rule's nights already; set close_nights on one agent of a fleet only")
 
 
 def _exclusive(path: "os.PathLike[str]") -> int:

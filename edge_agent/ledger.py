@@ -749,12 +749,14 @@ class Ledger(NightBook):
         return (owner == agent and (epoch is None or run == epoch)
                 and (until or 0) - self.lease_clock(now) > margin_s)
 
-    def arrivals(self, rule: str, after_id: int, since: float, limit: int = 10_000) -> list[tuple[int, float]]:
-        """(id, first_seen) of the versions of `rule` discovered after row `after_id` and at or after
-        `since`, newest first (read backwards along the primary key: what came last costs least)."""
-        return [(int(r[0]), float(r[1])) for r in self._query(
-            "SELECT id, first_seen FROM files WHERE id > ? AND rule = ? AND first_seen >= ? ORDER BY id DESC LIMIT ?",
-            (after_id, rule, since, limit))]
+    def arrivals(self, rule: str, after_id: int, since: float,
+                 limit: int = 10_000) -> list[tuple[int, float, float]]:
+        """(id, first_seen, written) of the versions of `rule` discovered after row `after_id` and at
+        or after `since`, newest first (read backwards along the primary key: what came last costs
+        least). `written`: the file's mtime, never later than its discovery."""
+        return [(int(r[0]), float(r[1]), min(float(r[1]), r[2] / 1e9) if r[2] is not None else float(r[1]))
+                for r in self._query("SELECT id, first_seen, mtime_ns FROM files WHERE id > ? AND rule = ? AND "
+                                     "first_seen >= ? ORDER BY id DESC LIMIT ?", (after_id, rule, since, limit))]
 
     def last_arrival(self, rule: str) -> tuple[int, float] | None:
         """(id, first_seen) of the last version of `rule` discovered, or None."""

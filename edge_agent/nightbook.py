@@ -42,6 +42,18 @@ class NightBook:
                        "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (rule, dataset) DO NOTHING",
                        (rule, dataset, night[0], night[1], OPEN, late_of(dataset), now))
 
+    def refile_late(self, file_id: int, dataset: str, late: str, night: tuple[str, float]) -> bool:
+        """A hashed version whose night `dataset` was closed before it was registered (an operator's
+        retry, say) goes to the late dataset `late` (recorded open), in one transaction; False when
+        the row is no longer in `dataset` or `late` is not open."""
+        with self._tx() as db:
+            try:
+                self._enter_night(db, file_id, late, night, self._clock())
+            except NightClosed:
+                return False
+            cur = db.execute("UPDATE files SET dataset = ? WHERE id = ? AND dataset = ?", (late, file_id, dataset))
+            return bool(cur.rowcount)
+
     def add_night(self, rule: str, dataset: str, night: str, ends_at: float) -> None:
         """After this, night `dataset` of `rule` is recorded (open, unless it was recorded before)."""
         with self._tx() as db:

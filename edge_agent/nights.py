@@ -17,7 +17,7 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,34 @@ def entered(rule: RuleSettings, night: str) -> tuple[str, float] | None:
     if not rule.close_nights:
         return None
     return night, core.night_end(night, rule.night_rollover_hour, rule.tz)
+
+
+def refiled_if_late(batch: Sequence[FileRecord], settings: Settings, ledger: Ledger) -> list[FileRecord]:
+    """The versions of `batch`, those whose night was closed before they were registered (retried by
+    an operator after the close-out, say) moved to their night's late dataset first: a closed
+    dataset takes no attachment, and the file would be quarantined again at every retry."""
+    out: list[FileRecord] = []
+    states: dict[tuple[str, str], str] = {}
+    for rec in batch:
+        rule = settings.rules.get(rec.rule)
+        if rule is None or not rule.close_nights or not rec.dataset or rec.mtime_ns is None:
+            out.append(rec)
+            continue
+        key = (rec.rule, rec.dataset)
+        if key not in states:
+            states[key] = ledger.night_states(rec.rule, [rec.dataset]).get(rec.dataset, OPEN)
+        if states[key] == OPEN:
+            out.append(rec)
+            continue
+        night = policy.naming_fields(rec.relpath, rec.mtime_ns / 1e9, rec.rule, rule.night_rollover_hour,
+                                     rule.tz)["night"]
+        late = late_for(ledger, rec.rule, rec.dataset)
+        if ledger.refile_late(rec.id, rec.dataset, late, (night, core.night_end(night, rule.night_rollover_hour,
+                                                                                 rule.tz))):
+            log.warning("late file: its night was closed before it was registered; it goes to a dataset of "
+                        "its own", file_id=rec.id, rule=rec.rule, path=rec.relpath, night=rec.dataset, dataset=late)
+        out.append(ledger.get(rec.id))
+    return out
 
 
 def late_for(ledger: Ledger, rule: str, dataset: str) -> str:
@@ -119,8 +147,9 @@ class CloseOut:
         out: dict[str, list[tuple[FileRecord, State | None]]] = {}
         for dataset, rows in by_dataset.items():
             if states.get(dataset, OPEN) != OPEN:
-                # a quarantined one that ended before its night was closed is in that night's manifest
-                closed_at = self.ledger.night_closed_at(name, dataset)
+                # a quarantined one that ended before its night (or the night's last late dataset) was
+                # closed is in that one's manifest: filed once, not in a new late dataset at each run
+                closed_at = self._last_closed(name, dataset)
                 rows = [(rec, succ) for rec, succ in rows if not (
                     rec.state is State.QUARANTINED and closed_at is not None and rec.updated_at <= closed_at)]
                 if not rows:
@@ -133,6 +162,12 @@ class CloseOut:
                                       core.night_end(nights[dataset], rule.night_rollover_hour, rule.tz))
             out.setdefault(dataset, []).extend(rows)
         return out
+
+    def _last_closed(self, name: str, dataset: str) -> float | None:
+        """When the night `dataset` or the last of its late datasets was closed (None: never)."""
+        names = [dataset] + [f"{dataset}{core.LATE}{n if n > 1 else ''}" for n in range(1, LATE_TRIES + 1)]
+        times = [t for t in (self.ledger.night_closed_at(name, d) for d in names) if t is not None]
+        return max(times) if times else None
 
     def _decide(self, name: str, rule: RuleSettings, night: dict[str, Any],
                 waiting: list[tuple[FileRecord, State | None]], now: float) -> tuple[core.Decision, list[core.NightFile]]:
@@ -205,8 +240,10 @@ class CloseOut:
             self.catalogue.add_replica(f, t.location, t.url)
         self.catalogue.request_copies(f)
         self.catalogue.close_dataset(rule.scope, dataset)
-        self.ledger.set_night(name, dataset, CLOSING, CLOSED, verdict=doc["verdict"], reasons=doc["reasons"],
-                              files=doc["files"], bytes=doc["bytes"], manifest=f.did, closed_at=now)
+        if not self.ledger.set_night(name, dataset, CLOSING, CLOSED, verdict=doc["verdict"], reasons=doc["reasons"],
+                                     files=doc["files"], bytes=doc["bytes"], manifest=f.did, closed_at=now):
+            log.warning("night recorded closed by someone else meanwhile", rule=name, dataset=dataset)
+            return {"outcome": "closed elsewhere"}
         (log.warning if doc["verdict"] != core.Verdict.COMPLETE else log.info)(
             "night closed", rule=name, dataset=dataset, verdict=doc["verdict"], files=doc["files"],
             reasons=doc["reasons"][:10], manifest=f.did, late_of=doc.get("late_of"))

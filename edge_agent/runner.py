@@ -492,7 +492,10 @@ class Runner:
             assert self.agent_id is not None
             mine = self.ledger.heartbeat(self.agent_id, socket.gethostname(), os.getpid(), __version__, totals.at,
                                          place=self.place, stats={**fleet.throughput(self._beat_totals, totals, in_flight),
-                                                                  "rules": sorted(self.settings.rules)})
+                                                                  "rules": sorted(self.settings.rules),
+                                                                  "close_nights": sorted(
+                                                                      n for n, r in self.settings.rules.items()
+                                                                      if r.close_nights)})
         except Exception as exc:  # noqa: BLE001 - the next heartbeat tries again
             log.warning("could not record this agent's heartbeat", error=str(exc))
             return

@@ -50,8 +50,10 @@ class ScheduleWatch:
             else:
                 new = self.ledger.arrivals(name, self._cursor[name], 0.0)
             arrivals = self._arrivals[name]
-            for fid, at in reversed(new):
-                expected_then = spec.expected(at, tz)
+            for fid, at, written in reversed(new):
+                # judged by when the file was written, not found: a restart finding the night's
+                # files in the morning is no file "outside" the night
+                expected_then = spec.expected(written, tz)
                 arrivals.append((at, expected_then))
                 if not expected_then and name in self.state:
                     self.outside_total[name] += 1

@@ -858,7 +858,9 @@ def masked_dump(settings: Settings) -> dict[str, Any]:
         if isinstance(v, BaseModel):
             return {k: walk(getattr(v, k)) for k in type(v).model_fields}
         if isinstance(v, dict):
-            return {k: walk(x) for k, x in v.items()}
+            # a free-form table (an extractor's env, a rule's metadata): a value under a key that
+            # names a secret (DAQ_DB_PASSWORD, API_TOKEN...) is masked too
+            return {k: ("***" if is_secret_key(str(k)) and isinstance(x, str) and x else walk(x)) for k, x in v.items()}
         if isinstance(v, (list, tuple)):
             return [walk(x) for x in v]
         if isinstance(v, enum.Enum):
@@ -866,4 +868,5 @@ def masked_dump(settings: Settings) -> dict[str, Any]:
         if isinstance(v, (Path, dt.time)):
             return str(v)
         return v
+    from .logs import is_secret_key
     return walk(settings)

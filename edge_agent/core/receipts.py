@@ -120,6 +120,17 @@ def encode(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, indent=2, ensure_ascii=True).encode() + b"\n"
 
 
+def is_receipt(old: bytes) -> bool:
+    """Is `old` (a file's content) a receipt an agent wrote? Only such a file is ever replaced: a
+    DAQ's own file that happens to carry the receipt's name is data, never written over."""
+    try:
+        doc = json.loads(old)
+    except ValueError:
+        return False
+    return (isinstance(doc, dict) and isinstance(doc.get("schema"), int) and doc.get("status") == "confirmed"
+            and isinstance(doc.get("file"), dict) and "did" in doc and "blake3" in doc)
+
+
 def same(old: bytes | None, new: dict[str, Any]) -> bool:
     """Does the receipt file content `old` say what `new` says, but for when and by whom it was written?
     Then it stands: a step repeated after a crash writes nothing new."""

@@ -14,6 +14,7 @@ import structlog
 from .. import __version__, receipts
 from ..core import policy
 from ..core import receipts as core
+from ..errors import PermanentError
 from ..ledger import FileRecord, display_path
 from ..urls import shown_url
 from .context import StepContext
@@ -37,7 +38,14 @@ def write(rec: FileRecord, ctx: StepContext, c: policy.Confirmation, local_copy:
     doc = core.document(version, shown, rule.copies, local_copy, ctx.clock(), socket.gethostname(), ctx.holder,
                         __version__)
     where = display_path(target.path)
-    if core.same(receipts.read(target), doc):
+    old = receipts.read(target)
+    if old is not None and not core.is_receipt(old):
+        # a file of someone else's (a DAQ's data file named so) is where the receipt goes: never
+        # written over; this file is kept too, until a person moves one of them
+        raise PermanentError(f"{where} is not a custody receipt of edge-agent's (a DAQ file of that name?): it "
+                             f"is never replaced, and {rec.relpath} is kept until it is moved away "
+                             f"(then `edge-agent retry {rec.id}`)")
+    if core.same(old, doc):
         if local_copy == core.TO_DELETE:
             receipts.settle(target)
         return where

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from .. import nights
 from ..core.lifecycle import Event
 from ..failpoints import hit
 from ..ledger import FileRecord
@@ -17,6 +18,7 @@ from .lookup import lake_files, outcomes
 
 def run(batch: Sequence[FileRecord], ctx: StepContext) -> None:
     """After it each file of the batch is REGISTERED, or failed into its wait with its own reason."""
+    batch = nights.refiled_if_late(batch, ctx.settings, ctx.ledger)
     files = lake_files(batch, ctx)
     todo = [rec for rec in batch if rec.id in files]
     if not todo:

@@ -70,8 +70,12 @@ class Tee:
             if pace is not None:
                 pace(len(chunk))
             h.update(chunk)
-            for c in also:
-                c.update(chunk)
+            if also:
+                # read-only to the consumers (an extractor plug-in among them): what was hashed is
+                # what is sent, whatever a consumer does with its view
+                seen = chunk.toreadonly() if isinstance(chunk, memoryview) else chunk
+                for c in also:
+                    c.update(seen)
             yield chunk
         if expected is not None and h.size != expected.size:
             expected.check(str(self.source), h.digests())   # raises: the file ended early

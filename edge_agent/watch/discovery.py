@@ -16,6 +16,7 @@ import structlog
 
 from ..core import policy
 from ..core.lifecycle import UNHASHED, Event, State
+from ..core.receipts import is_receipt
 from ..errors import PermanentError, SymlinkInPath
 from ..ledger import FileRecord, Ledger, StaleTransition
 from ..localfs import LocalFile
@@ -59,6 +60,7 @@ class Discovery:
         # (leases are reckoned on the ledger's clock), set by the runner
         self.epoch: str | None = None
         self.lease_offset = 0.0
+        self._receipts_seen: dict[bytes, tuple[int, int, int]] = {}   # *.receipt files looked into
         self.filters = {name: RuleFilter(rule) for name, rule in settings.rules.items()}
         self.dirty = DirtyPaths()
         self.writers = WriterTable()
@@ -189,6 +191,29 @@ class Discovery:
         self.held_subtrees[rule] = held
         log.info("rescanned", rule=rule, entries=n, seconds=round(time.monotonic() - started, 2))
 
+    def _foreign_receipt(self, rule: str, path: bytes, entry: Entry) -> None:
+        """A file with a receipt's name (receipts = beside takes `*.receipt`): never sent, so one
+        that is not an agent's receipt (a DAQ's own file of that name) is reported, not skipped
+        without a word. Its head is read once per (inode, size, mtime)."""
+        assert entry.st is not None
+        key = (entry.st.st_ino, entry.st.st_size, entry.st.st_mtime_ns)
+        if self._receipts_seen.get(path) == key:
+            return
+        if len(self._receipts_seen) > 100_000:
+            self._receipts_seen.clear()
+        self._receipts_seen[path] = key
+        try:
+            with open(path, "rb", opener=_no_follow) as fh:
+                head = fh.read(1 << 20)
+        except OSError:
+            return
+        if is_receipt(head):
+            return
+        if self.ledger.notice(rule, path, "not-a-receipt",
+                              "named like a custody receipt (rules.*.receipts = \"beside\" takes *.receipt) but "
+                              "not one of the agent's: never sent; rename it if it is data"):
+            log.warning("a file named like a custody receipt is not one: not sent", rule=rule, path=entry.relpath)
+
     def _in_hand(self, rec: FileRecord) -> bool:
         """Is a step in flight for `rec`: one of this agent's, or (a shared ledger) another agent's
         claim on it, not given back (a released claim's lease is 0)? That step notices a change
@@ -223,6 +248,8 @@ class Discovery:
                                           f"{skip.reason}, but unchanged for over {stale_s:.0f}s: "
                                           "did the writer die?"):
                         log.warning("stale temporary file", rule=rule, path=entry.relpath)
+            elif skip.receipt:
+                self._foreign_receipt(rule, path, entry)
             return
         st = entry.st
         assert st is not None
@@ -371,3 +398,7 @@ def _sidecar_state(path: str) -> bool | None:
         return None
     except (OSError, ValueError):
         return False
+
+
+def _no_follow(path: str | bytes, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)

@@ -22,6 +22,7 @@ class Skip:
     reason: str
     report: bool = False   # True: an operator should hear about it (a notice in the ledger)
     writing: bool = False  # a name being written: reported if it stays unchanged too long (stale_temp_seconds)
+    receipt: bool = False  # a receipt's name: reported if the file is not one of the agent's receipts
 
 
 class RuleFilter:
@@ -52,7 +53,7 @@ class RuleFilter:
         if self.companions and name.endswith(self.companions):
             return Skip("marker/sidecar of a data file")
         if self.receipts and is_receipt_name(name):
-            return Skip("custody receipt of a data file")
+            return Skip("custody receipt of a data file", receipt=True)
         if not any(_match(relpath, name, g) for g in self.include):
             return Skip(f"matches none of include {self.include}")
         for g in self.exclude:

@@ -188,3 +188,19 @@ def test_agents_making_the_buffer_id_at_once_agree_on_one(tmp_path: Path) -> Non
     with cf.ThreadPoolExecutor(8) as pool:
         ids = set(pool.map(lambda _: identity.buffer_id(tmp_path), range(16)))
     assert len(ids) == 1 and [p.name for p in tmp_path.iterdir()] == [identity.BUFFER_ID_NAME]
+
+
+
+def test_one_agent_of_a_fleet_closes_a_rules_nights(tmp_path: Path, ledger: Ledger,
+                                                    settings_data: Callable[..., Any]) -> None:
+    """Review of issue 16 (2): two agents closing one night each wrote and delivered a manifest of
+    their own (the lake's copy then differed from the registered checksum)."""
+    import time
+    from edge_agent.app import _one_closer
+    rule = {"completion": ["renamed"], "close_nights": True, "night_grace_hours": 1}
+    mine = Settings(**settings_data(tmp_path, rule=rule, ledger={"agent_id": "a2"}))
+    ledger.heartbeat("a1", "daq-1", 1, "0", time.time(), {"close_nights": ["r"]})
+    with pytest.raises(ConfigError, match="rules.r.close_nights: agent a1 of this ledger closes"):
+        _one_closer(mine, ledger)
+    ledger.heartbeat("a1", "daq-1", 1, "0", time.time(), {"close_nights": []})
+    _one_closer(mine, ledger)                             # a1 no longer closes nights: a2 may

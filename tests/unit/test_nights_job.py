@@ -263,3 +263,47 @@ def test_the_runner_closes_nights_only_for_rules_that_ask_and_not_while_the_lake
             for pool in r.pools.values():
                 pool.shutdown()
             ledger.close()
+
+
+def test_a_file_retried_after_its_night_closed_is_not_quarantined_again(night: Night) -> None:
+    """Review of issue 16 (4): a file quarantined after hashing (e.g. the lake refused its metadata) makes its night incomplete;
+    the night closes; the operator fixes the cause and runs `edge-agent retry ID`. The version resumes at
+    HASHED with dataset = the closed night: the register step attaches it to the closed dataset, is
+    refused (PermanentError 'dataset is closed') and quarantines the file again: it can never be sent
+    (it should go to <dataset>.late)."""
+    good = night.add("good.fits", b"g" * 100)
+    bad = night.add("bad.fits", b"b" * 100)
+    assert night.drive(good.id).state is State.DELETED
+    rec = night.drive(bad.id, until=State.HASHED)
+    assert rec.state is State.HASHED
+    night.ledger.transition(bad.id, State.HASHED, Event.FAILED_PERMANENT, {"reason": "lake refused metadata"},
+                            reason="lake refused metadata")
+    ds = night.dataset()
+    ends = core.night_end(ds[2:], 12, night.s.rules["r"].tz)
+    [done] = night.run_at(ends + 2 * H)
+    assert done["verdict"] == "incomplete"
+    # the operator's retry
+    night.ledger.transition(bad.id, State.QUARANTINED, Event.OPERATOR_RETRY, {"by": "op"})
+    end = night.drive(bad.id)
+    assert end.state is State.DELETED, f"{end.state}: {end.reason}"
+    assert end.dataset == ds + ".late"
+
+
+def test_a_late_file_quarantined_before_hashing_closes_one_late_dataset_not_one_per_run(night: Night) -> None:
+    """Review of issue 16 (3): night N is closed. Then a zero-byte file of N turns up (a failed write) and is quarantined
+    before hashing (dataset NULL). _unhashed() keeps it (updated_at > N's closed_at) and files it under
+    the first late dataset not open: .late, closed incomplete; next run .late2, closed incomplete with the
+    same file; then .late3 ... each with a manifest uploaded and a dataset closed in the lake."""
+    good = night.add("good.fits", b"g" * 100)
+    assert night.drive(good.id).state is State.DELETED
+    ds = night.dataset()
+    ends = core.night_end(ds[2:], 12, night.s.rules["r"].tz)
+    [done] = night.run_at(ends + 2 * H)
+    assert done["verdict"] == "complete"
+    night.clock.now = ends + 2.5 * H
+    empty = night.add("empty.fits", b"")
+    assert night.drive(empty.id).state is State.QUARANTINED
+    closed = []
+    for i in range(6):
+        closed += [d["dataset"] for d in night.run_at(ends + (3 + i) * H) if d.get("outcome") == "closed"]
+    assert len(closed) <= 1, f"the one quarantined late file closed {len(closed)} late datasets: {closed}"

@@ -320,7 +320,8 @@ def test_the_heartbeat_reports_what_the_agent_did_since_the_last_one_recorded(
     assert ledger.agents()[0]["stats"] == {
         "interval_s": 30.0, "sent_bytes_per_s": 1000.0, "hashed_bytes_per_s": 2000.0,
         "transferred_files_per_s": 0.1, "deleted_files_per_s": 0.033, "sent_bytes": 30_000,
-        "files_transferred": 3, "files_deleted": 1, "in_flight": 1, "rules": ["r"]}
+        "files_transferred": 3, "files_deleted": 1, "in_flight": 1, "rules": ["r"],
+        "close_nights": []}
     assert ledger.agents()[0]["heartbeat_at"] == clock()
 
     def unwritable(*args: Any, **kw: Any) -> None:

@@ -29,7 +29,8 @@ def test_the_alarms_follow_what_arrives(tmp_path: Path, clock: Any, settings_dat
         watch = ScheduleWatch(s, ledger, clock, started_at=clock())
 
         def arrive(name: str) -> None:
-            ledger.discover("r", str(tmp_path / "daq" / name).encode(), name, 1, 1, 1, 1, 0)
+            # written just before it is found (its mtime: what "outside" judges by)
+            ledger.discover("r", str(tmp_path / "daq" / name).encode(), name, 1, 1, 1, int((clock() - 5) * 1e9), 0)
         arrive("early.fits")                      # noon: outside the expected time
         watch.sample()
         st = watch.report()["r"]
@@ -58,5 +59,25 @@ def test_the_alarms_follow_what_arrives(tmp_path: Path, clock: Any, settings_dat
         again = ScheduleWatch(s, ledger, clock, started_at=clock())
         again.sample()
         assert again.report()["r"]["files_last_hour"] == 3
+    finally:
+        ledger.close()
+
+
+def test_a_restart_finding_last_nights_files_raises_no_outside_alarm(tmp_path: Path, clock: Any,
+                                                                    settings_data: Callable[..., Any]) -> None:
+    """Review of issue 16 (9): files written in the night and found by a restart at 09:00 were
+    judged by their discovery: "outside" fired, and each counted as outside the window."""
+    s = Settings(**settings_data(tmp_path, rule={"timezone": "Atlantic/Canary", "expected": {"hours": ["20:00-06:00"]}}))
+    clock.now = at(8, 9)
+    ledger = Ledger(s.ledger_path, clock=clock)
+    try:
+        for i in range(3):
+            ledger.discover("r", b"/daq/n%d" % i, f"n{i}", 1, 1, 1, int(at(8, 2, i) * 1e9), 0)
+        watch = ScheduleWatch(s, ledger, clock, started_at=clock())
+        watch.sample()
+        assert watch.report()["r"]["alarms"]["outside"] is False
+        ledger.discover("r", b"/daq/day", "day", 1, 1, 1, int((clock() - 1) * 1e9), 0)   # written now: outside
+        watch.sample()
+        assert watch.report()["r"]["alarms"]["outside"] is True and watch.outside_total["r"] == 1
     finally:
         ledger.close()

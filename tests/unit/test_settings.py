@@ -507,3 +507,12 @@ def test_two_rules_never_share_a_receipts_directory(tmp_path: Path) -> None:
     assert "a receipt name must belong to one rule" in config_error(toml(tmp_path, rule_extra=extra, tail=tail))
     ok = tail.replace("receipts/other", "receipts-other")
     assert load_settings(toml(tmp_path, rule_extra=extra, tail=ok)).rules["other"].receipts == "directory"
+
+
+def test_a_secret_in_an_extractors_environment_is_masked(tmp_path: Path, settings_data: Callable[..., Any]) -> None:
+    """Review of issue 16 (7): check-config printed an extractor's env value under a secret's name."""
+    import sys
+    s = Settings(**settings_data(tmp_path, rule={"extractor": {"command": [sys.executable, "-c", "0"],
+                                                               "env": {"DAQ_DB_PASSWORD": "hunter2", "MODE": "fast"}}}))
+    shown = masked_dump(s)["rules"]["r"]["extractor"]["env"]
+    assert shown == {"DAQ_DB_PASSWORD": "***", "MODE": "fast"} and "hunter2" not in json.dumps(masked_dump(s))

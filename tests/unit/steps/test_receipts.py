@@ -149,9 +149,13 @@ def test_a_crash_between_the_receipt_and_the_unlink_leaves_both_and_the_next_loo
 
 
 def test_a_receipt_of_other_content_is_replaced_whole(make_env: Any) -> None:
+    """An agent's receipt of an older version (a receipt, not a DAQ's file: see below) is replaced."""
     env = make_env(rule={"receipts": "beside"})
     beside(env).parent.mkdir(parents=True)
-    beside(env).write_bytes(b'{"half a rec')
+    older = receipts.document(receipts.Version(99, 1, "r", "run42/f1.fits", b"/x", "test", "old", None, 1, 1,
+                                               "00000001", None, "b3", 1.0), [], 2, receipts.TO_DELETE, 1.0, "h",
+                              None, "0")
+    beside(env).write_bytes(receipts.encode(older))
     env.drive(env.add().id)
     assert receipt_of(beside(env))["did"] == DID
 
@@ -368,3 +372,47 @@ def test_a_rescan_after_the_deletion_takes_no_receipt(make_env: Any) -> None:
     f = RuleFilter(env.s.rules["r"])
     found = [e.relpath for e in walk(os.fsencode(env.daq), True) if not e.problem and f(e.relpath) is None]
     assert found == []
+
+
+def test_a_daq_file_with_the_receipts_name_is_never_written_over(make_env: Callable[..., Env]) -> None:
+    """Review of issue 16 (1): the DAQ's own file f1.fits.receipt was renamed over by the agent's
+    receipt of f1.fits (never sent, its bytes gone). It is kept; f1.fits is kept too, and said why."""
+    env = make_env(rule={"receipts": "beside"})
+    rec = env.add()
+    theirs = env.daq / "run42" / "f1.fits.receipt"
+    theirs.write_bytes(b"\x00a DAQ calibration table\x00" * 100)
+    end = env.drive(rec.id)
+    assert end.state is State.QUARANTINED and "is not a custody receipt of edge-agent's" in (end.reason or "")
+    assert theirs.read_bytes().startswith(b"\x00a DAQ") and (env.daq / "run42" / "f1.fits").read_bytes() == DATA
+    # moved away by a person, then retried: the receipt is written and the file goes
+    theirs.rename(env.daq / "run42" / "f1-calibration.dat")
+    env.ledger.transition(rec.id, State.QUARANTINED, Event.OPERATOR_RETRY, {"by": "test"}, next_at=0)
+    end = env.drive(rec.id)
+    assert end.state is State.DELETED and receipts.is_receipt(theirs.read_bytes())
+
+
+def test_a_daq_file_named_like_a_receipt_is_reported_not_skipped_without_a_word(
+        tmp_path: Path, clock: Any, settings_data: Callable[..., dict[str, Any]]) -> None:
+    """Review of issue 16 (5): `*.receipt` names are the agent's with receipts = beside; one that is
+    not an agent's receipt is data the agent will not send: a notice says so (once)."""
+    from edge_agent.app import build_catalogue
+    from edge_agent.ledger import Ledger
+    from edge_agent.runner import Runner
+    for d in ("daq", "lake-a", "lake-b"):
+        (tmp_path / d).mkdir(exist_ok=True)
+    s = Settings(**settings_data(tmp_path, rule={"receipts": "beside", "completion": ["renamed"]}))
+    r = Runner(s, Ledger(s.ledger_path, clock=clock), build_catalogue(s), clock=clock)
+    try:
+        (tmp_path / "daq" / "spectra.receipt").write_bytes(b"not json at all")
+        good = receipts.document(receipts.Version(1, 1, "r", "x", b"/x", "s", "x", None, 1, 1, "00000001", None,
+                                                 "b3", 1.0), [], 2, receipts.TO_DELETE, 1.0, "h", None, "0")
+        (tmp_path / "daq" / "x.receipt").write_bytes(receipts.encode(good))
+        r.discovery.rescan("r")
+        r.discovery.rescan("r")
+        notes = [n for n in r.ledger.notices() if n["kind"] == "not-a-receipt"]
+        assert [os.path.basename(n["relpath"]) for n in notes] == ["spectra.receipt"] and notes[0]["count"] == 1
+        assert list(r.ledger.iter_all()) == []           # neither is taken for data
+    finally:
+        for pool in r.pools.values():
+            pool.shutdown()
+        r.ledger.close()
