@@ -709,8 +709,7 @@ class Ledger(NightBook):
         rows of another run under the same id are its own only once their lease ran out or were
         given back (that run may be a process stalled elsewhere; see enrol)."""
         ex = list(exclude)
-        mine, mine_args = ("claim_owner = ? AND claim_epoch = ?", [agent, epoch]) if epoch is not None \
-            else ("claim_owner = ?", [agent])
+        mine, mine_args = _held_by(agent, epoch)
         with self._tx() as db:
             lease_now = self._lease_now(db, now)
             rows: list[Any] = []

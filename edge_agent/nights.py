@@ -228,6 +228,7 @@ class CloseOut:
         f = LakeFile(rule=name, scope=rule.scope, name=mname, dataset=dataset, size=d.size, adler32=d.adler32,
                      md5=None, blake3=d.blake3, copies=rule.copies, destinations=tuple(rule.destinations),
                      local_path=str(path), metadata={})
+        self._name_is_the_manifests(rule.scope, mname, d.size, d.adler32)
         # attached already (a close-out cut short after the dataset was closed: Rucio refuses any
         # attachment to a closed dataset, even one it holds): its registration is done
         if not self._attached(rule.scope, dataset, mname):
@@ -249,6 +250,18 @@ class CloseOut:
             reasons=doc["reasons"][:10], manifest=f.did, late_of=doc.get("late_of"))
         return {"outcome": "closed", "verdict": doc["verdict"], "manifest": f.did}
 
+
+    def _name_is_the_manifests(self, scope: str, name: str, size: int, adler32: str) -> None:
+        """PermanentError when the lake holds `scope:name` with other bytes than the manifest's: a DAQ
+        file that rendered that very name (`<dataset>.manifest.json`). Its copies are never written
+        over (they may be all that is left of it); the night stays to be closed, and says why."""
+        if not isinstance(self.catalogue, Records):
+            return
+        held = self.catalogue.lookup([(scope, name)]).get((scope, name))
+        if held is not None and (held.size, held.adler32) != (size, adler32):
+            raise PermanentError(f"{scope}:{name}, the night's manifest's name, is a file of the lake with other "
+                                 "bytes (a data file of that name?): its copies are never replaced; rename the "
+                                 "dataset_template's nights or that file's name, the night stays open meanwhile")
 
     def _attached(self, scope: str, dataset: str, name: str) -> bool:
         if not isinstance(self.catalogue, Records):

@@ -307,3 +307,19 @@ def test_a_late_file_quarantined_before_hashing_closes_one_late_dataset_not_one_
     for i in range(6):
         closed += [d["dataset"] for d in night.run_at(ends + (3 + i) * H) if d.get("outcome") == "closed"]
     assert len(closed) <= 1, f"the one quarantined late file closed {len(closed)} late datasets: {closed}"
+
+
+def test_a_data_file_named_like_the_manifest_is_never_written_over(night: Night) -> None:
+    """The last read of the change: a DAQ file whose DID is the night's manifest's name
+    (`<dataset>.manifest.json`), delivered and deleted from the buffer; the close-out found it
+    attached and put the manifest over its copies with may_replace. Its copies now stay."""
+    ds = night.dataset()
+    data = b"a data file, not a manifest " * 40
+    clash = night.add(ds + core.MANIFEST_SUFFIX, data)
+    assert night.drive(clash.id).state is State.DELETED
+    copies = sorted(p for p in night.tmp.rglob(ds + core.MANIFEST_SUFFIX) if "lake" in str(p))
+    assert copies and all(p.read_bytes() == data for p in copies)
+    ends = core.night_end(ds[2:], 12, night.s.rules["r"].tz)
+    [done] = night.run_at(ends + 2 * H)
+    assert done["outcome"] == "failed" and "the night's manifest's name" in done["error"]
+    assert all(p.read_bytes() == data for p in copies)                 # the data file's copies kept
