@@ -79,7 +79,7 @@ load_settings() {
     SCOPE="${EDGE_LAKE_SCOPE:-test}"
     BUF_RSE=EDGE_BUF
     LAKE_RSES="EDGE_LAKE1 EDGE_LAKE2"
-    RUCIO_VERSION=41.5.1
+    RUCIO_VERSION="${EDGE_LAKE_RUCIO_VERSION:-41.5.1}"   # the newest tested; an LTS series for CI
     GUNICORN_VERSION=27.0.1
 }
 

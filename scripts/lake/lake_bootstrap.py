@@ -179,9 +179,18 @@ def bootstrap_catalogue():
         attr = "buffer" if rse == buf else "lake"
         api.call("POST", f"/rses/{q(rse)}/attr/{attr}", {"value": True})
         # Without a limit every rule is refused (InsufficientAccountLimit), root too.
-        api.call("POST", f"/accounts/{q(account)}/limits/local/{q(rse)}", {"bytes": -1})
+        set_limit(api, account, rse)
 
     print(f"catalogue: scope {scope}, RSEs {buf} {' '.join(lakes)} ready")
+
+
+def set_limit(api, account, rse):
+    """No limit for `account` on `rse`. Rucio 39 and later take it under /accounts; the 38 LTS
+    series (and older) only under /accountlimits (405 on the newer path)."""
+    q = urllib.parse.quote
+    status, _ = api.call("POST", f"/accounts/{q(account)}/limits/local/{q(rse)}", {"bytes": -1}, ok_codes=(405, 409))
+    if status == 405:
+        api.call("POST", f"/accountlimits/local/{q(account)}/{q(rse)}", {"bytes": -1})
 
 
 def bootstrap_s3(accounts_cfg):
@@ -212,7 +221,7 @@ def bootstrap_s3(accounts_cfg):
     for key, value in (("sign_url", "s3"), ("s3_url_style", "path"), ("skip_upload_stat", True),
                        ("verify_checksum", False), ("strict_copy", True), ("s3", True)):
         api.call("POST", f"/rses/{q(rse)}/attr/{key}", {"value": value})
-    api.call("POST", f"/accounts/{q(account)}/limits/local/{q(rse)}", {"bytes": -1})
+    set_limit(api, account, rse)
 
     _, text = api.call("GET", f"/rses/{q(rse)}")
     rse_id = json.loads(text)["id"]
