@@ -161,6 +161,13 @@ class Lake:
         subprocess.run([str(SCRIPTS / "start.sh"), str(self.state_dir)], check=True, timeout=300,
                        capture_output=True)
 
+    def unlimited(self, rse: str) -> None:
+        """No account limit for the lake's account on `rse` (without one Rucio refuses every rule).
+        Rucio 39 and later take it under /accounts; the 38 LTS series only under /accountlimits."""
+        r = self.call("POST", f"/accounts/{self.account}/limits/local/{rse}", {"bytes": -1}, ok=(201, 405, 409))
+        if r.status_code == 405:
+            self.call("POST", f"/accountlimits/local/{self.account}/{rse}", {"bytes": -1}, ok=(201, 409))
+
     def agent_lake_config(self, **rucio: Any) -> dict[str, Any]:
         """The [lake] table of an agent config pointing at this lake."""
         return {"kind": "rucio", "rucio": {
@@ -246,7 +253,9 @@ def start_lake() -> Iterator[Lake]:
         yield ACTIVE
         return
     state = Path(os.environ.get("EDGE_LAKE_TEST_STATE", "/var/tmp/edge-lake-tests"))
-    env = {**os.environ, "EDGE_LAKE_VENV": os.environ.get("EDGE_LAKE_VENV", "/var/tmp/edge-lake-venv")}
+    # the Rucio release is EDGE_LAKE_RUCIO_VERSION's (scripts/test-rucio), else the newest; each
+    # release's venv is kept outside the state directory, for the next run
+    env = {**os.environ, "EDGE_LAKE_VENV_ROOT": os.environ.get("EDGE_LAKE_VENV_ROOT", "/var/tmp/edge-lake-venvs")}
     t0 = time.monotonic()
     r = subprocess.run([str(SCRIPTS / "start.sh"), str(state)], env=env, capture_output=True, text=True,
                        timeout=900)

@@ -28,6 +28,7 @@ import structlog
 
 from ..errors import AlreadyDone, ConfigError, EdgeAgentError, PermanentError, RetryableError
 from ..settings import RucioSettings
+from .rucio_server import ServerRelease
 
 log = structlog.get_logger("edge_agent.lake.rucio")
 
@@ -218,6 +219,7 @@ class RucioClient:
             x.get_secret_value() for x in (settings.auth.password, settings.auth.client_secret)
             if x is not None and x.get_secret_value())
         self._tokens: tuple[str, ...] = ()
+        self.server = ServerRelease(self.url)
 
     # ------------------------------------------------------------ TLS
     def _tls_context(self) -> ssl.SSLContext | bool:
@@ -479,12 +481,14 @@ class RucioClient:
 
     # ------------------------------------------------------------ calls
     def ping(self) -> str:
-        """Rucio's version; no token needed."""
+        """Rucio's version; no token needed. The first answer (and a changed one) is logged."""
         r = self.request("GET", "/ping", "GET /ping", auth=False)
         try:
-            return str(r.json().get("version", "?"))
+            version = str(r.json().get("version", "?"))
         except (ValueError, AttributeError):
-            return "?"
+            version = "?"
+        self.server.seen(version)
+        return version
 
     def get_did(self, scope: str, name: str) -> dict[str, Any]:
         """type, bytes, adler32, md5... of a DID. Raises NotFound."""

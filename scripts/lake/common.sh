@@ -3,6 +3,11 @@
 # Everything here is about where things live and how to tell whether a
 # daemon that start.sh launched is still running.
 
+# The Rucio releases CI tests the agent against: the newest, and the newest of the oldest LTS
+# series Rucio still maintains (tests/lake.py and scripts/test read these two lines).
+RUCIO_NEWEST=41.5.1
+RUCIO_OLDEST_LTS=38.6.4
+
 log() { printf '[lake %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 die() { printf '[lake] ERROR: %s\n' "$*" >&2; exit 1; }
 
@@ -36,7 +41,8 @@ set_state_dir() {
     MARKER="$STATE_DIR/.edge-lake"  # proves to stop.sh --purge that this is ours
     LAKE_ENV="$STATE_DIR/lake.env"
     load_settings
-    VENV="${EDGE_LAKE_VENV:-$STATE_DIR/venv}"
+    # A venv per Rucio release: two lakes of two series never share (and reinstall) one.
+    VENV="${EDGE_LAKE_VENV:-${EDGE_LAKE_VENV_ROOT:-$STATE_DIR}/venv-rucio-$RUCIO_VERSION}"
 }
 
 # load_settings: EDGE_LAKE_* from the environment, else from the lake.env of an
@@ -44,13 +50,23 @@ set_state_dir() {
 # else the defaults. Ports are all on 127.0.0.1.
 load_settings() {
     local line key value env_db="${EDGE_LAKE_RUCIO_DB-}" env_workers="${EDGE_LAKE_RUCIO_WORKERS+set}" old_db=""
+    local env_version="${EDGE_LAKE_RUCIO_VERSION-}" old_version=""
     if [[ -f "$STATE_DIR/lake.env" ]]; then
         while IFS= read -r line; do
             [[ "$line" =~ ^(EDGE_LAKE_[A-Z0-9_]+)=\"([^\"]*)\"$ ]] || continue
             key="${BASH_REMATCH[1]}" value="${BASH_REMATCH[2]}"
             [[ "$key" != EDGE_LAKE_RUCIO_DB ]] || old_db="$value"
+            [[ "$key" != EDGE_LAKE_RUCIO_VERSION ]] || old_version="$value"
             [[ -n "${!key+set}" ]] || export "$key=$value"
         done <"$STATE_DIR/lake.env"
+        # A lake.env of an older start.sh names no version: only 41.5.1 was installed then.
+        [[ -n "$old_version" ]] || old_version="$RUCIO_NEWEST"
+        # The database's schema is the version's that made it: another series on it would
+        # fail in obscure ways (or migrate it), so a lake keeps the series it was made with.
+        if [[ -n "$env_version" && "$env_version" != "$old_version" && -f "$STATE_DIR/.edge-lake" ]]; then
+            die "the lake in $STATE_DIR was made by Rucio $old_version, not $env_version (EDGE_LAKE_RUCIO_VERSION): use another STATE_DIR, or stop.sh --purge this one"
+        fi
+        [[ -n "$env_version" ]] || export EDGE_LAKE_RUCIO_VERSION="$old_version"
     fi
     # Another database asked for: its default number of workers, not the remembered one.
     if [[ -n "$env_db" && "$env_db" != "$old_db" && -z "$env_workers" ]]; then
@@ -79,7 +95,10 @@ load_settings() {
     SCOPE="${EDGE_LAKE_SCOPE:-test}"
     BUF_RSE=EDGE_BUF
     LAKE_RSES="EDGE_LAKE1 EDGE_LAKE2"
-    RUCIO_VERSION="${EDGE_LAKE_RUCIO_VERSION:-41.5.1}"   # the newest tested; an LTS series for CI
+    # The Rucio server: the newest release by default; CI also runs the oldest LTS series
+    # Rucio still supports (the README says which). Each series gets a venv of its own.
+    RUCIO_VERSION="${EDGE_LAKE_RUCIO_VERSION:-$RUCIO_NEWEST}"
+    [[ "$RUCIO_VERSION" =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || die "EDGE_LAKE_RUCIO_VERSION must be a release such as $RUCIO_NEWEST, not '$RUCIO_VERSION'"
     GUNICORN_VERSION=27.0.1
 }
 

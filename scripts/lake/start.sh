@@ -121,6 +121,11 @@ install_venv() {
     if venv_ready; then
         return 0
     fi
+    local held
+    held="$("$VENV/bin/python" -c 'from importlib.metadata import version; print(version("rucio"))' 2>/dev/null)" || held=""
+    # Another lake may run from this venv: a pip install here would swap its Rucio underneath it.
+    [[ -z "$held" || "$held" == "$RUCIO_VERSION" ]] ||
+        die "the venv $VENV holds Rucio $held, not $RUCIO_VERSION: give each Rucio release a venv of its own (EDGE_LAKE_VENV, or leave it unset)"
     if [[ ! -x "$VENV/bin/python" ]]; then
         log "venv: creating $VENV"
         "$PY" -m venv "$VENV" </dev/null >"$LOG_DIR/pip.log" 2>&1 ||
@@ -519,6 +524,7 @@ EDGE_LAKE_XROOTD_HTTP_URL="http://127.0.0.1:$XROOTD_HTTP_PORT"
 EDGE_LAKE_DATA_DIR="$DATA_DIR"
 EDGE_LAKE_STATE_DIR="$STATE_DIR"
 EDGE_LAKE_VENV="$VENV"
+EDGE_LAKE_RUCIO_VERSION="$RUCIO_VERSION"
 EDGE_LAKE_RUCIO_CONFIG="$RUCIO_CFG"
 EDGE_LAKE_RUCIO_PORT="$RUCIO_PORT"
 EDGE_LAKE_XROOTD_PORT="$XROOTD_PORT"

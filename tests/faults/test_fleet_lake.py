@@ -23,7 +23,7 @@ from tests.integration.test_rucio_lake import uid
 
 from ..pgledger import schema_url
 
-pytestmark = [pytest.mark.integration, pytest.mark.lake]
+pytestmark = [pytest.mark.integration, pytest.mark.lake, pytest.mark.rucio_server]
 
 FILES = int(os.environ.get("EDGE_FLEET_FILES", "45"))
 KILLS = int(os.environ.get("EDGE_FLEET_KILLS", "10"))

@@ -22,7 +22,7 @@ from tests.faults.fault_proxy import FaultProxy, on
 from tests.faults.test_storage_faults import delivered_intact, invariants_hold
 from tests.integration.test_rucio_lake import rucio_agent, uid
 
-pytestmark = [pytest.mark.integration, pytest.mark.lake]
+pytestmark = [pytest.mark.integration, pytest.mark.lake, pytest.mark.rucio_server]
 
 TIMEOUT_S = 3          # the agent's Rucio timeout here: "slow" is above it, "a little slow" below
 

@@ -14,7 +14,7 @@ import pytest
 from tests.faults.lake_invariants import check, digest_of
 from tests.faults.local_invariants import Manifest
 
-pytestmark = [pytest.mark.lake]
+pytestmark = [pytest.mark.lake, pytest.mark.rucio_server]
 
 
 class World:

@@ -39,7 +39,7 @@ from tests.faults.lake_invariants import check
 from tests.faults.local_invariants import Manifest
 from tests.integration.test_rucio_lake import rucio_agent, uid
 
-pytestmark = [pytest.mark.integration, pytest.mark.lake]
+pytestmark = [pytest.mark.integration, pytest.mark.lake, pytest.mark.rucio_server]
 
 FILES = int(os.environ.get("EDGE_STORM_FILES", "150"))
 KILLS = int(os.environ.get("EDGE_STORM_KILLS", "50"))

@@ -33,7 +33,7 @@ from tests.faults.lake_invariants import check
 from tests.faults.local_invariants import Manifest
 from tests.integration.test_rucio_lake import check_in_lake, rucio_agent, uid
 
-pytestmark = [pytest.mark.integration, pytest.mark.lake]
+pytestmark = [pytest.mark.integration, pytest.mark.lake, pytest.mark.rucio_server]
 
 TIMEOUT_S = 3          # the agent's storage (and Rucio) timeout in these tests: a stall outlasts it
 SIZE = 1_000_000       # per file: a reset after 300 kB is mid-upload
@@ -55,7 +55,7 @@ def rse(lake: Any, xrootd_proxy: FaultProxy) -> str:
     proto = _bootstrap().protocol("http", xrootd_proxy.port, "/data/faults/", "rucio.rse.protocols.webdav.Default", 1)
     lake.call("POST", f"/rses/{name}", ok=(201, 409))
     lake.call("POST", f"/rses/{name}/protocols/http", proto, ok=(201, 409))
-    lake.call("POST", f"/accounts/{lake.account}/limits/local/{name}", {"bytes": -1}, ok=(201, 409))
+    lake.unlimited(name)
     return name
 
 

@@ -17,7 +17,7 @@ from support import buffer_names
 
 from edge_agent.access import ChecksumMismatch, Lake
 
-pytestmark = [pytest.mark.integration, pytest.mark.lake]
+pytestmark = [pytest.mark.integration, pytest.mark.lake, pytest.mark.rucio_server]
 
 
 @pytest.fixture(autouse=True)

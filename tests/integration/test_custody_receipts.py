@@ -145,6 +145,7 @@ def test_kill9_between_the_receipt_and_the_unlink_leaves_both_and_the_restart_de
 # ---------------------------------------------------------------- the real Rucio lake
 
 @pytest.mark.lake
+@pytest.mark.rucio_server
 def test_receipts_on_the_rucio_lake_match_what_rucio_lists(agent, lake) -> None:
     from .test_rucio_lake import FtsPlayer, rucio_agent, uid, write_files
     u = uid()

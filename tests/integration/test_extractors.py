@@ -96,6 +96,7 @@ def test_extractors_add_metadata_to_the_local_lake_and_a_failing_one_quarantines
 
 
 @pytest.mark.lake
+@pytest.mark.rucio_server
 def test_extractors_add_metadata_that_rucio_holds_and_a_failing_one_quarantines(
         agent: Any, lake: Any, tmp_path: Path, site: Path) -> None:
     from .test_rucio_lake import rucio_agent, uid

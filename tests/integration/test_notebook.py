@@ -11,7 +11,7 @@ from integration.test_audit_rucio import corrupt_on_storage
 from integration.test_rucio_lake import FtsPlayer, rucio_agent, uid
 from support import ROOT
 
-pytestmark = [pytest.mark.integration, pytest.mark.lake]
+pytestmark = [pytest.mark.integration, pytest.mark.lake, pytest.mark.rucio_server]
 NOTEBOOK = ROOT / "docs" / "notebooks" / "access.ipynb"
 
 

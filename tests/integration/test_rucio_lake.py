@@ -21,7 +21,7 @@ import pytest
 
 from support import Daemon, adler32_hex, buffer_names, write_toml
 
-pytestmark = [pytest.mark.integration, pytest.mark.lake]
+pytestmark = [pytest.mark.integration, pytest.mark.lake, pytest.mark.rucio_server]
 pytest.importorskip("edge_agent.lake.rucio", reason="the Rucio lake is not wired in yet")
 
 

@@ -18,7 +18,7 @@ from edge_agent.core.policy import night_of
 
 from .test_rucio_lake import rucio_agent, uid
 
-pytestmark = [pytest.mark.integration, pytest.mark.lake]
+pytestmark = [pytest.mark.integration, pytest.mark.lake, pytest.mark.rucio_server]
 DAY = 86400.0
 
 
