@@ -57,7 +57,7 @@ CHUNK = 1 << 20
 # What a URL may be read with, in the order replicas are tried when nothing else is asked.
 DEFAULT_SCHEMES = ("https", "davs", "http", "root", "file")
 
-# (pfn, rse) -> a URL that can be read with GET (http/https), xrdcp (root) or open() (file), or
+# (pfn, rse) -> a URL that can be read with GET (http/https), root:// (the bindings or xrdcp) or open() (file), or
 # None when this resolver cannot read that replica (it is then skipped).
 Resolver = Callable[[str, str], "str | None"]
 
@@ -112,17 +112,19 @@ _READ_SCHEMES: dict[str, ReadScheme] = {"http": "http", "https": "http", "root":
 
 class Reader:
     """Streams the bytes of a URL in chunks through the transport for its scheme (Transport.open):
-    http(s) over the httpx client given (its TLS, token and redirects), root:// with xrdcp,
-    file:// from the filesystem. A missing object raises ObjectMissing.
+    http(s) over the httpx client given (its TLS, token and redirects), root:// through the client
+    `root_client` names (lake.rucio.root_client: the XRootD bindings, xrdcp, or auto: the bindings
+    where they import), file:// from the filesystem. A missing object raises ObjectMissing.
 
     `transport_for`: the transport that reads a URL (e.g. a registry's for_url); by default one
-    per kind of URL, made on first use with `http` and `timeout`.
+    per kind of URL, made on first use with `http`, `timeout` and `root_client`.
     """
 
     def __init__(self, http: httpx.Client, timeout: float = 60.0,
-                 transport_for: Callable[[str], Transport] | None = None) -> None:
+                 transport_for: Callable[[str], Transport] | None = None, root_client: str = "auto") -> None:
         self.http = http
         self.timeout = timeout
+        self.root_client = root_client   # lake.rucio.root_client: as the agent's uploads speak root://
         self._transport_for = transport_for or self._made_for
         self._made: dict[ReadScheme, Transport] = {}
 
@@ -141,7 +143,8 @@ class Reader:
             return HttpTransport(client=self.http, isolate_requests=False, chunk_size=CHUNK)
         if kind == "root":
             from .transfer.xroot import XRootTransport
-            return XRootTransport(backend="cli", timeout=self.timeout, chunk_size=CHUNK)
+            from .transfer.xroot_choice import resolve
+            return XRootTransport(backend=resolve(self.root_client), timeout=self.timeout, chunk_size=CHUNK)
         from .transfer.posix import PosixTransport
         return PosixTransport(chunk_size=CHUNK)
 
@@ -279,7 +282,7 @@ class Lake:
     """The lake as an analysis sees it: datasets, files, replicas, and verified bytes."""
 
     def __init__(self, catalogue: Records, http: httpx.Client, *, resolver: Resolver = direct_url,
-                 schemes: Sequence[str] = DEFAULT_SCHEMES, timeout: float = 60.0) -> None:
+                 schemes: Sequence[str] = DEFAULT_SCHEMES, timeout: float = 60.0, root_client: str = "auto") -> None:
         if not structlog.is_configured():
             # analysis code did not set logging up: warnings only (TLS off, ...), redacted, on stderr;
             # not the agent's per-call debug lines in a notebook's cells
@@ -288,7 +291,7 @@ class Lake:
         self._http = http
         self.resolver = resolver
         self.schemes = tuple(schemes)
-        self.reader = Reader(http, timeout)
+        self.reader = Reader(http, timeout, root_client=root_client)
 
     # -------------------------------------------------------------- construction
     @classmethod
@@ -330,7 +333,7 @@ class Lake:
             # replicas on S3 RSEs (Rucio's sign_url=s3) are read through URLs Rucio signs
             resolver = signing_resolver(SignedReadResolver(client))
         return cls(RucioRecords(client), storage_client(r, client, extra_cas), resolver=resolver,
-                   schemes=schemes, timeout=r.timeout_seconds)
+                   schemes=schemes, timeout=r.timeout_seconds, root_client=r.root_client)
 
     def close(self) -> None:
         self._cat.close()

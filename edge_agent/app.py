@@ -28,6 +28,7 @@ from .transfer.registry import Transports
 if TYPE_CHECKING:
     from .lake.rucio_client import RucioClient
     from .transfer.s3 import S3Transport, Signer
+    from .transfer.xroot import Backend
 
 
 def build(settings: Settings) -> tuple[Catalogue, Transports]:
@@ -138,6 +139,7 @@ def storage_maker(settings: Settings, client: RucioClient) -> StorageMaker:
     key = str(r.auth.key) if r.auth.type == "x509" and r.auth.key else None
     token = client.token if r.auth.type == "oidc" else None
     http_gates, root_gates = GateBoard(), GateBoard()
+    backend = root_backend(settings)
 
     def make(isolate: bool, puts: int | None) -> dict[str, Transport]:
         http = HttpTransport(verify=verify, cert=cert, key=key, token=token, timeout=r.timeout_seconds,
@@ -146,9 +148,48 @@ def storage_maker(settings: Settings, client: RucioClient) -> StorageMaker:
                              puts_per_server=1 if puts is None else puts, gate_board=http_gates)
         root = XRootTransport(timeout=r.timeout_seconds, verify_upload=r.verify_upload,
                               chunk_size=settings.chunk_mb << 20, isolate_verification=isolate,
-                              puts_per_server=0 if puts is None else puts, gate_board=root_gates)
+                              puts_per_server=0 if puts is None else puts, gate_board=root_gates,
+                              backend=backend)
         return {"http": http, "https": http, "davs": http, "root": root}
     return make
+
+
+def root_backend(settings: Settings) -> Backend:
+    """lake.rucio.root_client resolved on this host; ConfigError when it names the XRootD bindings
+    and they do not import (asked for by name, they are never silently replaced by xrdcp)."""
+    from .transfer.xroot_choice import BindingsMissing, resolve
+    r = settings.lake.rucio
+    assert r is not None, "settings validation guarantees [lake.rucio] for kind = 'rucio'"
+    try:
+        return resolve(r.root_client)
+    except BindingsMissing as exc:
+        raise ConfigError(f"lake.rucio.root_client = {r.root_client!r}: {exc}; or set root_client = "
+                          "'auto' (the bindings where they import, else xrdcp) or 'xrdcp'") from None
+
+
+def writes_root(settings: Settings) -> bool:
+    """Does a destination upload over root://: its scheme says so, or it takes the first of
+    lake.rucio.schemes its RSE offers and root is among them?"""
+    r = settings.lake.rucio
+    if settings.lake.kind != "rucio" or r is None:
+        return False
+    for d in settings.destinations.values():
+        if d.kind == "rse" and not d.sign_url and (d.scheme == "root" or (d.scheme is None and "root" in r.schemes)):
+            return True
+    return False
+
+
+def check_root_client(settings: Settings) -> None:
+    """At start: a root_client this host cannot honour is refused (ConfigError), before the ledger
+    is touched; where a destination uploads over root://, one line names the client and its version."""
+    if settings.lake.kind != "rucio":
+        return
+    backend = root_backend(settings)
+    if writes_root(settings):
+        from .transfer.xroot_choice import client_version, name_of
+        assert settings.lake.rucio is not None
+        log.info("root:// client", root_client=name_of(backend), version=client_version(backend),
+                 chosen=settings.lake.rucio.root_client)
 
 
 def build_s3_transports(settings: Settings, client: RucioClient) -> dict[str, S3Transport]:
@@ -207,6 +248,7 @@ class Agent:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         places.check(settings)
+        check_root_client(settings)
         settings.state_dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _exclusive(settings.state_dir / "agent.lock")
         directories = {n: r.directory for n, r in settings.rules.items()}

@@ -266,7 +266,7 @@ def _rucio(settings: Settings) -> AuditedLake:
     known = [s for s in rucio.schemes if s in RUCIO_SCHEMES] + [s for s in RUCIO_SCHEMES if s not in rucio.schemes]
     schemes = [s for s in known if s in ("davs", "https", "http")] + [s for s in known if s not in ("davs", "https", "http")]
     http = storage_client(rucio, client, s3_cas)
-    reader_ = Reader(http, rucio.timeout_seconds)
+    reader_ = Reader(http, rucio.timeout_seconds, root_client=rucio.root_client)
 
     def rucio_probe(location: str, url: str, deep: bool) -> RemoteStat | None:
         is_s3 = signed_reads.is_s3(location)

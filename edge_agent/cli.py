@@ -127,6 +127,9 @@ def check_config(path: str) -> int:
     try:
         settings = load_settings(path)
         places.check(settings)   # what only the filesystem knows: bind mounts
+        if settings.lake.kind == "rucio":
+            from .app import root_backend
+            root_backend(settings)   # what only this host's Python knows: can the XRootD bindings import
     except ConfigError as exc:
         print(f"edge-agent: invalid configuration\n{exc}", file=sys.stderr)
         return 2

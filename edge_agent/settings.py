@@ -234,6 +234,10 @@ class RucioSettings(_Section):
     timeout_seconds: float = Field(60.0, gt=0)
     schemes: list[str] = Field(["davs", "https", "root", "http"],
                                description="protocols the agent may upload with, in order of preference")
+    root_client: Literal["auto", "bindings", "xrdcp"] = Field(
+        "auto", description="how root:// is spoken, for uploads and reads: bindings (the XRootD Python "
+        "bindings, the xroot extra; refused at start if they do not import), xrdcp (the xrdcp/xrdfs "
+        "commands, a process per operation) or auto (the bindings where they import, else xrdcp)")
     verify_upload: Literal["adler32", "size"] = Field(
         "adler32", description="what the storage must confirm after an upload: adler32 (Want-Digest or "
         "checksum query; a storage that cannot answer fails the upload) or size only")

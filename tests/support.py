@@ -19,6 +19,22 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# lake.rucio.root_client's two clients: the root:// tests run on each, neither is ever skipped
+ROOT_CLIENTS = ("bindings", "xrdcp")
+
+
+def require_xrootd_bindings() -> None:
+    """Fail, never skip, where the XRootD Python bindings do not import: the test setup installs
+    them (the test extra), and without them half of the root:// tests would prove nothing."""
+    import pytest
+
+    from edge_agent.transfer.xroot import bindings_problem
+    problem = bindings_problem()
+    if problem:
+        pytest.fail(f"the XRootD Python bindings do not import ({problem}): install the test extra "
+                    "(pip install -e '.[test]', PyPI xrootd); the root:// tests run on both clients", pytrace=False)
+
+
 def buffer_names(directory: Path) -> list[str]:
     """What a buffer directory holds, without the agent's own files (its lock and holder record)."""
     from edge_agent.localfs import is_agent_temp

@@ -7,9 +7,10 @@ OLD checksum); the bytes are read once, paced, hashed and written in the same pa
 is then checked with a checksum query, one at a time per server and not while an upload to it
 is in flight; a failed or abandoned upload is removed (XRootD keeps partial files).
 
-Two ways to talk root://, chosen once: the XRootD Python bindings (`from XRootD import client`)
-when importable, else the `xrdcp` / `xrdfs` commands (Debian xrootd-client). With the commands,
-the file is streamed into `xrdcp -f --posc - URL` through a pipe, so it is still read once, here.
+Two ways to talk root://, chosen once (lake.rucio.root_client, resolved in xroot_choice.py): the
+XRootD Python bindings (`from XRootD import client`), or the `xrdcp` / `xrdfs` commands (Debian
+xrootd-client); "auto" takes the bindings when importable. With the commands, the file is streamed
+into `xrdcp -f --posc - URL` through a pipe, so it is still read once, here.
 """
 
 from __future__ import annotations
@@ -412,12 +413,17 @@ def _status_error(st: Any, what: str) -> Exception:
     return error_for(st.errno if st.errno else None, str(st.message), what)
 
 
-def bindings_available() -> bool:
+def bindings_problem() -> str | None:
+    """Why the XRootD Python bindings cannot be used on this host; None when they can."""
     try:
         import XRootD.client  # noqa: F401
-    except Exception:  # noqa: BLE001 - a broken install is as good as none
-        return False
-    return True
+    except Exception as exc:  # noqa: BLE001 - a broken install is as good as none
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def bindings_available() -> bool:
+    return bindings_problem() is None
 
 
 # ------------------------------------------------------------------ the transport

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
+import shutil
 import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-
 from support import Daemon
+
+from .storage import Area
 
 
 @pytest.fixture
@@ -43,3 +45,19 @@ def agent(tmp_path: Path, daemons: list[Daemon]):  # type: ignore[no-untyped-def
         daemons.append(d)
         return d
     return make
+
+
+@pytest.fixture
+def area(lake) -> Iterator[Area]:  # type: ignore[no-untyped-def]
+    a = Area(lake)
+    yield a
+    shutil.rmtree(a.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def write_src(tmp_path: Path) -> Callable[[str, bytes], str]:
+    def write(name: str, data: bytes) -> str:
+        p = tmp_path / name
+        p.write_bytes(data)
+        return str(p)
+    return write

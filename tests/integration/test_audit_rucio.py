@@ -13,7 +13,7 @@ import time
 
 import pytest
 from integration.test_rucio_lake import FtsPlayer, rucio_agent, uid, write_files
-from support import buffer_names
+from support import ROOT_CLIENTS, buffer_names, require_xrootd_bindings
 
 from edge_agent.access import ChecksumMismatch, Lake
 
@@ -46,7 +46,7 @@ def corrupt_on_storage(lake, rse: str, did_name: str) -> None:
     os.utime(path, (st.st_atime, st.st_mtime - 100))
 
 
-def test_audit_a_clean_night_then_every_kind_of_damage(agent, lake) -> None:
+def test_audit_a_clean_night_then_every_kind_of_damage(agent, lake, monkeypatch: pytest.MonkeyPatch) -> None:
     u = uid()
     d = rucio_agent(agent, lake, {"daq": {"copies": 2, "rse_expression": "lake=true",
                                           "name_template": f"{u}.{{filename}}", "dataset_template": f"{u}.night"}})
@@ -111,11 +111,17 @@ def test_audit_a_clean_night_then_every_kind_of_damage(agent, lake) -> None:
             lk.read_bytes(f"{lake.scope}:{flipped}", rse=lake.lake_rses[1])
         assert lk.read_bytes(f"{lake.scope}:{lost}") == files[lost.split(".", 1)[1]]
         assert lk.verify(f"{lake.scope}:{fine}") in lake.lake_rses
-    # the same over root:// (xrdcp): the corrupt copy raises, a good one reads
-    with Lake.from_config(d.config, schemes=("root",)) as lk:
-        with pytest.raises(ChecksumMismatch, match=f"{lake.lake_rses[1]} \\(root://"):
-            lk.read_bytes(f"{lake.scope}:{flipped}", rse=lake.lake_rses[1])
-        assert lk.read_bytes(f"{lake.scope}:{fine}") == files[fine.split(".", 1)[1]]
+    # the same over root://, through each client the config may name (lake.rucio.root_client):
+    # the corrupt copy raises, a good one reads
+    for root_client in ROOT_CLIENTS:
+        if root_client == "bindings":
+            require_xrootd_bindings()
+        monkeypatch.setenv("EDGE_AGENT_LAKE__RUCIO__ROOT_CLIENT", root_client)
+        with Lake.from_config(d.config, schemes=("root",)) as lk:
+            assert lk.reader.root_client == root_client
+            with pytest.raises(ChecksumMismatch, match=f"{lake.lake_rses[1]} \\(root://"):
+                lk.read_bytes(f"{lake.scope}:{flipped}", rse=lake.lake_rses[1])
+            assert lk.read_bytes(f"{lake.scope}:{fine}") == files[fine.split(".", 1)[1]]
     with Lake.connect(lake.url, lake.account, username=lake.env["EDGE_LAKE_RUCIO_USERNAME"],
                       password=lake.env["EDGE_LAKE_RUCIO_PASSWORD"]) as lk:
         assert lk.read_bytes(f"{lake.scope}:{fine}") == files[fine.split(".", 1)[1]]

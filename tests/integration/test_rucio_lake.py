@@ -19,7 +19,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from support import Daemon, adler32_hex, buffer_names, write_toml
+from support import ROOT_CLIENTS, Daemon, adler32_hex, buffer_names, require_xrootd_bindings, write_toml
 
 pytestmark = [pytest.mark.integration, pytest.mark.lake, pytest.mark.rucio_server]
 pytest.importorskip("edge_agent.lake.rucio", reason="the Rucio lake is not wired in yet")
@@ -39,6 +39,22 @@ def rucio_agent(agent, lake, rules: dict[str, dict[str, Any]], destinations: dic
                             **r}
     return agent(rules=full_rules, destinations=dests, lake=lake.agent_lake_config(**kw.pop("rucio", {})),
                  **kw)
+
+
+def log_events(d: Daemon) -> list[dict[str, Any]]:
+    """The agent's log lines (JSON), what is not JSON left out."""
+    out = []
+    for line in d.log.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def major_version(version: str) -> int:
+    """'v5.5.3' (xrdcp --version) or '6.2.1' (the bindings) -> the major number."""
+    return int(version.lstrip("v").split(".")[0])
 
 
 def write_files(d: Daemon, n: int, rule: str = "daq", size: int = 150_000) -> dict[str, bytes]:
@@ -440,14 +456,22 @@ def test_a_storage_that_lies_about_a_checksum_keeps_the_file(agent, lake) -> Non
     assert stored.read_bytes() == files["f000.fits"]
 
 
-def test_agent_uploads_to_several_rses_itself_over_http_and_root(agent, lake) -> None:
-    """No lake-side replication: the agent writes both copies, one over HTTP, one over root://."""
+@pytest.mark.parametrize("root_client", ROOT_CLIENTS)
+def test_agent_uploads_to_several_rses_itself_over_http_and_root(agent, lake, root_client: str) -> None:
+    """No lake-side replication: the agent writes both copies, one over HTTP, one over root://,
+    through each root:// client (lake.rucio.root_client), which it names at start."""
+    if root_client == "bindings":
+        require_xrootd_bindings()
     u = uid()
     dests = {"lake1": {"kind": "rse", "rse": lake.lake_rses[0], "scheme": "http"},
              "lake2": {"kind": "rse", "rse": lake.lake_rses[1], "scheme": "root"}}
     d = rucio_agent(agent, lake, {"daq": {"copies": 2, "name_template": f"{u}.{{filename}}",
-                                          "dataset_template": f"{u}.ds"}}, destinations=dests)
+                                          "dataset_template": f"{u}.ds"}}, destinations=dests,
+                    rucio={"root_client": root_client})
     d.start()
+    [said] = [e for e in log_events(d) if e.get("event") == "root:// client"]
+    assert said["root_client"] == root_client, said
+    assert major_version(said["version"]) == (6 if root_client == "bindings" else 5), said
     files = write_files(d, 3, size=300_000)
     d.wait_for(lambda: d.counts().get("deleted") == 3, 120, "both copies written and confirmed")
     names = {f"{u}.{k}": v for k, v in files.items()}

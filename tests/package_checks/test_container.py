@@ -60,6 +60,17 @@ def test_two_stages_runtime_gets_only_the_venv() -> None:
     assert not any("RUN" == w and "pip " in a for w, a in runtime), "no pip in the runtime stage"
 
 
+def test_the_venv_gets_the_postgres_and_xroot_extras() -> None:
+    """The image's venv carries the ledger's PostgreSQL driver and the XRootD Python bindings (root://
+    without an xrdcp per file), checked by importing them in the build."""
+    build, _ = stages()
+    run = " ".join(args for word, args in build if word == "RUN")
+    assert "pip wheel" in run and "'.[postgres,xroot]'" in run
+    assert "'edge-agent[postgres,xroot]'" in run
+    assert "--only-binary xrootd" in run, "XRootD must come as the binary wheel, never built from source"
+    assert "import XRootD.client" in run
+
+
 def test_runtime_user_volume_ports() -> None:
     runtime = stages()[-1]
     words = [w for w, _ in runtime]

@@ -106,6 +106,19 @@ def test_metadata_and_dependencies(rpm_build: Build) -> None:
                for p in provides), f"the venv's libraries must not be Provides: {provides}"
 
 
+def test_no_library_the_venv_bundles_is_required(rpm_build: Build) -> None:
+    """The wheels bring their own shared libraries (the XRootD client's libXrd*.so.6, what auditwheel
+    copied in as libcrypto-3a0647ea.so.3...). The venv provides nothing to the system, so a Requires
+    on one of them could never be met on EL9: dnf would refuse the package."""
+    shipped = {f.rsplit("/", 1)[-1] for f in run(["rpm", "-qlp", rpm_build.rpm]).stdout.split()
+               if f.startswith(VENV + "/")}
+    requires = run(["rpm", "-qp", "--requires", rpm_build.rpm]).stdout.splitlines()
+    sonames = {r.split("(", 1)[0] for r in requires if ".so" in r.split("(", 1)[0]}
+    assert "libc.so.6" in sonames and "libXrdCl.so.6" in shipped       # the check sees both sides
+    bundled = sorted(sonames & shipped)
+    assert not bundled, f"Requires on libraries the venv itself carries: {bundled}"
+
+
 def test_spec_default_version_is_the_projects() -> None:
     """A bare `rpmbuild` of the spec (no --define edge_agent_version) builds the right version."""
     pattern = r"^Version:\s*%\{\?edge_agent_version\}%\{!\?edge_agent_version:([^}]+)\}"
@@ -145,6 +158,45 @@ def test_installed_agent_checks_its_config(files_root: Path) -> None:
     installed = (r / CONF.lstrip("/")).read_bytes()
     assert installed == CONFIG.read_bytes()
     assert (r / "usr/lib/systemd/system/edge-agent.service").read_bytes() == UNIT.read_bytes()
+
+
+def test_installed_agent_speaks_root_through_the_xrootd_bindings(files_root: Path) -> None:
+    """The xroot extra is in the venv: the XRootD Python bindings (6.x, a manylinux_2_28 wheel)
+    load from where they were installed, and root_client = "bindings" passes check-config."""
+    r = files_root
+    py = r / VENV.lstrip("/") / "bin/python"
+    proc = run([py, "-c", "import XRootD.client as c; print(c.__version__)"], env=CLEAN_ENV)
+    assert int(proc.stdout.strip().split(".")[0]) >= 6, proc.stdout
+    cfg = r / "tmp-root-client.toml"
+    cfg.write_text(ROOT_CLIENT_CONFIG)
+    proc = run([py, r / VENV.lstrip("/") / "bin/edge-agent", "check-config", cfg], env=CLEAN_ENV)
+    assert json.loads(proc.stdout.split("\n", 1)[1])["lake"]["rucio"]["root_client"] == "bindings"
+
+
+# a Rucio lake that asks for the XRootD bindings by name, with one root:// destination
+ROOT_CLIENT_CONFIG = """
+state_dir = "/var/lib/edge-agent"
+
+[lake]
+kind = "rucio"
+
+[lake.rucio]
+url = "https://rucio.example.org"
+account = "edge"
+root_client = "bindings"
+auth = { type = "userpass", username = "edge", password = "not-used" }
+
+[destinations.xrd]
+kind = "rse"
+rse = "XRD1"
+scheme = "root"
+
+[rules.daq]
+directory = "/data/daq"
+scope = "daq"
+destinations = ["xrd"]
+copies = 1
+"""
 
 
 def test_installed_agent_can_keep_its_ledger_on_postgresql(files_root: Path) -> None:
