@@ -61,6 +61,11 @@ META_REFUSALS = frozenset({"InvalidMetadata", "KeyNotFound", "InvalidValueForKey
 _UNSAFE_IN_PFN = set("?#%\\") | {chr(c) for c in range(32)} | {chr(127)}
 
 
+# A name only ever asked for its PFN: never registered, never written (_server_writes)
+PROBE_LFN = "edge-agent:edge-agent.probe"
+# Rucio's answers to "a PFN for this operation in this scheme" where no protocol supports it
+NO_PROTOCOL = frozenset({"RSEProtocolNotSupported", "RSEOperationNotSupported", "RSEProtocolDomainNotSupported"})
+
 # Between the rule ids of one request for copies in the ledger's lake_ref ("id1,id2"; one id: one rule)
 RULE_REF_SEPARATOR = ","
 
@@ -167,6 +172,8 @@ class RucioCatalogue(RucioRecords, Catalogue):
         self._names_seen: OrderedDict[tuple[str, str], tuple[bool, float]] = OrderedDict()
         self._known: set[tuple[str, str]] = set()        # datasets/containers seen to exist
         self._pfns: OrderedDict[tuple[str, str, str], str] = OrderedDict()   # (rse, did, scheme) -> PFN
+        # (rse, scheme) -> does a write priority 0 mean the protocol takes writes? The server said (_server_writes)
+        self._zero_priority: dict[tuple[str, str], bool] = {}
         self._unmanaged_keys: set[str] = set()           # metadata keys this server refused
         if self.rucio.verify_upload == "size":
             # said once at start, since the evidence for deleting a file is weaker there
@@ -547,10 +554,9 @@ class RucioCatalogue(RucioRecords, Catalogue):
     def _scheme_for(self, rse: str, wanted: str | None) -> str:
         offered = []
         for p in self.client.rse_protocols(rse):
-            domains = p.get("domains") or {}
-            writable = not domains or any((ops or {}).get("write") for ops in domains.values())
-            if writable and p.get("scheme") and p["scheme"] not in offered:
-                offered.append(p["scheme"])
+            scheme = p.get("scheme")
+            if scheme and scheme not in offered and self._takes_writes(rse, p):
+                offered.append(scheme)
         prefs = [wanted] if wanted else list(self.rucio.schemes)
         for scheme in prefs:
             if scheme in offered and scheme in self._writable:
@@ -558,6 +564,40 @@ class RucioCatalogue(RucioRecords, Catalogue):
         raise PermanentError(f"no way to upload to RSE {rse}: it offers {offered or 'no writable protocol'}, the "
                              f"agent may use {prefs} ({'the destination scheme' if wanted else 'lake.rucio.schemes'})"
                              f" and has transports for {sorted(self._writable)}")
+
+    def _takes_writes(self, rse: str, protocol: Mapping[str, Any]) -> bool:
+        """Does `protocol` of `rse` take writes? A positive write priority says yes, and none (null) no,
+        to every Rucio release; a priority 0 says "not supported" to the 38 series and before, and
+        "first" to later ones. For a 0 the server itself is asked, once per RSE and scheme: would it
+        give a PFN for writing in this scheme (lfns2pfns)? Never the release number."""
+        domains = protocol.get("domains") or {}
+        if not domains:
+            return True
+        priorities = [(ops or {}).get("write") for ops in domains.values()]
+        if any(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in priorities):
+            return True
+        if 0 not in priorities:
+            return False
+        return self._server_writes(rse, str(protocol["scheme"]))
+
+    def _server_writes(self, rse: str, scheme: str) -> bool:
+        key = (rse, scheme)
+        with self._lock:
+            known = self._zero_priority.get(key)
+        if known is not None:
+            return known
+        try:
+            self.client.lfns2pfns(rse, [PROBE_LFN], scheme, "write")
+            writes = True
+        except RucioPermanent as exc:
+            if exc.rucio_class not in NO_PROTOCOL:
+                raise
+            writes = False
+        with self._lock:
+            self._zero_priority[key] = writes
+        log.info("Rucio server: a write priority 0 read as the server reads it", rse=rse, scheme=scheme,
+                 meaning="first" if writes else "not supported")
+        return writes
 
     def add_replica(self, f: LakeFile, location: str, url: str) -> None:
         try:
@@ -878,6 +918,7 @@ class RucioCatalogue(RucioRecords, Catalogue):
             self.client.token()
         except EdgeAgentError as exc:
             return str(exc)
-        return None
+        refused = sorted(self.client.signing_refused.items())
+        return refused[0][1] if refused else None
 
 

@@ -91,6 +91,12 @@ class AuthFailed(RucioRetryable):
     """Rucio (or the token issuer) did not accept the agent's credentials."""
 
 
+class SigningRefused(RucioRetryable):
+    """Rucio will not sign URLs for the agent's account: a permission the site grants (the 38
+    LTS series signs for root only; later releases also for an account with the attribute
+    `sign-url`). About the account, not the file: files wait until it is granted."""
+
+
 def rucio_error(status: int, rucio_class: str | None, message: str, call: str,
                 who: str = "") -> RucioAnswer:
     """The one translation of a Rucio answer into the taxonomy.
@@ -220,6 +226,8 @@ class RucioClient:
             if x is not None and x.get_secret_value())
         self._tokens: tuple[str, ...] = ()
         self.server = ServerRelease(self.url)
+        # RSE -> why Rucio last refused to sign a URL for it (cleared by a signature): health() says it
+        self.signing_refused: dict[str, str] = {}
 
     # ------------------------------------------------------------ TLS
     def _tls_context(self) -> ssl.SSLContext | bool:
@@ -706,8 +714,21 @@ class RucioClient:
         """A URL that Rucio signs with the RSE's own keys (rse-accounts.cfg) for one whole-object
         `operation` (read, write, delete) on `url`, valid `lifetime` seconds. The answer carries a
         credential in its query string: never log it (shown_url drops the query)."""
-        r = self.request("GET", "/credentials/signurl", f"GET /credentials/signurl ({service} {operation} on {rse})",
-                         params={"rse": rse, "svc": service, "op": operation, "url": url, "lifetime": lifetime})
+        try:
+            r = self.request("GET", "/credentials/signurl", f"GET /credentials/signurl ({service} {operation} on {rse})",
+                             params={"rse": rse, "svc": service, "op": operation, "url": url, "lifetime": lifetime})
+        except RucioPermanent as exc:
+            if exc.rucio_class != "AccessDenied":
+                raise
+            refused = SigningRefused(
+                f"Rucio refuses to sign URLs for {self.who} on RSE {rse} ({exc}): the account needs the permission "
+                "(root; or, from Rucio 39, the account attribute sign-url); files wait until it has it",
+                exc.status, exc.rucio_class)
+            with self._cache_lock:
+                self.signing_refused[rse] = str(refused)
+            raise refused from None
+        with self._cache_lock:
+            self.signing_refused.pop(rse, None)
         signed = r.text.strip()
         if not signed.startswith("https://") and not signed.startswith("http://"):
             raise RucioRetryable(f"Rucio signed no URL for {operation} on {rse} (answer of {len(signed)} "

@@ -573,3 +573,43 @@ def test_a_night_of_thousands_of_small_files_is_confirmed_through_batches(agent,
     assert not odd, f"files not locked twice by exactly one rule: {odd}"                # 2 locks, 1 rule each
     assert len(rules) <= n // 5, f"{len(rules)} rules for {n} files: not batched"
     assert d.stop() == 0
+
+
+def test_a_write_priority_0_is_read_as_the_server_reads_it(agent, lake) -> None:
+    """Rucio 38 lists an operation a protocol does not support with priority 0; Rucio 39 and later
+    list it null, and a 0 is the first priority. An RSE whose root:// protocol says 0 and whose http
+    protocol says 1, each on a directory of its own: the agent uploads over root:// to a server of
+    the later kind, over http to one of the 38 kind, and says at start which release it reached."""
+    import importlib.util
+
+    from edge_agent.lake.rucio_server import NEWEST_TESTED, release
+    from lake import SCRIPTS
+    spec = importlib.util.spec_from_file_location("lake_bootstrap", SCRIPTS / "lake_bootstrap.py")
+    assert spec and spec.loader
+    bootstrap = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bootstrap)
+    version = lake.env.get("EDGE_LAKE_RUCIO_VERSION", NEWEST_TESTED)
+    zero_is_first = release(version) >= (39, 0, 0)     # Rucio's db/sqla/models.py, RSEProtocol
+    u = uid()
+    rse = f"EDGE_ZERO_{u[:8].upper()}"
+    lake.call("POST", f"/rses/{rse}", ok=(201, 409))
+    for scheme, port, prefix, impl, priority in (   # root:// paths need their '//' (XRootD 5.5.3)
+            ("root", lake.env["EDGE_LAKE_XROOTD_PORT"], "//data/zero-root/", "rucio.rse.protocols.xrootd.Default", 0),
+            ("http", lake.env["EDGE_LAKE_XROOTD_HTTP_PORT"], "/data/zero-http/", "rucio.rse.protocols.webdav.Default", 1)):
+        proto = bootstrap.protocol(scheme, int(port), prefix, impl, priority)
+        lake.call("POST", f"/rses/{rse}/protocols/{scheme}", proto, ok=(201, 409))
+    lake.unlimited(rse)
+    d = rucio_agent(agent, lake, {"daq": {"copies": 1, "rse_expression": rse, "name_template": f"{u}.{{filename}}",
+                                          "dataset_template": ""}},
+                    destinations={"zero": {"kind": "rse", "rse": rse}})
+    d.start()
+    files = write_files(d, 2, size=10_000)
+    d.wait_for(lambda: d.counts().get("deleted") == 2, 120, "both files copied, confirmed and deleted")
+    [said] = [e for e in log_events(d) if e.get("event") == "Rucio server"]
+    assert said["version"] == version, said
+    used, unused = ("root", "http") if zero_is_first else ("http", "root")
+    for name, data in files.items():
+        held = [p for p in (lake.data_dir / "data" / f"zero-{used}").rglob(f"{u}.{name}")]
+        assert [p.read_bytes() for p in held] == [data], (name, used)
+        assert not list((lake.data_dir / "data" / f"zero-{unused}").rglob(f"{u}.{name}"))
+    assert d.stop() == 0

@@ -58,6 +58,10 @@ class FakeRucio:
         self.locked: set[tuple[str, str, str]] = set()
         self.tombstoned: set[tuple[str, str, str]] = set()
         self.json_meta = False            # SQLite: only the DID columns take metadata
+        # (rse, scheme) -> the protocol's write priority as /protocols lists it (default 1); and
+        # whether a 0 means "first" (Rucio 39 and later) or "not supported" (38 and before)
+        self.write_priority: dict[tuple[str, str], int | None] = {}
+        self.zero_is_first = True
         self.calls: list[tuple[str, str, Any]] = []
         self.down = False
         self.password = PASSWORD
@@ -281,12 +285,14 @@ class FakeRucio:
     def protocols(self, request: httpx.Request, body: Any, rse: str) -> httpx.Response:
         if rse not in self.rses:
             return err(404, "RSENotFound", f"RSE '{rse}' cannot be found in vo 'def'")
-        return httpx.Response(200, json=[{"scheme": s, "domains": {"wan": {"read": 1, "write": 1}}}
-                                         for s in self.rses[rse]["schemes"]])
+        return httpx.Response(200, json=[{"scheme": s, "domains": {
+            "wan": {"read": 1, "write": self.write_priority.get((rse, s), 1)}}} for s in self.rses[rse]["schemes"]])
 
     def lfns2pfns(self, request: httpx.Request, body: Any, rse: str) -> httpx.Response:
         scheme = request.url.params["scheme"]
-        if scheme not in self.rses[rse]["schemes"]:
+        priority = self.write_priority.get((rse, scheme), 1)
+        writes = priority is not None and (priority > 0 or self.zero_is_first)
+        if scheme not in self.rses[rse]["schemes"] or (request.url.params.get("operation") == "write" and not writes):
             return err(500, "RSEProtocolNotSupported", "No protocol for provided settings found")
         return httpx.Response(200, json={lfn: self.pfn(scheme, rse, *lfn.split(":", 1))
                                          for lfn in request.url.params.get_list("lfn")})
@@ -678,6 +684,31 @@ def test_no_common_scheme_is_permanent_and_says_why(make_lake: Any, tmp_path: Pa
         lake.targets(lake_file(tmp_path))
 
 
+@pytest.mark.parametrize(("zero_is_first", "scheme"), [(True, "root"), (False, "http")],
+                         ids=["zero-first (Rucio 39+)", "zero-unsupported (Rucio 38)"])
+def test_a_write_priority_0_means_what_the_server_says_it_means(lake: CheckedCatalogue, rucio: FakeRucio,
+                                                              tmp_path: Path, zero_is_first: bool, scheme: str) -> None:
+    """Rucio 38 lists an operation a protocol does not support with priority 0; Rucio 39 and later
+    list it null, and 0 is the first priority. LAKE1's root protocol says write 0: the agent asks
+    the server (a PFN for writing in root) once and uploads over root only where it answers one."""
+    rucio.write_priority[("LAKE1", "root")] = 0
+    rucio.zero_is_first = zero_is_first
+    for name in ("f1", "f2"):
+        [t] = lake.targets(lake_file(tmp_path, name=name))
+        assert t.url.startswith(f"{scheme}://"), t.url
+    probes = [p for m, p, _ in rucio.calls if p == "/rses/LAKE1/lfns2pfns"]
+    assert len(probes) == 3      # the question once, then each file's PFN
+
+
+def test_a_write_priority_null_is_no_write_in_any_release(lake: CheckedCatalogue, rucio: FakeRucio,
+                                                        tmp_path: Path) -> None:
+    rucio.write_priority[("LAKE1", "root")] = None
+    rucio.write_priority[("LAKE1", "http")] = None
+    with pytest.raises(PermanentError, match=r"no way to upload to RSE LAKE1: it offers no writable protocol"):
+        lake.targets(lake_file(tmp_path))
+    assert not any(p.endswith("lfns2pfns") for m, p, _ in rucio.calls)
+
+
 def test_unknown_rse_is_permanent(lake: CheckedCatalogue, rucio: FakeRucio, tmp_path: Path) -> None:
     del rucio.rses["LAKE1"]
     with pytest.raises(PermanentError, match="RSENotFound"):
@@ -970,6 +1001,26 @@ def test_health(make_lake: Any, rucio: FakeRucio) -> None:
     assert problem is not None and problem.startswith(
         "Rucio rejected the credentials of account root (userpass): 401 CannotAuthenticate")
     assert PASSWORD not in problem
+    lake.close()
+
+
+def test_a_refusal_to_sign_urls_makes_files_wait_and_health_say_why(make_lake: Any, rucio: FakeRucio) -> None:
+    """Rucio 38 signs URLs for root only (later releases also for an account with the attribute
+    sign-url): a refusal is about the account, not the file. It is retryable (files wait, never
+    quarantined), health() names it until a signature succeeds."""
+    from edge_agent.errors import RetryableError
+    from edge_agent.lake.rucio_client import SigningRefused
+    lake = make_lake()
+    rucio.fail[("GET", "/credentials/signurl")] = err(401, "AccessDenied",
+                                                       "Account root can not sign URLs for this RSE")
+    with pytest.raises(SigningRefused) as refused:
+        lake.client.signed_url("S3", "write", "https://s3.test/bucket/test/f1")
+    assert isinstance(refused.value, RetryableError) and "sign-url" in str(refused.value)
+    problem = lake.health()
+    assert problem is not None and "refuses to sign URLs for account root (userpass) on RSE S3" in problem
+    rucio.fail[("GET", "/credentials/signurl")] = httpx.Response(200, text="https://s3.test/bucket/test/f1?X-Amz=1")
+    assert lake.client.signed_url("S3", "write", "https://s3.test/bucket/test/f1").startswith("https://")
+    assert lake.health() is None
     lake.close()
 
 

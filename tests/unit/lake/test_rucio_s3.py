@@ -197,9 +197,11 @@ def test_signed_url_that_is_not_a_url_is_retryable(client: RucioClient, rucio: F
         client.signed_url("S3", "write", f"{S3_HOST}/test/f1")
 
 
-def test_signing_refused_is_permanent(client: RucioClient, rucio: FakeRucioS3) -> None:
+def test_signing_refused_waits_for_the_permission(client: RucioClient, rucio: FakeRucioS3) -> None:
+    """About the account, not the file: retried (files wait), never a refusal of the file."""
+    from edge_agent.errors import RetryableError
     rucio.fail[("GET", "/credentials/signurl")] = err(401, "AccessDenied", "Account root can not sign URLs")
-    with pytest.raises(PermanentError):
+    with pytest.raises(RetryableError):
         client.signed_url("S3", "write", f"{S3_HOST}/test/f1")
 
 

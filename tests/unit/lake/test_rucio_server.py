@@ -36,8 +36,8 @@ def test_older_than_tested(version: str, older: bool) -> None:
 
 def test_the_tested_releases_are_the_ones_the_lake_scripts_install() -> None:
     common = (ROOT / "scripts" / "lake" / "common.sh").read_text()
-    assert re.search(rf"^RUCIO_NEWEST={re.escape(NEWEST_TESTED)}$", common, re.M)
-    assert re.search(rf"^RUCIO_OLDEST_LTS={re.escape(OLDEST_TESTED)}$", common, re.M)
+    assert re.search(rf"^RUCIO_NEWEST={re.escape(NEWEST_TESTED)}$", common, re.MULTILINE)
+    assert re.search(rf"^RUCIO_OLDEST_LTS={re.escape(OLDEST_TESTED)}$", common, re.MULTILINE)
     readme = (ROOT / "README.md").read_text()
     assert NEWEST_TESTED in readme and OLDEST_TESTED in readme
 
