@@ -155,16 +155,16 @@ def storage_maker(settings: Settings, client: RucioClient) -> StorageMaker:
 
 
 def root_backend(settings: Settings) -> Backend:
-    """lake.rucio.root_client resolved on this host; ConfigError when it names the XRootD bindings
-    and they do not import (asked for by name, they are never silently replaced by xrdcp)."""
-    from .transfer.xroot_choice import BindingsMissing, resolve
+    """lake.rucio.root_client resolved on this host; ConfigError when it names a client this host
+    lacks (asked for by name, the bindings are never silently replaced by xrdcp, nor xrdcp by them)."""
+    from .transfer.xroot_choice import ClientMissing, resolve
     r = settings.lake.rucio
     assert r is not None, "settings validation guarantees [lake.rucio] for kind = 'rucio'"
     try:
         return resolve(r.root_client)
-    except BindingsMissing as exc:
+    except ClientMissing as exc:
         raise ConfigError(f"lake.rucio.root_client = {r.root_client!r}: {exc}; or set root_client = "
-                          "'auto' (the bindings where they import, else xrdcp) or 'xrdcp'") from None
+                          "'auto' (the bindings where they import, else xrdcp)") from None
 
 
 def writes_root(settings: Settings) -> bool:

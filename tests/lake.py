@@ -31,6 +31,11 @@ def read_env(path: Path) -> dict[str, str]:
     return env
 
 
+def recorded_release(env: dict[str, str]) -> str:
+    """The Rucio release a lake.env says its lake runs (one of an older start.sh names none: 41.5.1)."""
+    return env.get("EDGE_LAKE_RUCIO_VERSION", "41.5.1")
+
+
 class Lake:
     """A handle on the running lake: its settings, a small Rucio REST client, and the test's
     stand-ins for the lake's own machinery (FTS replication, the reaper)."""
@@ -249,7 +254,12 @@ def start_lake() -> Iterator[Lake]:
     global ACTIVE
     given = os.environ.get("EDGE_LAKE_ENV")
     if given:
-        ACTIVE = Lake(read_env(Path(given)))
+        env = read_env(Path(given))
+        asked = os.environ.get("EDGE_LAKE_RUCIO_VERSION")
+        if asked and asked != recorded_release(env):
+            raise RuntimeError(f"EDGE_LAKE_ENV={given} is a lake of Rucio {recorded_release(env)}, not {asked} "
+                               "(EDGE_LAKE_RUCIO_VERSION): the tests would say they ran against another release")
+        ACTIVE = Lake(env)
         yield ACTIVE
         return
     state = Path(os.environ.get("EDGE_LAKE_TEST_STATE", "/var/tmp/edge-lake-tests"))

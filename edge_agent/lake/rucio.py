@@ -39,7 +39,7 @@ from .base import (
     UnknownDid,
 )
 from . import rucio_rules
-from .rucio_client import NotFound, RucioClient, RucioPermanent
+from .rucio_client import PROTOCOLS_TTL_S, NotFound, RucioClient, RucioPermanent
 
 log = structlog.get_logger("edge_agent.lake.rucio")
 # the URL schemes the agent has transports for, unless told otherwise (app.build_transports)
@@ -61,10 +61,22 @@ META_REFUSALS = frozenset({"InvalidMetadata", "KeyNotFound", "InvalidValueForKey
 _UNSAFE_IN_PFN = set("?#%\\") | {chr(c) for c in range(32)} | {chr(127)}
 
 
-# A name only ever asked for its PFN: never registered, never written (_server_writes)
-PROBE_LFN = "edge-agent:edge-agent.probe"
 # Rucio's answers to "a PFN for this operation in this scheme" where no protocol supports it
 NO_PROTOCOL = frozenset({"RSEProtocolNotSupported", "RSEOperationNotSupported", "RSEProtocolDomainNotSupported"})
+
+def _write_priority(protocol: Mapping[str, Any]) -> bool | None:
+    """What a protocol's write priorities say alone: True (a positive one, or no domains listed),
+    False (none but null or false), None (a 0, whose meaning depends on the server: ask it)."""
+    domains = protocol.get("domains") or {}
+    if not domains:
+        return True
+    priorities = [(ops or {}).get("write") for ops in domains.values()]
+    if any(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in priorities):
+        return True
+    if any(isinstance(v, int) and not isinstance(v, bool) and v == 0 for v in priorities):
+        return None
+    return False
+
 
 # Between the rule ids of one request for copies in the ledger's lake_ref ("id1,id2"; one id: one rule)
 RULE_REF_SEPARATOR = ","
@@ -172,8 +184,8 @@ class RucioCatalogue(RucioRecords, Catalogue):
         self._names_seen: OrderedDict[tuple[str, str], tuple[bool, float]] = OrderedDict()
         self._known: set[tuple[str, str]] = set()        # datasets/containers seen to exist
         self._pfns: OrderedDict[tuple[str, str, str], str] = OrderedDict()   # (rse, did, scheme) -> PFN
-        # (rse, scheme) -> does a write priority 0 mean the protocol takes writes? The server said (_server_writes)
-        self._zero_priority: dict[tuple[str, str], bool] = {}
+        # (rse, scheme) -> (does a write priority 0 mean the protocol takes writes, when the server said)
+        self._zero_priority: dict[tuple[str, str], tuple[bool, float]] = {}
         self._unmanaged_keys: set[str] = set()           # metadata keys this server refused
         if self.rucio.verify_upload == "size":
             # said once at start, since the evidence for deleting a file is weaker there
@@ -322,7 +334,7 @@ class RucioCatalogue(RucioRecords, Catalogue):
             wanted: dict[tuple[str, str], list[str]] = {}
             for f in push:
                 for rse, want in self._dest_rses(f):
-                    scheme = "https" if rse in self._s3 else self._scheme_for(rse, want)   # as targets()
+                    scheme = "https" if rse in self._s3 else self._scheme_for(rse, want, f.did)   # as targets()
                     with self._lock:
                         known = (rse, f.did, scheme) in self._pfns
                     if not known:
@@ -515,7 +527,7 @@ class RucioCatalogue(RucioRecords, Catalogue):
             self._refuse_oversize(f, rse)       # before a byte is read for it
             s3 = rse in self._s3
             # an S3 RSE's protocol is https (Rucio signs the https PFN), whatever else it offers
-            scheme = "https" if s3 else self._scheme_for(rse, want)
+            scheme = "https" if s3 else self._scheme_for(rse, want, f.did)
             if not s3 and scheme in ("https", "davs") and self._signs_s3(rse):
                 raise PermanentError(
                     f"RSE {rse} is S3 storage (Rucio attribute sign_url=s3): unsigned uploads are refused there. "
@@ -551,52 +563,50 @@ class RucioCatalogue(RucioRecords, Catalogue):
             return False      # attributes not readable: the upload's own answer will tell
         return str(attrs.get("sign_url", "")).lower() == "s3"
 
-    def _scheme_for(self, rse: str, wanted: str | None) -> str:
-        offered = []
-        for p in self.client.rse_protocols(rse):
-            scheme = p.get("scheme")
-            if scheme and scheme not in offered and self._takes_writes(rse, p):
-                offered.append(scheme)
+    def _scheme_for(self, rse: str, wanted: str | None, did: str) -> str:
+        """The scheme `did` is written to `rse` in: the first the agent may use (the destination's, else
+        lake.rucio.schemes) and has a transport for whose protocol on `rse` takes writes."""
+        protocols = self.client.rse_protocols(rse)
         prefs = [wanted] if wanted else list(self.rucio.schemes)
         for scheme in prefs:
-            if scheme in offered and scheme in self._writable:
+            mine = [p for p in protocols if p.get("scheme") == scheme]
+            if scheme in self._writable and any(self._takes_writes(rse, p, did) for p in mine):
                 return scheme
+        offered = list(dict.fromkeys(str(p["scheme"]) for p in protocols
+                                     if p.get("scheme") and _write_priority(p) is not False))
         raise PermanentError(f"no way to upload to RSE {rse}: it offers {offered or 'no writable protocol'}, the "
                              f"agent may use {prefs} ({'the destination scheme' if wanted else 'lake.rucio.schemes'})"
                              f" and has transports for {sorted(self._writable)}")
 
-    def _takes_writes(self, rse: str, protocol: Mapping[str, Any]) -> bool:
+    def _takes_writes(self, rse: str, protocol: Mapping[str, Any], did: str) -> bool:
         """Does `protocol` of `rse` take writes? A positive write priority says yes, and none (null) no,
         to every Rucio release; a priority 0 says "not supported" to the 38 series and before, and
-        "first" to later ones. For a 0 the server itself is asked, once per RSE and scheme: would it
-        give a PFN for writing in this scheme (lfns2pfns)? Never the release number."""
-        domains = protocol.get("domains") or {}
-        if not domains:
-            return True
-        priorities = [(ops or {}).get("write") for ops in domains.values()]
-        if any(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in priorities):
-            return True
-        if 0 not in priorities:
-            return False
-        return self._server_writes(rse, str(protocol["scheme"]))
-
-    def _server_writes(self, rse: str, scheme: str) -> bool:
+        "first" to later ones. For a 0 the server itself is asked: would it give `did` a PFN for
+        writing in this scheme (the lfns2pfns the upload asks anyway)? Never the release number."""
+        said = _write_priority(protocol)
+        if said is not None:
+            return said
+        scheme = str(protocol["scheme"])
         key = (rse, scheme)
+        now = time.monotonic()
         with self._lock:
             known = self._zero_priority.get(key)
-        if known is not None:
-            return known
+        if known is not None and now - known[1] < PROTOCOLS_TTL_S:   # asked again as protocols are
+            return known[0]
         try:
-            self.client.lfns2pfns(rse, [PROBE_LFN], scheme, "write")
+            url = self.client.lfns2pfns(rse, [did], scheme, "write").get(did)
             writes = True
         except RucioPermanent as exc:
             if exc.rucio_class not in NO_PROTOCOL:
                 raise
-            writes = False
+            url, writes = None, False
         with self._lock:
-            self._zero_priority[key] = writes
-        log.info("Rucio server: a write priority 0 read as the server reads it", rse=rse, scheme=scheme,
-                 meaning="first" if writes else "not supported")
+            self._zero_priority[key] = (writes, now)
+            if url:
+                self._pfns[(rse, did, scheme)] = url
+        if known is None or known[0] != writes:
+            log.info("Rucio server: a write priority 0 read as the server reads it", rse=rse, scheme=scheme,
+                     meaning="first" if writes else "not supported")
         return writes
 
     def add_replica(self, f: LakeFile, location: str, url: str) -> None:
@@ -918,7 +928,17 @@ class RucioCatalogue(RucioRecords, Catalogue):
             self.client.token()
         except EdgeAgentError as exc:
             return str(exc)
-        refused = sorted(self.client.signing_refused.items())
-        return refused[0][1] if refused else None
+        return self._signing_problem()
+
+    def _signing_problem(self) -> str | None:
+        """Why Rucio refuses to sign URLs for an RSE, asked again each time (the permission granted,
+        the problem is gone at once, whether or not a file waits for that RSE)."""
+        for rse, (_, operation, url) in sorted(self.client.signing_refused.items()):
+            try:
+                self.client.signed_url(rse, operation, url)
+            except EdgeAgentError as exc:
+                if rse in self.client.signing_refused:
+                    return str(exc)
+        return None
 
 

@@ -226,8 +226,9 @@ class RucioClient:
             if x is not None and x.get_secret_value())
         self._tokens: tuple[str, ...] = ()
         self.server = ServerRelease(self.url)
-        # RSE -> why Rucio last refused to sign a URL for it (cleared by a signature): health() says it
-        self.signing_refused: dict[str, str] = {}
+        # RSE -> (why Rucio last refused to sign a URL for it, the operation, the URL), cleared by a
+        # signature: health() says it, and asks again
+        self.signing_refused: dict[str, tuple[str, str, str]] = {}
 
     # ------------------------------------------------------------ TLS
     def _tls_context(self) -> ssl.SSLContext | bool:
@@ -725,7 +726,7 @@ class RucioClient:
                 "(root; or, from Rucio 39, the account attribute sign-url); files wait until it has it",
                 exc.status, exc.rucio_class)
             with self._cache_lock:
-                self.signing_refused[rse] = str(refused)
+                self.signing_refused[rse] = (str(refused), operation, url)
             raise refused from None
         with self._cache_lock:
             self.signing_refused.pop(rse, None)

@@ -8,6 +8,7 @@ The transport (xroot.py) calls the same two "python" and "cli".
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 
 from ..errors import PermanentError
@@ -18,19 +19,31 @@ _BACKENDS: dict[str, Backend] = {"bindings": "python", "xrdcp": "cli"}
 _NAMES = {backend: name for name, backend in _BACKENDS.items()}
 
 
-class BindingsMissing(PermanentError):
+class ClientMissing(PermanentError):
+    """The root:// client asked for by name is not on this host."""
+
+
+class BindingsMissing(ClientMissing):
     """The bindings were asked for by name and cannot be imported here."""
 
 
+class CommandsMissing(ClientMissing):
+    """xrdcp was asked for by name and xrdcp or xrdfs is not on PATH."""
+
+
 def resolve(choice: str) -> Backend:
-    """The transport's backend for an operator's choice on this host. Raises BindingsMissing for
-    "bindings" when they do not import: asked for by name, they are never silently replaced."""
+    """The transport's backend for an operator's choice on this host. Raises ClientMissing for a
+    client asked for by name that this host lacks: it is never silently replaced by the other."""
     problem = bindings_problem()
     if choice == "auto":
         return "cli" if problem else "python"
     if choice == "bindings" and problem:
         raise BindingsMissing(f"the XRootD Python bindings cannot be imported ({problem}); they come with "
                               "`pip install 'edge-agent[xroot]'` (PyPI: xrootd), the RPM and the container image")
+    missing = [c for c in ("xrdcp", "xrdfs") if shutil.which(c) is None]
+    if choice == "xrdcp" and missing:
+        raise CommandsMissing(f"{' and '.join(missing)} not found on PATH; they come with the system's XRootD "
+                              "client (Debian and EL: xrootd-client)")
     return _BACKENDS[choice]
 
 

@@ -59,15 +59,18 @@ load_settings() {
             [[ "$key" != EDGE_LAKE_RUCIO_VERSION ]] || old_version="$value"
             [[ -n "${!key+set}" ]] || export "$key=$value"
         done <"$STATE_DIR/lake.env"
-        # A lake.env of an older start.sh names no version: only 41.5.1 was installed then.
-        [[ -n "$old_version" ]] || old_version="$RUCIO_NEWEST"
-        # The database's schema is the version's that made it: another series on it would
-        # fail in obscure ways (or migrate it), so a lake keeps the series it was made with.
-        if [[ -n "$env_version" && "$env_version" != "$old_version" && -f "$STATE_DIR/.edge-lake" ]]; then
-            die "the lake in $STATE_DIR was made by Rucio $old_version, not $env_version (EDGE_LAKE_RUCIO_VERSION): use another STATE_DIR, or stop.sh --purge this one"
-        fi
-        [[ -n "$env_version" ]] || export EDGE_LAKE_RUCIO_VERSION="$old_version"
     fi
+    # The release the lake was made with: its rucio-version file (written before the database),
+    # else its lake.env's record, else (a lake of an older start.sh) 41.5.1, the only release
+    # that installed. Unless asked for, that one (start.sh refuses another).
+    MADE_WITH=""
+    [[ ! -s "$STATE_DIR/rucio-version" ]] || old_version="$(<"$STATE_DIR/rucio-version")"
+    if [[ -n "$old_version" ]]; then
+        MADE_WITH="$old_version"
+    elif [[ -f "$STATE_DIR/.edge-lake" ]]; then
+        MADE_WITH=41.5.1
+    fi
+    [[ -n "$env_version" || -z "$MADE_WITH" ]] || export EDGE_LAKE_RUCIO_VERSION="$MADE_WITH"
     # Another database asked for: its default number of workers, not the remembered one.
     if [[ -n "$env_db" && "$env_db" != "$old_db" && -z "$env_workers" ]]; then
         unset EDGE_LAKE_RUCIO_WORKERS

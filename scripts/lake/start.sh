@@ -141,7 +141,18 @@ install_venv() {
 }
 
 # -------------------------------------------------------------- directories ---
+# The Rucio release a state directory was made with (MADE_WITH, common.sh), recorded before its
+# database exists: the schema is that release's, and another release on it fails in obscure
+# ways (or migrates it).
+check_release() {
+    if [[ -n "$MADE_WITH" && "$MADE_WITH" != "$RUCIO_VERSION" ]]; then
+        die "the lake in $STATE_DIR was made by Rucio $MADE_WITH, not $RUCIO_VERSION (EDGE_LAKE_RUCIO_VERSION): use another STATE_DIR, or stop.sh --purge this one"
+    fi
+    printf '%s\n' "$RUCIO_VERSION" >"$STATE_DIR/rucio-version"
+}
+
 prepare_dirs() {
+    check_release
     mkdir -p "$RUN_DIR" "$LOG_DIR" "$RUCIO_DIR" "$XROOTD_ADMIN" \
         "$DATA_DIR/data/buf" "$DATA_DIR/data/lake1" "$DATA_DIR/data/lake2"
     touch "$MARKER"
@@ -620,6 +631,7 @@ db_state() {
 }
 
 if ((ONLY_RUCIO)); then
+    check_release
     if [[ ! -f "$RUCIO_CFG" ]] || ! db_state || ! venv_ready; then
         die "no lake state in $STATE_DIR: run start.sh (without --only-rucio) first"
     fi

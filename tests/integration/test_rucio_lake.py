@@ -582,13 +582,13 @@ def test_a_write_priority_0_is_read_as_the_server_reads_it(agent, lake) -> None:
     the later kind, over http to one of the 38 kind, and says at start which release it reached."""
     import importlib.util
 
-    from edge_agent.lake.rucio_server import NEWEST_TESTED, release
-    from lake import SCRIPTS
+    from edge_agent.lake.rucio_server import release
+    from lake import SCRIPTS, recorded_release
     spec = importlib.util.spec_from_file_location("lake_bootstrap", SCRIPTS / "lake_bootstrap.py")
     assert spec and spec.loader
     bootstrap = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bootstrap)
-    version = lake.env.get("EDGE_LAKE_RUCIO_VERSION", NEWEST_TESTED)
+    version = recorded_release(lake.env)
     zero_is_first = release(version) >= (39, 0, 0)     # Rucio's db/sqla/models.py, RSEProtocol
     u = uid()
     rse = f"EDGE_ZERO_{u[:8].upper()}"

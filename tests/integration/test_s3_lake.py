@@ -25,7 +25,7 @@ from edge_agent.settings import RucioSettings
 from edge_agent.transfer.base import Expected
 from edge_agent.transfer.s3 import S3Transport
 
-pytestmark = [pytest.mark.integration, pytest.mark.lake]
+pytestmark = [pytest.mark.integration, pytest.mark.lake, pytest.mark.rucio_server]
 
 
 def uid() -> str:
@@ -252,3 +252,35 @@ def test_a_file_larger_than_one_signed_put_is_quarantined_with_the_reason(agent,
     assert lake.call("GET", f"/dids/{lake.scope}/{u}.huge.fits", ok=(404,)).status_code == 404, "not registered"
     assert s3_lake.get(s3_lake.pfn(lake.scope, f"{u}.huge.fits")).status_code == 404, "nothing sent"
     assert d.stop() == 0
+
+
+def test_who_may_sign_urls_is_the_servers_to_say_and_a_refusal_makes_files_wait(lake, s3_lake) -> None:
+    """Rucio 38 signs URLs for root only; later releases also for an account with the attribute
+    sign-url. An account without the permission gets SigningRefused (retryable: files wait, health
+    says why); given the attribute, a later server signs at once, Rucio 38 still refuses."""
+    from edge_agent.lake.rucio_client import SigningRefused
+    from edge_agent.lake.rucio_server import release
+    from lake import recorded_release
+    account = f"signer{uuid.uuid4().hex[:8]}"
+    lake.call("POST", f"/accounts/{account}", {"type": "USER", "email": f"{account}@example.org"}, ok=(201, 409))
+    r = httpx.put(f"{lake.url}/identities/{account}/userpass", timeout=60, headers={
+        "X-Rucio-Auth-Token": lake.token(), "X-Rucio-Username": account, "X-Rucio-Password": "signer-secret",
+        "X-Rucio-Email": f"{account}@example.org", "X-Rucio-Default": "True"})
+    assert r.status_code == 201, r.text
+    cfg = lake.agent_lake_config()["rucio"]
+    cfg.update(account=account, auth={"type": "userpass", "username": account, "password": "signer-secret"})
+    signer = RucioClient(RucioSettings(**cfg))
+    pfn = s3_lake.pfn(lake.scope, f"{uid()}.probe")
+    try:
+        with pytest.raises(SigningRefused, match="sign-url"):
+            signer.signed_url(s3_lake.rse, "read", pfn)
+        assert account in str(signer.signing_refused[s3_lake.rse][0])
+        lake.call("POST", f"/accounts/{account}/attr/sign-url", {"value": "true"}, ok=(201, 409))
+        if release(recorded_release(lake.env)) >= (39, 0, 0):     # Rucio's core/permission/generic.py
+            assert signer.signed_url(s3_lake.rse, "read", pfn).startswith("https://")
+            assert signer.signing_refused == {}
+        else:
+            with pytest.raises(SigningRefused):
+                signer.signed_url(s3_lake.rse, "read", pfn)
+    finally:
+        signer.close()

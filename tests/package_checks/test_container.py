@@ -60,13 +60,15 @@ def test_two_stages_runtime_gets_only_the_venv() -> None:
     assert not any("RUN" == w and "pip " in a for w, a in runtime), "no pip in the runtime stage"
 
 
-def test_the_venv_gets_the_postgres_and_xroot_extras() -> None:
-    """The image's venv carries the ledger's PostgreSQL driver and the XRootD Python bindings (root://
-    without an xrdcp per file), checked by importing them in the build."""
+def test_the_venv_gets_the_postgres_xroot_and_schedule_extras() -> None:
+    """The image's venv carries the ledger's PostgreSQL driver, the XRootD Python bindings (root://
+    without an xrdcp per file) and astral (the observing night from [site]), checked by importing
+    them in the build."""
     build, _ = stages()
     run = " ".join(args for word, args in build if word == "RUN")
-    assert "pip wheel" in run and "'.[postgres,xroot]'" in run
-    assert "'edge-agent[postgres,xroot]'" in run
+    assert "pip wheel" in run and "'.[postgres,xroot,schedule]'" in run
+    assert "'edge-agent[postgres,xroot,schedule]'" in run
+    assert "import astral" in run
     assert "--only-binary xrootd" in run, "XRootD must come as the binary wheel, never built from source"
     assert "import XRootD.client" in run
 

@@ -160,6 +160,13 @@ def test_installed_agent_checks_its_config(files_root: Path) -> None:
     assert (r / "usr/lib/systemd/system/edge-agent.service").read_bytes() == UNIT.read_bytes()
 
 
+def test_installed_agent_has_the_schedule_extra(files_root: Path) -> None:
+    """astral is in the venv: rules may name the civil, nautical or astronomical night at [site]."""
+    py = files_root / VENV.lstrip("/") / "bin/python"
+    proc = run([py, "-c", "import astral; print(astral.__version__)"], env=CLEAN_ENV)
+    assert int(proc.stdout.strip().split(".")[0]) >= 3, proc.stdout
+
+
 def test_installed_agent_speaks_root_through_the_xrootd_bindings(files_root: Path) -> None:
     """The xroot extra is in the venv: the XRootD Python bindings (6.x, a manylinux_2_28 wheel)
     load from where they were installed, and root_client = "bindings" passes check-config."""

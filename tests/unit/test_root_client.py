@@ -19,11 +19,18 @@ from edge_agent.app import Agent, check_root_client, root_backend, writes_root
 from edge_agent.cli import main
 from edge_agent.errors import ConfigError
 from edge_agent.settings import Settings, load_settings
-from edge_agent.transfer.xroot_choice import BindingsMissing, client_version, name_of, resolve
+from edge_agent.transfer.xroot_choice import BindingsMissing, CommandsMissing, client_version, name_of, resolve
 
 from .test_settings import config_error, rucio_toml
 
 ROOT_URL = "root://xrd.example.org:1094//data/lake1/f"
+
+
+@pytest.fixture(autouse=True)
+def xrdcp_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host with the xrdcp/xrdfs commands (a test that wants them gone says so)."""
+    import edge_agent.transfer.xroot_choice as choice
+    monkeypatch.setattr(choice.shutil, "which", lambda c: f"/usr/bin/{c}")
 
 
 @pytest.fixture
@@ -72,6 +79,14 @@ def test_auto_takes_the_bindings_where_they_import(with_bindings: None) -> None:
 
 def test_auto_falls_back_to_xrdcp_without_the_bindings(no_bindings: None) -> None:
     assert resolve("auto") == "cli" and resolve("xrdcp") == "cli"
+
+
+def test_xrdcp_asked_for_by_name_without_the_commands_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import edge_agent.transfer.xroot_choice as choice
+    monkeypatch.setattr(choice.shutil, "which", lambda c: None if c == "xrdfs" else f"/usr/bin/{c}")
+    with pytest.raises(CommandsMissing, match=r"xrdfs not found on PATH.*xrootd-client"):
+        resolve("xrdcp")
+    assert resolve("auto") in ("python", "cli")           # auto: whatever this host has, never refused
 
 
 def test_the_bindings_asked_for_by_name_are_never_replaced_by_xrdcp(no_bindings: None) -> None:

@@ -684,20 +684,48 @@ def test_no_common_scheme_is_permanent_and_says_why(make_lake: Any, tmp_path: Pa
         lake.targets(lake_file(tmp_path))
 
 
-@pytest.mark.parametrize(("zero_is_first", "scheme"), [(True, "root"), (False, "http")],
+@pytest.mark.parametrize(("zero_is_first", "scheme", "asked"), [(True, "root", 2), (False, "http", 3)],
                          ids=["zero-first (Rucio 39+)", "zero-unsupported (Rucio 38)"])
 def test_a_write_priority_0_means_what_the_server_says_it_means(lake: CheckedCatalogue, rucio: FakeRucio,
-                                                              tmp_path: Path, zero_is_first: bool, scheme: str) -> None:
+                                                              tmp_path: Path, zero_is_first: bool, scheme: str,
+                                                              asked: int) -> None:
     """Rucio 38 lists an operation a protocol does not support with priority 0; Rucio 39 and later
     list it null, and 0 is the first priority. LAKE1's root protocol says write 0: the agent asks
-    the server (a PFN for writing in root) once and uploads over root only where it answers one."""
+    the server (the first file's PFN for writing in root) once and uploads over root only where it
+    answers one."""
     rucio.write_priority[("LAKE1", "root")] = 0
     rucio.zero_is_first = zero_is_first
     for name in ("f1", "f2"):
         [t] = lake.targets(lake_file(tmp_path, name=name))
         assert t.url.startswith(f"{scheme}://"), t.url
-    probes = [p for m, p, _ in rucio.calls if p == "/rses/LAKE1/lfns2pfns"]
-    assert len(probes) == 3      # the question once, then each file's PFN
+    # zero-first: f1's answer is its PFN, f2's PFN; zero-unsupported: the refusal, then each file's http PFN
+    assert rucio.count("GET", "/rses/LAKE1/lfns2pfns") == asked
+
+
+def test_a_write_priority_0_of_a_scheme_the_agent_will_not_use_is_never_asked(
+        make_lake: Any, rucio: FakeRucio, tmp_path: Path) -> None:
+    """Only what the agent would choose is asked about: a 0 on root, with lake.rucio.schemes = http,
+    costs no question (whose failure would hold every file of the RSE back)."""
+    lake = make_lake(schemes=["http"])
+    rucio.write_priority[("LAKE1", "root")] = 0
+    [t] = lake.targets(lake_file(tmp_path))
+    assert t.url.startswith("http://")
+    assert rucio.count("GET", "/rses/LAKE1/lfns2pfns") == 1       # the http PFN, no question about root
+
+
+def test_the_answer_about_a_write_priority_0_is_asked_again_as_protocols_are(
+        lake: CheckedCatalogue, rucio: FakeRucio, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A site that upgrades Rucio (or changes the protocol) is believed once the protocols are read again."""
+    import edge_agent.lake.rucio as mod
+    rucio.write_priority[("LAKE1", "root")] = 0
+    rucio.zero_is_first = False
+    [t] = lake.targets(lake_file(tmp_path, name="f1"))
+    assert t.url.startswith("http://")
+    rucio.zero_is_first = True                      # upgraded to a release that reads 0 as "first"
+    now = [mod.time.monotonic() + mod.PROTOCOLS_TTL_S + 1]
+    monkeypatch.setattr(mod.time, "monotonic", lambda: now[0])
+    [t] = lake.targets(lake_file(tmp_path, name="f2"))
+    assert t.url.startswith("root://")
 
 
 def test_a_write_priority_null_is_no_write_in_any_release(lake: CheckedCatalogue, rucio: FakeRucio,
@@ -1018,9 +1046,10 @@ def test_a_refusal_to_sign_urls_makes_files_wait_and_health_say_why(make_lake: A
     assert isinstance(refused.value, RetryableError) and "sign-url" in str(refused.value)
     problem = lake.health()
     assert problem is not None and "refuses to sign URLs for account root (userpass) on RSE S3" in problem
+    assert lake.health() == problem                  # asked again: still refused
     rucio.fail[("GET", "/credentials/signurl")] = httpx.Response(200, text="https://s3.test/bucket/test/f1?X-Amz=1")
-    assert lake.client.signed_url("S3", "write", "https://s3.test/bucket/test/f1").startswith("https://")
-    assert lake.health() is None
+    assert lake.health() is None                     # granted: health asked again, no file needed
+    assert lake.client.signing_refused == {}
     lake.close()
 
 
