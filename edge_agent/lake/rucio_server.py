@@ -42,18 +42,22 @@ def older_than_tested(version: str) -> bool:
 
 
 class ServerRelease:
-    """The release a server last answered /ping with: logged the first time and on a change."""
+    """The release a server last answered /ping with: logged the first time, and each release not
+    seen before (an upgrade; behind a load balancer during a rolling upgrade, two releases take
+    turns: each is said once, not at every turn)."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.version: str | None = None
+        self._said: set[str] = set()
         self._lock = threading.Lock()
 
     def seen(self, version: str) -> None:
         with self._lock:
-            if version == self.version:
-                return
             before, self.version = self.version, version
+            if version in self._said:
+                return
+            self._said.add(version)
         tested = f"{OLDEST_TESTED} to {NEWEST_TESTED}"
         if older_than_tested(version):
             log.warning("Rucio server older than any release edge-agent is tested against; "

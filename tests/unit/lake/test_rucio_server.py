@@ -52,6 +52,10 @@ def test_a_release_is_said_once_then_again_only_when_it_changes() -> None:
         seen.seen("41.6.0")    # the site upgraded Rucio under the running agent
         seen.seen("41.6.0")
     assert [(e["log_level"], e["version"], e["was"]) for e in logs] == [("warning", "41.6.0", "41.5.1")]
+    with capture_logs() as logs:   # a rolling upgrade behind a load balancer: the two take turns
+        for v in ("41.5.1", "41.6.0") * 5:
+            seen.seen(v)
+    assert logs == [] and seen.version == "41.6.0"
 
 
 def test_a_server_older_than_the_oldest_tested_is_a_warning_naming_the_tested_range() -> None:
