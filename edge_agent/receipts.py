@@ -18,7 +18,9 @@ from .errors import RetryableError, SymlinkInPath
 from .localfs import LocalFile, fsync_dir_at, temp_base
 
 _DIR = os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW | getattr(os, "O_PATH", os.O_RDONLY)
-_NEW = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+# A fresh inode, never an existing one truncated: a leftover at the temporary name may be a hard
+# link to a file of the DAQ's (O_TRUNC would empty that file too); it is unlinked first.
+_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class ReceiptUnwritable(RetryableError):
@@ -126,6 +128,8 @@ def settle(target: LocalFile) -> None:
 
 def _write_at(d: int, name: bytes, body: bytes, writer: int) -> None:
     tmp = temp_base(name, b"receipt.%d" % writer)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp, dir_fd=d)        # a crash's leftover: its name only, never its inode's bytes
     fd = os.open(tmp, _NEW, 0o644, dir_fd=d)
     try:
         try:

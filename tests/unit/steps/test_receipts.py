@@ -114,6 +114,19 @@ def test_a_receipt_that_cannot_be_written_keeps_the_file(make_env: Any, clock: A
     assert receipt_of(beside(env))["did"] == DID
 
 
+def test_a_leftover_at_the_receipts_temporary_name_is_replaced_never_written_through(tmp_path: Path) -> None:
+    """A leftover at the agent's temporary name that is a hard link to another file (a DAQ's, a
+    backup tool's): the receipt is a new inode, and the other file keeps its bytes."""
+    from edge_agent.localfs import LocalFile, temp_base
+    daq = tmp_path / "daq.fits"
+    daq.write_bytes(b"the DAQ's own bytes")
+    os.link(daq, tmp_path / os.fsdecode(temp_base(b"f.fits.receipt", b"receipt.7")))
+    receipts_io.write(LocalFile.below(tmp_path, os.fsencode(tmp_path / "f.fits.receipt")), b'{"did": "x"}', False, 7)
+    assert daq.read_bytes() == b"the DAQ's own bytes"
+    assert (tmp_path / "f.fits.receipt").read_bytes() == b'{"did": "x"}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["daq.fits", "f.fits.receipt"]
+
+
 def test_a_receipts_directory_that_cannot_be_made_keeps_the_file(make_env: Any, tmp_path: Path) -> None:
     blocker = tmp_path / "receipts"
     blocker.write_bytes(b"a file where the receipts directory should be")
