@@ -33,9 +33,11 @@ pytestmark = pytest.mark.packaging
 CACHE = Path("/var/tmp/edge-agent-podman")       # image storage and the base image, kept between runs
 BASE = "localhost/edge-agent-base:bookworm"
 AGENT_UID = 10001
-# The agent's own layers on top of the base: the venv and the config. Far less than a second
-# Python; a regression to "pip and build tools in the runtime stage" would show here.
-MAX_AGENT_LAYERS_MB = 60
+# The agent's own layers on top of the base: the venv and the config, 102 MB on 2026-12-07, of
+# which 64 MB are the XRootD bindings' wheel (the xroot extra: its libXrd* three times, since a
+# wheel cannot carry symlinks, and the OpenSSL and Kerberos libraries it bundles). A regression to
+# "pip and build tools (or a second Python) in the runtime stage" would show here.
+MAX_AGENT_LAYERS_MB = 115
 
 
 @dataclass(frozen=True)
