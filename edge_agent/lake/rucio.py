@@ -594,16 +594,14 @@ class RucioCatalogue(RucioRecords, Catalogue):
         if known is not None and now - known[1] < PROTOCOLS_TTL_S:   # asked again as protocols are
             return known[0]
         try:
-            url = self.client.lfns2pfns(rse, [did], scheme, "write").get(did)
+            self._pfn(rse, did, scheme)        # the answer kept for the upload, as any PFN asked
             writes = True
         except RucioPermanent as exc:
             if exc.rucio_class not in NO_PROTOCOL:
                 raise
-            url, writes = None, False
+            writes = False
         with self._lock:
             self._zero_priority[key] = (writes, now)
-            if url:
-                self._pfns[(rse, did, scheme)] = url
         if known is None or known[0] != writes:
             log.info("Rucio server: a write priority 0 read as the server reads it", rse=rse, scheme=scheme,
                      meaning="first" if writes else "not supported")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,23 +20,9 @@ from edge_agent.settings import Settings
 from edge_agent.steps import StepContext, delete
 from edge_agent.watch.filters import RuleFilter
 
-from .test_steps import DATA, DID, Env, adler, register_env
+from .test_steps import DATA, DID, Env, adler, make_env, register_env  # noqa: F401 (make_env: a fixture)
 
 S, E = State, Event
-
-
-@pytest.fixture
-def make_env(tmp_path: Path, clock: Any, settings_data: Callable[..., dict[str, Any]]) -> Iterator[Callable[..., Env]]:
-    """As test_steps.py's make_env: an Env per call, on rule 'r' with these overrides."""
-    envs: list[Env] = []
-
-    def make(rule: dict[str, Any] | None = None, **top: Any) -> Env:
-        env = Env(tmp_path, clock, Settings(**settings_data(tmp_path, rule=rule, **top)))
-        envs.append(env)
-        return env
-    yield make
-    for e in envs:
-        e.ledger.close()
 
 
 class Killed(BaseException):
